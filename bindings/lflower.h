@@ -1,0 +1,27 @@
+/* Internal header shared by the Lua bindings (never by core/). */
+#ifndef FLOWER_LFLOWER_H
+#define FLOWER_LFLOWER_H
+
+#include <lua.h>
+#include <lauxlib.h>
+#include "tensor.h"
+
+#define FL_TENSOR_MT "flower.Tensor"
+
+/* Tensor userdata: a struct fl_tensor by value; storage NULL once freed. */
+fl_tensor *fl_lua_checktensor(lua_State *L, int idx);
+fl_tensor *fl_lua_totensor(lua_State *L, int idx);      /* NULL if not a tensor */
+/* Pushes a new empty tensor userdata (storage NULL) with its metatable; fill it with fl_tensor_init
+ * or an op writing into it. On failure of that op, call fl_lua_error: __gc handles the empty one. */
+fl_tensor *fl_lua_newtensor(lua_State *L);
+/* Raises fl_errmsg() as a Lua error, prefixed by nothing (messages already name the op). */
+int fl_lua_error(lua_State *L);
+
+/* Each binding file registers its functions into the module table at the top of the stack. */
+void fl_lua_open_tensor(lua_State *L);
+void fl_lua_open_nn(lua_State *L);
+void fl_lua_open_data(lua_State *L);
+void fl_lua_open_h5(lua_State *L);
+void fl_lua_open_cuda(lua_State *L);
+
+#endif

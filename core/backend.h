@@ -1,0 +1,60 @@
+/* The backend interface: one front API (ops.h), backends behind a table of function pointers.
+ * The front checks arguments, resolves broadcasting and dtypes, allocates outputs, and then calls
+ * the backend of the tensors involved; a backend only computes. The CPU backend lives in core/cpu/,
+ * the CUDA one in core/cuda/ (.cu files only). All tensors given to one call share a backend. */
+#ifndef FLOWER_BACKEND_H
+#define FLOWER_BACKEND_H
+
+#include "tensor.h"
+
+typedef enum {
+  FL_ADD, FL_SUB, FL_MUL, FL_DIV, FL_POW, FL_MAXIMUM, FL_MINIMUM,
+  FL_EQ, FL_NE, FL_LT, FL_LE, FL_GT, FL_GE,        /* comparisons: out is uint8 0/1 */
+  FL_NBINOPS
+} fl_binop;
+
+typedef enum {
+  FL_NEG, FL_EXP, FL_LOG, FL_SQRT, FL_ABS, FL_TANH, FL_SIGMOID, FL_RELU,
+  FL_CLAMP,                                          /* p0 = lo, p1 = hi */
+  FL_POWS,                                           /* x ^ p0 */
+  FL_AFFINE,                                         /* x * p0 + p1 */
+  FL_NUNOPS
+} fl_unop;
+
+typedef enum { FL_SUM, FL_MEAN, FL_MAX, FL_MIN, FL_ARGMAX, FL_ARGMIN, FL_VAR, FL_STD, FL_NREDOPS } fl_redop;
+
+typedef enum { FL_RNG_UNIFORM, FL_RNG_NORMAL, FL_RNG_INT } fl_rngkind;
+
+struct fl_backend {
+  const char *name;                                  /* "cpu", "cuda" */
+  void *(*alloc)(int device, size_t nbytes);         /* NULL on failure (front records the message) */
+  void (*free)(int device, void *p);
+  /* dst and src have equal shapes; dtypes may differ (converted); either may be strided.
+   * A cross-backend copy is run by the backend that is not the CPU's. */
+  int (*copy)(fl_tensor *dst, const fl_tensor *src);
+  int (*fill)(fl_tensor *t, double value);
+  /* a, b already broadcast (expanded views) to out's shape, same dtype as out, except for
+   * comparisons where out is uint8 and a, b share their own dtype. */
+  int (*binary)(fl_binop op, fl_tensor *out, const fl_tensor *a, const fl_tensor *b);
+  int (*unary)(fl_unop op, fl_tensor *out, const fl_tensor *a, double p0, double p1);
+  /* reduce a over `dim` (out has that dim of size 1), or over everything when dim < 0 (out has 1 element).
+   * ARGMAX/ARGMIN outputs are int64. `correction` is for VAR/STD (1 = unbiased). */
+  int (*reduce)(fl_redop op, fl_tensor *out, const fl_tensor *a, int dim, int correction);
+  /* out = where(mask, a, b); all expanded to out's shape; mask uint8 */
+  int (*where)(fl_tensor *out, const fl_tensor *mask, const fl_tensor *a, const fl_tensor *b);
+  /* batched: a (B,M,K), b (B,K,N), out (B,M,N) contiguous; float32/float64; trans flags for a/b
+   * mean the stored matrices are (B,K,M) / (B,N,K). out = alpha*op(a)op(b) + beta*out */
+  int (*matmul)(fl_tensor *out, const fl_tensor *a, const fl_tensor *b, int trans_a, int trans_b,
+                double alpha, double beta);
+  /* softmax / log-softmax over `dim` of a contiguous tensor */
+  int (*softmax)(fl_tensor *out, const fl_tensor *a, int dim, int log);
+  /* Philox4x32-10 streams: element i of the output gets counter (offset + i) with key `seed`;
+   * see core/rng.h. For FL_RNG_INT p0..p1 is [lo, hi). NORMAL: mean p0, std p1. UNIFORM: [p0, p1). */
+  int (*rng)(fl_tensor *out, fl_rngkind kind, uint64_t seed, uint64_t offset, double p0, double p1);
+  /* neural-network kernels (convolution, pooling, batch norm, ...): declared in core/nn.h */
+  const struct fl_nn_ops *nn;
+};
+
+extern const fl_backend fl_cpu_backend;
+
+#endif

@@ -1,0 +1,79 @@
+/* flowerlua core: N-d strided tensors over reference-counted storage.
+ * Plain C11, no Lua. Every kernel goes through the tensor's backend table (backend.h).
+ * Errors: functions returning int give 0 on success and -1 on failure, with a message
+ * naming the operation, what was expected and what was found in fl_errmsg(). */
+#ifndef FLOWER_TENSOR_H
+#define FLOWER_TENSOR_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define FL_MAXDIM 8
+
+typedef enum { FL_F32, FL_F64, FL_I32, FL_I64, FL_U8, FL_NDTYPES } fl_dtype;
+
+typedef struct fl_backend fl_backend;
+
+typedef struct fl_storage {
+  int refcount;               /* atomic; the storage is freed when it drops to 0 */
+  void *data;                 /* owned unless `external` */
+  size_t nbytes;
+  const fl_backend *backend;  /* where `data` lives */
+  int device;                 /* device index within the backend */
+} fl_storage;
+
+/* A tensor is a strided view: element (i0..in) is at
+ * data + (offset + sum_k i_k * stride[k]) * elsize, strides counted in elements. */
+typedef struct fl_tensor {
+  fl_storage *storage;        /* NULL only for an empty (freed / not yet made) tensor */
+  int64_t offset;
+  int ndim;
+  fl_dtype dtype;
+  int64_t shape[FL_MAXDIM];
+  int64_t stride[FL_MAXDIM];
+} fl_tensor;
+
+/* ---- errors ---- */
+const char *fl_errmsg(void);                       /* message of the last failure (thread-local) */
+int fl_fail(const char *fmt, ...);                 /* records a message, returns -1 */
+
+/* ---- dtypes ---- */
+size_t fl_dtype_size(fl_dtype dt);
+const char *fl_dtype_name(fl_dtype dt);            /* "float32", "float64", "int32", "int64", "uint8" */
+int fl_dtype_from_name(const char *name, fl_dtype *out); /* -1 with a message if unknown */
+int fl_dtype_is_float(fl_dtype dt);
+
+/* ---- storage ---- */
+fl_storage *fl_storage_new(const fl_backend *be, int device, size_t nbytes); /* NULL + message on OOM */
+void fl_storage_retain(fl_storage *s);
+void fl_storage_release(fl_storage *s);
+
+/* ---- lifetime of a tensor struct (the struct itself is owned by the caller, e.g. a userdata) ---- */
+/* Makes `t` a new contiguous tensor; contents uninitialised. */
+int fl_tensor_init(fl_tensor *t, const fl_backend *be, int device, fl_dtype dt, int ndim, const int64_t *shape);
+/* Makes `dst` a view sharing src's storage (retained), same shape/strides. */
+void fl_tensor_init_view(fl_tensor *dst, const fl_tensor *src);
+void fl_tensor_free(fl_tensor *t);                 /* releases storage, tolerates being called twice */
+
+/* ---- shape queries ---- */
+int64_t fl_tensor_numel(const fl_tensor *t);
+int fl_tensor_is_contiguous(const fl_tensor *t);
+void *fl_tensor_data(const fl_tensor *t);          /* address of element 0 (host backends only) */
+void fl_shape_str(char *buf, size_t n, int ndim, const int64_t *shape); /* "[2,3,4]" */
+void fl_contiguous_strides(int ndim, const int64_t *shape, int64_t *stride);
+
+/* ---- views (in place on `t`, which must already be a view of its own: see init_view) ---- */
+int fl_view_reshape(fl_tensor *t, int ndim, const int64_t *shape); /* one dim may be -1; needs a compatible layout */
+int fl_view_permute(fl_tensor *t, const int *perm);
+int fl_view_transpose(fl_tensor *t, int d0, int d1);
+int fl_view_narrow(fl_tensor *t, int dim, int64_t start, int64_t len);
+int fl_view_select(fl_tensor *t, int dim, int64_t index); /* removes dim */
+int fl_view_expand(fl_tensor *t, int ndim, const int64_t *shape); /* size-1 dims broadcast (stride 0) */
+int fl_view_unsqueeze(fl_tensor *t, int dim);
+int fl_view_squeeze(fl_tensor *t, int dim);        /* dim -1: all size-1 dims */
+
+/* Broadcast shape of a and b (numpy rules) into out; -1 with a message naming `op` if they don't fit. */
+int fl_broadcast_shape(const char *op, int na, const int64_t *sa, int nb, const int64_t *sb,
+                       int *nout, int64_t *sout);
+
+#endif

@@ -1,0 +1,74 @@
+-- flower.test: the small test harness used by tests/lua and usable by recipes.
+--   local T = require 'flower.test'
+--   T.test('name', function() T.eq(1, 1) end)
+--   T.done()        -- exits non-zero if anything failed
+-- Each test prints `ok - name` or `not ok - name: message` (the runner counts those lines).
+local T = {}
+local failed, passed = 0, 0
+
+local function fmt(v)
+  if type(v) == 'string' then return string.format('%q', v) end
+  return tostring(v)
+end
+
+function T.test(name, fn)
+  local ok, err = xpcall(fn, debug.traceback)
+  if ok then
+    passed = passed + 1
+    print('ok - ' .. name)
+  else
+    failed = failed + 1
+    print('not ok - ' .. name .. ': ' .. tostring(err):gsub('\n', '\n    '))
+  end
+end
+
+function T.check(cond, msg) if not cond then error(msg or 'check failed', 2) end end
+
+function T.eq(got, want, msg)
+  if got ~= want then
+    error(string.format('%sexpected %s, got %s', msg and (msg .. ': ') or '', fmt(want), fmt(got)), 2)
+  end
+end
+
+-- |got - want| <= atol + rtol * |want|, for numbers
+function T.near(got, want, rtol, atol, msg)
+  rtol, atol = rtol or 1e-6, atol or 0
+  if not (math.abs(got - want) <= atol + rtol * math.abs(want)) then
+    error(string.format('%sexpected %.10g, got %.10g', msg and (msg .. ': ') or '', want, got), 2)
+  end
+end
+
+-- fn must raise an error whose message contains `pattern` (plain text match)
+function T.raises(fn, pattern, msg)
+  local ok, err = pcall(fn)
+  if ok then error((msg and (msg .. ': ') or '') .. 'expected an error containing ' .. fmt(pattern), 2) end
+  if pattern and not tostring(err):find(pattern, 1, true) then
+    error(string.format('%serror %s does not contain %s', msg and (msg .. ': ') or '', fmt(tostring(err)), fmt(pattern)), 2)
+  end
+  return err
+end
+
+-- Tensors (or numbers) equal within max |a-b| <= atol + rtol*max|b|, shapes equal.
+function T.allclose(a, b, rtol, atol, msg)
+  local flower = require 'flower'
+  rtol, atol = rtol or 1e-5, atol or 1e-8
+  if type(b) == 'table' then b = flower.tensor(b, a:dtype()) end
+  local sa, sb = table.concat(a:size(), 'x'), table.concat(b:size(), 'x')
+  if sa ~= sb then error(string.format('%sshape %s, expected %s', msg and (msg .. ': ') or '', sa, sb), 2) end
+  if a:numel() == 0 then return end
+  local da, db = a:double(), b:double()
+  local diff = (da - db):abs():max():item()
+  local scale = db:abs():max():item()
+  if not (diff <= atol + rtol * scale) then
+    error(string.format('%smax |diff| %.3g exceeds %.3g (rtol %g, atol %g, max |ref| %.3g)',
+      msg and (msg .. ': ') or '', diff, atol + rtol * scale, rtol, atol, scale), 2)
+  end
+end
+
+function T.done()
+  io.stdout:flush()
+  if failed > 0 then os.exit(1) end
+end
+
+T.counts = function() return passed, failed end
+return T
