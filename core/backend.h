@@ -32,26 +32,36 @@ struct fl_backend {
   /* dst and src have equal shapes; dtypes may differ (converted); either may be strided.
    * A cross-backend copy is run by the backend that is not the CPU's. */
   int (*copy)(fl_tensor *dst, const fl_tensor *src);
-  int (*fill)(fl_tensor *t, double value);
+  int (*fill)(fl_tensor *t, double value);         /* value converted (saturating for integers) */
   /* a, b already broadcast (expanded views) to out's shape, same dtype as out, except for
-   * comparisons where out is uint8 and a, b share their own dtype. */
+   * comparisons where out is uint8 and a, b share their own dtype. Integer arithmetic wraps
+   * around; FL_DIV is for float dtypes only (the front promotes integers). */
   int (*binary)(fl_binop op, fl_tensor *out, const fl_tensor *a, const fl_tensor *b);
+  /* out and a have equal shapes and dtypes. Transcendental ops (EXP LOG SQRT TANH SIGMOID) and
+   * FL_POWS with a non-integral exponent are for float dtypes only (the front casts). */
   int (*unary)(fl_unop op, fl_tensor *out, const fl_tensor *a, double p0, double p1);
-  /* reduce a over `dim` (out has that dim of size 1), or over everything when dim < 0 (out has 1 element).
-   * ARGMAX/ARGMIN outputs are int64. `correction` is for VAR/STD (1 = unbiased). */
+  /* reduce a over `dim` (out has a's shape with that dim of size 1), or over everything when dim < 0
+   * (out has 1 element; a is contiguous). Output dtypes (chosen by the front): SUM: a's for floats,
+   * int64 for integers; MEAN/VAR/STD: float64 for float64 input, else float32; MAX/MIN: a's;
+   * ARGMAX/ARGMIN: int64, 0-based, first occurrence, NaN counting as the largest/smallest.
+   * `correction` is for VAR/STD (1 = unbiased). MAX/MIN/ARG* need at least one element. */
   int (*reduce)(fl_redop op, fl_tensor *out, const fl_tensor *a, int dim, int correction);
   /* out = where(mask, a, b); all expanded to out's shape; mask uint8 */
   int (*where)(fl_tensor *out, const fl_tensor *mask, const fl_tensor *a, const fl_tensor *b);
-  /* batched: a (B,M,K), b (B,K,N), out (B,M,N) contiguous; float32/float64; trans flags for a/b
-   * mean the stored matrices are (B,K,M) / (B,N,K). out = alpha*op(a)op(b) + beta*out */
-  int (*matmul)(fl_tensor *out, const fl_tensor *a, const fl_tensor *b, int trans_a, int trans_b,
-                double alpha, double beta);
-  /* softmax / log-softmax over `dim` of a contiguous tensor */
+  /* out = alpha * a @ b + beta * out, batched over the first dim: a (B,M,K), b (B,K,N),
+   * out (B,M,N), all float32 or all float64. Each matrix of a and b has a unit stride in one of
+   * its last two dims (row- or column-major; the other stride >= the extent it spans), out's rows
+   * have unit stride; batch strides are arbitrary, 0 meaning one matrix shared by every batch.
+   * The front (fl_matmul, fl_gemm) copies operands that don't fit this. With beta == 0, out's
+   * previous contents are ignored (NaN included). */
+  int (*matmul)(fl_tensor *out, const fl_tensor *a, const fl_tensor *b, double alpha, double beta);
+  /* softmax / log-softmax over `dim` of a contiguous float tensor into a contiguous out */
   int (*softmax)(fl_tensor *out, const fl_tensor *a, int dim, int log);
   /* Philox4x32-10 streams: element i of the output gets counter (offset + i) with key `seed`;
    * see core/rng.h. For FL_RNG_INT p0..p1 is [lo, hi). NORMAL: mean p0, std p1. UNIFORM: [p0, p1). */
   int (*rng)(fl_tensor *out, fl_rngkind kind, uint64_t seed, uint64_t offset, double p0, double p1);
-  /* neural-network kernels (convolution, pooling, batch norm, ...): declared in core/nn.h */
+  /* neural-network kernels (convolution, pooling, batch norm, ...): declared in core/nn.h.
+   * For the CPU this points at `fl_cpu_nn_ops`, a weak reference: NULL until a file defines it. */
   const struct fl_nn_ops *nn;
 };
 

@@ -35,7 +35,12 @@ typedef struct fl_tensor {
 
 /* ---- errors ---- */
 const char *fl_errmsg(void);                       /* message of the last failure (thread-local) */
-int fl_fail(const char *fmt, ...);                 /* records a message, returns -1 */
+int fl_fail(const char *fmt, ...)                  /* records a message, returns -1 */
+  __attribute__((format(printf, 1, 2)));
+/* Like fl_fail, and marks the failure as "out of memory" (bindings may collect garbage and retry). */
+int fl_fail_oom(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+int fl_last_failure_was_oom(void);                 /* 1 if the last fl_fail* on this thread was fl_fail_oom */
+int fl_fail_prefix(const char *op);                /* turns the message into "op: message", returns -1 */
 
 /* ---- dtypes ---- */
 size_t fl_dtype_size(fl_dtype dt);
@@ -49,11 +54,17 @@ void fl_storage_retain(fl_storage *s);
 void fl_storage_release(fl_storage *s);
 
 /* ---- lifetime of a tensor struct (the struct itself is owned by the caller, e.g. a userdata) ---- */
-/* Makes `t` a new contiguous tensor; contents uninitialised. */
+/* Makes `t` a new contiguous tensor; contents uninitialised. ndim 0 is a scalar (one element).
+ * Checks the shape (0 <= ndim <= FL_MAXDIM, sizes >= 0, byte count fits) before allocating.
+ * On failure `t` is left empty (storage NULL). */
 int fl_tensor_init(fl_tensor *t, const fl_backend *be, int device, fl_dtype dt, int ndim, const int64_t *shape);
 /* Makes `dst` a view sharing src's storage (retained), same shape/strides. */
 void fl_tensor_init_view(fl_tensor *dst, const fl_tensor *src);
 void fl_tensor_free(fl_tensor *t);                 /* releases storage, tolerates being called twice */
+/* Moves src into dst (dst must be empty or is freed first); src becomes empty. */
+void fl_tensor_move(fl_tensor *dst, fl_tensor *src);
+/* A new 0-dim tensor holding `value` converted to dt. */
+int fl_tensor_init_scalar(fl_tensor *t, const fl_backend *be, int device, fl_dtype dt, double value);
 
 /* ---- shape queries ---- */
 int64_t fl_tensor_numel(const fl_tensor *t);
@@ -61,8 +72,20 @@ int fl_tensor_is_contiguous(const fl_tensor *t);
 void *fl_tensor_data(const fl_tensor *t);          /* address of element 0 (host backends only) */
 void fl_shape_str(char *buf, size_t n, int ndim, const int64_t *shape); /* "[2,3,4]" */
 void fl_contiguous_strides(int ndim, const int64_t *shape, int64_t *stride);
+/* 1 if some element of t is reachable through two different indices (a dim of size > 1 and stride 0,
+ * or other overlapping strides); writing into such a view is ambiguous. */
+int fl_tensor_has_internal_overlap(const fl_tensor *t);
+/* 1 if a's and b's element ranges in one storage intersect (conservative: by address span). */
+int fl_tensor_may_overlap(const fl_tensor *a, const fl_tensor *b);
+/* 1 if a and b may address a common element of the same storage but are not the identical view. */
+int fl_tensor_partial_overlap(const fl_tensor *a, const fl_tensor *b);
+int fl_tensor_same_shape(const fl_tensor *a, const fl_tensor *b);
+double fl_tensor_get(const fl_tensor *t, const int64_t *index);          /* host backends; 0-based */
+void fl_tensor_set(fl_tensor *t, const int64_t *index, double value);    /* host backends; 0-based */
 
-/* ---- views (in place on `t`, which must already be a view of its own: see init_view) ---- */
+/* ---- views (in place on `t`, which must already be a view of its own: see init_view) ----
+ * Dims and indices are 0-based here and must be in range (bindings translate Lua's 1-based and
+ * negative indices). On failure `t` is unchanged and fl_errmsg() says why. */
 int fl_view_reshape(fl_tensor *t, int ndim, const int64_t *shape); /* one dim may be -1; needs a compatible layout */
 int fl_view_permute(fl_tensor *t, const int *perm);
 int fl_view_transpose(fl_tensor *t, int d0, int d1);

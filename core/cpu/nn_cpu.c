@@ -1,0 +1,141 @@
+/* The CPU backend's nn kernels (struct fl_nn_ops): float32 and float64 versions of the generic code
+ * in nn_cpu_impl.h, and a dtype dispatcher per kernel. Convolutions are GEMMs on NHWC through
+ * OpenBLAS: 1x1 stride-1 convolutions use the activations directly as the GEMM's left matrix;
+ * others go through im2col in chunks of output rows, so the column buffer stays a few MB (reused,
+ * per thread) whatever the batch size. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+#include <cblas.h>
+#include "nn.h"
+#include "ops.h"
+
+/* elements per im2col chunk (about 4 MB of float32); tests shrink it to exercise chunk edges */
+static int64_t nn_chunk = (int64_t)1 << 20;
+#define FL_NN_CHUNK nn_chunk
+
+void fl_nn_cpu_set_chunk(int64_t elements) { nn_chunk = elements > 0 ? elements : ((int64_t)1 << 20); }
+
+/* Per-thread scratch buffers that only grow (two slots: im2col columns and partial gradients):
+ * convolutions reuse them instead of allocating per call. OpenMP's worker threads persist, so each
+ * keeps its buffers across calls. */
+static _Thread_local void *scratch_ptr[2];
+static _Thread_local size_t scratch_cap[2];
+
+static void *fl_cpu_nn_scratch(int slot, size_t nbytes) {
+  if (nbytes <= scratch_cap[slot]) return scratch_ptr[slot];
+  void *p = NULL;
+  size_t cap = nbytes + nbytes / 4;
+  if (posix_memalign(&p, 64, cap) != 0) return NULL;
+  free(scratch_ptr[slot]);
+  scratch_ptr[slot] = p;
+  scratch_cap[slot] = cap;
+  return p;
+}
+
+/* Threads for a convolution of `macs` multiply-adds: one below ~1 MMAC, where a fork costs more
+ * than it saves. */
+static int nn_threads(int64_t macs) {
+  int nt = fl_get_num_threads();
+  if (nt < 1) nt = 1;
+  return macs < ((int64_t)1 << 20) ? 1 : nt;
+}
+
+/* While our own threads each run a GEMM, OpenBLAS must run single-threaded in each of them. */
+static void blas_single_begin(int nt) { if (nt > 1) openblas_set_num_threads(1); }
+static void blas_single_end(int nt) { if (nt > 1) openblas_set_num_threads(fl_get_num_threads()); }
+
+/* A 1x1, stride 1, unpadded convolution is a plain GEMM on NHWC: no im2col needed. */
+static int win_is_pointwise(const fl_window *w) {
+  return w->kh == 1 && w->kw == 1 && w->sh == 1 && w->sw == 1 && w->pt == 0 && w->pb == 0 && w->pl == 0 &&
+         w->pr == 0;
+}
+
+#define real float
+#define NN(name) name##_f32
+#define GEMM cblas_sgemm
+#include "nn_cpu_impl.h"
+#undef real
+#undef NN
+#undef GEMM
+
+#define real double
+#define NN(name) name##_f64
+#define GEMM cblas_dgemm
+#include "nn_cpu_impl.h"
+#undef real
+#undef NN
+#undef GEMM
+
+/* Each entry picks the float32 or float64 kernel from its first tensor argument's dtype (the front
+ * has already checked that all of them agree). */
+#define PICK(t, name, ...) ((t)->dtype == FL_F64 ? name##_f64(__VA_ARGS__) : name##_f32(__VA_ARGS__))
+
+static int cpu_conv2d_forward(fl_tensor *y, const fl_tensor *x, const fl_tensor *w, const fl_tensor *scale,
+                              const fl_tensor *shift, int relu, const fl_window *win) {
+  return PICK(x, conv2d_forward, y, x, w, scale, shift, relu, win);
+}
+static int cpu_conv2d_backward_data(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *w, const fl_window *win) {
+  return PICK(gy, conv2d_backward_data, gx, gy, w, win);
+}
+static int cpu_conv2d_backward_filter(fl_tensor *gw, fl_tensor *gb, const fl_tensor *x, const fl_tensor *gy,
+                                      const fl_window *win, double beta) {
+  return PICK(x, conv2d_backward_filter, gw, gb, x, gy, win, beta);
+}
+static int cpu_depthwise_forward(fl_tensor *y, const fl_tensor *x, const fl_tensor *w, const fl_tensor *scale,
+                                 const fl_tensor *shift, int relu, const fl_window *win) {
+  return PICK(x, depthwise_forward, y, x, w, scale, shift, relu, win);
+}
+static int cpu_depthwise_backward_data(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *w,
+                                       const fl_window *win) {
+  return PICK(gy, depthwise_backward_data, gx, gy, w, win);
+}
+static int cpu_depthwise_backward_filter(fl_tensor *gw, fl_tensor *gb, const fl_tensor *x, const fl_tensor *gy,
+                                         const fl_window *win, double beta) {
+  return PICK(x, depthwise_backward_filter, gw, gb, x, gy, win, beta);
+}
+static int cpu_pool2d_forward(fl_tensor *y, const fl_tensor *x, fl_pool_kind kind, const fl_window *win) {
+  return PICK(x, pool2d_forward, y, x, kind, win);
+}
+static int cpu_pool2d_backward(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *x, fl_pool_kind kind,
+                               const fl_window *win) {
+  return PICK(gy, pool2d_backward, gx, gy, x, kind, win);
+}
+static int cpu_batchnorm_forward_train(fl_tensor *y, fl_tensor *mean, fl_tensor *invstd, const fl_tensor *x,
+                                       const fl_tensor *gamma, const fl_tensor *beta, fl_tensor *rm,
+                                       fl_tensor *rv, double momentum, double eps) {
+  return PICK(x, batchnorm_forward_train, y, mean, invstd, x, gamma, beta, rm, rv, momentum, eps);
+}
+static int cpu_batchnorm_backward(fl_tensor *gx, fl_tensor *ggamma, fl_tensor *gbeta, const fl_tensor *x,
+                                  const fl_tensor *gy, const fl_tensor *mean, const fl_tensor *invstd,
+                                  const fl_tensor *gamma, int training, double beta_acc) {
+  return PICK(x, batchnorm_backward, gx, ggamma, gbeta, x, gy, mean, invstd, gamma, training, beta_acc);
+}
+static int cpu_channel_affine(fl_tensor *y, const fl_tensor *x, const fl_tensor *scale, const fl_tensor *shift,
+                              int relu) {
+  return PICK(x, channel_affine, y, x, scale, shift, relu);
+}
+static int cpu_act_backward(fl_act_kind act, fl_tensor *gx, const fl_tensor *gy, const fl_tensor *y) {
+  return PICK(y, act_backward, act, gx, gy, y);
+}
+static int cpu_softmax_xent(fl_tensor *loss, fl_tensor *grad, const fl_tensor *logits, const fl_tensor *target,
+                            double smoothing, double grad_scale) {
+  return PICK(logits, softmax_xent, loss, grad, logits, target, smoothing, grad_scale);
+}
+
+const struct fl_nn_ops fl_cpu_nn_ops = {
+  .conv2d_forward = cpu_conv2d_forward,
+  .conv2d_backward_data = cpu_conv2d_backward_data,
+  .conv2d_backward_filter = cpu_conv2d_backward_filter,
+  .depthwise_forward = cpu_depthwise_forward,
+  .depthwise_backward_data = cpu_depthwise_backward_data,
+  .depthwise_backward_filter = cpu_depthwise_backward_filter,
+  .pool2d_forward = cpu_pool2d_forward,
+  .pool2d_backward = cpu_pool2d_backward,
+  .batchnorm_forward_train = cpu_batchnorm_forward_train,
+  .batchnorm_backward = cpu_batchnorm_backward,
+  .channel_affine = cpu_channel_affine,
+  .act_backward = cpu_act_backward,
+  .softmax_xent = cpu_softmax_xent,
+};

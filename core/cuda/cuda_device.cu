@@ -1,0 +1,383 @@
+/* CUDA devices: discovery, one context per device (stream, cuBLAS and cuDNN handles), status
+ * messages, the caching allocator and its statistics, settings, and the backend table. */
+#include "cuda_internal.h"
+
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+#include <stdio.h>
+#include <string.h>
+
+/* ---------------------------------------------------------------- settings */
+
+int cu_allow_tf32 = 1, cu_benchmark = 0, cu_deterministic = 0;
+
+extern "C" void fl_cuda_set_tf32(int allow) { cu_allow_tf32 = allow != 0; }
+extern "C" int fl_cuda_get_tf32(void) { return cu_allow_tf32; }
+extern "C" void fl_cuda_set_benchmark(int on) { cu_benchmark = on != 0; }
+extern "C" int fl_cuda_get_benchmark(void) { return cu_benchmark; }
+extern "C" void fl_cuda_set_deterministic(int on) { cu_deterministic = on != 0; }
+extern "C" int fl_cuda_get_deterministic(void) { return cu_deterministic; }
+
+/* ---------------------------------------------------------------- errors */
+
+int cu_fail(const char *op, const char *what, cudaError_t e) {
+  cudaGetLastError();   /* a non-sticky error must not resurface in the next, unrelated check */
+  return fl_fail("%s: %s failed: %s (%s)", op, what, cudaGetErrorName(e), cudaGetErrorString(e));
+}
+
+static const char *blas_status_name(cublasStatus_t s) {
+  switch (s) {
+  case CUBLAS_STATUS_NOT_INITIALIZED: return "CUBLAS_STATUS_NOT_INITIALIZED";
+  case CUBLAS_STATUS_ALLOC_FAILED: return "CUBLAS_STATUS_ALLOC_FAILED";
+  case CUBLAS_STATUS_INVALID_VALUE: return "CUBLAS_STATUS_INVALID_VALUE";
+  case CUBLAS_STATUS_ARCH_MISMATCH: return "CUBLAS_STATUS_ARCH_MISMATCH";
+  case CUBLAS_STATUS_MAPPING_ERROR: return "CUBLAS_STATUS_MAPPING_ERROR";
+  case CUBLAS_STATUS_EXECUTION_FAILED: return "CUBLAS_STATUS_EXECUTION_FAILED";
+  case CUBLAS_STATUS_INTERNAL_ERROR: return "CUBLAS_STATUS_INTERNAL_ERROR";
+  case CUBLAS_STATUS_NOT_SUPPORTED: return "CUBLAS_STATUS_NOT_SUPPORTED";
+  case CUBLAS_STATUS_LICENSE_ERROR: return "CUBLAS_STATUS_LICENSE_ERROR";
+  default: return "CUBLAS_STATUS_UNKNOWN";
+  }
+}
+
+int cu_fail_blas(const char *op, const char *what, cublasStatus_t s) {
+  cudaGetLastError();
+  if (s == CUBLAS_STATUS_ALLOC_FAILED)
+    return fl_fail_oom("%s: %s failed: %s (out of device memory for cuBLAS's workspace)", op, what,
+                       blas_status_name(s));
+  return fl_fail("%s: %s failed: %s", op, what, blas_status_name(s));
+}
+
+int cu_fail_dnn(const char *op, const char *what, cudnnStatus_t s) {
+  cudaGetLastError();
+  char detail[256];
+  detail[0] = 0;
+  cudnnGetLastErrorString(detail, sizeof detail);
+  if (s == CUDNN_STATUS_ALLOC_FAILED)
+    return fl_fail_oom("%s: %s failed: %s", op, what, cudnnGetErrorString(s));
+  return fl_fail("%s: %s failed: %s%s%.200s", op, what, cudnnGetErrorString(s), detail[0] ? ": " : "", detail);
+}
+
+int cu_launched(const char *op) {
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return fl_fail("%s: kernel launch failed: %s (%s)", op, cudaGetErrorName(e),
+                                       cudaGetErrorString(e));
+  return 0;
+}
+
+/* ---------------------------------------------------------------- devices */
+
+static std::mutex dev_lock;
+static cu_dev devs[CU_MAXDEV];
+static int dev_count = -1;
+static char dev_reason[256];
+
+extern "C" int fl_cuda_device_count(void) {
+  std::lock_guard<std::mutex> g(dev_lock);
+  if (dev_count >= 0) return dev_count;
+  int n = 0;
+  cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess) {
+    snprintf(dev_reason, sizeof dev_reason, "no CUDA device: cudaGetDeviceCount: %s (%s)", cudaGetErrorName(e),
+             cudaGetErrorString(e));
+    cudaGetLastError();
+    n = 0;
+  } else if (n == 0) {
+    snprintf(dev_reason, sizeof dev_reason, "no CUDA device: the driver reports 0 devices");
+  }
+  if (n > CU_MAXDEV) n = CU_MAXDEV;
+  dev_count = n;
+  return n;
+}
+
+extern "C" const char *fl_cuda_unavailable_reason(void) {
+  if (fl_cuda_device_count() > 0) return "";
+  return dev_reason;
+}
+
+extern "C" int fl_cuda_check_device(const char *op, int device) {
+  int n = fl_cuda_device_count();
+  if (n == 0) return fl_fail("%s: %s", op, dev_reason);
+  if (device < 0 || device >= n)
+    return fl_fail("%s: device %d does not exist (%d device%s: 0..%d)", op, device, n, n == 1 ? "" : "s", n - 1);
+  return 0;
+}
+
+int cu_enter(const char *op, int device, cu_dev **out) {
+  if (fl_cuda_check_device(op, device)) return -1;
+  cu_dev *d = &devs[device];
+  CU_TRY(op, cudaSetDevice(device));
+  if (!d->ready) {
+    std::lock_guard<std::mutex> g(dev_lock);
+    if (!d->ready) {
+      cudaDeviceProp p;
+      CU_TRY(op, cudaGetDeviceProperties(&p, device));
+      CU_TRY(op, cudaStreamCreateWithFlags(&d->stream, cudaStreamNonBlocking));
+      d->index = device;
+      d->sm_count = p.multiProcessorCount > 0 ? p.multiProcessorCount : 1;
+      d->cc_major = p.major;
+      d->cc_minor = p.minor;
+      d->ready = 1;
+    }
+  }
+  *out = d;
+  return 0;
+}
+
+int cu_blas(const char *op, cu_dev *d) {
+  if (d->blas) return 0;
+  std::lock_guard<std::mutex> g(dev_lock);
+  if (d->blas) return 0;
+  cublasHandle_t h;
+  CUBLAS_TRY(op, cublasCreate(&h));
+  cublasStatus_t s = cublasSetStream(h, d->stream);
+  if (s != CUBLAS_STATUS_SUCCESS) { cublasDestroy(h); return cu_fail_blas(op, "cublasSetStream", s); }
+  d->blas = h;
+  return 0;
+}
+
+int cu_dnn(const char *op, cu_dev *d) {
+  if (d->dnn) return 0;
+  std::lock_guard<std::mutex> g(dev_lock);
+  if (d->dnn) return 0;
+  cudnnHandle_t h;
+  CUDNN_TRY(op, cudnnCreate(&h));
+  cudnnStatus_t s = cudnnSetStream(h, d->stream);
+  if (s != CUDNN_STATUS_SUCCESS) { cudnnDestroy(h); return cu_fail_dnn(op, "cudnnSetStream", s); }
+  d->dnn = h;
+  return 0;
+}
+
+extern "C" int fl_cuda_device_name(int device, char *buf, size_t n) {
+  if (fl_cuda_check_device("cuda.device_name", device)) return -1;
+  cudaDeviceProp p;
+  CU_TRY("cuda.device_name", cudaGetDeviceProperties(&p, device));
+  snprintf(buf, n, "%s (sm_%d%d, %.1f GiB)", p.name, p.major, p.minor, (double)p.totalGlobalMem / (1 << 30));
+  return 0;
+}
+
+extern "C" int fl_cuda_synchronize(int device) {
+  cu_dev *d;
+  if (cu_enter("cuda.synchronize", device, &d)) return -1;
+  CU_TRY("cuda.synchronize", cudaStreamSynchronize(d->stream));
+  return 0;
+}
+
+/* ---------------------------------------------------------------- caching allocator */
+
+typedef struct {
+  size_t size;        /* rounded */
+  size_t requested;
+} cu_block;
+
+typedef struct {
+  std::mutex lock;
+  std::unordered_map<void *, cu_block> live;
+  std::unordered_map<size_t, std::vector<void *>> free_lists;   /* rounded size -> blocks */
+  fl_cuda_memstats st;
+} cu_pool;
+
+/* Allocated once and never destroyed: tensors collected by a Lua state closed late in process exit
+ * still find their pool (a static object's destructor might already have run). */
+static cu_pool *pool_of(int device) {
+  static cu_pool *pools = new cu_pool[CU_MAXDEV];
+  return &pools[device];
+}
+
+/* 8 sizes per power of two (at most 12.5% waste), at least 512 bytes. 0 if too large. */
+static size_t round_size(size_t n) {
+  if (n <= 512) return 512;
+  if (n > ((size_t)1 << 62)) return 0;
+  int b = 63 - __builtin_clzll((unsigned long long)(n - 1));
+  size_t step = ((size_t)1 << b) >> 3;
+  return (n + step - 1) / step * step;
+}
+
+/* Returns every cached block of pool p to the driver. Caller holds p->lock and has made the device
+ * current. cudaFree waits for the device, so no queued kernel still uses these blocks. */
+static void pool_release_cached(cu_pool *p) {
+  for (auto &kv : p->free_lists) {
+    for (void *ptr : kv.second) {
+      cudaFree(ptr);
+      p->st.reserved -= kv.first;
+      p->st.num_cuda_free++;
+    }
+    kv.second.clear();
+  }
+  p->free_lists.clear();
+  cudaGetLastError();
+}
+
+static void fmt_bytes(char *buf, size_t n, double b) {
+  if (b >= (double)(1 << 30)) snprintf(buf, n, "%.2f GiB", b / (1 << 30));
+  else if (b >= (double)(1 << 20)) snprintf(buf, n, "%.1f MiB", b / (1 << 20));
+  else snprintf(buf, n, "%.0f bytes", b);
+}
+
+void *cu_malloc(const char *op, int device, size_t nbytes) {
+  if (fl_cuda_check_device(op, device)) return NULL;
+  size_t sz = round_size(nbytes);
+  if (!sz) {
+    fl_fail_oom("%s: cannot allocate %zu bytes on cuda:%d (too large)", op, nbytes, device);
+    return NULL;
+  }
+  cu_pool *p = pool_of(device);
+  std::lock_guard<std::mutex> g(p->lock);
+  p->st.num_alloc++;
+  void *ptr = NULL;
+  auto it = p->free_lists.find(sz);
+  if (it != p->free_lists.end() && !it->second.empty()) {
+    ptr = it->second.back();
+    it->second.pop_back();
+    p->st.num_cache_hits++;
+  } else {
+    cudaError_t e = cudaSetDevice(device);
+    if (e == cudaSuccess) e = cudaMalloc(&ptr, sz);
+    if (e == cudaErrorMemoryAllocation) {
+      /* cached blocks of other sizes may be what is missing: give them back and try once more */
+      cudaGetLastError();
+      pool_release_cached(p);
+      e = cudaMalloc(&ptr, sz);
+    }
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      p->st.num_oom++;
+      size_t fr = 0, tot = 0;
+      cudaMemGetInfo(&fr, &tot);
+      cudaGetLastError();
+      char a[32], f[32], t[32], l[32];
+      fmt_bytes(a, sizeof a, (double)nbytes);
+      fmt_bytes(f, sizeof f, (double)fr);
+      fmt_bytes(t, sizeof t, (double)tot);
+      fmt_bytes(l, sizeof l, (double)p->st.allocated);
+      if (e == cudaErrorMemoryAllocation)
+        fl_fail_oom("%s: out of memory on cuda:%d: asked for %s, the device has %s free of %s "
+                    "(%s held by live tensors; the cache was emptied and the allocation retried)",
+                    op, device, a, f, t, l);
+      else
+        fl_fail("%s: cudaMalloc of %s on cuda:%d failed: %s (%s)", op, a, device, cudaGetErrorName(e),
+                cudaGetErrorString(e));
+      return NULL;
+    }
+    p->st.num_cuda_malloc++;
+    p->st.reserved += sz;
+    if (p->st.reserved > p->st.peak_reserved) p->st.peak_reserved = p->st.reserved;
+  }
+  p->live[ptr] = cu_block{sz, nbytes};
+  p->st.allocated += sz;
+  p->st.requested += nbytes;
+  if (p->st.allocated > p->st.peak_allocated) p->st.peak_allocated = p->st.allocated;
+  return ptr;
+}
+
+void cu_free(int device, void *ptr) {
+  if (!ptr || device < 0 || device >= CU_MAXDEV) return;
+  cu_pool *p = pool_of(device);
+  std::lock_guard<std::mutex> g(p->lock);
+  auto it = p->live.find(ptr);
+  if (it == p->live.end()) return;   /* not ours: never hand it to cudaFree blindly */
+  cu_block b = it->second;
+  p->live.erase(it);
+  p->st.allocated -= b.size;
+  p->st.requested -= b.requested;
+  p->st.num_free++;
+  p->free_lists[b.size].push_back(ptr);
+}
+
+static void *backend_alloc(int device, size_t nbytes) { return cu_malloc("cuda", device, nbytes); }
+static void backend_free(int device, void *p) { cu_free(device, p); }
+
+extern "C" int fl_cuda_memory_stats(int device, fl_cuda_memstats *out) {
+  if (fl_cuda_check_device("cuda.memory_stats", device)) return -1;
+  cu_pool *p = pool_of(device);
+  {
+    std::lock_guard<std::mutex> g(p->lock);
+    *out = p->st;
+  }
+  out->cached = out->reserved - out->allocated;
+  size_t fr = 0, tot = 0;
+  CU_TRY("cuda.memory_stats", cudaSetDevice(device));
+  CU_TRY("cuda.memory_stats", cudaMemGetInfo(&fr, &tot));
+  out->device_free = fr;
+  out->device_total = tot;
+  return 0;
+}
+
+extern "C" void fl_cuda_reset_peak(int device) {
+  if (device < 0 || device >= CU_MAXDEV) return;
+  cu_pool *p = pool_of(device);
+  std::lock_guard<std::mutex> g(p->lock);
+  p->st.peak_allocated = p->st.allocated;
+  p->st.peak_reserved = p->st.reserved;
+}
+
+extern "C" int fl_cuda_empty_cache(void) {
+  int n = fl_cuda_device_count();
+  for (int i = 0; i < n; i++) {
+    cu_pool *p = pool_of(i);
+    std::lock_guard<std::mutex> g(p->lock);
+    if (p->free_lists.empty()) continue;
+    CU_TRY("cuda.empty_cache", cudaSetDevice(i));
+    CU_TRY("cuda.empty_cache", cudaDeviceSynchronize());
+    pool_release_cached(p);
+  }
+  return 0;
+}
+
+int cu_tmp::init(const char *op, int dev, fl_dtype dt, int ndim, const int64_t *shape) {
+  int64_t n = 1;
+  for (int i = 0; i < ndim; i++) n *= shape[i];
+  size_t nbytes = (size_t)n * fl_dtype_size(dt);
+  if (buf.get(op, dev, nbytes)) return -1;
+  memset(&st, 0, sizeof st);
+  st.refcount = 1;
+  st.data = buf.p;
+  st.nbytes = nbytes;
+  st.backend = fl_cuda_backend();
+  st.device = dev;
+  memset(&t, 0, sizeof t);
+  t.storage = &st;
+  t.ndim = ndim;
+  t.dtype = dt;
+  for (int i = 0; i < ndim; i++) t.shape[i] = shape[i];
+  fl_contiguous_strides(ndim, t.shape, t.stride);
+  return 0;
+}
+
+/* ---------------------------------------------------------------- the table */
+
+int cu_backend_copy(fl_tensor *dst, const fl_tensor *src);
+int cu_backend_fill(fl_tensor *t, double value);
+int cu_backend_binary(fl_binop op, fl_tensor *out, const fl_tensor *a, const fl_tensor *b);
+int cu_backend_unary(fl_unop op, fl_tensor *out, const fl_tensor *a, double p0, double p1);
+int cu_backend_reduce(fl_redop op, fl_tensor *out, const fl_tensor *a, int dim, int correction);
+int cu_backend_where(fl_tensor *out, const fl_tensor *mask, const fl_tensor *a, const fl_tensor *b);
+int cu_backend_matmul(fl_tensor *out, const fl_tensor *a, const fl_tensor *b, double alpha, double beta);
+int cu_backend_softmax(fl_tensor *out, const fl_tensor *a, int dim, int log);
+int cu_backend_rng(fl_tensor *out, fl_rngkind kind, uint64_t seed, uint64_t offset, double p0, double p1);
+
+/* Filled by field name so a reordered or extended fl_backend still builds correctly. */
+static fl_backend make_backend(void) {
+  fl_backend b;
+  memset(&b, 0, sizeof b);
+  b.name = "cuda";
+  b.alloc = backend_alloc;
+  b.free = backend_free;
+  b.copy = cu_backend_copy;
+  b.fill = cu_backend_fill;
+  b.binary = cu_backend_binary;
+  b.unary = cu_backend_unary;
+  b.reduce = cu_backend_reduce;
+  b.where = cu_backend_where;
+  b.matmul = cu_backend_matmul;
+  b.softmax = cu_backend_softmax;
+  b.rng = cu_backend_rng;
+  b.nn = cu_nn_table();
+  return b;
+}
+
+extern "C" const fl_backend *fl_cuda_backend(void) {
+  static const fl_backend table = make_backend();
+  return &table;
+}

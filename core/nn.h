@@ -1,0 +1,130 @@
+/* Neural-network kernels: convolution, pooling, batch normalization, fused losses.
+ *
+ * Layout is Keras's channels_last throughout: activations are NHWC (N, H, W, C), convolution kernels
+ * HWIO (KH, KW, Cin, Cout), depthwise kernels (KH, KW, C, M) with output channel c*M + m.
+ *
+ * The front functions (fl_conv2d_forward, ...) check shapes and dtypes, make their inputs contiguous,
+ * allocate outputs (an `fl_tensor *out` argument is an empty struct that they initialise, as in
+ * ops.h; a name ending in _into writes into an existing tensor) and then call the kernel table
+ * `struct fl_nn_ops` of the tensors' backend (fl_backend.nn). A backend kernel gets contiguous
+ * tensors of one dtype (float32 or float64) whose shapes have been checked, and only computes.
+ *
+ * Gradients of parameters are accumulated: kernels named *_backward_filter take `beta`, and compute
+ * gw = beta*gw + dL/dw (beta 0 overwrites, 1 accumulates). */
+#ifndef FLOWER_NN_H
+#define FLOWER_NN_H
+
+#include "backend.h"
+
+/* A sliding window over H and W: kernel size, strides, dilation and the padding resolved to four
+ * numbers. TensorFlow's 'same' rule puts the extra row/column of an odd total at the bottom/right. */
+typedef struct fl_window {
+  int kh, kw;               /* window size */
+  int sh, sw;               /* strides */
+  int dh, dw;               /* dilation (1 = dense) */
+  int pt, pb, pl, pr;       /* zero (or -inf / excluded) padding: top, bottom, left, right */
+} fl_window;
+
+/* Fills `win` for an input of H x W and gives the output size. padding: "valid" or "same"
+ * (TensorFlow's rule: out = ceil(in/stride), pad = max((out-1)*stride + (k-1)*dil + 1 - in, 0),
+ * before = pad/2, after = the rest). -1 with a message naming `op` if the window does not fit. */
+int fl_window_init(fl_window *win, const char *op, int64_t H, int64_t W, int kh, int kw, int sh, int sw,
+                   int dh, int dw, const char *padding, int64_t *OH, int64_t *OW);
+/* Output size of an explicit window (pads already set); -1 with a message if it is empty. */
+int fl_window_out(const fl_window *win, const char *op, int64_t H, int64_t W, int64_t *OH, int64_t *OW);
+
+typedef enum { FL_POOL_MAX, FL_POOL_AVG } fl_pool_kind;
+typedef enum { FL_ACT_RELU, FL_ACT_SIGMOID, FL_ACT_TANH, FL_ACT_SOFTMAX } fl_act_kind;
+
+/* The kernels a backend provides. Shapes below: x (N,H,W,C), y/gy (N,OH,OW,F), w (KH,KW,C,F). */
+struct fl_nn_ops {
+  /* y = conv(x, w), then per output channel y = y*scale + shift (either may be NULL), then ReLU if
+   * relu: the bias of a Conv2D is `shift`, and an inference BatchNorm(+ReLU) folds into scale/shift. */
+  int (*conv2d_forward)(fl_tensor *y, const fl_tensor *x, const fl_tensor *w, const fl_tensor *scale,
+                        const fl_tensor *shift, int relu, const fl_window *win);
+  /* gx = dL/dx (overwritten) */
+  int (*conv2d_backward_data)(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *w, const fl_window *win);
+  /* gw = beta*gw + dL/dw; gb (F) = beta*gb + sum of gy over N,OH,OW when not NULL */
+  int (*conv2d_backward_filter)(fl_tensor *gw, fl_tensor *gb, const fl_tensor *x, const fl_tensor *gy,
+                                const fl_window *win, double beta);
+  /* depthwise: w (KH,KW,C,M), y (N,OH,OW,C*M) */
+  int (*depthwise_forward)(fl_tensor *y, const fl_tensor *x, const fl_tensor *w, const fl_tensor *scale,
+                           const fl_tensor *shift, int relu, const fl_window *win);
+  int (*depthwise_backward_data)(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *w, const fl_window *win);
+  int (*depthwise_backward_filter)(fl_tensor *gw, fl_tensor *gb, const fl_tensor *x, const fl_tensor *gy,
+                                   const fl_window *win, double beta);
+  /* pooling over windows of x (N,H,W,C) -> y (N,OH,OW,C). Max ignores padding (as -inf); average
+   * divides by the number of window elements inside the input (padding excluded, like TensorFlow). */
+  int (*pool2d_forward)(fl_tensor *y, const fl_tensor *x, fl_pool_kind kind, const fl_window *win);
+  /* gx (overwritten; its shape is the input's). Max pooling routes each gy to the first maximum of
+   * its window in x (row-major window order), recomputed from x; average pooling gets x = NULL. */
+  int (*pool2d_backward)(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *x, fl_pool_kind kind,
+                         const fl_window *win);
+  /* Batch normalisation over all dims but the last (C). Training: mean/var of the batch (biased var),
+   * y = (x-mean)*invstd*gamma + beta with invstd = 1/sqrt(var+eps); saves mean (C), invstd (C); when
+   * running_mean/running_var are given, updates them as Keras does:
+   * r = momentum*r + (1-momentum)*batch, the variance unbiased (times n/(n-1)) like TF's fused kernel.
+   * gamma/beta may be NULL (scale=False / center=False). */
+  int (*batchnorm_forward_train)(fl_tensor *y, fl_tensor *mean, fl_tensor *invstd, const fl_tensor *x,
+                                 const fl_tensor *gamma, const fl_tensor *beta, fl_tensor *running_mean,
+                                 fl_tensor *running_var, double momentum, double eps);
+  /* gx = dL/dx (overwritten; may be NULL); ggamma/gbeta = beta_acc*g + dL/d(gamma/beta) (either may be
+   * NULL). training = 1: mean/invstd are the batch's and gx includes their dependence on x;
+   * training = 0: mean/invstd are constants (moving statistics). */
+  int (*batchnorm_backward)(fl_tensor *gx, fl_tensor *ggamma, fl_tensor *gbeta, const fl_tensor *x,
+                            const fl_tensor *gy, const fl_tensor *mean, const fl_tensor *invstd,
+                            const fl_tensor *gamma, int training, double beta_acc);
+  /* y = x*scale + shift per last-dim channel (either NULL), then ReLU if relu. y may be x (in place). */
+  int (*channel_affine)(fl_tensor *y, const fl_tensor *x, const fl_tensor *scale, const fl_tensor *shift,
+                        int relu);
+  /* gx = gy * act'(.) expressed through the activation's output y (softmax over the last dim).
+   * gx may be gy (in place). */
+  int (*act_backward)(fl_act_kind act, fl_tensor *gx, const fl_tensor *gy, const fl_tensor *y);
+  /* Softmax cross-entropy over the last dim of logits (N,K): target is int32/int64 class indices (N)
+   * (0-based) or probabilities (N,K) of the logits' dtype. With label smoothing s the target becomes
+   * (1-s)*t + s/K. loss (N) gets each row's loss; grad (N,K), when not NULL, gets
+   * grad_scale * (softmax - target). */
+  int (*softmax_xent)(fl_tensor *loss, fl_tensor *grad, const fl_tensor *logits, const fl_tensor *target,
+                      double smoothing, double grad_scale);
+};
+
+/* The CPU backend's table (core/cpu/nn_cpu.c). */
+extern const struct fl_nn_ops fl_cpu_nn_ops;
+/* Elements of the CPU convolutions' im2col chunk (default 2^20; <= 0 restores it). For tests. */
+void fl_nn_cpu_set_chunk(int64_t elements);
+
+/* ---- front functions: checked, contiguous, allocate their outputs ---- */
+int fl_conv2d_forward(fl_tensor *y, const fl_tensor *x, const fl_tensor *w, const fl_tensor *scale,
+                      const fl_tensor *shift, int relu, const fl_window *win);
+/* xshape: the input's shape (N,H,W,C) */
+int fl_conv2d_backward_data(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *w, const int64_t *xshape,
+                            const fl_window *win);
+int fl_conv2d_backward_filter_into(fl_tensor *gw, fl_tensor *gb, const fl_tensor *x, const fl_tensor *gy,
+                                   const fl_window *win, double beta);
+int fl_depthwise_forward(fl_tensor *y, const fl_tensor *x, const fl_tensor *w, const fl_tensor *scale,
+                         const fl_tensor *shift, int relu, const fl_window *win);
+int fl_depthwise_backward_data(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *w, const int64_t *xshape,
+                               const fl_window *win);
+int fl_depthwise_backward_filter_into(fl_tensor *gw, fl_tensor *gb, const fl_tensor *x, const fl_tensor *gy,
+                                      const fl_window *win, double beta);
+/* win->kh, kw give the pool size */
+int fl_pool2d_forward(fl_tensor *y, const fl_tensor *x, fl_pool_kind kind, const fl_window *win);
+/* x is needed for max pooling only (may be NULL for average); xshape (N,H,W,C) gives gx's shape */
+int fl_pool2d_backward(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *x, const int64_t *xshape,
+                       fl_pool_kind kind, const fl_window *win);
+/* mean, invstd: empty structs, initialised to (C) */
+int fl_batchnorm_forward_train(fl_tensor *y, fl_tensor *mean, fl_tensor *invstd, const fl_tensor *x,
+                               const fl_tensor *gamma, const fl_tensor *beta, fl_tensor *running_mean,
+                               fl_tensor *running_var, double momentum, double eps);
+/* gx: empty struct to initialise, or NULL when the input gradient is not wanted */
+int fl_batchnorm_backward(fl_tensor *gx, fl_tensor *ggamma, fl_tensor *gbeta, const fl_tensor *x,
+                          const fl_tensor *gy, const fl_tensor *mean, const fl_tensor *invstd,
+                          const fl_tensor *gamma, int training, double beta_acc);
+int fl_channel_affine(fl_tensor *y, const fl_tensor *x, const fl_tensor *scale, const fl_tensor *shift, int relu);
+int fl_channel_affine_into(fl_tensor *y, const fl_tensor *x, const fl_tensor *scale, const fl_tensor *shift,
+                           int relu);      /* y has x's shape and is contiguous; may be x */
+int fl_act_backward(fl_act_kind act, fl_tensor *gx, const fl_tensor *gy, const fl_tensor *y);
+int fl_softmax_xent(fl_tensor *loss, fl_tensor *grad, const fl_tensor *logits, const fl_tensor *target,
+                    double smoothing, double grad_scale);
+
+#endif

@@ -1,0 +1,484 @@
+-- flower.nn: layers, models and losses — Torch7's module verbs with Keras's vocabulary.
+--
+-- BUILDING A MODEL (Keras's functional API; the batch dimension is implicit):
+--   local nn = require 'flower.nn'
+--   local x = nn.Input{32, 32, 3}                                  -- or nn.Input{shape={32,32,3}, name='img'}
+--   local y = nn.Conv2D{filters=16, kernel_size=3, padding='same', use_bias=false, name='conv1'}(x)
+--   y = nn.BatchNormalization{name='bn1'}(y)
+--   y = nn.Activation('relu')(y)
+--   local s = nn.Conv2D{filters=16, kernel_size=1}(x)
+--   y = nn.Add{}{y, s}                                             -- several inputs: a list
+--   y = nn.Concatenate{axis=-1}{y, s}
+--   y = nn.GlobalAveragePooling2D{}(y)
+--   y = nn.Dense{units=10}(y)
+--   local model = nn.Model(x, y, {name='tiny'})                    -- inputs/outputs: a node or a list
+--   local seq = nn.Sequential{nn.Input{8}, nn.Dense{units=4}, nn.ReLU{}}   -- or seq:add(layer)
+-- Calling a layer on a node builds it (creates its weights from the input shape) and infers the
+-- output shape; a misfit raises an error naming the layer: "layer 'conv1' (Conv2D): ...".
+-- Layer names follow Keras (class name in snake_case, numbered per session: conv2d, conv2d_1, ...;
+-- inputs input_1, input_2...); nn.reset_names() restarts the numbering like clear_session().
+-- A model is itself a layer: it can be called on nodes of a bigger graph (a frozen base + new head).
+--
+-- RUNNING IT (Torch7's verbs):
+--   local out = model:forward(input)          -- input: tensor (N,...) or a list for several inputs
+--   local gin = model:backward(input, gradOutput)   -- accumulates parameter gradients; returns dL/dinput
+--   model:zero_grad()                         -- (zeroGradParameters) before each accumulation
+--   model:training() / model:evaluate()       -- BatchNorm batch statistics and Dropout on / off
+--   layer.trainable = false                   -- frozen: no gradients, never updated; a frozen
+--                                                BatchNormalization uses its moving statistics
+--   model:parameters()                        -- params, grads: trainable tensors and their gradients
+--   model:trainable_weights()                 -- records {path, name, layer, tensor, grad, kind}
+--   model:weights()                           -- every weight record, Keras order per layer
+--   model:layer('bn1'), model:layers()        -- layers in graph construction order (Keras's order)
+--   model:output_of('avg_pool')               -- a model sharing these layers, ending at that layer
+--   model:summary()                           -- Keras's table and Total/Trainable/Non-trainable
+--   model:type('float64')                     -- converts weights (for gradient checks)
+-- Standalone layers work the same way: layer:forward(x), layer:backward(x, gy).
+--
+-- GRADIENT FLOW: a node needs a gradient only if some layer at or above it (towards the inputs)
+-- has trainable weights. Nodes below a frozen prefix get no backward call at all, and their
+-- forward keeps nothing for backward, so training a head on a frozen base costs about a forward.
+-- In a no-gradient region (inference, or a frozen prefix) Conv2D -> BatchNormalization -> ReLU
+-- chains run as one convolution with the normalisation and ReLU fused into its output, and
+-- intermediate activations are freed as soon as their last consumer has run.
+--
+-- Integer class labels are 1-based (as argmax returns them). Layouts are Keras's channels_last:
+-- activations (N, H, W, C), kernels (KH, KW, Cin, Cout).
+local flower = require 'flower'
+local core = require 'flower.core'
+local C = core._nn
+
+local nn = {}
+nn.C = C
+
+-------------------------------------------------------------------------------- classes
+
+-- class(name [, parent]): a table of methods; calling it makes an instance through cls.new
+local function class(name, parent)
+  local cls = {}
+  cls.__index = cls
+  cls.__name = 'flower.nn.' .. name
+  cls.class_name = name
+  cls.__tostring = function(self) return cls.class_name .. "('" .. tostring(self.name) .. "')" end
+  cls.__call = function(self, ...) return self:call(...) end
+  setmetatable(cls, {
+    __index = parent,
+    __call = function(c, ...) return c.new(...) end,
+  })
+  return cls
+end
+nn.class = class
+
+local function is_tensor(v) return flower.is_tensor(v) end
+
+-------------------------------------------------------------------------------- names
+
+local name_counts = {}
+
+-- Keras's generic_utils.to_snake_case
+local function snake(s)
+  s = s:gsub('(.)(%u[%l%d]+)', '%1_%2')
+  s = s:gsub('(%l)(%u)', '%1_%2')
+  return s:lower()
+end
+nn.snake_case = snake
+
+-- unique_name('conv2d') -> conv2d, conv2d_1, ... ; zero_based=false -> input_1, input_2, ...
+local function unique_name(prefix, one_based)
+  local n = name_counts[prefix]
+  if one_based then
+    n = (n or 0) + 1
+    name_counts[prefix] = n
+    return prefix .. '_' .. n
+  end
+  name_counts[prefix] = (n or -1) + 1
+  if n == nil then return prefix end
+  return prefix .. '_' .. (n + 1)
+end
+nn.unique_name = unique_name
+
+function nn.reset_names() name_counts = {} end
+
+-------------------------------------------------------------------------------- shapes
+
+-- Shapes exclude the batch dim; an unknown size is -1 (printed None).
+local function shape_str(shape, batch)
+  local parts = {}
+  if batch ~= false then parts[1] = 'None' end
+  for i = 1, #shape do parts[#parts + 1] = (shape[i] < 0) and 'None' or tostring(shape[i]) end
+  if #parts == 1 then return '(' .. parts[1] .. ',)' end
+  return '(' .. table.concat(parts, ', ') .. ')'
+end
+nn.shape_str = shape_str
+
+local function copy_shape(s)
+  local r = {}
+  for i = 1, #s do r[i] = s[i] end
+  return r
+end
+
+local function tensor_shape(t)   -- (N, ...) -> shape without the batch dim
+  local s = t:size()
+  table.remove(s, 1)
+  return s
+end
+
+local function check_int(v, what, owner, min)
+  if math.type(v) ~= 'integer' or v < (min or 1) then
+    error(string.format('%s: %s must be an integer >= %d, got %s', owner, what, min or 1, tostring(v)), 0)
+  end
+  return v
+end
+
+-- a Keras int-or-pair argument (kernel_size=3 or {3, 1}) -> a, b
+local function pair(v, what, owner, min)
+  if type(v) == 'table' then
+    if #v ~= 2 then error(string.format('%s: %s must be an integer or a pair, got %d entries', owner, what, #v), 0) end
+    return check_int(v[1], what, owner, min), check_int(v[2], what, owner, min)
+  end
+  check_int(v, what, owner, min)
+  return v, v
+end
+nn.pair = pair
+
+-------------------------------------------------------------------------------- weights and RNG
+
+local function zeros(shape, dtype) return flower.zeros(shape, dtype or 'float32') end
+
+-- Keras's initializers. fan_in/fan_out as Keras computes them: receptive field times the last two dims.
+local function fans(shape)
+  if #shape == 1 then return shape[1], shape[1] end
+  if #shape == 2 then return shape[1], shape[2] end
+  local rf = 1
+  for i = 1, #shape - 2 do rf = rf * shape[i] end
+  return rf * shape[#shape - 1], rf * shape[#shape]
+end
+
+local initializers = {}
+function initializers.zeros(shape, dtype) return zeros(shape, dtype) end
+function initializers.ones(shape, dtype) return zeros(shape, dtype):fill(1) end
+function initializers.glorot_uniform(shape, dtype)
+  local fi, fo = fans(shape)
+  local lim = math.sqrt(6 / (fi + fo))
+  return flower.empty(shape, dtype):uniform_(-lim, lim)
+end
+function initializers.he_normal(shape, dtype)   -- truncated normal in Keras; a plain normal here
+  local fi = fans(shape)
+  return flower.empty(shape, dtype):normal_(0, math.sqrt(2 / fi))
+end
+function initializers.he_uniform(shape, dtype)
+  local fi = fans(shape)
+  local lim = math.sqrt(6 / fi)
+  return flower.empty(shape, dtype):uniform_(-lim, lim)
+end
+nn.initializers = initializers
+
+local function get_init(v, owner)
+  if v == nil then return nil end
+  if type(v) == 'function' then return v end
+  local f = initializers[v]
+  if not f then error(string.format("%s: unknown initializer '%s'", owner, tostring(v)), 0) end
+  return f
+end
+
+-- L2 regularizer as Keras's regularizers.l2(l): adds l * sum(w^2) to the loss
+function nn.l2(l)
+  assert(type(l) == 'number' and l >= 0, 'nn.l2: expected a non-negative number')
+  return {kind = 'l2', l2 = l}
+end
+
+-------------------------------------------------------------------------------- Layer
+
+local Layer = class('Layer')
+nn.Layer = Layer
+
+-- Common options of every layer: name, trainable, dtype, type_name (the type summary() prints)
+function Layer.init(self, opts, cls)
+  opts = opts or {}
+  if type(opts) ~= 'table' then error(cls.class_name .. ': expected a table of options', 3) end
+  self.name = opts.name or unique_name(snake(cls.class_name))
+  if type(self.name) ~= 'string' or self.name == '' then error(cls.class_name .. ': name must be a non-empty string', 3) end
+  self.trainable = opts.trainable ~= false
+  self.train = true              -- training mode (Torch7's field); model:evaluate() clears it
+  self.dtype = opts.dtype or 'float32'
+  self.type_name = opts.type_name
+  self._wnames = {}              -- weight names in Keras order
+  self._wtrain = {}              -- name -> trainable (BatchNorm's moving stats are not)
+  self.grads = {}                -- name -> gradient tensor, created on first backward
+  self._fresh = {}               -- name -> true after zero_grad: the next backward overwrites
+  self.built = false
+  self._nodes = {}
+  return self
+end
+
+-- Declares a weight; `value` is the initial tensor. Kept as self[name].
+function Layer:add_weight(name, value, trainable)
+  self._wnames[#self._wnames + 1] = name
+  self._wtrain[name] = trainable ~= false
+  self[name] = value
+  return value
+end
+
+function Layer:owner() return string.format("layer '%s' (%s)", self.name, self.class_name) end
+
+function Layer:weights()
+  local r = {}
+  for _, n in ipairs(self._wnames) do
+    r[#r + 1] = {name = n, path = self.name .. '/' .. n, tensor = self[n], layer = self,
+                 trainable = self.trainable and self._wtrain[n]}
+  end
+  return r
+end
+
+function Layer:get_weights()
+  local r = {}
+  for i, n in ipairs(self._wnames) do r[i] = self[n] end
+  return r
+end
+
+-- set_weights{t1, t2, ...}: Keras order, shapes must match; values are copied into the layer's tensors
+function Layer:set_weights(list)
+  if #list ~= #self._wnames then
+    error(string.format('%s: set_weights expects %d tensors (%s), got %d', self:owner(), #self._wnames,
+      table.concat(self._wnames, ', '), #list), 2)
+  end
+  for i, n in ipairs(self._wnames) do
+    local want, got = table.concat(self[n]:size(), 'x'), table.concat(list[i]:size(), 'x')
+    if want ~= got then
+      error(string.format('%s: weight %s has shape %s, got %s', self:owner(), n, want, got), 2)
+    end
+  end
+  for i, n in ipairs(self._wnames) do self[n]:copy(list[i]) end
+end
+
+function Layer:count_params()
+  local total, trainable = 0, 0
+  for _, n in ipairs(self._wnames) do
+    local k = self[n]:numel()
+    total = total + k
+    if self._wtrain[n] then trainable = trainable + k end
+  end
+  if not self.trainable then trainable = 0 end
+  return total, trainable
+end
+
+-- trainable parameters and their gradients (created zeroed if missing)
+function Layer:parameters(out_p, out_g)
+  local ps, gs = out_p or {}, out_g or {}
+  if self.trainable then
+    for _, n in ipairs(self._wnames) do
+      if self._wtrain[n] then
+        ps[#ps + 1] = self[n]
+        gs[#gs + 1] = self:grad(n)
+      end
+    end
+  end
+  return ps, gs
+end
+
+function Layer:has_trainable()
+  if not self.trainable then return false end
+  for _, n in ipairs(self._wnames) do if self._wtrain[n] then return true end end
+  return false
+end
+
+-- the gradient tensor of weight n (zeroed when first made)
+function Layer:grad(n)
+  local g = self.grads[n]
+  if not g then
+    g = zeros(self[n]:size(), self[n]:dtype())
+    self.grads[n] = g
+    self._fresh[n] = true
+  end
+  return g
+end
+
+-- beta for accumulating into grad n: 0 right after zero_grad (overwrite, saves a pass), else 1
+function Layer:grad_beta(n)
+  local g = self:grad(n)
+  local b = self._fresh[n] and 0 or 1
+  self._fresh[n] = nil
+  return g, b
+end
+
+function Layer:zero_grad()
+  for _, n in ipairs(self._wnames) do
+    if self.grads[n] then self._fresh[n] = true end
+  end
+end
+Layer.zeroGradParameters = Layer.zero_grad
+
+function Layer:training() self.train = true; return self end
+function Layer:evaluate() self.train = false; return self end
+
+-- converts weights (and gradients) to dtype ('float32' | 'float64')
+function Layer:type(dtype)
+  if dtype == nil then return self.dtype end
+  if dtype ~= 'float32' and dtype ~= 'float64' then error(self:owner() .. ": type must be 'float32' or 'float64'", 2) end
+  for _, n in ipairs(self._wnames) do
+    self[n] = self[n]:type(dtype)
+    if self.grads[n] then self.grads[n] = self.grads[n]:type(dtype) end
+  end
+  self.dtype = dtype
+  self:_on_type(dtype)
+  return self
+end
+function Layer:_on_type() end
+function Layer:float() return self:type('float32') end
+function Layer:double() return self:type('float64') end
+
+-- Subclasses implement:
+--   build(input_shape(s))            creates weights (shapes exclude the batch dim)
+--   output_shape(input_shape(s))     -> shape, raising a plain message if the input does not fit
+--   _forward(x, keep)                -> y; keep: save what _backward needs (training step)
+--   _backward(x, y, gy, need_gin, need_params) -> gx (a list for several inputs) or nil
+--   needs(need_gin, need_params)     -> needs_x, needs_y: which of x, y _backward reads
+-- Multi-input layers set self.multi = true and take/return lists.
+function Layer:build() end
+function Layer:output_shape(s) return copy_shape(s) end
+function Layer:needs() return false, false end
+
+local function wrap_err(layer, err)
+  err = tostring(err)
+  local prefix = layer:owner() .. ': '
+  if err:sub(1, #prefix) == prefix then return err end
+  return prefix .. err
+end
+nn._wrap_err = wrap_err
+
+-- Builds the layer from input shapes if needed and returns the output shape.
+function Layer:_infer(shapes)
+  local ok, res = pcall(function()
+    if not self.built then
+      self:build(shapes)
+      self.built = true
+      if self.dtype ~= 'float32' then self:type(self.dtype) end
+    end
+    return self:output_shape(shapes)
+  end)
+  if not ok then error(wrap_err(self, res), 0) end
+  return res
+end
+
+-- tensor input(s) -> shape(s) for lazy building
+local function shapes_of(x)
+  if is_tensor(x) then return tensor_shape(x) end
+  local r = {}
+  for i = 1, #x do r[i] = tensor_shape(x[i]) end
+  return r
+end
+
+-- Torch7-style standalone use: forward keeps what backward needs.
+function Layer:forward(x)
+  if not self.built then self:_infer(shapes_of(x)) end
+  local ok, y = pcall(self._forward, self, x, self.train or true)
+  if not ok then error(wrap_err(self, y), 0) end
+  self.output = y
+  return y
+end
+
+function Layer:backward(x, gy)
+  local ok, gx = pcall(self._backward, self, x, self.output, gy, true, self:has_trainable())
+  if not ok then error(wrap_err(self, gx), 0) end
+  self.gradInput = gx
+  return gx
+end
+Layer.updateOutput = Layer.forward
+
+-------------------------------------------------------------------------------- graph nodes
+
+local Node = {}
+Node.__index = Node
+Node.__name = 'flower.nn.Node'
+local node_counter = 0
+
+local function new_node(layer, inputs, shape, dtype)
+  node_counter = node_counter + 1
+  local n = setmetatable({layer = layer, inputs = inputs, shape = shape, id = node_counter, dtype = dtype}, Node)
+  layer._nodes[#layer._nodes + 1] = n
+  return n
+end
+
+function Node:__tostring()
+  return string.format("<node %s %s from '%s'>", shape_str(self.shape), self.dtype or '', self.layer.name)
+end
+function Node:size() return copy_shape(self.shape) end
+
+local function is_node(v) return getmetatable(v) == Node end
+nn.is_node = is_node
+
+-- Calling a layer on node(s): builds it and records a node.
+function Layer:call(x)
+  if is_tensor(x) or (type(x) == 'table' and is_tensor(x[1])) then
+    return self:forward(x)   -- calling on tensors runs it (like Keras eager calls)
+  end
+  local inputs, shapes
+  if is_node(x) then
+    if self.multi then error(self:owner() .. ': expects a list of inputs, got one', 2) end
+    inputs, shapes = {x}, x.shape
+  elseif type(x) == 'table' and #x > 0 then
+    if not self.multi then error(self:owner() .. ': expects one input, got a list of ' .. #x, 2) end
+    inputs, shapes = {}, {}
+    for i, v in ipairs(x) do
+      if not is_node(v) then error(string.format('%s: input %d is not a graph node (from nn.Input or a layer call)', self:owner(), i), 2) end
+      inputs[i], shapes[i] = v, v.shape
+    end
+  else
+    error(self:owner() .. ': expected a node (from nn.Input or another layer) or a list of nodes, got ' .. type(x), 2)
+  end
+  if #self._nodes > 0 then
+    error(self:owner() .. ' is already used in a graph; sharing a layer between two calls is not supported', 2)
+  end
+  local shape = self:_infer(shapes)
+  return new_node(self, inputs, shape, self.out_dtype or inputs[1].dtype)
+end
+
+-------------------------------------------------------------------------------- Input
+
+local InputLayer = class('InputLayer', Layer)
+nn.InputLayer = InputLayer
+
+function InputLayer.new(opts)
+  local self = setmetatable({}, InputLayer)
+  opts = opts or {}
+  local shape = opts.shape or opts
+  if type(shape) ~= 'table' then error('Input: expected a shape such as {224, 224, 3}', 3) end
+  local s = {}
+  for i = 1, #shape do
+    local v = shape[i]
+    if v == false or v == -1 then v = -1
+    elseif math.type(v) ~= 'integer' or v < 1 then
+      error(string.format('Input: shape entry %d must be a positive integer or -1 (unknown), got %s', i, tostring(v)), 3)
+    end
+    s[i] = v
+  end
+  if #s == 0 then error('Input: shape must have at least one dim (the batch dim is implicit)', 3) end
+  Layer.init(self, {name = opts.name or unique_name('input', true), dtype = 'float32'}, InputLayer)
+  self.input_dtype = opts.dtype or 'float32'
+  self.shape = s
+  self.built = true
+  return self
+end
+
+function InputLayer:_forward(x) return x end
+
+-- nn.Input{224,224,3} or nn.Input{shape={224,224,3}, name='img', dtype='uint8'} -> a node
+function nn.Input(opts)
+  local layer = InputLayer.new(opts)
+  return new_node(layer, {}, copy_shape(layer.shape), layer.input_dtype)
+end
+
+-------------------------------------------------------------------------------- load the layers
+
+nn.Node = Node
+nn._new_node = new_node
+nn._copy_shape = copy_shape
+nn._tensor_shape = tensor_shape
+nn._get_init = get_init
+nn._check_int = check_int
+require('flower.nn.layers')(nn)
+require('flower.nn.model')(nn)
+require('flower.nn.losses')(nn)
+require('flower.nn.checkpoint')(nn)
+
+return nn

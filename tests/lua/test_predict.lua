@@ -1,0 +1,64 @@
+-- flower.predict: predict.csv in the competition's format, checked against a sample submission.
+local T = require 'flower.test'
+local predict = require 'flower.predict'
+local files = require 'flower.files'
+
+local dir = os.tmpname()
+os.remove(dir)
+files.mkdir(dir)
+local function path(n) return files.join(dir, n) end
+
+-- A sample submission with its own header and an order different from ours.
+files.write_atomic(path('sample.csv'), 'Id,Predicted\n3,0\n1,0\n2,0\n10,0\n')
+files.write_atomic(path('test.json'), [[{"images": [
+  {"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"},
+  {"id": 3, "file_name": "c.jpg"}, {"id": 10, "file_name": "d.jpg"}]}]])
+
+T.test('ids from test.json in file order', function()
+  local ids = predict.test_ids(path('test.json'))
+  T.eq(table.concat(ids, ','), '1,2,3,10')
+  files.write_atomic(path('t2.json'), '{"images": [{"file_name": "x/abc.jpg"}]}')
+  T.eq(predict.test_ids(path('t2.json'))[1], 'abc')
+  files.write_atomic(path('t3.json'), '{"annotations": []}')
+  T.raises(function() predict.test_ids(path('t3.json')) end, "expected an object with an 'images' list")
+  files.write_atomic(path('t4.json'), '{"images": [{"height": 3}]}')
+  T.raises(function() predict.test_ids(path('t4.json')) end, "images[1] has neither 'id' nor 'file_name'")
+end)
+
+T.test('sample submission: header and row order copied', function()
+  local out = path('predict.csv')
+  predict.write_csv(out, { ids = { '1', '2', '3', '10' }, predicted = { 11, 22, 33, 100 }, sample = path('sample.csv') })
+  T.eq(files.read(out), 'Id,Predicted\n3,33\n1,11\n2,22\n10,100\n')
+  -- the written file agrees with the sample row by row
+  local got, want = files.csv_read(out), files.csv_read(path('sample.csv'))
+  T.eq(#got, #want)
+  for i = 1, #want do T.eq(got[i][1], want[i][1], 'row ' .. i) end
+end)
+
+T.test('default format id,predicted with a top-k column', function()
+  local out = path('p2.csv')
+  predict.write_csv(out, { ids = { 5, 6 }, predicted = { 1, 2 }, topk = { { 1, 4, 3 }, { 2, 1, 0 } } })
+  T.eq(files.read(out), 'id,predicted,top3\n5,1,1 4 3\n6,2,2 1 0\n')
+end)
+
+T.test('mismatched id sets are errors naming an example', function()
+  T.raises(function()
+    predict.rows { ids = { '1', '2', '3' }, predicted = { 1, 2, 3 }, sample = path('sample.csv') }
+  end, "lists 1 id(s) without a prediction (first: '10')")
+  T.raises(function()
+    predict.rows { ids = { '1', '2', '3', '10', '11' }, predicted = { 1, 2, 3, 4, 5 }, sample = path('sample.csv') }
+  end, "1 predicted id(s) are not in")
+  T.raises(function() predict.rows { ids = { '1', '1' }, predicted = { 1, 2 } } end, "id '1' appears twice")
+  T.raises(function() predict.rows { ids = { '1' }, predicted = { 1, 2 } } end, '1 ids but 2 predictions')
+  files.write_atomic(path('bad.csv'), 'only\n1\n')
+  T.raises(function() predict.rows { ids = { '1' }, predicted = { 1 }, sample = path('bad.csv') } end,
+    'expected a header with at least two columns')
+end)
+
+T.test('top-k indices, ties in index order', function()
+  local t = predict.topk_rows({ { 0.1, 0.7, 0.2 }, { 0.5, 0.5, 0.0 } }, 2)
+  T.eq(table.concat(t[1], ','), '2,3'); T.eq(table.concat(t[2], ','), '1,2')
+end)
+
+os.execute('rm -rf ' .. files.shell_quote(dir))
+T.done()
