@@ -13,7 +13,8 @@ PKG_LIBS   := $(shell pkg-config --libs hdf5 2>/dev/null)
 
 CFLAGS  ?= -O2
 CFLAGS  += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -fPIC -fopenmp -g \
-           -Icore -Ibindings $(PKG_CFLAGS) -DFLOWER_VERSION='"$(VERSION)"'
+           -Icore -Ibindings $(PKG_CFLAGS) -DFLOWER_VERSION='"$(VERSION)"' \
+           -DFLOWER_SCRIPTS_DEFAULT='"$(PREFIX)/share/flowerlua/scripts"'
 LDLIBS  := $(PKG_LIBS) -lopenblas -ljpeg -lpthread -lm -fopenmp
 HOST_LIBS := -llua5.4 -lreadline
 
@@ -32,7 +33,7 @@ ifeq ($(CUDA),1)
   CUDA_SRC  := $(wildcard core/cuda/*.cu)
   CUDA_OBJ  := $(CUDA_SRC:%.cu=$(BUILD)/%.o)
   CFLAGS    += -DFLOWER_CUDA
-  LDLIBS    += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudnn -lcublas -lcurand -lcudart
+  LDLIBS    += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudnn -lcublas -lcudart -lstdc++
   NVFLAGS   ?= -O2 -std=c++17 -Xcompiler -fPIC -Icore -arch=sm_90 \
                --expt-relaxed-constexpr -Werror all-warnings
 endif
@@ -53,7 +54,7 @@ endif
 
 all: $(FLOWERLUA) $(BUILD)/libflower.a $(BUILD)/libflower.so $(BUILD)/lua/flower/core.so $(TEST_BIN)
 
-$(BUILD)/%.o: %.c $(wildcard core/*.h core/*/*.h bindings/*.h)
+$(BUILD)/%.o: %.c $(wildcard core/*.h core/*/*.h bindings/*.h bindings/host/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c $< -o $@
 
@@ -105,12 +106,14 @@ bench: all
 
 install: all
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include \
-	  $(DESTDIR)$(PREFIX)/share/flowerlua $(DESTDIR)$(PREFIX)/lib/lua/5.4/flower
-	install -m 755 flowerlua $(DESTDIR)$(PREFIX)/bin/flowerlua
+	  $(DESTDIR)$(PREFIX)/share/flowerlua $(DESTDIR)$(PREFIX)/lib/lua/5.4/flower \
+	  $(DESTDIR)$(PREFIX)/share/lua/5.4
+	install -m 755 $(FLOWERLUA) $(DESTDIR)$(PREFIX)/bin/flowerlua
 	install -m 644 $(BUILD)/libflower.a $(BUILD)/libflower.so $(DESTDIR)$(PREFIX)/lib/
 	install -m 644 bindings/flowerlua.h $(DESTDIR)$(PREFIX)/include/
 	install -m 644 $(BUILD)/lua/flower/core.so $(DESTDIR)$(PREFIX)/lib/lua/5.4/flower/
 	cp -r scripts $(DESTDIR)$(PREFIX)/share/flowerlua/
+	cp -r scripts/flower $(DESTDIR)$(PREFIX)/share/lua/5.4/
 
 clean:
 	rm -rf build build-san flowerlua

@@ -70,6 +70,12 @@ static void find_scriptdir(void) {
   Dl_info info;                         /* libflower.so (or the executable it is linked into) */
   if (dladdr((void *)flowerlua_open, &info) && dir_of(info.dli_fname, dir) && try_dirs(dir, lib_rel))
     return;
+#ifdef FLOWER_SCRIPTS_DEFAULT
+  /* last resort, for programs linking libflower.a from elsewhere: a directory fixed at build time
+   * (e.g. $(PREFIX)/share/flowerlua/scripts) */
+  static const char *const as_is[] = {"", NULL};
+  try_dirs(FLOWER_SCRIPTS_DEFAULT, as_is);
+#endif
 }
 
 const char *flowerlua_scriptdir(void) {

@@ -14,8 +14,10 @@
  * Where the Lua library (scripts/flower/NAME.lua) is found: $FLOWERLUA_PATH (one directory or a
  * ':'-separated list) if set; else next to the running executable (<exe>/scripts, <exe>/../scripts,
  * <exe>/../share/flowerlua/scripts); else next to the libflower that holds this code
- * (<lib>/../scripts, <lib>/../share/flowerlua/scripts). The first directory holding
- * flower/init.lua is prepended to package.path as DIR/?.lua;DIR/?/init.lua.
+ * (<lib>/../scripts, <lib>/../share/flowerlua/scripts); else the directory the build fixed
+ * with -DFLOWER_SCRIPTS_DEFAULT, if any. The first directory holding flower/init.lua is
+ * prepended to package.path as DIR/?.lua;DIR/?/init.lua. A program linked with libflower.a
+ * and installed elsewhere sets FLOWERLUA_PATH.
  *
  * Return codes are Lua's: 0 (LUA_OK) on success, else LUA_ERRRUN, LUA_ERRSYNTAX, LUA_ERRMEM,
  * LUA_ERRERR or LUA_ERRFILE. */

@@ -220,6 +220,12 @@ static int l_remove(lua_State *L) {
   return 0;
 }
 
+static int l_create_group(lua_State *L) {
+  lh5 *u = checkfile(L, "create_group");
+  if (fl_h5_create_group(u->f, luaL_checkstring(L, 2)) < 0) return raise(L);
+  return 0;
+}
+
 static int l_shape(lua_State *L) {
   lh5 *u = checkfile(L, "shape");
   int ndim, is_string;
@@ -368,7 +374,7 @@ static int l_getpid(lua_State *L) {
 static const luaL_Reg file_methods[] = {
   {"read", l_read}, {"read_slice", l_read_slice}, {"write", l_write},
   {"append_rows", l_append_rows}, {"exists", l_exists}, {"kind", l_kind}, {"list", l_list},
-  {"remove", l_remove}, {"shape", l_shape}, {"dtype", l_dtype}, {"attr", l_attr},
+  {"remove", l_remove}, {"create_group", l_create_group}, {"shape", l_shape}, {"dtype", l_dtype}, {"attr", l_attr},
   {"set_attr", l_set_attr}, {"attrs", l_attrs}, {"flush", l_flush}, {"close", l_close},
   {"filename", l_filename}, {"isopen", l_isopen}, {"mode", l_mode}, {NULL, NULL},
 };

@@ -11,18 +11,25 @@
  *   _nn.depthwise(...), _nn.depthwise_backward_data(...), _nn.depthwise_backward_filter(...)  (same)
  *   _nn.pool2d(x, 'max'|'avg', win)                     -> y
  *   _nn.pool2d_backward(gy, x_or_shape, 'max'|'avg', win) -> gx   (max needs x itself)
- *   _nn.batchnorm_train(x, gamma, beta, moving_mean, moving_var, momentum, eps) -> y, mean, invstd
- *   _nn.batchnorm_backward(x, gy, mean, invstd, gamma, training, ggamma, gbeta, beta_acc, want_gx) -> gx|nil
+ *   _nn.batchnorm_train(x, gamma, beta, moving_mean, moving_var, momentum, eps [, unbiased=true, relu])
+ *                                                       -> y, mean, invstd
+ *   _nn.batchnorm_backward(x, gy, mean, invstd, gamma, training, ggamma, gbeta, beta_acc, want_gx [, relu_y])
+ *                                                       -> gx|nil   (relu_y: output of a fused ReLU)
+ *   _nn.add_act(a, b, scale, relu [, out])              -> out = relu?(a + scale*b); out may be a or b
  *   _nn.channel_affine(x, scale, shift, relu [, out])   -> y   (out may be x: in place)
  *   _nn.act_backward('relu'|'sigmoid'|'tanh'|'softmax', gy, y) -> gx
  *   _nn.softmax_xent(logits, target, smoothing, grad_scale, want_grad) -> loss (N), grad|nil
  *   _nn.gemm(out, a, b, trans_a, trans_b, alpha, beta)   -> out  (out = alpha*op(a)op(b) + beta*out)
  *   _nn.rng_uniform(t, seed, offset)                    -> t    (Philox stream, see core/rng.h)
+ *   _nn.axpby(y, a, x, b) -> y (y = a*x + b*y);  _nn.sumsq(x) -> number
+ *   _nn.sgd_step(w, g, m|nil, lr, momentum, nesterov);  _nn.adam_step(w, g, m, v, alpha, beta1, beta2, eps)
+ *   _nn.now() -> seconds (monotonic wall clock)
  * Optional tensor arguments take nil. */
 #include "l_tensor.h"
 #include "nn.h"
 
 #include <string.h>
+#include <time.h>
 
 static const fl_tensor *opt_tensor(lua_State *L, int idx) {
   return lua_isnoneornil(L, idx) ? NULL : fl_lua_checktensor(L, idx);
@@ -201,8 +208,10 @@ static int l_batchnorm_train(lua_State *L) {
   const fl_tensor *gamma = opt_tensor(L, 2), *beta = opt_tensor(L, 3);
   fl_tensor *rm = (fl_tensor *)opt_tensor(L, 4), *rv = (fl_tensor *)opt_tensor(L, 5);
   double momentum = luaL_checknumber(L, 6), eps = luaL_checknumber(L, 7);
+  int unbiased = lua_isnoneornil(L, 8) ? 1 : lua_toboolean(L, 8);
+  int relu = lua_toboolean(L, 9);
   fl_tensor *y = fl_lua_newtensor(L), *mean = fl_lua_newtensor(L), *invstd = fl_lua_newtensor(L);
-  FL_TRY(L, fl_batchnorm_forward_train(y, mean, invstd, x, gamma, beta, rm, rv, momentum, eps));
+  FL_TRY(L, fl_batchnorm_forward_train(y, mean, invstd, x, gamma, beta, rm, rv, momentum, eps, unbiased, relu));
   return 3;
 }
 
@@ -215,10 +224,11 @@ static int l_batchnorm_backward(lua_State *L) {
   fl_tensor *gg = (fl_tensor *)opt_tensor(L, 7), *gb = (fl_tensor *)opt_tensor(L, 8);
   double beta_acc = luaL_optnumber(L, 9, 0);
   int want_gx = lua_toboolean(L, 10);
+  const fl_tensor *relu_y = opt_tensor(L, 11);
   fl_tensor *gx = NULL;
   if (want_gx) gx = fl_lua_newtensor(L);
   else lua_pushnil(L);
-  FL_TRY(L, fl_batchnorm_backward(gx, gg, gb, x, gy, mean, invstd, gamma, training, beta_acc));
+  FL_TRY(L, fl_batchnorm_backward(gx, gg, gb, x, gy, mean, invstd, gamma, training, beta_acc, relu_y));
   return 1;
 }
 
@@ -235,6 +245,22 @@ static int l_channel_affine(lua_State *L) {
   }
   fl_tensor *y = fl_lua_newtensor(L);
   FL_TRY(L, fl_channel_affine(y, x, scale, shift, relu));
+  return 1;
+}
+
+/* add_act(a, b, scale, relu [, out]) -> out = a + scale*b (ReLU'd); out may be a or b */
+static int l_add_act(lua_State *L) {
+  fl_tensor *a = fl_lua_checktensor(L, 1), *b = fl_lua_checktensor(L, 2);
+  double scale = luaL_optnumber(L, 3, 1);
+  int relu = lua_toboolean(L, 4);
+  if (!lua_isnoneornil(L, 5)) {
+    fl_tensor *out = fl_lua_checktensor(L, 5);
+    if (fl_add_act_into(out, a, b, scale, relu)) return fl_lua_error(L);
+    lua_pushvalue(L, 5);
+    return 1;
+  }
+  fl_tensor *y = fl_lua_newtensor(L);
+  FL_TRY(L, fl_add_act(y, a, b, scale, relu));
   return 1;
 }
 
@@ -284,7 +310,58 @@ static int l_rng_uniform(lua_State *L) {
   return 1;
 }
 
+/* axpby(y, a, x, b): y = a*x + b*y in place -> y */
+static int l_axpby(lua_State *L) {
+  fl_tensor *y = fl_lua_checktensor(L, 1);
+  double a = luaL_checknumber(L, 2);
+  fl_tensor *x = fl_lua_checktensor(L, 3);
+  double b = luaL_checknumber(L, 4);
+  if (fl_axpby(y, a, x, b)) return fl_lua_error(L);
+  lua_settop(L, 1);
+  return 1;
+}
+
+/* sumsq(x) -> sum of squares (a number) */
+static int l_sumsq(lua_State *L) {
+  double s;
+  if (fl_sumsq(fl_lua_checktensor(L, 1), &s)) return fl_lua_error(L);
+  lua_pushnumber(L, s);
+  return 1;
+}
+
+/* sgd_step(w, g, m|nil, lr, momentum, nesterov) */
+static int l_sgd_step(lua_State *L) {
+  fl_tensor *w = fl_lua_checktensor(L, 1), *g = fl_lua_checktensor(L, 2);
+  fl_tensor *m = (fl_tensor *)opt_tensor(L, 3);
+  if (fl_sgd_step(w, g, m, luaL_checknumber(L, 4), luaL_optnumber(L, 5, 0), lua_toboolean(L, 6)))
+    return fl_lua_error(L);
+  return 0;
+}
+
+/* adam_step(w, g, m, v, alpha, beta1, beta2, eps) */
+static int l_adam_step(lua_State *L) {
+  fl_tensor *w = fl_lua_checktensor(L, 1), *g = fl_lua_checktensor(L, 2);
+  fl_tensor *m = fl_lua_checktensor(L, 3), *v = fl_lua_checktensor(L, 4);
+  if (fl_adam_step(w, g, m, v, luaL_checknumber(L, 5), luaL_checknumber(L, 6), luaL_checknumber(L, 7),
+                   luaL_checknumber(L, 8)))
+    return fl_lua_error(L);
+  return 0;
+}
+
+/* now() -> seconds of a monotonic wall clock (the executor's per-layer profile, benchmarks) */
+static int l_now(lua_State *L) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  lua_pushnumber(L, (lua_Number)ts.tv_sec + (lua_Number)ts.tv_nsec * 1e-9);
+  return 1;
+}
+
 static const luaL_Reg nn_funcs[] = {
+  {"now", l_now},
+  {"axpby", l_axpby},
+  {"sumsq", l_sumsq},
+  {"sgd_step", l_sgd_step},
+  {"adam_step", l_adam_step},
   {"window", l_window},
   {"conv2d", l_conv2d},
   {"conv2d_backward_data", l_conv2d_backward_data},
@@ -298,6 +375,7 @@ static const luaL_Reg nn_funcs[] = {
   {"batchnorm_backward", l_batchnorm_backward},
   {"channel_affine", l_channel_affine},
   {"act_backward", l_act_backward},
+  {"add_act", l_add_act},
   {"softmax_xent", l_softmax_xent},
   {"gemm", l_gemm},
   {"rng_uniform", l_rng_uniform},

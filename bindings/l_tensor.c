@@ -17,7 +17,10 @@
  * - Views (view, transpose, narrow, select, expand, t[i], slicing) share storage with their base;
  *   the storage is reference-counted in C, so a view keeps it alive after the base is collected.
  * - Random numbers: one global Philox4x32-10 generator (core/rng.h documents the streams);
- *   flower.manual_seed(s) restarts it, get_rng_state()/set_rng_state() save and restore it. */
+ *   flower.manual_seed(s) restarts it, get_rng_state()/set_rng_state() save and restore it.
+ * - Memory: storage is freed when the last tensor using it is collected, or at once with t:free()
+ *   or `local t <close>`; a freed tensor raises "the tensor has been freed" when used. Because Lua
+ *   cannot see storage bytes, fl_lua_newtensor runs a full collection when they have doubled. */
 #include "l_tensor.h"
 #include "rng.h"
 
@@ -26,7 +29,25 @@
 
 /* ---------------------------------------------------------------- userdata basics */
 
+/* Lua's collector sees a tensor as a 100-byte userdata, not the megabytes of its storage, so a
+ * loop making temporaries would pile them up for a long time. Like Lua's own pacing (a collection
+ * when the heap doubles), run a full collection when storage bytes have doubled since the last
+ * one we ran and exceed GC_FLOOR. Storage of other states/threads counts too: that only makes
+ * collections a little early. */
+#define GC_FLOOR ((size_t)256 << 20)
+static size_t gc_base;
+
+static void gc_pace(lua_State *L) {
+  size_t live = fl_storage_live_bytes();
+  size_t base = __atomic_load_n(&gc_base, __ATOMIC_RELAXED);
+  if (live > GC_FLOOR && live > 2 * base) {
+    lua_gc(L, LUA_GCCOLLECT);
+    __atomic_store_n(&gc_base, fl_storage_live_bytes(), __ATOMIC_RELAXED);
+  }
+}
+
 fl_tensor *fl_lua_newtensor(lua_State *L) {
+  gc_pace(L);
   fl_tensor *t = lua_newuserdatauv(L, sizeof *t, 0);
   memset(t, 0, sizeof *t);
   luaL_setmetatable(L, FL_TENSOR_MT);
@@ -207,7 +228,7 @@ static void nest_infer(lua_State *L, int idx, nest_shape *ns) {
 static void nest_fill(lua_State *L, const nest_shape *ns, int depth, fl_tensor *t, int64_t *index) {
   /* the table being read is at the top of the stack */
   int64_t len = (int64_t)lua_rawlen(L, -1);
-  if (len != ns->shape[depth] || (lua_type(L, -1) == LUA_TTABLE && depth == ns->ndim))
+  if (len != ns->shape[depth])
     luaL_error(L, "tensor: nested table is ragged at depth %d (expected %I elements, got %I)", depth + 1,
                (lua_Integer)ns->shape[depth], (lua_Integer)len);
   for (int64_t i = 0; i < len; i++) {
@@ -418,9 +439,12 @@ static int t_tostring_raw(lua_State *L) {
 
 /* ---------------------------------------------------------------- dtypes */
 
-static const char *const torch_names[FL_NDTYPES] = {
-  "torch.FloatTensor", "torch.DoubleTensor", "torch.IntTensor", "torch.LongTensor", "torch.ByteTensor",
-};
+const char *fl_lua_torch_name(fl_dtype dt) {
+  static const char *const names[FL_NDTYPES] = {
+    "torch.FloatTensor", "torch.DoubleTensor", "torch.IntTensor", "torch.LongTensor", "torch.ByteTensor",
+  };
+  return (unsigned)dt < FL_NDTYPES ? names[dt] : "torch.Tensor";
+}
 
 static int t_dtype(lua_State *L) {
   lua_pushstring(L, fl_dtype_name(fl_lua_checktensor(L, 1)->dtype));
@@ -438,7 +462,7 @@ static int to_dtype(lua_State *L, fl_dtype dt) {
 /* t:type() -> 'torch.FloatTensor'; t:type(dtype) -> converted tensor (t itself if same) */
 static int t_type(lua_State *L) {
   fl_tensor *t = fl_lua_checktensor(L, 1);
-  if (lua_isnoneornil(L, 2)) { lua_pushstring(L, torch_names[t->dtype]); return 1; }
+  if (lua_isnoneornil(L, 2)) { lua_pushstring(L, fl_lua_torch_name(t->dtype)); return 1; }
   return to_dtype(L, fl_lua_optdtype(L, 2, FL_F32, "type"));
 }
 static int t_float(lua_State *L) { return to_dtype(L, FL_F32); }

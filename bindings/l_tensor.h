@@ -34,6 +34,7 @@ const fl_tensor *fl_lua_tensorarg(lua_State *L, int arg, const fl_tensor *like, 
 /* Pushes t's value at the flat-free index as a Lua number (integers as integers). */
 void fl_lua_pushelem(lua_State *L, const fl_tensor *t, const int64_t *index);
 
+const char *fl_lua_torch_name(fl_dtype dt);           /* "torch.FloatTensor", ... (Torch7's type names) */
 void fl_lua_open_tensor_math(lua_State *L, int mt);   /* registers math methods into the metatable at mt */
 int fl_lua_tensor_tostring(lua_State *L);
 

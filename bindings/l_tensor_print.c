@@ -15,10 +15,6 @@
 #define SUMMARY_NUMEL 1000
 #define EDGE 3
 
-static const char *const torch_names[FL_NDTYPES] = {
-  "torch.FloatTensor", "torch.DoubleTensor", "torch.IntTensor", "torch.LongTensor", "torch.ByteTensor",
-};
-
 typedef struct {
   const fl_tensor *t;
   int summarise;
@@ -214,7 +210,7 @@ int fl_lua_tensor_tostring(lua_State *L) {
     for (int i = 0; i < t->ndim; i++)
       k += (size_t)snprintf(sh + k, sizeof sh - k, i ? "x%lld" : "%lld", (long long)t->shape[i]);
   }
-  snprintf(tail, sizeof tail, "[%s of size %s, device %s]", torch_names[t->dtype], sh, t->storage->backend->name);
+  snprintf(tail, sizeof tail, "[%s of size %s, device %s]", fl_lua_torch_name(t->dtype), sh, t->storage->backend->name);
   luaL_addstring(&b, tail);
   luaL_pushresult(&b);
   return 1;

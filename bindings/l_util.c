@@ -16,7 +16,6 @@
 #include <time.h>
 #include <unistd.h>
 
-void fl_lua_open_util(lua_State *L);
 
 /* Seconds from a monotonic clock (for durations, ETAs and images/s), as a float. */
 static int l_now(lua_State *L) {

@@ -8,11 +8,15 @@
 
 #define FL_TENSOR_MT "flower.Tensor"
 
-/* Tensor userdata: a struct fl_tensor by value; storage NULL once freed. */
-fl_tensor *fl_lua_checktensor(lua_State *L, int idx);
-fl_tensor *fl_lua_totensor(lua_State *L, int idx);      /* NULL if not a tensor */
+/* Tensor userdata: a struct fl_tensor by value; storage NULL once freed (t:free(), __close).
+ * Lua-side conventions (1-based dims and indices, negatives from the end, ...) are listed at the
+ * top of bindings/l_tensor.c; l_tensor.h has helpers (FL_TRY, fl_lua_checkdim, fl_lua_checksize). */
+fl_tensor *fl_lua_checktensor(lua_State *L, int idx);   /* raises if not a tensor or freed */
+fl_tensor *fl_lua_totensor(lua_State *L, int idx);      /* NULL if not a (live) tensor */
 /* Pushes a new empty tensor userdata (storage NULL) with its metatable; fill it with fl_tensor_init
- * or an op writing into it. On failure of that op, call fl_lua_error: __gc handles the empty one. */
+ * or an op writing into it. On failure of that op, call fl_lua_error: __gc handles the empty one.
+ * It may run a full garbage collection first (when tensor storage has doubled since the last
+ * one), so keep the tensors you are using on the Lua stack, not only in C variables. */
 fl_tensor *fl_lua_newtensor(lua_State *L);
 /* Raises fl_errmsg() as a Lua error, prefixed by nothing (messages already name the op). */
 int fl_lua_error(lua_State *L);
@@ -23,5 +27,6 @@ void fl_lua_open_nn(lua_State *L);
 void fl_lua_open_data(lua_State *L);
 void fl_lua_open_h5(lua_State *L);
 void fl_lua_open_cuda(lua_State *L);
+void fl_lua_open_util(lua_State *L);
 
 #endif

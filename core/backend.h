@@ -66,5 +66,7 @@ struct fl_backend {
 };
 
 extern const fl_backend fl_cpu_backend;
+/* The CPU backend keeps a few freed large blocks for reuse (core/cpu/cpu.c); this returns them. */
+void fl_cpu_release_cache(void);
 
 #endif

@@ -291,6 +291,23 @@ int fl_h5_remove(fl_h5 *f, const char *path) {
   return 0;
 }
 
+int fl_h5_create_group(fl_h5 *f, const char *path) {
+  path = norm(path);
+  if (!f->writable) return efail(f, "create_group", path, "file is open read-only");
+  if (is_root(path)) return 0;
+  if (make_parents(f, "create_group", path) < 0) return -1;
+  int k = fl_h5_kind(f, path);
+  if (k < 0) return -1;
+  if (k == FL_H5_GROUP) return 0;
+  if (k != FL_H5_NONE) return efail(f, "create_group", path, "expected a group, found %s", kind_name(k));
+  hid_t gcpl = make_gcpl(H5P_GROUP_CREATE);
+  hid_t g = H5Gcreate2(f->fid, path, H5P_DEFAULT, gcpl, H5P_DEFAULT);
+  close_id(gcpl);
+  if (g < 0) return hfail(f, "create_group", path, "cannot create the group");
+  H5Gclose(g);
+  return 0;
+}
+
 void fl_h5_free_strings(char **s, int64_t n) {
   if (!s) return;
   for (int64_t i = 0; i < n; i++) free(s[i]);

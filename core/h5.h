@@ -33,6 +33,8 @@ int fl_h5_kind(fl_h5 *f, const char *path);
 int fl_h5_list(fl_h5 *f, const char *group, char ***names, int64_t *n);
 void fl_h5_free_strings(char **s, int64_t n);
 int fl_h5_remove(fl_h5 *f, const char *path);   /* unlinks a dataset or group */
+/* Creates a group (and the groups on the way); an existing group is left as it is. */
+int fl_h5_create_group(fl_h5 *f, const char *path);
 
 /* ---- datasets ---- */
 /* Shape and element type of a dataset (`op` names the caller in messages); *dt is the dtype fl_h5_read gives. String datasets give

@@ -336,7 +336,7 @@ static int check_channels_last(const char *op, const fl_tensor *x) {
 
 int fl_batchnorm_forward_train(fl_tensor *y, fl_tensor *mean, fl_tensor *invstd, const fl_tensor *x,
                                const fl_tensor *gamma, const fl_tensor *beta, fl_tensor *running_mean,
-                               fl_tensor *running_var, double momentum, double eps) {
+                               fl_tensor *running_var, double momentum, double eps, int unbiased, int relu) {
   const char *op = "batchnorm_forward";
   const struct fl_nn_ops *ops = nn_ops(op, x);
   if (!ops || check_channels_last(op, x)) return -1;
@@ -358,7 +358,8 @@ int fl_batchnorm_forward_train(fl_tensor *y, fl_tensor *mean, fl_tensor *invstd,
   if (new_like(y, x, x->ndim, x->shape)) goto done;
   if (new_like(mean, x, 1, &c)) { fl_tensor_free(y); goto done; }
   if (new_like(invstd, x, 1, &c)) { fl_tensor_free(y); fl_tensor_free(mean); goto done; }
-  rc = ops->batchnorm_forward_train(y, mean, invstd, cx, cg, cb, running_mean, running_var, momentum, eps);
+  rc = ops->batchnorm_forward_train(y, mean, invstd, cx, cg, cb, running_mean, running_var, momentum, eps,
+                                    unbiased, relu);
   if (rc) { fl_tensor_free(y); fl_tensor_free(mean); fl_tensor_free(invstd); }
 done:
   cont_free(&cs);
@@ -367,7 +368,7 @@ done:
 
 int fl_batchnorm_backward(fl_tensor *gx, fl_tensor *ggamma, fl_tensor *gbeta, const fl_tensor *x,
                           const fl_tensor *gy, const fl_tensor *mean, const fl_tensor *invstd,
-                          const fl_tensor *gamma, int training, double beta_acc) {
+                          const fl_tensor *gamma, int training, double beta_acc, const fl_tensor *relu_y) {
   const char *op = "batchnorm_backward";
   const struct fl_nn_ops *ops = nn_ops(op, x);
   if (!ops || check_channels_last(op, x) || check_arg(op, "gradOutput", gy, -1, x)) return -1;
@@ -378,16 +379,20 @@ int fl_batchnorm_backward(fl_tensor *gx, fl_tensor *ggamma, fl_tensor *gbeta, co
       check_vec(op, "gradBeta", gbeta, c, x))
     return -1;
   if (!mean || !invstd) return fl_fail("%s: mean and invstd are required", op);
+  if (relu_y) {
+    if (check_arg(op, "relu output", relu_y, -1, x)) return -1;
+    if (!fl_tensor_same_shape(relu_y, x)) return check_shape(op, "relu output", relu_y, x->ndim, x->shape);
+  }
   if ((ggamma && !fl_tensor_is_contiguous(ggamma)) || (gbeta && !fl_tensor_is_contiguous(gbeta)))
     return fl_fail("%s: gradGamma/gradBeta must be contiguous", op);
   cont_set cs = {0};
-  const fl_tensor *cx, *cgy, *cm, *ci, *cg;
+  const fl_tensor *cx, *cgy, *cm, *ci, *cg, *cr;
   int rc = -1;
   if (cont_add(&cs, x, &cx) || cont_add(&cs, gy, &cgy) || cont_add(&cs, mean, &cm) ||
-      cont_add(&cs, invstd, &ci) || cont_add(&cs, gamma, &cg))
+      cont_add(&cs, invstd, &ci) || cont_add(&cs, gamma, &cg) || cont_add(&cs, relu_y, &cr))
     goto done;
   if (gx && new_like(gx, x, x->ndim, x->shape)) goto done;
-  rc = ops->batchnorm_backward(gx, ggamma, gbeta, cx, cgy, cm, ci, cg, training, beta_acc);
+  rc = ops->batchnorm_backward(gx, ggamma, gbeta, cx, cgy, cm, ci, cg, training, beta_acc, cr);
   if (rc && gx) fl_tensor_free(gx);
 done:
   cont_free(&cs);
@@ -395,6 +400,31 @@ done:
 }
 
 /* ---- elementwise helpers ---- */
+
+int fl_add_act_into(fl_tensor *y, const fl_tensor *a, const fl_tensor *b, double scale, int relu) {
+  const char *op = "add_act";
+  const struct fl_nn_ops *ops = nn_ops(op, a);
+  if (!ops || check_arg(op, "a", a, -1, NULL) || check_arg(op, "b", b, -1, a)) return -1;
+  if (!fl_tensor_same_shape(a, b)) return check_shape(op, "b", b, a->ndim, a->shape);
+  if (check_out(op, "output", y, a->ndim, a->shape, a)) return -1;
+  if ((y != a && fl_tensor_partial_overlap(y, a)) || (y != b && fl_tensor_partial_overlap(y, b)))
+    return fl_fail("%s: output partially overlaps an input", op);
+  cont_set cs = {0};
+  const fl_tensor *ca, *cb;
+  int rc = -1;
+  if (cont_add(&cs, a, &ca) || cont_add(&cs, b, &cb)) goto done;
+  rc = ops->add_act(y, ca, cb, scale, relu);
+done:
+  cont_free(&cs);
+  return rc ? fl_fail_prefix(op) : 0;
+}
+
+int fl_add_act(fl_tensor *y, const fl_tensor *a, const fl_tensor *b, double scale, int relu) {
+  if (check_arg("add_act", "a", a, -1, NULL)) return -1;
+  if (new_like(y, a, a->ndim, a->shape)) return -1;
+  if (fl_add_act_into(y, a, b, scale, relu)) { fl_tensor_free(y); return -1; }
+  return 0;
+}
 
 int fl_channel_affine_into(fl_tensor *y, const fl_tensor *x, const fl_tensor *scale, const fl_tensor *shift,
                            int relu) {
@@ -476,4 +506,48 @@ int fl_softmax_xent(fl_tensor *loss, fl_tensor *grad, const fl_tensor *logits, c
 done:
   cont_free(&cs);
   return rc ? fl_fail_prefix(op) : 0;
+}
+
+/* ---- optimizer kernels ---- */
+
+/* t is a live, contiguous float tensor with ref's shape and dtype (ref NULL: any) */
+static int check_same(const char *op, const char *name, const fl_tensor *t, const fl_tensor *ref) {
+  if (check_arg(op, name, t, -1, ref)) return -1;
+  if (!fl_tensor_is_contiguous(t)) return fl_fail("%s: %s must be contiguous", op, name);
+  if (ref && !fl_tensor_same_shape(t, ref)) return check_shape(op, name, t, ref->ndim, ref->shape);
+  return 0;
+}
+
+int fl_axpby(fl_tensor *y, double a, const fl_tensor *x, double b) {
+  const char *op = "axpby";
+  const struct fl_nn_ops *ops = nn_ops(op, y);
+  if (!ops || check_same(op, "y", y, NULL) || check_same(op, "x", x, y)) return -1;
+  if (x != y && fl_tensor_partial_overlap(y, x)) return fl_fail("%s: x partially overlaps y", op);
+  return ops->axpby(y, a, x, b) ? fl_fail_prefix(op) : 0;
+}
+
+int fl_sumsq(const fl_tensor *x, double *out) {
+  const char *op = "sumsq";
+  const struct fl_nn_ops *ops = nn_ops(op, x);
+  if (!ops || check_same(op, "x", x, NULL)) return -1;
+  return ops->sumsq(x, out) ? fl_fail_prefix(op) : 0;
+}
+
+int fl_sgd_step(fl_tensor *w, const fl_tensor *g, fl_tensor *m, double lr, double momentum, int nesterov) {
+  const char *op = "sgd_step";
+  const struct fl_nn_ops *ops = nn_ops(op, w);
+  if (!ops || check_same(op, "weight", w, NULL) || check_same(op, "gradient", g, w)) return -1;
+  if (m && check_same(op, "momentum", m, w)) return -1;
+  if (!m && momentum != 0) return fl_fail("%s: momentum %g needs a momentum buffer", op, momentum);
+  return ops->sgd_step(w, g, m, lr, momentum, nesterov) ? fl_fail_prefix(op) : 0;
+}
+
+int fl_adam_step(fl_tensor *w, const fl_tensor *g, fl_tensor *m, fl_tensor *v, double alpha, double beta1,
+                 double beta2, double eps) {
+  const char *op = "adam_step";
+  const struct fl_nn_ops *ops = nn_ops(op, w);
+  if (!ops || check_same(op, "weight", w, NULL) || check_same(op, "gradient", g, w) ||
+      check_same(op, "m", m, w) || check_same(op, "v", v, w))
+    return -1;
+  return ops->adam_step(w, g, m, v, alpha, beta1, beta2, eps) ? fl_fail_prefix(op) : 0;
 }

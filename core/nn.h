@@ -63,17 +63,19 @@ struct fl_nn_ops {
   /* Batch normalisation over all dims but the last (C). Training: mean/var of the batch (biased var),
    * y = (x-mean)*invstd*gamma + beta with invstd = 1/sqrt(var+eps); saves mean (C), invstd (C); when
    * running_mean/running_var are given, updates them as Keras does:
-   * r = momentum*r + (1-momentum)*batch, the variance unbiased (times n/(n-1)) like TF's fused kernel.
-   * gamma/beta may be NULL (scale=False / center=False). */
+   * r = momentum*r + (1-momentum)*batch, the variance unbiased (times n/(n-1)) when `unbiased` (TF's
+   * fused kernel, used by tf-keras for 4-d inputs), else biased. gamma/beta may be NULL
+   * (scale=False / center=False). relu: a following ReLU fused into the output. */
   int (*batchnorm_forward_train)(fl_tensor *y, fl_tensor *mean, fl_tensor *invstd, const fl_tensor *x,
                                  const fl_tensor *gamma, const fl_tensor *beta, fl_tensor *running_mean,
-                                 fl_tensor *running_var, double momentum, double eps);
+                                 fl_tensor *running_var, double momentum, double eps, int unbiased, int relu);
   /* gx = dL/dx (overwritten; may be NULL); ggamma/gbeta = beta_acc*g + dL/d(gamma/beta) (either may be
    * NULL). training = 1: mean/invstd are the batch's and gx includes their dependence on x;
-   * training = 0: mean/invstd are constants (moving statistics). */
+   * training = 0: mean/invstd are constants (moving statistics). relu_y: the output of a fused
+   * ReLU (or NULL): gy counts only where relu_y > 0. */
   int (*batchnorm_backward)(fl_tensor *gx, fl_tensor *ggamma, fl_tensor *gbeta, const fl_tensor *x,
                             const fl_tensor *gy, const fl_tensor *mean, const fl_tensor *invstd,
-                            const fl_tensor *gamma, int training, double beta_acc);
+                            const fl_tensor *gamma, int training, double beta_acc, const fl_tensor *relu_y);
   /* y = x*scale + shift per last-dim channel (either NULL), then ReLU if relu. y may be x (in place). */
   int (*channel_affine)(fl_tensor *y, const fl_tensor *x, const fl_tensor *scale, const fl_tensor *shift,
                         int relu);
@@ -86,6 +88,20 @@ struct fl_nn_ops {
    * grad_scale * (softmax - target). */
   int (*softmax_xent)(fl_tensor *loss, fl_tensor *grad, const fl_tensor *logits, const fl_tensor *target,
                       double smoothing, double grad_scale);
+  /* y = a + scale*b, then ReLU if relu (Add, InceptionResNet's scaled residual); y may be a or b */
+  int (*add_act)(fl_tensor *y, const fl_tensor *a, const fl_tensor *b, double scale, int relu);
+  /* ---- optimizer kernels: one pass over contiguous tensors of one shape, in place ---- */
+  /* y = a*x + b*y */
+  int (*axpby)(fl_tensor *y, double a, const fl_tensor *x, double b);
+  /* *out = sum of x^2 (accumulated in double) */
+  int (*sumsq)(const fl_tensor *x, double *out);
+  /* Keras's SGD: without momentum w -= lr*g; with it m = momentum*m - lr*g, then w += m, or for
+   * Nesterov w += momentum*m - lr*g. m may be NULL when momentum is 0. */
+  int (*sgd_step)(fl_tensor *w, const fl_tensor *g, fl_tensor *m, double lr, double momentum, int nesterov);
+  /* Keras's Adam: m += (g-m)*(1-beta1); v += (g^2-v)*(1-beta2); w -= alpha*m/(sqrt(v)+eps), where
+   * the caller passes alpha = lr*sqrt(1-beta2^t)/(1-beta1^t) */
+  int (*adam_step)(fl_tensor *w, const fl_tensor *g, fl_tensor *m, fl_tensor *v, double alpha, double beta1,
+                   double beta2, double eps);
 };
 
 /* The CPU backend's table (core/cpu/nn_cpu.c). */
@@ -115,16 +131,25 @@ int fl_pool2d_backward(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *x, c
 /* mean, invstd: empty structs, initialised to (C) */
 int fl_batchnorm_forward_train(fl_tensor *y, fl_tensor *mean, fl_tensor *invstd, const fl_tensor *x,
                                const fl_tensor *gamma, const fl_tensor *beta, fl_tensor *running_mean,
-                               fl_tensor *running_var, double momentum, double eps);
+                               fl_tensor *running_var, double momentum, double eps, int unbiased, int relu);
 /* gx: empty struct to initialise, or NULL when the input gradient is not wanted */
 int fl_batchnorm_backward(fl_tensor *gx, fl_tensor *ggamma, fl_tensor *gbeta, const fl_tensor *x,
                           const fl_tensor *gy, const fl_tensor *mean, const fl_tensor *invstd,
-                          const fl_tensor *gamma, int training, double beta_acc);
+                          const fl_tensor *gamma, int training, double beta_acc, const fl_tensor *relu_y);
+/* y: empty struct (a new tensor) or, with _into, an existing contiguous tensor that may be a or b */
+int fl_add_act(fl_tensor *y, const fl_tensor *a, const fl_tensor *b, double scale, int relu);
+int fl_add_act_into(fl_tensor *y, const fl_tensor *a, const fl_tensor *b, double scale, int relu);
 int fl_channel_affine(fl_tensor *y, const fl_tensor *x, const fl_tensor *scale, const fl_tensor *shift, int relu);
 int fl_channel_affine_into(fl_tensor *y, const fl_tensor *x, const fl_tensor *scale, const fl_tensor *shift,
                            int relu);      /* y has x's shape and is contiguous; may be x */
 int fl_act_backward(fl_act_kind act, fl_tensor *gx, const fl_tensor *gy, const fl_tensor *y);
 int fl_softmax_xent(fl_tensor *loss, fl_tensor *grad, const fl_tensor *logits, const fl_tensor *target,
                     double smoothing, double grad_scale);
+/* optimizer kernels (see struct fl_nn_ops): all tensors contiguous, one float dtype, one shape */
+int fl_axpby(fl_tensor *y, double a, const fl_tensor *x, double b);
+int fl_sumsq(const fl_tensor *x, double *out);
+int fl_sgd_step(fl_tensor *w, const fl_tensor *g, fl_tensor *m, double lr, double momentum, int nesterov);
+int fl_adam_step(fl_tensor *w, const fl_tensor *g, fl_tensor *m, fl_tensor *v, double alpha, double beta1,
+                 double beta2, double eps);
 
 #endif

@@ -45,7 +45,9 @@ fl_dtype fl_promote(fl_dtype a, fl_dtype b) {
 /* ---------------------------------------------------------------- copies */
 
 int fl_copy_into(fl_tensor *dst, const fl_tensor *src) {
-  if (check_live("copy", dst) || check_live("copy", src) || same_backend("copy", dst, src)) return -1;
+  if (check_live("copy", dst) || check_live("copy", src)) return -1;
+  /* across backends (host <-> device) the copy is run by the one that is not the CPU's */
+  const fl_backend *be = be_of(dst) == &fl_cpu_backend ? be_of(src) : be_of(dst);
   /* src must broadcast to dst's shape (dst itself does not grow) */
   int ok = src->ndim <= dst->ndim;
   for (int i = 1; ok && i <= src->ndim; i++) {
@@ -68,7 +70,7 @@ int fl_copy_into(fl_tensor *dst, const fl_tensor *src) {
     s = *src;
   }
   int rc = fl_view_expand(&s, dst->ndim, dst->shape);
-  if (!rc) rc = be_of(dst)->copy(dst, &s);
+  if (!rc) rc = be->copy(dst, &s);
   fl_tensor_free(&tmp);
   return rc ? fl_fail_prefix("copy") : 0;
 }

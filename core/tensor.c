@@ -67,6 +67,11 @@ int fl_dtype_from_name(const char *name, fl_dtype *out) {
 
 /* ---------------------------------------------------------------- storage */
 
+/* bytes held by live storages of all backends (bindings use it to pace garbage collection) */
+static size_t live_bytes;
+
+size_t fl_storage_live_bytes(void) { return __atomic_load_n(&live_bytes, __ATOMIC_RELAXED); }
+
 fl_storage *fl_storage_new(const fl_backend *be, int device, size_t nbytes) {
   fl_storage *s = calloc(1, sizeof *s);
   if (!s) { fl_fail_oom("out of memory allocating a storage header"); return NULL; }
@@ -78,6 +83,7 @@ fl_storage *fl_storage_new(const fl_backend *be, int device, size_t nbytes) {
     return NULL;
   }
   s->refcount = 1;
+  __atomic_add_fetch(&live_bytes, nbytes, __ATOMIC_RELAXED);
   s->nbytes = nbytes;
   s->backend = be;
   s->device = device;
@@ -91,6 +97,7 @@ void fl_storage_retain(fl_storage *s) {
 void fl_storage_release(fl_storage *s) {
   if (!s) return;
   if (__atomic_sub_fetch(&s->refcount, 1, __ATOMIC_ACQ_REL) == 0) {
+    __atomic_sub_fetch(&live_bytes, s->nbytes, __ATOMIC_RELAXED);
     s->backend->free(s->device, s->data);
     free(s);
   }

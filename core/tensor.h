@@ -52,6 +52,7 @@ int fl_dtype_is_float(fl_dtype dt);
 fl_storage *fl_storage_new(const fl_backend *be, int device, size_t nbytes); /* NULL + message on OOM */
 void fl_storage_retain(fl_storage *s);
 void fl_storage_release(fl_storage *s);
+size_t fl_storage_live_bytes(void);                /* bytes held by all live storages */
 
 /* ---- lifetime of a tensor struct (the struct itself is owned by the caller, e.g. a userdata) ---- */
 /* Makes `t` a new contiguous tensor; contents uninitialised. ndim 0 is a scalar (one element).

@@ -17,6 +17,9 @@ int host_report(lua_State *L, int status, int prefix);
 /* The interactive loop: reads statements or expressions until end of input. */
 void host_repl(lua_State *L);
 
+/* Lua source of the REPL's helpers (repl_lua.c): returns {format = f, complete = f}. */
+extern const char host_repl_lua[];
+
 /* "flowerlua 0.1.0 (Lua 5.4.x)" */
 void host_print_version(void);
 

@@ -111,7 +111,7 @@ static int collect_args(int argc, char **argv, int *script) {
       case 'e': case 'l':
         if (a[1] == 'e') flags |= HAS_E;
         if (a[2] == '\0') {             /* the argument is the next word */
-          if (++i >= argc || argv[i][0] == '-') { *script = i < argc ? i : i - 1; return -1; }
+          if (++i >= argc || argv[i][0] == '-') { *script = i - 1; return -1; }
         }
         break;
       case 'i': if (a[2]) goto bad; flags |= HAS_I | HAS_V; break;

@@ -21,7 +21,6 @@
 #include <lauxlib.h>
 
 #include "host.h"
-#include "repl_lua.h"
 
 #define PROMPT  "> "
 #define PROMPT2 ">> "
@@ -35,14 +34,14 @@ static char history_path[PATH_MAX];     /* "" if history is not saved */
 /* ---- reading a line ---- */
 
 static volatile sig_atomic_t got_sigint, got_sigwinch;
-static char *rl_line;
+static char *line_read;
 static int line_done;
 
 static void prompt_sigint(int sig) { (void)sig; got_sigint = 1; }
 static void prompt_sigwinch(int sig) { (void)sig; got_sigwinch = 1; }
 
 static void line_handler(char *line) {
-  rl_line = line;
+  line_read = line;
   line_done = 1;
   rl_callback_handler_remove();         /* no prompt is redrawn while the statement runs */
 }
@@ -60,7 +59,7 @@ static int read_readline(const char *prompt, char **out) {
   sa.sa_handler = prompt_sigwinch;
   sigaction(SIGWINCH, &sa, &old_winch);
   got_sigint = got_sigwinch = 0;
-  rl_line = NULL;
+  line_read = NULL;
   line_done = 0;
   fflush(stdout);
   rl_callback_handler_install(prompt, line_handler);
@@ -96,9 +95,9 @@ static int read_readline(const char *prompt, char **out) {
   }
   sigaction(SIGINT, &old_int, NULL);
   sigaction(SIGWINCH, &old_winch, NULL);
-  if (result == READ_LINE && rl_line == NULL) result = READ_EOF;
-  *out = result == READ_LINE ? rl_line : NULL;
-  if (result != READ_LINE) free(rl_line);
+  if (result == READ_LINE && line_read == NULL) result = READ_EOF;
+  *out = result == READ_LINE ? line_read : NULL;
+  if (result != READ_LINE) free(line_read);
   return result;
 }
 
@@ -108,8 +107,17 @@ static int read_plain(const char *prompt, char **out) {
   fflush(stdout);
   char *line = NULL;
   size_t cap = 0;
+  got_sigint = 0;
+  errno = 0;
   ssize_t n = getline(&line, &cap, stdin);
-  if (n < 0) { free(line); *out = NULL; return READ_EOF; }
+  if (n < 0) {
+    free(line);
+    *out = NULL;
+    if (errno != EINTR || !got_sigint) return READ_EOF;
+    clearerr(stdin);                    /* Ctrl-C: a new prompt */
+    fputc('\n', stdout);
+    return READ_INTERRUPT;
+  }
   if (n > 0 && line[n - 1] == '\n') line[n - 1] = '\0';
   *out = line;
   return READ_LINE;
@@ -147,6 +155,7 @@ static void history_add(const char *text) {
 
 static void history_close(void) {
   if (use_readline && history_path[0]) history_truncate_file(history_path, HISTORY_MAX);
+  if (use_readline) clear_history();
 }
 
 /* ---- completion ---- */
@@ -327,7 +336,7 @@ static void print_results(lua_State *L, int base) {
 }
 
 static void load_helper(lua_State *L) {
-  if (luaL_loadbuffer(L, repl_lua, sizeof repl_lua - 1, "=repl") == LUA_OK &&
+  if (luaL_loadbuffer(L, host_repl_lua, strlen(host_repl_lua), "=repl") == LUA_OK &&
       lua_pcall(L, 0, 1, 0) == LUA_OK) {
     helper_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   } else {                               /* a bug here: still give a plain REPL */
@@ -354,6 +363,13 @@ static void load_flower(lua_State *L) {
 }
 
 void host_repl(lua_State *L) {
+  /* Between statements Ctrl-C must not kill the REPL: from here on SIGINT only sets a flag,
+   * except while a statement runs (host_docall) or a line is read (read_readline). */
+  struct sigaction sa, old_int;
+  memset(&sa, 0, sizeof sa);
+  sigemptyset(&sa.sa_mask);
+  sa.sa_handler = prompt_sigint;
+  sigaction(SIGINT, &sa, &old_int);
   repl_L = L;
   use_readline = isatty(STDIN_FILENO);
   load_helper(L);
@@ -383,4 +399,5 @@ void host_repl(lua_State *L) {
   history_close();
   if (helper_ref != LUA_NOREF) luaL_unref(L, LUA_REGISTRYINDEX, helper_ref);
   helper_ref = LUA_NOREF;
+  sigaction(SIGINT, &old_int, NULL);
 }

@@ -104,13 +104,16 @@ static int cpu_pool2d_backward(fl_tensor *gx, const fl_tensor *gy, const fl_tens
 }
 static int cpu_batchnorm_forward_train(fl_tensor *y, fl_tensor *mean, fl_tensor *invstd, const fl_tensor *x,
                                        const fl_tensor *gamma, const fl_tensor *beta, fl_tensor *rm,
-                                       fl_tensor *rv, double momentum, double eps) {
-  return PICK(x, batchnorm_forward_train, y, mean, invstd, x, gamma, beta, rm, rv, momentum, eps);
+                                       fl_tensor *rv, double momentum, double eps, int unbiased, int relu) {
+  return PICK(x, batchnorm_forward_train, y, mean, invstd, x, gamma, beta, rm, rv, momentum, eps, unbiased, relu);
 }
 static int cpu_batchnorm_backward(fl_tensor *gx, fl_tensor *ggamma, fl_tensor *gbeta, const fl_tensor *x,
                                   const fl_tensor *gy, const fl_tensor *mean, const fl_tensor *invstd,
-                                  const fl_tensor *gamma, int training, double beta_acc) {
-  return PICK(x, batchnorm_backward, gx, ggamma, gbeta, x, gy, mean, invstd, gamma, training, beta_acc);
+                                  const fl_tensor *gamma, int training, double beta_acc, const fl_tensor *relu_y) {
+  return PICK(x, batchnorm_backward, gx, ggamma, gbeta, x, gy, mean, invstd, gamma, training, beta_acc, relu_y);
+}
+static int cpu_add_act(fl_tensor *y, const fl_tensor *a, const fl_tensor *b, double scale, int relu) {
+  return PICK(a, add_act, y, a, b, scale, relu);
 }
 static int cpu_channel_affine(fl_tensor *y, const fl_tensor *x, const fl_tensor *scale, const fl_tensor *shift,
                               int relu) {
@@ -122,6 +125,18 @@ static int cpu_act_backward(fl_act_kind act, fl_tensor *gx, const fl_tensor *gy,
 static int cpu_softmax_xent(fl_tensor *loss, fl_tensor *grad, const fl_tensor *logits, const fl_tensor *target,
                             double smoothing, double grad_scale) {
   return PICK(logits, softmax_xent, loss, grad, logits, target, smoothing, grad_scale);
+}
+
+static int cpu_axpby(fl_tensor *y, double a, const fl_tensor *x, double b) {
+  return PICK(y, axpby, y, a, x, b);
+}
+static int cpu_sumsq(const fl_tensor *x, double *out) { return PICK(x, sumsq, x, out); }
+static int cpu_sgd_step(fl_tensor *w, const fl_tensor *g, fl_tensor *m, double lr, double momentum, int nesterov) {
+  return PICK(w, sgd_step, w, g, m, lr, momentum, nesterov);
+}
+static int cpu_adam_step(fl_tensor *w, const fl_tensor *g, fl_tensor *m, fl_tensor *v, double alpha, double beta1,
+                         double beta2, double eps) {
+  return PICK(w, adam_step, w, g, m, v, alpha, beta1, beta2, eps);
 }
 
 const struct fl_nn_ops fl_cpu_nn_ops = {
@@ -138,4 +153,9 @@ const struct fl_nn_ops fl_cpu_nn_ops = {
   .channel_affine = cpu_channel_affine,
   .act_backward = cpu_act_backward,
   .softmax_xent = cpu_softmax_xent,
+  .add_act = cpu_add_act,
+  .axpby = cpu_axpby,
+  .sumsq = cpu_sumsq,
+  .sgd_step = cpu_sgd_step,
+  .adam_step = cpu_adam_step,
 };

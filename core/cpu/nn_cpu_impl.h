@@ -562,43 +562,45 @@ static int NN(pool2d_backward)(fl_tensor *gx, const fl_tensor *gy, const fl_tens
 
 /* ---- batch normalisation over rows of (rows, C) ---- */
 
-/* part (nt, C) double sums of x over rows, or of (x - mean)^2 when mean is given */
-static void NN(bn_sums)(double *part, int nt, const real *x, int64_t rows, int64_t C, const double *mean) {
-  memset(part, 0, sizeof(double) * (size_t)(nt * C));
+/* One pass: per-thread sums of x and x^2 in double, reduced into sum (C) and sumsq (C). The
+ * variance is then E[x^2] - mean^2, which in double loses nothing that matters for activations. */
+static void NN(bn_moments)(double *part, int nt, const real *x, int64_t rows, int64_t C, double *sum, double *sumsq) {
+  memset(part, 0, sizeof(double) * (size_t)(nt * 2 * C));
 #pragma omp parallel if (rows * C > 32768)
   {
-    double *p = part + (int64_t)omp_get_thread_num() * C;
+    double *p = part + (int64_t)omp_get_thread_num() * 2 * C, *q2 = p + C;
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; r++) {
       const real *q = x + r * C;
-      if (mean) {
-        for (int64_t c = 0; c < C; c++) { double v = q[c] - mean[c]; p[c] += v * v; }
-      } else {
-        for (int64_t c = 0; c < C; c++) p[c] += q[c];
-      }
+      for (int64_t c = 0; c < C; c++) { double v = q[c]; p[c] += v; q2[c] += v * v; }
     }
   }
-  for (int t = 1; t < nt; t++)
-    for (int64_t c = 0; c < C; c++) part[c] += part[(int64_t)t * C + c];
+  for (int64_t c = 0; c < C; c++) { sum[c] = 0; sumsq[c] = 0; }
+  for (int t = 0; t < nt; t++)
+    for (int64_t c = 0; c < C; c++) { sum[c] += part[(int64_t)t * 2 * C + c]; sumsq[c] += part[(int64_t)t * 2 * C + C + c]; }
 }
 
 static int NN(batchnorm_forward_train)(fl_tensor *y, fl_tensor *mean, fl_tensor *invstd, const fl_tensor *x,
                                        const fl_tensor *gamma, const fl_tensor *beta, fl_tensor *running_mean,
-                                       fl_tensor *running_var, double momentum, double eps) {
+                                       fl_tensor *running_var, double momentum, double eps, int unbiased, int relu) {
   const int64_t C = x->shape[x->ndim - 1], rows = fl_tensor_numel(x) / C;
   const real *X = fl_tensor_data(x), *G = NN(opt)(gamma), *B = NN(opt)(beta);
   real *Y = fl_tensor_data(y), *MEAN = fl_tensor_data(mean), *INV = fl_tensor_data(invstd);
   int nt = omp_get_max_threads();
-  double *part = malloc(sizeof(double) * (size_t)(nt * C + 2 * C));
-  if (!part) return fl_fail_oom("out of memory (batch-norm partial sums)");
-  double *dm = part + nt * C, *dv = dm + C;
-  NN(bn_sums)(part, nt, X, rows, C, NULL);
-  for (int64_t c = 0; c < C; c++) dm[c] = part[c] / (double)rows;
-  NN(bn_sums)(part, nt, X, rows, C, dm);
-  for (int64_t c = 0; c < C; c++) dv[c] = part[c] / (double)rows;
-  /* y = x*a + b with a = gamma*invstd, b = beta - mean*a; a, b stored in y's dtype */
+  double *part = malloc(sizeof(double) * (size_t)(nt * 2 * C + 4 * C));
   real *ab = malloc(sizeof(real) * (size_t)(2 * C));
-  if (!ab) { free(part); return fl_fail_oom("out of memory (batch-norm coefficients)"); }
+  if (!part || !ab) {
+    free(part); free(ab);
+    return fl_fail_oom("out of memory (batch-norm partial sums)");
+  }
+  double *dm = part + nt * 2 * C, *dv = dm + C, *s1 = dv + C, *s2 = s1 + C;
+  NN(bn_moments)(part, nt, X, rows, C, s1, s2);
+  for (int64_t c = 0; c < C; c++) {
+    dm[c] = s1[c] / (double)rows;
+    double v = s2[c] / (double)rows - dm[c] * dm[c];
+    dv[c] = v > 0 ? v : 0;
+  }
+  /* y = x*a + b with a = gamma*invstd, b = beta - mean*a; a, b stored in y's dtype */
   for (int64_t c = 0; c < C; c++) {
     double inv = 1.0 / sqrt(dv[c] + eps), a = (G ? G[c] : 1) * inv;
     MEAN[c] = (real)dm[c];
@@ -608,7 +610,7 @@ static int NN(batchnorm_forward_train)(fl_tensor *y, fl_tensor *mean, fl_tensor 
   }
   if (running_mean) {
     real *RM = fl_tensor_data(running_mean), *RV = fl_tensor_data(running_var);
-    double unbias = rows > 1 ? (double)rows / (double)(rows - 1) : 1.0;
+    double unbias = unbiased && rows > 1 ? (double)rows / (double)(rows - 1) : 1.0;
     for (int64_t c = 0; c < C; c++) {
       RM[c] = (real)(momentum * RM[c] + (1 - momentum) * dm[c]);
       RV[c] = (real)(momentum * RV[c] + (1 - momentum) * dv[c] * unbias);
@@ -620,6 +622,7 @@ static int NN(batchnorm_forward_train)(fl_tensor *y, fl_tensor *mean, fl_tensor 
     const real *q = X + r * C;
     real *o = Y + r * C;
     for (int64_t c = 0; c < C; c++) o[c] = q[c] * ab[c] + ab[C + c];
+    if (relu) for (int64_t c = 0; c < C; c++) o[c] = o[c] > 0 ? o[c] : 0;
   }
   free(ab);
   return 0;
@@ -627,10 +630,10 @@ static int NN(batchnorm_forward_train)(fl_tensor *y, fl_tensor *mean, fl_tensor 
 
 static int NN(batchnorm_backward)(fl_tensor *gx, fl_tensor *ggamma, fl_tensor *gbeta, const fl_tensor *x,
                                   const fl_tensor *gy, const fl_tensor *mean, const fl_tensor *invstd,
-                                  const fl_tensor *gamma, int training, double beta_acc) {
+                                  const fl_tensor *gamma, int training, double beta_acc, const fl_tensor *relu_y) {
   const int64_t C = x->shape[x->ndim - 1], rows = fl_tensor_numel(x) / C;
   const real *X = fl_tensor_data(x), *GY = fl_tensor_data(gy), *MEAN = fl_tensor_data(mean);
-  const real *INV = fl_tensor_data(invstd), *G = NN(opt)(gamma);
+  const real *INV = fl_tensor_data(invstd), *G = NN(opt)(gamma), *RY = NN(opt)(relu_y);
   int nt = omp_get_max_threads();
   /* per thread: sum gy (C) and sum gy*xhat (C) */
   double *part = calloc((size_t)(nt * 2 * C + 2 * C), sizeof(double));
@@ -642,10 +645,11 @@ static int NN(batchnorm_backward)(fl_tensor *gx, fl_tensor *ggamma, fl_tensor *g
       double *sg = part + (int64_t)omp_get_thread_num() * 2 * C, *sgx = sg + C;
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < rows; r++) {
-        const real *q = X + r * C, *g = GY + r * C;
+        const real *q = X + r * C, *g = GY + r * C, *ry = RY ? RY + r * C : NULL;
         for (int64_t c = 0; c < C; c++) {
-          sg[c] += g[c];
-          sgx[c] += (double)g[c] * (q[c] - MEAN[c]) * INV[c];
+          real gc = (!ry || ry[c] > 0) ? g[c] : 0;
+          sg[c] += gc;
+          sgx[c] += (double)gc * (q[c] - MEAN[c]) * INV[c];
         }
       }
     }
@@ -685,13 +689,30 @@ static int NN(batchnorm_backward)(fl_tensor *gx, fl_tensor *ggamma, fl_tensor *g
     }
 #pragma omp parallel for schedule(static) if (rows * C > 32768)
     for (int64_t r = 0; r < rows; r++) {
-      const real *q = X + r * C, *g = GY + r * C;
+      const real *q = X + r * C, *g = GY + r * C, *ry = RY ? RY + r * C : NULL;
       real *o = GX + r * C;
-      for (int64_t c = 0; c < C; c++) o[c] = g[c] * abc[c] + q[c] * abc[C + c] + abc[2 * C + c];
+      if (ry) {
+        for (int64_t c = 0; c < C; c++) o[c] = (ry[c] > 0 ? g[c] : 0) * abc[c] + q[c] * abc[C + c] + abc[2 * C + c];
+      } else {
+        for (int64_t c = 0; c < C; c++) o[c] = g[c] * abc[c] + q[c] * abc[C + c] + abc[2 * C + c];
+      }
     }
     free(abc);
   }
   free(part);
+  return 0;
+}
+
+static int NN(add_act)(fl_tensor *y, const fl_tensor *a, const fl_tensor *b, double scale, int relu) {
+  const int64_t n = fl_tensor_numel(a);
+  const real *A = fl_tensor_data(a), *B = fl_tensor_data(b);
+  real *Y = fl_tensor_data(y);
+  const real s = (real)scale;
+#pragma omp parallel for schedule(static) if (n > 65536)
+  for (int64_t i = 0; i < n; i++) {
+    real v = A[i] + s * B[i];
+    Y[i] = relu && v < 0 ? 0 : v;
+  }
   return 0;
 }
 
@@ -771,6 +792,65 @@ static int NN(softmax_xent)(fl_tensor *loss, fl_tensor *grad, const fl_tensor *l
       if (G) G[r * K + i] = (real)(grad_scale * (exp(z[i] - lse) - t));
     }
     L[r] = (real)l;
+  }
+  return 0;
+}
+
+/* ---- optimizer kernels ---- */
+
+static int NN(axpby)(fl_tensor *y, double a, const fl_tensor *x, double b) {
+  const int64_t n = fl_tensor_numel(y);
+  real *Y = fl_tensor_data(y);
+  const real *X = fl_tensor_data(x);
+  const real ra = (real)a, rb = (real)b;
+#pragma omp parallel for schedule(static) if (n > 65536)
+  for (int64_t i = 0; i < n; i++) Y[i] = ra * X[i] + rb * Y[i];
+  return 0;
+}
+
+static int NN(sumsq)(const fl_tensor *x, double *out) {
+  const int64_t n = fl_tensor_numel(x);
+  const real *X = fl_tensor_data(x);
+  double s = 0;
+#pragma omp parallel for schedule(static) reduction(+ : s) if (n > 65536)
+  for (int64_t i = 0; i < n; i++) s += (double)X[i] * X[i];
+  *out = s;
+  return 0;
+}
+
+static int NN(sgd_step)(fl_tensor *w, const fl_tensor *g, fl_tensor *m, double lr, double momentum, int nesterov) {
+  const int64_t n = fl_tensor_numel(w);
+  real *W = fl_tensor_data(w), *Mo = m ? fl_tensor_data(m) : NULL;
+  const real *G = fl_tensor_data(g);
+  const real rl = (real)lr, mu = (real)momentum;
+  if (!Mo) {
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; i++) W[i] -= rl * G[i];
+    return 0;
+  }
+#pragma omp parallel for schedule(static) if (n > 65536)
+  for (int64_t i = 0; i < n; i++) {
+    real mi = mu * Mo[i] - rl * G[i];
+    Mo[i] = mi;
+    W[i] += nesterov ? mu * mi - rl * G[i] : mi;
+  }
+  return 0;
+}
+
+static int NN(adam_step)(fl_tensor *w, const fl_tensor *g, fl_tensor *m, fl_tensor *v, double alpha, double beta1,
+                         double beta2, double eps) {
+  const int64_t n = fl_tensor_numel(w);
+  real *W = fl_tensor_data(w), *Mo = fl_tensor_data(m), *V = fl_tensor_data(v);
+  const real *G = fl_tensor_data(g);
+  const real a = (real)alpha, c1 = (real)(1 - beta1), c2 = (real)(1 - beta2), e = (real)eps;
+#pragma omp parallel for schedule(static) if (n > 65536)
+  for (int64_t i = 0; i < n; i++) {
+    real gi = G[i];
+    real mi = Mo[i] + (gi - Mo[i]) * c1;
+    real vi = V[i] + (gi * gi - V[i]) * c2;
+    Mo[i] = mi;
+    V[i] = vi;
+    W[i] -= mi * a / (sqrt(vi) + e);
   }
   return 0;
 }

@@ -30,6 +30,28 @@ static double var_of(double sqdev, int64_t R, int corr, int is_std) {
 }
 
 /* Per dtype: line primitives (R values at stride rs) and the row function for dim reductions. */
+/* Contiguous max/min: a vectorised pass for the value and a NaN flag, then a scan for the first
+ * index holding it (the first NaN if there is one). */
+#define BEST_CONTIG(N, T, U, FLT)                                                            \
+  static int64_t best_contig_##N(const T *a, int64_t R, int ismax, T *val) {                  \
+    T m = a[0];                                                                               \
+    int nan = 0;                                                                              \
+    if (ismax) {                                                                              \
+      _Pragma("omp simd reduction(max:m) reduction(|:nan)")                                   \
+      for (int64_t k = 0; k < R; k++) { T x = a[k]; m = x > m ? x : m; nan |= x != x; }       \
+    } else {                                                                                  \
+      _Pragma("omp simd reduction(min:m) reduction(|:nan)")                                   \
+      for (int64_t k = 0; k < R; k++) { T x = a[k]; m = x < m ? x : m; nan |= x != x; }       \
+    }                                                                                         \
+    if (nan) {                                                                                \
+      for (int64_t k = 0; k < R; k++) if (a[k] != a[k]) { *val = a[k]; return k; }            \
+    }                                                                                         \
+    for (int64_t k = 0; k < R; k++) if (a[k] == m) { *val = m; return k; }                    \
+    *val = m;                                                                                 \
+    return 0;                                                                                 \
+  }
+CPU_DTYPES(BEST_CONTIG)
+
 #define RED_DTYPE(N, T, U, FLT)                                                              \
   static double dsum_##N(const T *a, int64_t R, int64_t rs) {                                 \
     double acc = 0;                                                                           \
@@ -49,6 +71,7 @@ static double var_of(double sqdev, int64_t R, int corr, int is_std) {
   }                                                                                           \
   /* first index of the max (ismax) or min; a NaN wins over numbers and the first NaN stays */ \
   static int64_t best_##N(const T *a, int64_t R, int64_t rs, int ismax, T *val) {             \
+    if (rs == 1) return best_contig_##N(a, R, ismax, val);                                   \
     T b = a[0];                                                                               \
     int64_t bi = 0;                                                                           \
     for (int64_t k = 1; k < R; k++) {                                                         \

@@ -1,6 +1,6 @@
 /* The CUDA backend's face to C: plain C, no CUDA types, so bindings and tests include it without
  * nvcc. Exists only in a `make CUDA=1` build (FLOWER_CUDA defined); the implementation is in
- * core/cuda/*.cu.
+ * the .cu files of core/cuda/.
  *
  * Tensors live on a device: storage->backend == fl_cuda_backend(), storage->device the device index.
  * Every kernel runs on one stream per device, so work is ordered and memory returned to the caching
@@ -77,28 +77,18 @@ int fl_cuda_get_deterministic(void);
 int fl_cuda_conv_plan_count(void);
 int fl_cuda_conv_fallback_count(void);
 
-/* ---- fused optimizer updates over many tensors (one launch for a whole model) ----
- * All tensors contiguous float32 (or all float64) on one device; param[i], grad[i], and the state
- * tensors have equal element counts. Adam (decoupled weight decay when adamw, else L2 added to
- * the gradient), with bias correction for step t >= 1:
- *   g = grad*grad_scale (+ wd*p unless adamw); m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2
- *   p -= lr * (m/(1-b1^t)) / (sqrt(v/(1-b2^t)) + eps)  (+ lr*wd*p when adamw)
- * SGD: g = grad*grad_scale + wd*p; with momentum mu (mom given): b = mu*b + g (b = g at the first
- * step when first_step), g = nesterov ? g + mu*b : b; p -= lr*g. */
-typedef struct fl_cuda_adam {
-  double lr, beta1, beta2, eps, weight_decay, grad_scale;
-  int64_t step;
-  int adamw;
-} fl_cuda_adam;
-typedef struct fl_cuda_sgd {
-  double lr, momentum, weight_decay, grad_scale;
-  int nesterov, first_step;
-} fl_cuda_sgd;
-int fl_cuda_adam_update(int n, fl_tensor *const *param, const fl_tensor *const *grad, fl_tensor *const *m,
-                        fl_tensor *const *v, const fl_cuda_adam *h);
-/* mom may be NULL when momentum == 0 */
-int fl_cuda_sgd_update(int n, fl_tensor *const *param, const fl_tensor *const *grad, fl_tensor *const *mom,
-                       const fl_cuda_sgd *h);
+/* ---- fused optimizer steps over many tensors (one launch per 32 tensors) ----
+ * Exactly the per-tensor kernels of core/nn.h (fl_nn_ops.adam_step / sgd_step, Keras's formulas),
+ * applied to n parameters at once: w[i], g[i], m[i], v[i] contiguous, on one device, one float dtype,
+ * equal element counts per i.
+ *   Adam: m += (g-m)*(1-beta1); v += (g^2-v)*(1-beta2); w -= alpha*m/(sqrt(v)+eps)
+ *         (the caller passes alpha = lr*sqrt(1-beta2^t)/(1-beta1^t))
+ *   SGD:  without momentum (m NULL, or m[i] NULL) w -= lr*g; with it m = momentum*m - lr*g, then w += m,
+ *         or for Nesterov w += momentum*m - lr*g. */
+int fl_cuda_adam_step_multi(int n, fl_tensor *const *w, const fl_tensor *const *g, fl_tensor *const *m,
+                            fl_tensor *const *v, double alpha, double beta1, double beta2, double eps);
+int fl_cuda_sgd_step_multi(int n, fl_tensor *const *w, const fl_tensor *const *g, fl_tensor *const *m, double lr,
+                           double momentum, int nesterov);
 
 #ifdef __cplusplus
 }

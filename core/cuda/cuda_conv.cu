@@ -414,7 +414,11 @@ static int conv_run(const char *op, int kind, const fl_tensor *x, const fl_tenso
   if (groups < 1 || k.c % groups || k.k % groups || w->shape[3] != k.c / groups || y->shape[3] != k.k)
     return fl_fail("%s: inconsistent channels: input %lld, filter %lldx%lld, output %lld, groups %d", op,
                    (long long)k.c, (long long)k.k, (long long)w->shape[3], (long long)y->shape[3], groups);
-  if (fl_tensor_numel(x) == 0 || fl_tensor_numel(y) == 0 || fl_tensor_numel(w) == 0) return 0;
+  if (fl_tensor_numel(x) == 0 || fl_tensor_numel(y) == 0 || fl_tensor_numel(w) == 0) {
+    /* an empty sum: the direction's output is zero (it may be accumulated into by the caller) */
+    const fl_tensor *o = kind == CONV_FWD ? y : kind == CONV_BWD_DATA ? x : w;
+    return cu_fill_dev(op, (fl_tensor *)o, 0);
+  }
   if (cu_dnn(op, d)) return -1;
   conv_plan *p;
   if (get_plan(op, d, &k, px, pw, py, &p)) return -1;

@@ -78,7 +78,23 @@ extern "C" int fl_cuda_device_count(void) {
   if (dev_count >= 0) return dev_count;
   int n = 0;
   cudaError_t e = cudaGetDeviceCount(&n);
-  if (e != cudaSuccess) {
+  if (e == cudaErrorNoDevice) {
+    snprintf(dev_reason, sizeof dev_reason, "no CUDA device: the driver reports none (cudaErrorNoDevice)");
+    cudaGetLastError();
+    n = 0;
+  } else if (e == cudaErrorInsufficientDriver) {
+    int rt = 0, drv = 0;
+    cudaRuntimeGetVersion(&rt);
+    cudaDriverGetVersion(&drv);
+    if (drv == 0)
+      snprintf(dev_reason, sizeof dev_reason, "no CUDA device: no NVIDIA driver is installed or loadable "
+               "(cudaErrorInsufficientDriver)");
+    else
+      snprintf(dev_reason, sizeof dev_reason, "no CUDA device: the NVIDIA driver supports CUDA %d.%d, this build "
+               "needs %d.%d (cudaErrorInsufficientDriver)", drv / 1000, drv % 1000 / 10, rt / 1000, rt % 1000 / 10);
+    cudaGetLastError();
+    n = 0;
+  } else if (e != cudaSuccess) {
     snprintf(dev_reason, sizeof dev_reason, "no CUDA device: cudaGetDeviceCount: %s (%s)", cudaGetErrorName(e),
              cudaGetErrorString(e));
     cudaGetLastError();
@@ -195,8 +211,10 @@ static size_t round_size(size_t n) {
 }
 
 /* Returns every cached block of pool p to the driver. Caller holds p->lock and has made the device
- * current. cudaFree waits for the device, so no queued kernel still uses these blocks. */
+ * current. A block freed by a tensor may still be read by a kernel queued before the free: wait for
+ * the device first. */
 static void pool_release_cached(cu_pool *p) {
+  cudaDeviceSynchronize();
   for (auto &kv : p->free_lists) {
     for (void *ptr : kv.second) {
       cudaFree(ptr);

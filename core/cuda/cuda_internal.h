@@ -1,4 +1,4 @@
-/* Internals shared by core/cuda/*.cu: CUDA C++ only (never included by C files or bindings).
+/* Internals shared by the .cu files of core/cuda/: CUDA C++ only (never included by C files or bindings).
  * Device contexts (one stream, cuBLAS and cuDNN handle per device), status checks that become
  * fl_fail messages naming the operation, the strided iterator every element-wise kernel uses,
  * dtype dispatch and conversions that match the CPU backend bit for bit (core/cpu/cpu.h). */

@@ -245,11 +245,110 @@ function files.json_encode(v, pretty)
   return encode(v, pretty and '  ' or nil, 0, {})
 end
 
-function files.json_decode(text, name)
-  local cjson = require 'cjson.safe'
-  local v, err = cjson.decode(text)
-  if v == nil and err then error('json: ' .. (name or 'text') .. ': ' .. tostring(err), 2) end
+-- A small JSON reader that keeps integers integers (lua-cjson makes every number a float, which
+-- loses epochs' integer type and 64-bit RNG seeds). null becomes nil (a hole in an array).
+local function json_parser(text, name)
+  local pos = 1
+  local function fail(what)
+    local line = select(2, text:sub(1, pos):gsub('\n', '')) + 1
+    error(string.format('json: %s: line %d: %s', name or 'text', line, what), 0)
+  end
+  local function ws() pos = text:find('[^ \t\r\n]', pos) or #text + 1 end
+  local value
+  local escapes = { ['"'] = '"', ['\\'] = '\\', ['/'] = '/', b = '\b', f = '\f', n = '\n', r = '\r', t = '\t' }
+  local function str()
+    pos = pos + 1
+    local out = {}
+    while true do
+      local c = text:sub(pos, pos)
+      if c == '' then fail('unterminated string') end
+      if c == '"' then pos = pos + 1 break end
+      if c == '\\' then
+        local e = text:sub(pos + 1, pos + 1)
+        if e == 'u' then
+          local hex = text:sub(pos + 2, pos + 5)
+          if not hex:match('^%x%x%x%x$') then fail('bad \\u escape') end
+          local cp = tonumber(hex, 16)
+          pos = pos + 6
+          if cp >= 0xD800 and cp <= 0xDBFF and text:sub(pos, pos + 1) == '\\u' then
+            local lo = tonumber(text:sub(pos + 2, pos + 5), 16)
+            if lo and lo >= 0xDC00 and lo <= 0xDFFF then
+              cp = 0x10000 + (cp - 0xD800) * 0x400 + (lo - 0xDC00)
+              pos = pos + 6
+            end
+          end
+          out[#out + 1] = utf8.char(cp)
+        else
+          if not escapes[e] then fail('bad escape \\' .. e) end
+          out[#out + 1] = escapes[e]
+          pos = pos + 2
+        end
+      else
+        local j = text:find('["\\]', pos) or #text + 1
+        out[#out + 1] = text:sub(pos, j - 1)
+        pos = j
+      end
+    end
+    return table.concat(out)
+  end
+  function value()
+    ws()
+    local c = text:sub(pos, pos)
+    if c == '{' then
+      pos = pos + 1
+      local t = {}
+      ws()
+      if text:sub(pos, pos) == '}' then pos = pos + 1 return t end
+      while true do
+        ws()
+        if text:sub(pos, pos) ~= '"' then fail('expected a string key') end
+        local k = str()
+        ws()
+        if text:sub(pos, pos) ~= ':' then fail("expected ':'") end
+        pos = pos + 1
+        t[k] = value()
+        ws()
+        local d = text:sub(pos, pos)
+        pos = pos + 1
+        if d == '}' then return t end
+        if d ~= ',' then fail("expected ',' or '}'") end
+      end
+    elseif c == '[' then
+      pos = pos + 1
+      local t, n = {}, 0
+      ws()
+      if text:sub(pos, pos) == ']' then pos = pos + 1 return t end
+      while true do
+        n = n + 1
+        t[n] = value()
+        ws()
+        local d = text:sub(pos, pos)
+        pos = pos + 1
+        if d == ']' then return t end
+        if d ~= ',' then fail("expected ',' or ']'") end
+      end
+    elseif c == '"' then
+      return str()
+    elseif text:sub(pos, pos + 3) == 'true' then pos = pos + 4 return true
+    elseif text:sub(pos, pos + 4) == 'false' then pos = pos + 5 return false
+    elseif text:sub(pos, pos + 3) == 'null' then pos = pos + 4 return nil
+    else
+      local num = text:match('^-?%d+%.?%d*[eE]?[-+]?%d*', pos)
+      if not num or num == '' or num == '-' then fail('unexpected ' .. (c == '' and 'end of text' or ("'" .. c .. "'"))) end
+      pos = pos + #num
+      local v = tonumber(num)
+      if v == nil then fail('bad number ' .. num) end
+      return v
+    end
+  end
+  local v = value()
+  ws()
+  if pos <= #text then fail('text after the value') end
   return v
+end
+
+function files.json_decode(text, name)
+  return json_parser(text, name)
 end
 
 function files.json_read(path) return files.json_decode(files.read(path), path) end
@@ -269,9 +368,15 @@ function files.util()
 end
 
 -- Wall-clock seconds (monotonic, sub-second) for durations; os.time() (whole seconds) without _util.
+local data_now
 function files.now()
   local u = files.util()
   if u then return u.now() end
+  if data_now == nil then
+    local ok, core = pcall(require, 'flower.core')
+    data_now = ok and type(core) == 'table' and type(core._data) == 'table' and core._data.now or false
+  end
+  if data_now then return data_now() end
   return os.time()
 end
 

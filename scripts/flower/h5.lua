@@ -10,7 +10,7 @@
 --   f:write('/names', {'x.jpg', 'y.jpg'})             -- a list of strings (variable-length UTF-8)
 --   f:append_rows('/train_x', t)                     -- extendible, chunked; returns the row count
 --   f:set_attr('/', 'layer_names', {'conv1', 'bn1'}) -- string lists are fixed-length, as Keras's
---   f:remove(p)  f:flush()  f:close()
+--   f:create_group('/a/b')  f:remove(p)  f:flush()  f:close()
 --
 -- Datasets read: float16/float32 -> float32, float64 -> float64, uint8/bool -> uint8, other
 -- integers up to 32 bits -> int32, wider -> int64. String datasets read as Lua lists.

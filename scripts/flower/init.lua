@@ -18,4 +18,10 @@ return setmetatable(flower, {
       return m
     end
   end,
+  -- the REPL completes these names too, though they load only on first use
+  __complete = function()
+    local names = {}
+    for k in pairs(submodules) do names[#names + 1] = k end
+    return names
+  end,
 })

@@ -50,6 +50,7 @@ local C = core._nn
 
 local nn = {}
 nn.C = C
+nn.fusion = true      -- fuse Conv -> BatchNorm -> ReLU where no gradient flows (false: run layer by layer)
 
 -------------------------------------------------------------------------------- classes
 
@@ -123,11 +124,13 @@ local function tensor_shape(t)   -- (N, ...) -> shape without the batch dim
   return s
 end
 
+-- integers may come as integral floats (JSON configs)
 local function check_int(v, what, owner, min)
-  if math.type(v) ~= 'integer' or v < (min or 1) then
+  local i = type(v) == 'number' and math.tointeger(v)
+  if not i or i < (min or 1) then
     error(string.format('%s: %s must be an integer >= %d, got %s', owner, what, min or 1, tostring(v)), 0)
   end
-  return v
+  return i
 end
 
 -- a Keras int-or-pair argument (kernel_size=3 or {3, 1}) -> a, b
@@ -208,6 +211,7 @@ function Layer.init(self, opts, cls)
   self._fresh = {}               -- name -> true after zero_grad: the next backward overwrites
   self.built = false
   self._nodes = {}
+  if opts.input_shape then self.input_shape_opt = opts.input_shape end   -- for Sequential
   return self
 end
 
@@ -276,6 +280,19 @@ function Layer:parameters(out_p, out_g)
   return ps, gs
 end
 
+-- records of trainable weights for optimizers (see Model:trainable_weights)
+function Layer:trainable_weights()
+  local r = {}
+  if not self:has_trainable() then return r end
+  for _, n in ipairs(self._wnames) do
+    if self._wtrain[n] then
+      r[#r + 1] = {path = self.name .. '/' .. n, name = n, layer = self, tensor = self[n], grad = self:grad(n),
+                   regularizer = self.regularizers and self.regularizers[n]}
+    end
+  end
+  return r
+end
+
 function Layer:has_trainable()
   if not self.trainable then return false end
   for _, n in ipairs(self._wnames) do if self._wtrain[n] then return true end end
@@ -339,7 +356,8 @@ function Layer:output_shape(s) return copy_shape(s) end
 function Layer:needs() return false, false end
 
 local function wrap_err(layer, err)
-  err = tostring(err)
+  -- drop the "file.lua:123: " position that luaL_error puts in front: the layer name says where
+  err = tostring(err):gsub('^[^%s:]+%.lua:%d+: ', '')
   local prefix = layer:owner() .. ': '
   if err:sub(1, #prefix) == prefix then return err end
   return prefix .. err
@@ -371,7 +389,7 @@ end
 -- Torch7-style standalone use: forward keeps what backward needs.
 function Layer:forward(x)
   if not self.built then self:_infer(shapes_of(x)) end
-  local ok, y = pcall(self._forward, self, x, self.train or true)
+  local ok, y = pcall(self._forward, self, x, true)
   if not ok then error(wrap_err(self, y), 0) end
   self.output = y
   return y
@@ -446,6 +464,7 @@ function InputLayer.new(opts)
   local s = {}
   for i = 1, #shape do
     local v = shape[i]
+    v = type(v) == 'number' and math.tointeger(v) or v
     if v == false or v == -1 then v = -1
     elseif math.type(v) ~= 'integer' or v < 1 then
       error(string.format('Input: shape entry %d must be a positive integer or -1 (unknown), got %s', i, tostring(v)), 3)

@@ -202,6 +202,8 @@ function Recipe:start(cfg, given)
   end
   local run = recipe.open_run { dir = dir, config = cfg, name = self.name, quiet = cfg.quiet }
   run.resuming = cfg.resume ~= nil
+  run.given = given or {}
+  run.source = self.source
   run:write_config()
   run:log('%s: run directory %s%s', self.name, dir, run.resuming and ' (resuming)' or '')
   return self.run(cfg, run)
@@ -221,6 +223,34 @@ function Recipe:main(argv)
     os.exit(0)
   end
   return self:start(cfg, given)
+end
+
+-- Runs scripts/<name> (next to the flower library) in this process with `arg` = args.
+function recipe.run_script(name, args)
+  local init = package.searchpath('flower', package.path)
+  if not init then error('recipe.run_script: cannot find the flower library on package.path', 2) end
+  local path = files.join(files.dirname(files.dirname(init)), name)
+  local chunk, err = loadfile(path)
+  if not chunk then error('recipe.run_script: ' .. tostring(err), 2) end
+  local saved = arg
+  arg = args
+  arg[0] = path
+  local ok, res = pcall(chunk, table.unpack(args))
+  arg = saved
+  if not ok then error(res, 0) end
+  return res
+end
+
+-- Ends a recipe's run function: an interrupted pipeline logs how to resume and exits with the
+-- signal's conventional status (130 SIGINT, 143 SIGTERM); otherwise returns the summary.
+function recipe.finish(run, summary)
+  if summary and summary.interrupted then
+    run:log('%s: interrupted (%s); checkpoints are saved. Continue with:\n  flowerlua %s --resume %s',
+      run.name, tostring(summary.interrupted), run.source or ('experiments/' .. run.name .. '.lua'), run.dir)
+    io.stdout:flush()
+    os.exit(summary.interrupted == 'SIGTERM' and 143 or 130)
+  end
+  return summary
 end
 
 -- Runs a recipe from Lua (tests, other recipes) with argv as a list; a bad option is an error.

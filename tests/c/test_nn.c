@@ -182,7 +182,7 @@ static void run_pool_case(int64_t n, int64_t h, int64_t w, int64_t c, int k, int
  * L = sum(y * gy) in float64 */
 static double bn_loss(const fl_tensor *x, const fl_tensor *g, const fl_tensor *b, const fl_tensor *gy) {
   fl_tensor y = {0}, m = {0}, iv = {0};
-  if (fl_batchnorm_forward_train(&y, &m, &iv, x, g, b, NULL, NULL, 0.99, 1e-3)) return NAN;
+  if (fl_batchnorm_forward_train(&y, &m, &iv, x, g, b, NULL, NULL, 0.99, 1e-3, 1, 0)) return NAN;
   double l = dot(&y, gy);
   fl_tensor_free(&y); fl_tensor_free(&m); fl_tensor_free(&iv);
   return l;
@@ -197,7 +197,7 @@ static void test_batchnorm(void) {
   double rm0[4], rv0[4];
   memcpy(rm0, fl_tensor_data(&rm), sizeof rm0);
   memcpy(rv0, fl_tensor_data(&rv), sizeof rv0);
-  CHECK(fl_batchnorm_forward_train(&y, &m, &iv, &x, &g, &b, &rm, &rv, 0.9, 1e-3) == 0);
+  CHECK(fl_batchnorm_forward_train(&y, &m, &iv, &x, &g, &b, &rm, &rv, 0.9, 1e-3, 1, 0) == 0);
   for (int64_t c = 0; c < C; c++) {
     double s = 0, v = 0;
     for (int64_t r = 0; r < rows; r++) s += at(&x, r * C + c);
@@ -212,7 +212,7 @@ static void test_batchnorm(void) {
       CHECK_NEAR(at(&y, r * C + c), (at(&x, r * C + c) - s) / sqrt(v + 1e-3) * at(&g, c) + at(&b, c), 1e-10);
   }
   mk(&gg, FL_F64, 1, C, 0, 0, 0); mk(&gbt, FL_F64, 1, C, 0, 0, 0);
-  CHECK(fl_batchnorm_backward(&gx, &gg, &gbt, &x, &gy, &m, &iv, &g, 1, 0) == 0);
+  CHECK(fl_batchnorm_backward(&gx, &gg, &gbt, &x, &gy, &m, &iv, &g, 1, 0, NULL) == 0);
   const double h = 1e-6;
   double *px = fl_tensor_data(&x), *pg = fl_tensor_data(&g), *pb = fl_tensor_data(&b);
   for (int64_t i = 0; i < rows * C; i += 5) {
@@ -236,7 +236,7 @@ static void test_batchnorm(void) {
   }
   /* inference backward: gx = gy*gamma*invstd, no dependence through the statistics */
   fl_tensor gx2 = {0};
-  CHECK(fl_batchnorm_backward(&gx2, NULL, NULL, &x, &gy, &m, &iv, &g, 0, 0) == 0);
+  CHECK(fl_batchnorm_backward(&gx2, NULL, NULL, &x, &gy, &m, &iv, &g, 0, 0, NULL) == 0);
   for (int64_t i = 0; i < rows * C; i++)
     CHECK_NEAR(at(&gx2, i), at(&gy, i) * at(&g, i % C) * at(&iv, i % C), 1e-12);
   fl_tensor *all[] = {&x, &g, &b, &rm, &rv, &gy, &y, &m, &iv, &gx, &gg, &gbt, &gx2};
@@ -323,6 +323,73 @@ static void test_errors(void) {
   fl_tensor_free(&x); fl_tensor_free(&w); fl_tensor_free(&w64);
 }
 
+/* BatchNorm with a fused ReLU equals BatchNorm then ReLU, forward and backward */
+static void test_batchnorm_relu(void) {
+  fl_tensor x, g, b, gy, y = {0}, m = {0}, iv = {0}, yr = {0}, m2 = {0}, iv2 = {0}, gx = {0}, gxr = {0};
+  mk(&x, FL_F64, 4, 2, 3, 3, 5); mk(&g, FL_F64, 1, 5, 0, 0, 0); mk(&b, FL_F64, 1, 5, 0, 0, 0);
+  mk(&gy, FL_F64, 4, 2, 3, 3, 5);
+  CHECK(fl_batchnorm_forward_train(&y, &m, &iv, &x, &g, &b, NULL, NULL, 0.99, 1e-3, 1, 0) == 0);
+  CHECK(fl_batchnorm_forward_train(&yr, &m2, &iv2, &x, &g, &b, NULL, NULL, 0.99, 1e-3, 1, 1) == 0);
+  int64_t n = fl_tensor_numel(&y);
+  fl_tensor gm;
+  mk(&gm, FL_F64, 4, 2, 3, 3, 5);
+  for (int64_t i = 0; i < n; i++) {
+    CHECK_NEAR(at(&yr, i), fmax(at(&y, i), 0), 1e-14);
+    ((double *)fl_tensor_data(&gm))[i] = at(&y, i) > 0 ? at(&gy, i) : 0;
+  }
+  CHECK(fl_batchnorm_backward(&gx, NULL, NULL, &x, &gm, &m, &iv, &g, 1, 0, NULL) == 0);
+  CHECK(fl_batchnorm_backward(&gxr, NULL, NULL, &x, &gy, &m, &iv, &g, 1, 0, &yr) == 0);
+  for (int64_t i = 0; i < n; i++) CHECK_NEAR(at(&gxr, i), at(&gx, i), 1e-12);
+  fl_tensor *all[] = {&x, &g, &b, &gy, &y, &m, &iv, &yr, &m2, &iv2, &gx, &gxr, &gm};
+  for (size_t i = 0; i < sizeof all / sizeof *all; i++) fl_tensor_free(all[i]);
+}
+
+static void test_add_act_and_optim_kernels(void) {
+  fl_tensor a, b, y = {0}, w, gr, mo, v;
+  mk(&a, FL_F32, 2, 3, 70000, 0, 0);    /* big enough for the parallel loops */
+  mk(&b, FL_F32, 2, 3, 70000, 0, 0);
+  int64_t n = fl_tensor_numel(&a);
+  CHECK(fl_add_act(&y, &a, &b, 0.17, 1) == 0);
+  for (int64_t i = 0; i < n; i += 997) CHECK_NEAR(at(&y, i), fmax(at(&a, i) + 0.17 * at(&b, i), 0), 1e-6);
+  fl_tensor_free(&y);
+  /* in place into a */
+  double a5 = at(&a, 5), b5 = at(&b, 5);
+  CHECK(fl_add_act_into(&a, &a, &b, 1, 0) == 0);
+  CHECK_NEAR(at(&a, 5), a5 + b5, 1e-6);
+  double s;
+  CHECK(fl_sumsq(&b, &s) == 0);
+  double want = 0;
+  for (int64_t i = 0; i < n; i++) want += at(&b, i) * at(&b, i);
+  CHECK_NEAR(s, want, 1e-6 * want);
+  /* axpby, sgd (plain, momentum, nesterov) and adam against scalar code */
+  mk(&w, FL_F64, 1, 7, 0, 0, 0); mk(&gr, FL_F64, 1, 7, 0, 0, 0); mk(&mo, FL_F64, 1, 7, 0, 0, 0);
+  mk(&v, FL_F64, 1, 7, 0, 0, 0);
+  double W[7], G[7], M[7], V[7];
+  for (int i = 0; i < 7; i++) {
+    W[i] = at(&w, i); G[i] = at(&gr, i); M[i] = at(&mo, i);
+    V[i] = fabs(at(&v, i)); ((double *)fl_tensor_data(&v))[i] = V[i];
+  }
+  CHECK(fl_axpby(&w, 2, &gr, 0.5) == 0);
+  for (int i = 0; i < 7; i++) { W[i] = 2 * G[i] + 0.5 * W[i]; CHECK_NEAR(at(&w, i), W[i], 1e-14); }
+  CHECK(fl_sgd_step(&w, &gr, NULL, 0.1, 0, 0) == 0);
+  for (int i = 0; i < 7; i++) { W[i] -= 0.1 * G[i]; CHECK_NEAR(at(&w, i), W[i], 1e-14); }
+  CHECK(fl_sgd_step(&w, &gr, &mo, 0.1, 0.9, 1) == 0);
+  for (int i = 0; i < 7; i++) {
+    M[i] = 0.9 * M[i] - 0.1 * G[i]; W[i] += 0.9 * M[i] - 0.1 * G[i];
+    CHECK_NEAR(at(&w, i), W[i], 1e-14); CHECK_NEAR(at(&mo, i), M[i], 1e-14);
+  }
+  CHECK(fl_adam_step(&w, &gr, &mo, &v, 0.01, 0.9, 0.999, 1e-7) == 0);
+  for (int i = 0; i < 7; i++) {
+    M[i] += (G[i] - M[i]) * 0.1; V[i] += (G[i] * G[i] - V[i]) * 0.001;
+    W[i] -= 0.01 * M[i] / (sqrt(V[i]) + 1e-7);
+    CHECK_NEAR(at(&w, i), W[i], 1e-13);
+  }
+  CHECK(fl_sgd_step(&w, &gr, NULL, 0.1, 0.9, 0) == -1);
+  CHECK(strstr(fl_errmsg(), "needs a momentum buffer") != NULL);
+  fl_tensor *all[] = {&a, &b, &w, &gr, &mo, &v};
+  for (size_t i = 0; i < sizeof all / sizeof *all; i++) fl_tensor_free(all[i]);
+}
+
 static void test_same_rule(void) {
   fl_window win;
   int64_t oh, ow;
@@ -375,6 +442,8 @@ int main(void) {
     }
   }
   TEST("batchnorm training forward, moving stats, backward vs finite differences") test_batchnorm();
+  TEST("batchnorm with a fused ReLU, forward and backward") test_batchnorm_relu();
+  TEST("add_act, sumsq, axpby, SGD and Adam kernels") test_add_act_and_optim_kernels();
   TEST("fused softmax cross-entropy with smoothing, labels and one-hot") test_softmax_xent();
   TEST("activation backward relu/sigmoid/tanh/softmax") test_act_backward();
   TEST("TensorFlow same-padding rule") test_same_rule();

@@ -223,12 +223,17 @@ T.test('h5 append mode keeps data, replaces datasets and attributes', function()
     f:set_attr('/', 'k', 'replaced')
     f:write('/b', flower.ones(1))
     f:remove('/b')
+    f:create_group('/g1/g2')
+    f:create_group('/g1/g2')      -- again: nothing happens
+    T.raises(function() f:create_group('/a') end, "'/a': expected a group, found a dataset")
   end
   local f <close> = h5.open(p, 'r')
   same_list(f:shape('/a'), {2, 2})
   T.eq(f:attr('/a', 'k'), nil)
   T.eq(f:attr('/', 'k'), 'replaced')
   T.eq(f:exists('/b'), false)
+  T.eq(f:kind('/g1/g2'), 'group')
+  T.eq(#f:list('/g1/g2'), 0)
 end)
 
 T.test('h5.write_atomic publishes complete files only', function()

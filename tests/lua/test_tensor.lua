@@ -164,6 +164,40 @@ T.test('view / reshape sizes', function()
   T.eq(shape(t:view(2, 12):squeeze(1)), '2x12')   -- size > 1: unchanged
 end)
 
+T.test('random views: reshape, ops and copies agree with contiguous copies', function()
+  math.randomseed(7)
+  for _ = 1, 200 do
+    -- a random 4-d tensor, permuted and narrowed: an arbitrary strided view
+    local sz = { math.random(1, 4), math.random(1, 4), math.random(1, 4), math.random(1, 4) }
+    local base = flower.arange(sz[1] * sz[2] * sz[3] * sz[4]):view(sz)
+    local perm = { 1, 2, 3, 4 }
+    for i = 4, 2, -1 do local j = math.random(1, i); perm[i], perm[j] = perm[j], perm[i] end
+    local v = base:permute(perm)
+    local d = math.random(1, 4)
+    if v:size(d) > 1 then v = v:narrow(d, 2, v:size(d) - 1) end
+    local c = v:contiguous()
+    T.check(v:equal(c), 'contiguous copy')
+    -- reshape to the flat size and to a random factorisation; view where it works must agree
+    local flat = v:reshape(-1)
+    T.check(flat:equal(c:view(-1)), 'reshape -1')
+    local ok, w = pcall(v.view, v, -1)
+    if ok then T.check(w:equal(c:view(-1)), 'view -1') end
+    local n = v:numel()
+    local f = 1
+    for k = 2, n do if n % k == 0 and math.random() < 0.5 then f = k; break end end
+    local r = v:reshape(f, n // f)
+    T.check(r:equal(c:view(f, n // f)), 'reshape f x n/f')
+    ok, w = pcall(v.view, v, f, n // f)
+    if ok then T.check(w:equal(r), 'view f x n/f') end
+    -- element-wise ops and reductions on the strided view
+    T.check((v * 2 + v):equal(c * 3), 'arith on views')
+    T.eq(v:sum():item(), c:sum():item())
+    local dd = math.random(1, 4)
+    T.check(v:sum(dd):equal(c:sum(dd)), 'sum over dim ' .. dd)
+    T.check(v:max(dd):equal(c:max(dd)), 'max over dim ' .. dd)
+  end
+end)
+
 T.test('transpose permute expand contiguous clone', function()
   local t = flower.arange(6):view(2, 3)
   T.eq(shape(t:transpose(1, 2)), '3x2')

@@ -11,6 +11,7 @@ and Keras's prediction `y` (inference mode), so flowerlua must predict the same.
             Flatten, Dropout, Dense softmax
   seqdense  Sequential without an explicit InputLayer: Dense on a rank-3 input (applies to the
             last axis), Activation, Flatten, Dense
+  nested    Functional with a Functional base model used as a layer (conv, BN, conv, GAP) + Dense
   func      Functional: ZeroPadding2D, Conv2D without bias, BatchNormalization(scale=False, axis=3),
             ReLU branches joined by Concatenate and Add, GlobalMaxPooling2D + GlobalAveragePooling2D
             concatenated, Dense sigmoid
@@ -66,6 +67,19 @@ def build(K, kind):
         g = L.Concatenate(name="cat2")([g2, g1])
         out = L.Dense(4, activation="sigmoid", name="head")(g)
         return K.Model(inp, out, name="func")
+    if kind == "nested":
+        # a base model used as a layer, as in transfer learning: Keras stores it as one group
+        # whose weights are its trainable weights followed by its non-trainable ones
+        bin_ = K.Input((9, 9, 3), name="base_in")
+        b = L.Conv2D(4, 3, name="base_conv")(bin_)
+        b = L.BatchNormalization(name="base_bn")(b)
+        b = L.Activation("relu", name="base_relu")(b)
+        b = L.Conv2D(5, 1, name="base_conv2")(b)
+        b = L.GlobalAveragePooling2D(name="base_gap")(b)
+        base = K.Model(bin_, b, name="base")
+        inp = K.Input((9, 9, 3), name="img")
+        out = L.Dense(3, activation="softmax", name="head")(base(inp))
+        return K.Model(inp, out, name="nested")
     if kind == "unsupported":
         inp = K.Input((5, 5, 2))
         x = L.Conv2DTranspose(3, 3, name="deconv")(inp)
@@ -85,8 +99,11 @@ def randomize(model, rng):
                 new.append(rng.uniform(0.5, 2.0, w.shape))
             elif "gamma" in n:
                 new.append(rng.uniform(0.5, 1.5, w.shape))
+            elif "kernel" in n:     # fan-in scaled, so that softmax/sigmoid outputs stay unsaturated
+                fan_in = np.prod(w.shape[:2]) if "depthwise" in n else np.prod(w.shape[:-1])
+                new.append(rng.normal(0, 1.0 / np.sqrt(fan_in), w.shape))
             else:
-                new.append(rng.normal(0, 0.5, w.shape))
+                new.append(rng.normal(0, 0.3, w.shape))
         l.set_weights([a.astype("float32") for a in new])
 
 
@@ -124,7 +141,7 @@ def main():
     rng = np.random.default_rng(SEED)
     for prefix, K in (("tf2", tf_keras), ("k3", keras)):
         K.utils.set_random_seed(SEED)
-        for kind in ("seq", "seqdense", "func", "unsupported"):
+        for kind in ("seq", "seqdense", "func", "nested", "unsupported"):
             m = save(K, prefix, kind, outdir, rng)
             if prefix == "tf2" and kind == "seq":
                 p = os.path.join(outdir, "tf2_seq_weights.h5")

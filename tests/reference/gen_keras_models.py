@@ -178,7 +178,7 @@ def resnet50_old(input_shape):
         y = layers.add([y, s])
         return layers.Activation("relu")(y)
 
-    inp = layers.Input(input_shape)
+    inp = layers.Input(input_shape, name="input_1")   # as in a fresh session
     x = layers.ZeroPadding2D(3, name="conv1_pad")(inp)
     x = layers.Conv2D(64, 7, strides=2, padding="valid", name="conv1")(x)
     x = layers.BatchNormalization(axis=3, name="bn_conv1")(x)
@@ -188,7 +188,7 @@ def resnet50_old(input_shape):
     for stage, (f, n, s) in zip((2, 3, 4, 5), ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))):
         for i in range(n):
             x = block(x, (f, f, 4 * f), stage, "abcdef"[i], s if i == 0 else 1, i == 0)
-    x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    x = layers.GlobalAveragePooling2D()(x)          # notop, pooling='avg': unnamed in resnet50.py
     return Model(inp, x, name="resnet50")
 
 

@@ -11,15 +11,16 @@ if ! command -v tmux >/dev/null; then
   exit 0
 fi
 tmp=$(mktemp -d)
-sock="$tmp/tmux.sock"
+sessions=0
 hist="$tmp/history"
 TIMEOUT=${REPL_TIMEOUT:-20}             # seconds per expectation; sanitizer builds start slowly
 
-T() { tmux -S "$sock" "$@"; }
+T() { tmux -S "$tmp/tmux$sessions.sock" "$@"; }
 trap 'T kill-server 2>/dev/null; rm -rf "$tmp"' EXIT
 
-start() {   # a fresh REPL in session "repl"; the pane stays after exit to show the status
+start() {   # a fresh REPL in session "repl" of a new tmux server; the pane stays after exit
   T kill-server 2>/dev/null
+  sessions=$((sessions + 1))
   T -f /dev/null new-session -d -s repl -x 160 -y 50 \
     "env INPUTRC=/dev/null HOME='$tmp' FLOWERLUA_HISTORY='$hist' '$FL'; echo REPL-EXITED-\$?; sleep 120"
 }
@@ -33,11 +34,11 @@ wait_for() {
   done
   return 1
 }
-# Waits for an empty prompt as the last non-empty line.
+# Waits until the last non-empty line is exactly $1 (default ">", an empty prompt).
 wait_prompt() {
-  local deadline=$((SECONDS + TIMEOUT))
+  local want=${1:->} deadline=$((SECONDS + TIMEOUT))
   while [ $SECONDS -le $deadline ]; do
-    [ "$(screen | grep -v '^$' | tail -1)" = ">" ] && return 0
+    [ "$(screen | grep -v '^$' | tail -1)" = "$want" ] && return 0
     sleep 0.05
   done
   return 1
@@ -81,6 +82,11 @@ expect "the nested completion runs" '^cba$'
 wait_prompt; type_text 'io.stdout:wri'; key Tab
 expect "Tab completes a method after : through the metatable" '^> io\.stdout:write$'
 key C-u
+step 'lazy = setmetatable({}, {__complete = {"alpha", "beta"}, __index = function(_, k) return k .. "!" end})'
+wait_prompt; type_text 'lazy.al'; key Tab
+expect "Tab completes names a metatable lists in __complete" '^> lazy\.alpha$'
+send ''
+expect "the __complete name resolves" '^alpha!$'
 wait_prompt; type_text 'pri'; key Tab Tab
 expect "Tab completes a global" '^> print$'
 key C-u
@@ -105,16 +111,16 @@ step 'nil + 1'
 expect "a runtime error in an expression is reported" 'attempt to perform arithmetic on a nil value'
 
 # Ctrl-C: interrupts a running statement, clears a line, abandons a multi-line chunk
-step 'while true do end'
-wait_for '^> while true do end$'; sleep 0.2; key C-c
+step 'print("loop-" .. "started") while true do end'
+wait_for '^loop-started$'; key C-c
 expect "Ctrl-C interrupts a running statement" 'interrupted!'
 step '6 * 7 + 1'
 expect "the REPL continues after the interrupt" '^43$'
 wait_prompt; type_text 'garbage_line'; wait_for '^> garbage_line$'; key C-c
 expect "Ctrl-C at the prompt shows ^C" '^> garbage_line\^C$'
-step '2 + 2'
-expect "after Ctrl-C at the prompt a new line runs" '^4$'
-step 'for i = 1, 3 do'; wait_for '^> for i = 1, 3 do$'; key C-c
+step '1000 + 1'
+expect "after Ctrl-C at the prompt a new line runs" '^1001$'
+step 'for i = 1, 3 do'; wait_prompt '>>'; key C-c
 step '5 + 5'
 expect "Ctrl-C abandons an incomplete chunk" '^10$'
 if screen | grep -qx 'nil'; then echo "not ok - repl: the cleared line was not run"; else echo "ok - repl: the cleared line was not run"; fi

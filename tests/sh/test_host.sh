@@ -75,7 +75,7 @@ EOF
 run "$FL" "$tmp/fail.lua"
 verdict "a failing script exits 1" '[ $rc = 1 ] && [ "$out" = before ]'
 verdict "the error message names file, line and text" '[[ "$err" == *"fail.lua:1: bad value: 7"* ]]'
-verdict "the traceback goes through the calling functions" '[[ "$err" == *"stack traceback:"* && "$err" == *"in local '"'"'inner'"'"'"* && "$err" == *"fail.lua:4: in main chunk"* ]]'
+verdict "the traceback goes through the calling functions" '[[ "$err" == *"stack traceback:"* && "$err" == *"inner'"'"'"* && "$err" == *"in local '"'"'outer'"'"'"* && "$err" == *"fail.lua:4: in main chunk"* ]]'
 run "$FL" -e 'error({code = 1})'
 verdict "a non-string error object is reported" '[ $rc = 1 ] && [[ "$err" == *"error object is a table value"* ]]'
 printf 'x = = 1\n' >"$tmp/syntax.lua"

@@ -1,9 +1,8 @@
 /* Lua half of the REPL: result formatting and tab completion, kept in Lua because both walk
  * tables and metatables. Loaded once by repl.c; returns {format = f, complete = f}. */
-#ifndef FLOWER_REPL_LUA_H
-#define FLOWER_REPL_LUA_H
+#include "host.h"
 
-static const char repl_lua[] =
+const char host_repl_lua[] =
 "local type, tostring, next, rawget, rawlen = type, tostring, next, rawget, rawlen\n"
 "local getmt, sort, concat, fmt = debug.getmetatable, table.sort, table.concat, string.format\n"
 "local keywords = {}\n"
@@ -147,14 +146,14 @@ static const char repl_lua[] =
 "    end\n"
 "    names(v, found, {}, sep == ':', 0)\n"
 "  end\n"
-"  local out = {}\n"
-"  for k in pairs(found) do\n"
-"    if k:sub(1, #partial) == partial then out[#out + 1] = prefix .. sep .. k end\n"
+"  local out, private = {}, partial:sub(1, 1) == '_'\n"
+"  for k in pairs(found) do                -- _names only when asked for, like IPython\n"
+"    if k:sub(1, #partial) == partial and (private or k:sub(1, 1) ~= '_') then\n"
+"      out[#out + 1] = prefix .. sep .. k\n"
+"    end\n"
 "  end\n"
 "  sort(out)\n"
 "  return out\n"
 "end\n"
 "\n"
 "return {format = format, complete = complete}\n";
-
-#endif

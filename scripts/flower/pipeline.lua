@@ -1,0 +1,303 @@
+-- flower.pipeline: the seed's whole pipeline as one function, shared by the recipes in experiments/:
+--   data (Kaggle layout, seeded 80/20 split) -> for each model: freeze/unfreeze stages, final weights,
+--   validation numbers, a submission straight from the model -> feature export -> ensemble
+--   (concatenated features + Dropout/Dense, and averaged probabilities) -> predict.csv -> report.html
+--
+--   pipeline.run(cfg, run, {
+--     build = function(name, classes, cfg) -> model        -- with model.feature_layer, model.head
+--     size = function(name, cfg) -> input size (pixels)
+--     loss = function(name) -> 'logits' | 'categorical_crossentropy'
+--     describe = function(name, cfg) -> {weights = path or nil, preprocessing = 'tf'}
+--   })
+-- cfg (resolved recipe config): data, models (list), stages (list of {epochs, train, lr}, where a
+-- string value names a config key, e.g. epochs = 'epochs'), batch_size, workers, seed, augment,
+-- ensemble_epochs, ensemble_lr, ensemble_dropout, topk, split_seed, valid_fraction, resume.
+-- Returns a summary {results = {{name, val_acc}...}, best = name, predict = path}. An interrupt
+-- (Ctrl-C, SIGTERM) during training or export writes checkpoints and returns {interrupted = why}.
+local flower = require 'flower'
+local files = require 'flower.files'
+local train = require 'flower.train'
+
+local pipeline = {}
+
+local function resolve(v, cfg)
+  if type(v) == 'string' and cfg[v] ~= nil then return cfg[v] end
+  return v
+end
+
+-- stages from the config with option references resolved; a stage's `train` may be a table
+-- {<model name> = spec, default = spec} when layer names differ between models ('from:<layer>')
+function pipeline.stages(cfg, model)
+  local out = {}
+  for i, st in ipairs(cfg.stages or {}) do
+    local s = {}
+    for k, v in pairs(st) do s[k] = resolve(v, cfg) end
+    if type(s.train) == 'table' then s.train = s.train[model] or s.train.default or 'all' end
+    if math.type(s.epochs) ~= 'integer' then
+      error(string.format('pipeline: stage %d: epochs must be an integer, got %s', i, tostring(s.epochs)), 2)
+    end
+    out[i] = s
+  end
+  return out
+end
+
+-- Data sets: train/valid from train.json (stratified seeded split), test from test.json if present.
+function pipeline.datasets(cfg)
+  local data = require 'flower.data'
+  local all = data.kaggle(cfg.data)
+  local tr, va = all:split { test_size = cfg.valid_fraction or 0.2, seed = cfg.split_seed or 42, stratify = true }
+  local te
+  if files.exists(files.join(cfg.data, 'test.json')) then te = data.kaggle_test(cfg.data) end
+  -- class names: the synthetic set's train.json has readable category names
+  local names = {}
+  for i, c in ipairs(all.categories or {}) do names[i] = tostring(c) end
+  local tj = files.join(cfg.data, 'train.json')
+  local f = io.open(tj, 'rb')
+  local size = f and f:seek('end') or 0
+  if f then f:close() end
+  if size < 8e6 then
+    local doc = files.json_read(tj)
+    local byid = {}
+    for _, c in ipairs(doc.categories or {}) do byid[tostring(c.id)] = c.name end
+    for i, c in ipairs(all.categories or {}) do
+      if byid[tostring(c)] then names[i] = string.format('%s (%s)', tostring(c), byid[tostring(c)]) end
+    end
+  end
+  return { all = all, train = tr, valid = va, test = te, classes = all.num_classes, names = names }
+end
+
+local function train_loader(cfg, ds, size)
+  local data = require 'flower.data'
+  local tf = cfg.augment == false and { mode = 'center', size = size }
+    or { mode = 'random_resized', size = size, scale = { cfg.crop_scale or 0.35, 1 }, flip = true }
+  return data.Loader { ds, batch_size = cfg.batch_size, shuffle = true, seed = cfg.seed, workers = cfg.workers,
+                       transform = tf, size = size, drop_last = false }
+end
+
+local function eval_loader(cfg, ds, size)
+  local data = require 'flower.data'
+  return data.Loader { ds, batch_size = cfg.eval_batch_size or cfg.batch_size * 2, shuffle = false,
+                       workers = cfg.workers, transform = 'eval', size = size }
+end
+pipeline.eval_loader = eval_loader
+
+-- The submission for a split's predictions: category ids from labels, the sample's order if any.
+local function write_submission(cfg, path, ds, categories, probs, k)
+  local predict = require 'flower.predict'
+  local top = probs:argmax(2):view(-1):totable()
+  local pred, ids = {}, {}
+  for i, l in ipairs(top) do pred[i] = categories[l]; ids[i] = tostring(ds.ids[i]) end
+  local topk
+  if k and k > 1 then
+    topk = {}
+    for i, t in ipairs(predict.topk_rows(probs:totable(), k)) do
+      local r = {}
+      for j, l in ipairs(t) do r[j] = categories[l] end
+      topk[i] = r
+    end
+  end
+  local sample = files.join(cfg.data, 'sample_submission.csv')
+  predict.write_csv(path, { ids = ids, predicted = pred, topk = topk, sample = files.exists(sample) and sample or nil })
+  return path, pred, ids
+end
+
+-- Accuracy of a submission against the synthetic set's answer key (test_labels.csv), if present.
+local function score_submission(cfg, ids, pred)
+  local key = files.join(cfg.data, 'test_labels.csv')
+  if not files.exists(key) then return nil end
+  local want = {}
+  for i, r in ipairs(files.csv_read(key)) do if i > 1 then want[r[1]] = r[2] end end
+  local right, n = 0, 0
+  for i, id in ipairs(ids) do
+    if want[id] ~= nil then
+      n = n + 1
+      if tostring(pred[i]) == want[id] then right = right + 1 end
+    end
+  end
+  return n > 0 and right / n or nil
+end
+pipeline.score_submission = score_submission
+
+local function save_weights(model, path)
+  local ok, keras = pcall(require, 'flower.keras')
+  if ok and keras.save_weights then
+    local tmp = files.tmpname(path)
+    keras.save_weights(model, tmp)
+    os.rename(tmp, path)
+  else
+    train.save_checkpoint(path, model, nil, {})
+  end
+end
+
+-- Fine-tunes one model through the stages; returns its summary.
+function pipeline.finetune(cfg, run, ds, spec, name)
+  local size = spec.size(name, cfg)
+  local model = spec.build(name, ds.classes, cfg)
+  local dir = run:path('models', name)
+  files.mkdir(dir)
+  local tl, vl = train_loader(cfg, ds.train, size), eval_loader(cfg, ds.valid, size)
+  local loss = spec.loss and spec.loss(name) or 'logits'
+  local total = model:count_params()
+  run:log('%s: %d parameters, input %dx%d, %d train / %d valid images', name, total, size, size, #ds.train, #ds.valid)
+  local hist = train.fit_stages(model, pipeline.stages(cfg, name), {
+    train = tl, valid = vl, loss = loss, label = name, log = function(m) run:log('%s', m) end,
+    checkpoint_dir = files.join(dir, 'checkpoints'), resume = cfg.resume ~= nil,
+    history_csv = files.join(dir, 'history.csv'), save_best = false,
+    make_optimizer = function(st)
+      local optim = require 'flower.optim'
+      return optim.Adam { lr = st.lr or cfg.lr }
+    end,
+  })
+  if hist.stopped == 'interrupted' then return { interrupted = hist.interrupted } end
+  save_weights(model, files.join(dir, 'weights.h5'))
+  -- validation predictions, confusion matrix, and a submission straight from the model
+  local report = require 'flower.report'
+  local ev = train.evaluate(model, vl, { loss = loss, collect = true, softmax = loss == 'logits', progress = false })
+  local conf = report.confusion(ev.labels, ev.pred, ds.classes)
+  local out = { name = name, model = model, size = size, history = hist, val_acc = ev.acc, val_loss = ev.loss,
+                confusion = conf, loss = loss }
+  if ds.test then
+    local t0 = files.now()
+    local et = train.evaluate(model, eval_loader(cfg, ds.test, size), { loss = loss, collect = true,
+      softmax = loss == 'logits', progress = false })
+    local path, pred, ids = write_submission(cfg, run:path('predict-' .. name .. '.csv'), ds.test, ds.all.categories, et.probs, cfg.topk)
+    out.test_acc = score_submission(cfg, ids, pred)
+    out.predict = path
+    run:time(name .. ': predict test', #ds.test, files.now() - t0)
+  end
+  -- timing per stage from the history (training throughput; validation excluded)
+  local per = {}
+  for _, r in ipairs(hist.rows) do
+    local s = per[r.stage] or { images = 0, seconds = 0 }
+    if r.images_per_s and r.images_per_s > 0 then
+      s.images = s.images + #ds.train
+      s.seconds = s.seconds + #ds.train / r.images_per_s
+    end
+    per[r.stage] = s
+  end
+  for i, st in ipairs(pipeline.stages(cfg, name)) do
+    if per[i] then run:time(string.format('%s: stage %d (%s), training', name, i, st.train or 'all'), per[i].images, per[i].seconds) end
+  end
+  run:log('%s: validation accuracy %.4f, loss %.4f%s', name, ev.acc, ev.loss,
+    out.test_acc and string.format(', test accuracy %.4f (answer key)', out.test_acc) or '')
+  return out
+end
+
+-- Exports a fine-tuned model's features for train, valid and test.
+function pipeline.export(cfg, run, ds, spec, m)
+  local export = require 'flower.export'
+  local desc = spec.describe and spec.describe(m.name, cfg) or {}
+  local splits = { { 'train', ds.train }, { 'valid', ds.valid } }
+  if ds.test then splits[#splits + 1] = { 'test', ds.test } end
+  local path = run:path('features', m.name .. '.h5')
+  local r = export.features(m.model, { path = path, splits = splits, resume = cfg.resume ~= nil,
+    loader = function(d) return eval_loader(cfg, d, m.size) end,
+    attrs = { model = m.name, image_size = m.size, preprocessing = desc.preprocessing or '',
+              weights = desc.weights or run:path('models', m.name, 'weights.h5') } })
+  if r.interrupted then return nil, r.interrupted end
+  run:time(m.name .. ': feature export', r.images, r.seconds)
+  run:log('%s: features exported to %s (%d images, %.1f images/s)', m.name, path, r.images or 0, r.images_per_s or 0)
+  return path
+end
+
+-- Trains the ensemble on the exported features; writes predict.csv.
+function pipeline.ensemble(cfg, run, ds, paths, finetuned)
+  local ensemble = require 'flower.ensemble'
+  local report = require 'flower.report'
+  local feats = ensemble.load(paths)
+  local t0 = files.now()
+  local clf = ensemble.fit(feats, { dropout = cfg.ensemble_dropout, epochs = cfg.ensemble_epochs, lr = cfg.ensemble_lr,
+    batch_size = cfg.ensemble_batch_size or 64, seed = cfg.seed, progress = false,
+    log = function(m) run:log('%s', m) end, label = 'ensemble' })
+  local secs = files.now() - t0
+  run:time('ensemble: train on concatenated features', (#clf.history.rows) * feats.x.train:size(1), secs)
+  train.write_history_csv(run:path('ensemble', 'history.csv'), clf.history)
+  local results = {}
+  for i, m in ipairs(finetuned) do
+    results[#results + 1] = { name = m.name, val_acc = m.val_acc, test_acc = m.test_acc,
+      note = string.format('fine-tuned (%d features)', feats.dims[i]) }
+  end
+  local avg = ensemble.average(feats, 'valid')
+  local avg_acc = ensemble.accuracy(avg, feats.label.valid)
+  local pred = clf.valid_probs:argmax(2):view(-1):totable()
+  local conf = report.confusion(feats.label.valid:totable(), pred, ds.classes)
+  local out = { classifier = clf, feats = feats, confusion = conf }
+  local concat = { name = 'ensemble: concatenated features', val_acc = clf.val_acc,
+    note = string.format('Dropout(%g) + Dense(%d) on %d features, %d epochs', cfg.ensemble_dropout, ds.classes,
+      feats.x.train:size(2), #clf.history.rows) }
+  local averaged = { name = 'ensemble: averaged probabilities', val_acc = avg_acc, note = 'mean of the models\' softmax outputs' }
+  if ds.test and feats.x.test then
+    local probs = clf:predict(feats.x.test)
+    local path, p, ids = write_submission(cfg, run:path('predict.csv'), ds.test, ds.all.categories, probs, cfg.topk)
+    concat.test_acc = score_submission(cfg, ids, p)
+    out.predict = path
+    local _, pa, ida = write_submission(cfg, run:path('predict-averaged.csv'), ds.test, ds.all.categories, ensemble.average(feats, 'test'), cfg.topk)
+    averaged.test_acc = score_submission(cfg, ida, pa)
+  end
+  results[#results + 1] = concat
+  results[#results + 1] = averaged
+  out.results = results
+  for _, r in ipairs(results) do
+    run:log('%-34s validation accuracy %.4f%s', r.name, r.val_acc,
+      r.test_acc and string.format('   test accuracy %.4f (answer key)', r.test_acc) or '')
+  end
+  return out
+end
+
+-- The whole pipeline. Returns the summary, or {interrupted = why}.
+function pipeline.run(cfg, run, spec)
+  local t_start = files.now()
+  local ds = pipeline.datasets(cfg)
+  run:log('data: %s, %d classes, %d train / %d valid / %d test images', cfg.data, ds.classes, #ds.train, #ds.valid,
+    ds.test and #ds.test or 0)
+  local finetuned, paths = {}, {}
+  for _, name in ipairs(cfg.models) do
+    local m = pipeline.finetune(cfg, run, ds, spec, name)
+    if m.interrupted then return m end
+    finetuned[#finetuned + 1] = m
+  end
+  for _, m in ipairs(finetuned) do
+    local p, why = pipeline.export(cfg, run, ds, spec, m)
+    if not p then return { interrupted = why } end
+    paths[#paths + 1] = p
+  end
+  local ens = pipeline.ensemble(cfg, run, ds, paths, finetuned)
+  run.results = ens.results
+  local report = require 'flower.report'
+  local models = {}
+  for i, m in ipairs(finetuned) do models[i] = { name = m.name, history = m.history.rows } end
+  -- one history.csv for the whole run: the models' rows with a model column
+  local rows = {}
+  for _, m in ipairs(finetuned) do
+    for _, r in ipairs(m.history.rows) do
+      local row = { m.name }
+      for j, c in ipairs(train.HISTORY_COLUMNS) do row[j + 1] = r[c] end
+      rows[#rows + 1] = row
+    end
+  end
+  local header = { 'model' }
+  for j, c in ipairs(train.HISTORY_COLUMNS) do header[j + 1] = c end
+  files.csv_write(run:path('history.csv'), header, rows)
+  local seconds = files.now() - t_start
+  local file_list = { { 'config.json', 'the resolved configuration' }, { 'log.txt', 'the log' },
+    { 'history.csv', 'per-epoch loss and accuracy of every model' } }
+  if ens.predict then file_list[#file_list + 1] = { 'predict.csv', 'the submission (ensemble of concatenated features)' } end
+  for _, m in ipairs(finetuned) do
+    if m.predict then file_list[#file_list + 1] = { 'predict-' .. m.name .. '.csv', 'submission straight from ' .. m.name } end
+    file_list[#file_list + 1] = { 'models/' .. m.name .. '/weights.h5', m.name .. ' fine-tuned weights (Keras layout)' }
+    file_list[#file_list + 1] = { 'features/' .. m.name .. '.h5', m.name .. ' exported features' }
+  end
+  report.write(run:path('report.html'), {
+    title = string.format('%s — %s', run.name, cfg.data),
+    subtitle = string.format('%s, %d classes, %d train / %d valid images; %.0f s in all', os.date('%Y-%m-%d %H:%M'),
+      ds.classes, #ds.train, #ds.valid, seconds),
+    results = ens.results, models = models, classes = ds.names, confusion = ens.confusion,
+    confusion_of = 'ensemble: concatenated features, validation set', timing = run.timing, files = file_list,
+    config = cfg,
+  })
+  run:write_results()
+  run:log('report: %s (%.0f s in all)', run:path('report.html'), seconds)
+  return { results = ens.results, predict = ens.predict, seconds = seconds, finetuned = finetuned, ensemble = ens }
+end
+
+return pipeline

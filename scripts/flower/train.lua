@@ -1,0 +1,691 @@
+-- flower.train: the training loop, its callbacks, checkpoints and freeze/unfreeze stages.
+--
+--   local train = require 'flower.train'
+--   local hist = train.fit(model, {
+--     train = loader, valid = vloader,        -- loaders: loader:epoch(e) yields {x, y, n}; #loader
+--     optimizer = optim.Adam{lr = 1e-3},      -- flower.optim optimizer
+--     loss = 'logits',                        -- fused softmax cross-entropy on logits (default);
+--                                             -- 'categorical_crossentropy' on softmax outputs; or an
+--                                             -- object with forward/backward (flower.nn losses)
+--     epochs = 5,                             -- the last epoch (absolute, like Keras's `epochs`)
+--     initial_epoch = 0,                      -- epochs already done (a later stage starts later)
+--     callbacks = {train.EarlyStopping{patience = 2}, train.ReduceLROnPlateau{}},
+--     checkpoint_dir = 'runs/x/ckpt/cnn',     -- last.h5 every epoch (and on interrupt); best.h5
+--     save_best = 'val_acc',                  -- with the best `val_acc` so far (false: none)
+--     resume = true,                          -- continue from checkpoint_dir/last.h5 if present
+--     history = hist,                         -- rows are appended (several stages, one history)
+--     history_csv = 'runs/x/history.csv',     -- rewritten atomically after every epoch
+--     stage = 1, label = 'cnn head',          -- recorded in the history / shown in the bar
+--   })
+--   -- hist.rows = {{stage, epoch, loss, acc, val_loss, val_acc, lr, seconds, images_per_s}, ...}
+--   -- hist.stopped = nil | 'early_stopping' | 'interrupted'; hist.interrupted = 'SIGINT' | ...
+--
+-- Exactness of resume: a checkpoint holds the weights (BatchNorm moving statistics included), the
+-- optimizer's state, the epoch and the step within it, the global RNG state and every seeded
+-- Dropout's stream offset, the callbacks' state, the running sums of the epoch and the history.
+-- Loaders give batches as a function of (seed, epoch) only, so a resumed run sees the same
+-- batches, and its weights are bit-identical to an uninterrupted run's.
+--
+-- Interrupts: while fit runs, SIGINT and SIGTERM (through flower.core._util) only raise a flag;
+-- the current step finishes, a checkpoint is written and fit returns with hist.stopped =
+-- 'interrupted' (a second Ctrl-C kills at once). Without _util, the host's Ctrl-C error is caught:
+-- the interrupted epoch is lost and the run continues from the last epoch's checkpoint.
+-- A NaN or infinite loss raises an error naming the epoch and the step; the last checkpoint on disk
+-- is the last good one (nothing is written after a bad step).
+local flower = require 'flower'
+local files = require 'flower.files'
+local progress = require 'flower.progress'
+
+local train = {}
+
+local function nn() return require 'flower.nn' end
+
+local function fail(fmt, ...) error('train.fit: ' .. string.format(fmt, ...), 3) end
+
+---------------------------------------------------------------------------------------------------
+-- Interrupt flag
+
+local requested
+-- Asks a running fit to stop after its current step (tests, callbacks).
+function train.request_interrupt(reason) requested = reason or 'request' end
+
+-- nil, or the reason the run should stop ('SIGINT', 'SIGTERM', or a requested reason)
+function train.interrupted()
+  if requested then return requested end
+  local u = files.util()
+  if u then return u.interrupted() end
+  return nil
+end
+
+-- Forgets a pending interrupt (fit and export call it when they start).
+local function clear_interrupt()
+  requested = nil
+  local u = files.util()
+  if u then u.clear_interrupt() end
+end
+train.clear_interrupt = clear_interrupt
+
+---------------------------------------------------------------------------------------------------
+-- Losses and steps
+
+-- loss spec -> function(output, target) returning loss (number) and dL/doutput
+local function make_loss(spec)
+  if spec == nil or spec == 'logits' or spec == 'softmax_cross_entropy' then
+    return function(out, y) return nn().softmax_cross_entropy(out, y) end
+  elseif spec == 'categorical_crossentropy' then
+    local l = nn().CategoricalCrossentropy {}
+    return function(out, y)
+      local v = l:forward(out, y)
+      return v, l:backward(out, y)
+    end
+  elseif type(spec) == 'function' then
+    return spec
+  elseif type(spec) == 'table' and spec.forward and spec.backward then
+    return function(out, y)
+      local v = spec:forward(out, y)
+      return v, spec:backward(out, y)
+    end
+  end
+  error("train: loss must be 'logits', 'categorical_crossentropy', a function or an object with forward/backward", 3)
+end
+train.make_loss = make_loss
+
+local function finite(v) return v == v and v ~= math.huge and v ~= -math.huge end
+
+-- The regularization penalty Keras adds to the loss (for display; the optimizer adds the gradient).
+local function penalty(model)
+  local f = nn().regularization_loss
+  if f then return f(model) end
+  return 0
+end
+
+-- One optimizer update from the gradients accumulated in the model.
+local function optimizer_step(opt, model)
+  if type(opt) == 'function' then return opt(model) end
+  return opt:step(model)
+end
+
+-- One training step on a batch: returns loss, accuracy (fractions over the batch).
+function train.step(model, batch, lossfn, optimizer)
+  model:zero_grad()
+  local out = model:forward(batch.x)
+  local l, g = lossfn(out, batch.y)
+  local acc = nn().accuracy(out, batch.y)
+  if not finite(l) then return l, acc end
+  model:backward(batch.x, g)
+  optimizer_step(optimizer, model)
+  return l, acc
+end
+
+-- Evaluates a model over a loader: {loss, acc, n}. With opts.collect, also pred (list of predicted
+-- labels), labels (list), index (data set indices) and probs (a (N, K) tensor of outputs), in loader
+-- order. opts.softmax turns logits into probabilities in `probs`.
+function train.evaluate(model, loader, opts)
+  opts = opts or {}
+  local lossfn = make_loss(opts.loss)
+  local was = model.train
+  model:evaluate()
+  local sum, correct, n, has_y = 0, 0, 0, false
+  local pred, labels, index, parts = {}, {}, {}, {}
+  local bar = opts.progress ~= false and progress.new { total = #loader, label = opts.label or 'evaluate' } or nil
+  local step = 0
+  local ok, err = pcall(function()
+    for batch in loader:epoch(opts.epoch or 1) do
+      local out = model:forward(batch.x)
+      local bn = batch.n or out:size(1)
+      if batch.y then
+        has_y = true
+        local l = lossfn(out, batch.y)
+        sum = sum + l * bn
+        correct = correct + nn().accuracy(out, batch.y) * bn
+      end
+      n = n + bn
+      if opts.collect then
+        local p = out:argmax(2):view(-1):totable()
+        for i = 1, #p do pred[#pred + 1] = p[i] end
+        if batch.y then
+          local y = batch.y:totable()
+          for i = 1, #y do labels[#labels + 1] = y[i] end
+        end
+        for i = 1, bn do index[#index + 1] = batch.index and batch.index[i] or #index + 1 end
+        parts[#parts + 1] = opts.softmax and out:softmax(2) or out:clone()
+      end
+      step = step + 1
+      if bar then bar:update(step) end
+    end
+  end)
+  if was then model:training() end
+  if not ok then error(err, 0) end
+  if bar then bar:finish() end
+  local r = { loss = n > 0 and sum / n or nil, acc = n > 0 and correct / n or nil, n = n }
+  if not has_y then r.loss, r.acc = nil, nil end
+  if opts.collect then
+    r.pred, r.labels, r.index = pred, labels, index
+    r.probs = #parts > 0 and flower.cat(parts, 1) or nil
+  end
+  return r
+end
+
+---------------------------------------------------------------------------------------------------
+-- RNG state: the global generator and every seeded Dropout's stream offset.
+
+local function leaves(model)
+  local out = {}
+  local function walk(m)
+    local list = m.layers and m:layers() or m.modules or {}
+    for _, l in ipairs(list) do
+      if l._is_model then walk(l) else out[#out + 1] = l end
+    end
+  end
+  if model._is_model or model.layers then walk(model) else out[1] = model end
+  return out
+end
+train.leaves = leaves
+
+function train.rng_state(model)
+  local s = { global = flower.get_rng_state(), layers = {} }
+  for _, l in ipairs(leaves(model)) do
+    if l._offset ~= nil then s.layers[l.name] = l._offset end
+  end
+  return s
+end
+
+function train.set_rng_state(model, s)
+  if s.global then flower.set_rng_state(s.global) end
+  for _, l in ipairs(leaves(model)) do
+    if s.layers and s.layers[l.name] ~= nil then l._offset = s.layers[l.name] end
+  end
+end
+
+---------------------------------------------------------------------------------------------------
+-- Checkpoints. One HDF5 file, written atomically (flower.h5.write_atomic):
+--   /weights/<layer>/<weight>            every weight of the model (trainable or not: BatchNorm's
+--                                        moving statistics too), as model:weights() lists them
+--   /optimizer/slots/<layer>/<weight>/<slot>   the optimizer's per-weight state (Adam's m and v)
+--   attributes of /optimizer: kind, iterations, lr
+--   attribute `flower_train` of /: the training metadata as JSON (epoch, step, RNG, callbacks...)
+-- Loading checks every weight's presence and shape before copying anything, so a mismatched file
+-- leaves the model as it was.
+
+local function weight_records(model)
+  if model.weights then return model:weights() end
+  error('train: the model has no weights() method', 3)
+end
+
+function train.save_checkpoint(path, model, optimizer, meta)
+  local h5 = require 'flower.h5'
+  files.mkdir(files.dirname(path))
+  h5.write_atomic(path, function(f)
+    for _, w in ipairs(weight_records(model)) do f:write('/weights/' .. w.path, w.tensor) end
+    if optimizer and optimizer.state then
+      local st = optimizer:state()
+      f:create_group('/optimizer')
+      for wpath, slots in pairs(st.slots or {}) do
+        for name, t in pairs(slots) do f:write('/optimizer/slots/' .. wpath .. '/' .. name, t) end
+      end
+      f:set_attr('/optimizer', 'kind', st.kind or '')
+      f:set_attr('/optimizer', 'iterations', st.iterations or 0)
+      if st.lr then f:set_attr('/optimizer', 'lr', st.lr) end
+    end
+    f:set_attr('/', 'flower_train', files.json_encode(meta or {}))
+  end)
+  return path
+end
+
+-- Loads a checkpoint into model (and optimizer); returns its metadata table.
+function train.load_checkpoint(path, model, optimizer)
+  local h5 = require 'flower.h5'
+  local f <close> = h5.open(path, 'r')
+  local meta = f:attr('/', 'flower_train')
+  if type(meta) ~= 'string' then
+    error('train.load_checkpoint: ' .. path .. ': no training metadata (not written by flower.train)', 2)
+  end
+  -- read everything first; copy only when all of it fits
+  local loaded = {}
+  for _, w in ipairs(weight_records(model)) do
+    local p = '/weights/' .. w.path
+    if not f:exists(p) then
+      error(string.format("train.load_checkpoint: %s has no weight '%s' (a checkpoint of another model?)", path, w.path), 2)
+    end
+    local t = f:read(p)
+    local want, got = table.concat(w.tensor:size(), 'x'), table.concat(t:size(), 'x')
+    if want ~= got then
+      error(string.format("train.load_checkpoint: %s: weight '%s' has shape %s, the model's is %s", path, w.path, got, want), 2)
+    end
+    loaded[#loaded + 1] = { w.tensor, t }
+  end
+  local ostate
+  if optimizer and optimizer.load_state and f:exists('/optimizer') then
+    ostate = { kind = f:attr('/optimizer', 'kind'), iterations = f:attr('/optimizer', 'iterations'),
+               lr = f:attr('/optimizer', 'lr'), slots = {} }
+    local function walk(group, rel)
+      for _, name in ipairs(f:list(group)) do
+        local child = group .. '/' .. name
+        if f:kind(child) == 'group' then walk(child, rel and (rel .. '/' .. name) or name)
+        else
+          ostate.slots[rel] = ostate.slots[rel] or {}
+          ostate.slots[rel][name] = f:read(child)
+        end
+      end
+    end
+    if f:exists('/optimizer/slots') then walk('/optimizer/slots', nil) end
+  end
+  for _, pair in ipairs(loaded) do pair[1]:copy(pair[2]) end
+  if ostate then optimizer:load_state(ostate) end
+  return files.json_decode(meta, path)
+end
+
+---------------------------------------------------------------------------------------------------
+-- History
+
+local HISTORY_COLUMNS = { 'stage', 'epoch', 'loss', 'acc', 'val_loss', 'val_acc', 'lr', 'seconds', 'images_per_s' }
+train.HISTORY_COLUMNS = HISTORY_COLUMNS
+
+function train.History() return { rows = {} } end
+
+function train.write_history_csv(path, hist)
+  local rows = {}
+  for i, r in ipairs(hist.rows) do
+    local row = {}
+    for j, c in ipairs(HISTORY_COLUMNS) do row[j] = r[c] end
+    rows[i] = row
+  end
+  files.mkdir(files.dirname(path))
+  files.csv_write(path, HISTORY_COLUMNS, rows)
+end
+
+---------------------------------------------------------------------------------------------------
+-- Callbacks. Each is a table with any of on_train_begin(ctx), on_epoch_begin(ctx, epoch),
+-- on_epoch_end(ctx, epoch, logs), on_train_end(ctx), and state() / load_state(s) for checkpoints.
+-- ctx = {model, optimizer, history, stop (set to stop after this epoch), lr (get/set via
+-- train.get_lr / train.set_lr)}.
+
+function train.get_lr(opt)
+  if opt.get_lr then return opt:get_lr() end
+  return opt.lr
+end
+
+function train.set_lr(opt, lr)
+  if opt.set_lr then opt:set_lr(lr) else opt.lr = lr end
+end
+
+local function better(mode, a, b, delta)
+  if b == nil then return true end
+  if mode == 'max' then return a > b + delta end
+  return a < b - delta
+end
+
+local function resolve_mode(monitor, mode)
+  if mode and mode ~= 'auto' then return mode end
+  if monitor:find('acc') then return 'max' end
+  return 'min'
+end
+
+-- Stops when `monitor` has not improved for `patience` epochs.
+function train.EarlyStopping(o)
+  o = o or {}
+  local cb = { name = 'early_stopping', monitor = o.monitor or 'val_loss', patience = o.patience or 3,
+               min_delta = o.min_delta or 0, wait = 0, best = nil }
+  cb.mode = resolve_mode(cb.monitor, o.mode)
+  function cb:on_epoch_end(ctx, epoch, logs)
+    local v = logs[self.monitor]
+    if v == nil then return end
+    if better(self.mode, v, self.best, self.min_delta) then
+      self.best, self.wait, self.best_epoch = v, 0, epoch
+    else
+      self.wait = self.wait + 1
+      if self.wait >= self.patience then
+        ctx.stop = 'early_stopping'
+        ctx.log(string.format('early stopping: %s has not improved for %d epochs (best %.4f at epoch %d)',
+          self.monitor, self.patience, self.best, self.best_epoch or 0))
+      end
+    end
+  end
+  function cb:state() return { wait = self.wait, best = self.best, best_epoch = self.best_epoch } end
+  function cb:load_state(s) self.wait, self.best, self.best_epoch = s.wait, s.best, s.best_epoch end
+  return cb
+end
+
+-- Sets the learning rate at the start of each epoch: fn(epoch, lr) -> lr (Keras's
+-- LearningRateScheduler). epoch counts from 1.
+function train.LearningRateScheduler(fn)
+  local cb = { name = 'lr_scheduler' }
+  function cb:on_epoch_begin(ctx, epoch)
+    train.set_lr(ctx.optimizer, fn(epoch, train.get_lr(ctx.optimizer)))
+  end
+  return cb
+end
+
+-- lr * gamma^floor((epoch - first) / step_size), counted from the stage's first epoch.
+function train.StepDecay(o)
+  local base, first
+  return train.LearningRateScheduler(function(epoch, lr)
+    if base == nil then base, first = o.lr or lr, epoch end
+    return base * (o.gamma or 0.1) ^ ((epoch - first) // (o.step_size or 10))
+  end)
+end
+
+-- Cosine decay from lr to min_lr over `epochs` epochs (counted from the stage's first epoch).
+function train.CosineDecay(o)
+  local base, first
+  return train.LearningRateScheduler(function(epoch, lr)
+    if base == nil then base, first = o.lr or lr, epoch end
+    local t = math.min(1, (epoch - first) / math.max(1, o.epochs))
+    local lo = o.min_lr or 0
+    return lo + (base - lo) * 0.5 * (1 + math.cos(math.pi * t))
+  end)
+end
+
+-- Multiplies the learning rate by `factor` when `monitor` has not improved for `patience` epochs.
+function train.ReduceLROnPlateau(o)
+  o = o or {}
+  local cb = { name = 'reduce_lr', monitor = o.monitor or 'val_loss', factor = o.factor or 0.1,
+               patience = o.patience or 2, min_lr = o.min_lr or 0, min_delta = o.min_delta or 1e-4,
+               cooldown = o.cooldown or 0, wait = 0, cool = 0 }
+  cb.mode = resolve_mode(cb.monitor, o.mode)
+  function cb:on_epoch_end(ctx, epoch, logs)
+    local v = logs[self.monitor]
+    if v == nil then return end
+    if self.cool > 0 then self.cool = self.cool - 1; self.wait = 0 end
+    if better(self.mode, v, self.best, self.min_delta) then
+      self.best, self.wait = v, 0
+    elseif self.cool == 0 then
+      self.wait = self.wait + 1
+      if self.wait >= self.patience then
+        local lr = train.get_lr(ctx.optimizer)
+        local new = math.max(lr * self.factor, self.min_lr)
+        if new < lr then
+          train.set_lr(ctx.optimizer, new)
+          ctx.log(string.format('epoch %d: reducing the learning rate to %.3g', epoch, new))
+        end
+        self.cool, self.wait = self.cooldown, 0
+      end
+    end
+  end
+  function cb:state() return { wait = self.wait, best = self.best, cool = self.cool } end
+  function cb:load_state(s) self.wait, self.best, self.cool = s.wait, s.best, s.cool end
+  return cb
+end
+
+local function call_cbs(cbs, event, ...)
+  for _, cb in ipairs(cbs) do
+    if cb[event] then cb[event](cb, ...) end
+  end
+end
+
+local function cb_states(cbs)
+  local s = {}
+  for i, cb in ipairs(cbs) do if cb.state then s[i] = cb:state() end end
+  return s
+end
+
+---------------------------------------------------------------------------------------------------
+-- fit
+
+local function check_loader(l, what)
+  if type(l) ~= 'table' or type(l.epoch) ~= 'function' then
+    fail('%s must be a loader (with :epoch(e) and #loader), got %s', what, type(l))
+  end
+end
+
+local function default_log(msg) io.stdout:write(msg, '\n'); io.stdout:flush() end
+
+function train.fit(model, o)
+  if type(model) ~= 'table' or type(model.forward) ~= 'function' then fail('expected a model, got %s', type(model)) end
+  if type(o) ~= 'table' then fail('expected a table of options') end
+  check_loader(o.train, 'train')
+  if o.valid ~= nil then check_loader(o.valid, 'valid') end
+  if o.optimizer == nil then fail('optimizer is required') end
+  local epochs = o.epochs or 1
+  if math.type(epochs) ~= 'integer' or epochs < 0 then fail('epochs must be a non-negative integer, got %s', tostring(epochs)) end
+  local initial = o.initial_epoch or 0
+  local lossfn = make_loss(o.loss)
+  local log = o.log or default_log
+  local cbs = o.callbacks or {}
+  local hist = o.history or train.History()
+  local stage = o.stage
+  local label = o.label or 'train'
+  local dir = o.checkpoint_dir
+  local last_path = dir and files.join(dir, 'last.h5')
+  local best_path = dir and files.join(dir, 'best.h5')
+  local save_best = o.save_best
+  if save_best == nil then save_best = o.valid and 'val_acc' or false end
+  local nsteps = #o.train
+  local ctx = { model = model, optimizer = o.optimizer, history = hist, log = log }
+
+  -- resume
+  local start_epoch, skip, sums = initial + 1, 0, nil
+  local best
+  if o.resume and last_path and files.exists(last_path) then
+    local meta = train.load_checkpoint(last_path, model, o.optimizer)
+    if meta.stage ~= nil and stage ~= nil and tostring(meta.stage) ~= tostring(stage) then
+      fail('%s belongs to stage %s, this is stage %s', last_path, tostring(meta.stage), tostring(stage))
+    end
+    train.set_rng_state(model, meta.rng)
+    for i, s in pairs(meta.callbacks or {}) do
+      local cb = cbs[tonumber(i)]
+      if cb and cb.load_state then cb:load_state(s) end
+    end
+    if meta.lr then train.set_lr(o.optimizer, meta.lr) end
+    -- the history up to the checkpoint replaces what the caller passed for this stage
+    if meta.history then hist.rows = meta.history end
+    best = meta.best
+    if meta.step and meta.step > 0 then
+      start_epoch, skip, sums = meta.epoch, meta.step, meta.sums
+    else
+      start_epoch = meta.epoch + 1
+    end
+    log(string.format('%s: resumed from %s (epoch %d, step %d)', label, last_path, meta.epoch, meta.step or 0))
+    if meta.stopped then
+      log(string.format('%s: already finished (%s)', label, meta.stopped))
+      hist.stopped = meta.stopped
+      return hist
+    end
+  end
+
+  local function meta_for(epoch, step, s, stopped)
+    return { epoch = epoch, step = step, sums = s, stage = stage, rng = train.rng_state(model),
+             callbacks = cb_states(cbs), lr = train.get_lr(o.optimizer), history = hist.rows, best = best,
+             stopped = stopped }
+  end
+
+  local u = files.util()
+  local prev_catch = u and u.catch_signals(true)
+  clear_interrupt()
+  local ok, err = pcall(function()
+    call_cbs(cbs, 'on_train_begin', ctx)
+    for epoch = start_epoch, epochs do
+      call_cbs(cbs, 'on_epoch_begin', ctx, epoch)
+      model:training()
+      local bar = progress.new { total = nsteps, label = string.format('%s epoch %d/%d', label, epoch, epochs),
+                                 silent = o.progress == false }
+      local t0 = files.now()
+      local s = sums or { loss = 0, correct = 0, n = 0 }
+      sums = nil
+      local step, images = 0, 0
+      for batch in o.train:epoch(epoch) do
+        step = step + 1
+        if step > skip then
+          local l, acc = train.step(model, batch, lossfn, o.optimizer)
+          local bn = batch.n or batch.x:size(1)
+          if not finite(l) then
+            error(string.format('train.fit: %s: the loss became %s at epoch %d, step %d of %d; stopping '
+              .. '(the last good checkpoint is %s)', label, tostring(l), epoch, step, nsteps,
+              last_path or 'not written: no checkpoint_dir'), 0)
+          end
+          s.loss, s.correct, s.n = s.loss + l * bn, s.correct + acc * bn, s.n + bn
+          images = images + bn
+          bar:update(step, { loss = s.loss / s.n, acc = s.correct / s.n })
+          local why = train.interrupted()
+          if why and step < nsteps then
+            if last_path then train.save_checkpoint(last_path, model, o.optimizer, meta_for(epoch, step, s)) end
+            bar:finish()
+            log(string.format('%s: %s at epoch %d, step %d/%d: %s', label, why, epoch, step, nsteps,
+              last_path and ('checkpoint written to ' .. last_path) or 'no checkpoint_dir, nothing saved'))
+            hist.stopped, hist.interrupted = 'interrupted', why
+            return
+          end
+        end
+      end
+      skip = 0
+      local train_seconds = files.now() - t0
+      local logs = { stage = stage, epoch = epoch, loss = s.n > 0 and s.loss / s.n or nil,
+                     acc = s.n > 0 and s.correct / s.n or nil, lr = train.get_lr(o.optimizer) }
+      if o.valid then
+        local v = train.evaluate(model, o.valid, { loss = o.loss, progress = false, epoch = 1 })
+        logs.val_loss, logs.val_acc = v.loss, v.acc
+      end
+      logs.seconds = files.now() - t0
+      logs.images_per_s = train_seconds > 0 and images / train_seconds or nil
+      bar:finish { val_loss = logs.val_loss, val_acc = logs.val_acc }
+      hist.rows[#hist.rows + 1] = logs
+      call_cbs(cbs, 'on_epoch_end', ctx, epoch, logs)
+      if o.history_csv then train.write_history_csv(o.history_csv, hist) end
+      local improved = false
+      if save_best and logs[save_best] ~= nil then
+        local mode = resolve_mode(save_best)
+        if better(mode, logs[save_best], best and best.value, 0) then
+          best = { value = logs[save_best], epoch = epoch, monitor = save_best }
+          improved = true
+        end
+      end
+      if last_path then
+        train.save_checkpoint(last_path, model, o.optimizer, meta_for(epoch, 0, nil, ctx.stop))
+        if improved then train.save_checkpoint(best_path, model, o.optimizer, meta_for(epoch, 0, nil, 'best')) end
+      end
+      if ctx.stop then hist.stopped = ctx.stop; break end
+      local why = train.interrupted()
+      if why and epoch < epochs then
+        log(string.format('%s: %s after epoch %d: checkpoint written to %s', label, why, epoch, last_path or '(none)'))
+        hist.stopped, hist.interrupted = 'interrupted', why
+        return
+      end
+    end
+    call_cbs(cbs, 'on_train_end', ctx)
+  end)
+  if u then u.catch_signals(prev_catch) end
+  if not ok then
+    -- the host turned Ctrl-C into an error mid-step (no _util): the weights may be half updated,
+    -- so nothing is saved; the last epoch's checkpoint stays the one to resume from
+    if tostring(err):find('interrupted!', 1, true) then
+      log(string.format('%s: interrupted; resume continues from the last completed epoch%s', label,
+        last_path and (' (' .. last_path .. ')') or ''))
+      hist.stopped, hist.interrupted = 'interrupted', 'SIGINT'
+      return hist
+    end
+    error(err, 0)
+  end
+  hist.best = best
+  return hist
+end
+
+---------------------------------------------------------------------------------------------------
+-- Freeze / unfreeze stages
+
+-- The leaf layers of a model in order (Keras's order for the top level when it has one).
+local function ordered_leaves(model)
+  local out = {}
+  local function walk(m)
+    local list = m.keras_layers and m:keras_layers() or m:layers()
+    for _, l in ipairs(list) do
+      if l._is_model then walk(l) else out[#out + 1] = l end
+    end
+  end
+  walk(model)
+  return out
+end
+train.ordered_leaves = ordered_leaves
+
+local function has_weights(l) return l._wnames and #l._wnames > 0 end
+
+local function set_models_trainable(model)
+  local function walk(m)
+    m.trainable = true
+    for _, l in ipairs(m:layers()) do if l._is_model then walk(l) end end
+  end
+  walk(model)
+end
+
+-- Sets layer.trainable for a stage's `train` spec and returns the number of trainable layers:
+--   'all'           every layer
+--   'head'          the layers named in head (a list), or after the layer named `feature_layer`
+--                   (model.feature_layer), or else the last layer that has weights
+--   'from:<name>'   the layer called <name> and every layer after it (the seed's
+--                   `for layer in model.layers[:N]: layer.trainable = False`)
+--   'none'          nothing (feature extraction)
+function train.set_trainable(model, spec, opts)
+  opts = opts or {}
+  local layers = ordered_leaves(model)
+  set_models_trainable(model)
+  local from
+  if spec == 'all' then
+    from = 1
+  elseif spec == 'none' then
+    from = #layers + 1
+  elseif spec == 'head' then
+    local head = opts.head or model.head
+    if head then
+      local names = {}
+      for _, n in ipairs(head) do names[n] = true end
+      local count = 0
+      for _, l in ipairs(layers) do
+        l.trainable = names[l.name] or false
+        if names[l.name] then count = count + 1 end
+      end
+      if count == 0 then error("train.set_trainable: none of the head layers is in the model", 2) end
+      return count
+    end
+    local fl = opts.feature_layer or model.feature_layer
+    if fl then
+      for i, l in ipairs(layers) do if l.name == fl then from = i + 1 end end
+      if not from then error(string.format("train.set_trainable: no layer named '%s' (the feature layer)", fl), 2) end
+    else
+      for i = #layers, 1, -1 do if has_weights(layers[i]) then from = i break end end
+      from = from or #layers + 1
+    end
+  elseif type(spec) == 'string' and spec:sub(1, 5) == 'from:' then
+    local name = spec:sub(6)
+    for i, l in ipairs(layers) do if l.name == name then from = i end end
+    if not from then error(string.format("train.set_trainable: no layer named '%s' in %s", name, tostring(model.name)), 2) end
+  else
+    error("train.set_trainable: train must be 'all', 'head', 'none' or 'from:<layer name>', got " .. tostring(spec), 2)
+  end
+  local count = 0
+  for i, l in ipairs(layers) do
+    l.trainable = i >= from
+    if l.trainable and has_weights(l) then count = count + 1 end
+  end
+  return count
+end
+
+-- Runs stages in order: stages = {{epochs = 1, train = 'head', lr = 1e-3}, {epochs = 4, train = 'all',
+-- lr = 1e-4}, ...}. Each stage gets a fresh optimizer from make_optimizer(stage) (the seed recompiled
+-- the model between stages, which resets Adam), its own checkpoint directory <dir>/stage<i>, and
+-- epochs numbered on from the previous stage. Other fit options (train, valid, callbacks as a
+-- function(stage) -> list, ...) are passed through. A stage whose checkpoint says it finished is
+-- skipped on resume (its weights are loaded from it).
+function train.fit_stages(model, stages, o)
+  if type(stages) ~= 'table' or #stages == 0 then error('train.fit_stages: expected a non-empty list of stages', 2) end
+  local hist = o.history or train.History()
+  local epoch0 = 0
+  for i, st in ipairs(stages) do
+    if math.type(st.epochs) ~= 'integer' or st.epochs < 0 then
+      error(string.format('train.fit_stages: stage %d: epochs must be a non-negative integer, got %s', i, tostring(st.epochs)), 2)
+    end
+    local n = train.set_trainable(model, st.train or 'all', { head = st.head or o.head, feature_layer = o.feature_layer })
+    local opt = o.make_optimizer(st)
+    local fo = {}
+    for k, v in pairs(o) do fo[k] = v end
+    fo.optimizer, fo.initial_epoch, fo.epochs, fo.stage, fo.history = opt, epoch0, epoch0 + st.epochs, i, hist
+    fo.callbacks = type(o.callbacks) == 'function' and o.callbacks(st) or o.callbacks
+    fo.checkpoint_dir = o.checkpoint_dir and files.join(o.checkpoint_dir, 'stage' .. i)
+    fo.label = string.format('%s stage %d (%s)', o.label or 'train', i, tostring(st.train or 'all'))
+    if o.log then o.log(string.format('%s: %d layers with weights trainable, lr %g', fo.label, n, train.get_lr(opt))) end
+    local h = train.fit(model, fo)
+    if h.stopped == 'interrupted' then return hist end
+    epoch0 = epoch0 + st.epochs
+  end
+  return hist
+end
+
+return train

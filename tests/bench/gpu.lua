@@ -1,0 +1,171 @@
+-- GPU benchmark: ResNet50 training-step and inference throughput (img/s) and peak device memory at
+-- batch 128, 224x224, beside PyTorch (torchvision resnet50, channels_last; tests/bench/gpu_torch.py)
+-- on the same GPU in the same run, plus kernel-level peers (sgemm, a 3x3 convolution). Prints a
+-- table with ratios flowerlua / PyTorch (for img/s and TFLOP/s higher is better, for ms and MiB
+-- lower is better). Targets (issue 7): >= 1.0x PyTorch eager in each mode, peak memory no more.
+--
+-- Usage: flowerlua tests/bench/gpu.lua [batch=128] [steps=20]
+-- Environment: FLOWER_PYTHON (default python3) runs the PyTorch peer.
+--
+-- Each side runs in its own process, one after the other (never two on the GPU at once); ours
+-- as `flowerlua tests/bench/gpu.lua --child kernels|model B S`, so that a failure in one part still
+-- leaves the others in the table (marked n/a with the reason).
+local flower = require 'flower'
+local cuda = flower.cuda
+local core = require 'flower.core'
+
+local function result(key, value) print(string.format('RESULT %s %.6g', key, value)); io.stdout:flush() end
+
+-- wall clock: flower.core._util.now (bindings/l_util.c) when registered, else `date` (a fork per
+-- read, about a millisecond: each timing covers several steps or kernels, and syncs the GPU first)
+local now = core._util and core._util.now
+if not now then
+  now = function()
+    local p = io.popen('date +%s.%N')
+    local v = tonumber(p:read('*l'))
+    p:close()
+    return v
+  end
+end
+
+-- seconds per call of fn over reps calls, after warm-up, the device drained before each clock read
+local function timed(fn, reps, warmup)
+  for _ = 1, warmup or 2 do fn() end
+  cuda.synchronize()
+  local t0 = now()
+  for _ = 1, reps do fn() end
+  cuda.synchronize()
+  return (now() - t0) / reps
+end
+
+-------------------------------------------------------------------------------- children
+
+local function child_kernels(batch)
+  local n = 8192
+  local a, b = flower.randn(n, n):cuda(), flower.randn(n, n):cuda()
+  for _, mode in ipairs {{false, 'sgemm_fp32_tflops'}, {true, 'sgemm_tf32_tflops'}} do
+    cuda.allow_tf32(mode[1])
+    local s = timed(function() a:matmul(b):free() end, 5)
+    result(mode[2], 2 * n ^ 3 / s / 1e12)
+  end
+  cuda.allow_tf32(true)
+  a:free(); b:free()
+  local nn = core._nn
+  local x = flower.randn(batch, 56, 56, 64):cuda()
+  local w = flower.randn(3, 3, 64, 64):cuda()
+  local gy = flower.randn(batch, 56, 56, 64):cuda()
+  local gw = flower.zeros(3, 3, 64, 64):cuda()
+  local win = nn.window(56, 56, 3, 3, 1, 1, 1, 1, 'same')
+  result('conv3x3_fwd_ms', 1e3 * timed(function() nn.conv2d(x, w, win):free() end, 10))
+  result('conv3x3_bwd_data_ms', 1e3 * timed(function() nn.conv2d_backward_data(gy, w, x, win):free() end, 10))
+  result('conv3x3_bwd_filter_ms', 1e3 * timed(function() nn.conv2d_backward_filter(x, gy, win, gw) end, 10))
+end
+
+local function child_model(batch, steps)
+  local models = require 'flower.models'
+  local nn = require 'flower.nn'
+  local optim = require 'flower.optim'
+  local m = models.resnet50{include_top = true, classifier_activation = false, input_shape = {224, 224, 3}}
+  if type(m.cuda) ~= 'function' then
+    error('flower.nn models have no :cuda() yet: the model-level benchmark needs Model:cuda()', 0)
+  end
+  m:cuda()
+  local x = flower.randn(batch, 224, 224, 3):cuda()
+  local labels = flower.randint(1, 1000, batch):cuda()
+  local opt = optim.SGD{lr = 0.01, momentum = 0.9}
+  local function step()
+    m:zero_grad()
+    local y = m:forward(x)
+    local _, g = nn.softmax_cross_entropy(y, labels)
+    m:backward(x, g)
+    opt:step(m)
+  end
+  m:training()
+  for _ = 1, 3 do step() end
+  cuda.synchronize()
+  cuda.reset_peak_memory_stats()
+  local s = timed(step, steps, 0)
+  result('train_fp32_img_s', batch / s)
+  local st = cuda.memory_stats()
+  result('train_fp32_peak_alloc_mib', st.peak_allocated / 2 ^ 20)
+  result('train_fp32_peak_reserved_mib', st.peak_reserved / 2 ^ 20)
+  m:evaluate()
+  result('infer_fp32_img_s', batch / timed(function() m:forward(x) end, steps, 3))
+end
+
+if arg[1] == '--child' then
+  if not cuda.available() then error('gpu bench: no CUDA device: ' .. cuda.unavailable_reason()) end
+  local batch, steps = tonumber(arg[3]) or 128, tonumber(arg[4]) or 20
+  cuda.benchmark(true)          -- like torch.backends.cudnn.benchmark = True in the peer
+  cuda.allow_tf32(true)
+  print('# ' .. cuda.device_name())
+  if arg[2] == 'kernels' then child_kernels(batch) else child_model(batch, steps) end
+  return
+end
+
+-------------------------------------------------------------------------------- the parent
+
+local batch, steps = tonumber(arg[1]) or 128, tonumber(arg[2]) or 20
+if not cuda.available() then
+  print('gpu bench: SKIP no CUDA device (' .. cuda.unavailable_reason() .. ')')
+  return
+end
+local exe = arg[-1] or 'flowerlua'
+local python = os.getenv('FLOWER_PYTHON') or 'python3'
+local script = arg[0]
+local peer = script:gsub('gpu%.lua$', 'gpu_torch.py')
+
+-- runs cmd, echoing its output; returns {key = value} from RESULT lines and a failure note or nil
+local function run(label, cmd)
+  print(('## %s: %s'):format(label, cmd))
+  local p = io.popen(cmd .. ' 2>&1')
+  local r, last = {}, {}
+  for line in p:lines() do
+    local k, v = line:match('^RESULT (%S+) (%S+)$')
+    if k then r[k] = tonumber(v) else print('   ' .. line) end
+    last[#last + 1] = line
+    if #last > 3 then table.remove(last, 1) end
+  end
+  local ok, _, code = p:close()
+  local note = nil
+  if not ok then note = ('exit %s: %s'):format(tostring(code), (last[#last] or ''):sub(1, 160)) end
+  return r, note
+end
+
+local ours, notes = {}, {}
+for _, part in ipairs {'kernels', 'model'} do
+  local r, note = run('flowerlua ' .. part, ('timeout 900 %s %s --child %s %d %d'):format(exe, script, part, batch, steps))
+  for k, v in pairs(r) do ours[k] = v end
+  if note then notes[#notes + 1] = 'flowerlua ' .. part .. ': ' .. note end
+end
+local theirs, tnote = run('pytorch', ('timeout 900 %s %s %d %d'):format(python, peer, batch, steps))
+if tnote then notes[#notes + 1] = 'pytorch: ' .. tnote end
+
+local rows = {
+  {'train_fp32_img_s', 'ResNet50 train img/s, fp32/TF32', true},
+  {'train_bf16_img_s', 'ResNet50 train img/s, bf16 mixed', true},
+  {'infer_fp32_img_s', 'ResNet50 inference img/s, fp32/TF32', true},
+  {'infer_bf16_img_s', 'ResNet50 inference img/s, bf16', true},
+  {'train_fp32_peak_alloc_mib', 'peak allocated MiB, fp32 train', false},
+  {'train_fp32_peak_reserved_mib', 'peak reserved MiB, fp32 train', false},
+  {'train_bf16_peak_alloc_mib', 'peak allocated MiB, bf16 train', false},
+  {'sgemm_fp32_tflops', 'sgemm 8192 TFLOP/s, fp32', true},
+  {'sgemm_tf32_tflops', 'sgemm 8192 TFLOP/s, TF32', true},
+  {'conv3x3_fwd_ms', ('conv 3x3 64->64 %dx56x56 fwd ms'):format(batch), false},
+  {'conv3x3_bwd_data_ms', 'conv 3x3 backward data ms', false},
+  {'conv3x3_bwd_filter_ms', 'conv 3x3 backward filter ms', false},
+}
+local function fmt(v) return v and string.format('%.4g', v) or 'n/a' end
+print()
+print(('GPU benchmark, batch %d, %d timed steps'):format(batch, steps))
+print(('| %-38s | %10s | %10s | %-22s |'):format('metric', 'flowerlua', 'PyTorch', 'ratio (flowerlua/torch)'))
+print(('|%s|%s|%s|%s|'):format(('-'):rep(40), ('-'):rep(12), ('-'):rep(12), ('-'):rep(24)))
+for _, row in ipairs(rows) do
+  local a, b = ours[row[1]], theirs[row[1]]
+  local ratio = (a and b and b > 0) and string.format('%.2fx (%s better)', a / b, row[3] and 'higher' or 'lower') or 'n/a'
+  print(('| %-38s | %10s | %10s | %-22s |'):format(row[2], fmt(a), fmt(b), ratio))
+end
+if not ours.train_bf16_img_s then
+  print('bf16 mixed precision: not implemented in flowerlua yet (fl_dtype has no bfloat16)')
+end
+for _, n in ipairs(notes) do print('note: ' .. n) end

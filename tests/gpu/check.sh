@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# The prepared device check of the CUDA backend (issue 7): in one call, get a CUDA build of
+# flowerlua, run the GPU tests (tests/lua/test_cuda.lua), then the GPU benchmark beside PyTorch
+# (tests/bench/gpu.lua), and print the test counts and the benchmark table. Logs go to $OUT (the
+# device tool's folder) when set, else to build-cuda/gpu-check/.
+#
+#   bash tests/gpu/check.sh --bundle      # HERE, no GPU needed: build with CUDA=1 and pack
+#                                         #   build-cuda/gpu-bundle.tar.xz (flowerlua + its libraries)
+#   bash tests/gpu/check.sh [--quick]     # ON THE GPU MACHINE (carry build-cuda/gpu-bundle.tar.xz);
+#                                         #   --quick: batch 32, 5 steps (a fast sanity run)
+#
+# Why a bundle: the GPU image has nvcc, PyTorch and torchvision but not the Lua, HDF5, OpenBLAS and
+# libjpeg development packages flowerlua builds against, and nothing can be installed there. So the
+# binary is built here and travels with the shared libraries such an image may lack; CUDA's own
+# libraries (cudart, cuBLAS, cuDNN) are taken from the machine: /usr/local/cuda or the nvidia-*
+# wheels next to PyTorch. Without a bundle the script tries `make CUDA=1` on the machine itself.
+set -u
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+BUNDLE=build-cuda/gpu-bundle.tar.xz
+
+# The Makefile links with cc; nvcc's objects need the C++ runtime. Until the Makefile's CUDA block
+# links -lstdc++ itself, add it to the host link line.
+make_cuda() {
+  local extra=()
+  grep -q -- '-lstdc++' Makefile || extra=(HOST_LIBS="-llua5.4 -lreadline -lstdc++")
+  make CUDA=1 BUILD=build-cuda -j"$(nproc)" "${extra[@]}" "$@"
+}
+
+if [ "${1:-}" = "--bundle" ]; then
+  set -e
+  make_cuda build-cuda/flowerlua
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  mkdir -p "$tmp/gpubin/lib"
+  cp build-cuda/flowerlua "$tmp/gpubin/"
+  # every resolved library except the C library family, the GCC runtime (the machine's newer one
+  # must serve cuDNN too) and CUDA's own
+  ldd build-cuda/flowerlua | awk '$3 ~ /^\// {print $1, $3}' | while read -r name path; do
+    case "$name" in
+      libc.so*|libm.so*|libdl.so*|libpthread.so*|librt.so*|libresolv.so*|ld-linux*|libstdc++*|libgcc_s*) ;;
+      libcuda.so*|libcudart*|libcublas*|libcudnn*|libnvrtc*|libnvJitLink*) ;;
+      *) cp -L "$path" "$tmp/gpubin/lib/$name" ;;
+    esac
+  done
+  tar -C "$tmp" -cJf "$BUNDLE" gpubin
+  echo "packed $BUNDLE ($(du -h "$BUNDLE" | cut -f1)): flowerlua and $(ls "$tmp/gpubin/lib" | wc -l) libraries"
+  echo "on the GPU machine: bash tests/gpu/check.sh   (carry $BUNDLE)"
+  exit 0
+fi
+
+BATCH=128; STEPS=20
+[ "${1:-}" = "--quick" ] && { BATCH=32; STEPS=5; }
+LOGS=${OUT:-build-cuda/gpu-check}
+mkdir -p "$LOGS"
+exec > >(tee "$LOGS/check.log") 2>&1
+echo "== flowerlua GPU check, $(date -u '+%Y-%m-%d %H:%M UTC'), batch $BATCH, $STEPS steps"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | sed 's/^/gpu: /'
+
+# ---- a CUDA build of flowerlua
+if [ -f "$BUNDLE" ]; then
+  UNPACK=$(mktemp -d /tmp/flowerlua-gpu.XXXXXX)
+  tar -C "$UNPACK" -xJf "$BUNDLE" || { echo "FAILED: cannot unpack $BUNDLE"; exit 1; }
+  FLOWERLUA=$UNPACK/gpubin/flowerlua
+  LIBS=$UNPACK/gpubin/lib
+  export FLOWERLUA_PATH=$ROOT/scripts          # the Lua library of this checkout
+  echo "binary: $BUNDLE (built elsewhere), unpacked in $UNPACK"
+else
+  echo "no $BUNDLE: building here"
+  if ! make_cuda build-cuda/flowerlua > "$LOGS/build.log" 2>&1; then
+    tail -20 "$LOGS/build.log"
+    echo "FAILED: no bundle and no build (make a bundle with: bash tests/gpu/check.sh --bundle)"
+    exit 1
+  fi
+  FLOWERLUA=$ROOT/build-cuda/flowerlua
+  LIBS=
+fi
+
+# ---- CUDA's libraries: this machine's toolkit, then the nvidia-* wheels beside PyTorch
+dirs=()
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do [ -d "$d" ] && dirs+=("$d"); done
+sp=$(python3 -c 'import site, sys; print(" ".join(site.getsitepackages() + [site.getusersitepackages()]))' 2>/dev/null)
+for d in $(find $sp -maxdepth 5 \( -name 'libcudnn.so.9' -o -name 'libcublas.so.1[0-9]' -o -name 'libcublasLt.so.1[0-9]' \
+           -o -name 'libcudart.so.1[0-9]' \) -printf '%h\n' 2>/dev/null | sort -u); do dirs+=("$d"); done
+export LD_LIBRARY_PATH=$(IFS=:; echo "${LIBS:+$LIBS:}${dirs[*]}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+missing=$(ldd "$FLOWERLUA" | grep 'not found')
+if [ -n "$missing" ]; then
+  echo "FAILED: libraries not found for $FLOWERLUA:"; echo "$missing"; echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+  exit 1
+fi
+ldd "$FLOWERLUA" | grep -E 'cudnn|cublas|cudart' | sed 's/^/lib: /'
+
+# ---- GPU tests: every op against the CPU backend
+echo "== tests/lua/test_cuda.lua"
+"$FLOWERLUA" tests/lua/test_cuda.lua > "$LOGS/test_cuda.log" 2>&1
+rc=$?
+cat "$LOGS/test_cuda.log"
+pass=$(grep -c '^ok - ' "$LOGS/test_cuda.log"); skip=$(grep -c '^ok - .*# SKIP' "$LOGS/test_cuda.log")
+fail=$(grep -c '^not ok - ' "$LOGS/test_cuda.log")
+[ $rc -ne 0 ] && [ "$fail" -eq 0 ] && fail=1
+
+# ---- benchmark beside PyTorch
+echo "== tests/bench/gpu.lua $BATCH $STEPS"
+FLOWER_PYTHON=python3 "$FLOWERLUA" tests/bench/gpu.lua "$BATCH" "$STEPS" > "$LOGS/bench.log" 2>&1
+brc=$?
+cat "$LOGS/bench.log"
+
+echo "== summary"
+echo "GPU tests: $((pass - skip)) passed, $fail failed, $skip skipped (exit $rc)"
+echo "benchmark: exit $brc (table above; logs in $LOGS)"
+[ "$fail" -eq 0 ] && [ $brc -eq 0 ]

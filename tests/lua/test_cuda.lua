@@ -1,0 +1,514 @@
+-- The CUDA backend: every op on the GPU against the CPU backend on the same random inputs.
+-- Runs in every build. Without a device (CPU-only build, or no GPU/driver) it checks that the API
+-- says so clearly, and prints one `ok - <group> # SKIP no CUDA device (...)` line per GPU group:
+-- those groups did not run. Tolerances: float32 results within 1e-4 relative of the CPU's (1e-5 for
+-- element-wise ops); TF32 GEMMs and convolutions within 1e-2 (10-bit mantissa inputs); integer
+-- results, copies, uniform and integer random draws exactly equal.
+local flower = require 'flower'
+local T = require 'flower.test'
+local cuda = flower.cuda
+local nn = flower._nn
+
+-- ---------------------------------------------------------------- both builds, no device needed
+
+T.test('cuda api is present', function()
+  for _, k in ipairs {'built', 'available', 'unavailable_reason', 'device_count', 'empty_cache', 'memory_stats',
+                      'device_name', 'synchronize', 'allow_tf32', 'benchmark', 'deterministic', 'conv_stats',
+                      'adam_step', 'sgd_step', 'reset_peak_memory_stats'} do
+    T.eq(type(cuda[k]), 'function', 'flower.cuda.' .. k)
+  end
+  T.eq(type(cuda.built()), 'boolean')
+  T.eq(math.type(cuda.device_count()), 'integer')
+  T.eq(cuda.available(), cuda.built() and cuda.device_count() > 0)
+end)
+
+T.test('cpu tensors: cpu() is the identity, is_cuda false', function()
+  local t = flower.tensor({1, 2, 3})
+  T.check(rawequal(t:cpu(), t), 't:cpu() of a cpu tensor is the tensor itself')
+  T.eq(t:is_cuda(), false)
+  T.eq(t:get_device(), -1)
+  T.eq(t:device(), 'cpu')
+end)
+
+if not cuda.available() then
+  T.test('without a device, cuda functions fail with the reason', function()
+    local reason = cuda.unavailable_reason()
+    T.eq(type(reason), 'string')
+    T.check(#reason > 10, 'reason is explained: ' .. reason)
+    local t = flower.tensor({1, 2, 3})
+    T.raises(function() return t:cuda() end, reason)
+    T.raises(function() return cuda.memory_stats() end, 'cuda.memory_stats')
+    T.raises(function() return cuda.synchronize() end, 'cuda.synchronize')
+    cuda.empty_cache()   -- nothing cached: a no-op, not an error
+  end)
+end
+
+-- ---------------------------------------------------------------- GPU groups
+
+local groups = {}
+local function gpu(name, fn) groups[#groups + 1] = {name, fn} end
+
+local FLOATS = {'float32', 'float64'}
+local ALL = {'float32', 'float64', 'int32', 'int64', 'uint8'}
+local function is_float(dt) return dt == 'float32' or dt == 'float64' end
+
+-- a random CPU tensor of dtype dt (integers in a small signed range, uint8 in 0..255)
+local function rnd(dt, ...)
+  local size = {...}
+  if is_float(dt) then return flower.randn(size, dt) end
+  if dt == 'uint8' then return flower.randint(0, 255, size, 'uint8') end
+  return flower.randint(-50, 50, size, dt)
+end
+
+-- GPU result (copied back) against the CPU's
+local function same(g, c, rtol, atol, msg)
+  T.check(g:is_cuda(), (msg or '') .. ': result is not on the GPU')
+  local h = g:cpu()
+  T.eq(h:dtype(), c:dtype(), msg)
+  if not is_float(c:dtype()) then
+    T.eq(table.concat(h:size(), 'x'), table.concat(c:size(), 'x'), msg)
+    T.check(h:equal(c), (msg or '') .. ': integer results differ')
+  else
+    T.allclose(h, c, rtol or 1e-5, atol or 1e-6, msg)
+  end
+end
+
+gpu('cuda round trip of every dtype, contiguous and strided', function()
+  for _, dt in ipairs(ALL) do
+    local t = rnd(dt, 3, 4, 5)
+    local g = t:cuda()
+    T.eq(g:is_cuda(), true)
+    T.eq(g:get_device(), 0)
+    T.eq(g:device(), 'cuda')
+    T.check(rawequal(g:cuda(), g), 'cuda() of a cuda tensor is itself')
+    T.check(g:cpu():equal(t), dt .. ': round trip')
+    local tt = t:transpose(1, 3)                          -- strided host source
+    T.check(tt:cuda():cpu():equal(tt), dt .. ': strided source')
+    T.check(g:transpose(1, 3):cpu():equal(tt), dt .. ': strided device source')
+    T.check(g:narrow(2, 2, 2):cpu():equal(t:narrow(2, 2, 2)), dt .. ': narrowed view')
+    for _, dt2 in ipairs(ALL) do                          -- conversions on the device
+      T.check(g:type(dt2):cpu():equal(t:type(dt2)), dt .. ' -> ' .. dt2)
+    end
+  end
+  local e = flower.zeros(0, 3):cuda()                      -- empty tensors
+  T.eq(e:cpu():numel(), 0)
+end)
+
+gpu('cuda copy into views and fill', function()
+  local g = flower.zeros(4, 6):cuda()
+  local src = flower.randn(4, 2)
+  g:narrow(2, 3, 2):copy(src:cuda())
+  local want = flower.zeros(4, 6)
+  want:narrow(2, 3, 2):copy(src)
+  same(g, want, 0, 0, 'copy into narrowed view')
+  g:fill(2.5)
+  same(g, flower.full({4, 6}, 2.5), 0, 0, 'fill')
+  local gi = flower.zeros(5, 'int32'):cuda()
+  gi:fill(3e10)                                            -- saturates like the CPU
+  T.check(gi:cpu():equal(flower.zeros(5, 'int32'):fill(3e10)), 'saturating fill')
+  g:zero()
+  same(g, flower.zeros(4, 6), 0, 0, 'zero')
+end)
+
+gpu('cuda element-wise binary ops with broadcasting', function()
+  for _, dt in ipairs(ALL) do
+    local a, b = rnd(dt, 3, 1, 5), rnd(dt, 1, 4, 5)
+    local ga, gb = a:cuda(), b:cuda()
+    for _, op in ipairs {'add', 'sub', 'mul', 'maximum', 'minimum', 'eq', 'ne', 'lt', 'le', 'gt', 'ge'} do
+      same(ga[op](ga, gb), a[op](a, b), 1e-6, 0, dt .. ' ' .. op)
+    end
+    if is_float(dt) then
+      same(ga / gb, a / b, 1e-6, 0, dt .. ' div')
+      same(ga:abs():pow(gb), a:abs():pow(b), 1e-5, 0, dt .. ' pow')
+    end
+    same(ga + 3, a + 3, 1e-6, 0, dt .. ' + scalar')
+    same(ga:transpose(1, 3) * 2, a:transpose(1, 3) * 2, 1e-6, 0, dt .. ' strided * scalar')
+  end
+  -- NaN propagation of maximum/minimum
+  local x = flower.tensor({1, 0 / 0, 3}); local y = flower.tensor({0 / 0, 2, 1})
+  local gm = x:cuda():maximum(y:cuda()):cpu()
+  T.check(gm[1] ~= gm[1] and gm[2] ~= gm[2] and gm[3] == 3, 'maximum propagates NaN')
+end)
+
+gpu('cuda element-wise unary ops', function()
+  for _, dt in ipairs(ALL) do
+    local a = rnd(dt, 6, 7)
+    local g = a:cuda()
+    for _, op in ipairs {'neg', 'abs', 'relu'} do same(g[op](g), a[op](a), 0, 0, dt .. ' ' .. op) end
+    same(g:clamp(-3, 7), a:clamp(-3, 7), 0, 0, dt .. ' clamp')
+    same(g:pow(2), a:pow(2), 1e-6, 0, dt .. ' pow 2')
+    if is_float(dt) then
+      for _, op in ipairs {'exp', 'tanh', 'sigmoid'} do same(g[op](g), a[op](a), 1e-5, 1e-7, dt .. ' ' .. op) end
+      local p = a:abs() + 0.1
+      same(p:cuda():log(), p:log(), 1e-5, 1e-7, dt .. ' log')
+      same(p:cuda():sqrt(), p:sqrt(), 1e-6, 0, dt .. ' sqrt')
+    end
+    local c = g:clone(); c:add_(1)
+    same(c, a + 1, 0, 0, dt .. ' in place')
+  end
+  local gi = flower.tensor({250, 3, 0}, 'uint8'):cuda()
+  same(gi + 10, flower.tensor({250, 3, 0}, 'uint8') + 10, 0, 0, 'uint8 wraps')
+end)
+
+gpu('cuda where', function()
+  local a, b = flower.randn(4, 5), flower.randn(4, 5)
+  local m = a:gt(b)
+  same(flower.where(m:cuda(), a:cuda(), b:cuda()), flower.where(m, a, b), 0, 0, 'where')
+  same(flower.where(m:cuda(), a:cuda(), 0), flower.where(m, a, 0), 0, 0, 'where with a number')
+end)
+
+gpu('cuda reductions over everything and each dim', function()
+  for _, dt in ipairs(ALL) do
+    local a = rnd(dt, 4, 33, 7)
+    local g = a:cuda()
+    for _, op in ipairs {'sum', 'mean', 'max', 'min', 'argmax', 'argmin', 'var', 'std'} do
+      same(g[op](g), a[op](a), 1e-6, 1e-6, dt .. ' ' .. op .. '()')
+      for d = 1, 3 do
+        same(g[op](g, d), a[op](a, d), 1e-6, 1e-6, dt .. ' ' .. op .. '(' .. d .. ')')
+        same(g[op](g, d, true), a[op](a, d, true), 1e-6, 1e-6, dt .. ' ' .. op .. '(' .. d .. ', keepdim)')
+      end
+    end
+    if dt ~= 'uint8' then
+      local _, gi = g:max(2)
+      local _, ci = a:max(2)
+      same(gi, ci, 0, 0, dt .. ' max indices')
+    end
+  end
+  local big = flower.randn(1000003)                       -- many blocks, a ragged tail
+  same(big:cuda():sum(), big:sum(), 1e-6, 1e-6, 'large sum')
+  same(big:cuda():var(), big:var(), 1e-6, 0, 'large var')
+  same(big:cuda():argmax(), big:argmax(), 0, 0, 'large argmax')
+  local wide = flower.randn(3, 5000)                      -- block-per-output path
+  same(wide:cuda():sum(2), wide:sum(2), 1e-6, 1e-6, 'wide rows sum')
+  same(wide:cuda():argmin(2), wide:argmin(2), 0, 0, 'wide rows argmin')
+  local n = flower.tensor({{1, 0 / 0, 5}, {2, 9, 9}})   -- NaN wins, first occurrence wins
+  same(n:cuda():argmax(2), n:argmax(2), 0, 0, 'argmax with NaN and ties')
+  local ties = flower.tensor({3, 1, 3, 1})
+  same(ties:cuda():argmax(), ties:argmax(), 0, 0, 'first maximum')
+  same(ties:cuda():argmin(), ties:argmin(), 0, 0, 'first minimum')
+end)
+
+gpu('cuda matmul (cuBLAS), float32 without and with TF32, float64', function()
+  local old = cuda.allow_tf32(false)
+  local cases = {
+    {{5, 7}, {7, 3}}, {{1, 64}, {64, 9}}, {{2, 5, 7}, {7, 3}}, {{2, 5, 7}, {2, 7, 3}},
+    {{3, 1, 4, 6}, {2, 6, 5}}, {{7}, {7, 4}}, {{4, 7}, {7}}, {{130, 257}, {257, 65}},
+  }
+  for _, dt in ipairs(FLOATS) do
+    for _, c in ipairs(cases) do
+      local a, b = flower.randn(table.unpack(c[1])):type(dt), flower.randn(table.unpack(c[2])):type(dt)
+      local name = dt .. ' ' .. table.concat(c[1], 'x') .. ' @ ' .. table.concat(c[2], 'x')
+      same(a:cuda():matmul(b:cuda()), a:matmul(b), 1e-4, 1e-5, name)
+    end
+    local a, b = flower.randn(9, 6):type(dt), flower.randn(5, 9):type(dt)
+    same(a:cuda():t():matmul(b:cuda():t()), a:t():matmul(b:t()), 1e-4, 1e-5, dt .. ' transposed operands')
+    local out = flower.randn(6, 5):type(dt)
+    local gout = out:cuda()
+    nn.gemm(gout, a:cuda(), b:cuda(), true, true, 0.5, 2)
+    nn.gemm(out, a, b, true, true, 0.5, 2)
+    same(gout, out, 1e-4, 1e-5, dt .. ' gemm alpha/beta')
+  end
+  cuda.allow_tf32(true)
+  local a, b = flower.randn(128, 256), flower.randn(256, 64)
+  same(a:cuda():matmul(b:cuda()), a:matmul(b), 1e-2, 1e-2, 'tf32 matmul')
+  cuda.allow_tf32(old)
+end)
+
+gpu('cuda softmax and logsoftmax', function()
+  for _, dt in ipairs(FLOATS) do
+    local a = flower.randn(3, 4, 300):type(dt) * 5
+    for d = 1, 3 do
+      same(a:cuda():softmax(d), a:softmax(d), 1e-5, 1e-7, dt .. ' softmax dim ' .. d)
+      same(a:cuda():logsoftmax(d), a:logsoftmax(d), 1e-5, 1e-6, dt .. ' logsoftmax dim ' .. d)
+    end
+  end
+end)
+
+gpu('cuda random streams equal the CPU streams', function()
+  for _, dt in ipairs(FLOATS) do
+    flower.manual_seed(1234)
+    local c = flower.empty(10007, dt):uniform_(-2, 3)
+    flower.manual_seed(1234)
+    local g = flower.empty(10007, dt):cuda():uniform_(-2, 3)
+    T.check(g:cpu():equal(c), dt .. ': uniform bit-identical')
+    flower.manual_seed(99)
+    c = flower.empty(10007, dt):normal_(1, 2)
+    flower.manual_seed(99)
+    g = flower.empty(10007, dt):cuda():normal_(1, 2)
+    -- device log/cos are within 1 ulp of glibc's: equal after rounding to float32, 1 ulp in float64
+    T.allclose(g:cpu(), c, dt == 'float32' and 1e-7 or 1e-15, 0, dt .. ': normal')
+  end
+  local c = nn.rng_uniform(flower.empty(777), 42, 1000)
+  local g = nn.rng_uniform(flower.empty(777):cuda(), 42, 1000)
+  T.check(g:cpu():equal(c), 'rng_uniform at an offset')
+end)
+
+-- conv/pool cases: {N,H,W,C}, kernel {KH,KW,Cin,Cout}, strides, dilation, padding
+local conv_cases = {
+  {{2, 9, 9, 3}, {3, 3, 3, 8}, 1, 1, 'same'},
+  {{2, 9, 10, 4}, {3, 3, 4, 5}, 2, 1, 'same'},     -- asymmetric padding (bottom/right)
+  {{2, 8, 8, 6}, {1, 1, 6, 16}, 1, 1, 'valid'},
+  {{1, 11, 11, 3}, {7, 7, 3, 4}, 2, 1, 'valid'},
+  {{2, 10, 10, 4}, {3, 3, 4, 4}, 1, 2, 'same'},    -- dilation
+  {{2, 8, 8, 5}, {2, 2, 5, 3}, 2, 1, 'same'},
+}
+
+local function window(xs, ks, s, d, pad)
+  local win = nn.window(xs[2], xs[3], ks[1], ks[2], s, s, d, d, pad)
+  return win
+end
+
+gpu('cuda conv2d forward/backward (cuDNN) against the CPU', function()
+  local old = cuda.allow_tf32(false)
+  for i, c in ipairs(conv_cases) do
+    for _, dt in ipairs(FLOATS) do
+      local x, w = flower.randn(table.unpack(c[1])):type(dt), flower.randn(table.unpack(c[2])):type(dt)
+      local win = window(c[1], c[2], c[3], c[4], c[5])
+      local name = ('%s case %d'):format(dt, i)
+      local y = nn.conv2d(x, w, win)
+      local gy_ = nn.conv2d(x:cuda(), w:cuda(), win)
+      same(gy_, y, 1e-4, 1e-5, name .. ' forward')
+      local F = c[2][4]
+      local scale, shift = flower.randn(F):type(dt), flower.randn(F):type(dt)
+      same(nn.conv2d(x:cuda(), w:cuda(), win, scale:cuda(), shift:cuda(), true),
+           nn.conv2d(x, w, win, scale, shift, true), 1e-4, 1e-5, name .. ' forward + scale/shift/relu')
+      local gy = flower.randn(table.unpack(y:size())):type(dt)
+      same(nn.conv2d_backward_data(gy:cuda(), w:cuda(), x:size(), win), nn.conv2d_backward_data(gy, w, x:size(), win),
+           1e-4, 1e-5, name .. ' backward data')
+      local gw, gb = flower.randn(table.unpack(c[2])):type(dt), flower.randn(F):type(dt)
+      local ggw, ggb = gw:cuda(), gb:cuda()
+      nn.conv2d_backward_filter(x, gy, win, gw, gb, 0.5)
+      nn.conv2d_backward_filter(x:cuda(), gy:cuda(), win, ggw, ggb, 0.5)
+      same(ggw, gw, 1e-4, 1e-4, name .. ' backward filter (accumulating)')
+      same(ggb, gb, 1e-4, 1e-4, name .. ' bias gradient')
+    end
+  end
+  cuda.allow_tf32(true)
+  local c = conv_cases[1]
+  local x, w = flower.randn(table.unpack(c[1])), flower.randn(table.unpack(c[2]))
+  local win = window(c[1], c[2], c[3], c[4], c[5])
+  same(nn.conv2d(x:cuda(), w:cuda(), win), nn.conv2d(x, w, win), 1e-2, 1e-2, 'tf32 forward')
+  cuda.allow_tf32(old)
+  local st = cuda.conv_stats()
+  T.check(st.plans > 0, 'cuDNN plans were cached')
+  print(('# cuDNN plans %d, direct-kernel fallback calls %d'):format(st.plans, st.fallback_calls))
+end)
+
+gpu('cuda depthwise forward/backward against the CPU', function()
+  local old = cuda.allow_tf32(false)
+  for i, c in ipairs {{{2, 9, 9, 4}, {3, 3, 4, 2}, 1, 'same'}, {{2, 10, 10, 3}, {3, 3, 3, 1}, 2, 'same'},
+                      {{1, 7, 7, 5}, {5, 5, 5, 1}, 1, 'valid'}} do
+    local x, w = flower.randn(table.unpack(c[1])), flower.randn(table.unpack(c[2]))
+    local win = window(c[1], c[2], c[3], 1, c[4])
+    local y = nn.depthwise(x, w, win)
+    same(nn.depthwise(x:cuda(), w:cuda(), win), y, 1e-4, 1e-5, 'depthwise forward ' .. i)
+    local gy = flower.randn(table.unpack(y:size()))
+    same(nn.depthwise_backward_data(gy:cuda(), w:cuda(), x:size(), win),
+         nn.depthwise_backward_data(gy, w, x:size(), win), 1e-4, 1e-5, 'depthwise backward data ' .. i)
+    local gw = flower.zeros(table.unpack(c[2]))
+    local ggw = gw:cuda()
+    nn.depthwise_backward_filter(x, gy, win, gw)
+    nn.depthwise_backward_filter(x:cuda(), gy:cuda(), win, ggw)
+    same(ggw, gw, 1e-4, 1e-4, 'depthwise backward filter ' .. i)
+  end
+  cuda.allow_tf32(old)
+end)
+
+gpu('cuda pooling forward/backward against the CPU', function()
+  for _, dt in ipairs(FLOATS) do
+    for i, c in ipairs {{{2, 9, 9, 3}, 3, 2, 'same'}, {{2, 8, 8, 4}, 2, 2, 'valid'}, {{1, 7, 6, 2}, 3, 1, 'same'}} do
+      local x = flower.randn(table.unpack(c[1])):type(dt)
+      local win = nn.window(c[1][2], c[1][3], c[2], c[2], c[3], c[3], 1, 1, c[4])
+      for _, kind in ipairs {'max', 'avg'} do
+        local name = ('%s %s pool case %d'):format(dt, kind, i)
+        local y = nn.pool2d(x, kind, win)
+        same(nn.pool2d(x:cuda(), kind, win), y, 1e-6, 0, name)
+        local gy = flower.randn(table.unpack(y:size())):type(dt)
+        same(nn.pool2d_backward(gy:cuda(), x:cuda(), kind, win), nn.pool2d_backward(gy, x, kind, win), 1e-6, 1e-7,
+             name .. ' backward')
+      end
+    end
+  end
+end)
+
+gpu('cuda batch norm (train forward, fused ReLU, backward both modes) against the CPU', function()
+  for _, dt in ipairs(FLOATS) do
+    for _, relu in ipairs {false, true} do
+      local x = (flower.randn(4, 5, 6, 7) * 3 + 1):type(dt)
+      local gamma, beta = flower.randn(7):type(dt), flower.randn(7):type(dt)
+      local rm, rv = flower.randn(7):type(dt), flower.rand(7):type(dt)
+      local grm, grv = rm:cuda(), rv:cuda()
+      local unbiased = not relu                               -- both settings of the running variance
+      local name = ('%s bn (relu %s)'):format(dt, tostring(relu))
+      local y, mean, inv = nn.batchnorm_train(x, gamma, beta, rm, rv, 0.9, 1e-3, unbiased, relu)
+      local gy_, gmean, ginv = nn.batchnorm_train(x:cuda(), gamma:cuda(), beta:cuda(), grm, grv, 0.9, 1e-3, unbiased,
+                                                  relu)
+      same(gy_, y, 1e-4, 1e-5, name .. ' forward')
+      same(gmean, mean, 1e-5, 1e-6, name .. ' mean')
+      same(ginv, inv, 1e-5, 1e-6, name .. ' invstd')
+      same(grm, rm, 1e-5, 1e-6, name .. ' running mean')
+      same(grv, rv, 1e-5, 1e-6, name .. ' running var')
+      local gy = flower.randn(4, 5, 6, 7):type(dt)
+      local ry, gry = relu and y or nil, relu and gy_ or nil
+      for _, training in ipairs {true, false} do
+        local gg, gb = flower.randn(7):type(dt), flower.randn(7):type(dt)
+        local ggg, ggb = gg:cuda(), gb:cuda()
+        local gx = nn.batchnorm_backward(x, gy, mean, inv, gamma, training, gg, gb, 1, true, ry)
+        local ggx = nn.batchnorm_backward(x:cuda(), gy:cuda(), gmean, ginv, gamma:cuda(), training, ggg, ggb, 1, true,
+                                          gry)
+        local bname = name .. (training and ' backward (training)' or ' backward (inference)')
+        same(ggx, gx, 1e-4, 1e-5, bname .. ' gx')
+        same(ggg, gg, 1e-4, 1e-5, bname .. ' ggamma')
+        same(ggb, gb, 1e-4, 1e-5, bname .. ' gbeta')
+      end
+    end
+  end
+end)
+
+gpu('cuda channel affine and activation gradients', function()
+  for _, dt in ipairs(FLOATS) do
+    local x = flower.randn(3, 4, 5):type(dt)
+    local s, b = flower.randn(5):type(dt), flower.randn(5):type(dt)
+    same(nn.channel_affine(x:cuda(), s:cuda(), b:cuda(), true), nn.channel_affine(x, s, b, true), 1e-6, 0, dt .. ' affine')
+    local g = x:cuda()
+    nn.channel_affine(g, nil, b:cuda(), false, g)
+    same(g, nn.channel_affine(x, nil, b, false), 1e-6, 0, dt .. ' affine in place')
+    local gy = flower.randn(3, 4, 5):type(dt)
+    for _, act in ipairs {'relu', 'sigmoid', 'tanh', 'softmax'} do
+      local y = act == 'relu' and x:relu() or act == 'sigmoid' and x:sigmoid() or act == 'tanh' and x:tanh()
+                or x:softmax()
+      same(nn.act_backward(act, gy:cuda(), y:cuda()), nn.act_backward(act, gy, y), 1e-5, 1e-7, dt .. ' ' .. act)
+    end
+  end
+end)
+
+gpu('cuda fused softmax cross-entropy', function()
+  for _, dt in ipairs(FLOATS) do
+    local z = (flower.randn(6, 1000) * 4):type(dt)
+    for _, ldt in ipairs {'int32', 'int64'} do
+      local lab = flower.randint(0, 999, 6, ldt)
+      for _, sm in ipairs {0, 0.1} do
+        local l, g = nn.softmax_xent(z, lab, sm, 1 / 6, true)
+        local gl, gg = nn.softmax_xent(z:cuda(), lab:cuda(), sm, 1 / 6, true)
+        same(gl, l, 1e-5, 1e-6, dt .. ' ' .. ldt .. ' loss, smoothing ' .. sm)
+        same(gg, g, 1e-5, 1e-7, dt .. ' grad')
+      end
+    end
+    local p = flower.rand(6, 1000):type(dt)
+    p = p / p:sum(2, true)
+    local l = nn.softmax_xent(z, p, 0, 1, false)
+    same(nn.softmax_xent(z:cuda(), p:cuda(), 0, 1, false), l, 1e-5, 1e-6, dt .. ' probability targets')
+  end
+  local bad = flower.tensor({1, 7, 2}, 'int64')
+  T.raises(function() nn.softmax_xent(flower.randn(3, 5):cuda(), bad:cuda(), 0, 1, false) end,
+           'label 7 of row 2 is outside [0, 5)')
+end)
+
+gpu('cuda fused Adam and SGD steps (Keras formulas, core/nn.h)', function()
+  local shapes = {{3, 4}, {17}, {2, 3, 5}}
+  for _, count in ipairs {3, 40} do                        -- 40 tensors: two launches of up to 32
+    local w, g, m, v, gw, gg, gm, gv = {}, {}, {}, {}, {}, {}, {}, {}
+    for i = 1, count do
+      local s = shapes[(i - 1) % #shapes + 1]
+      w[i], g[i] = flower.randn(s), flower.randn(s)
+      m[i], v[i] = flower.randn(s) * 0.1, flower.rand(s) * 0.1
+      gw[i], gg[i], gm[i], gv[i] = w[i]:cuda(), g[i]:cuda(), m[i]:cuda(), v[i]:cuda()
+    end
+    local lr, b1, b2, eps, t = 0.01, 0.9, 0.999, 1e-7, 3
+    local alpha = lr * math.sqrt(1 - b2 ^ t) / (1 - b1 ^ t)
+    cuda.adam_step(gw, gg, gm, gv, alpha, b1, b2, eps)
+    for i = 1, count do   -- reference in float64
+      local gd = g[i]:double()
+      local md = m[i]:double() + (gd - m[i]:double()) * (1 - b1)
+      local vd = v[i]:double() + (gd * gd - v[i]:double()) * (1 - b2)
+      local wd = w[i]:double() - md * alpha / (vd:sqrt() + eps)
+      T.allclose(gw[i]:cpu():double(), wd, 1e-5, 1e-7, 'adam w ' .. i)
+      T.allclose(gm[i]:cpu():double(), md, 1e-5, 1e-7, 'adam m ' .. i)
+      T.allclose(gv[i]:cpu():double(), vd, 1e-5, 1e-7, 'adam v ' .. i)
+    end
+    for _, nesterov in ipairs {false, true} do
+      local q, b = {}, {}
+      for i = 1, count do q[i] = w[i]:cuda(); b[i] = m[i]:cuda() end
+      cuda.sgd_step(q, gg, b, 0.1, 0.9, nesterov)
+      for i = 1, count do
+        local gd = g[i]:double()
+        local md = m[i]:double() * 0.9 - gd * 0.1
+        local wd = w[i]:double() + (nesterov and (md * 0.9 - gd * 0.1) or md)
+        T.allclose(q[i]:cpu():double(), wd, 1e-5, 1e-7, 'sgd w ' .. i)
+        T.allclose(b[i]:cpu():double(), md, 1e-5, 1e-7, 'sgd m ' .. i)
+      end
+    end
+    local q = {}
+    for i = 1, count do q[i] = w[i]:cuda() end
+    cuda.sgd_step(q, gg, nil, 0.5)
+    for i = 1, count do T.allclose(q[i]:cpu():double(), w[i]:double() - g[i]:double() * 0.5, 1e-6, 1e-7, 'sgd') end
+  end
+  -- the per-tensor kernels through the front, when the nn binding exposes them: bit-identical to the CPU
+  if nn.adam_step then
+    local w, g, m, v = flower.randn(50), flower.randn(50), flower.randn(50), flower.rand(50)
+    local gw, gm, gv = w:cuda(), m:cuda(), v:cuda()
+    nn.adam_step(w, g, m, v, 0.01, 0.9, 0.999, 1e-7)
+    nn.adam_step(gw, g:cuda(), gm, gv, 0.01, 0.9, 0.999, 1e-7)
+    same(gw, w, 1e-6, 0, 'nn.adam_step'); same(gm, m, 1e-6, 0, 'nn.adam_step m')
+  end
+  local w1 = {flower.randn(3):cuda()}
+  T.raises(function() cuda.adam_step(w1, w1, w1, {}, 1, 0.9, 0.999, 1e-7) end, 'v has 0 tensors')
+  T.raises(function() cuda.adam_step({flower.randn(3)}, w1, w1, w1, 1, 0.9, 0.999, 1e-7) end, 'not a CUDA tensor')
+  T.raises(function() cuda.sgd_step(w1, {flower.randn(4):cuda()}, nil, 1) end, 'gradient 1 has 4 elements')
+end)
+
+gpu('cuda caching allocator: reuse, statistics, empty_cache', function()
+  collectgarbage(); collectgarbage()
+  cuda.empty_cache()
+  local s0 = cuda.memory_stats()
+  for _, k in ipairs {'allocated', 'reserved', 'cached', 'peak_allocated', 'peak_reserved', 'device_free',
+                      'device_total', 'num_alloc', 'num_cache_hits', 'num_cuda_malloc'} do
+    T.eq(math.type(s0[k]), 'integer', k)
+  end
+  local a = flower.empty(1024, 1024):cuda()               -- 4 MiB
+  local s1 = cuda.memory_stats()
+  T.check(s1.allocated >= s0.allocated + 4 * 2^20, 'allocated grows')
+  a = nil
+  collectgarbage(); collectgarbage()
+  local s2 = cuda.memory_stats()
+  T.check(s2.allocated < s1.allocated, 'freed tensors return their blocks')
+  T.check(s2.reserved == s1.reserved, 'blocks are cached, not returned to the driver')
+  local mallocs = s2.num_cuda_malloc
+  for _ = 1, 20 do local t = flower.empty(1024, 1024):cuda(); t = nil; collectgarbage() end
+  T.eq(cuda.memory_stats().num_cuda_malloc, mallocs, 'same-size allocations reuse cached blocks')
+  cuda.empty_cache()
+  local s3 = cuda.memory_stats()
+  T.eq(s3.cached, 0, 'empty_cache returns every cached block')
+  T.check(s3.peak_allocated >= s1.allocated, 'peak is kept')
+end)
+
+gpu('cuda out of memory: a clear error, and the process stays usable', function()
+  local total = cuda.memory_stats().device_total
+  local n = math.floor(total / 4 * 2)                     -- twice the device
+  -- an expanded one-element view: the device allocation fails before any host staging is made
+  local err = T.raises(function() return flower.zeros(1):expand(n):cuda() end, 'out of memory')
+  print('# ' .. tostring(err):gsub('\n', ' '))
+  T.check(tostring(err):find('free', 1, true), 'the message says how much is free')
+  local t = flower.ones(1000):cuda()                       -- still usable
+  same(t:sum(), flower.ones(1000):sum(), 0, 0, 'works after an OOM')
+  T.check(cuda.memory_stats().num_oom >= 1, 'counted')
+end)
+
+gpu('cuda errors name the operation', function()
+  local g, c = flower.ones(3):cuda(), flower.ones(3)
+  T.raises(function() return g + c end, 'different devices')
+  T.raises(function() return g:cuda(99) end, 'device 99 does not exist')
+  T.raises(function() return nn.conv2d(flower.randn(1, 5, 5, 3):cuda(), flower.randn(3, 3, 4, 2):cuda(),
+                                       nn.window(5, 5, 3, 3, 1, 1, 1, 1, 'same')) end, 'conv2d')
+  cuda.synchronize()
+end)
+
+if cuda.available() then
+  print('# ' .. cuda.device_name())
+  for _, g in ipairs(groups) do T.test(g[1], g[2]) end
+else
+  local why = cuda.unavailable_reason():gsub('\n', ' ')
+  for _, g in ipairs(groups) do print(('ok - %s # SKIP no CUDA device (%s)'):format(g[1], why)) end
+end
+
+T.done()

@@ -1,0 +1,341 @@
+-- Graphs and training: shape inference and its errors, freezing (no backward into a frozen prefix,
+-- frozen weights bit-identical), nested models, Sequential, output_of, fused inference, Dropout,
+-- and small networks that learn.
+package.path = 'tests/lua/?.lua;' .. package.path
+local flower = require 'flower'
+local nn = require 'flower.nn'
+local optim = require 'flower.optim'
+local T = require 'flower.test'
+
+-- counts calls of a layer method
+local function spy(layer, method)
+  local n = {count = 0}
+  local orig = layer[method]
+  layer[method] = function(...) n.count = n.count + 1; return orig(...) end
+  return n
+end
+
+T.test('shape inference and Keras names', function()
+  nn.reset_names()
+  local x = nn.Input{224, 224, 3}
+  T.eq(x.layer.name, 'input_1')
+  local y = nn.ZeroPadding2D{padding = 3}(x)
+  y = nn.Conv2D{filters = 64, kernel_size = 7, strides = 2}(y)
+  T.eq(y.layer.name, 'conv2d')
+  T.eq(nn.shape_str(y.shape), '(None, 112, 112, 64)')
+  y = nn.MaxPooling2D{pool_size = 3, strides = 2, padding = 'same'}(y)
+  T.eq(nn.shape_str(y.shape), '(None, 56, 56, 64)')
+  local z = nn.Conv2D{filters = 8, kernel_size = 3}(y)
+  T.eq(z.layer.name, 'conv2d_1')
+  T.eq(nn.ReLU{}.name, 're_lu')
+  T.eq(nn.BatchNormalization{}.name, 'batch_normalization')
+  T.eq(nn.DepthwiseConv2D{kernel_size = 3}.name, 'depthwise_conv2d')
+  T.eq(nn.GlobalAveragePooling2D{}.name, 'global_average_pooling2d')
+  -- unknown spatial size
+  local u = nn.Input{-1, -1, 3}
+  local v = nn.Conv2D{filters = 4, kernel_size = 3, strides = 2, padding = 'same'}(u)
+  T.eq(nn.shape_str(v.shape), '(None, None, None, 4)')
+  T.eq(nn.shape_str(nn.GlobalAveragePooling2D{}(v).shape), '(None, 4)')
+end)
+
+T.test('errors name the layer and say what does not fit', function()
+  local x = nn.Input{8, 8, 3}
+  local a = nn.Conv2D{filters = 4, kernel_size = 1, name = 'a'}(x)
+  local b = nn.Conv2D{filters = 5, kernel_size = 1, name = 'b'}(x)
+  T.raises(function() nn.Add{name = 'sum'}{a, b} end,
+    "layer 'sum' (Add): input 2 has shape (None, 8, 8, 5), input 1 has (None, 8, 8, 4)")
+  T.raises(function() nn.MaxPooling2D{pool_size = 9, name = 'big'}(x) end, "layer 'big' (MaxPooling2D)")
+  T.raises(function() nn.Dense{units = 3, name = 'd'}(nn.Input{-1}) end, "layer 'd' (Dense): the last dim")
+  T.raises(function() nn.Conv2D{filters = 3, kernel_size = 3, name = 'c'}(nn.Input{5}) end,
+    "layer 'c' (Conv2D): expects an image (H, W, C)")
+  T.raises(function() nn.Conv2D{filters = 3, kernel_size = 3, pading = 'same'} end, "unknown option 'pading'")
+  T.raises(function() nn.Conv2D{filters = 3, kernel_size = 3, padding = 'full'} end, "padding must be 'valid' or 'same'")
+  T.raises(function() nn.Conv2D{filters = 0, kernel_size = 3} end, 'filters must be an integer >= 1')
+  local reused = nn.Dense{units = 2}
+  reused(nn.Input{3})
+  T.raises(function() reused(nn.Input{3}) end, 'sharing a layer')
+  local m = nn.Model(x, a)
+  T.raises(function() m:forward(flower.zeros(2, 8, 8, 2)) end, "input 1 ('")
+  T.raises(function() m:forward(flower.zeros(8, 8, 3)) end, 'must have 4 dims')
+  m:evaluate()
+  m:forward(flower.zeros(1, 8, 8, 3))
+  T.raises(function() m:backward(flower.zeros(1, 8, 8, 3), flower.zeros(1, 8, 8, 4)) end,
+    'backward needs a forward in training mode')
+  -- a kernel error deep in a graph names the layer
+  local y = nn.Dense{units = 2, name = 'head'}(nn.Input{4})
+  local m2 = nn.Model(y.layer._nodes[1].inputs[1], y)
+  m2:type('float64')
+  T.raises(function() m2:forward(flower.zeros(2, 4)) end, 'input 1 is float32, the model is float64')
+  local c = nn.Conv2D{filters = 2, kernel_size = 1, name = 'conv64'}
+  c:_infer({3, 3, 2})
+  c:type('float64')
+  T.raises(function() c:forward(flower.zeros(1, 3, 3, 2)) end,
+    "layer 'conv64' (Conv2D): conv2d_forward: kernel has dtype float64, expected float32")
+  local d1 = nn.Dense{units = 2, name = 'dup'}(nn.Input{3})
+  local d2 = nn.Dense{units = 2, name = 'dup'}(d1)
+  T.raises(function() nn.Model(d1.layer._nodes[1].inputs[1], d2) end, 'the name "dup" is used twice')
+end)
+
+T.test('layers, keras_layers order, layer(), output_of()', function()
+  nn.reset_names()
+  local x = nn.Input{6, 6, 2}
+  local a = nn.Conv2D{filters = 3, kernel_size = 3, padding = 'same', name = 'a'}(x)
+  local b = nn.Conv2D{filters = 3, kernel_size = 1, name = 'b'}(x)
+  local s = nn.Add{name = 's'}{a, b}
+  local g = nn.GlobalAveragePooling2D{name = 'avg_pool'}(s)
+  local o = nn.Dense{units = 2, name = 'out'}(g)
+  local m = nn.Model(x, o)
+  local names = {}
+  for i, l in ipairs(m:layers()) do names[i] = l.name end
+  T.eq(table.concat(names, ' '), 'input_1 a b s avg_pool out')
+  names = {}
+  for i, l in ipairs(m:keras_layers()) do names[i] = l.name end
+  T.eq(table.concat(names, ' '), 'input_1 a b s avg_pool out')
+  T.eq(m:layer('s').class_name, 'Add')
+  T.raises(function() m:layer('nope') end, "no layer named 'nope'")
+  local feat = m:output_of('avg_pool')
+  local xin = flower.randn(3, 6, 6, 2)
+  m:evaluate(); feat:evaluate()
+  local f = feat:forward(xin)
+  T.eq(table.concat(f:size(), 'x'), '3x3')
+  local manual = m:layer('out'):forward(f)
+  T.allclose(m:forward(xin), manual, 1e-6)
+  local total = m:count_params()
+  T.eq(total, 3 * 3 * 2 * 3 + 3 + 2 * 3 + 3 + 3 * 2 + 2)
+end)
+
+T.test('fused Conv+BN+ReLU inference equals the layer-by-layer result', function()
+  flower.manual_seed(7)
+  local x = nn.Input{9, 9, 3}
+  local y = nn.Conv2D{filters = 6, kernel_size = 3, strides = 2, padding = 'same'}(x)
+  y = nn.BatchNormalization{}(y)
+  y = nn.Activation('relu')(y)
+  local z = nn.SeparableConv2D{filters = 4, kernel_size = 3, padding = 'same', use_bias = false}(y)
+  z = nn.BatchNormalization{}(z)
+  local w = nn.BatchNormalization{}(y)
+  w = nn.ReLU{}(w)
+  local o = nn.Concatenate{}{z, nn.Conv2D{filters = 4, kernel_size = 1}(w)}
+  local m = nn.Model(x, o)
+  for _, l in ipairs(m:layers()) do
+    if l.class_name == 'BatchNormalization' then
+      l.moving_mean:normal_(0, 0.3); l.moving_variance:uniform_(0.5, 2)
+      if l.gamma then l.gamma:uniform_(0.5, 1.5) end
+      l.beta:normal_(0, 0.3)
+    end
+  end
+  m:evaluate()
+  local xin = flower.randn(2, 9, 9, 3)
+  local plan = m:_plan(false)
+  local nf = 0
+  for _ in pairs(plan.fused) do nf = nf + 1 end
+  T.eq(nf, 3, 'fused groups (conv+bn+relu, sepconv+bn, bn+relu)')
+  local fused = m:forward(xin):clone()
+  nn.fusion = false
+  local plain = m:forward(xin)
+  nn.fusion = true
+  T.allclose(fused, plain, 1e-5)
+  T.check(m._state == nil, 'inference kept state for backward')
+end)
+
+-- a frozen base (conv + BN) followed by a trainable head
+local function frozen_base_model()
+  nn.reset_names()
+  local x = nn.Input{8, 8, 2}
+  local y = nn.Conv2D{filters = 4, kernel_size = 3, padding = 'same', name = 'base_conv'}(x)
+  y = nn.BatchNormalization{name = 'base_bn'}(y)
+  y = nn.ReLU{name = 'base_relu'}(y)
+  local base = nn.Model(x, y, {name = 'base'})
+  local x2 = nn.Input{8, 8, 2}
+  local h = base(x2)
+  h = nn.Conv2D{filters = 3, kernel_size = 3, padding = 'same', name = 'head_conv'}(h)
+  h = nn.GlobalAveragePooling2D{}(h)
+  h = nn.Dense{units = 2, name = 'head_dense'}(h)
+  return nn.Model(x2, h, {name = 'full'}), base
+end
+
+T.test('frozen prefix: no backward into it, fused forward, weights and BN statistics bit-identical', function()
+  flower.manual_seed(11)
+  local m, base = frozen_base_model()
+  base.trainable = false
+  local conv, bn = base:layer('base_conv'), base:layer('base_bn')
+  local k0, mm0, mv0 = conv.kernel:clone(), bn.moving_mean:clone(), bn.moving_variance:clone()
+  local cb, bb = spy(conv, '_backward'), spy(bn, '_backward')
+  local cf = spy(conv, '_forward')
+  local opt = optim.SGD{lr = 0.1, momentum = 0.9, weight_decay = 0.01}
+  m:training()
+  local loss = nn.CategoricalCrossentropy{from_logits = true}
+  local xin, lab = flower.randn(4, 8, 8, 2), flower.tensor({1, 2, 2, 1}, 'int64')
+  local head0 = m:layer('head_dense').kernel:clone()
+  for _ = 1, 3 do
+    m:zero_grad()
+    local out = m:forward(xin)
+    loss:forward(out, lab)
+    m:backward(xin, loss:backward(out, lab))
+    opt:step(m)
+  end
+  T.eq(cb.count, 0, 'backward calls into the frozen conv')
+  T.eq(bb.count, 0, 'backward calls into the frozen BN')
+  T.eq(cf.count, 0, 'the frozen conv ran unfused')
+  T.check(conv.kernel:equal(k0), 'frozen kernel changed')
+  T.check(bn.moving_mean:equal(mm0) and bn.moving_variance:equal(mv0), 'frozen BN statistics changed')
+  T.check(not m:layer('head_dense').kernel:equal(head0), 'the head did not train')
+  local total, trainable = m:count_params()
+  T.eq(total - trainable, 4 * 3 * 3 * 2 + 4 + 4 * 4)
+  local text = m:summary{print_fn = false}
+  T.check(text:find('base (Functional)', 1, true), 'nested model not shown as Functional')
+  -- unfrozen, the same model trains the base too, and BN uses batch statistics
+  base.trainable = true
+  m:zero_grad()
+  local out = m:forward(xin)
+  m:backward(xin, loss:backward(out, lab))
+  T.check(cb.count == 1 and bb.count == 1, 'the unfrozen base got no backward')
+  T.check(not bn.moving_mean:equal(mm0), 'BN statistics did not move in training mode')
+end)
+
+T.test('a layer frozen by trainable=false inside a trainable model', function()
+  local m = frozen_base_model()
+  local hc = m:layer('head_conv')
+  hc.trainable = false
+  local b = spy(hc, '_backward')
+  m:training()
+  m:zero_grad()
+  local xin = flower.randn(2, 8, 8, 2)
+  local out = m:forward(xin)
+  m:backward(xin, out:clone():fill(1))
+  -- head_conv passes the gradient on to the (trainable) base but accumulates none itself
+  T.eq(b.count, 1)
+  T.check(hc.grads.kernel == nil, 'frozen layer accumulated a kernel gradient')
+  T.check(m:layer('base'):layer('base_conv').grads.kernel:abs():sum():item() > 0, 'base got no gradient')
+end)
+
+T.test('Sequential: lazy build, add, as a layer, summary', function()
+  nn.reset_names()
+  local s = nn.Sequential{nn.Dense{units = 4, activation = 'relu'}, nn.Dense{units = 2}}
+  local y = s:forward(flower.randn(3, 5))
+  T.eq(table.concat(y:size(), 'x'), '3x2')
+  s:add(nn.Activation('softmax'))
+  T.allclose(s:forward(flower.ones(2, 5)):sum(2, true), {{1}, {1}}, 1e-6)
+  local s2 = nn.Sequential{nn.Input{6}, nn.Dense{units = 3}}
+  local outer = nn.Model(s2.inputs[1], nn.Dense{units = 1}(s2.outputs[1]))
+  T.eq(#outer:trainable_weights(), 4)
+  local s3 = nn.Sequential{nn.Dense{units = 3, input_shape = {7}}}
+  T.eq(nn.shape_str(s3.outputs[1].shape), '(None, 3)')
+end)
+
+T.test('Dropout: inverted scaling, eval identity, seeded reproducibility', function()
+  local d = nn.Dropout{rate = 0.25, seed = 42}
+  local x = flower.ones(200, 50)
+  local y = d:forward(x)
+  local kept = y:gt(0):type('float32'):mean():item()
+  T.near(kept, 0.75, 0.04)
+  T.near(y:max():item(), 1 / 0.75, 1e-6)
+  local g = d:backward(x, flower.ones(200, 50))
+  T.check(g:equal(y), 'backward uses the forward mask')
+  local d2 = nn.Dropout{rate = 0.25, seed = 42}
+  T.check(d2:forward(x):equal(y), 'same seed, same mask')
+  T.check(not d:forward(x):equal(y), 'the next call draws a new mask')
+  d:evaluate()
+  T.check(rawequal(d:forward(x), x), 'evaluate mode is the identity')
+end)
+
+T.test('model:type float64 and parameters()', function()
+  local m = frozen_base_model()
+  m:type('float64')
+  local out = m:forward(flower.randn({2, 8, 8, 2}, 'float64'))
+  T.eq(out:dtype(), 'float64')
+  local ps, gs = m:parameters()
+  T.eq(#ps, #gs)
+  T.eq(#ps, 2 + 2 + 2 + 2)     -- base conv kernel,bias; BN gamma,beta; head conv; head dense
+  T.eq(ps[1]:dtype(), 'float64')
+end)
+
+-- separable synthetic images: a bright horizontal bar (class 1), vertical bar (2) or diagonal (3)
+local function bars(n, seed)
+  flower.manual_seed(seed)
+  local x = flower.randn(n, 8, 8, 1) * 0.3
+  local lab = {}
+  for i = 1, n do
+    local c = (i % 3) + 1
+    local p = math.random(1, 8)
+    local img = x:narrow(1, i, 1)
+    if c == 1 then img:narrow(2, p, 1):add_(1)
+    elseif c == 2 then img:narrow(3, p, 1):add_(1)
+    else for k = 1, 8 do img:narrow(2, k, 1):narrow(3, k, 1):add_(1) end end
+    lab[i] = c
+  end
+  return x, flower.tensor(lab, 'int64')
+end
+
+T.test('a tiny CNN learns a separable problem to > 95% (fixed seed)', function()
+  math.randomseed(5)
+  local xtr, ytr = bars(240, 1)
+  local xte, yte = bars(120, 2)
+  flower.manual_seed(3)
+  nn.reset_names()
+  local m = nn.Sequential{
+    nn.Input{8, 8, 1},
+    nn.Conv2D{filters = 8, kernel_size = 3, padding = 'same', use_bias = false},
+    nn.BatchNormalization{}, nn.ReLU{},
+    nn.MaxPooling2D{pool_size = 2},
+    nn.Conv2D{filters = 8, kernel_size = 3, activation = 'relu'},
+    nn.GlobalAveragePooling2D{},
+    nn.Dense{units = 3},
+  }
+  local opt = optim.Adam{lr = 0.01}
+  local loss = nn.CategoricalCrossentropy{from_logits = true}
+  m:training()
+  for _ = 1, 12 do
+    for s = 1, 240, 24 do
+      local xb, yb = xtr:narrow(1, s, 24), ytr:narrow(1, s, 24)
+      m:zero_grad()
+      local out = m:forward(xb)
+      loss:forward(out, yb)
+      m:backward(xb, loss:backward(out, yb))
+      opt:step(m)
+    end
+  end
+  local acc = nn.accuracy(m:predict(xte, 40), yte)
+  T.check(acc > 0.95, 'test accuracy ' .. acc)
+end)
+
+T.test('a net with a residual branch, a concatenation and a frozen prefix trains', function()
+  math.randomseed(8)
+  local xtr, ytr = bars(120, 4)
+  flower.manual_seed(21)
+  nn.reset_names()
+  local x = nn.Input{8, 8, 1}
+  local stem = nn.Conv2D{filters = 6, kernel_size = 3, padding = 'same', name = 'stem'}(x)
+  stem = nn.BatchNormalization{name = 'stem_bn'}(stem)
+  stem = nn.ReLU{}(stem)
+  local br = nn.Conv2D{filters = 6, kernel_size = 3, padding = 'same'}(stem)
+  br = nn.BatchNormalization{}(br)
+  local res = nn.Activation('relu')(nn.Add{}{stem, br})
+  local side = nn.Conv2D{filters = 4, kernel_size = 1}(stem)
+  local cat = nn.Concatenate{}{res, side}
+  local out = nn.Dense{units = 3}(nn.GlobalAveragePooling2D{}(cat))
+  local m = nn.Model(x, out)
+  m:layer('stem').trainable = false
+  m:layer('stem_bn').trainable = false
+  local k0 = m:layer('stem').kernel:clone()
+  local opt = optim.Adam{lr = 0.01}
+  local loss = nn.CategoricalCrossentropy{from_logits = true}
+  m:training()
+  local first, last
+  for epoch = 1, 8 do
+    local tot = 0
+    for s = 1, 120, 20 do
+      local xb, yb = xtr:narrow(1, s, 20), ytr:narrow(1, s, 20)
+      m:zero_grad()
+      local o = m:forward(xb)
+      tot = tot + loss:forward(o, yb)
+      m:backward(xb, loss:backward(o, yb))
+      opt:step(m)
+    end
+    if epoch == 1 then first = tot end
+    last = tot
+  end
+  T.check(last < 0.6 * first, string.format('loss %.3f -> %.3f', first, last))
+  T.check(m:layer('stem').kernel:equal(k0), 'the frozen stem changed')
+end)
+
+T.done()

@@ -1,0 +1,125 @@
+-- experiments/quickstart.lua end to end at --tiny size (seconds): every file of the run directory,
+-- predict.csv against the sample submission, the report, and --resume of a finished run.
+-- Also the recipe machinery (flower.recipe): variants as files, --help, bad options.
+local T = require 'flower.test'
+local recipe = require 'flower.recipe'
+local files = require 'flower.files'
+local h5 = require 'flower.h5'
+local F = dofile('tests/lua/exp_fixture.lua')
+
+local TMP = F.tmpdir()
+local FL = os.getenv('FLOWERLUA') or './flowerlua'
+
+local function sh(cmd)
+  local p = io.popen(cmd .. ' 2>&1; echo "rc=$?"')
+  local out = p:read('a')
+  p:close()
+  return out, tonumber(out:match('rc=(%d+)%s*$'))
+end
+
+local quickstart = recipe.load('experiments/quickstart.lua')
+local DATA = files.join(TMP, 'data')
+local summary, dir
+
+T.test('quickstart --tiny runs the whole pipeline', function()
+  summary = quickstart:call { '--tiny', '--runs', files.join(TMP, 'runs'), '--data', DATA, '--run-name', 'tiny' }
+  dir = files.join(TMP, 'runs', 'tiny')
+  for _, f in ipairs({ 'config.json', 'log.txt', 'history.csv', 'predict.csv', 'predict-averaged.csv',
+    'predict-resnet_tiny.csv', 'predict-inception_tiny.csv', 'report.html', 'results.json',
+    'features/resnet_tiny.h5', 'features/inception_tiny.h5', 'models/resnet_tiny/weights.h5',
+    'models/resnet_tiny/history.csv', 'models/inception_tiny/checkpoints/stage2/last.h5', 'ensemble/history.csv' }) do
+    T.check(files.exists(files.join(dir, f)), 'missing ' .. f)
+  end
+  T.eq(#summary.results, 4)
+  for _, r in ipairs(summary.results) do
+    T.check(type(r.val_acc) == 'number' and r.val_acc >= 0 and r.val_acc <= 1, r.name .. ' has an accuracy')
+  end
+end)
+
+T.test('the data set was generated, and the config records the tiny settings', function()
+  T.check(files.exists(files.join(DATA, 'train.json')), 'data generated')
+  local cfg = files.json_read(files.join(dir, 'config.json'))
+  T.eq(cfg.size, 32); T.eq(cfg.classes, 4); T.eq(cfg.data, DATA); T.eq(cfg.stages[2].train, 'all')
+  T.eq(cfg.models[1], 'resnet_tiny')
+end)
+
+T.test('predict.csv follows the sample submission: header, row order, category ids', function()
+  local got = files.csv_read(files.join(dir, 'predict.csv'))
+  local want = files.csv_read(files.join(DATA, 'sample_submission.csv'))
+  T.eq(#got, #want)
+  T.eq(got[1][1], want[1][1]); T.eq(got[1][2], want[1][2]); T.eq(got[1][3], 'top3')
+  local cats = {}
+  for _, c in ipairs(files.json_read(files.join(DATA, 'train.json')).categories) do cats[tostring(c.id)] = true end
+  for i = 2, #want do
+    T.eq(got[i][1], want[i][1], 'row ' .. i .. ' id')
+    T.check(cats[got[i][2]], 'row ' .. i .. ': ' .. tostring(got[i][2]) .. ' is a category id')
+    local top = {}
+    for c in got[i][3]:gmatch('%S+') do top[#top + 1] = c end
+    T.eq(#top, 3); T.eq(top[1], got[i][2], 'top-1 of the top-k column is the prediction')
+  end
+end)
+
+T.test('feature files hold the seed datasets, aligned with the split', function()
+  local f <close> = h5.open(files.join(dir, 'features', 'resnet_tiny.h5'), 'r')
+  for _, n in ipairs({ 'train_x', 'train_label', 'valid_x', 'valid_label', 'test' }) do
+    T.check(f:exists('/' .. n), 'dataset ' .. n)
+  end
+  T.eq(f:shape('/train_x')[1], f:shape('/train_label')[1])
+  T.eq(f:attr('/', 'model'), 'resnet_tiny'); T.eq(f:attr('/', 'image_size'), 32)
+end)
+
+T.test('history.csv has every epoch of every model; the report has its sections', function()
+  local rows = files.csv_read(files.join(dir, 'history.csv'))
+  T.eq(rows[1][1], 'model'); T.eq(#rows, 1 + 2 * 2)
+  local html = files.read(files.join(dir, 'report.html'))
+  for _, s in ipairs({ 'Results', 'Training curves', 'Per-class accuracy', 'Most confused class pairs', 'Timing',
+    'ensemble: concatenated features', 'ensemble: averaged probabilities', 'resnet_tiny: feature export' }) do
+    T.check(html:find(s, 1, true), 'report lacks ' .. s)
+  end
+end)
+
+T.test('--resume of a finished run trains nothing again and gives the same results', function()
+  local again = quickstart:call { '--resume', dir }
+  for i, r in ipairs(summary.results) do
+    T.eq(again.results[i].name, r.name)
+    T.eq(again.results[i].val_acc, r.val_acc, r.name)
+  end
+  T.eq(files.json_read(files.join(dir, 'config.json')).data, DATA, 'the saved config is used')
+  local log = files.read(files.join(dir, 'log.txt'))
+  T.check(log:find('(resuming)', 1, true), 'resume logged')
+  T.check(log:find('already finished', 1, true) or log:find('resumed from', 1, true), 'checkpoints reused')
+end)
+
+T.test('variants are files that load the quickstart and change it', function()
+  local d = recipe.load('experiments/dropout_variant.lua')
+  T.eq(d.name, 'dropout_variant')
+  local cfg = d:config({})
+  T.eq(cfg.dropout, 0.5); T.eq(cfg.epochs, quickstart:config({}).epochs)
+  local fz = recipe.load('experiments/freeze_schedule_variant.lua')
+  local c2 = fz:config({ '--epochs', '2' })
+  T.eq(#c2.stages, 3); T.eq(c2.stages[2].train.resnet_tiny, 'from:block3_1_conv'); T.eq(c2.epochs, 2)
+  local pipeline = require 'flower.pipeline'
+  local st = pipeline.stages(c2, 'inception_tiny')
+  T.eq(st[2].train, 'from:mixed2_b1_conv'); T.eq(st[3].epochs, 2)
+  -- the layers the variant names exist in the models
+  local nets = require 'flower.smallnets'
+  for _, name in ipairs({ 'resnet_tiny', 'inception_tiny', 'vgg_tiny' }) do
+    local m = nets.build(name, { classes = 3, input_size = 32, width = 4 })
+    m:layer(c2.stages[2].train[name]:sub(6))
+  end
+  T.raises(function() quickstart:derive { defaults = { nope = 1 } } end, "quickstart has no option 'nope'")
+end)
+
+T.test('command line: --help exits 0, a bad option exits 2 naming it', function()
+  local out, rc = sh(FL .. ' experiments/quickstart.lua --help')
+  T.eq(rc, 0); T.check(out:find('--train-per-class N', 1, true) and out:find('--resume STR', 1, true), out)
+  out, rc = sh(FL .. ' experiments/quickstart.lua --epoch 3')
+  T.eq(rc, 2); T.check(out:find('unknown option --epoch (did you mean --epochs?)', 1, true), out)
+  out, rc = sh(FL .. ' experiments/fgvcx_flowers.lua')
+  T.eq(rc, 2); T.check(out:find('option --data is required', 1, true), out)
+  out, rc = sh(FL .. ' experiments/quickstart.lua --resume ' .. files.join(TMP, 'nowhere'))
+  T.check(rc ~= 0 and out:find('no config.json there', 1, true), out)
+end)
+
+F.rmdir(TMP)
+T.done()

@@ -1,0 +1,263 @@
+-- flower.train: fit, history, checkpoints, resume equal to an uninterrupted run, interrupts,
+-- NaN stops, callbacks and freeze/unfreeze stages. Small in-memory data (feature loaders), seconds.
+local T = require 'flower.test'
+local flower = require 'flower'
+local nn = require 'flower.nn'
+local optim = require 'flower.optim'
+local data = require 'flower.data'
+local train = require 'flower.train'
+local files = require 'flower.files'
+
+local TMP = os.tmpname()
+os.remove(TMP)
+files.mkdir(TMP)
+local function tmp(...) return files.join(TMP, ...) end
+
+-- A 4-class problem in 10 dims: the class is which of 4 fixed directions the point leans to.
+flower.manual_seed(0)
+local W = flower.randn({ 10, 4 })
+local function make_data(n, seed)
+  flower.manual_seed(seed)
+  local x = flower.randn({ n, 10 })
+  local y = (x:matmul(W)):argmax(2):view(-1)
+  return x, y
+end
+
+local XT, YT = make_data(256, 1)
+local XV, YV = make_data(96, 2)
+
+local function loaders(bs)
+  return data.FeatureLoader { x = XT, y = YT, batch_size = bs or 32, shuffle = true, seed = 7 },
+         data.FeatureLoader { x = XV, y = YV, batch_size = 48 }
+end
+
+-- Dense -> BatchNorm -> ReLU -> Dropout (seeded and unseeded) -> Dense(logits)
+local function make_model()
+  nn.reset_names()
+  flower.manual_seed(123)
+  local x = nn.Input { 10 }
+  local h = nn.Dense { units = 16, name = 'fc1' }(x)
+  h = nn.BatchNormalization { name = 'bn1' }(h)
+  h = nn.Activation { activation = 'relu', name = 'relu1' }(h)
+  h = nn.Dropout { rate = 0.3, seed = 5, name = 'drop_seeded' }(h)
+  h = nn.Dense { units = 16, activation = 'relu', name = 'fc2' }(h)
+  h = nn.Dropout { rate = 0.2, name = 'drop_global' }(h)
+  local y = nn.Dense { units = 4, name = 'head' }(h)
+  return nn.Model(x, y, { name = 'mlp' })
+end
+
+local function weights_equal(a, b)
+  local wa, wb = a:weights(), b:weights()
+  T.eq(#wa, #wb)
+  for i = 1, #wa do
+    T.eq(wa[i].path, wb[i].path)
+    local d = (wa[i].tensor:double() - wb[i].tensor:double()):abs():max():item()
+    T.eq(d, 0, 'weight ' .. wa[i].path .. ' differs by ' .. d)
+  end
+end
+
+local quiet = function() end
+
+T.test('fit learns, keeps a history and writes history.csv', function()
+  local tl, vl = loaders()
+  local m = make_model()
+  local hist = train.fit(m, { train = tl, valid = vl, optimizer = optim.Adam { lr = 0.01 }, epochs = 8,
+    progress = false, log = quiet, history_csv = tmp('h1', 'history.csv'), stage = 1 })
+  T.eq(#hist.rows, 8)
+  local first, last = hist.rows[1], hist.rows[8]
+  T.check(last.loss < first.loss, 'training loss falls')
+  T.check(last.val_acc > 0.8, 'validation accuracy ' .. last.val_acc)
+  T.eq(last.epoch, 8); T.eq(last.stage, 1); T.near(last.lr, 0.01)
+  local csv = files.csv_read(tmp('h1', 'history.csv'))
+  T.eq(#csv, 9)
+  T.eq(table.concat(csv[1], ','), 'stage,epoch,loss,acc,val_loss,val_acc,lr,seconds,images_per_s')
+  T.near(tonumber(csv[9][6]), last.val_acc, 1e-6)
+  -- evaluate agrees with the history's last validation numbers
+  local ev = train.evaluate(m, vl, { progress = false, collect = true })
+  T.near(ev.acc, last.val_acc, 1e-9); T.near(ev.loss, last.val_loss, 1e-5)
+  T.eq(#ev.pred, 96); T.eq(#ev.labels, 96); T.eq(ev.probs:size(1), 96)
+end)
+
+T.test('resume from a checkpoint equals an uninterrupted run (bit for bit)', function()
+  local tl, vl = loaders()
+  -- uninterrupted: 4 epochs
+  local a = make_model()
+  flower.manual_seed(99)
+  local ha = train.fit(a, { train = tl, valid = vl, optimizer = optim.Adam { lr = 0.01 }, epochs = 4,
+    progress = false, log = quiet, checkpoint_dir = tmp('ra'), callbacks = { train.ReduceLROnPlateau { patience = 1 } } })
+  -- interrupted after epoch 2, step 3, then resumed in a fresh model and optimizer
+  local b = make_model()
+  flower.manual_seed(99)
+  local steps = 0
+  local stopper = { on_epoch_begin = function(_, _, e) if e == 2 then steps = 0 end end }
+  local tl2 = setmetatable({}, { __len = function() return #tl end, __index = {
+    epoch = function(_, e)
+      local it = tl:epoch(e)
+      return function()
+        local bt = it()
+        steps = steps + 1
+        if e == 2 and steps == 3 then train.request_interrupt('test') end
+        return bt
+      end
+    end } })
+  local hb = train.fit(b, { train = tl2, valid = vl, optimizer = optim.Adam { lr = 0.01 }, epochs = 4,
+    progress = false, log = quiet, checkpoint_dir = tmp('rb'), callbacks = { stopper, train.ReduceLROnPlateau { patience = 1 } } })
+  T.eq(hb.stopped, 'interrupted'); T.eq(hb.interrupted, 'test'); T.eq(#hb.rows, 1)
+  flower.manual_seed(12345) -- the global generator is restored from the checkpoint, whatever it is now
+  local c = make_model()
+  local hc = train.fit(c, { train = tl, valid = vl, optimizer = optim.Adam { lr = 0.01 }, epochs = 4,
+    progress = false, log = quiet, checkpoint_dir = tmp('rb'), resume = true,
+    callbacks = { {}, train.ReduceLROnPlateau { patience = 1 } } })
+  T.eq(hc.stopped, nil)
+  T.eq(#hc.rows, 4)
+  weights_equal(a, c)
+  for e = 1, 4 do
+    T.eq(hc.rows[e].loss, ha.rows[e].loss, 'loss of epoch ' .. e)
+    T.eq(hc.rows[e].val_acc, ha.rows[e].val_acc, 'val_acc of epoch ' .. e)
+    T.eq(hc.rows[e].lr, ha.rows[e].lr, 'lr of epoch ' .. e)
+  end
+end)
+
+T.test('resume after a finished epoch, and a finished run resumes to nothing', function()
+  local tl, vl = loaders()
+  local a = make_model()
+  local ha = train.fit(a, { train = tl, valid = vl, optimizer = optim.Adam { lr = 0.01 }, epochs = 3,
+    progress = false, log = quiet, checkpoint_dir = tmp('rc') })
+  local b = make_model()
+  train.fit(b, { train = tl, valid = vl, optimizer = optim.Adam { lr = 0.01 }, epochs = 2,
+    progress = false, log = quiet, checkpoint_dir = tmp('rd') })
+  local c = make_model()
+  local hc = train.fit(c, { train = tl, valid = vl, optimizer = optim.Adam { lr = 0.01 }, epochs = 3,
+    progress = false, log = quiet, checkpoint_dir = tmp('rd'), resume = true })
+  weights_equal(a, c)
+  T.eq(hc.rows[3].val_loss, ha.rows[3].val_loss)
+  local d = make_model()
+  local hd = train.fit(d, { train = tl, valid = vl, optimizer = optim.Adam { lr = 0.01 }, epochs = 3,
+    progress = false, log = quiet, checkpoint_dir = tmp('rd'), resume = true })
+  T.eq(#hd.rows, 3)
+  weights_equal(a, d)
+end)
+
+T.test('best-only checkpoint keeps the best epoch', function()
+  local tl, vl = loaders()
+  local m = make_model()
+  local h = train.fit(m, { train = tl, valid = vl, optimizer = optim.Adam { lr = 0.01 }, epochs = 4,
+    progress = false, log = quiet, checkpoint_dir = tmp('best'), save_best = 'val_acc' })
+  local besti = 1
+  for i, r in ipairs(h.rows) do if r.val_acc > h.rows[besti].val_acc then besti = i end end
+  T.eq(h.best.epoch, besti)
+  local m2 = make_model()
+  local meta = train.load_checkpoint(tmp('best', 'best.h5'), m2)
+  T.eq(meta.epoch, besti)
+  local ev = train.evaluate(m2, vl, { progress = false })
+  T.near(ev.acc, h.rows[besti].val_acc, 1e-9)
+end)
+
+T.test('a checkpoint of another model is refused and leaves the model untouched', function()
+  local tl = loaders()
+  local m = make_model()
+  train.fit(m, { train = tl, optimizer = optim.Adam {}, epochs = 1, progress = false, log = quiet, checkpoint_dir = tmp('cm') })
+  nn.reset_names()
+  local x = nn.Input { 10 }
+  local other = nn.Model(x, nn.Dense { units = 3, name = 'fc1' }(x))
+  local before = other:weights()[1].tensor:clone()
+  T.raises(function() train.load_checkpoint(tmp('cm', 'last.h5'), other) end, "weight 'fc1/kernel' has shape 10x16, the model's is 10x3")
+  T.eq((other:weights()[1].tensor - before):abs():max():item(), 0)
+  local f = io.open(tmp('notckpt.h5'), 'w'); f:write('junk'); f:close()
+  T.raises(function() train.load_checkpoint(tmp('notckpt.h5'), other) end, 'notckpt.h5')
+end)
+
+T.test('a NaN loss stops naming the step; the last good checkpoint stays', function()
+  local tl, vl = loaders()
+  local m = make_model()
+  train.fit(m, { train = tl, valid = vl, optimizer = optim.Adam { lr = 0.01 }, epochs = 1,
+    progress = false, log = quiet, checkpoint_dir = tmp('nan') })
+  local good = files.read(tmp('nan', 'last.h5'))
+  local calls = 0
+  local badloss = function(out, y)
+    calls = calls + 1
+    local l, g = nn.softmax_cross_entropy(out, y)
+    if calls == 5 then return 0 / 0, g end
+    return l, g
+  end
+  local err = T.raises(function()
+    train.fit(m, { train = tl, valid = vl, optimizer = optim.Adam { lr = 0.01 }, epochs = 3, loss = badloss,
+      progress = false, log = quiet, checkpoint_dir = tmp('nan'), resume = true })
+  end, 'the loss became')
+  T.check(err:find('at epoch 2, step 5 of 8', 1, true), err)
+  T.eq(files.read(tmp('nan', 'last.h5')), good, 'checkpoint untouched')
+end)
+
+T.test('early stopping and learning-rate callbacks', function()
+  local tl, vl = loaders()
+  local m = make_model()
+  local es = train.EarlyStopping { monitor = 'val_loss', patience = 1, min_delta = 10 } -- never "improves"
+  local lrs = {}
+  local sched = train.LearningRateScheduler(function(epoch) lrs[#lrs + 1] = 0.1 / epoch; return 0.1 / epoch end)
+  local h = train.fit(m, { train = tl, valid = vl, optimizer = optim.SGD { lr = 0.1 }, epochs = 10,
+    progress = false, log = quiet, callbacks = { sched, es } })
+  T.eq(h.stopped, 'early_stopping'); T.eq(#h.rows, 2)
+  T.near(h.rows[2].lr, 0.05)
+  local opt = optim.SGD { lr = 1 }
+  local cos = train.CosineDecay { lr = 1, epochs = 4, min_lr = 0 }
+  local seen = {}
+  local ctx = { optimizer = opt }
+  for e = 3, 7 do cos:on_epoch_begin(ctx, e); seen[#seen + 1] = opt.lr end
+  T.near(seen[1], 1); T.near(seen[3], 0.5, 1e-12); T.near(seen[5], 0, 0, 1e-12)
+  local step = train.StepDecay { lr = 1, gamma = 0.5, step_size = 2 }
+  local st = {}
+  for e = 1, 5 do step:on_epoch_begin(ctx, e); st[#st + 1] = opt.lr end
+  T.eq(table.concat(st, ','), '1.0,1.0,0.5,0.5,0.25')
+  local rop = train.ReduceLROnPlateau { monitor = 'val_loss', patience = 2, factor = 0.5 }
+  opt.lr = 1
+  local c2 = { optimizer = opt, log = quiet }
+  for _, v in ipairs({ 1.0, 0.9, 0.95, 0.96, 0.97, 0.98 }) do rop:on_epoch_end(c2, 1, { val_loss = v }) end
+  T.near(opt.lr, 0.25)
+end)
+
+T.test('stages: head only, then from a layer, then all; frozen layers untouched', function()
+  local tl, vl = loaders()
+  local m = make_model()
+  T.eq(train.set_trainable(m, 'head'), 1)
+  T.eq(m:layer('fc1').trainable, false); T.eq(m:layer('head').trainable, true)
+  T.eq(train.set_trainable(m, 'from:fc2'), 2)
+  T.eq(m:layer('bn1').trainable, false); T.eq(m:layer('fc2').trainable, true)
+  T.eq(train.set_trainable(m, 'all'), 4)
+  T.raises(function() train.set_trainable(m, 'from:nope') end, "no layer named 'nope'")
+  T.raises(function() train.set_trainable(m, 'some') end, "train must be 'all', 'head', 'none' or 'from:<layer name>'")
+  local fc1 = m:layer('fc1').kernel:clone()
+  local fc2 = m:layer('fc2').kernel:clone()
+  local lrs = {}
+  local hist = train.fit_stages(m, { { epochs = 1, train = 'head', lr = 0.01 }, { epochs = 1, train = 'from:fc2', lr = 0.005 },
+    { epochs = 2, train = 'all', lr = 0.001 } }, {
+    train = tl, valid = vl, progress = false, log = quiet, checkpoint_dir = tmp('stages'),
+    make_optimizer = function(st) lrs[#lrs + 1] = st.lr; return optim.Adam { lr = st.lr } end,
+    callbacks = function(st)
+      return { { on_epoch_end = function(_, ctx, e)
+        if st.train == 'head' then
+          T.eq((m:layer('fc1').kernel - fc1):abs():max():item(), 0, 'fc1 frozen in stage 1')
+          T.eq((m:layer('fc2').kernel - fc2):abs():max():item(), 0, 'fc2 frozen in stage 1')
+        elseif st.train == 'from:fc2' then
+          T.eq((m:layer('fc1').kernel - fc1):abs():max():item(), 0, 'fc1 frozen in stage 2')
+        end
+      end } }
+    end,
+  })
+  T.eq(#hist.rows, 4)
+  T.eq(hist.rows[1].stage, 1); T.eq(hist.rows[2].stage, 2); T.eq(hist.rows[4].epoch, 4)
+  T.eq(table.concat(lrs, ','), '0.01,0.005,0.001')
+  T.check((m:layer('fc1').kernel - fc1):abs():max():item() > 0, 'fc1 trained in stage 3')
+  T.check(files.exists(tmp('stages', 'stage3', 'last.h5')), 'per-stage checkpoints')
+end)
+
+T.test('bad arguments are errors naming what is wrong', function()
+  local tl = loaders()
+  local m = make_model()
+  T.raises(function() train.fit(m, { train = tl, epochs = 1 }) end, 'train.fit: optimizer is required')
+  T.raises(function() train.fit(m, { train = {}, optimizer = optim.Adam {} }) end, 'train must be a loader')
+  T.raises(function() train.fit(m, { train = tl, optimizer = optim.Adam {}, epochs = 1.5 }) end, 'epochs must be a non-negative integer')
+  T.raises(function() train.fit(m, { train = tl, optimizer = optim.Adam {}, loss = 'mse' }) end, 'loss must be')
+end)
+
+os.execute('rm -rf ' .. files.shell_quote(TMP))
+T.done()
