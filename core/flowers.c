@@ -31,8 +31,8 @@ static void msgf(char *buf, size_t n, const char *fmt, ...) {
 static const int petal_counts[] = { 5, 8, 3, 12, 6, 4, 10, 7 };
 #define NCOUNTS ((int)(sizeof petal_counts / sizeof petal_counts[0]))
 
-enum { SH_OVAL, SH_POINTED, SH_SPATULATE, SH_NOTCHED, SH_STRAP, SH_FRINGED, NSHAPES };
-static const char *shape_names[NSHAPES] = { "oval", "pointed", "spatulate", "notched", "strap", "fringed" };
+enum { SH_OVAL, SH_POINTED, SH_STRAP, SH_SPATULATE, SH_NOTCHED, SH_FRINGED, NSHAPES };
+static const char *shape_names[NSHAPES] = { "oval", "pointed", "strap", "spatulate", "notched", "fringed" };
 
 /* Petal colour (HSV: hue degrees, saturation, value), tip colour shift, centre colour (RGB). */
 typedef struct { const char *name; float h, s, v, tip_dh, tip_dv; float cr, cg, cb; } palette;
@@ -511,7 +511,7 @@ int fl_flowers_draw(uint8_t *out, int w, int h, int c, int K, uint64_t seed, cha
   if (draw_background(cv, w, h, &rng)) { free(cv); msgf(err, errlen, "flowers_draw: out of memory"); return -1; }
 
   float side = (float)(w < h ? w : h);
-  float R = side * uni(&rng, 0.16f, 0.40f);
+  float R = side * uni(&rng, 0.22f, 0.42f);
   float cx = uni(&rng, 0.22f, 0.78f) * w, cy = uni(&rng, 0.22f, 0.78f) * h;
 
   /* stem to the bottom edge, with one to three leaves */
@@ -534,7 +534,7 @@ int fl_flowers_draw(uint8_t *out, int w, int h, int c, int K, uint64_t seed, cha
   }
 
   /* sometimes a second, smaller flower of the same class behind the first */
-  if (fl_rng_uniform(&rng) < 0.3) {
+  if (fl_rng_uniform(&rng) < 0.2) {
     flower g;
     float r2 = R * uni(&rng, 0.45f, 0.75f);
     float ang = uni(&rng, 0, (float)TWO_PI), dist = R + r2 * uni(&rng, 0.3f, 1.0f);

@@ -108,6 +108,9 @@ struct fl_nn_ops {
 extern const struct fl_nn_ops fl_cpu_nn_ops;
 /* Elements of the CPU convolutions' im2col chunk (default 2^20; <= 0 restores it). For tests. */
 void fl_nn_cpu_set_chunk(int64_t elements);
+/* Winograd F(2x2,3x3) for 3x3 stride-1 convolutions: 0 off (default: it measured slower, see
+ * core/cpu/nn_cpu.c), 1 for wide layers, 2 always. */
+void fl_nn_cpu_set_winograd(int mode);
 
 /* ---- front functions: checked, contiguous, allocate their outputs ---- */
 int fl_conv2d_forward(fl_tensor *y, const fl_tensor *x, const fl_tensor *w, const fl_tensor *scale,

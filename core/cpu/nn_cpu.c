@@ -17,11 +17,12 @@ static int64_t nn_chunk = (int64_t)1 << 20;
 
 void fl_nn_cpu_set_chunk(int64_t elements) { nn_chunk = elements > 0 ? elements : ((int64_t)1 << 20); }
 
-/* Per-thread scratch buffers that only grow (two slots: im2col columns and partial gradients):
+/* Per-thread scratch buffers that only grow (slots: 0 im2col columns / Winograd inputs, 1 partial
+ * gradients / Winograd products, 2 the Winograd kernel):
  * convolutions reuse them instead of allocating per call. OpenMP's worker threads persist, so each
  * keeps its buffers across calls. */
-static _Thread_local void *scratch_ptr[2];
-static _Thread_local size_t scratch_cap[2];
+static _Thread_local void *scratch_ptr[3];
+static _Thread_local size_t scratch_cap[3];
 
 static void *fl_cpu_nn_scratch(int slot, size_t nbytes) {
   if (nbytes <= scratch_cap[slot]) return scratch_ptr[slot];
@@ -40,6 +41,24 @@ static int nn_threads(int64_t macs) {
   int nt = fl_get_num_threads();
   if (nt < 1) nt = 1;
   return macs < ((int64_t)1 << 20) ? 1 : nt;
+}
+
+/* Winograd F(2x2,3x3) for 3x3 stride-1 undilated convolutions: 0 never (the default), 1 for wide
+ * layers, 2 always (tests). Off by default because it measured slower than im2col + sgemm here
+ * (one thread, batch 8, ResNet50's 3x3 layers: 56x56x64 1.8x slower, 28x28x128 1.3x, 14x14x256
+ * 1.3x, 7x7x512 1.2x): it does 2.25x fewer multiply-adds, but its 16 GEMMs are narrow (K = Cin),
+ * OpenBLAS packs their inputs again, and the three transforms are separate memory passes. Winning
+ * needs transforms fused into a custom GEMM micro-kernel. */
+static int winograd_mode = 0;
+void fl_nn_cpu_set_winograd(int mode) { winograd_mode = mode; }
+
+static int use_winograd(const fl_window *w, int64_t cin, int64_t cout, int64_t oh, int64_t ow) {
+  if (winograd_mode == 0 || w->kh != 3 || w->kw != 3 || w->sh != 1 || w->sw != 1 || w->dh != 1 || w->dw != 1)
+    return 0;
+  /* backward data of a 'valid' conv pads by 2: the tile formula needs pads within 0..2 */
+  if (w->pt > 2 || w->pl > 2) return 0;
+  if (winograd_mode == 2) return 1;
+  return cin >= 32 && cout >= 32 && oh >= 4 && ow >= 4;
 }
 
 /* While our own threads each run a GEMM, OpenBLAS must run single-threaded in each of them. */

@@ -148,6 +148,26 @@ for _, name in ipairs(models.names) do
   collectgarbage()
 end
 
+T.test('xception with its classifier: a with-top Keras file loads and predicts as Keras', function()
+  local r = ref('xception')
+  local f <close> = h5.open(REF .. '/xception_ref.h5', 'r')
+  local want = f:read('/predictions_top5')
+  local m = models.xception{classes = 5, input_shape = {r.size, r.size, 3}, weights = REF .. '/xception_top5.h5'}
+  m:evaluate()
+  T.allclose(m:forward(r.inputs), want, RTOL, 0, 'predictions')
+  -- the notop file does not fit a model with a top, and says why
+  T.raises(function() keras.load_weights(m, REF .. '/xception_notop.h5') end,
+    "the model xception has 81 layers with weights, the file 80 (the model's layer 81, 'predictions', has no counterpart)")
+  -- the seed's way: the notop base by order, then a new head
+  local base = models.xception{include_top = false, pooling = 'avg', input_shape = {r.size, r.size, 3},
+                               weights = REF .. '/xception_notop.h5'}
+  local clf = models.classifier(base, {classes = 5})
+  local rep = keras.load_weights(clf, REF .. '/xception_top5.h5', {by_name = true, skip_mismatch = true, quiet = true})
+  T.eq(rep.loaded, 81)
+  clf:evaluate()
+  T.allclose(clf:forward(r.inputs), want, RTOL, 0, 'by name into base + new head')
+end)
+
 T.test('resnet50: a wrong model\'s file is refused, nothing loaded', function()
   local r = ref('xception')
   local m = build('xception', r, nil)

@@ -20,9 +20,11 @@ that today's Keras can no longer write (see ../shared/specs/keras_applications.m
   inception_resnet_v2_tfslim_notop.h5 TF-slim names (Conv2d_1a_3x3, ..._BatchNorm,
                                       Block35_1_Branch_0_Conv2d_1x1, Block35_1_Conv2d_1x1, ...)
 
-Outputs per model, in OUTDIR: <model>_notop.h5 (tf-keras save_weights), the derived file, and
+Outputs per model, in OUTDIR: <model>_notop.h5 (tf-keras save_weights), the derived file, for
+Xception also xception_top5.h5 (include_top=True, classes=5, same base weights), and
 <model>_ref.h5 with `images` (uint8, N x S x S x 3), `inputs` (Keras preprocess_input of them),
-`features` (N x F, float32), for ResNet50 also `features_keras1`, and attributes: size, preprocess,
+`features` (N x F, float32), for ResNet50 also `features_keras1`, for Xception
+`predictions_top5`, and attributes: size, preprocess,
 versions, seed, notop param counts, `layer_order` (model.layers names in Keras's order) and
 `weighted_layers`. A model whose outputs are newer than this script is skipped (cache).
 """
@@ -307,6 +309,18 @@ def generate(name, outdir):
 
     extra = {}
     order = model.layers
+    if name == "xception":
+        # the same network with a 5-class classifier (include_top=True), for top-file loading
+        K.backend.clear_session()
+        top = getattr(K.applications, ctor)(weights=None, include_top=True, classes=5, input_shape=(size, size, 3))
+        for a, b in zip(weighted(model), weighted(top)):
+            b.set_weights(a.get_weights())
+        head = top.get_layer("predictions")
+        head.set_weights([rng.normal(0, 0.05, w.shape).astype("float32") for w in head.get_weights()])
+        extra["predictions_top5"] = top.predict(inputs, verbose=0)
+        p = os.path.join(outdir, "xception_top5.h5")
+        top.save_weights(p + ".tmp.h5")
+        os.replace(p + ".tmp.h5", p)
     if name == "resnet50":
         old = resnet50_old((size, size, 3))
         for l in weighted(model):

@@ -70,8 +70,8 @@ function M.options(fname, opts, default_size, min_size)
           tostring(s[1]), tostring(s[2]))
       end
     end
-    if o.include_top and o.weights ~= nil and (s[1] ~= default_size or s[2] ~= default_size) then
-      fail(fname, 'with include_top and pretrained weights, input_shape must be {%d, %d, 3}, got {%d, %d, 3}',
+    if o.include_top and o.weights == 'imagenet' and (s[1] ~= default_size or s[2] ~= default_size) then
+      fail(fname, "with include_top and weights='imagenet', input_shape must be {%d, %d, 3}, got {%d, %d, 3}",
         default_size, default_size, s[1], s[2])
     end
   end
