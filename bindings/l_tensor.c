@@ -20,7 +20,16 @@
  *   flower.manual_seed(s) restarts it, get_rng_state()/set_rng_state() save and restore it.
  * - Memory: storage is freed when the last tensor using it is collected, or at once with t:free()
  *   or `local t <close>`; a freed tensor raises "the tensor has been freed" when used. Because Lua
- *   cannot see storage bytes, fl_lua_newtensor runs a full collection when they have doubled. */
+ *   cannot see storage bytes, fl_lua_newtensor runs a full collection when they have doubled.
+ * - Devices: creation functions make CPU tensors; t:cuda() / t:cpu() (l_cuda.c) move them. Every op
+ *   runs on its operands' device, and operands on different devices are an error naming both
+ *   ("add: tensors are on different devices (cpu and cuda:0); ..."): nothing moves implicitly.
+ *   Functions that hand elements to Lua read a temporary host copy of a device tensor, so they work
+ *   anywhere (slowly: one transfer each): t:item(), t[i] giving a number, t:totable(), tostring(t),
+ *   t:equal(u), t:tostring_raw(). Writes go through the device's own kernels: t[i] = v,
+ *   t[{...}] = u, t:fill(v), t:copy(u) (u may be on another device: that is the explicit copy).
+ *   Bindings that need host memory itself (image encoding, ...) refuse device tensors with
+ *   fl_lua_checkhost ("fname: the tensor is on cuda:0; call t:cpu() first"). */
 #include "l_tensor.h"
 #include "rng.h"
 
@@ -157,7 +166,37 @@ const fl_tensor *fl_lua_tensorarg(lua_State *L, int arg, const fl_tensor *like, 
   return t;
 }
 
-void fl_lua_pushelem(lua_State *L, const fl_tensor *t, const int64_t *index) {
+void fl_lua_checkhost(lua_State *L, const fl_tensor *t, const char *fname) {
+  if (fl_tensor_is_host(t)) return;
+  if (!t->storage) luaL_error(L, "%s: the tensor has been freed (closed)", fname);
+  char d[80];
+  fl_device_str(d, sizeof d, t);
+  luaL_error(L, "%s: the tensor is on %s; call t:cpu() first", fname, d);
+}
+
+const fl_tensor *fl_lua_tohost(lua_State *L, const fl_tensor *t, const char *fname) {
+  if (fl_tensor_is_host(t)) { lua_pushnil(L); return t; }
+  if (!t->storage) luaL_error(L, "%s: the tensor has been freed (closed)", fname);
+  /* t may be a view held only in a C struct: its storage is kept alive by the caller's tensor on
+   * the Lua stack, so the collection fl_lua_newtensor may run cannot free it */
+  fl_tensor src = *t;
+  fl_tensor *h = fl_lua_newtensor(L);
+  int rc = fl_tensor_init(h, &fl_cpu_backend, 0, src.dtype, src.ndim, src.shape);
+  if (rc && fl_last_failure_was_oom()) {
+    lua_gc(L, LUA_GCCOLLECT);
+    rc = fl_tensor_init(h, &fl_cpu_backend, 0, src.dtype, src.ndim, src.shape);
+  }
+  if (!rc) rc = fl_copy_into(h, &src);
+  if (rc) {
+    char d[80];
+    fl_device_str(d, sizeof d, &src);
+    luaL_error(L, "%s: copying the tensor from %s to the cpu failed: %s", fname, d, fl_errmsg());
+  }
+  return h;
+}
+
+/* element `index` of a host tensor */
+static void push_host_elem(lua_State *L, const fl_tensor *t, const int64_t *index) {
   const char *p = (const char *)t->storage->data;
   int64_t off = t->offset;
   for (int i = 0; i < t->ndim; i++) off += index[i] * t->stride[i];
@@ -168,6 +207,17 @@ void fl_lua_pushelem(lua_State *L, const fl_tensor *t, const int64_t *index) {
   case FL_I64: lua_pushinteger(L, ((const int64_t *)p)[off]); break;
   default: lua_pushinteger(L, ((const uint8_t *)p)[off]); break;
   }
+}
+
+void fl_lua_pushelem(lua_State *L, const fl_tensor *t, const int64_t *index) {
+  if (fl_tensor_is_host(t)) { push_host_elem(L, t, index); return; }
+  /* device memory: copy the one element (a 0-d view of it) to the host */
+  fl_tensor v = *t;
+  for (int i = 0; i < v.ndim; i++) v.offset += index[i] * v.stride[i];
+  v.ndim = 0;
+  const fl_tensor *h = fl_lua_tohost(L, &v, "element read");
+  push_host_elem(L, h, NULL);
+  lua_remove(L, -2);
 }
 
 /* ---------------------------------------------------------------- creation */
@@ -241,6 +291,7 @@ static void nest_fill(lua_State *L, const nest_shape *ns, int depth, fl_tensor *
       nest_fill(L, ns, depth + 1, t, index);
     } else {
       if (ty == LUA_TNUMBER) {
+        /* t is the new CPU tensor being filled: its elements are host memory */
         if (lua_isinteger(L, -1) && !fl_dtype_is_float(t->dtype) && t->dtype == FL_I64) {
           char *p = (char *)t->storage->data;
           int64_t off = t->offset;
@@ -430,6 +481,11 @@ static int l_fromstring(lua_State *L) {
 /* t:tostring_raw(): the elements' bytes in row-major order (native endianness) */
 static int t_tostring_raw(lua_State *L) {
   fl_tensor *t = fl_lua_checktensor(L, 1);
+  if (!fl_tensor_is_host(t)) {   /* a device tensor: its contiguous host copy */
+    const fl_tensor *h = fl_lua_tohost(L, t, "tostring_raw");
+    lua_pushlstring(L, fl_tensor_data(h), (size_t)fl_tensor_numel(h) * fl_dtype_size(h->dtype));
+    return 1;
+  }
   fl_tensor c;
   FL_TRY(L, fl_contiguous(&c, t));
   lua_pushlstring(L, fl_tensor_data(&c), (size_t)fl_tensor_numel(&c) * fl_dtype_size(c.dtype));
@@ -547,23 +603,32 @@ static void totable_rec(lua_State *L, const fl_tensor *t, int d, int64_t *index)
 
 static int t_totable(lua_State *L) {
   fl_tensor *t = fl_lua_checktensor(L, 1);
+  const fl_tensor *h = fl_lua_tohost(L, t, "totable");   /* one transfer for a device tensor */
   int64_t index[FL_MAXDIM] = {0};
-  if (t->ndim == 0) fl_lua_pushelem(L, t, index);
-  else totable_rec(L, t, 0, index);
+  if (h->ndim == 0) fl_lua_pushelem(L, h, index);
+  else totable_rec(L, h, 0, index);
   return 1;
 }
 
 /* t:equal(u): same shape and every element equal (values compared after promotion) */
 static int t_equal(lua_State *L) {
   fl_tensor *a = fl_lua_checktensor(L, 1), *b = fl_lua_checktensor(L, 2);
+  if (a->storage->backend != b->storage->backend || a->storage->device != b->storage->device) {
+    char da[80], db[80];
+    fl_device_str(da, sizeof da, a);
+    fl_device_str(db, sizeof db, b);
+    return luaL_error(L, "equal: tensors are on different devices (%s and %s)", da, db);
+  }
   if (!fl_tensor_same_shape(a, b)) { lua_pushboolean(L, 0); return 1; }
-  fl_tensor m, s;
-  FL_TRY(L, fl_binary(FL_NE, &m, a, b));
-  int rc = fl_reduce(FL_SUM, &s, &m, -1, 0, 0);
-  fl_tensor_free(&m);
-  if (rc) return fl_lua_error(L);
-  int64_t n = *(int64_t *)fl_tensor_data(&s);
-  fl_tensor_free(&s);
+  /* count the differing elements on the tensors' device; only that count comes to the host */
+  fl_tensor *m = fl_lua_newtensor(L);
+  FL_TRY(L, fl_binary(FL_NE, m, a, b));
+  fl_tensor *s = fl_lua_newtensor(L);
+  FL_TRY(L, fl_reduce(FL_SUM, s, m, -1, 0, 0));
+  fl_lua_pushelem(L, s, NULL);
+  lua_Integer n = lua_tointeger(L, -1);
+  fl_tensor_free(m);
+  fl_tensor_free(s);
   lua_pushboolean(L, n == 0);
   return 1;
 }
@@ -729,9 +794,10 @@ static int t_fill(lua_State *L) {
   fl_tensor *t = fl_lua_checktensor(L, 1);
   double v = luaL_checknumber(L, 2);
   if (t->dtype == FL_I64 && lua_isinteger(L, 2)) {
+    /* exact beyond 2^53: the integer is written into a host scalar, then copied (to any device) */
     fl_tensor tmp;
-    FL_TRY(L, fl_tensor_init(&tmp, t->storage->backend, t->storage->device, FL_I64, 0, NULL));
-    *(int64_t *)fl_tensor_data(&tmp) = lua_tointeger(L, 2);   /* exact beyond 2^53 */
+    FL_TRY(L, fl_tensor_init(&tmp, &fl_cpu_backend, 0, FL_I64, 0, NULL));
+    *(int64_t *)fl_tensor_data(&tmp) = lua_tointeger(L, 2);
     int rc = fl_copy_into(t, &tmp);
     fl_tensor_free(&tmp);
     if (rc) return fl_lua_error(L);
@@ -906,7 +972,12 @@ static int cat_impl(lua_State *L, int stack) {
       fl_shape_str(s2, sizeof s2, t->ndim, t->shape);
       return luaL_error(L, "%s: element %d has size %s, incompatible with element 1's %s (dim %d)", fname, i, s2, s1, d + 1);
     }
-    if (t->storage->backend != first.storage->backend) return luaL_error(L, "%s: tensors are on different devices", fname);
+    if (t->storage->backend != first.storage->backend || t->storage->device != first.storage->device) {
+      char d1[80], d2[80];
+      fl_device_str(d1, sizeof d1, &first);
+      fl_device_str(d2, sizeof d2, t);
+      return luaL_error(L, "%s: element %d is on %s, element 1 on %s", fname, i, d2, d1);
+    }
     dt = fl_promote(dt, t->dtype);
     total += stack ? 1 : t->shape[d];
     lua_pop(L, 1);

@@ -5,7 +5,8 @@
  * One format for the whole tensor, so columns align: integers (and floats that are all whole
  * numbers) without decimals, other floats with 4 decimals, or %.4e when magnitudes are very large or
  * small. 1-d tensors print as a column and 3-d and more as 2-d slices headed "(i,j,.,.) = ", as
- * Torch7 did. Above 1000 elements each dim longer than 6 shows its first and last 3 with "...". */
+ * Torch7 did. Above 1000 elements each dim longer than 6 shows its first and last 3 with "...".
+ * A device tensor is printed from a host copy; the footer names its device ("device cuda:0"). */
 #include "l_tensor.h"
 
 #include <math.h>
@@ -165,9 +166,12 @@ int fl_lua_tensor_tostring(lua_State *L) {
     lua_pushliteral(L, "[flower.Tensor (freed)]");
     return 1;
   }
+  /* elements are read from host memory: a device tensor's copy (pushed before the buffer, which
+   * owns the stack above it) */
+  const fl_tensor *h = fl_lua_tohost(L, t, "tostring");
   luaL_Buffer b;
   luaL_buffinit(L, &b);
-  printer p = {t, fl_tensor_numel(t) > SUMMARY_NUMEL, 0, 0, &b};
+  printer p = {h, fl_tensor_numel(t) > SUMMARY_NUMEL, 0, 0, &b};
   int64_t index[FL_MAXDIM] = {0};
   int64_t numel = fl_tensor_numel(t);
   if (numel > 0) {
@@ -210,7 +214,9 @@ int fl_lua_tensor_tostring(lua_State *L) {
     for (int i = 0; i < t->ndim; i++)
       k += (size_t)snprintf(sh + k, sizeof sh - k, i ? "x%lld" : "%lld", (long long)t->shape[i]);
   }
-  snprintf(tail, sizeof tail, "[%s of size %s, device %s]", fl_lua_torch_name(t->dtype), sh, t->storage->backend->name);
+  char dev[80];
+  fl_device_str(dev, sizeof dev, t);
+  snprintf(tail, sizeof tail, "[%s of size %s, device %s]", fl_lua_torch_name(t->dtype), sh, dev);
   luaL_addstring(&b, tail);
   luaL_pushresult(&b);
   return 1;

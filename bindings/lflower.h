@@ -21,6 +21,15 @@ fl_tensor *fl_lua_newtensor(lua_State *L);
 /* Raises fl_errmsg() as a Lua error, prefixed by nothing (messages already name the op). */
 int fl_lua_error(lua_State *L);
 
+/* Device tensors (storage on a backend other than the CPU's, e.g. CUDA) must never be read or written
+ * through fl_tensor_data from host code. A binding that touches elements directly either
+ *  - refuses: fl_lua_checkhost raises "fname: the tensor is on cuda:0; call t:cpu() first", or
+ *  - reads a host copy: fl_lua_tohost returns t itself when it is in host memory (and pushes nil),
+ *    else pushes a new contiguous CPU tensor holding t's values and returns it. It always pushes one
+ *    value; pop it when done (the copy is a userdata, so an error meanwhile cannot leak it). */
+void fl_lua_checkhost(lua_State *L, const fl_tensor *t, const char *fname);
+const fl_tensor *fl_lua_tohost(lua_State *L, const fl_tensor *t, const char *fname);
+
 /* Each binding file registers its functions into the module table at the top of the stack. */
 void fl_lua_open_tensor(lua_State *L);
 void fl_lua_open_nn(lua_State *L);

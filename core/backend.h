@@ -27,7 +27,9 @@ typedef enum { FL_RNG_UNIFORM, FL_RNG_NORMAL, FL_RNG_INT } fl_rngkind;
 
 struct fl_backend {
   const char *name;                                  /* "cpu", "cuda" */
-  void *(*alloc)(int device, size_t nbytes);         /* NULL on failure (front records the message) */
+  /* NULL on failure. The allocator may record why with fl_fail_oom / fl_fail (the front keeps that
+   * message and adds the tensor's size); if it records nothing the front says "out of memory". */
+  void *(*alloc)(int device, size_t nbytes);
   void (*free)(int device, void *p);
   /* dst and src have equal shapes; dtypes may differ (converted); either may be strided.
    * A cross-backend copy is run by the backend that is not the CPU's. */

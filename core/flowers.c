@@ -227,12 +227,12 @@ static int draw_background(float *cv, int w, int h, uint64_t *rng) {
   for (int i = 0; i < 2; i++) free(oct[i].v);
 
   /* out-of-focus discs (bokeh) of arbitrary colours: colour alone must not give the class away */
-  int ndisc = (int)(fl_rng_next(rng) % 7);
+  int ndisc = (int)(fl_rng_next(rng) % 5);
   for (int i = 0; i < ndisc; i++) {
     float cx = uni(rng, 0, (float)w), cy = uni(rng, 0, (float)h);
     float r = uni(rng, 0.03f, 0.12f) * (float)(w < h ? w : h);
     rgb c = hsv(uni(rng, 0, 360), uni(rng, 0.1f, 0.8f), uni(rng, 0.5f, 1.0f));
-    float a = uni(rng, 0.15f, 0.45f);
+    float a = uni(rng, 0.1f, 0.35f);
     int x0 = (int)fmaxf(0, cx - r - 2), x1 = (int)fminf((float)w, cx + r + 2);
     int y0 = (int)fmaxf(0, cy - r - 2), y1 = (int)fminf((float)h, cy + r + 2);
     for (int y = y0; y < y1; y++)
@@ -429,7 +429,7 @@ static void make_flower(flower *f, const fl_flower_class *fc, float cx, float cy
   f->wmax = spread * wfac;
   f->rot = uni(rng, 0, (float)TWO_PI);
   /* tilt: squash by s along a random axis phi; store the inverse map */
-  float s = uni(rng, 0.62f, 1.0f), phi = uni(rng, 0, (float)M_PI);
+  float s = uni(rng, 0.72f, 1.0f), phi = uni(rng, 0, (float)M_PI);
   float c = cosf(phi), sn = sinf(phi);
   /* inverse of R(phi) diag(1, s) R(-phi) is R(phi) diag(1, 1/s) R(-phi) */
   float is = 1.0f / s;
@@ -511,8 +511,8 @@ int fl_flowers_draw(uint8_t *out, int w, int h, int c, int K, uint64_t seed, cha
   if (draw_background(cv, w, h, &rng)) { free(cv); msgf(err, errlen, "flowers_draw: out of memory"); return -1; }
 
   float side = (float)(w < h ? w : h);
-  float R = side * uni(&rng, 0.22f, 0.42f);
-  float cx = uni(&rng, 0.22f, 0.78f) * w, cy = uni(&rng, 0.22f, 0.78f) * h;
+  float R = side * uni(&rng, 0.26f, 0.42f);
+  float cx = uni(&rng, 0.3f, 0.7f) * w, cy = uni(&rng, 0.3f, 0.7f) * h;
 
   /* stem to the bottom edge, with one to three leaves */
   rgb green = hsv(uni(&rng, 85, 135), uni(&rng, 0.45f, 0.8f), uni(&rng, 0.3f, 0.6f));
@@ -534,7 +534,7 @@ int fl_flowers_draw(uint8_t *out, int w, int h, int c, int K, uint64_t seed, cha
   }
 
   /* sometimes a second, smaller flower of the same class behind the first */
-  if (fl_rng_uniform(&rng) < 0.2) {
+  if (fl_rng_uniform(&rng) < 0.15) {
     flower g;
     float r2 = R * uni(&rng, 0.45f, 0.75f);
     float ang = uni(&rng, 0, (float)TWO_PI), dist = R + r2 * uni(&rng, 0.3f, 1.0f);
@@ -548,9 +548,9 @@ int fl_flowers_draw(uint8_t *out, int w, int h, int c, int K, uint64_t seed, cha
   /* lighting: a linear gradient and overall exposure */
   float gx = uni(&rng, -0.35f, 0.35f) / w, gy = uni(&rng, -0.35f, 0.35f) / h, expo = uni(&rng, 0.8f, 1.15f);
   float warm = uni(&rng, -0.04f, 0.04f);
-  int blur = (int)(fl_rng_next(&rng) % 5);  /* radius 0, 0, 1, 1, 2 px, two passes (a tent) */
-  blur = blur < 2 ? 0 : (blur < 4 ? 1 : 2);
-  float sigma = uni(&rng, 0.0f, 7.0f) / 255.0f;
+  int blur = (int)(fl_rng_next(&rng) % 5);  /* radius 0, 0, 0, 1, 1 px, two passes (a tent) */
+  blur = blur < 3 ? 0 : 1;
+  float sigma = uni(&rng, 0.0f, 5.0f) / 255.0f;
   if (blur > 0)
     for (int pass = 0; pass < 2; pass++)
       if (box_blur(cv, w, h, blur)) { free(cv); msgf(err, errlen, "flowers_draw: out of memory"); return -1; }

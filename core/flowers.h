@@ -8,8 +8,9 @@
  *
  * Each photo varies, from its own seed: flower position, size, rotation, tilt (an affine squash),
  * petal length/width, hue/saturation/value jitter, a second flower of the same class, stem and
- * leaves, background (multi-octave value noise in two random colours, out-of-focus discs of other
- * colours), a lighting gradient, blur (0-2 px box blur, three passes) and sensor noise.
+ * leaves, background (two octaves of value noise in two random colours, out-of-focus discs of
+ * other colours), a lighting gradient, blur (a 3x3 box filter applied twice, on two photos in
+ * five) and sensor noise.
  * Drawing is pure C with a float canvas; the same seed gives the same pixels on the same libm. */
 #ifndef FLOWER_FLOWERS_H
 #define FLOWER_FLOWERS_H

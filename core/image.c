@@ -736,7 +736,10 @@ static int decode_rows(fl_decoder *d, int x0, int x1, int y0, int y1, int *wx) {
         }
       }
     }
-    if (got <= 0) break;
+    if (got <= 0) {  /* a memory source never suspends: no rows means the data ran out */
+      jpeg_abort_decompress(c);
+      return fail(d, FL_IMG_TRUNCATED, "the decoder returned no rows at row %d of %d", y, rows);
+    }
     y += got;
   }
   if ((int)c->output_scanline == (int)c->output_height) jpeg_finish_decompress(c);

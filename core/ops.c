@@ -23,10 +23,15 @@ static int check_live(const char *op, const fl_tensor *t) {
   return 0;
 }
 
+/* Operands of one call share a backend and device: nothing moves data implicitly (a copy between
+ * host and device is explicit, t:cuda() / t:cpu()). */
 static int same_backend(const char *op, const fl_tensor *a, const fl_tensor *b) {
-  if (a->storage->backend != b->storage->backend || a->storage->device != b->storage->device)
-    return fl_fail("%s: tensors are on different devices (%s and %s)", op, a->storage->backend->name,
-                   b->storage->backend->name);
+  if (a->storage->backend != b->storage->backend || a->storage->device != b->storage->device) {
+    char da[80], db[80];
+    fl_device_str(da, sizeof da, a);
+    fl_device_str(db, sizeof db, b);
+    return fl_fail("%s: tensors are on different devices (%s and %s); move one with :cpu() or :cuda()", op, da, db);
+  }
   return 0;
 }
 
@@ -46,8 +51,15 @@ fl_dtype fl_promote(fl_dtype a, fl_dtype b) {
 
 int fl_copy_into(fl_tensor *dst, const fl_tensor *src) {
   if (check_live("copy", dst) || check_live("copy", src)) return -1;
-  /* across backends (host <-> device) the copy is run by the one that is not the CPU's */
-  const fl_backend *be = be_of(dst) == &fl_cpu_backend ? be_of(src) : be_of(dst);
+  /* across backends (host <-> device) the copy is run by the one that is not the CPU's; two device
+   * backends know nothing of each other's memory */
+  if (!fl_tensor_is_host(dst) && !fl_tensor_is_host(src) && be_of(dst) != be_of(src)) {
+    char dd[80], ds[80];
+    fl_device_str(dd, sizeof dd, dst);
+    fl_device_str(ds, sizeof ds, src);
+    return fl_fail("copy: cannot copy from %s to %s directly (copy through the cpu)", ds, dd);
+  }
+  const fl_backend *be = fl_tensor_is_host(dst) ? be_of(src) : be_of(dst);
   /* src must broadcast to dst's shape (dst itself does not grow) */
   int ok = src->ndim <= dst->ndim;
   for (int i = 1; ok && i <= src->ndim; i++) {
@@ -500,12 +512,7 @@ int fl_random_(fl_tensor *t, fl_rngkind kind, double p0, double p1) {
   return fl_rng(t, kind, seed, offset, p0, p1);
 }
 
-/* creation helpers write on the host: for another backend they would fill a CPU tensor and copy */
-static int host_only(const char *op, const fl_tensor *t) {
-  if (be_of(t) != &fl_cpu_backend) return fl_fail("%s: only implemented for cpu tensors", op);
-  return 0;
-}
-
+/* creation helpers make CPU tensors and write their elements directly (fl_tensor_set) */
 int fl_arange(fl_tensor *out, double start, double stop, double step, fl_dtype dt) {
   memset(out, 0, sizeof *out);
   if (!(step != 0) || !isfinite(step)) return fl_fail("arange: step must be a finite nonzero number, got %g", step);
@@ -523,7 +530,6 @@ int fl_linspace(fl_tensor *out, double start, double stop, int64_t n, fl_dtype d
   memset(out, 0, sizeof *out);
   if (n < 0) return fl_fail("linspace: number of points must be >= 0, got %lld", (long long)n);
   if (fl_tensor_init(out, &fl_cpu_backend, 0, dt, 1, &n)) return fl_fail_prefix("linspace");
-  if (host_only("linspace", out)) { fl_tensor_free(out); return -1; }
   double step = n > 1 ? (stop - start) / (double)(n - 1) : 0;
   for (int64_t i = 0; i < n; i++) {
     /* the last point is exactly `stop`, as in numpy */

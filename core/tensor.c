@@ -13,6 +13,9 @@
 /* One message per thread: kernels may fail on worker threads (data loaders) without racing. */
 static _Thread_local char errbuf[512];
 static _Thread_local int err_oom;
+/* counts fl_fail* calls on this thread: tells whether a callee (a backend's allocator) recorded a
+ * message of its own */
+static _Thread_local unsigned fail_seq;
 
 const char *fl_errmsg(void) { return errbuf[0] ? errbuf : "unknown error"; }
 
@@ -22,6 +25,7 @@ int fl_fail(const char *fmt, ...) {
   vsnprintf(errbuf, sizeof errbuf, fmt, ap);
   va_end(ap);
   err_oom = 0;
+  fail_seq++;
   return -1;
 }
 
@@ -31,10 +35,22 @@ int fl_fail_oom(const char *fmt, ...) {
   vsnprintf(errbuf, sizeof errbuf, fmt, ap);
   va_end(ap);
   err_oom = 1;
+  fail_seq++;
   return -1;
 }
 
 int fl_last_failure_was_oom(void) { return err_oom; }
+
+/* Appends " (context)" to the current message, keeping its out-of-memory mark. */
+static int fail_append(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static int fail_append(const char *fmt, ...) {
+  size_t n = strnlen(errbuf, sizeof errbuf - 1);
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(errbuf + n, sizeof errbuf - n, fmt, ap);
+  va_end(ap);
+  return -1;
+}
 
 int fl_fail_prefix(const char *op) {
   char tmp[sizeof errbuf];
@@ -76,10 +92,14 @@ fl_storage *fl_storage_new(const fl_backend *be, int device, size_t nbytes) {
   fl_storage *s = calloc(1, sizeof *s);
   if (!s) { fl_fail_oom("out of memory allocating a storage header"); return NULL; }
   /* Never ask for 0 bytes: some allocators return NULL for it, which would read as a failure. */
+  unsigned seq = fail_seq;
   s->data = be->alloc(device, nbytes ? nbytes : 1);
   if (!s->data) {
     free(s);
-    fl_fail_oom("out of memory: cannot allocate %zu bytes on %s", nbytes, be->name);
+    /* A backend that explains its failure (CUDA: "asked for X, the device has Y free", or "device 3
+     * does not exist") keeps its message and its out-of-memory mark; the CPU's allocator says
+     * nothing and gets the generic message. */
+    if (fail_seq == seq) fl_fail_oom("out of memory: cannot allocate %zu bytes on %s", nbytes, be->name);
     return NULL;
   }
   s->refcount = 1;
@@ -153,8 +173,7 @@ int fl_tensor_init(fl_tensor *t, const fl_backend *be, int device, fl_dtype dt, 
   if (!s) {
     char sh[200];
     fl_shape_str(sh, sizeof sh, ndim, shape);
-    return fl_fail_oom("out of memory: cannot allocate %llu bytes for a %s tensor of size %s",
-                       (unsigned long long)nbytes, fl_dtype_name(dt), sh);
+    return fail_append(" (a %s tensor of size %s)", fl_dtype_name(dt), sh);
   }
   t->storage = s;
   t->offset = 0;
@@ -210,6 +229,24 @@ int fl_tensor_is_contiguous(const fl_tensor *t) {
     s *= t->shape[i];
   }
   return 1;
+}
+
+int fl_tensor_is_host(const fl_tensor *t) {
+  return t->storage && t->storage->backend == &fl_cpu_backend;
+}
+
+void fl_device_str(char *buf, size_t n, const fl_tensor *t) {
+  if (!t->storage) snprintf(buf, n, "(freed)");
+  else if (t->storage->backend == &fl_cpu_backend) snprintf(buf, n, "cpu");
+  else snprintf(buf, n, "%s:%d", t->storage->backend->name, t->storage->device);
+}
+
+int fl_tensor_require_host(const char *op, const fl_tensor *t) {
+  if (fl_tensor_is_host(t)) return 0;
+  if (!t->storage) return fl_fail("%s: the tensor has been freed", op);
+  char d[80];
+  fl_device_str(d, sizeof d, t);
+  return fl_fail("%s: the tensor is on %s, not in host memory (copy it to the cpu first)", op, d);
 }
 
 void *fl_tensor_data(const fl_tensor *t) {

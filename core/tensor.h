@@ -49,7 +49,9 @@ int fl_dtype_from_name(const char *name, fl_dtype *out); /* -1 with a message if
 int fl_dtype_is_float(fl_dtype dt);
 
 /* ---- storage ---- */
-fl_storage *fl_storage_new(const fl_backend *be, int device, size_t nbytes); /* NULL + message on OOM */
+/* NULL + message on failure: the backend allocator's own message when it recorded one with
+ * fl_fail / fl_fail_oom (kept as is, with its out-of-memory mark), else a generic out-of-memory one. */
+fl_storage *fl_storage_new(const fl_backend *be, int device, size_t nbytes);
 void fl_storage_retain(fl_storage *s);
 void fl_storage_release(fl_storage *s);
 size_t fl_storage_live_bytes(void);                /* bytes held by all live storages */
@@ -70,7 +72,17 @@ int fl_tensor_init_scalar(fl_tensor *t, const fl_backend *be, int device, fl_dty
 /* ---- shape queries ---- */
 int64_t fl_tensor_numel(const fl_tensor *t);
 int fl_tensor_is_contiguous(const fl_tensor *t);
-void *fl_tensor_data(const fl_tensor *t);          /* address of element 0 (host backends only) */
+/* Address of element 0 in the storage's own memory: a host pointer only when fl_tensor_is_host(t);
+ * for a device tensor it is a device address that host code must never dereference. */
+void *fl_tensor_data(const fl_tensor *t);
+/* 1 if t's elements are in host memory that C code may read and write directly (the CPU backend's
+ * storage); 0 for device backends and freed tensors. Check it before fl_tensor_data, fl_tensor_get,
+ * fl_tensor_set or any other direct access to elements. */
+int fl_tensor_is_host(const fl_tensor *t);
+/* 0 if fl_tensor_is_host(t), else -1 with "op: the tensor is on cuda:0, not in host memory ..." */
+int fl_tensor_require_host(const char *op, const fl_tensor *t);
+/* Where t lives, for messages: "cpu", "cuda:1" (backend name and device index), "(freed)". */
+void fl_device_str(char *buf, size_t n, const fl_tensor *t);
 void fl_shape_str(char *buf, size_t n, int ndim, const int64_t *shape); /* "[2,3,4]" */
 void fl_contiguous_strides(int ndim, const int64_t *shape, int64_t *stride);
 /* 1 if some element of t is reachable through two different indices (a dim of size > 1 and stride 0,
@@ -81,8 +93,9 @@ int fl_tensor_may_overlap(const fl_tensor *a, const fl_tensor *b);
 /* 1 if a and b may address a common element of the same storage but are not the identical view. */
 int fl_tensor_partial_overlap(const fl_tensor *a, const fl_tensor *b);
 int fl_tensor_same_shape(const fl_tensor *a, const fl_tensor *b);
-double fl_tensor_get(const fl_tensor *t, const int64_t *index);          /* host backends; 0-based */
-void fl_tensor_set(fl_tensor *t, const int64_t *index, double value);    /* host backends; 0-based */
+/* One element, 0-based index; host tensors only (fl_tensor_is_host): the caller checks. */
+double fl_tensor_get(const fl_tensor *t, const int64_t *index);
+void fl_tensor_set(fl_tensor *t, const int64_t *index, double value);
 
 /* ---- views (in place on `t`, which must already be a view of its own: see init_view) ----
  * Dims and indices are 0-based here and must be in range (bindings translate Lua's 1-based and

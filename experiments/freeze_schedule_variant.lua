@@ -18,7 +18,7 @@ return quickstart:derive {
       { epochs = 'head_epochs', train = 'head', lr = 'head_lr' },
       { epochs = 3, lr = 'head_lr',
         train = { resnet_tiny = 'from:block3_1_conv', inception_tiny = 'from:mixed2_b1_conv',
-                  vgg_tiny = 'from:block3a_conv' } },
+                  vgg_tiny = 'from:block3_conv' } },
       { epochs = 'epochs', train = 'all', lr = 'lr' },
     },
   },

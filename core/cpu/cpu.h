@@ -64,4 +64,14 @@ int cpu_softmax(fl_tensor *out, const fl_tensor *a, int dim, int log);
 int cpu_matmul(fl_tensor *out, const fl_tensor *a, const fl_tensor *b, double alpha, double beta);
 int cpu_rng(fl_tensor *out, fl_rngkind kind, uint64_t seed, uint64_t offset, double p0, double p1);
 
+/* float32 exp, log, tanh, sigmoid over n contiguous elements (y may be x itself): vectorised
+ * polynomial kernels, within 2-3 ulp of the exact result (core/cpu/vecmath.c). */
+void cpu_vexp_f32(int64_t n, const float *x, float *y);
+void cpu_vlog_f32(int64_t n, const float *x, float *y);
+void cpu_vtanh_f32(int64_t n, const float *x, float *y);
+void cpu_vsigmoid_f32(int64_t n, const float *x, float *y);
+/* Instruction set the kernels above use: 0 baseline (SSE2 on x86-64), 1 AVX2+FMA, 2 AVX-512.
+ * level < 0 only asks; level >= 0 selects min(level, what this CPU has) (for tests). */
+int cpu_vecmath_level(int level);
+
 #endif

@@ -111,18 +111,43 @@ typedef struct { double p0, p1; } unary_params;
 
 #define FLOAT_UNARY(N, T, F)                                                            \
   UN_ROW(neg_##N, T, T, (T), -x)                                                        \
-  UN_ROW(exp_##N, T, T, (T), exp##F(x))                                                 \
-  UN_ROW(log_##N, T, T, (T), log##F(x))                                                 \
   UN_ROW(sqrt_##N, T, T, (T), sqrt##F(x))                                               \
   UN_ROW(abs_##N, T, T, (T), fabs##F(x))                                                \
-  UN_ROW(tanh_##N, T, T, (T), tanh##F(x))                                               \
-  UN_ROW(sigmoid_##N, T, T, (T), (T)1 / ((T)1 + exp##F(-x)))                            \
   UN_ROW(relu_##N, T, T, (T), x < 0 ? (T)0 : x)                                         \
   UN_ROW(clamp_##N, T, T, (T), x < P0 ? P0 : x > P1 ? P1 : x)                           \
   UN_ROW(pows_##N, T, T, (T), pow##F(x, P0))                                            \
   UN_ROW(affine_##N, T, T, (T), x * P0 + P1)
 FLOAT_UNARY(f32, float, f)
 FLOAT_UNARY(f64, double, )
+
+/* float64 transcendental functions: libm */
+UN_ROW(exp_f64, double, double, (double), exp(x))
+UN_ROW(log_f64, double, double, (double), log(x))
+UN_ROW(tanh_f64, double, double, (double), tanh(x))
+/* for x < 0 the form e / (1 + e) keeps tiny results that 1 / (1 + exp(-x)) would flush to 0 */
+UN_ROW(sigmoid_f64, double, double, (double), x >= 0 ? 1 / (1 + exp(-x)) : exp(x) / (1 + exp(x)))
+
+/* float32 transcendental functions: the vectorised kernels of vecmath.c. A strided row goes
+ * through a small contiguous buffer, so it gives the same bits as a contiguous one. */
+#define VM_ROW(NAME, VFN)                                                               \
+  static void NAME(int64_t n, char **p, const int64_t *s, void *ctx) {                  \
+    (void)ctx;                                                                          \
+    float *o = (float *)p[0];                                                           \
+    const float *a = (const float *)p[1];                                               \
+    int64_t so = s[0], sa = s[1];                                                       \
+    if (so == 1 && sa == 1) { VFN(n, a, o); return; }                                   \
+    float buf[256];                                                                     \
+    for (int64_t i = 0; i < n; i += 256) {                                              \
+      int64_t m = n - i < 256 ? n - i : 256;                                            \
+      for (int64_t k = 0; k < m; k++) buf[k] = a[(i + k) * sa];                         \
+      VFN(m, buf, buf);                                                                 \
+      for (int64_t k = 0; k < m; k++) o[(i + k) * so] = buf[k];                         \
+    }                                                                                   \
+  }
+VM_ROW(exp_f32, cpu_vexp_f32)
+VM_ROW(log_f32, cpu_vlog_f32)
+VM_ROW(tanh_f32, cpu_vtanh_f32)
+VM_ROW(sigmoid_f32, cpu_vsigmoid_f32)
 
 /* integers: parameters are integral (the front checks), arithmetic wraps through U */
 #define INT_UNARY(N, T, U)                                                              \

@@ -4,20 +4,32 @@
  *   NN(name)   name with a dtype suffix (conv2d_forward_f32)
  *   GEMM       cblas_sgemm or cblas_dgemm
  * All tensors are contiguous and checked by the front (core/nn.c): x (N,H,W,C), w (KH,KW,C,F),
- * y (N,OH,OW,F). Parallel loops use OpenMP; GEMMs use OpenBLAS's own threads. */
+ * y (N,OH,OW,F). Parallel loops use OpenMP; inside them each thread calls a single-threaded GEMM
+ * (see the Conv2D section for why). Inner loops over channels carry SIMD (omp simd). */
 
 /* ---- shared helpers ---- */
 
-/* y[r, f] = y[r, f]*scale[f] + shift[f], then max(., 0) if relu; rows r in [0, rows) */
-static void NN(epilogue)(real *y, int64_t rows, int64_t f, const real *scale, const real *shift, int relu) {
+/* y[r, f] = y[r, f]*scale[f] + shift[f], then max(., 0) if relu; rows r in [0, rows).
+ * par = 0 inside an already parallel region (no nested team) */
+static void NN(epilogue_p)(real *y, int64_t rows, int64_t f, const real *scale, const real *shift, int relu,
+                           int par) {
   if (!scale && !shift && !relu) return;
-#pragma omp parallel for schedule(static) if (rows * f > 32768)
+#pragma omp parallel for schedule(static) if (par && rows * f > 32768)
   for (int64_t r = 0; r < rows; r++) {
     real *p = y + r * f;
-    if (scale) for (int64_t c = 0; c < f; c++) p[c] *= scale[c];
-    if (shift) for (int64_t c = 0; c < f; c++) p[c] += shift[c];
-    if (relu) for (int64_t c = 0; c < f; c++) p[c] = p[c] > 0 ? p[c] : 0;
+    if (scale && shift) {
+      SIMD for (int64_t c = 0; c < f; c++) p[c] = p[c] * scale[c] + shift[c];
+    } else if (scale) {
+      SIMD for (int64_t c = 0; c < f; c++) p[c] *= scale[c];
+    } else if (shift) {
+      SIMD for (int64_t c = 0; c < f; c++) p[c] += shift[c];
+    }
+    if (relu) SIMD for (int64_t c = 0; c < f; c++) p[c] = p[c] < 0 ? 0 : p[c];
   }
+}
+
+static void NN(epilogue)(real *y, int64_t rows, int64_t f, const real *scale, const real *shift, int relu) {
+  NN(epilogue_p)(y, rows, f, scale, shift, relu, 1);
 }
 
 /* Column sums of g (rows, f) into out: out = beta*out + sum_r g[r,:]. Accumulates in double. */
@@ -31,7 +43,7 @@ static int NN(colsum)(real *out, const real *g, int64_t rows, int64_t f, double 
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; r++) {
       const real *q = g + r * f;
-      for (int64_t c = 0; c < f; c++) p[c] += q[c];
+      SIMD for (int64_t c = 0; c < f; c++) p[c] += q[c];
     }
   }
   for (int64_t c = 0; c < f; c++) {
@@ -111,7 +123,7 @@ static void NN(col2im)(real *gx, const real *gcols, const NN(conv_dims) *d, cons
           int64_t ow = u / win->sw;
           if (ow >= d->ow) continue;
           const real *src = grow + ow * K + (int64_t)j * C;
-          for (int64_t c = 0; c < C; c++) dst[c] += src[c];
+          SIMD for (int64_t c = 0; c < C; c++) dst[c] += src[c];
         }
       }
     }
@@ -180,7 +192,7 @@ static void NN(wino_kernel_rows)(real *U, const real *w, int64_t C, int64_t F, i
   for (int j = 0; j < 3; j++) {
     real *t0 = t + (0 * 3 + j) * co, *t1 = t + (1 * 3 + j) * co, *t2 = t + (2 * 3 + j) * co, *t3 = t + (3 * 3 + j) * co;
     const real *g0 = g[0][j], *g1 = g[1][j], *g2 = g[2][j];
-    for (int64_t b = 0; b < co; b++) {
+    SIMD for (int64_t b = 0; b < co; b++) {
       t0[b] = g0[b];
       t1[b] = (g0[b] + g1[b] + g2[b]) * (real)0.5;
       t2[b] = (g0[b] - g1[b] + g2[b]) * (real)0.5;
@@ -190,7 +202,7 @@ static void NN(wino_kernel_rows)(real *U, const real *w, int64_t C, int64_t F, i
   for (int k = 0; k < 4; k++) {
     const real *r0 = t + (k * 3 + 0) * co, *r1 = t + (k * 3 + 1) * co, *r2 = t + (k * 3 + 2) * co;
     real *o0 = U + (int64_t)(k * 4 + 0) * ci * co + a * co, *o1 = o0 + ci * co, *o2 = o1 + ci * co, *o3 = o2 + ci * co;
-    for (int64_t b = 0; b < co; b++) {
+    SIMD for (int64_t b = 0; b < co; b++) {
       o0[b] = r0[b];
       o1[b] = (r0[b] + r1[b] + r2[b]) * (real)0.5;
       o2[b] = (r0[b] - r1[b] + r2[b]) * (real)0.5;
@@ -230,7 +242,7 @@ static void NN(wino_input)(real *V, const real *x, int64_t H, int64_t W, int64_t
     }
     real *out = V + (t - t0) * C;
     const int64_t st = nt * C;   /* stride between the 16 matrices */
-    for (int64_t c = 0; c < C; c++) {
+    SIMD for (int64_t c = 0; c < C; c++) {
       real q[4][4], u[4][4];
       for (int a = 0; a < 4; a++)
         for (int b = 0; b < 4; b++) q[a][b] = d[(a * 4 + b) * C + c];
@@ -262,7 +274,7 @@ static void NN(wino_output)(real *y, const real *M, int64_t OH, int64_t OW, int6
     real *o00 = y + ((n * OH + oh0) * OW + ow0) * F;
     int h2 = oh0 + 1 < OH, w2 = ow0 + 1 < OW;
     real *o01 = o00 + F, *o10 = o00 + OW * F, *o11 = o10 + F;
-    for (int64_t f = 0; f < F; f++) {
+    SIMD for (int64_t f = 0; f < F; f++) {
       real s0[4], s1[4];
       for (int b = 0; b < 4; b++) {   /* rows: A^T m */
         real m0 = m[(0 * 4 + b) * st + f], m1 = m[(1 * 4 + b) * st + f];
@@ -349,14 +361,13 @@ static int NN(conv2d_forward)(fl_tensor *y, const fl_tensor *x, const fl_tensor 
   int nt = nn_threads(d.n * d.oh * d.ow * d.f * d.k);
   if (win_is_pointwise(win)) {
     /* y (M,F) = x (M,C) @ w (C,F), rows split between threads */
-    int64_t m = d.n * d.h * d.w, per = (m + nt - 1) / nt;
+    int64_t m = d.n * d.h * d.w, per = pointwise_block(m, nt), nb = (m + per - 1) / per;
     blas_single_begin(nt);
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-    for (int t = 0; t < nt; t++) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+    for (int64_t t = 0; t < nb; t++) {
       int64_t a = t * per, b = a + per < m ? a + per : m;
-      if (a >= b) continue;
       NN(gemm_nn)(b - a, d.f, d.c, X + a * d.c, d.c, Wt, d.f, 0, Y + a * d.f, d.f);
-      NN(epilogue)(Y + a * d.f, b - a, d.f, SC, SH, relu);
+      NN(epilogue_p)(Y + a * d.f, b - a, d.f, SC, SH, relu, 0);
     }
     blas_single_end(nt);
     return 0;
@@ -376,7 +387,7 @@ static int NN(conv2d_forward)(fl_tensor *y, const fl_tensor *x, const fl_tensor 
     NN(im2col)(cols, X, &d, win, r0, r1, 0);
     real *yr = Y + r0 * d.ow * d.f;
     NN(gemm_nn)(m, d.f, d.k, cols, d.k, Wt, d.f, 0, yr, d.f);
-    NN(epilogue)(yr, m, d.f, SC, SH, relu);
+    NN(epilogue_p)(yr, m, d.f, SC, SH, relu, 0);
   }
   blas_single_end(nt);
   if (failed) return fl_fail_oom("out of memory (im2col buffer of %lld elements)", (long long)(R * d.ow * d.k));
@@ -392,12 +403,11 @@ static int NN(conv2d_backward_data)(fl_tensor *gx, const fl_tensor *gy, const fl
   int nt = nn_threads(d.n * d.oh * d.ow * d.f * d.k);
   if (win_is_pointwise(win) && d.f > 0) {
     /* gx (M,C) = gy (M,F) @ w(C,F)^T, rows split between threads */
-    int64_t m = d.n * d.h * d.w, per = (m + nt - 1) / nt;
+    int64_t m = d.n * d.h * d.w, per = pointwise_block(m, nt), nb = (m + per - 1) / per;
     blas_single_begin(nt);
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-    for (int t = 0; t < nt; t++) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+    for (int64_t t = 0; t < nb; t++) {
       int64_t a = t * per, b = a + per < m ? a + per : m;
-      if (a >= b) continue;
       GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, (blasint)(b - a), (blasint)d.c, (blasint)d.f, 1,
            GY + a * d.f, (blasint)d.f, Wt, (blasint)d.f, 0, GX + a * d.c, (blasint)d.c);
     }
@@ -535,7 +545,7 @@ static int NN(depthwise_forward)(fl_tensor *y, const fl_tensor *x, const fl_tens
     int64_t n = r / OH, oh = r % OH;
     for (int64_t ow = 0; ow < OW; ow++) {
       real *out = Y + (r * OW + ow) * CM;
-      for (int64_t c = 0; c < CM; c++) out[c] = 0;
+      SIMD for (int64_t c = 0; c < CM; c++) out[c] = 0;
       for (int i = 0; i < win->kh; i++) {
         int64_t ih = oh * win->sh - win->pt + (int64_t)i * win->dh;
         if (ih < 0 || ih >= H) continue;
@@ -545,7 +555,7 @@ static int NN(depthwise_forward)(fl_tensor *y, const fl_tensor *x, const fl_tens
           const real *xp = X + ((n * H + ih) * W + iw) * C;
           const real *wp = Wt + ((int64_t)i * win->kw + j) * CM;
           if (M == 1) {
-            for (int64_t c = 0; c < C; c++) out[c] += xp[c] * wp[c];
+            SIMD for (int64_t c = 0; c < C; c++) out[c] += xp[c] * wp[c];
           } else {
             for (int64_t c = 0; c < C; c++)
               for (int64_t m = 0; m < M; m++) out[c * M + m] += xp[c] * wp[c * M + m];
@@ -569,7 +579,7 @@ static int NN(depthwise_backward_data)(fl_tensor *gx, const fl_tensor *gy, const
     int64_t n = q / H, ih = q % H;
     for (int64_t iw = 0; iw < W; iw++) {
       real *dst = GX + (q * W + iw) * C;
-      for (int64_t c = 0; c < C; c++) dst[c] = 0;
+      SIMD for (int64_t c = 0; c < C; c++) dst[c] = 0;
       for (int i = 0; i < win->kh; i++) {
         int64_t t = ih + win->pt - (int64_t)i * win->dh;
         if (t < 0 || t % win->sh) continue;
@@ -583,7 +593,7 @@ static int NN(depthwise_backward_data)(fl_tensor *gx, const fl_tensor *gy, const
           const real *g = GY + ((n * OH + oh) * OW + ow) * CM;
           const real *wp = Wt + ((int64_t)i * win->kw + j) * CM;
           if (M == 1) {
-            for (int64_t c = 0; c < C; c++) dst[c] += g[c] * wp[c];
+            SIMD for (int64_t c = 0; c < C; c++) dst[c] += g[c] * wp[c];
           } else {
             for (int64_t c = 0; c < C; c++) {
               real s = 0;
@@ -628,7 +638,7 @@ static int NN(depthwise_backward_filter)(fl_tensor *gw, fl_tensor *gb, const fl_
             const real *xp = X + ((n * H + ih) * W + iw) * C;
             real *gp = p + ((int64_t)i * win->kw + j) * CM;
             if (M == 1) {
-              for (int64_t c = 0; c < C; c++) gp[c] += xp[c] * g[c];
+              SIMD for (int64_t c = 0; c < C; c++) gp[c] += xp[c] * g[c];
             } else {
               for (int64_t c = 0; c < C; c++)
                 for (int64_t m = 0; m < M; m++) gp[c * M + m] += xp[c] * g[c * M + m];
@@ -660,7 +670,8 @@ static int NN(pool2d_forward)(fl_tensor *y, const fl_tensor *x, fl_pool_kind kin
     for (int64_t ow = 0; ow < OW; ow++) {
       real *out = Y + (r * OW + ow) * C;
       int count = 0;
-      for (int64_t c = 0; c < C; c++) out[c] = kind == FL_POOL_MAX ? -(real)INFINITY : 0;
+      const real init = kind == FL_POOL_MAX ? -(real)INFINITY : 0;
+      SIMD for (int64_t c = 0; c < C; c++) out[c] = init;
       for (int i = 0; i < win->kh; i++) {
         int64_t ih = oh * win->sh - win->pt + (int64_t)i * win->dh;
         if (ih < 0 || ih >= H) continue;
@@ -670,15 +681,15 @@ static int NN(pool2d_forward)(fl_tensor *y, const fl_tensor *x, fl_pool_kind kin
           const real *xp = X + ((n * H + ih) * W + iw) * C;
           count++;
           if (kind == FL_POOL_MAX) {
-            for (int64_t c = 0; c < C; c++) out[c] = xp[c] > out[c] ? xp[c] : out[c];
+            SIMD for (int64_t c = 0; c < C; c++) out[c] = xp[c] > out[c] ? xp[c] : out[c];
           } else {
-            for (int64_t c = 0; c < C; c++) out[c] += xp[c];
+            SIMD for (int64_t c = 0; c < C; c++) out[c] += xp[c];
           }
         }
       }
       if (kind == FL_POOL_AVG) {
         real inv = (real)1 / (real)(count > 0 ? count : 1);
-        for (int64_t c = 0; c < C; c++) out[c] *= inv;
+        SIMD for (int64_t c = 0; c < C; c++) out[c] *= inv;
       }
     }
   }
@@ -720,8 +731,15 @@ static int NN(pool2d_backward)(fl_tensor *gx, const fl_tensor *gy, const fl_tens
             count++;
             if (kind == FL_POOL_MAX) {
               const real *xp = X + off;
-              for (int64_t c = 0; c < C; c++)
-                if (xp[c] > bv[c] || bi[c] < 0) { bv[c] = xp[c]; bi[c] = off + c; }
+              if (count == 1) {   /* the window's first element inside the input */
+                SIMD for (int64_t c = 0; c < C; c++) { bv[c] = xp[c]; bi[c] = off + c; }
+              } else {
+                SIMD for (int64_t c = 0; c < C; c++) {
+                  int gt = xp[c] > bv[c];
+                  bv[c] = gt ? xp[c] : bv[c];
+                  bi[c] = gt ? off + c : bi[c];
+                }
+              }
             }
           }
         }
@@ -737,7 +755,7 @@ static int NN(pool2d_backward)(fl_tensor *gx, const fl_tensor *gy, const fl_tens
               int64_t iw = ow * win->sw - win->pl + (int64_t)j * win->dw;
               if (iw < 0 || iw >= W) continue;
               real *dst = GX + ((n * H + ih) * W + iw) * C;
-              for (int64_t c = 0; c < C; c++) dst[c] += g[c] * inv;
+              SIMD for (int64_t c = 0; c < C; c++) dst[c] += g[c] * inv;
             }
           }
         }
@@ -761,7 +779,7 @@ static void NN(bn_moments)(double *part, int nt, const real *x, int64_t rows, in
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; r++) {
       const real *q = x + r * C;
-      for (int64_t c = 0; c < C; c++) { double v = q[c]; p[c] += v; q2[c] += v * v; }
+      SIMD for (int64_t c = 0; c < C; c++) { double v = q[c]; p[c] += v; q2[c] += v * v; }
     }
   }
   for (int64_t c = 0; c < C; c++) { sum[c] = 0; sumsq[c] = 0; }
@@ -810,8 +828,11 @@ static int NN(batchnorm_forward_train)(fl_tensor *y, fl_tensor *mean, fl_tensor 
   for (int64_t r = 0; r < rows; r++) {
     const real *q = X + r * C;
     real *o = Y + r * C;
-    for (int64_t c = 0; c < C; c++) o[c] = q[c] * ab[c] + ab[C + c];
-    if (relu) for (int64_t c = 0; c < C; c++) o[c] = o[c] > 0 ? o[c] : 0;
+    if (relu) {
+      SIMD for (int64_t c = 0; c < C; c++) { real v = q[c] * ab[c] + ab[C + c]; o[c] = v < 0 ? 0 : v; }
+    } else {
+      SIMD for (int64_t c = 0; c < C; c++) o[c] = q[c] * ab[c] + ab[C + c];
+    }
   }
   free(ab);
   return 0;
@@ -835,10 +856,17 @@ static int NN(batchnorm_backward)(fl_tensor *gx, fl_tensor *ggamma, fl_tensor *g
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < rows; r++) {
         const real *q = X + r * C, *g = GY + r * C, *ry = RY ? RY + r * C : NULL;
-        for (int64_t c = 0; c < C; c++) {
-          real gc = (!ry || ry[c] > 0) ? g[c] : 0;
-          sg[c] += gc;
-          sgx[c] += (double)gc * (q[c] - MEAN[c]) * INV[c];
+        if (ry) {
+          SIMD for (int64_t c = 0; c < C; c++) {
+            real gc = ry[c] > 0 ? g[c] : 0;
+            sg[c] += gc;
+            sgx[c] += (double)gc * (q[c] - MEAN[c]) * INV[c];
+          }
+        } else {
+          SIMD for (int64_t c = 0; c < C; c++) {
+            sg[c] += g[c];
+            sgx[c] += (double)g[c] * (q[c] - MEAN[c]) * INV[c];
+          }
         }
       }
     }
@@ -881,9 +909,9 @@ static int NN(batchnorm_backward)(fl_tensor *gx, fl_tensor *ggamma, fl_tensor *g
       const real *q = X + r * C, *g = GY + r * C, *ry = RY ? RY + r * C : NULL;
       real *o = GX + r * C;
       if (ry) {
-        for (int64_t c = 0; c < C; c++) o[c] = (ry[c] > 0 ? g[c] : 0) * abc[c] + q[c] * abc[C + c] + abc[2 * C + c];
+        SIMD for (int64_t c = 0; c < C; c++) o[c] = (ry[c] > 0 ? g[c] : 0) * abc[c] + q[c] * abc[C + c] + abc[2 * C + c];
       } else {
-        for (int64_t c = 0; c < C; c++) o[c] = g[c] * abc[c] + q[c] * abc[C + c] + abc[2 * C + c];
+        SIMD for (int64_t c = 0; c < C; c++) o[c] = g[c] * abc[c] + q[c] * abc[C + c] + abc[2 * C + c];
       }
     }
     free(abc);
@@ -897,10 +925,12 @@ static int NN(add_act)(fl_tensor *y, const fl_tensor *a, const fl_tensor *b, dou
   const real *A = fl_tensor_data(a), *B = fl_tensor_data(b);
   real *Y = fl_tensor_data(y);
   const real s = (real)scale;
-#pragma omp parallel for schedule(static) if (n > 65536)
-  for (int64_t i = 0; i < n; i++) {
-    real v = A[i] + s * B[i];
-    Y[i] = relu && v < 0 ? 0 : v;
+  if (relu) {
+#pragma omp parallel for simd schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; i++) { real v = A[i] + s * B[i]; Y[i] = v < 0 ? 0 : v; }
+  } else {
+#pragma omp parallel for simd schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; i++) Y[i] = A[i] + s * B[i];
   }
   return 0;
 }
@@ -926,20 +956,20 @@ static int NN(act_backward)(fl_act_kind act, fl_tensor *gx, const fl_tensor *gy,
       const real *p = Y + r * k, *g = GY + r * k;
       real *o = GX + r * k;
       double dot = 0;
-      for (int64_t i = 0; i < k; i++) dot += (double)g[i] * p[i];
-      for (int64_t i = 0; i < k; i++) o[i] = (real)(p[i] * (g[i] - dot));
+      SIMD for (int64_t i = 0; i < k; i++) dot += (double)g[i] * p[i];
+      SIMD for (int64_t i = 0; i < k; i++) o[i] = (real)(p[i] * (g[i] - dot));
     }
     return 0;
   }
-#pragma omp parallel for schedule(static) if (n > 65536)
-  for (int64_t i = 0; i < n; i++) {
-    real v = Y[i], g = GY[i];
-    switch (act) {
-      case FL_ACT_RELU: GX[i] = v > 0 ? g : 0; break;
-      case FL_ACT_SIGMOID: GX[i] = g * v * (1 - v); break;
-      case FL_ACT_TANH: GX[i] = g * (1 - v * v); break;
-      default: break;
-    }
+  if (act == FL_ACT_RELU) {
+#pragma omp parallel for simd schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; i++) GX[i] = Y[i] > 0 ? GY[i] : 0;
+  } else if (act == FL_ACT_SIGMOID) {
+#pragma omp parallel for simd schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; i++) GX[i] = GY[i] * Y[i] * (1 - Y[i]);
+  } else if (act == FL_ACT_TANH) {
+#pragma omp parallel for simd schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; i++) GX[i] = GY[i] * (1 - Y[i] * Y[i]);
   }
   return 0;
 }
@@ -992,7 +1022,7 @@ static int NN(axpby)(fl_tensor *y, double a, const fl_tensor *x, double b) {
   real *Y = fl_tensor_data(y);
   const real *X = fl_tensor_data(x);
   const real ra = (real)a, rb = (real)b;
-#pragma omp parallel for schedule(static) if (n > 65536)
+#pragma omp parallel for simd schedule(static) if (n > 65536)
   for (int64_t i = 0; i < n; i++) Y[i] = ra * X[i] + rb * Y[i];
   return 0;
 }
@@ -1001,7 +1031,7 @@ static int NN(sumsq)(const fl_tensor *x, double *out) {
   const int64_t n = fl_tensor_numel(x);
   const real *X = fl_tensor_data(x);
   double s = 0;
-#pragma omp parallel for schedule(static) reduction(+ : s) if (n > 65536)
+#pragma omp parallel for simd schedule(static) reduction(+ : s) if (n > 65536)
   for (int64_t i = 0; i < n; i++) s += (double)X[i] * X[i];
   *out = s;
   return 0;
@@ -1013,7 +1043,7 @@ static int NN(sgd_step)(fl_tensor *w, const fl_tensor *g, fl_tensor *m, double l
   const real *G = fl_tensor_data(g);
   const real rl = (real)lr, mu = (real)momentum;
   if (!Mo) {
-#pragma omp parallel for schedule(static) if (n > 65536)
+#pragma omp parallel for simd schedule(static) if (n > 65536)
     for (int64_t i = 0; i < n; i++) W[i] -= rl * G[i];
     return 0;
   }

@@ -42,6 +42,29 @@
 -- chains run as one convolution with the normalisation and ReLU fused into its output, and
 -- intermediate activations are freed as soon as their last consumer has run.
 --
+-- During training, BatchNormalization / Add / ScaledAdd followed by a ReLU run as one pass too
+-- (their backward masks by the ReLU's output). nn.fusion = false turns all fusion off.
+--
+-- LAYERS (Keras's names, options and weight order; layer:weights() -> {name, path, tensor, trainable}):
+--   Conv2D{filters, kernel_size, strides, padding, dilation_rate, activation, use_bias, kernel_regularizer}
+--     weights kernel (KH,KW,Cin,F), bias;  DepthwiseConv2D{kernel_size, strides, padding, depth_multiplier,
+--     use_bias} depthwise_kernel (KH,KW,C,M), bias;  SeparableConv2D{filters, ...} depthwise_kernel,
+--     pointwise_kernel (1,1,C*M,F), bias;  BatchNormalization{axis=-1, momentum=.99, epsilon=1e-3, center,
+--     scale} gamma, beta, moving_mean, moving_variance;  Dense{units, activation, use_bias} kernel, bias;
+--   Activation('relu'|'sigmoid'|'tanh'|'softmax'|'linear'), ReLU{}, Softmax{};
+--   MaxPooling2D / AveragePooling2D{pool_size, strides, padding} (TF's 'same': extra pad bottom/right,
+--     average excludes the padding); GlobalAveragePooling2D{keepdims}, GlobalMaxPooling2D{keepdims};
+--   Dropout{rate, seed} (inverted); Flatten{}, Reshape{target_shape}; Concatenate{axis=-1}{a, b, ...};
+--   Add{}{a, b, ...}; Scale{scale} (y = scale*x); ScaledAdd{scale}{x, r} (y = x + scale*r, InceptionResNetV2);
+--   ZeroPadding2D{padding = n | {h, w} | {{t, b}, {l, r}}}; Preprocess{mode = 'caffe'|'tf'|'torch'}.
+-- Options use Keras's names (an unknown one is an error); axis follows Keras (0 = batch); type_name
+-- changes the type summary() prints (e.g. 'Lambda'). Regularizers: nn.l2(l), applied by the optimizer.
+--
+-- LOSSES (flower/nn/losses.lua): CategoricalCrossentropy{from_logits, label_smoothing} with :forward /
+-- :backward, nn.softmax_cross_entropy (fused), nn.accuracy, nn.top_k_accuracy, nn.regularization_loss.
+-- CHECKPOINTS (flower/nn/checkpoint.lua): nn.save_checkpoint / nn.load_checkpoint (HDF5, atomic).
+-- OPTIMIZERS: flower.optim.
+--
 -- Integer class labels are 1-based (as argmax returns them). Layouts are Keras's channels_last:
 -- activations (N, H, W, C), kernels (KH, KW, Cin, Cout).
 local flower = require 'flower'

@@ -10,7 +10,7 @@
 --     describe = function(name, cfg) -> {weights = path or nil, preprocessing = 'tf'}
 --   })
 -- cfg (resolved recipe config): data, models (list), stages (list of {epochs, train, lr}, where a
--- string value names a config key, e.g. epochs = 'epochs'), batch_size, workers, seed, augment,
+-- string value names a config key, e.g. epochs = 'epochs'), batch_size, workers, seed, augment, crop_scale,
 -- ensemble_epochs, ensemble_lr, ensemble_dropout, topk, split_seed, valid_fraction, resume.
 -- Returns a summary {results = {{name, val_acc}...}, best = name, predict = path}. An interrupt
 -- (Ctrl-C, SIGTERM) during training or export writes checkpoints and returns {interrupted = why}.
@@ -68,8 +68,12 @@ end
 
 local function train_loader(cfg, ds, size)
   local data = require 'flower.data'
-  local tf = cfg.augment == false and { mode = 'center', size = size }
-    or { mode = 'random_resized', size = size, scale = { cfg.crop_scale or 0.35, 1 }, flip = true }
+  -- augment: horizontal flips, and with crop_scale > 0 Inception-style random crops covering
+  -- crop_scale..1 of the image; without augment the validation transform (a centre crop)
+  local tf
+  if cfg.augment == false then tf = { mode = 'center', size = size }
+  elseif (cfg.crop_scale or 0) > 0 then tf = { mode = 'random_resized', size = size, scale = { cfg.crop_scale, 1 }, flip = true }
+  else tf = { mode = 'center', size = size, flip = true } end
   return data.Loader { ds, batch_size = cfg.batch_size, shuffle = true, seed = cfg.seed, workers = cfg.workers,
                        transform = tf, size = size, drop_last = false }
 end
@@ -143,6 +147,11 @@ function pipeline.finetune(cfg, run, ds, spec, name)
     train = tl, valid = vl, loss = loss, label = name, log = function(m) run:log('%s', m) end,
     checkpoint_dir = files.join(dir, 'checkpoints'), resume = cfg.resume ~= nil,
     history_csv = files.join(dir, 'history.csv'), save_best = false,
+    -- a stage with schedule = 'cosine' decays its learning rate to 0 over its epochs
+    callbacks = function(st)
+      if st.schedule == 'cosine' then return { train.CosineDecay { lr = st.lr or cfg.lr, epochs = st.epochs } } end
+      return {}
+    end,
     make_optimizer = function(st)
       local optim = require 'flower.optim'
       return optim.Adam { lr = st.lr or cfg.lr }

@@ -9,11 +9,11 @@
 --   model.head            -- {'predictions'}: the layers a 'head' stage trains
 --
 -- Architectures (input (S, S, 3) RGB 0..255; Preprocess 'tf' maps it to [-1, 1]):
---   resnet_tiny      stem conv 3x3/2, then three stages of one residual block each (widths w, 2w, 4w,
---                    the last two with stride 2 and a 1x1 projection shortcut), global average pool
---   inception_tiny   stem conv 3x3/2, max pool, two inception blocks (1x1 | 1x1-3x3 | 1x1-3x3-3x3 |
---                    pool-1x1, concatenated) with a strided 3x3 reduction between them, global pool
---   vgg_tiny         conv-conv-pool x 3 (w, 2w, 4w), global average pool
+--   resnet_tiny      stem conv 3x3 (w) and 2x2 max pool, then three stages of one residual block each
+--                    (widths w, 2w, 4w; the last two with stride 2 and a 1x1 projection shortcut)
+--   inception_tiny   stem conv 3x3 (w), max pool, conv 3x3/2 (2w), inception block (1x1 | 1x1-3x3 |
+--                    1x1-3x3-3x3 | avgpool-1x1, concatenated), max pool, a second inception block
+--   vgg_tiny         (conv 3x3 - BN - ReLU - 2x2 max pool) x 4 with widths w, 2w, 4w, 8w
 -- Every base ends in GlobalAveragePooling2D named 'avg_pool' (as Keras's pooling='avg'); the head is
 -- an optional Dropout and Dense(classes) named 'predictions' giving logits (the loss applies softmax).
 local flower = require 'flower'
@@ -57,8 +57,10 @@ end
 
 local builders = {}
 
+-- The stems keep full resolution for one convolution (petal shapes are small), then pool.
 function builders.resnet_tiny(x, w)
-  x = conv_bn(x, w, 3, 2, 'stem')
+  x = conv_bn(x, w, 3, 1, 'stem')
+  x = nn.MaxPooling2D { pool_size = 2, name = 'stem_pool' }(x)
   x = residual(x, w, 1, 'block1')
   x = residual(x, 2 * w, 2, 'block2')
   x = residual(x, 4 * w, 2, 'block3')
@@ -66,19 +68,19 @@ function builders.resnet_tiny(x, w)
 end
 
 function builders.inception_tiny(x, w)
-  x = conv_bn(x, w, 3, 2, 'stem')
+  x = conv_bn(x, w, 3, 1, 'stem')
   x = nn.MaxPooling2D { pool_size = 3, strides = 2, padding = 'same', name = 'stem_pool' }(x)
-  x = inception(x, w, 'mixed1')
-  x = conv_bn(x, 2 * w, 3, 2, 'reduce')
-  x = inception(x, 2 * w, 'mixed2')
+  x = conv_bn(x, 2 * w, 3, 2, 'stem2')
+  x = inception(x, 2 * w, 'mixed1')
+  x = nn.MaxPooling2D { pool_size = 3, strides = 2, padding = 'same', name = 'reduce_pool' }(x)
+  x = inception(x, 4 * w, 'mixed2')
   return x
 end
 
 function builders.vgg_tiny(x, w)
-  for i, f in ipairs({ w, 2 * w, 4 * w }) do
-    x = conv_bn(x, f, 3, i == 1 and 2 or 1, 'block' .. i .. 'a')
-    x = conv_bn(x, f, 3, 1, 'block' .. i .. 'b')
-    if i < 3 then x = nn.MaxPooling2D { pool_size = 2, name = 'block' .. i .. '_pool' }(x) end
+  for i, f in ipairs({ w, 2 * w, 4 * w, 8 * w }) do
+    x = conv_bn(x, f, 3, 1, 'block' .. i)
+    x = nn.MaxPooling2D { pool_size = 2, name = 'block' .. i .. '_pool' }(x)
   end
   return x
 end

@@ -117,14 +117,25 @@ if ours1 and pil1 then
     ours1 / pil1, ours1 / fastest, fname))
 end
 
--- end-to-end loader throughput: batches of 32 at 299x299, float32
+-- end-to-end loader throughput: batches of 32 at 299x299, float32, beside PyTorch's DataLoader
 print()
-print('loader: batches of 32 at 299x299 float32 (raw 0..255), same photos')
-print(string.format('%-44s %7s %10s %10s', 'transform', 'workers', 'images/s', 'batches/s'))
+print('loader: batches of 32 at 299x299 float32, same photos; flowerlua NHWC 0..255, PyTorch NCHW 0..1')
+local torch_rates = {}
+local lp = io.popen(string.format('%s tests/bench/decode_peers.py --loader %s 299 32 %d %d %s', PY, DIR .. '/list.txt',
+  opts['repeat'], opts.runs, table.concat(workers, ' ')))
+for line in lp:lines() do
+  local ok, r = pcall(cjson.decode, line)
+  if ok and type(r) == 'table' and r.tool then torch_rates[r.transform .. math.tointeger(r.workers)] = r end
+end
+lp:close()
+print(string.format('%-40s %7s %10s %10s %28s', 'transform', 'workers', 'images/s', 'batches/s', 'PyTorch DataLoader images/s'))
 for _, tf in ipairs({ 'eval', 'train' }) do
   for _, w in ipairs(workers) do
     local r = loader_rate{ ds, batch_size = 32, workers = w, transform = tf, size = 299, shuffle = true, seed = 1 }
     local desc = tf == 'eval' and "'eval' (shorter side 342, center crop)" or "'train' (random-resized crop + flip)"
-    print(string.format('%-44s %7d %10.0f %10.1f', desc, w, r, r / 32))
+    local t = torch_rates[tf .. w]
+    print(string.format('%-40s %7d %10.0f %10.1f %28s', desc, w, r, r / 32,
+      t and string.format('%.0f (flowerlua %.2fx)', t.images_per_s, r / t.images_per_s) or '-'))
   end
 end
+for _, t in pairs(torch_rates) do print('(' .. t.version .. ')') break end

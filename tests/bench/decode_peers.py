@@ -2,6 +2,13 @@
 the tools people use instead of flowerlua, on the same files, in one and in several processes.
 
   decode_peers.py LIST SHORT CROP REPEAT RUNS WORKERS...
+  decode_peers.py --loader LIST SIZE BATCH REPEAT RUNS WORKERS...
+
+The second form times PyTorch's DataLoader (torchvision transforms on Pillow images, ToTensor:
+float32 CHW batches) for the 'eval' (Resize(SIZE / 0.875), CenterCrop(SIZE)) and 'train'
+(RandomResizedCrop(SIZE), RandomHorizontalFlip) transforms, num_workers = WORKERS, one warm-up
+epoch then the best of RUNS epochs; prints {"tool", "version", "transform", "workers",
+"images_per_s"} per line.
 
 LIST is a file of JPEG paths, one per line; each measurement runs over the list REPEAT times and the
 best of RUNS measurements is kept. Prints one JSON object per (tool, workers):
@@ -136,7 +143,50 @@ def measure(fn, paths, workers, runs):
     return best
 
 
+class Files:
+    def __init__(self, paths, tf):
+        self.paths, self.tf = paths, tf
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        with open(self.paths[i], "rb") as f:
+            im = Image.open(f).convert("RGB")
+        return self.tf(im)
+
+
+def loader_main(argv):
+    import torch
+    import torchvision
+    from torchvision import transforms as T
+    lst, size, batch, repeat, runs = argv[0], int(argv[1]), int(argv[2]), int(argv[3]), int(argv[4])
+    workers = [int(w) for w in argv[5:]] or [1]
+    torch.set_num_threads(1)
+    paths = [l.strip() for l in open(lst) if l.strip()] * repeat
+    tfs = {"eval": T.Compose([T.Resize(int(size / 0.875)), T.CenterCrop(size), T.ToTensor()]),
+           "train": T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor()])}
+    for name, tf in tfs.items():
+        for w in workers:
+            dl = torch.utils.data.DataLoader(Files(paths, tf), batch_size=batch, shuffle=True, num_workers=w,
+                                             persistent_workers=True)
+            for _ in dl:  # warm-up epoch
+                pass
+            best = 0.0
+            for _ in range(runs):
+                t = time.perf_counter()
+                n = sum(len(b) for b in dl)
+                best = max(best, n / (time.perf_counter() - t))
+            del dl
+            print(json.dumps({"tool": "torch", "version": "PyTorch %s DataLoader + torchvision %s" % (
+                torch.__version__, torchvision.__version__), "transform": name, "workers": w,
+                "images_per_s": best}), flush=True)
+
+
 def main():
+    if sys.argv[1] == "--loader":
+        return loader_main(sys.argv[2:])
     lst, short, crop, repeat, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     workers = [int(w) for w in sys.argv[6:]] or [1]
     init_worker(short, crop)

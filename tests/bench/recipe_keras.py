@@ -80,22 +80,22 @@ def build(arch):
     inp = keras.Input((SIZE, SIZE, 3))
     x = L.Rescaling(1 / 127.5, offset=-1, name='preprocess')(inp)
     if arch == 'resnet_tiny':
-        x = conv_bn(x, W, 3, 2, 'stem')
+        x = conv_bn(x, W, 3, 1, 'stem')
+        x = L.MaxPooling2D(2, name='stem_pool')(x)
         x = residual(x, W, 1, 'block1')
         x = residual(x, 2 * W, 2, 'block2')
         x = residual(x, 4 * W, 2, 'block3')
     elif arch == 'inception_tiny':
-        x = conv_bn(x, W, 3, 2, 'stem')
+        x = conv_bn(x, W, 3, 1, 'stem')
         x = L.MaxPooling2D(3, strides=2, padding='same', name='stem_pool')(x)
-        x = inception(x, W, 'mixed1')
-        x = conv_bn(x, 2 * W, 3, 2, 'reduce')
-        x = inception(x, 2 * W, 'mixed2')
+        x = conv_bn(x, 2 * W, 3, 2, 'stem2')
+        x = inception(x, 2 * W, 'mixed1')
+        x = L.MaxPooling2D(3, strides=2, padding='same', name='reduce_pool')(x)
+        x = inception(x, 4 * W, 'mixed2')
     elif arch == 'vgg_tiny':
-        for i, f in enumerate([W, 2 * W, 4 * W]):
-            x = conv_bn(x, f, 3, 2 if i == 0 else 1, 'block%da' % (i + 1))
-            x = conv_bn(x, f, 3, 1, 'block%db' % (i + 1))
-            if i < 2:
-                x = L.MaxPooling2D(2, name='block%d_pool' % (i + 1))(x)
+        for i, f in enumerate([W, 2 * W, 4 * W, 8 * W]):
+            x = conv_bn(x, f, 3, 1, 'block%d' % (i + 1))
+            x = L.MaxPooling2D(2, name='block%d_pool' % (i + 1))(x)
     else:
         raise SystemExit('unknown model ' + arch)
     x = L.GlobalAveragePooling2D(name='avg_pool')(x)

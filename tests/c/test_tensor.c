@@ -1,8 +1,13 @@
 /* C unit tests of the tensor core alone (no Lua): storage refcounts, views, broadcasting, every
- * dtype through the CPU kernels, the Philox generator's known answers, error messages. */
+ * dtype through the CPU kernels, the Philox generator's known answers, error messages, the front's
+ * refusals with a second (fake, non-host) backend, and the float32 exp/log/tanh/sigmoid kernels'
+ * accuracy against double-precision libm. */
+#include <float.h>
 #include <string.h>
 
 #include "check.h"
+#include "cpu/cpu.h"
+#include "fake_backend.h"
 #include "ops.h"
 #include "rng.h"
 
@@ -31,6 +36,63 @@ static double at2(const fl_tensor *t, int64_t i, int64_t j) {
 }
 
 static int has(const char *needle) { return strstr(fl_errmsg(), needle) != NULL; }
+
+/* ---- float32 math kernels against double libm ---- */
+
+/* error of y in units of the float spacing at the exact value `ref` (subnormal spacing 2^-149 below
+ * FLT_MIN, so subnormal results are held to their absolute precision) */
+static double ulp_error(float y, double ref) {
+  if (isnan(ref)) return isnan(y) ? 0 : INFINITY;
+  if (isnan(y)) return INFINITY;
+  if (isinf(y) || fabs(ref) > FLT_MAX) {
+    /* overflow: inf is right when ref rounds past FLT_MAX; within 1 ulp of it, FLT_MAX is too */
+    if (isinf(y) && fabs(ref) >= FLT_MAX && (y > 0) == (ref > 0)) return 0;
+    if (!isinf(y) && fabs(ref) > FLT_MAX) return (fabs(y) == FLT_MAX) ? 1 : INFINITY;
+    return INFINITY;
+  }
+  double a = fabs(ref);
+  int e;
+  frexp(a < FLT_MIN ? FLT_MIN : a, &e);
+  double ulp = ldexp(1.0, e - 24);
+  return fabs((double)y - ref) / ulp;
+}
+
+static double ref_sigmoid(double x) { return x >= 0 ? 1 / (1 + exp(-x)) : exp(x) / (1 + exp(x)); }
+
+typedef struct {
+  const char *name;
+  void (*fn)(int64_t, const float *, float *);
+  double (*ref)(double);
+  double max_ulp;
+} math_case;
+
+/* every 1031st float bit pattern (about 4 million values: all magnitudes, both signs, subnormals,
+ * inf and NaN) plus hand-picked edges; returns the worst error and where it happened */
+static double sweep(const math_case *mc, float *worst_x) {
+  enum { CH = 4096 };
+  static float xs[CH], ys[CH];
+  double worst = 0;
+  uint64_t u = 0;
+  static const float edges[] = {0.0f, -0.0f, 1.0f, -1.0f, INFINITY, -INFINITY, NAN, FLT_MIN, FLT_MAX,
+    -FLT_MAX, 1e-45f, 88.72283f, 88.72284f, 88.7228394f, 89.0f, -87.33654f, -103.9720840f, -104.0f,
+    -110.0f, 0.6931472f, -0.3465736f, 0.3465736f, 1e-8f, -1e-8f, 9.0f, -9.0f, 8.99f, 0.5493f, 1.4142135f,
+    0.70710677f, 0.70710683f, 1.0000001f, 0.99999994f, 2.0f, 16.6355324f, -16.6355324f};
+  int nedges = (int)(sizeof edges / sizeof edges[0]), first = 1;
+  while (u < ((uint64_t)1 << 32)) {
+    int n = 0;
+    if (first) { for (; n < nedges; n++) xs[n] = edges[n]; first = 0; }
+    for (; n < CH && u < ((uint64_t)1 << 32); n++, u += 1031) {
+      uint32_t b = (uint32_t)u;
+      memcpy(&xs[n], &b, 4);
+    }
+    mc->fn(n, xs, ys);
+    for (int i = 0; i < n; i++) {
+      double e = ulp_error(ys[i], mc->ref(xs[i]));
+      if (e > worst) { worst = e; *worst_x = xs[i]; }
+    }
+  }
+  return worst;
+}
 
 int main(void) {
   TEST("storage refcount: views keep storage alive") {
@@ -325,6 +387,162 @@ int main(void) {
     fl_tensor_free(&c);
     fl_cpu_release_cache();
     CHECK(fl_storage_live_bytes() == 0);
+  }
+
+  TEST("float32 exp/log/tanh/sigmoid kernels: max error in ulp over the whole float range, every ISA") {
+    const math_case cases[] = {
+      {"exp", cpu_vexp_f32, exp, 2}, {"log", cpu_vlog_f32, log, 2},
+      {"tanh", cpu_vtanh_f32, tanh, 3}, {"sigmoid", cpu_vsigmoid_f32, ref_sigmoid, 2},
+    };
+    int best = cpu_vecmath_level(-1);
+    for (int lv = 0; lv <= best; lv++) {
+      CHECK(cpu_vecmath_level(lv) == lv);
+      for (int c = 0; c < 4; c++) {
+        float wx = 0;
+        double w = sweep(&cases[c], &wx);
+        printf("# level %d %-8s max error %.3f ulp (at x = %.9g)\n", lv, cases[c].name, w, wx);
+        if (!(w <= cases[c].max_ulp))
+          printf("not ok - %s at level %d: %.3f ulp > %.1f at x = %.9g\n", cases[c].name, lv, w, cases[c].max_ulp, wx);
+        CHECK(w <= cases[c].max_ulp);
+      }
+    }
+    cpu_vecmath_level(best);
+  }
+
+  TEST("float32 special values: overflow, underflow, NaN, signed zero, log domain") {
+    const float in[] = {INFINITY, -INFINITY, NAN, -NAN, 0.0f, -0.0f, 100.0f, -200.0f, -5.0f};
+    float y[9];
+    int best = cpu_vecmath_level(-1);
+    for (int lv = 0; lv <= best; lv++) {
+      cpu_vecmath_level(lv);
+      cpu_vexp_f32(9, in, y);
+      CHECK(y[0] == INFINITY && y[1] == 0 && isnan(y[2]) && isnan(y[3]) && y[4] == 1 && y[5] == 1);
+      CHECK(y[6] == INFINITY && y[7] == 0 && fabs(y[8] - 6.737947e-3) < 1e-9);
+      cpu_vlog_f32(9, in, y);
+      CHECK(y[0] == INFINITY && isnan(y[1]) && isnan(y[2]) && isnan(y[3]) && y[4] == -INFINITY);
+      CHECK(y[5] == -INFINITY && fabs(y[6] - 4.6051702f) < 1e-6 && isnan(y[7]) && isnan(y[8]));
+      cpu_vtanh_f32(9, in, y);
+      CHECK(y[0] == 1 && y[1] == -1 && isnan(y[2]) && isnan(y[3]) && y[4] == 0 && !signbit(y[4]));
+      CHECK(y[5] == 0 && signbit(y[5]) && y[6] == 1 && y[7] == -1);
+      cpu_vsigmoid_f32(9, in, y);
+      CHECK(y[0] == 1 && y[1] == 0 && isnan(y[2]) && isnan(y[3]) && y[4] == 0.5f && y[5] == 0.5f);
+      CHECK(y[6] == 1 && y[7] == 0);
+      /* tiny results survive: sigmoid(-100) = e^-100 = 3.72e-44, a subnormal float */
+      float xm = -100.0f, ym;
+      cpu_vsigmoid_f32(1, &xm, &ym);
+      CHECK(ym > 0 && fabs(ym - 3.720076e-44) <= 1.5e-45);
+    }
+    cpu_vecmath_level(best);
+  }
+
+  TEST("float32 unary ops: strided and in-place rows give the contiguous rows' bits") {
+    int64_t sh[2] = {37, 41};
+    fl_tensor a, at, c1, c2, s;
+    mk(&a, FL_F32, 2, sh);
+    fl_random_(&a, FL_RNG_NORMAL, 0, 5);
+    fl_unary(FL_ABS, &s, &a, 0, 0);                    /* positive inputs for log */
+    const fl_unop ops[4] = {FL_EXP, FL_LOG, FL_TANH, FL_SIGMOID};
+    for (int k = 0; k < 4; k++) {
+      const fl_tensor *in = ops[k] == FL_LOG ? &s : &a;
+      fl_tensor_init_view(&at, in);
+      fl_view_transpose(&at, 0, 1);                    /* strided rows */
+      CHECK(fl_unary(ops[k], &c1, in, 0, 0) == 0);
+      CHECK(fl_unary(ops[k], &c2, &at, 0, 0) == 0);
+      int same = 1;
+      for (int64_t i = 0; i < sh[0]; i++)
+        for (int64_t j = 0; j < sh[1]; j++) {
+          float x1 = (float)at2(&c1, i, j), x2 = (float)at2(&c2, j, i);
+          if (memcmp(&x1, &x2, 4)) same = 0;
+        }
+      CHECK(same);
+      fl_tensor cp;
+      fl_clone(&cp, in);
+      CHECK(fl_unary_into(ops[k], &cp, &cp, 0, 0) == 0);   /* in place */
+      fl_tensor ne, cnt;
+      fl_binary(FL_NE, &ne, &cp, &c1);
+      fl_reduce(FL_SUM, &cnt, &ne, -1, 0, 0);
+      CHECK(*(int64_t *)fl_tensor_data(&cnt) == 0);
+      fl_tensor_free(&ne); fl_tensor_free(&cnt); fl_tensor_free(&cp);
+      fl_tensor_free(&c1); fl_tensor_free(&c2); fl_tensor_free(&at);
+    }
+    fl_tensor_free(&s);
+    fl_tensor_free(&a);
+  }
+
+  TEST("device checks: a non-host backend is refused by host reads and mixed ops") {
+    int64_t sh[2] = {2, 3};
+    fl_tensor h, f, g, out;
+    mk(&h, FL_F32, 2, sh);
+    iota(&h);
+    CHECK(fl_tensor_init(&f, &fake_backend, 1, FL_F32, 2, sh) == 0);
+    CHECK(fl_copy_into(&f, &h) == 0);                  /* host -> device: the explicit copy */
+    char d[80];
+    fl_device_str(d, sizeof d, &f);
+    CHECK(strcmp(d, "fake:1") == 0);
+    fl_device_str(d, sizeof d, &h);
+    CHECK(strcmp(d, "cpu") == 0);
+    CHECK(fl_tensor_is_host(&h) && !fl_tensor_is_host(&f));
+    CHECK(fl_tensor_require_host("item", &h) == 0);
+    CHECK(fl_tensor_require_host("item", &f) == -1 && has("item: the tensor is on fake:1, not in host memory"));
+    /* every front op that takes two tensors names both devices */
+    CHECK(fl_binary(FL_ADD, &out, &h, &f) == -1 && has("add: tensors are on different devices (cpu and fake:1)"));
+    CHECK(out.storage == NULL);
+    CHECK(fl_binary(FL_MUL, &out, &f, &h) == -1 && has("mul: tensors are on different devices (fake:1 and cpu)"));
+    CHECK(fl_binary_into(FL_ADD, &h, &h, &f) == -1 && has("(cpu and fake:1)"));
+    CHECK(fl_binary_into(FL_ADD, &h, &f, &f) == -1 && has("add: tensors are on different devices (cpu and fake:1)"));
+    CHECK(fl_unary_into(FL_EXP, &h, &f, 0, 0) == -1 && has("exp: tensors are on different devices (cpu and fake:1)"));
+    fl_tensor mask;
+    fl_binary(FL_GT, &mask, &h, &h);
+    CHECK(fl_where(&out, &mask, &f, &f) == -1 && has("where: tensors are on different devices (cpu and fake:1)"));
+    int64_t sq[2] = {3, 3};
+    fl_tensor hq;
+    mk(&hq, FL_F32, 2, sq);
+    fl_fill(&hq, 1);
+    CHECK(fl_matmul(&out, &f, &hq) == -1 && has("matmul: tensors are on different devices (fake:1 and cpu)"));
+    CHECK(fl_gemm(&h, &f, &hq, 0, 0, 1, 0) == -1 && has("gemm: tensors are on different devices"));
+    /* on one device, ops run through that backend's kernels (the fake's pages are closed between
+     * calls: a direct host read would crash here) */
+    fl_tensor f2, back;
+    CHECK(fl_binary(FL_ADD, &f2, &f, &f) == 0 && f2.storage->backend == &fake_backend && f2.storage->device == 1);
+    CHECK(fl_unary_into(FL_EXP, &f2, &f2, 0, 0) == 0);
+    mk(&back, FL_F32, 2, sh);
+    CHECK(fl_copy_into(&back, &f2) == 0);              /* device -> host */
+    CHECK_NEAR(at2(&back, 1, 2), exp(10.0), 1e-2);
+    CHECK(fl_reduce(FL_SUM, &g, &f, -1, 0, 0) == 0 && !fl_tensor_is_host(&g));
+    fl_tensor_free(&g);
+    fl_tensor_free(&f2);
+    fl_tensor_free(&back);
+    fl_tensor_free(&hq);
+    fl_tensor_free(&mask);
+    fl_tensor_free(&f);
+    fl_tensor_free(&h);
+    CHECK(fake_nblocks == 0);
+  }
+
+  TEST("allocation failures keep the backend's own message") {
+    int64_t n = 1000;
+    fl_tensor f;
+    fake_limit = 100;
+    fake_fail_mode = 0;
+    CHECK(fl_tensor_init(&f, &fake_backend, 1, FL_F32, 1, &n) == -1 && f.storage == NULL);
+    CHECK(has("fake: out of memory on fake:1: asked for 4000 bytes, 100 free (a float32 tensor of size [1000])"));
+    CHECK(fl_last_failure_was_oom());
+    fake_fail_mode = 1;                                /* a backend that records nothing */
+    CHECK(fl_tensor_init(&f, &fake_backend, 1, FL_F32, 1, &n) == -1);
+    CHECK(has("out of memory: cannot allocate 4000 bytes on fake (a float32 tensor of size [1000])"));
+    CHECK(fl_last_failure_was_oom());
+    fake_fail_mode = 2;                                /* not out of memory: the mark stays off */
+    CHECK(fl_tensor_init(&f, &fake_backend, 7, FL_F32, 1, &n) == -1);
+    CHECK(has("fake: device 7 does not exist (a float32 tensor of size [1000])"));
+    CHECK(!fl_last_failure_was_oom());
+    fl_tensor c;                                       /* and through an op, prefixed by its name */
+    fake_fail_mode = 0;
+    fake_limit = (size_t)1 << 30;
+    CHECK(fl_tensor_init(&f, &fake_backend, 1, FL_F32, 1, &n) == 0);
+    fake_limit = 100;
+    CHECK(fl_clone(&c, &f) == -1 && has("clone: fake: out of memory on fake:1: asked for 4000 bytes"));
+    fake_limit = (size_t)1 << 30;
+    fl_tensor_free(&f);
   }
 
   return check_exit();

@@ -25,9 +25,9 @@ T.test('quickstart --tiny runs the whole pipeline', function()
   summary = quickstart:call { '--tiny', '--runs', files.join(TMP, 'runs'), '--data', DATA, '--run-name', 'tiny' }
   dir = files.join(TMP, 'runs', 'tiny')
   for _, f in ipairs({ 'config.json', 'log.txt', 'history.csv', 'predict.csv', 'predict-averaged.csv',
-    'predict-resnet_tiny.csv', 'predict-inception_tiny.csv', 'report.html', 'results.json',
-    'features/resnet_tiny.h5', 'features/inception_tiny.h5', 'models/resnet_tiny/weights.h5',
-    'models/resnet_tiny/history.csv', 'models/inception_tiny/checkpoints/stage2/last.h5', 'ensemble/history.csv' }) do
+    'predict-vgg_tiny.csv', 'predict-inception_tiny.csv', 'report.html', 'results.json',
+    'features/vgg_tiny.h5', 'features/inception_tiny.h5', 'models/vgg_tiny/weights.h5',
+    'models/vgg_tiny/history.csv', 'models/inception_tiny/checkpoints/stage2/last.h5', 'ensemble/history.csv' }) do
     T.check(files.exists(files.join(dir, f)), 'missing ' .. f)
   end
   T.eq(#summary.results, 4)
@@ -40,7 +40,7 @@ T.test('the data set was generated, and the config records the tiny settings', f
   T.check(files.exists(files.join(DATA, 'train.json')), 'data generated')
   local cfg = files.json_read(files.join(dir, 'config.json'))
   T.eq(cfg.size, 32); T.eq(cfg.classes, 4); T.eq(cfg.data, DATA); T.eq(cfg.stages[2].train, 'all')
-  T.eq(cfg.models[1], 'resnet_tiny')
+  T.eq(cfg.models[1], 'vgg_tiny'); T.eq(cfg.stages[2].schedule, 'cosine')
 end)
 
 T.test('predict.csv follows the sample submission: header, row order, category ids', function()
@@ -60,12 +60,12 @@ T.test('predict.csv follows the sample submission: header, row order, category i
 end)
 
 T.test('feature files hold the seed datasets, aligned with the split', function()
-  local f <close> = h5.open(files.join(dir, 'features', 'resnet_tiny.h5'), 'r')
+  local f <close> = h5.open(files.join(dir, 'features', 'vgg_tiny.h5'), 'r')
   for _, n in ipairs({ 'train_x', 'train_label', 'valid_x', 'valid_label', 'test' }) do
     T.check(f:exists('/' .. n), 'dataset ' .. n)
   end
   T.eq(f:shape('/train_x')[1], f:shape('/train_label')[1])
-  T.eq(f:attr('/', 'model'), 'resnet_tiny'); T.eq(f:attr('/', 'image_size'), 32)
+  T.eq(f:attr('/', 'model'), 'vgg_tiny'); T.eq(f:attr('/', 'image_size'), 32)
 end)
 
 T.test('history.csv has every epoch of every model; the report has its sections', function()
@@ -73,7 +73,7 @@ T.test('history.csv has every epoch of every model; the report has its sections'
   T.eq(rows[1][1], 'model'); T.eq(#rows, 1 + 2 * 2)
   local html = files.read(files.join(dir, 'report.html'))
   for _, s in ipairs({ 'Results', 'Training curves', 'Per-class accuracy', 'Most confused class pairs', 'Timing',
-    'ensemble: concatenated features', 'ensemble: averaged probabilities', 'resnet_tiny: feature export' }) do
+    'ensemble: concatenated features', 'ensemble: averaged probabilities', 'vgg_tiny: feature export' }) do
     T.check(html:find(s, 1, true), 'report lacks ' .. s)
   end
 end)

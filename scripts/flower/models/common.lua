@@ -76,7 +76,31 @@ function M.options(fname, opts, default_size, min_size)
     end
   end
   o.input_shape = s
+  M.maker(o)
   return o
+end
+
+-- A layer maker: L('Conv2D', {...}) is nn.Conv2D{...}, except that when weights are given the
+-- weights start uninitialised (flower.empty): initialising 25-55 million numbers at random costs
+-- seconds, and the all-or-nothing load that follows overwrites every one of them or fails (and
+-- then the builder raises, so no half-initialised model ever escapes).
+local EMPTY = function(shape, dtype) return require('flower').empty(shape, dtype) end
+local lazy_inits = {
+  Conv2D = {'kernel_initializer', 'bias_initializer'},
+  SeparableConv2D = {'depthwise_initializer', 'pointwise_initializer', 'bias_initializer'},
+  BatchNormalization = {'gamma_initializer', 'beta_initializer', 'moving_mean_initializer',
+                        'moving_variance_initializer'},
+  Dense = {'kernel_initializer', 'bias_initializer'},
+}
+function M.maker(o)
+  local lazy = o.weights ~= nil
+  o.L = function(cls, opts)
+    if lazy and lazy_inits[cls] then
+      for _, k in ipairs(lazy_inits[cls]) do opts[k] = EMPTY end
+    end
+    return nn[cls](opts)
+  end
+  return o.L
 end
 
 -- The input node, and (when opts.preprocess) Keras's preprocess_input as a first layer, so that
@@ -93,7 +117,7 @@ end
 function M.top(o, x, name, pool_names)
   if o.include_top then
     x = nn.GlobalAveragePooling2D{name = 'avg_pool'}(x)
-    return nn.Dense{units = o.classes, activation = o.classifier_activation, name = o.top_name or 'predictions'}(x)
+    return o.L('Dense', {units = o.classes, activation = o.classifier_activation, name = o.top_name or 'predictions'})(x)
   end
   if o.pooling == 'avg' then
     return nn.GlobalAveragePooling2D{name = pool_names and pool_names.avg or name('global_average_pooling2d')}(x)

@@ -12,15 +12,16 @@ local common = require 'flower.models.common'
 
 local function inception_resnet_v2(opts)
   local o = common.options('inception_resnet_v2', opts, 299, 75)
+  local L = o.L
   local name = common.namer()
   -- conv2d_bn(x, filters, kernel [, strides, padding, activation, use_bias, name])
   local function cbn(x, filters, k, a)
     a = a or {}
     local n = a.name
-    x = nn.Conv2D{filters = filters, kernel_size = k, strides = a.strides or 1, padding = a.padding or 'same',
-                  use_bias = a.use_bias == true, name = n or name('conv2d')}(x)
+    x = L('Conv2D', {filters = filters, kernel_size = k, strides = a.strides or 1, padding = a.padding or 'same',
+                  use_bias = a.use_bias == true, name = n or name('conv2d')})(x)
     if not a.use_bias then
-      x = nn.BatchNormalization{scale = false, name = n and (n .. '_bn') or name('batch_normalization')}(x)
+      x = L('BatchNormalization', {scale = false, name = n and (n .. '_bn') or name('batch_normalization')})(x)
     end
     if a.activation ~= false then
       x = nn.Activation{'relu', name = n and (n .. '_ac') or name('activation')}(x)

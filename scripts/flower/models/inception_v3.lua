@@ -10,12 +10,13 @@ local common = require 'flower.models.common'
 
 local function inception_v3(opts)
   local o = common.options('inception_v3', opts, 299, 75)
+  local L = o.L
   local name = common.namer()
   -- conv2d_bn(x, filters, rows, cols [, padding [, strides]])
   local function cbn(x, filters, kh, kw, padding, strides)
-    x = nn.Conv2D{filters = filters, kernel_size = {kh, kw}, strides = strides or 1, padding = padding or 'same',
-                  use_bias = false, name = name('conv2d')}(x)
-    x = nn.BatchNormalization{scale = false, name = name('batch_normalization')}(x)
+    x = L('Conv2D', {filters = filters, kernel_size = {kh, kw}, strides = strides or 1, padding = padding or 'same',
+                  use_bias = false, name = name('conv2d')})(x)
+    x = L('BatchNormalization', {scale = false, name = name('batch_normalization')})(x)
     return nn.Activation{'relu', name = name('activation')}(x)
   end
   local function maxpool(x) return nn.MaxPooling2D{pool_size = 3, strides = 2, name = name('max_pooling2d')}(x) end

@@ -13,23 +13,25 @@
 local nn = require 'flower.nn'
 local common = require 'flower.models.common'
 
+local L   -- the layer maker of the model being built (common.maker)
+
 local STAGES = {{64, 3, 1}, {128, 4, 2}, {256, 6, 2}, {512, 3, 2}}   -- filters, blocks, first stride
 
 -- tf.keras resnet.py block1 (shortcut conv created first, as in Keras)
 local function block2(x, filters, stride, conv_shortcut, name)
   local shortcut = x
   if conv_shortcut then
-    shortcut = nn.Conv2D{filters = 4 * filters, kernel_size = 1, strides = stride, name = name .. '_0_conv'}(x)
-    shortcut = nn.BatchNormalization{epsilon = 1.001e-5, name = name .. '_0_bn'}(shortcut)
+    shortcut = L('Conv2D', {filters = 4 * filters, kernel_size = 1, strides = stride, name = name .. '_0_conv'})(x)
+    shortcut = L('BatchNormalization', {epsilon = 1.001e-5, name = name .. '_0_bn'})(shortcut)
   end
-  x = nn.Conv2D{filters = filters, kernel_size = 1, strides = stride, name = name .. '_1_conv'}(x)
-  x = nn.BatchNormalization{epsilon = 1.001e-5, name = name .. '_1_bn'}(x)
+  x = L('Conv2D', {filters = filters, kernel_size = 1, strides = stride, name = name .. '_1_conv'})(x)
+  x = L('BatchNormalization', {epsilon = 1.001e-5, name = name .. '_1_bn'})(x)
   x = nn.Activation{'relu', name = name .. '_1_relu'}(x)
-  x = nn.Conv2D{filters = filters, kernel_size = 3, padding = 'same', name = name .. '_2_conv'}(x)
-  x = nn.BatchNormalization{epsilon = 1.001e-5, name = name .. '_2_bn'}(x)
+  x = L('Conv2D', {filters = filters, kernel_size = 3, padding = 'same', name = name .. '_2_conv'})(x)
+  x = L('BatchNormalization', {epsilon = 1.001e-5, name = name .. '_2_bn'})(x)
   x = nn.Activation{'relu', name = name .. '_2_relu'}(x)
-  x = nn.Conv2D{filters = 4 * filters, kernel_size = 1, name = name .. '_3_conv'}(x)
-  x = nn.BatchNormalization{epsilon = 1.001e-5, name = name .. '_3_bn'}(x)
+  x = L('Conv2D', {filters = 4 * filters, kernel_size = 1, name = name .. '_3_conv'})(x)
+  x = L('BatchNormalization', {epsilon = 1.001e-5, name = name .. '_3_bn'})(x)
   x = nn.Add{name = name .. '_add'}{shortcut, x}
   return nn.Activation{'relu', name = name .. '_out'}(x)
 end
@@ -37,18 +39,18 @@ end
 -- keras-applications resnet50.py conv_block / identity_block (shortcut conv created last)
 local function block1(x, filters, stride, conv_shortcut, stage, blk, name)
   local cb, bb = 'res' .. stage .. blk .. '_branch', 'bn' .. stage .. blk .. '_branch'
-  local y = nn.Conv2D{filters = filters, kernel_size = 1, strides = stride, name = cb .. '2a'}(x)
-  y = nn.BatchNormalization{name = bb .. '2a'}(y)
+  local y = L('Conv2D', {filters = filters, kernel_size = 1, strides = stride, name = cb .. '2a'})(x)
+  y = L('BatchNormalization', {name = bb .. '2a'})(y)
   y = nn.Activation{'relu', name = name('activation')}(y)
-  y = nn.Conv2D{filters = filters, kernel_size = 3, padding = 'same', name = cb .. '2b'}(y)
-  y = nn.BatchNormalization{name = bb .. '2b'}(y)
+  y = L('Conv2D', {filters = filters, kernel_size = 3, padding = 'same', name = cb .. '2b'})(y)
+  y = L('BatchNormalization', {name = bb .. '2b'})(y)
   y = nn.Activation{'relu', name = name('activation')}(y)
-  y = nn.Conv2D{filters = 4 * filters, kernel_size = 1, name = cb .. '2c'}(y)
-  y = nn.BatchNormalization{name = bb .. '2c'}(y)
+  y = L('Conv2D', {filters = 4 * filters, kernel_size = 1, name = cb .. '2c'})(y)
+  y = L('BatchNormalization', {name = bb .. '2c'})(y)
   local shortcut = x
   if conv_shortcut then
-    shortcut = nn.Conv2D{filters = 4 * filters, kernel_size = 1, strides = stride, name = cb .. '1'}(x)
-    shortcut = nn.BatchNormalization{name = bb .. '1'}(shortcut)
+    shortcut = L('Conv2D', {filters = 4 * filters, kernel_size = 1, strides = stride, name = cb .. '1'})(x)
+    shortcut = L('BatchNormalization', {name = bb .. '1'})(shortcut)
   end
   y = nn.Add{name = name('add')}{y, shortcut}
   return nn.Activation{'relu', name = name('activation')}(y)
@@ -67,6 +69,7 @@ end
 
 local function resnet50(opts)
   local o = common.options('resnet50', opts, 224, 32)
+  L = o.L
   local variant = o.variant
   if variant == nil then
     variant = (o.weights and o.weights ~= 'imagenet') and detect_variant(o.weights) or 'keras2'
@@ -78,12 +81,12 @@ local function resnet50(opts)
   local img, x = common.input(o, 'caffe')
   local k1 = variant == 'keras1'
   x = nn.ZeroPadding2D{padding = 3, name = 'conv1_pad'}(x)
-  x = nn.Conv2D{filters = 64, kernel_size = 7, strides = 2, name = k1 and 'conv1' or 'conv1_conv'}(x)
+  x = L('Conv2D', {filters = 64, kernel_size = 7, strides = 2, name = k1 and 'conv1' or 'conv1_conv'})(x)
   if k1 then
-    x = nn.BatchNormalization{name = 'bn_conv1'}(x)
+    x = L('BatchNormalization', {name = 'bn_conv1'})(x)
     x = nn.Activation{'relu', name = name('activation')}(x)
   else
-    x = nn.BatchNormalization{epsilon = 1.001e-5, name = 'conv1_bn'}(x)
+    x = L('BatchNormalization', {epsilon = 1.001e-5, name = 'conv1_bn'})(x)
     x = nn.Activation{'relu', name = 'conv1_relu'}(x)
   end
   x = nn.ZeroPadding2D{padding = 1, name = 'pool1_pad'}(x)

@@ -10,25 +10,26 @@ local common = require 'flower.models.common'
 
 local function xception(opts)
   local o = common.options('xception', opts, 299, 71)
+  local L = o.L
   local name = common.namer()
   local function sep(x, filters, n)
-    return nn.SeparableConv2D{filters = filters, kernel_size = 3, padding = 'same', use_bias = false, name = n}(x)
+    return L('SeparableConv2D', {filters = filters, kernel_size = 3, padding = 'same', use_bias = false, name = n})(x)
   end
-  local function bn(x, n) return nn.BatchNormalization{axis = -1, name = n or name('batch_normalization')}(x) end
+  local function bn(x, n) return L('BatchNormalization', {axis = -1, name = n or name('batch_normalization')})(x) end
   local function relu(x, n) return nn.Activation{'relu', name = n}(x) end
   local function residual(x, filters)
-    local r = nn.Conv2D{filters = filters, kernel_size = 1, strides = 2, padding = 'same', use_bias = false,
-                        name = name('conv2d')}(x)
+    local r = L('Conv2D', {filters = filters, kernel_size = 1, strides = 2, padding = 'same', use_bias = false,
+                        name = name('conv2d')})(x)
     return bn(r)
   end
   local function pool(x, n) return nn.MaxPooling2D{pool_size = 3, strides = 2, padding = 'same', name = n}(x) end
   local function add(a, b) return nn.Add{name = name('add')}{a, b} end
 
   local img, x = common.input(o, 'tf')
-  x = nn.Conv2D{filters = 32, kernel_size = 3, strides = 2, use_bias = false, name = 'block1_conv1'}(x)
+  x = L('Conv2D', {filters = 32, kernel_size = 3, strides = 2, use_bias = false, name = 'block1_conv1'})(x)
   x = bn(x, 'block1_conv1_bn')
   x = relu(x, 'block1_conv1_act')
-  x = nn.Conv2D{filters = 64, kernel_size = 3, use_bias = false, name = 'block1_conv2'}(x)
+  x = L('Conv2D', {filters = 64, kernel_size = 3, use_bias = false, name = 'block1_conv2'})(x)
   x = bn(x, 'block1_conv2_bn')
   x = relu(x, 'block1_conv2_act')
 
