@@ -794,12 +794,22 @@ static int t_fill(lua_State *L) {
   fl_tensor *t = fl_lua_checktensor(L, 1);
   double v = luaL_checknumber(L, 2);
   if (t->dtype == FL_I64 && lua_isinteger(L, 2)) {
-    /* exact beyond 2^53: the integer is written into a host scalar, then copied (to any device) */
-    fl_tensor tmp;
+    /* exact beyond 2^53: the integer is written into a host scalar; a device tensor gets it as a
+     * one-element device scalar (one small transfer), broadcast there by the device's copy */
+    fl_tensor tmp, dev;
+    memset(&dev, 0, sizeof dev);
     FL_TRY(L, fl_tensor_init(&tmp, &fl_cpu_backend, 0, FL_I64, 0, NULL));
     *(int64_t *)fl_tensor_data(&tmp) = lua_tointeger(L, 2);
-    int rc = fl_copy_into(t, &tmp);
+    const fl_tensor *src = &tmp;
+    int rc = 0;
+    if (!fl_tensor_is_host(t)) {
+      rc = fl_tensor_init(&dev, t->storage->backend, t->storage->device, FL_I64, 0, NULL);
+      if (!rc) rc = fl_copy_into(&dev, &tmp);
+      src = &dev;
+    }
+    if (!rc) rc = fl_copy_into(t, src);
     fl_tensor_free(&tmp);
+    fl_tensor_free(&dev);
     if (rc) return fl_lua_error(L);
   } else if (fl_fill(t, v)) {
     return fl_lua_error(L);

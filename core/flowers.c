@@ -207,7 +207,7 @@ static int draw_background(float *cv, int w, int h, uint64_t *rng) {
     }
   }
   rgb c0 = bg_colours[fl_rng_next(rng) % NBG], c1 = bg_colours[fl_rng_next(rng) % NBG];
-  float amp2 = uni(rng, 0.1f, 0.5f), contrast = uni(rng, 0.6f, 1.6f);
+  float amp2 = uni(rng, 0.1f, 0.5f), contrast = uni(rng, 0.4f, 1.2f);
   float *buf = malloc(sizeof(float) * ((size_t)w + oct[0].gw + oct[1].gw));
   if (!buf) { free(oct[0].v); free(oct[1].v); return -1; }
   float *nrow = buf, *col = buf + w;
@@ -448,7 +448,7 @@ static void make_flower(flower *f, const fl_flower_class *fc, float cx, float cy
     f->axis[k][0] = (float)cos(th);
     f->axis[k][1] = (float)sin(th);
   }
-  float dh = uni(rng, -9, 9), ds = uni(rng, -0.08f, 0.08f), dv = uni(rng, -0.1f, 0.06f);
+  float dh = uni(rng, -6, 6), ds = uni(rng, -0.08f, 0.08f), dv = uni(rng, -0.1f, 0.06f);
   f->base = hsv(pal.h + dh, pal.s + ds + 0.05f, (pal.v + dv) * 0.85f);
   f->tip_c = hsv(pal.h + dh + pal.tip_dh, pal.s + ds - 0.05f, pal.v + dv + pal.tip_dv);
   float cv = uni(rng, 0.85f, 1.1f);
@@ -511,7 +511,7 @@ int fl_flowers_draw(uint8_t *out, int w, int h, int c, int K, uint64_t seed, cha
   if (draw_background(cv, w, h, &rng)) { free(cv); msgf(err, errlen, "flowers_draw: out of memory"); return -1; }
 
   float side = (float)(w < h ? w : h);
-  float R = side * uni(&rng, 0.26f, 0.42f);
+  float R = side * uni(&rng, 0.30f, 0.45f);
   float cx = uni(&rng, 0.3f, 0.7f) * w, cy = uni(&rng, 0.3f, 0.7f) * h;
 
   /* stem to the bottom edge, with one to three leaves */

@@ -858,7 +858,7 @@ static int NN(batchnorm_backward)(fl_tensor *gx, fl_tensor *ggamma, fl_tensor *g
         const real *q = X + r * C, *g = GY + r * C, *ry = RY ? RY + r * C : NULL;
         if (ry) {
           SIMD for (int64_t c = 0; c < C; c++) {
-            real gc = ry[c] > 0 ? g[c] : 0;
+            real gc = g[c] * (real)(ry[c] > 0);   /* a multiply, not a branch: vectorises */
             sg[c] += gc;
             sgx[c] += (double)gc * (q[c] - MEAN[c]) * INV[c];
           }
@@ -909,7 +909,8 @@ static int NN(batchnorm_backward)(fl_tensor *gx, fl_tensor *ggamma, fl_tensor *g
       const real *q = X + r * C, *g = GY + r * C, *ry = RY ? RY + r * C : NULL;
       real *o = GX + r * C;
       if (ry) {
-        SIMD for (int64_t c = 0; c < C; c++) o[c] = (ry[c] > 0 ? g[c] : 0) * abc[c] + q[c] * abc[C + c] + abc[2 * C + c];
+        SIMD for (int64_t c = 0; c < C; c++)
+          o[c] = g[c] * (real)(ry[c] > 0) * abc[c] + q[c] * abc[C + c] + abc[2 * C + c];
       } else {
         SIMD for (int64_t c = 0; c < C; c++) o[c] = g[c] * abc[c] + q[c] * abc[C + c] + abc[2 * C + c];
       }
@@ -1047,11 +1048,20 @@ static int NN(sgd_step)(fl_tensor *w, const fl_tensor *g, fl_tensor *m, double l
     for (int64_t i = 0; i < n; i++) W[i] -= rl * G[i];
     return 0;
   }
-#pragma omp parallel for schedule(static) if (n > 65536)
-  for (int64_t i = 0; i < n; i++) {
-    real mi = mu * Mo[i] - rl * G[i];
-    Mo[i] = mi;
-    W[i] += nesterov ? mu * mi - rl * G[i] : mi;
+  if (nesterov) {
+#pragma omp parallel for simd schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; i++) {
+      real mi = mu * Mo[i] - rl * G[i];
+      Mo[i] = mi;
+      W[i] += mu * mi - rl * G[i];
+    }
+  } else {
+#pragma omp parallel for simd schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; i++) {
+      real mi = mu * Mo[i] - rl * G[i];
+      Mo[i] = mi;
+      W[i] += mi;
+    }
   }
   return 0;
 }

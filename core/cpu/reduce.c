@@ -331,8 +331,33 @@ int cpu_reduce(fl_redop op, fl_tensor *out, const fl_tensor *a, int dim, int cor
       }                                                                                     \
     }                                                                                       \
   }
-SOFTMAX_DTYPE(f32, float, expf, logf)
+SOFTMAX_DTYPE(f32_strided, float, expf, logf)
 SOFTMAX_DTYPE(f64, double, exp, log)
+
+/* float32 over the last dim (inner == 1, the usual case: class scores): x - max into the output
+ * row, then the vectorised exp in place (vecmath.c) */
+static void softmax_f32(float *o, const float *x, int64_t outer, int64_t n, int64_t inner, int lg) {
+  if (inner != 1) { softmax_f32_strided(o, x, outer, n, inner, lg); return; }
+  int nt = cpu_nthreads(outer * n, CPU_GRAIN_HEAVY);
+  _Pragma("omp parallel for num_threads(nt) if (nt > 1)")
+  for (int64_t l = 0; l < outer; l++) {
+    const float *xa = x + l * n;
+    float *oa = o + l * n;
+    float m = xa[0];
+    for (int64_t k = 1; k < n; k++) if (xa[k] > m || xa[k] != xa[k]) m = xa[k];
+    for (int64_t k = 0; k < n; k++) oa[k] = xa[k] - m;
+    cpu_vexp_f32(n, oa, oa);
+    double sum = 0;
+    for (int64_t k = 0; k < n; k++) sum += (double)oa[k];
+    if (lg) {
+      float ls = (float)log(sum);
+      for (int64_t k = 0; k < n; k++) oa[k] = xa[k] - m - ls;
+    } else {
+      float inv = (float)(1.0 / sum);
+      for (int64_t k = 0; k < n; k++) oa[k] *= inv;
+    }
+  }
+}
 
 int cpu_softmax(fl_tensor *out, const fl_tensor *a, int dim, int lg) {
   int64_t outer = 1, inner = 1, n = a->shape[dim];

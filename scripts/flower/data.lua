@@ -38,6 +38,9 @@
 -- drop_last = false, transform = 'eval', size = 224, dtype = 'float32', preprocess = 'none',
 -- strict = false, warn = io.stderr}. Worker threads in C decode JPEGs into a bounded ring of
 -- `prefetch` batches (default 2 x workers): memory stays bounded whatever the data set's size.
+-- A finished batch becomes a tensor without a copy; the loader tells Lua's collector about its
+-- size (so finished batches are freed as fast as new ones come) and reuses up to 4 freed batch
+-- buffers (fresh memory costs a page fault per 4 KB on first write).
 -- Epoch e's order and every sample's augmentation are functions of (seed, e) only, so the batches
 -- are identical for any number of workers. `#loader` is the number of batches per epoch.
 --   transform = 'eval'   decode, scale the shorter side to size / 0.875, center crop size x size

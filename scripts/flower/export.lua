@@ -219,7 +219,6 @@ function export.features(model, o)
       total = total + rows
     end
     result.images = total
-    if f:exists('/feature_dim') then f:remove('/feature_dim') end
     local xn = o.splits[1][1] == 'test' and 'test' or (o.splits[1][1] .. '_x')
     if f:exists('/' .. xn) then f:set_attr('/', 'feature_dim', f:shape('/' .. xn)[2]) end
   end)

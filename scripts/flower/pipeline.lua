@@ -20,6 +20,13 @@ local train = require 'flower.train'
 
 local pipeline = {}
 
+local function recipe_copy(t)
+  if type(t) ~= 'table' then return t end
+  local c = {}
+  for k, v in pairs(t) do c[k] = recipe_copy(v) end
+  return c
+end
+
 local function resolve(v, cfg)
   if type(v) == 'string' and cfg[v] ~= nil then return cfg[v] end
   return v
@@ -165,15 +172,6 @@ function pipeline.finetune(cfg, run, ds, spec, name)
   local conf = report.confusion(ev.labels, ev.pred, ds.classes)
   local out = { name = name, model = model, size = size, history = hist, val_acc = ev.acc, val_loss = ev.loss,
                 confusion = conf, loss = loss }
-  if ds.test then
-    local t0 = files.now()
-    local et = train.evaluate(model, eval_loader(cfg, ds.test, size), { loss = loss, collect = true,
-      softmax = loss == 'logits', progress = false })
-    local path, pred, ids = write_submission(cfg, run:path('predict-' .. name .. '.csv'), ds.test, ds.all.categories, et.probs, cfg.topk)
-    out.test_acc = score_submission(cfg, ids, pred)
-    out.predict = path
-    run:time(name .. ': predict test', #ds.test, files.now() - t0)
-  end
   -- timing per stage from the history (training throughput; validation excluded)
   local per = {}
   for _, r in ipairs(hist.rows) do
@@ -186,6 +184,15 @@ function pipeline.finetune(cfg, run, ds, spec, name)
   end
   for i, st in ipairs(pipeline.stages(cfg, name)) do
     if per[i] then run:time(string.format('%s: stage %d (%s), training', name, i, st.train or 'all'), per[i].images, per[i].seconds) end
+  end
+  if ds.test then
+    local t0 = files.now()
+    local et = train.evaluate(model, eval_loader(cfg, ds.test, size), { loss = loss, collect = true,
+      softmax = loss == 'logits', progress = false })
+    local path, pred, ids = write_submission(cfg, run:path('predict-' .. name .. '.csv'), ds.test, ds.all.categories, et.probs, cfg.topk)
+    out.test_acc = score_submission(cfg, ids, pred)
+    out.predict = path
+    run:time(name .. ': predict test', #ds.test, files.now() - t0)
   end
   run:log('%s: validation accuracy %.4f, loss %.4f%s', name, ev.acc, ev.loss,
     out.test_acc and string.format(', test accuracy %.4f (answer key)', out.test_acc) or '')
@@ -302,7 +309,11 @@ function pipeline.run(cfg, run, spec)
       ds.classes, #ds.train, #ds.valid, seconds),
     results = ens.results, models = models, classes = ds.names, confusion = ens.confusion,
     confusion_of = 'ensemble: concatenated features, validation set', timing = run.timing, files = file_list,
-    config = cfg,
+    config = (function()
+      local c = recipe_copy(cfg)
+      c.stages_resolved = pipeline.stages(cfg)
+      return c
+    end)(),
   })
   run:write_results()
   run:log('report: %s (%.0f s in all)', run:path('report.html'), seconds)

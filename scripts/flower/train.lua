@@ -9,6 +9,7 @@
 --                                             -- object with forward/backward (flower.nn losses)
 --     epochs = 5,                             -- the last epoch (absolute, like Keras's `epochs`)
 --     initial_epoch = 0,                      -- epochs already done (a later stage starts later)
+--     metrics = {'acc', 'top5'},              -- accuracy always; 'top<k>' adds top<k> and val_top<k>
 --     callbacks = {train.EarlyStopping{patience = 2}, train.ReduceLROnPlateau{}},
 --     checkpoint_dir = 'runs/x/ckpt/cnn',     -- last.h5 every epoch (and on interrupt); best.h5
 --     save_best = 'val_acc',                  -- with the best `val_acc` so far (false: none)
@@ -105,16 +106,37 @@ local function optimizer_step(opt, model)
   return opt:step(model)
 end
 
--- One training step on a batch: returns loss, accuracy (fractions over the batch).
-function train.step(model, batch, lossfn, optimizer)
+-- Top-k accuracies {[k] = fraction} of a batch for the ks asked for (metrics 'top5', ...).
+local function topk_of(out, y, ks)
+  local r = {}
+  for _, k in ipairs(ks or {}) do r[k] = nn().top_k_accuracy(out, y, k) end
+  return r
+end
+
+-- metrics = {'acc', 'top5'} -> {5}: the k of each top-k metric ('acc' is always computed)
+local function metric_ks(metrics)
+  local ks = {}
+  for _, m in ipairs(metrics or {}) do
+    local k = type(m) == 'string' and tonumber(m:match('^top_?(%d+)$'))
+    if k then ks[#ks + 1] = math.tointeger(k)
+    elseif m ~= 'acc' and m ~= 'accuracy' then
+      error("train.fit: unknown metric '" .. tostring(m) .. "' (expected 'acc' or 'top<k>', e.g. 'top5')", 3)
+    end
+  end
+  return ks
+end
+
+-- One training step on a batch: returns loss, accuracy and top-k accuracies (fractions over the batch).
+function train.step(model, batch, lossfn, optimizer, ks)
   model:zero_grad()
   local out = model:forward(batch.x)
   local l, g = lossfn(out, batch.y)
   local acc = nn().accuracy(out, batch.y)
-  if not finite(l) then return l, acc end
+  local tops = topk_of(out, batch.y, ks)
+  if not finite(l) then return l, acc, tops end
   model:backward(batch.x, g)
   optimizer_step(optimizer, model)
-  return l, acc
+  return l, acc, tops
 end
 
 -- Evaluates a model over a loader: {loss, acc, n}. With opts.collect, also pred (list of predicted
@@ -126,6 +148,7 @@ function train.evaluate(model, loader, opts)
   local was = model.train
   model:evaluate()
   local sum, correct, n, has_y = 0, 0, 0, false
+  local topsum = {}
   local pred, labels, index, parts = {}, {}, {}, {}
   local bar = opts.progress ~= false and progress.new { total = #loader, label = opts.label or 'evaluate' } or nil
   local step = 0
@@ -138,6 +161,7 @@ function train.evaluate(model, loader, opts)
         local l = lossfn(out, batch.y)
         sum = sum + l * bn
         correct = correct + nn().accuracy(out, batch.y) * bn
+        for k, v in pairs(topk_of(out, batch.y, opts.topk)) do topsum[k] = (topsum[k] or 0) + v * bn end
       end
       n = n + bn
       if opts.collect then
@@ -157,7 +181,8 @@ function train.evaluate(model, loader, opts)
   if was then model:training() end
   if not ok then error(err, 0) end
   if bar then bar:finish() end
-  local r = { loss = n > 0 and sum / n or nil, acc = n > 0 and correct / n or nil, n = n }
+  local r = { loss = n > 0 and sum / n or nil, acc = n > 0 and correct / n or nil, n = n, top = {} }
+  for k, v in pairs(topsum) do r.top[k] = v / n end
   if not has_y then r.loss, r.acc = nil, nil end
   if opts.collect then
     r.pred, r.labels, r.index = pred, labels, index
@@ -283,15 +308,29 @@ train.HISTORY_COLUMNS = HISTORY_COLUMNS
 
 function train.History() return { rows = {} } end
 
+-- The columns of a history: the standard ones, then any others the rows have (top-k metrics), sorted.
+function train.history_columns(hist)
+  local cols, known = {}, {}
+  for i, c in ipairs(HISTORY_COLUMNS) do cols[i] = c; known[c] = true end
+  local extra = {}
+  for _, r in ipairs(hist.rows) do
+    for k in pairs(r) do if not known[k] then known[k] = true; extra[#extra + 1] = k end end
+  end
+  table.sort(extra)
+  for _, c in ipairs(extra) do cols[#cols + 1] = c end
+  return cols
+end
+
 function train.write_history_csv(path, hist)
+  local cols = train.history_columns(hist)
   local rows = {}
   for i, r in ipairs(hist.rows) do
     local row = {}
-    for j, c in ipairs(HISTORY_COLUMNS) do row[j] = r[c] end
+    for j, c in ipairs(cols) do row[j] = r[c] end
     rows[i] = row
   end
   files.mkdir(files.dirname(path))
-  files.csv_write(path, HISTORY_COLUMNS, rows)
+  files.csv_write(path, cols, rows)
 end
 
 ---------------------------------------------------------------------------------------------------
@@ -440,6 +479,7 @@ function train.fit(model, o)
   if math.type(epochs) ~= 'integer' or epochs < 0 then fail('epochs must be a non-negative integer, got %s', tostring(epochs)) end
   local initial = o.initial_epoch or 0
   local lossfn = make_loss(o.loss)
+  local ks = metric_ks(o.metrics)
   local log = o.log or default_log
   local cbs = o.callbacks or {}
   local hist = o.history or train.History()
@@ -500,13 +540,14 @@ function train.fit(model, o)
       local bar = progress.new { total = nsteps, label = string.format('%s epoch %d/%d', label, epoch, epochs),
                                  silent = o.progress == false }
       local t0 = files.now()
-      local s = sums or { loss = 0, correct = 0, n = 0 }
+      local s = sums or { loss = 0, correct = 0, n = 0, top = {} }
+      s.top = s.top or {}
       sums = nil
       local step, images = 0, 0
       for batch in o.train:epoch(epoch) do
         step = step + 1
         if step > skip then
-          local l, acc = train.step(model, batch, lossfn, o.optimizer)
+          local l, acc, tops = train.step(model, batch, lossfn, o.optimizer, ks)
           local bn = batch.n or batch.x:size(1)
           if not finite(l) then
             error(string.format('train.fit: %s: the loss became %s at epoch %d, step %d of %d; stopping '
@@ -514,6 +555,7 @@ function train.fit(model, o)
               last_path or 'not written: no checkpoint_dir'), 0)
           end
           s.loss, s.correct, s.n = s.loss + l * bn, s.correct + acc * bn, s.n + bn
+          for k, v in pairs(tops) do s.top[tostring(k)] = (s.top[tostring(k)] or 0) + v * bn end
           images = images + bn
           bar:update(step, { loss = s.loss / s.n, acc = s.correct / s.n })
           local why = train.interrupted()
@@ -531,9 +573,13 @@ function train.fit(model, o)
       local train_seconds = files.now() - t0
       local logs = { stage = stage, epoch = epoch, loss = s.n > 0 and s.loss / s.n or nil,
                      acc = s.n > 0 and s.correct / s.n or nil, lr = train.get_lr(o.optimizer) }
+      for _, k in ipairs(ks) do
+        if s.n > 0 then logs['top' .. k] = (s.top[tostring(k)] or 0) / s.n end
+      end
       if o.valid then
-        local v = train.evaluate(model, o.valid, { loss = o.loss, progress = false, epoch = 1 })
+        local v = train.evaluate(model, o.valid, { loss = o.loss, progress = false, epoch = 1, topk = ks })
         logs.val_loss, logs.val_acc = v.loss, v.acc
+        for k, t in pairs(v.top) do logs['val_top' .. k] = t end
       end
       logs.seconds = files.now() - t0
       logs.images_per_s = train_seconds > 0 and images / train_seconds or nil

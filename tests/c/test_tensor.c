@@ -391,8 +391,8 @@ int main(void) {
 
   TEST("float32 exp/log/tanh/sigmoid kernels: max error in ulp over the whole float range, every ISA") {
     const math_case cases[] = {
-      {"exp", cpu_vexp_f32, exp, 2}, {"log", cpu_vlog_f32, log, 2},
-      {"tanh", cpu_vtanh_f32, tanh, 3}, {"sigmoid", cpu_vsigmoid_f32, ref_sigmoid, 2},
+      {"exp", cpu_vexp_f32, exp, 1.5}, {"log", cpu_vlog_f32, log, 1.5},
+      {"tanh", cpu_vtanh_f32, tanh, 2}, {"sigmoid", cpu_vsigmoid_f32, ref_sigmoid, 2},
     };
     int best = cpu_vecmath_level(-1);
     for (int lv = 0; lv <= best; lv++) {

@@ -452,6 +452,10 @@ T.test('FeatureLoader: rows and labels follow the order; shuffle is seeded per e
     T.eq(e1[1].x[{ i, 1 }], (e1[1].index[i] - 1) * 3.0)
   end
   T.eq(#data.FeatureLoader{ x = x, batch_size = 4, drop_last = true }, 2)
+  -- a transposed (non-contiguous) view: rows are still the view's rows
+  local xt = flower.arange(0, 30):view(3, 10):float():t()
+  local b1 = data.FeatureLoader{ x = xt, batch_size = 10 }:epoch(1)()
+  T.eq(b1.x[{ 4, 2 }], 13.0)
   T.raises(function() data.FeatureLoader{ x = x, y = flower.arange(0, 3) } end, 'y must be a tensor with 10 rows')
 end)
 

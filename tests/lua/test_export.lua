@@ -39,9 +39,10 @@ T.test('export writes the seed datasets with row i = image i and aligned labels'
     'train_images', 'test_ids' }) do
     T.check(f:exists('/' .. name), 'missing dataset ' .. name)
   end
-  T.eq(table.concat(f:shape('/train_x'), 'x'), #tr .. 'x16')
-  T.eq(table.concat(f:shape('/test'), 'x'), #te .. 'x16')
-  T.eq(f:attr('/', 'model'), 'vgg_tiny'); T.eq(f:attr('/', 'feature_dim'), 16); T.eq(f:attr('/', 'label_base'), 0)
+  local D = feature_of(tr, 1):size(2)
+  T.eq(table.concat(f:shape('/train_x'), 'x'), #tr .. 'x' .. D)
+  T.eq(table.concat(f:shape('/test'), 'x'), #te .. 'x' .. D)
+  T.eq(f:attr('/', 'model'), 'vgg_tiny'); T.eq(f:attr('/', 'feature_dim'), D); T.eq(f:attr('/', 'label_base'), 0)
   T.eq(f:attr('/', 'train_complete'), 1); T.eq(f:attr('/', 'preprocessing'), 'tf')
   local tx, tl, timg = f:read('/train_x'), f:read('/train_label'):totable(), f:read('/train_images')
   for i = 1, #tr do

@@ -412,6 +412,36 @@ T.test('softmax and logsoftmax', function()
   T.eq(x:int():softmax(2):dtype(), 'float32')
 end)
 
+T.test('float32 exp, log, tanh, sigmoid: within 3e-7 relative of float64, extremes included', function()
+  -- a wide sweep of magnitudes, both signs, through a strided view as well as contiguously
+  local v = {}
+  for e = -40, 38, 0.37 do v[#v + 1] = 10 ^ e; v[#v + 1] = -(10 ^ e) end
+  for x = -110, 95, 0.731 do v[#v + 1] = x end
+  local x = flower.tensor(v)
+  for _, op in ipairs({ 'exp', 'log', 'tanh', 'sigmoid' }) do
+    local src = op == 'log' and x:abs() or x
+    local got = src[op](src):double()
+    local want = src:double()[op](src:double())          -- float64: libm
+    local strided = flower.stack({ src, src }, 2):select(2, 2)
+    T.check(strided[op](strided):equal(src[op](src)), op .. ': a strided view gives the same bits')
+    -- where float64's result overflows float32, float32 gives inf; elsewhere the relative error
+    -- (subnormal results: against the smallest normal, i.e. their absolute precision)
+    local over = want:float():abs():eq(math.huge)
+    T.check(got:abs():eq(math.huge):equal(over), op .. ': inf exactly where the result overflows float32')
+    local rel = (got - want):abs():div(want:abs():clamp(1.17549435e-38, math.huge))
+    rel = flower.where(over, 0, rel)
+    T.check(rel:max():item() < 3e-7, op .. ': max relative error ' .. rel:max():item())
+  end
+  local special = flower.tensor({ math.huge, -math.huge, 0 / 0, 0, -1 })
+  local function tab(t) return t:totable() end
+  local e, l = tab(special:exp()), tab(special:log())
+  T.check(e[1] == math.huge and e[2] == 0 and e[3] ~= e[3] and e[4] == 1, 'exp specials')
+  T.check(l[1] == math.huge and l[3] ~= l[3] and l[4] == -math.huge and l[5] ~= l[5], 'log specials')
+  local th, sg = tab(special:tanh()), tab(special:sigmoid())
+  T.check(th[1] == 1 and th[2] == -1 and th[3] ~= th[3] and sg[1] == 1 and sg[2] == 0 and sg[3] ~= sg[3], 'tanh/sigmoid specials')
+  T.check(flower.tensor({ -100 }):sigmoid()[1] > 0, 'sigmoid(-100) = 3.7e-44 is a subnormal, not 0')
+end)
+
 -- ---------------------------------------------------------------- printing
 
 T.test('tostring like Torch7', function()

@@ -250,6 +250,22 @@ T.test('stages: head only, then from a layer, then all; frozen layers untouched'
   T.check(files.exists(tmp('stages', 'stage3', 'last.h5')), 'per-stage checkpoints')
 end)
 
+T.test('top-k metrics in the history and history.csv', function()
+  local tl, vl = loaders()
+  local m = make_model()
+  local h = train.fit(m, { train = tl, valid = vl, optimizer = optim.Adam { lr = 0.01 }, epochs = 2, metrics = { 'acc', 'top2' },
+    progress = false, log = quiet, history_csv = tmp('topk', 'history.csv') })
+  local r = h.rows[2]
+  T.check(r.top2 >= r.acc and r.top2 <= 1, 'train top2 >= acc')
+  T.check(r.val_top2 >= r.val_acc, 'val top2 >= val acc')
+  local ev = train.evaluate(m, vl, { progress = false, topk = { 2 } })
+  T.near(ev.top[2], r.val_top2, 1e-12)
+  T.near(ev.top[2], nn.top_k_accuracy(m:predict(XV), YV, 2), 1e-12)
+  local csv = files.csv_read(tmp('topk', 'history.csv'))
+  T.eq(csv[1][10], 'top2'); T.eq(csv[1][11], 'val_top2')
+  T.raises(function() train.fit(m, { train = tl, optimizer = optim.Adam {}, metrics = { 'f1' } }) end, "unknown metric 'f1'")
+end)
+
 T.test('bad arguments are errors naming what is wrong', function()
   local tl = loaders()
   local m = make_model()
