@@ -317,7 +317,8 @@ function pipeline.run(cfg, run, spec)
   })
   run:write_results()
   run:log('report: %s (%.0f s in all)', run:path('report.html'), seconds)
-  return { results = ens.results, predict = ens.predict, seconds = seconds, finetuned = finetuned, ensemble = ens }
+  return { results = ens.results, predict = ens.predict, seconds = seconds, finetuned = finetuned, ensemble = ens,
+           dir = run.dir }
 end
 
 return pipeline

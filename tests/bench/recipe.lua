@@ -21,7 +21,7 @@ for _, a in ipairs(arg) do argv[#argv + 1] = a end
 local quickstart = recipe.load('experiments/quickstart.lua')
 local summary = quickstart:call(argv)
 local cfg = quickstart:config(argv)
-local run_dir = files.dirname(files.dirname(summary.predict))
+local run_dir = summary.dir
 local results = files.json_read(files.join(run_dir, 'results.json'))
 
 -- the same split for Keras
