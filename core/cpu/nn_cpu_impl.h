@@ -480,8 +480,10 @@ static int NN(conv2d_backward_filter)(fl_tensor *gw, fl_tensor *gb, const fl_ten
    * the end. Chunks are assigned statically so that the sum's order does not depend on timing. */
   int nt = nn_threads(m_all * nw);
   int pw = win_is_pointwise(win);
-  int64_t R = pw ? 0 : NN(chunk_rows)(&d, nt), total = d.n * d.oh;
-  int64_t nchunks = pw ? nt : (total + R - 1) / R, per = (m_all + nt - 1) / nt;
+  /* about four chunks per thread, dealt round-robin: balanced, and still a fixed assignment */
+  int64_t R = pw ? 0 : NN(chunk_rows)(&d, 4 * nt), total = d.n * d.oh;
+  int64_t nparts = pw ? 4 * (int64_t)nt : 0, per = pw ? (m_all + nparts - 1) / nparts : 0;
+  int64_t nchunks = pw ? (m_all + per - 1) / per : (total + R - 1) / R;
   real **part = calloc((size_t)nt, sizeof(real *));
   if (!part) return fl_fail_oom("out of memory (partial kernel gradients)");
   int failed = 0;
@@ -497,7 +499,7 @@ static int NN(conv2d_backward_filter)(fl_tensor *gw, fl_tensor *gb, const fl_ten
     }
     part[t] = acc;
 #pragma omp barrier
-#pragma omp for schedule(static)
+#pragma omp for schedule(static, 1)
     for (int64_t ci = 0; ci < nchunks; ci++) {
       if (failed) continue;
       if (pw) {  /* x rows are the columns already */

@@ -77,23 +77,36 @@ local function best(fn)
   return t
 end
 
-local ours = {}
-for _, c in ipairs(cases) do
-  local x = flower.randn(N, c.h, c.h, c.cin)
-  local w = flower.randn(c.k, c.k, c.cin, c.cout) * 0.05
-  local win = C.window(c.h, c.h, c.k, c.k, c.s, c.s, 1, 1, c.padding)
-  local y = C.conv2d(x, w, win)
-  local gy = flower.randn(y:size())
-  local gw = flower.zeros(w:size())
-  local r = {}
-  r.fwd = best(function() C.conv2d(x, w, win):free() end)
-  r.bwd_data = best(function() C.conv2d_backward_data(gy, w, x, win):free() end)
-  r.bwd_filter = best(function() C.conv2d_backward_filter(x, gy, win, gw, nil, 0) end)
-  r.bwd = r.bwd_data + r.bwd_filter
-  local macs = N * y:size(2) * y:size(3) * c.cout * c.k * c.k * c.cin
-  r.gflops = 2 * macs / r.fwd * 1e-9
-  ours[c.name] = r
-  x:free(); y:free(); gy:free()
+local function loadavg0()
+  local f = io.open('/proc/loadavg')
+  if not f then return '?' end
+  local s = f:read('l')
+  f:close()
+  return s:match('^(%S+ %S+ %S+)')
+end
+local load_before = loadavg0()
+local inputs = {}
+local function measure_ours(into)
+  for _, c in ipairs(cases) do
+    local t = inputs[c.name]
+    if not t then
+      local x = flower.randn(N, c.h, c.h, c.cin)
+      local w = flower.randn(c.k, c.k, c.cin, c.cout) * 0.05
+      local win = C.window(c.h, c.h, c.k, c.k, c.s, c.s, 1, 1, c.padding)
+      local y = C.conv2d(x, w, win)
+      t = {x = x, w = w, win = win, gy = flower.randn(y:size()), gw = flower.zeros(w:size()),
+           macs = N * y:size(2) * y:size(3) * c.cout * c.k * c.k * c.cin}
+      y:free()
+      inputs[c.name] = t
+    end
+    local r = into[c.name] or {fwd = math.huge, bwd_data = math.huge, bwd_filter = math.huge}
+    r.fwd = math.min(r.fwd, best(function() C.conv2d(t.x, t.w, t.win):free() end))
+    r.bwd_data = math.min(r.bwd_data, best(function() C.conv2d_backward_data(t.gy, t.w, t.x, t.win):free() end))
+    r.bwd_filter = math.min(r.bwd_filter, best(function() C.conv2d_backward_filter(t.x, t.gy, t.win, t.gw, nil, 0) end))
+    r.bwd = r.bwd_data + r.bwd_filter
+    r.gflops = 2 * t.macs / r.fwd * 1e-9
+    into[c.name] = r
+  end
 end
 
 local cjson = require 'cjson'
@@ -107,30 +120,54 @@ local function peer(which)
   if not ok then return nil end
   return res
 end
-local torch, tf = peer('torch'), peer('tf')
 
-local function ms(t) return t and string.format('%8.2f', t * 1e3) or '       -' end
-local function ratio(p, o) return (p and o) and string.format('%6.2f', p / o) or '     -' end
-
-print(string.format('Convolutions, batch %d, %d threads, best of %d (ms; ratio = peer / ours, > 1: ours faster)', N,
-  threads, reps))
-print(string.format('%-26s %8s %6s | %8s %8s %6s %6s | %8s %8s %6s %6s', 'layer', 'fwd', 'GF/s', 'bwd', 'torch f',
-  'fwd x', 'bwd x', 'tf fwd', 'tf bwd', 'fwd x', 'bwd x'))
-local tot = {o = 0, ob = 0, tf = 0, tb = 0, ff = 0, fb = 0}
-for _, c in ipairs(cases) do
-  local o, t, f = ours[c.name], torch and torch[c.name], tf and tf[c.name]
-  print(string.format('%-26s %s %6.1f | %s %s %s %s | %s %s %s %s', c.name, ms(o.fwd), o.gflops, ms(o.bwd),
-    ms(t and t.fwd), ratio(t and t.fwd, o.fwd), ratio(t and t.bwd, o.bwd), ms(f and f.fwd), ms(f and f.bwd),
-    ratio(f and f.fwd, o.fwd), ratio(f and f.bwd, o.bwd)))
-  tot.o, tot.ob = tot.o + o.fwd, tot.ob + o.bwd
-  if t then tot.tf, tot.tb = tot.tf + t.fwd, tot.tb + t.bwd end
-  if f then tot.ff, tot.fb = tot.ff + f.fwd, tot.fb + f.bwd end
+local function loadavg()
+  local f = io.open('/proc/loadavg')
+  if not f then return '?' end
+  local l = f:read('l')
+  f:close()
+  return l:match('^(%S+ %S+ %S+)')
 end
-print(string.format('%-26s %s %6s | %s %s %s %s | %s %s %s %s', 'sum', ms(tot.o), '', ms(tot.ob), ms(tot.tf),
-  ratio(torch and tot.tf, tot.o), ratio(torch and tot.tb, tot.ob), ms(tot.ff), ms(tot.fb),
-  ratio(tf and tot.ff, tot.o), ratio(tf and tot.fb, tot.ob)))
-if not torch then print('(PyTorch peer unavailable: .venv/bin/python with torch)') end
-if not tf then print('(TensorFlow peer unavailable: .venv/bin/python with tensorflow)') end
+
+-- ours before and after the peers (best of both), so that a burst of load from other processes
+-- does not land on one side only
+local load_before = loadavg()
+local ours = {}
+measure_ours(ours)
+local peers = {{'torch NCHW', peer('torch')}, {'torch NHWC', peer('torch_nhwc')}, {'TF NHWC', peer('tf')}}
+measure_ours(ours)
+
+local function ms(t) return t and string.format('%7.2f', t * 1e3) or '      -' end
+local function ratio(p, o) return (p and o) and string.format('%5.2f', p / o) or '    -' end
+
+print(string.format('Convolutions, batch %d, %d threads, best of %d (ms; x = peer time / ours, > 1: ours faster)', N,
+  threads, reps))
+print('load average before / after: ' .. load_before .. ' / ' .. loadavg() .. ' (other processes share the cores)')
+local head = string.format('%-25s %7s %5s %7s', 'layer', 'fwd', 'GF/s', 'bwd')
+for _, p in ipairs(peers) do head = head .. string.format(' | %-10s fwd x bwd x', p[1]) end
+print(head)
+local tot = {fwd = 0, bwd = 0}
+local ptot = {}
+for i = 1, #peers do ptot[i] = {fwd = 0, bwd = 0} end
+for _, c in ipairs(cases) do
+  local o = ours[c.name]
+  local line = string.format('%-25s %s %5.1f %s', c.name, ms(o.fwd), o.gflops, ms(o.bwd))
+  tot.fwd, tot.bwd = tot.fwd + o.fwd, tot.bwd + o.bwd
+  for i, p in ipairs(peers) do
+    local r = p[2] and p[2][c.name]
+    line = line .. string.format(' | %10s %s %s', '', ratio(r and r.fwd, o.fwd), ratio(r and r.bwd, o.bwd))
+    if r then ptot[i].fwd, ptot[i].bwd = ptot[i].fwd + r.fwd, ptot[i].bwd + r.bwd end
+  end
+  print(line)
+end
+local line = string.format('%-25s %s %5s %s', 'sum', ms(tot.fwd), '', ms(tot.bwd))
+for i, p in ipairs(peers) do
+  line = line .. string.format(' | %10s %s %s', '', ratio(p[2] and ptot[i].fwd, tot.fwd), ratio(p[2] and ptot[i].bwd, tot.bwd))
+end
+print(line)
+for _, p in ipairs(peers) do
+  if not p[2] then print('(' .. p[1] .. ' peer unavailable: .venv/bin/python with torch / tensorflow)') end
+end
 
 -------------------------------------------------------------------------------- peak memory
 

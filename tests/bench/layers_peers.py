@@ -1,9 +1,10 @@
 """Peers for tests/bench/layers.lua: times the same convolutions in PyTorch and TensorFlow.
 
-Usage: .venv/bin/python tests/bench/layers_peers.py torch|tf THREADS REPS CASES_JSON
+Usage: .venv/bin/python tests/bench/layers_peers.py torch|torch_nhwc|tf THREADS REPS CASES_JSON
 Prints one JSON object {case_name: {"fwd": s, "bwd": s, "bwd_data": s, "bwd_filter": s}} (seconds,
-the minimum over REPS runs). PyTorch runs NCHW (its default layout, oneDNN kernels) with autograd
-for the backward pass (data and filter gradients together); TensorFlow runs NHWC with
+the minimum over REPS runs). PyTorch runs NCHW (its default layout) or, as torch_nhwc, channels_last
+(both on Debian's system oneDNN 2.6), with autograd for the backward pass (data and filter
+gradients together, the forward's time subtracted); TensorFlow runs NHWC with
 Conv2DBackpropInput / Conv2DBackpropFilter in tf.function.
 """
 import json
@@ -25,15 +26,16 @@ def best(fn, reps):
     return t
 
 
-def run_torch():
+def run_torch(channels_last=False):
     import torch
     import torch.nn.functional as F
     torch.set_num_threads(threads)
     out = {}
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     for c in cases:
         n, h, cin, cout, k, s = c["n"], c["h"], c["cin"], c["cout"], c["k"], c["s"]
-        x = torch.randn(n, cin, h, h, requires_grad=True)
-        w = torch.randn(cout, cin, k, k, requires_grad=True)
+        x = torch.randn(n, cin, h, h).to(memory_format=fmt).requires_grad_()
+        w = torch.randn(cout, cin, k, k).to(memory_format=fmt).requires_grad_()
         pad = k // 2 if c["padding"] == "same" else 0
         with torch.no_grad():
             fwd = best(lambda: F.conv2d(x, w, stride=s, padding=pad), reps)
@@ -76,5 +78,10 @@ def run_tf():
     return out
 
 
-res = run_torch() if which == "torch" else run_tf()
+if which == "torch":
+    res = run_torch()
+elif which == "torch_nhwc":
+    res = run_torch(channels_last=True)
+else:
+    res = run_tf()
 print(json.dumps(res))
