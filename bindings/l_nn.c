@@ -9,8 +9,8 @@
  *   _nn.conv2d_backward_data(gy, w, x_or_shape, win)    -> gx
  *   _nn.conv2d_backward_filter(x, gy, win, gw [, gb, beta=0])
  *   _nn.depthwise(...), _nn.depthwise_backward_data(...), _nn.depthwise_backward_filter(...)  (same)
- *   _nn.pool2d(x, 'max'|'avg', win)                     -> y
- *   _nn.pool2d_backward(gy, x_or_shape, 'max'|'avg', win) -> gx   (max needs x itself)
+ *   _nn.pool2d(x, 'max'|'avg', win [, want_argmax])     -> y [, argmax (int32)]
+ *   _nn.pool2d_backward(gy, x_or_shape, 'max'|'avg', win [, argmax]) -> gx   (max: x itself or argmax)
  *   _nn.batchnorm_train(x, gamma, beta, moving_mean, moving_var, momentum, eps [, unbiased=true, relu])
  *                                                       -> y, mean, invstd
  *   _nn.batchnorm_backward(x, gy, mean, invstd, gamma, training, ggamma, gbeta, beta_acc, want_gx [, relu_y])
@@ -174,19 +174,22 @@ static fl_pool_kind check_pool_kind(lua_State *L, int idx, const char *f) {
   return FL_POOL_MAX;
 }
 
-/* pool2d(x, kind, win) -> y */
+/* pool2d(x, kind, win [, want_argmax]) -> y [, argmax] */
 static int l_pool2d(lua_State *L) {
   const char *f = "nn.pool2d";
   fl_tensor *x = fl_lua_checktensor(L, 1);
   fl_pool_kind kind = check_pool_kind(L, 2, f);
   fl_window win;
   check_window(L, 3, NULL, &win, f);
+  int want = lua_toboolean(L, 4);
   fl_tensor *y = fl_lua_newtensor(L);
-  FL_TRY(L, fl_pool2d_forward(y, x, kind, &win));
-  return 1;
+  fl_tensor *am = want ? fl_lua_newtensor(L) : NULL;
+  FL_TRY(L, fl_pool2d_forward(y, am, x, kind, &win));
+  return want ? 2 : 1;
 }
 
-/* pool2d_backward(gy, x_or_shape, kind, win) -> gx; max pooling needs the input tensor itself */
+/* pool2d_backward(gy, x_or_shape, kind, win [, argmax]) -> gx; max pooling needs the input tensor
+ * itself or the argmax from its forward */
 static int l_pool2d_backward(lua_State *L) {
   const char *f = "nn.pool2d_backward";
   fl_tensor *gy = fl_lua_checktensor(L, 1);
@@ -194,11 +197,13 @@ static int l_pool2d_backward(lua_State *L) {
   int64_t xs[4];
   check_xshape(L, 2, xs, f);
   fl_pool_kind kind = check_pool_kind(L, 3, f);
-  if (kind == FL_POOL_MAX && !x) return luaL_error(L, "%s: max pooling needs the input tensor, got a shape", f);
   fl_window win;
   check_window(L, 4, NULL, &win, f);
+  const fl_tensor *am = opt_tensor(L, 5);
+  if (kind == FL_POOL_MAX && !x && !am)
+    return luaL_error(L, "%s: max pooling needs the input tensor or its argmax, got a shape", f);
   fl_tensor *gx = fl_lua_newtensor(L);
-  FL_TRY(L, fl_pool2d_backward(gx, gy, kind == FL_POOL_MAX ? x : NULL, xs, kind, &win));
+  FL_TRY(L, fl_pool2d_backward(gx, gy, kind == FL_POOL_MAX ? x : NULL, am, xs, kind, &win));
   return 1;
 }
 

@@ -279,30 +279,40 @@ static int pool_shapes(const char *op, const fl_tensor *x, fl_pool_kind kind, co
   return 0;
 }
 
-int fl_pool2d_forward(fl_tensor *y, const fl_tensor *x, fl_pool_kind kind, const fl_window *win) {
+int fl_pool2d_forward(fl_tensor *y, fl_tensor *argmax, const fl_tensor *x, fl_pool_kind kind, const fl_window *win) {
   const char *op = kind == FL_POOL_AVG ? "avg_pool2d" : "max_pool2d";
   const struct fl_nn_ops *ops = nn_ops(op, x);
   int64_t ys[4];
   if (!ops || check_arg(op, "input", x, 4, NULL) || pool_shapes(op, x, kind, win, ys)) return -1;
+  if (argmax && kind != FL_POOL_MAX) return fl_fail("%s: argmax is for max pooling only", op);
+  if (argmax && x->shape[1] * x->shape[2] * x->shape[3] > INT32_MAX)
+    return fl_fail("%s: an image of %lld values is too large for int32 argmax positions", op,
+                   (long long)(x->shape[1] * x->shape[2] * x->shape[3]));
   cont_set cs = {0};
   const fl_tensor *cx;
   int rc = -1;
   if (cont_add(&cs, x, &cx)) goto done;
   if (new_like(y, x, 4, ys)) goto done;
-  rc = ops->pool2d_forward(y, cx, kind, win);
-  if (rc) fl_tensor_free(y);
+  if (argmax && fl_tensor_init(argmax, x->storage->backend, x->storage->device, FL_I32, 4, ys)) {
+    fl_tensor_free(y);
+    goto done;
+  }
+  rc = ops->pool2d_forward(y, argmax, cx, kind, win);
+  if (rc) { fl_tensor_free(y); if (argmax) fl_tensor_free(argmax); }
 done:
   cont_free(&cs);
   return rc ? fl_fail_prefix(op) : 0;
 }
 
-int fl_pool2d_backward(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *x, const int64_t *xshape,
-                       fl_pool_kind kind, const fl_window *win) {
+int fl_pool2d_backward(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *x, const fl_tensor *argmax,
+                       const int64_t *xshape, fl_pool_kind kind, const fl_window *win) {
   const char *op = kind == FL_POOL_AVG ? "avg_pool2d_backward" : "max_pool2d_backward";
   const struct fl_nn_ops *ops = nn_ops(op, gy);
   int64_t ys[4];
   if (!ops || check_arg(op, "gradOutput", gy, 4, NULL)) return -1;
-  if (kind == FL_POOL_MAX && !x) return fl_fail("%s: max pooling needs the input", op);
+  if (kind == FL_POOL_MAX && !x && !argmax) return fl_fail("%s: max pooling needs the input or its argmax", op);
+  if (kind != FL_POOL_MAX) x = argmax = NULL;
+  if (argmax) x = NULL;
   if (x) {
     if (check_arg(op, "input", x, 4, gy)) return -1;
     xshape = x->shape;
@@ -314,12 +324,16 @@ int fl_pool2d_backward(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *x, c
   shape_only.ndim = 4;
   memcpy(shape_only.shape, xshape, sizeof(int64_t) * 4);
   if (pool_shapes(op, &shape_only, kind, win, ys) || check_shape(op, "gradOutput", gy, 4, ys)) return -1;
+  if (argmax) {
+    if (!argmax->storage || argmax->dtype != FL_I32) return fl_fail("%s: argmax must be an int32 tensor", op);
+    if (check_shape(op, "argmax", argmax, 4, ys)) return -1;
+  }
   cont_set cs = {0};
-  const fl_tensor *cx, *cgy;
+  const fl_tensor *cx, *cgy, *ca;
   int rc = -1;
-  if (cont_add(&cs, x, &cx) || cont_add(&cs, gy, &cgy)) goto done;
+  if (cont_add(&cs, x, &cx) || cont_add(&cs, gy, &cgy) || cont_add(&cs, argmax, &ca)) goto done;
   if (new_like(gx, gy, 4, xshape)) goto done;
-  rc = ops->pool2d_backward(gx, cgy, cx, kind, win);
+  rc = ops->pool2d_backward(gx, cgy, cx, ca, kind, win);
   if (rc) fl_tensor_free(gx);
 done:
   cont_free(&cs);

@@ -54,12 +54,15 @@ struct fl_nn_ops {
   int (*depthwise_backward_filter)(fl_tensor *gw, fl_tensor *gb, const fl_tensor *x, const fl_tensor *gy,
                                    const fl_window *win, double beta);
   /* pooling over windows of x (N,H,W,C) -> y (N,OH,OW,C). Max ignores padding (as -inf); average
-   * divides by the number of window elements inside the input (padding excluded, like TensorFlow). */
-  int (*pool2d_forward)(fl_tensor *y, const fl_tensor *x, fl_pool_kind kind, const fl_window *win);
-  /* gx (overwritten; its shape is the input's). Max pooling routes each gy to the first maximum of
-   * its window in x (row-major window order), recomputed from x; average pooling gets x = NULL. */
-  int (*pool2d_backward)(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *x, fl_pool_kind kind,
-                         const fl_window *win);
+   * divides by the number of window elements inside the input (padding excluded, like TensorFlow).
+   * argmax (int32, y's shape, or NULL; max pooling): where each maximum came from, as the offset
+   * (h*W + w)*C + c within its image — the first maximum in row-major window order. */
+  int (*pool2d_forward)(fl_tensor *y, fl_tensor *argmax, const fl_tensor *x, fl_pool_kind kind,
+                        const fl_window *win);
+  /* gx (overwritten; its shape is the input's). Max pooling routes each gy to its argmax (given, or
+   * recomputed from x when argmax is NULL); average pooling gets x = argmax = NULL. */
+  int (*pool2d_backward)(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *x, const fl_tensor *argmax,
+                         fl_pool_kind kind, const fl_window *win);
   /* Batch normalisation over all dims but the last (C). Training: mean/var of the batch (biased var),
    * y = (x-mean)*invstd*gamma + beta with invstd = 1/sqrt(var+eps); saves mean (C), invstd (C); when
    * running_mean/running_var are given, updates them as Keras does:
@@ -126,11 +129,13 @@ int fl_depthwise_backward_data(fl_tensor *gx, const fl_tensor *gy, const fl_tens
                                const fl_window *win);
 int fl_depthwise_backward_filter_into(fl_tensor *gw, fl_tensor *gb, const fl_tensor *x, const fl_tensor *gy,
                                       const fl_window *win, double beta);
-/* win->kh, kw give the pool size */
-int fl_pool2d_forward(fl_tensor *y, const fl_tensor *x, fl_pool_kind kind, const fl_window *win);
-/* x is needed for max pooling only (may be NULL for average); xshape (N,H,W,C) gives gx's shape */
-int fl_pool2d_backward(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *x, const int64_t *xshape,
-                       fl_pool_kind kind, const fl_window *win);
+/* win->kh, kw give the pool size. argmax: NULL, or (max pooling) an empty struct that gets the
+ * int32 positions of the maxima for the backward pass */
+int fl_pool2d_forward(fl_tensor *y, fl_tensor *argmax, const fl_tensor *x, fl_pool_kind kind, const fl_window *win);
+/* Max pooling needs the input x or the argmax of its forward (either may be NULL, not both); average
+ * pooling needs neither. xshape (N,H,W,C) gives gx's shape. */
+int fl_pool2d_backward(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *x, const fl_tensor *argmax,
+                       const int64_t *xshape, fl_pool_kind kind, const fl_window *win);
 /* mean, invstd: empty structs, initialised to (C) */
 int fl_batchnorm_forward_train(fl_tensor *y, fl_tensor *mean, fl_tensor *invstd, const fl_tensor *x,
                                const fl_tensor *gamma, const fl_tensor *beta, fl_tensor *running_mean,

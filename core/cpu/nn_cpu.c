@@ -126,12 +126,13 @@ static int cpu_depthwise_backward_filter(fl_tensor *gw, fl_tensor *gb, const fl_
                                          const fl_window *win, double beta) {
   return PICK(x, depthwise_backward_filter, gw, gb, x, gy, win, beta);
 }
-static int cpu_pool2d_forward(fl_tensor *y, const fl_tensor *x, fl_pool_kind kind, const fl_window *win) {
-  return PICK(x, pool2d_forward, y, x, kind, win);
+static int cpu_pool2d_forward(fl_tensor *y, fl_tensor *argmax, const fl_tensor *x, fl_pool_kind kind,
+                              const fl_window *win) {
+  return PICK(x, pool2d_forward, y, argmax, x, kind, win);
 }
-static int cpu_pool2d_backward(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *x, fl_pool_kind kind,
-                               const fl_window *win) {
-  return PICK(gy, pool2d_backward, gx, gy, x, kind, win);
+static int cpu_pool2d_backward(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *x, const fl_tensor *argmax,
+                               fl_pool_kind kind, const fl_window *win) {
+  return PICK(gy, pool2d_backward, gx, gy, x, argmax, kind, win);
 }
 static int cpu_batchnorm_forward_train(fl_tensor *y, fl_tensor *mean, fl_tensor *invstd, const fl_tensor *x,
                                        const fl_tensor *gamma, const fl_tensor *beta, fl_tensor *rm,

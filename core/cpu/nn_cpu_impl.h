@@ -661,11 +661,45 @@ static int NN(depthwise_backward_filter)(fl_tensor *gw, fl_tensor *gb, const fl_
 
 /* ---- pooling ---- */
 
-static int NN(pool2d_forward)(fl_tensor *y, const fl_tensor *x, fl_pool_kind kind, const fl_window *win) {
+static int NN(pool2d_forward)(fl_tensor *y, fl_tensor *argmax, const fl_tensor *x, fl_pool_kind kind,
+                              const fl_window *win) {
   const int64_t N = x->shape[0], H = x->shape[1], W = x->shape[2], C = x->shape[3];
   const int64_t OH = y->shape[1], OW = y->shape[2];
   const real *X = fl_tensor_data(x);
   real *Y = fl_tensor_data(y);
+  if (argmax) {   /* max pooling that also records where each maximum is (first one wins) */
+    int32_t *A = fl_tensor_data(argmax);
+#pragma omp parallel for schedule(static) if (N * OH * OW * C > 16384)
+    for (int64_t r = 0; r < N * OH; r++) {
+      int64_t n = r / OH, oh = r % OH;
+      for (int64_t ow = 0; ow < OW; ow++) {
+        real *out = Y + (r * OW + ow) * C;
+        int32_t *ai = A + (r * OW + ow) * C;
+        int first = 1;
+        for (int i = 0; i < win->kh; i++) {
+          int64_t ih = oh * win->sh - win->pt + (int64_t)i * win->dh;
+          if (ih < 0 || ih >= H) continue;
+          for (int j = 0; j < win->kw; j++) {
+            int64_t iw = ow * win->sw - win->pl + (int64_t)j * win->dw;
+            if (iw < 0 || iw >= W) continue;
+            const real *xp = X + ((n * H + ih) * W + iw) * C;
+            const int32_t base = (int32_t)((ih * W + iw) * C);
+            if (first) {
+              SIMD for (int64_t c = 0; c < C; c++) { out[c] = xp[c]; ai[c] = base + (int32_t)c; }
+              first = 0;
+            } else {
+              SIMD for (int64_t c = 0; c < C; c++) {   /* arithmetic select: vectorises */
+                int32_t gt = xp[c] > out[c];
+                ai[c] += gt * (base + (int32_t)c - ai[c]);
+                out[c] = xp[c] > out[c] ? xp[c] : out[c];
+              }
+            }
+          }
+        }
+      }
+    }
+    return 0;
+  }
 #pragma omp parallel for schedule(static) if (N * OH * OW * C > 16384)
   for (int64_t r = 0; r < N * OH; r++) {
     int64_t n = r / OH, oh = r % OH;
@@ -698,13 +732,25 @@ static int NN(pool2d_forward)(fl_tensor *y, const fl_tensor *x, fl_pool_kind kin
   return 0;
 }
 
-static int NN(pool2d_backward)(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *x, fl_pool_kind kind,
-                               const fl_window *win) {
+static int NN(pool2d_backward)(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *x, const fl_tensor *argmax,
+                               fl_pool_kind kind, const fl_window *win) {
   const int64_t N = gx->shape[0], H = gx->shape[1], W = gx->shape[2], C = gx->shape[3];
   const int64_t OH = gy->shape[1], OW = gy->shape[2];
   const real *X = x ? fl_tensor_data(x) : NULL, *GY = fl_tensor_data(gy);
   real *GX = fl_tensor_data(gx);
   memset(GX, 0, sizeof(real) * (size_t)fl_tensor_numel(gx));
+  if (argmax) {   /* scatter through the recorded positions; images are independent */
+    const int32_t *A = fl_tensor_data(argmax);
+    const int64_t per = OH * OW * C, img = H * W * C;
+#pragma omp parallel for schedule(static) if (N > 1 && N * per > 16384)
+    for (int64_t n = 0; n < N; n++) {
+      const real *g = GY + n * per;
+      const int32_t *a = A + n * per;
+      real *dst = GX + n * img;
+      for (int64_t e = 0; e < per; e++) dst[a[e]] += g[e];
+    }
+    return 0;
+  }
   int nt = omp_get_max_threads();
   /* per thread: best value and its flat input offset, per channel (max pooling) */
   real *bestv = malloc(sizeof(real) * (size_t)(nt * C + 1));
@@ -773,17 +819,40 @@ static int NN(pool2d_backward)(fl_tensor *gx, const fl_tensor *gy, const fl_tens
 
 /* One pass: per-thread sums of x and x^2 in double, reduced into sum (C) and sumsq (C). The
  * variance is then E[x^2] - mean^2, which in double loses nothing that matters for activations. */
+/* Rows per block of the batch-norm reductions: sums over a block run in the tensor's type with full
+ * SIMD width, then go into double accumulators (precision of double sums, speed of float loops).
+ * The moments are taken of x - x[0] (the first row, per channel): the variance is unchanged and
+ * E[v^2] - E[v]^2 does not cancel badly when the mean is large against the spread. */
+#define BN_BLOCK 16
+
 static void NN(bn_moments)(double *part, int nt, const real *x, int64_t rows, int64_t C, double *sum, double *sumsq) {
   memset(part, 0, sizeof(double) * (size_t)(nt * 2 * C));
-#pragma omp parallel if (rows * C > 32768)
+  const int64_t nb = (rows + BN_BLOCK - 1) / BN_BLOCK;
+  real *blk = malloc(sizeof(real) * (size_t)(nt * 2 * C));
+#pragma omp parallel if (blk && rows * C > 32768)
   {
-    double *p = part + (int64_t)omp_get_thread_num() * 2 * C, *q2 = p + C;
+    int t = omp_get_thread_num();
+    double *p = part + (int64_t)t * 2 * C, *q2 = p + C;
+    real *b1 = blk ? blk + (int64_t)t * 2 * C : NULL, *b2 = b1 ? b1 + C : NULL;
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-      const real *q = x + r * C;
-      SIMD for (int64_t c = 0; c < C; c++) { double v = q[c]; p[c] += v; q2[c] += v * v; }
+    for (int64_t bi = 0; bi < nb; bi++) {
+      int64_t r0 = bi * BN_BLOCK, r1 = r0 + BN_BLOCK < rows ? r0 + BN_BLOCK : rows;
+      if (!b1) {   /* no scratch: plain double sums */
+        for (int64_t r = r0; r < r1; r++) {
+          const real *q = x + r * C;
+          SIMD for (int64_t c = 0; c < C; c++) { double v = (double)q[c] - x[c]; p[c] += v; q2[c] += v * v; }
+        }
+        continue;
+      }
+      SIMD for (int64_t c = 0; c < C; c++) { b1[c] = 0; b2[c] = 0; }
+      for (int64_t r = r0; r < r1; r++) {
+        const real *q = x + r * C;
+        SIMD for (int64_t c = 0; c < C; c++) { real v = q[c] - x[c]; b1[c] += v; b2[c] += v * v; }
+      }
+      SIMD for (int64_t c = 0; c < C; c++) { p[c] += b1[c]; q2[c] += b2[c]; }
     }
   }
+  free(blk);
   for (int64_t c = 0; c < C; c++) { sum[c] = 0; sumsq[c] = 0; }
   for (int t = 0; t < nt; t++)
     for (int64_t c = 0; c < C; c++) { sum[c] += part[(int64_t)t * 2 * C + c]; sumsq[c] += part[(int64_t)t * 2 * C + C + c]; }
@@ -803,10 +872,10 @@ static int NN(batchnorm_forward_train)(fl_tensor *y, fl_tensor *mean, fl_tensor 
     return fl_fail_oom("out of memory (batch-norm partial sums)");
   }
   double *dm = part + nt * 2 * C, *dv = dm + C, *s1 = dv + C, *s2 = s1 + C;
-  NN(bn_moments)(part, nt, X, rows, C, s1, s2);
+  NN(bn_moments)(part, nt, X, rows, C, s1, s2);   /* moments of x - x[0] */
   for (int64_t c = 0; c < C; c++) {
-    dm[c] = s1[c] / (double)rows;
-    double v = s2[c] / (double)rows - dm[c] * dm[c];
+    double m = s1[c] / (double)rows, v = s2[c] / (double)rows - m * m;
+    dm[c] = m + X[c];
     dv[c] = v > 0 ? v : 0;
   }
   /* y = x*a + b with a = gamma*invstd, b = beta - mean*a; a, b stored in y's dtype */
@@ -852,26 +921,38 @@ static int NN(batchnorm_backward)(fl_tensor *gx, fl_tensor *ggamma, fl_tensor *g
   if (!part) return fl_fail_oom("out of memory (batch-norm partial sums)");
   int need_sums = training || ggamma || gbeta;
   if (need_sums) {
+    /* per block of rows, in the tensor's type: sum g and sum g*(x - mean); then double */
+    const int64_t nb = (rows + BN_BLOCK - 1) / BN_BLOCK;
+    real *blk = malloc(sizeof(real) * (size_t)(nt * 2 * C));
+    if (!blk) { free(part); return fl_fail_oom("out of memory (batch-norm partial sums)"); }
 #pragma omp parallel if (rows * C > 32768)
     {
-      double *sg = part + (int64_t)omp_get_thread_num() * 2 * C, *sgx = sg + C;
+      int t = omp_get_thread_num();
+      double *sg = part + (int64_t)t * 2 * C, *sgx = sg + C;
+      real *b1 = blk + (int64_t)t * 2 * C, *b2 = b1 + C;
 #pragma omp for schedule(static)
-      for (int64_t r = 0; r < rows; r++) {
-        const real *q = X + r * C, *g = GY + r * C, *ry = RY ? RY + r * C : NULL;
-        if (ry) {
-          SIMD for (int64_t c = 0; c < C; c++) {
-            real gc = g[c] * (real)(ry[c] > 0);   /* a multiply, not a branch: vectorises */
-            sg[c] += gc;
-            sgx[c] += (double)gc * (q[c] - MEAN[c]) * INV[c];
-          }
-        } else {
-          SIMD for (int64_t c = 0; c < C; c++) {
-            sg[c] += g[c];
-            sgx[c] += (double)g[c] * (q[c] - MEAN[c]) * INV[c];
+      for (int64_t bi = 0; bi < nb; bi++) {
+        int64_t r0 = bi * BN_BLOCK, r1 = r0 + BN_BLOCK < rows ? r0 + BN_BLOCK : rows;
+        SIMD for (int64_t c = 0; c < C; c++) { b1[c] = 0; b2[c] = 0; }
+        for (int64_t r = r0; r < r1; r++) {
+          const real *q = X + r * C, *g = GY + r * C, *ry = RY ? RY + r * C : NULL;
+          if (ry) {
+            SIMD for (int64_t c = 0; c < C; c++) {
+              real gc = g[c] * (real)(ry[c] > 0);   /* a multiply, not a branch: vectorises */
+              b1[c] += gc;
+              b2[c] += gc * (q[c] - MEAN[c]);
+            }
+          } else {
+            SIMD for (int64_t c = 0; c < C; c++) {
+              b1[c] += g[c];
+              b2[c] += g[c] * (q[c] - MEAN[c]);
+            }
           }
         }
+        SIMD for (int64_t c = 0; c < C; c++) { sg[c] += b1[c]; sgx[c] += (double)b2[c] * INV[c]; }
       }
     }
+    free(blk);
   }
   double *sum_g = part + nt * 2 * C, *sum_gx = sum_g + C;
   for (int t = 0; t < nt; t++)

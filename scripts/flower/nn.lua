@@ -74,6 +74,7 @@ local C = core._nn
 local nn = {}
 nn.C = C
 nn.fusion = true      -- fuse Conv -> BatchNorm -> ReLU where no gradient flows (false: run layer by layer)
+nn.inplace = true     -- where no backward follows, Add/BN/ReLU may write over an input no one else needs
 
 -------------------------------------------------------------------------------- classes
 

@@ -163,7 +163,7 @@ static void run_pool_case(int64_t n, int64_t h, int64_t w, int64_t c, int k, int
   int64_t oh, ow;
   mk(&x, dt, 4, n, h, w, c);
   CHECK(fl_window_init(&win, "pool", h, w, k, k, s, s, 1, 1, pad, &oh, &ow) == 0);
-  CHECK(fl_pool2d_forward(&y, &x, avg ? FL_POOL_AVG : FL_POOL_MAX, &win) == 0);
+  CHECK(fl_pool2d_forward(&y, NULL, &x, avg ? FL_POOL_AVG : FL_POOL_MAX, &win) == 0);
   int64_t ny = n * oh * ow * c;
   double *ref = malloc(sizeof(double) * (size_t)ny);
   naive_pool(ref, &x, &win, oh, ow, avg);
@@ -171,9 +171,20 @@ static void run_pool_case(int64_t n, int64_t h, int64_t w, int64_t c, int k, int
   /* pooling is piecewise linear: <pool(x), gy> = <x, pool_backward(gy)> for max (no ties in random
    * data) and average pooling alike */
   mk(&gy, dt, 4, n, oh, ow, c);
-  CHECK(fl_pool2d_backward(&gx, &gy, avg ? NULL : &x, x.shape, avg ? FL_POOL_AVG : FL_POOL_MAX, &win) == 0);
+  CHECK(fl_pool2d_backward(&gx, &gy, avg ? NULL : &x, NULL, x.shape, avg ? FL_POOL_AVG : FL_POOL_MAX, &win) == 0);
   double lhs = dot(&y, &gy);
   CHECK_NEAR(dot(&x, &gx), lhs, tol * 100 * (1 + fabs(lhs)));
+  if (!avg) {   /* with recorded argmax: the same output and the same gradient */
+    fl_tensor y2 = {0}, am = {0}, gx2 = {0};
+    CHECK(fl_pool2d_forward(&y2, &am, &x, FL_POOL_MAX, &win) == 0);
+    CHECK(am.dtype == FL_I32);
+    CHECK(relerr(&y2, ref, ny) < tol);
+    CHECK(fl_pool2d_backward(&gx2, &gy, NULL, &am, x.shape, FL_POOL_MAX, &win) == 0);
+    double worst = 0;
+    for (int64_t i = 0; i < fl_tensor_numel(&gx); i++) worst = fmax(worst, fabs(at(&gx2, i) - at(&gx, i)));
+    CHECK(worst == 0);
+    fl_tensor_free(&y2); fl_tensor_free(&am); fl_tensor_free(&gx2);
+  }
   free(ref);
   fl_tensor_free(&x); fl_tensor_free(&y); fl_tensor_free(&gy); fl_tensor_free(&gx);
 }
@@ -324,6 +335,23 @@ static void test_errors(void) {
 }
 
 /* BatchNorm with a fused ReLU equals BatchNorm then ReLU, forward and backward */
+/* a large mean against a small spread (raw pixel-like data): the batch variance stays accurate */
+static void test_batchnorm_large_mean(void) {
+  fl_tensor x, y = {0}, m = {0}, iv = {0};
+  mk(&x, FL_F32, 2, 4000, 3, 0, 0);
+  float *p = fl_tensor_data(&x);
+  for (int64_t i = 0; i < 12000; i++) p[i] = 1000.0f + p[i];   /* mean ~1000, std ~0.58 */
+  double mean[3] = {0}, var[3] = {0};
+  for (int64_t i = 0; i < 12000; i++) mean[i % 3] += p[i] / 4000.0;
+  for (int64_t i = 0; i < 12000; i++) var[i % 3] += (p[i] - mean[i % 3]) * (p[i] - mean[i % 3]) / 4000.0;
+  CHECK(fl_batchnorm_forward_train(&y, &m, &iv, &x, NULL, NULL, NULL, NULL, 0.99, 1e-3, 1, 0) == 0);
+  for (int c = 0; c < 3; c++) {
+    CHECK_NEAR(at(&m, c), mean[c], 1e-3);
+    CHECK_NEAR(at(&iv, c), 1 / sqrt(var[c] + 1e-3), 1e-4 / sqrt(var[c] + 1e-3));
+  }
+  fl_tensor_free(&x); fl_tensor_free(&y); fl_tensor_free(&m); fl_tensor_free(&iv);
+}
+
 static void test_batchnorm_relu(void) {
   fl_tensor x, g, b, gy, y = {0}, m = {0}, iv = {0}, yr = {0}, m2 = {0}, iv2 = {0}, gx = {0}, gxr = {0};
   mk(&x, FL_F64, 4, 2, 3, 3, 5); mk(&g, FL_F64, 1, 5, 0, 0, 0); mk(&b, FL_F64, 1, 5, 0, 0, 0);
@@ -469,6 +497,7 @@ int main(void) {
   }
   TEST("batchnorm training forward, moving stats, backward vs finite differences") test_batchnorm();
   TEST("batchnorm with a fused ReLU, forward and backward") test_batchnorm_relu();
+  TEST("batchnorm statistics of data with a large mean") test_batchnorm_large_mean();
   TEST("add_act, sumsq, axpby, SGD and Adam kernels") test_add_act_and_optim_kernels();
   TEST("fused softmax cross-entropy with smoothing, labels and one-hot") test_softmax_xent();
   TEST("activation backward relu/sigmoid/tanh/softmax") test_act_backward();

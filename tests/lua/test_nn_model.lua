@@ -137,6 +137,52 @@ T.test('fused Conv+BN+ReLU inference equals the layer-by-layer result', function
   T.check(m._state == nil, 'inference kept state for backward')
 end)
 
+T.test('inference with folded padding and in-place Add/BN/ReLU equals the plain run; inputs untouched', function()
+  flower.manual_seed(17)
+  nn.reset_names()
+  local x = nn.Input{10, 9, 4}
+  local a = nn.ZeroPadding2D{padding = {{3, 2}, {2, 4}}}(x)
+  a = nn.Conv2D{filters = 4, kernel_size = 5, strides = 2}(a)                -- padding folded, + BN + ReLU
+  a = nn.ReLU{}(nn.BatchNormalization{}(a))
+  local b = nn.Conv2D{filters = 4, kernel_size = 3, strides = 2, padding = 'same'}(
+    nn.ZeroPadding2D{padding = 1}(x))                                          -- padding folded, plain conv
+  local c = nn.Activation('relu')(nn.Add{}{a, b})                             -- in place
+  local d = nn.BatchNormalization{}(c)                                        -- in place (inference)
+  local e = nn.ScaledAdd{scale = 0.3}{d, nn.Conv2D{filters = 4, kernel_size = 1}(d)}
+  local g = nn.Add{}{e, nn.Conv2D{filters = 4, kernel_size = 1}(e), a}
+  local m = nn.Model(x, nn.Activation('relu')(g))
+  for _, l in ipairs(m:layers()) do
+    if l.class_name == 'BatchNormalization' then
+      l.moving_mean:normal_(0, 0.3); l.moving_variance:uniform_(0.5, 2); l.gamma:uniform_(0.5, 1.5)
+      l.beta:normal_(0, 0.3)
+    end
+  end
+  m:evaluate()
+  local plan = m:_plan(false)
+  local nfold = 0
+  for _ in pairs(plan.padfold) do nfold = nfold + 1 end
+  T.eq(nfold, 2, 'folded paddings')
+  local xin = flower.randn(2, 10, 9, 4)
+  local x0 = xin:clone()
+  local into = spy(m:layer('add'), '_forward_into')
+  local into_bn = spy(m:layer('batch_normalization_1'), '_forward_into')
+  local fast = m:forward(xin):clone()
+  T.check(into.count == 1 and into_bn.count == 1, 'Add / BN did not run in place')
+  T.check(xin:equal(x0), 'the model input was overwritten')
+  nn.fusion, nn.inplace = false, false
+  local plain = m:forward(xin)
+  nn.fusion, nn.inplace = true, true
+  T.allclose(fast, plain, 1e-5)
+  -- an output that is also read by a later layer is not overwritten either
+  local y1 = nn.Activation('relu')
+  local o1 = y1(x)
+  local o2 = nn.BatchNormalization{}(o1)
+  local m2 = nn.Model(x, {o1, o2})
+  m2:evaluate()
+  local outs = m2:forward(xin)
+  T.allclose(outs[1], xin:relu(), 0)
+end)
+
 -- a frozen base (conv + BN) followed by a trainable head
 local function frozen_base_model()
   nn.reset_names()

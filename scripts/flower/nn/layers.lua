@@ -176,9 +176,21 @@ end
 
 -- Forward with a per-channel affine (and ReLU) folded into the output: used by the executor to fuse
 -- a following inference BatchNormalization. shift already includes this layer's bias.
-function Conv2D:_forward_fused(x, scale, shift, relu)
+-- pad {t, b, l, r}: a ZeroPadding2D before this layer, folded into the window (no padded copy)
+function Conv2D:_forward_fused(x, scale, shift, relu, pad)
   local d = dims(x)
-  return C.conv2d(x, self.kernel, window_of(self, d[2], d[3]), scale, shift, relu)
+  if not pad then return C.conv2d(x, self.kernel, window_of(self, d[2], d[3]), scale, shift, relu) end
+  local w = window_of(self, d[2] + pad[1] + pad[2], d[3] + pad[3] + pad[4])
+  local win = {kh = w.kh, kw = w.kw, sh = w.sh, sw = w.sw, dh = w.dh, dw = w.dw,
+               pt = w.pt + pad[1], pb = w.pb + pad[2], pl = w.pl + pad[3], pr = w.pr + pad[4]}
+  return C.conv2d(x, self.kernel, win, scale, shift, relu)
+end
+
+-- can a ZeroPadding2D of `pad` be folded in: the combined pads must stay below the window size
+function Conv2D:can_fold_pad(pad, H, W)
+  if H < 0 or W < 0 or self.dh ~= 1 or self.dw ~= 1 then return false end
+  local w = window_of(self, H + pad[1] + pad[2], W + pad[3] + pad[4])
+  return w.pt + pad[1] < self.kh and w.pb + pad[2] < self.kh and w.pl + pad[3] < self.kw and w.pr + pad[4] < self.kw
 end
 
 -- accumulates dL/dkernel (and bias) from x and gy
@@ -465,6 +477,13 @@ function BatchNormalization:_forward(x, keep, relu)
   return C.channel_affine(x, scale, shift, relu)
 end
 
+-- inference only: y = x*scale + shift (ReLU) written into `out` (an input no one else needs)
+function BatchNormalization:can_forward_into() return not self:uses_batch_stats() end
+function BatchNormalization:_forward_into(x, relu, out)
+  local scale, shift = self:coefficients()
+  return C.channel_affine(x, scale, shift, relu, out)
+end
+
 function BatchNormalization:_backward(x, y, gy, need_gin, need_params, relu)
   local s = self._saved
   if not s then error('backward without a forward that kept its state', 0) end
@@ -520,6 +539,12 @@ function Activation:_forward(x)
   return x[self.act](x)
 end
 
+function Activation:can_forward_into() return self.act == 'relu' end
+function Activation:_forward_into(x, _, out)
+  if out ~= x then out:copy(x) end
+  return out:relu_()
+end
+
 function Activation:_backward(x, y, gy, need_gin)
   if not need_gin then return nil end
   if self.act == 'linear' then return gy end
@@ -571,16 +596,32 @@ local function pool_class(name, kind)
     local oh, ow = spatial_out(self, s)
     return {oh, ow, s[3]}
   end
-  function cls:needs(need_gin) return kind == 'max' and need_gin, false end
-  function cls:_forward(x)
+  -- max pooling keeps the argmax of a training forward (int32, output-sized) instead of its input
+  function cls:needs() return false, false end
+  function cls:_forward(x, keep)
     local d = dims(x)
     self._xshape = d
-    return C.pool2d(x, kind, (window_of(self, d[2], d[3])))
+    self._argmax = nil
+    local win = (window_of(self, d[2], d[3]))
+    if kind == 'max' and keep then
+      local y, am = C.pool2d(x, kind, win, true)
+      self._argmax = am
+      return y
+    end
+    return C.pool2d(x, kind, win)
   end
   function cls:_backward(x, y, gy, need_gin)
+    local am = self._argmax
+    self._argmax = nil
     if not need_gin then return nil end
     local d = self._xshape
-    return C.pool2d_backward(gy, kind == 'max' and x or d, kind, (window_of(self, d[2], d[3])))
+    if kind == 'max' and not am then
+      if not x then error('backward without a forward that kept its state', 0) end
+      return C.pool2d_backward(gy, x, kind, (window_of(self, d[2], d[3])))
+    end
+    local gx = C.pool2d_backward(gy, d, kind, (window_of(self, d[2], d[3])), am)
+    if am then am:free() end
+    return gx
   end
   return cls
 end
@@ -602,20 +643,31 @@ local function global_pool_class(name, kind)
     if self.keepdims then return {1, 1, s[3]} end
     return {s[3]}
   end
-  function cls:needs(need_gin) return kind == 'max' and need_gin, false end
+  function cls:needs() return false, false end
   local function win(d) return {kh = d[2], kw = d[3]} end
-  function cls:_forward(x)
+  function cls:_forward(x, keep)
     local d = dims(x)
     self._xshape = d
-    local y = C.pool2d(x, kind, win(d))
+    self._argmax = nil
+    local y
+    if kind == 'max' and keep then
+      y, self._argmax = C.pool2d(x, kind, win(d), true)
+    else
+      y = C.pool2d(x, kind, win(d))
+    end
     if self.keepdims then return y end
     return y:view(d[1], d[4])
   end
   function cls:_backward(x, y, gy, need_gin)
+    local am = self._argmax
+    self._argmax = nil
     if not need_gin then return nil end
     local d = self._xshape
     local g4 = gy:reshape(d[1], 1, 1, d[4])
-    return C.pool2d_backward(g4, kind == 'max' and x or d, kind, win(d))
+    if kind == 'max' and not am then error('backward without a forward that kept its state', 0) end
+    local gx = C.pool2d_backward(g4, d, kind, win(d), am)
+    if am then am:free() end
+    return gx
   end
   return cls
 end
@@ -908,6 +960,19 @@ function Add:_forward(xs, keep, relu)
   return y
 end
 
+function Add:can_forward_into() return true end
+-- out is one of the inputs (rawequal): it already holds that term, the others are added into it
+function Add:_forward_into(xs, relu, out)
+  self._n = #xs
+  if #xs == 2 then return C.add_act(xs[1], xs[2], 1, relu, out) end
+  local skipped = false
+  for i = 1, #xs do
+    if rawequal(xs[i], out) and not skipped then skipped = true else out:add_(xs[i]) end
+  end
+  if relu then out:relu_() end
+  return out
+end
+
 function Add:_backward(xs, y, gy, need_gin, need_params, relu)
   if not need_gin then return nil end
   if relu then gy = C.act_backward('relu', gy, y) end
@@ -954,6 +1019,11 @@ ScaledAdd.fuses_relu = true
 
 function ScaledAdd:_forward(xs, keep, relu)
   return C.add_act(xs[1], xs[2], self.scale, relu)
+end
+
+function ScaledAdd:can_forward_into() return true end
+function ScaledAdd:_forward_into(xs, relu, out)
+  return C.add_act(xs[1], xs[2], self.scale, relu, out)
 end
 
 function ScaledAdd:_backward(xs, y, gy, need_gin, need_params, relu)

@@ -327,8 +327,21 @@ function Model:_plan(keep)
   --  'conv': Conv -> inference BN (-> ReLU) as one convolution, where no gradient flows;
   --  'relu': BN / Add / ScaledAdd -> ReLU as one pass, with or without gradients (the layer's
   --          backward then masks gy by the ReLU output, which it keeps instead of its own output).
-  local fused, skip, relu_into = {}, {}, {}
+  local fused, skip, relu_into, padfold = {}, {}, {}, {}
   local function single(n) return #cons[n] == 1 and not self._is_output[n] and not retain[n] and cons[n][1] end
+  -- ZeroPadding2D -> Conv2D without gradients: the padding goes into the convolution's window
+  for _, n in ipairs(nodes) do
+    local l = n.layer
+    if nn.fusion and not ng[n] and l.class_name == 'Conv2D' and not l.activation then
+      local z = n.inputs[1]
+      local zl = z.layer
+      local s = z.inputs[1] and z.inputs[1].shape
+      if zl.class_name == 'ZeroPadding2D' and not ng[z] and not self._is_input[z] and single(z) == n and s then
+        local pad = {zl.pt, zl.pb, zl.pl, zl.pr}
+        if l:can_fold_pad(pad, s[1], s[2]) then padfold[n] = {node = z, pad = pad}; skip[z] = true end
+      end
+    end
+  end
   for _, n in ipairs(nodes) do
     local l = n.layer
     if nn.fusion and not skip[n] and not self._is_input[n] then
@@ -338,9 +351,11 @@ function Model:_plan(keep)
         local bn, relu = nxt, nil
         local r = single(bn)
         if r and not ng[r] and is_relu(r.layer) then relu = r end
-        fused[n] = {kind = 'conv', bn = bn, relu = relu}
+        fused[n] = {kind = 'conv', bn = bn, relu = relu, pad = padfold[n] and padfold[n].pad}
         skip[bn] = true
         if relu then skip[relu] = true end
+      elseif padfold[n] then
+        fused[n] = {kind = 'pad', pad = padfold[n].pad}
       elseif l.fuses_relu and nxt and is_relu(nxt.layer) and ng[nxt] == ng[n] then
         fused[n] = {kind = 'relu', relu = nxt}
         skip[nxt] = true
@@ -350,16 +365,17 @@ function Model:_plan(keep)
     end
   end
   return {ng = ng, retain = retain, need_params = need_params, fused = fused, skip = skip, keep = keep,
-          relu_into = relu_into}
+          relu_into = relu_into, padfold = padfold}
 end
 
 local function run_fused(n, f, x, keep)
   local l = n.layer
   if f.kind == 'relu' then return l:_forward(x, keep, true) end
+  if f.kind == 'pad' then return l:_forward_fused(x, nil, l.bias, false, f.pad) end
   local bnl = f.bn.layer
   local scale, shift = bnl:coefficients()
   if l.bias then shift = (l.bias * scale):add_(shift) end
-  return l:_forward_fused(x, scale, shift, f.relu ~= nil)
+  return l:_forward_fused(x, scale, shift, f.relu ~= nil, f.pad)
 end
 
 local function input_values(n, values)
@@ -422,11 +438,26 @@ function Model:_forward(x, keep)
   for _, n in ipairs(self.nodes) do
     if not self._is_input[n] and not plan.skip[n] then
       local l = n.layer
-      local xin = input_values(n, values)
+      local pf = plan.padfold[n]
+      local xin = pf and values[pf.node.inputs[1]] or input_values(n, values)
       local f = plan.fused[n]
       local ok, y
       local t0 = prof and C.now()
-      if f then ok, y = pcall(run_fused, n, f, xin, keep and plan.ng[n])
+      -- where no backward follows, an element-wise layer writes over an input nobody else needs
+      local donor
+      if l._forward_into and nn.inplace and not (keep and plan.ng[n]) and (not f or f.kind == 'relu')
+          and l:can_forward_into() then
+        for _, p in ipairs(n.inputs) do
+          local t = values[p]
+          if t and remaining[p] == 1 and tr.live[t] == 1 and not tr.keep[t] and not self._is_input[p]
+              and t:is_contiguous() then
+            donor = t
+            break
+          end
+        end
+      end
+      if donor then ok, y = pcall(l._forward_into, l, xin, f ~= nil, donor)
+      elseif f then ok, y = pcall(run_fused, n, f, xin, keep and plan.ng[n])
       else ok, y = pcall(l._forward, l, xin, keep and plan.ng[n]) end
       if not ok then error(wrap_err(l, y), 0) end
       if prof then profile_add(prof, (f and 'fused ' or '') .. l.class_name .. ' forward', C.now() - t0) end
@@ -437,7 +468,7 @@ function Model:_forward(x, keep)
         values[n] = y
         tr:hold(y)
       end
-      for _, p in ipairs(n.inputs) do
+      for _, p in ipairs(pf and pf.node.inputs or n.inputs) do
         local r = remaining[p] - 1
         remaining[p] = r
         if r == 0 then tr:drop(values[p]); values[p] = nil end
