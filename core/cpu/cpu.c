@@ -37,7 +37,7 @@ static size_t phys_bytes(void) {
 #define HUGE_PAGE ((size_t)2 << 20)
 #define CACHE_MIN ((size_t)1 << 20)
 #define GRANULE ((size_t)64 << 10)
-#define CACHE_SLOTS 32
+#define CACHE_SLOTS 1024
 
 #if defined(__SANITIZE_ADDRESS__)
 #define CACHE_ON 0

@@ -86,6 +86,19 @@ T.test('save_weights writes Keras\'s layout; load_weights reads it back bit-iden
   T.allclose(b:forward(x), a:forward(x), 0, 0)
 end)
 
+T.test('model:save_weights / model:load_weights are the same Keras files', function()
+  local a = net()
+  randomize(a, 3)
+  local p = TMP .. '/method.h5'
+  a:save_weights(p)
+  local b = net()
+  T.eq(b:load_weights(p).loaded, 5)
+  same_weights(a, b)
+  local c = net()
+  T.eq(keras.load_weights(c, p, { by_name = true }).loaded, 5)
+  same_weights(a, c)
+end)
+
 T.test('by order: names do not matter; by name: names do, and the rest is reported', function()
   local a = net()
   randomize(a, 2)

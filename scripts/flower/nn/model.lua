@@ -245,6 +245,11 @@ function Model:count_params()
   return total, trainable
 end
 
+-- Keras-layout HDF5 weight files (see flower.keras): Keras itself can load what save_weights
+-- writes, and load_weights reads the standard Keras files (by order, or {by_name=true}).
+function Model:save_weights(path) return require('flower.keras').save_weights(self, path) end
+function Model:load_weights(path, opts) return require('flower.keras').load_weights(self, path, opts) end
+
 function Model:zero_grad() for _, l in ipairs(leaves(self)) do l:zero_grad() end end
 Model.zeroGradParameters = Model.zero_grad
 
