@@ -65,6 +65,40 @@ function T.allclose(a, b, rtol, atol, msg)
   end
 end
 
+-- Helpers shared by tests that call out to Python reference generators.
+T.python = os.getenv('PYTHON') or '.venv/bin/python'
+
+function T.sh(cmd)
+  local ok = os.execute(cmd)
+  return ok == true or ok == 0
+end
+
+function T.slurp(path)
+  local f = assert(io.open(path, 'rb'))
+  local s = f:read('a')
+  f:close()
+  return s
+end
+
+-- A fresh temporary directory.
+function T.tmpdir()
+  local dir = os.tmpname()
+  os.remove(dir)
+  assert(T.sh('mkdir -p ' .. dir), 'cannot create ' .. dir)
+  return dir
+end
+
+-- Runs `python generator outdir` unless outdir/stamp is newer than the generator; never skips:
+-- a generator that fails is an error naming it. Returns outdir/stamp.
+function T.reference(generator, outdir, stamp)
+  local path = outdir .. '/' .. stamp
+  if not T.sh(string.format('[ %s -nt %s ]', path, generator)) then
+    assert(T.sh(string.format('%s %s %s', T.python, generator, outdir)),
+      'cannot generate references with ' .. T.python .. ' ' .. generator .. ' (run make deps)')
+  end
+  return path
+end
+
 function T.done()
   io.stdout:flush()
   if failed > 0 then os.exit(1) end

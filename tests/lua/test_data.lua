@@ -8,22 +8,14 @@ local files = require 'flower.files'
 local D = flower._data
 
 local FLOWERLUA = os.getenv('FLOWERLUA') or './flowerlua'
-local PY = os.getenv('PYTHON') or '.venv/bin/python'
+local PY = T.python
 local TMP = os.tmpname()
 os.remove(TMP)
 files.mkdir(TMP)
 
-local function sh(cmd)
-  local ok = os.execute(cmd)
-  return ok == true or ok == 0
-end
+local sh = T.sh
 
-local function slurp(path)
-  local f = assert(io.open(path, 'rb'))
-  local s = f:read('a')
-  f:close()
-  return s
-end
+local slurp = T.slurp
 
 local function write(path, s)
   local f = assert(io.open(path, 'wb'))

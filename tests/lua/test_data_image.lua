@@ -14,28 +14,16 @@ local flower = require 'flower'
 local cjson = require 'cjson'
 local D = flower._data
 
-local PY = os.getenv('PYTHON') or '.venv/bin/python'
+local PY = T.python
 local REF = (os.getenv('BUILD') or 'build') .. '/ref/data'
 local GEN = 'tests/reference/data_pil.py'
 
-local function sh(cmd)
-  local ok = os.execute(cmd)
-  return ok == true or ok == 0
-end
+local sh = T.sh
 
-local function slurp(path)
-  local f = assert(io.open(path, 'rb'))
-  local s = f:read('a')
-  f:close()
-  return s
-end
+local slurp = T.slurp
 
 local function reference()
-  local m = REF .. '/manifest.json'
-  if not sh(string.format('[ %s -nt %s ]', m, GEN)) then
-    assert(sh(string.format('%s %s %s', PY, GEN, REF)),
-      'test_data_image: cannot generate the references with ' .. PY .. ' ' .. GEN .. ' (run make deps)')
-  end
+  local m = T.reference(GEN, REF, 'manifest.json')
   return cjson.decode(slurp(m))
 end
 

@@ -5,32 +5,18 @@ local flower = require 'flower'
 local h5 = require 'flower.h5'
 local cjson = require 'cjson'
 
-local PY = os.getenv('PYTHON') or '.venv/bin/python'
+local PY = T.python
 local REF = (os.getenv('BUILD') or 'build') .. '/ref/h5'
 local GEN = 'tests/reference/gen_h5.py'
-local TMP = os.tmpname()
-os.remove(TMP)
-os.execute('mkdir -p ' .. TMP)
+local TMP = T.tmpdir()
 
-local function sh(cmd)
-  local ok = os.execute(cmd)
-  return ok == true or ok == 0
-end
+local sh = T.sh
 
-local function slurp(path)
-  local f = assert(io.open(path, 'rb'))
-  local s = f:read('a')
-  f:close()
-  return s
-end
+local slurp = T.slurp
 
 -- The h5py-made file: regenerate when missing or older than its generator. Never skip.
 local function reference()
-  local json = REF .. '/h5py_made.json'
-  if not sh(string.format('[ %s -nt %s ]', json, GEN)) then
-    assert(sh(string.format('%s %s %s', PY, GEN, REF)),
-      'test_h5: cannot generate the h5py reference with ' .. PY .. ' ' .. GEN .. ' (run make deps)')
-  end
+  local json = T.reference(GEN, REF, 'h5py_made.json')
   return REF .. '/h5py_made.h5', cjson.decode(slurp(json))
 end
 

@@ -7,17 +7,12 @@ local nn = require 'flower.nn'
 local keras = require 'flower.keras'
 local h5 = require 'flower.h5'
 
-local PY = os.getenv('PYTHON') or '.venv/bin/python'
+local PY = T.python
 local FILES = (os.getenv('BUILD') or 'build') .. '/ref/keras_files'
 local GEN = 'tests/reference/gen_keras_files.py'
-local TMP = os.tmpname()
-os.remove(TMP)
-os.execute('mkdir -p ' .. TMP)
+local TMP = T.tmpdir()
 
-local function sh(cmd)
-  local ok = os.execute(cmd)
-  return ok == true or ok == 0
-end
+local sh = T.sh
 
 -- A small network with a branch, a concatenation and every weighted layer type.
 -- `tag` changes the names (for by-order loading across names); `units` the head's size.

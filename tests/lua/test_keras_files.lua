@@ -7,14 +7,11 @@ local keras = require 'flower.keras'
 local h5 = require 'flower.h5'
 local cjson = require 'cjson'
 
-local PY = os.getenv('PYTHON') or '.venv/bin/python'
+local PY = T.python
 local REF = (os.getenv('BUILD') or 'build') .. '/ref/keras_files'
 local GEN = 'tests/reference/gen_keras_files.py'
 
-local function sh(cmd)
-  local ok = os.execute(cmd)
-  return ok == true or ok == 0
-end
+local sh = T.sh
 
 if not sh(string.format('[ %s/files.stamp -nt %s ]', REF, GEN)) then
   assert(sh(string.format('%s %s %s >&2', PY, GEN, REF)),

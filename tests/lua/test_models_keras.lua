@@ -12,15 +12,12 @@ local models = require 'flower.models'
 local keras = require 'flower.keras'
 local h5 = require 'flower.h5'
 
-local PY = os.getenv('PYTHON') or '.venv/bin/python'
+local PY = T.python
 local REF = (os.getenv('BUILD') or 'build') .. '/ref/keras'
 local GEN = 'tests/reference/gen_keras_models.py'
 local RTOL = 1e-4
 
-local function sh(cmd)
-  local ok = os.execute(cmd)
-  return ok == true or ok == 0
-end
+local sh = T.sh
 
 -- Generates (only) the models whose references are missing or older than the generator.
 do
