@@ -318,13 +318,15 @@ static pool_dims pool_dims_of(const fl_tensor *x, const fl_tensor *y, const fl_w
   return p;
 }
 
-/* y[n,oh,ow,c]: max (padding ignored) or mean over the in-bounds window elements */
-template <class T> __global__ void pool_fwd_kernel(T *y, const T *x, pool_dims p, int is_max) {
+/* y[n,oh,ow,c]: max (padding ignored) or mean over the in-bounds window elements; amax (max pooling,
+ * optional): offset (h*W + w)*C + c within the image of the window's first maximum, as on the CPU */
+template <class T> __global__ void pool_fwd_kernel(T *y, int32_t *amax, const T *x, pool_dims p, int is_max) {
   int64_t total = p.N * p.OH * p.OW * p.C, step = (int64_t)gridDim.x * blockDim.x;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
     int64_t c = i % p.C, q = i / p.C, ow = q % p.OW, oh = (q / p.OW) % p.OH, n = q / (p.OW * p.OH);
     T acc = is_max ? -(T)INFINITY : (T)0;
     int count = 0;
+    int64_t best = -1;
     for (int a = 0; a < p.kh; a++) {
       int64_t ih = oh * p.sh - p.pt + (int64_t)a * p.dh;
       if (ih < 0 || ih >= p.H) continue;
@@ -333,12 +335,16 @@ template <class T> __global__ void pool_fwd_kernel(T *y, const T *x, pool_dims p
         if (iw < 0 || iw >= p.W) continue;
         T v = x[((n * p.H + ih) * p.W + iw) * p.C + c];
         count++;
-        if (is_max) acc = v > acc ? v : acc;
-        else acc = add_rn(acc, v);
+        if (is_max) {
+          if (v > acc || best < 0) { acc = v > acc ? v : acc; best = (ih * p.W + iw) * p.C + c; }
+        } else {
+          acc = add_rn(acc, v);
+        }
       }
     }
     if (!is_max) acc = mul_rn(acc, (T)1 / (T)(count > 0 ? count : 1));
     y[i] = acc;
+    if (amax) amax[i] = (int32_t)(best < 0 ? 0 : best);
   }
 }
 
@@ -346,7 +352,8 @@ template <class T> __global__ void pool_fwd_kernel(T *y, const T *x, pool_dims p
  * gradients of the outputs whose window covers it -- for max pooling only of those whose first
  * maximum (row-major window order, as on the CPU) it is; outputs are visited in row-major order,
  * the CPU's order of accumulation. */
-template <class T> __global__ void pool_bwd_kernel(T *gx, const T *gy, const T *x, pool_dims p, int is_max) {
+template <class T> __global__ void pool_bwd_kernel(T *gx, const T *gy, const T *x, const int32_t *amax,
+                                                   pool_dims p, int is_max) {
   int64_t total = p.N * p.H * p.W * p.C, step = (int64_t)gridDim.x * blockDim.x;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
     int64_t c = i % p.C, q = i / p.C, iw = q % p.W, ih = (q / p.W) % p.H, n = q / (p.W * p.H);
@@ -365,8 +372,11 @@ template <class T> __global__ void pool_bwd_kernel(T *gx, const T *gy, const T *
       for (int64_t ow = ow0; ow <= ow1; ow++) {
         int64_t db = tw - ow * p.sw;
         if (db < 0 || db % p.dw || db / p.dw >= p.kw) continue;
-        T g = gy[((n * p.OH + oh) * p.OW + ow) * p.C + c];
-        if (is_max) {
+        int64_t o = ((n * p.OH + oh) * p.OW + ow) * p.C + c;
+        T g = gy[o];
+        if (is_max && amax) {
+          if (amax[o] == (ih * p.W + iw) * p.C + c) acc = add_rn(acc, g);
+        } else if (is_max) {
           /* first maximum of this window: the first in-bounds element, replaced only by a greater one */
           int64_t best = -1;
           T bv = -(T)INFINITY;
@@ -399,7 +409,8 @@ template <class T> __global__ void pool_bwd_kernel(T *gx, const T *gy, const T *
   }
 }
 
-static int nn_pool2d_forward(fl_tensor *y, const fl_tensor *x, fl_pool_kind kind, const fl_window *win) {
+static int nn_pool2d_forward(fl_tensor *y, fl_tensor *argmax, const fl_tensor *x, fl_pool_kind kind,
+                             const fl_window *win) {
   const char *op = "cuda pool2d_forward";
   int64_t n = fl_tensor_numel(y);
   if (n == 0) return 0;
@@ -408,25 +419,26 @@ static int nn_pool2d_forward(fl_tensor *y, const fl_tensor *x, fl_pool_kind kind
   pool_dims p = pool_dims_of(x, y, win);
   return cu_visit_float(op, x->dtype, [&](auto tag) {
     typedef typename decltype(tag)::type T;
-    pool_fwd_kernel<T><<<cu_grid(d, n, CU_THREADS), CU_THREADS, 0, d->stream>>>((T *)cu_ptr(y), (const T *)cu_ptr(x),
-                                                                                 p, kind == FL_POOL_MAX);
+    pool_fwd_kernel<T><<<cu_grid(d, n, CU_THREADS), CU_THREADS, 0, d->stream>>>(
+        (T *)cu_ptr(y), argmax ? (int32_t *)cu_ptr(argmax) : NULL, (const T *)cu_ptr(x), p, kind == FL_POOL_MAX);
     return cu_launched(op);
   });
 }
 
-static int nn_pool2d_backward(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *x, fl_pool_kind kind,
-                              const fl_window *win) {
+static int nn_pool2d_backward(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *x, const fl_tensor *argmax,
+                              fl_pool_kind kind, const fl_window *win) {
   const char *op = "cuda pool2d_backward";
   int64_t n = fl_tensor_numel(gx);
   if (n == 0) return 0;
-  if (kind == FL_POOL_MAX && !x) return fl_fail("%s: max pooling needs the input", op);
+  if (kind == FL_POOL_MAX && !x && !argmax) return fl_fail("%s: max pooling needs the input or its argmax", op);
   cu_dev *d;
   if (dev_of(op, gx, &d)) return -1;
   pool_dims p = pool_dims_of(gx, gy, win);
   return cu_visit_float(op, gx->dtype, [&](auto tag) {
     typedef typename decltype(tag)::type T;
     pool_bwd_kernel<T><<<cu_grid(d, n, CU_THREADS), CU_THREADS, 0, d->stream>>>(
-        (T *)cu_ptr(gx), (const T *)cu_ptr(gy), x ? (const T *)cu_ptr(x) : NULL, p, kind == FL_POOL_MAX);
+        (T *)cu_ptr(gx), (const T *)cu_ptr(gy), x ? (const T *)cu_ptr(x) : NULL,
+        argmax ? (const int32_t *)cu_ptr(argmax) : NULL, p, kind == FL_POOL_MAX);
     return cu_launched(op);
   });
 }

@@ -172,6 +172,46 @@ nn.pair = pair
 
 local function zeros(shape, dtype) return flower.zeros(shape, dtype or 'float32') end
 
+-- Devices. A layer's tensors live on the host (device nil) or on one CUDA device (0, 1, ...).
+-- Every tensor the library makes while running (gradients, masks, padding buffers, optimizer slots,
+-- one-hot targets) goes through nn.like, which puts it on the device of a tensor that already
+-- exists. The constructors are taken from flower.core once, here: tests replace flower.zeros & co.
+-- with functions that raise, to prove that nothing else allocates without a reference tensor.
+local new_zeros, new_empty, new_tensor = core.zeros, core.empty, core.tensor
+
+-- nil for a host tensor, the CUDA device index otherwise (t.is_cuda is always bound; guarded anyway)
+local function device_of(t)
+  if t.is_cuda and t:is_cuda() then return t:get_device() end
+  return nil
+end
+nn.device_of = device_of
+
+-- t on device dev (nil: the host); t itself when it is there already
+local function to_device(t, dev)
+  if dev == nil then return t:cpu() end
+  return t:cuda(dev)
+end
+nn.to_device = to_device
+
+-- nn.like(ref, shape [, dtype [, fill]]): a new tensor on ref's device, of dtype (ref's by default).
+-- fill: nil -> zeros, 'empty' -> uninitialised, a number -> that value, a table -> those values
+-- (then shape is ignored: flower.tensor's shape). On a CUDA device the values are made on the host
+-- and copied over once.
+local function like(ref, shape, dtype, fill)
+  dtype = dtype or ref:dtype()
+  local t
+  if type(fill) == 'table' then t = new_tensor(fill, dtype)
+  elseif fill == 'empty' then t = new_empty(shape, dtype)
+  else
+    t = new_zeros(shape, dtype)
+    if type(fill) == 'number' and fill ~= 0 then t:fill(fill) end
+  end
+  local dev = device_of(ref)
+  if dev ~= nil then t = t:cuda(dev) end
+  return t
+end
+nn.like = like
+
 -- Keras's initializers. fan_in/fan_out as Keras computes them: receptive field times the last two dims.
 local function fans(shape)
   if #shape == 1 then return shape[1], shape[1] end
@@ -327,7 +367,7 @@ end
 function Layer:grad(n)
   local g = self.grads[n]
   if not g then
-    g = zeros(self[n]:size(), self[n]:dtype())
+    g = like(self[n], self[n]:size())
     self.grads[n] = g
     self._fresh[n] = true
   end
@@ -365,6 +405,39 @@ function Layer:type(dtype)
   return self
 end
 function Layer:_on_type() end
+
+-- Moves weights, gradients and (BatchNorm) moving statistics to device dev (nil: the host), like
+-- type(); an unbuilt layer remembers the device and moves its weights when it is built.
+function Layer:_to(dev)
+  for _, n in ipairs(self._wnames) do
+    self[n] = to_device(self[n], dev)
+    if self.grads[n] then self.grads[n] = to_device(self.grads[n], dev) end
+  end
+  self.device = dev
+  self:_on_device(dev)
+  return self
+end
+function Layer:_on_device() end
+
+-- layer:cuda([dev = 0]) / layer:cpu(). On a build without CUDA, cuda() raises flower.cuda's error and
+-- leaves the layer as it was.
+-- raises (at level 3) unless tensors can go to CUDA device dev; on a CPU-only build the message is
+-- the binding's own "built without CUDA", and it comes before anything has moved
+function nn._check_cuda(owner, dev)
+  if math.type(dev) ~= 'integer' or dev < 0 then
+    error(string.format('%s: cuda: device must be an integer >= 0, got %s', owner, tostring(dev)), 3)
+  end
+  local ok, err = pcall(function() return new_zeros({1}):cuda(dev) end)
+  if not ok then error(owner .. ': ' .. (tostring(err):gsub('^[^%s:]+%.lua:%d+: ', '')), 3) end
+end
+
+function Layer:cuda(dev)
+  dev = dev or 0
+  nn._check_cuda(self:owner(), dev)
+  return self:_to(dev)
+end
+function Layer:cpu() return self:_to(nil) end
+function Layer:get_device() return self.device == nil and -1 or self.device end
 function Layer:float() return self:type('float32') end
 function Layer:double() return self:type('float64') end
 
@@ -395,6 +468,7 @@ function Layer:_infer(shapes)
       self:build(shapes)
       self.built = true
       if self.dtype ~= 'float32' then self:type(self.dtype) end
+      if self.device ~= nil then self:_to(self.device) end
     end
     return self:output_shape(shapes)
   end)

@@ -214,11 +214,14 @@ local function excluded(self, rec)
 end
 
 local function slot(self, rec, name)
+  local nn = require 'flower.nn'   -- loaded lazily: flower.nn loads optim on first use
   local s = self.slots[rec.path]
   if not s then s = {}; self.slots[rec.path] = s end
   local t = s[name]
-  if not t or t:dtype() ~= rec.tensor:dtype() then
-    t = flower.zeros(rec.tensor:size(), rec.tensor:dtype())
+  if not t or t:dtype() ~= rec.tensor:dtype() or nn.device_of(t) ~= nn.device_of(rec.tensor) then
+    -- on the weight's device; a slot left on another device (after model:cuda()) moves with its values
+    if t and t:dtype() == rec.tensor:dtype() then t = nn.to_device(t, nn.device_of(rec.tensor))
+    else t = nn.like(rec.tensor, rec.tensor:size()) end
     s[name] = t
   end
   return t

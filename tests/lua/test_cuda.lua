@@ -503,6 +503,101 @@ gpu('cuda errors name the operation', function()
   cuda.synchronize()
 end)
 
+-- model:cuda(): a small net (Conv2D, BatchNormalization in training mode, ReLU, MaxPooling2D, Dropout
+-- in inference mode, global pooling, Dense) trained one SGD+momentum step and one Adam step on the GPU
+-- against the same net on the CPU. TF32 is switched off so float32 tolerances apply (1e-4 relative;
+-- the Adam step's division by sqrt(v) makes the weights after it looser: 1e-3).
+gpu('model:cuda(): forward, backward and optimizer steps equal the CPU model', function()
+  local fnn, optim = require 'flower.nn', require 'flower.optim'
+  local tf32 = cuda.allow_tf32()
+  cuda.allow_tf32(false)
+  local function make()
+    flower.manual_seed(11)
+    fnn.reset_names()
+    local x = fnn.Input{8, 8, 3}
+    local y = fnn.Conv2D{filters = 6, kernel_size = 3, padding = 'same', use_bias = false}(x)
+    y = fnn.BatchNormalization{}(y)
+    y = fnn.ReLU{}(y)
+    y = fnn.MaxPooling2D{pool_size = 2}(y)
+    y = fnn.Conv2D{filters = 4, kernel_size = 3}(y)
+    y = fnn.AveragePooling2D{pool_size = 2}(y)
+    y = fnn.Flatten{}(y)
+    y = fnn.Dropout{rate = 0.5}(y)
+    return fnn.Model(x, fnn.Dense{units = 3}(y))
+  end
+  local mc, mg = make(), make()
+  local wc, wg = mc:weights(), mg:weights()
+  T.eq(#wc, #wg)
+  for i = 1, #wc do T.check(wc[i].tensor:equal(wg[i].tensor), 'same initial ' .. wc[i].path) end
+  T.check(rawequal(mg:cuda(), mg), 'model:cuda() returns the model')
+  T.eq(mg:get_device(), 0)
+  wg = mg:weights()
+  for i = 1, #wg do T.check(wg[i].tensor:is_cuda(), wg[i].path .. ' is on the GPU') end
+  flower.manual_seed(12)
+  local xb = flower.randn(6, 8, 8, 3)
+  local yb = flower.tensor({1, 2, 3, 3, 2, 1}, 'int64')
+  local xg, yg = xb:cuda(), yb:cuda()
+  local loss = fnn.CategoricalCrossentropy{from_logits = true}
+  local function step(m, opt, x, y)
+    m:training()
+    m:layer('dropout').train = false               -- Dropout in inference mode: no random mask
+    m:zero_grad()
+    local o = m:forward(x)
+    local l = loss:forward(o, y)
+    local gx = m:backward(x, loss:backward(o, y))
+    opt:step(m)
+    return o, l, gx
+  end
+  local optc = {optim.SGD{lr = 0.05, momentum = 0.9}, optim.Adam{lr = 0.01}}
+  local optg = {optim.SGD{lr = 0.05, momentum = 0.9}, optim.Adam{lr = 0.01}}
+  for k = 1, 2 do
+    local oc, lc, gxc = step(mc, optc[k], xb, yb)
+    local og, lg, gxg = step(mg, optg[k], xg, yg)
+    same(og, oc, 1e-4, 1e-5, 'step ' .. k .. ' logits')
+    T.near(lg, lc, 1e-4, 1e-6, 'step ' .. k .. ' loss')
+    if gxg then same(gxg, gxc, 1e-4, 1e-5, 'step ' .. k .. ' input gradient') end
+    wc, wg = mc:weights(), mg:weights()
+    for i = 1, #wc do
+      -- weights after the step, BN moving statistics included
+      same(wg[i].tensor, wc[i].tensor, k == 1 and 1e-4 or 1e-3, 1e-5, 'step ' .. k .. ' ' .. wc[i].path)
+      local l, n = wc[i].layer, wc[i].name
+      if l.grads[n] then
+        same(mg:layer(l.name).grads[n], l.grads[n], 1e-4, 1e-5, 'step ' .. k .. ' gradient of ' .. wc[i].path)
+      end
+    end
+    for path, sl in pairs(optg[k].slots) do
+      for name, t in pairs(sl) do same(t, optc[k].slots[path][name], 1e-3, 1e-5, 'slot ' .. name .. ' of ' .. path) end
+    end
+  end
+  -- inference (the fused Conv+BN+ReLU path)
+  mc:evaluate(); mg:evaluate()
+  same(mg:forward(xg), mc:forward(xb), 1e-4, 1e-5, 'inference logits')
+  -- a checkpoint of the GPU model holds host data and loads into a CPU model, and back onto the GPU
+  local dir = T.tmpdir()
+  local p = dir .. '/gpu.ckpt'
+  fnn.save_checkpoint(p, mg, {optimizer = optg[2]})
+  local back = make()
+  fnn.load_checkpoint(p, back, {optimizer = optim.Adam{lr = 0.01}})
+  wg = mg:weights()
+  local wb = back:weights()
+  for i = 1, #wg do T.check(wb[i].tensor:equal(wg[i].tensor:cpu()), 'checkpoint ' .. wg[i].path) end
+  local again = make():cuda()
+  local opt3 = optim.Adam{lr = 0.01}
+  fnn.load_checkpoint(p, again, {optimizer = opt3})
+  local wa = again:weights()
+  for i = 1, #wa do
+    T.check(wa[i].tensor:is_cuda(), 'loaded ' .. wa[i].path .. ' stays on the GPU')
+    T.check(wa[i].tensor:cpu():equal(wg[i].tensor:cpu()), 'loaded ' .. wa[i].path)
+  end
+  for _, sl in pairs(opt3.slots) do for _, t in pairs(sl) do T.check(t:is_cuda(), 'loaded slot on the GPU') end end
+  -- and back to the host
+  T.check(rawequal(mg:cpu(), mg), 'model:cpu() returns the model')
+  for _, w in ipairs(mg:weights()) do T.check(not w.tensor:is_cuda(), w.path .. ' back on the host') end
+  T.eq(mg:get_device(), -1)
+  os.execute('rm -rf ' .. dir)
+  cuda.allow_tf32(tf32)
+end)
+
 if cuda.available() then
   print('# ' .. cuda.device_name())
   for _, g in ipairs(groups) do T.test(g[1], g[2]) end

@@ -17,7 +17,8 @@
 -- A layer path is the layer's name, prefixed by 'inner_model/' for layers of nested models.
 -- Loading checks everything first — the same weighted layers, the same weight names, equal
 -- shapes — and copies only then, so a file that does not fit leaves the model untouched; the error
--- names the layer, the weight and both shapes.
+-- names the layer, the weight and both shapes. Saving writes host data (the h5 binding copies device
+-- tensors to the host); loading copies into the model's own tensors, on whatever device they live.
 local h5 = require 'flower.h5'
 
 return function(nn)
@@ -138,7 +139,7 @@ function nn.load_checkpoint(path, model, opts)
         if shape_of(t) ~= shape_of(shapes[wp]) then
           fail("optimizer slot %s of '%s' has shape %s, the weight %s", k, wp, shape_of(t), shape_of(shapes[wp]))
         end
-        slots[k] = t
+        slots[k] = nn.to_device(t, nn.device_of(shapes[wp]))   -- host data to the weight's device
       end
       ostate.slots[wp] = slots
     end

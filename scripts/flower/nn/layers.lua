@@ -778,7 +778,7 @@ end
 function Dropout:_forward(x, keep)
   self._mask = nil
   if not self.train or self.rate == 0 then return x end
-  local u = flower.empty(x:size(), x:dtype())
+  local u = nn.like(x, x:size(), nil, 'empty')
   if self.seed then
     C.rng_uniform(u, self.seed, self._offset)
     self._offset = self._offset + u:numel()
@@ -1057,7 +1057,7 @@ end
 
 function ZeroPadding2D:_forward(x)
   local d = x:size()
-  local y = flower.zeros({d[1], d[2] + self.pt + self.pb, d[3] + self.pl + self.pr, d[4]}, x:dtype())
+  local y = nn.like(x, {d[1], d[2] + self.pt + self.pb, d[3] + self.pl + self.pr, d[4]})
   y:narrow(2, self.pt + 1, d[2]):narrow(3, self.pl + 1, d[3]):copy(x)
   self._xshape = d
   return y
@@ -1099,7 +1099,8 @@ end
 
 function Preprocess:_on_type(dtype) self.out_dtype = dtype end
 
-function Preprocess:coefficients()
+-- ref: a tensor whose device the coefficients go to (the host without one)
+function Preprocess:coefficients(ref)
   local scale, shift
   if self.mode == 'caffe' then
     scale, shift = {1, 1, 1}, {-103.939, -116.779, -123.68}
@@ -1110,7 +1111,8 @@ function Preprocess:coefficients()
     scale, shift = {}, {}
     for i = 1, 3 do scale[i] = 1 / (255 * std[i]); shift[i] = -mean[i] / std[i] end
   end
-  return flower.tensor(scale, self.dtype), flower.tensor(shift, self.dtype)
+  if ref == nil then return flower.tensor(scale, self.dtype), flower.tensor(shift, self.dtype) end
+  return nn.like(ref, nil, self.dtype, scale), nn.like(ref, nil, self.dtype, shift)
 end
 
 local function flip_channels(x)
@@ -1120,13 +1122,13 @@ end
 function Preprocess:_forward(x)
   local xf = x:dtype() == self.dtype and x or x:type(self.dtype)
   if self.mode == 'caffe' then xf = flip_channels(xf) end
-  local scale, shift = self:coefficients()
+  local scale, shift = self:coefficients(xf)
   return C.channel_affine(xf, scale, shift, false)
 end
 
 function Preprocess:_backward(x, y, gy, need_gin)
   if not need_gin then return nil end
-  local scale = self:coefficients()
+  local scale = self:coefficients(gy)
   local g = C.channel_affine(gy, scale, nil, false)
   if self.mode == 'caffe' then g = flip_channels(g) end
   return g

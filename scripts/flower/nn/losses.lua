@@ -33,11 +33,11 @@ local function check_pair(fname, output, target)
   end
 end
 
--- 1-based labels (N) -> one-hot rows (N, K) of dtype
-function nn.one_hot(labels, k, dtype)
+-- 1-based labels (N) -> one-hot rows (N, K) of dtype, on the device of `ref` (default: labels)
+function nn.one_hot(labels, k, dtype, ref)
   local n = labels:size(1)
-  local t = flower.zeros({n, k}, dtype or 'float32')
-  local l = labels:totable()
+  local t = nn.like(labels, {n, k}, dtype or 'float32')     -- built on the host, moved at the end
+  local l = labels:cpu():totable()
   for i = 1, n do
     local c = l[i]
     if math.type(c) ~= 'integer' or c < 1 or c > k then
@@ -45,7 +45,7 @@ function nn.one_hot(labels, k, dtype)
     end
     t:narrow(1, i, 1):narrow(2, c, 1):fill(1)
   end
-  return t
+  return nn.to_device(t, nn.device_of(ref or labels))
 end
 
 -- Fused softmax + cross-entropy on logits: returns the mean loss (a number) and dL/dlogits.
@@ -84,7 +84,7 @@ end
 -- smoothed probability targets (N, K)
 function CategoricalCrossentropy:_targets(output, target)
   local k = output:size(2)
-  local t = is_label(target) and nn.one_hot(target, k, output:dtype()) or target
+  local t = is_label(target) and nn.one_hot(target, k, output:dtype(), output) or target
   if t:dtype() ~= output:dtype() then t = t:type(output:dtype()) end
   if self.label_smoothing > 0 then t = t * (1 - self.label_smoothing) + self.label_smoothing / k end
   return t
@@ -157,7 +157,7 @@ function nn.top_k_accuracy(output, target, k)
   k = k or 5
   local n, kk = output:size(1), output:size(2)
   local lab = labels_of(output, target)
-  local mask = nn.one_hot(lab, kk, output:dtype())
+  local mask = nn.one_hot(lab, kk, output:dtype(), output)
   local st = (output * mask):sum(2, true)                 -- the target's score, (N, 1)
   local above = output:gt(st):type('int64'):sum(2)        -- classes scoring strictly higher
   return above:lt(k):type('int64'):sum():item() / n

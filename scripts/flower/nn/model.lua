@@ -273,6 +273,23 @@ function Model:type(dtype)
   return self
 end
 
+-- model:cuda([dev = 0]) / model:cpu(): every layer's weights, gradients and moving statistics, like
+-- type(). cuda() checks the device first (a one-element copy), so that a CPU-only build or a missing
+-- device raises before anything moves.
+function Model:cuda(dev)
+  dev = dev or 0
+  nn._check_cuda('model:cuda', dev)
+  return self:_to(dev)
+end
+function Model:cpu() return self:_to(nil) end
+function Model:_to(dev)
+  for _, l in ipairs(leaves(self)) do l:_to(dev) end
+  for_layers(self, function(l) if l._is_model then l.device = dev end end, false)
+  self.device = dev
+  return self
+end
+function Model:get_device() return self.device == nil and -1 or self.device end
+
 Model._is_model = true
 
 -------------------------------------------------------------------------------- the executor
@@ -577,7 +594,8 @@ function Model:_backward(x, y, gy, need_gin)
   for k, n in ipairs(self.inputs) do
     r[k] = grads[n]
     if r[k] == nil then   -- an input no gradient reached: zeros
-      r[k] = flower.zeros(flower.is_tensor(x) and x:size() or x[k]:size(), self.dtype)
+      local xk = flower.is_tensor(x) and x or x[k]
+      r[k] = nn.like(xk, xk:size(), self.dtype)
     end
   end
   if self._single_input then return r[1] end
