@@ -222,36 +222,40 @@ void fl_lua_pushelem(lua_State *L, const fl_tensor *t, const int64_t *index) {
 
 /* ---------------------------------------------------------------- creation */
 
-/* zeros/ones/empty(size... [, dtype]) */
-static int create_filled(lua_State *L, const char *fname, int fill, double v) {
+/* Makes a tensor of the size at stack index `arg` (varargs or a table), then an optional fill value
+ * (`has_value`), then an optional dtype, on `like`'s backend and device (the host when NULL) and of
+ * its dtype by default. Shared by flower.zeros/ones/empty/full and t:new_zeros/new_empty/new_full,
+ * so that device-side buffers (gradients, masks, optimizer slots) are made where they are used. */
+static int create(lua_State *L, const char *fname, const fl_tensor *like, int arg, int has_value,
+                  int fill, double value) {
   int64_t shape[FL_MAXDIM];
   int next;
-  int n = fl_lua_checksize(L, 1, shape, &next, fname);
-  fl_dtype dt = fl_lua_optdtype(L, next, FL_F32, fname);
+  int n = fl_lua_checksize(L, arg, shape, &next, fname);
+  if (has_value) {
+    if (lua_type(L, next) != LUA_TNUMBER)
+      return luaL_error(L, "%s: expected a fill value after the size, got %s", fname, luaL_typename(L, next));
+    value = lua_tonumber(L, next++);
+  }
+  fl_dtype dt = fl_lua_optdtype(L, next, like ? like->dtype : FL_F32, fname);
+  const fl_backend *be = like ? like->storage->backend : &fl_cpu_backend;
+  int device = like ? like->storage->device : 0;
   fl_tensor *t = fl_lua_newtensor(L);
-  FL_TRY(L, fl_tensor_init(t, &fl_cpu_backend, 0, dt, n, shape) ? fl_fail_prefix(fname) : 0);
-  if (fill) fl_fill(t, v);
+  FL_TRY(L, fl_tensor_init(t, be, device, dt, n, shape) ? fl_fail_prefix(fname) : 0);
+  if (fill && fl_fill(t, value)) return fl_lua_error(L);
   return 1;
 }
 
-static int l_zeros(lua_State *L) { return create_filled(L, "zeros", 1, 0); }
-static int l_ones(lua_State *L) { return create_filled(L, "ones", 1, 1); }
-static int l_empty(lua_State *L) { return create_filled(L, "empty", 0, 0); }
+/* zeros/ones/empty(size... [, dtype]); full(size, value [, dtype]) */
+static int l_zeros(lua_State *L) { return create(L, "zeros", NULL, 1, 0, 1, 0); }
+static int l_ones(lua_State *L) { return create(L, "ones", NULL, 1, 0, 1, 1); }
+static int l_empty(lua_State *L) { return create(L, "empty", NULL, 1, 0, 0, 0); }
+static int l_full(lua_State *L) { return create(L, "full", NULL, 1, 1, 1, 0); }
 
-/* full(size, value [, dtype]) */
-static int l_full(lua_State *L) {
-  int64_t shape[FL_MAXDIM];
-  int next;
-  int n = fl_lua_checksize(L, 1, shape, &next, "full");
-  if (lua_type(L, next) != LUA_TNUMBER)
-    return luaL_error(L, "full: expected a fill value after the size, got %s", luaL_typename(L, next));
-  double v = lua_tonumber(L, next);
-  fl_dtype dt = fl_lua_optdtype(L, next + 1, FL_F32, "full");
-  fl_tensor *t = fl_lua_newtensor(L);
-  FL_TRY(L, fl_tensor_init(t, &fl_cpu_backend, 0, dt, n, shape) ? fl_fail_prefix("full") : 0);
-  fl_fill(t, v);
-  return 1;
-}
+/* t:new_zeros/new_empty(size... [, dtype]), t:new_full(size, value [, dtype]): on t's device,
+ * of t's dtype unless another is given */
+static int t_new_zeros(lua_State *L) { return create(L, "new_zeros", fl_lua_checktensor(L, 1), 2, 0, 1, 0); }
+static int t_new_empty(lua_State *L) { return create(L, "new_empty", fl_lua_checktensor(L, 1), 2, 0, 0, 0); }
+static int t_new_full(lua_State *L) { return create(L, "new_full", fl_lua_checktensor(L, 1), 2, 1, 1, 0); }
 
 /* tensor(nested table | number | tensor [, dtype]) */
 typedef struct {
@@ -1047,6 +1051,7 @@ static const luaL_Reg tensor_methods[] = {
   {"view", t_view}, {"reshape", t_reshape}, {"transpose", t_transpose}, {"t", t_t}, {"permute", t_permute},
   {"narrow", t_narrow}, {"select", t_select}, {"expand", t_expand}, {"unsqueeze", t_unsqueeze},
   {"squeeze", t_squeeze}, {"contiguous", t_contiguous}, {"clone", t_clone}, {"copy", t_copy},
+  {"new_zeros", t_new_zeros}, {"new_empty", t_new_empty}, {"new_full", t_new_full},
   {"fill", t_fill}, {"fill_", t_fill}, {"zero", t_zero}, {"zero_", t_zero},
   {"uniform_", t_uniform_}, {"normal_", t_normal_}, {"tostring_raw", t_tostring_raw},
   {"free", t_gc},

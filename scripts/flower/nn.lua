@@ -174,10 +174,10 @@ local function zeros(shape, dtype) return flower.zeros(shape, dtype or 'float32'
 
 -- Devices. A layer's tensors live on the host (device nil) or on one CUDA device (0, 1, ...).
 -- Every tensor the library makes while running (gradients, masks, padding buffers, optimizer slots,
--- one-hot targets) goes through nn.like, which puts it on the device of a tensor that already
--- exists. The constructors are taken from flower.core once, here: tests replace flower.zeros & co.
--- with functions that raise, to prove that nothing else allocates without a reference tensor.
-local new_zeros, new_empty, new_tensor = core.zeros, core.empty, core.tensor
+-- one-hot targets) goes through nn.like, which allocates it on the device of a tensor that already
+-- exists (t:new_zeros / t:new_empty / t:new_full). Tests replace flower.zeros & co. with functions
+-- that raise, to prove that nothing else allocates without a reference tensor.
+local new_tensor = core.tensor
 
 -- nil for a host tensor, the CUDA device index otherwise (t.is_cuda is always bound; guarded anyway)
 local function device_of(t)
@@ -195,17 +195,13 @@ nn.to_device = to_device
 
 -- nn.like(ref, shape [, dtype [, fill]]): a new tensor on ref's device, of dtype (ref's by default).
 -- fill: nil -> zeros, 'empty' -> uninitialised, a number -> that value, a table -> those values
--- (then shape is ignored: flower.tensor's shape). On a CUDA device the values are made on the host
--- and copied over once.
+-- (then shape is ignored: flower.tensor's shape; made on the host and copied over once).
 local function like(ref, shape, dtype, fill)
   dtype = dtype or ref:dtype()
-  local t
-  if type(fill) == 'table' then t = new_tensor(fill, dtype)
-  elseif fill == 'empty' then t = new_empty(shape, dtype)
-  else
-    t = new_zeros(shape, dtype)
-    if type(fill) == 'number' and fill ~= 0 then t:fill(fill) end
-  end
+  if fill == nil or fill == 0 then return ref:new_zeros(shape, dtype) end
+  if fill == 'empty' then return ref:new_empty(shape, dtype) end
+  if type(fill) == 'number' then return ref:new_full(shape, fill, dtype) end
+  local t = new_tensor(fill, dtype)
   local dev = device_of(ref)
   if dev ~= nil then t = t:cuda(dev) end
   return t
@@ -427,7 +423,7 @@ function nn._check_cuda(owner, dev)
   if math.type(dev) ~= 'integer' or dev < 0 then
     error(string.format('%s: cuda: device must be an integer >= 0, got %s', owner, tostring(dev)), 3)
   end
-  local ok, err = pcall(function() return new_zeros({1}):cuda(dev) end)
+  local ok, err = pcall(function() return new_tensor({0}):cuda(dev) end)
   if not ok then error(owner .. ': ' .. (tostring(err):gsub('^[^%s:]+%.lua:%d+: ', '')), 3) end
 end
 

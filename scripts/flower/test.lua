@@ -65,6 +65,15 @@ function T.allclose(a, b, rtol, atol, msg)
   end
 end
 
+-- Every weight tensor of models a and b identical, bit for bit (same count, same order).
+function T.same_weights(a, b)
+  local wa, wb = a:weights(), b:weights()
+  T.eq(#wa, #wb, 'weight count')
+  for i = 1, #wa do
+    if not wa[i].tensor:equal(wb[i].tensor) then error('weight ' .. wa[i].path .. ' differs', 2) end
+  end
+end
+
 -- Helpers shared by tests that call out to Python reference generators.
 T.python = os.getenv('PYTHON') or '.venv/bin/python'
 

@@ -37,13 +37,7 @@ local function randomize(m, seed)
   end
 end
 
-local function same_weights(a, b)
-  local wa, wb = a:weights(), b:weights()
-  T.eq(#wa, #wb)
-  for i = 1, #wa do
-    if not wa[i].tensor:equal(wb[i].tensor) then error('weight ' .. wa[i].path .. ' differs', 2) end
-  end
-end
+local same_weights = T.same_weights
 
 local function snapshot(m)
   local r = {}

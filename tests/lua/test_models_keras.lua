@@ -63,14 +63,7 @@ local function same_list(got, want, what)
   end
 end
 
--- every weight tensor of a and b identical, bit for bit
-local function same_weights(a, b)
-  local wa, wb = a:weights(), b:weights()
-  T.eq(#wa, #wb)
-  for i = 1, #wa do
-    if not wa[i].tensor:equal(wb[i].tensor) then error('weight ' .. wa[i].path .. ' differs', 2) end
-  end
-end
+local same_weights = T.same_weights
 
 local derived = {
   resnet50 = {file = 'resnet50_keras1_notop.h5', what = 'the Keras 1 file layout (conv1, bn_conv1, _W:0, running_std)'},

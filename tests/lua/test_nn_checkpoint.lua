@@ -35,11 +35,7 @@ local function train(m, opt, steps, seed)
   end
 end
 
-local function same_weights(a, b)
-  local wa, wb = a:weights(), b:weights()
-  T.eq(#wa, #wb)
-  for i = 1, #wa do T.check(wa[i].tensor:equal(wb[i].tensor), 'weight ' .. wa[i].path .. ' differs') end
-end
+local same_weights = T.same_weights
 
 T.test('save and load: weights, BN statistics, optimizer state and extras round-trip', function()
   flower.manual_seed(1)

@@ -11,10 +11,12 @@ local T = require 'flower.test'
 -- A small net with every layer type (Preprocess, ZeroPadding2D, Conv2D, BatchNormalization, ReLU,
 -- DepthwiseConv2D, SeparableConv2D, Add, ScaledAdd, Scale, Concatenate, Activation, both poolings,
 -- both global poolings, Reshape, Flatten, Dropout, Dense, Softmax).
-local function every_layer_net(softmax)
+-- channels: input channels (3 by default); with_preprocess = false leaves the Preprocess layer out.
+local function every_layer_net(softmax, channels, with_preprocess)
   nn.reset_names()
-  local x = nn.Input{6, 6, 3}
-  local y = nn.Preprocess{mode = 'torch'}(x)
+  local x = nn.Input{6, 6, channels or 3}
+  local y = x
+  if with_preprocess ~= false then y = nn.Preprocess{mode = 'torch'}(y) end
   y = nn.ZeroPadding2D{padding = 1}(y)
   y = nn.Conv2D{filters = 4, kernel_size = 3, use_bias = false}(y)
   y = nn.BatchNormalization{}(y)
@@ -139,26 +141,7 @@ local RECORDED = '2.6799864768981934 2.6539413928985596 1.668418288230896 1.7377
 
 local function trajectory(call_cpu)
   flower.manual_seed(5)
-  nn.reset_names()
-  local x = nn.Input{6, 6, 2}
-  local y = nn.ZeroPadding2D{padding = 1}(x)
-  y = nn.Conv2D{filters = 4, kernel_size = 3, use_bias = false}(y)
-  y = nn.BatchNormalization{}(y)
-  y = nn.ReLU{}(y)
-  local d = nn.DepthwiseConv2D{kernel_size = 3, padding = 'same'}(y)
-  local s = nn.SeparableConv2D{filters = 4, kernel_size = 3, padding = 'same'}(y)
-  local a = nn.Add{}{d, s}
-  a = nn.ScaledAdd{scale = 0.3}{a, y}
-  a = nn.Scale{scale = 0.5}(a)
-  local c = nn.Concatenate{}{a, y}
-  c = nn.Activation('relu')(c)
-  local p = nn.MaxPooling2D{pool_size = 2}(c)
-  local q = nn.AveragePooling2D{pool_size = 2}(c)
-  local g = nn.Add{}{nn.GlobalAveragePooling2D{}(p), nn.GlobalMaxPooling2D{}(q)}
-  local f = nn.Flatten{}(nn.Reshape{target_shape = {2, 4}}(g))
-  f = nn.Dropout{rate = 0.2}(f)
-  local o = nn.Dense{units = 3}(f)
-  local m = nn.Model(x, o)
+  local m = every_layer_net(false, 2, false)
   local loss = nn.CategoricalCrossentropy{from_logits = true}
   local xb = flower.empty(8, 6, 6, 2):uniform_(-1, 1)
   local yb = flower.tensor({1, 2, 3, 1, 2, 3, 1, 2}, 'int64')
