@@ -54,17 +54,11 @@ static int fmt_value(const printer *p, char *buf, size_t n, const int64_t *index
   }
 }
 
-/* visits every shown element (for measuring) */
-static void scan(printer *p, int d, int64_t *index, double *maxabs, double *minabs, int *allint) {
-  if (d == p->t->ndim) {
-    double v = fl_tensor_get(p->t, index);
-    if (!isfinite(v)) return;
-    double a = fabs(v);
-    if (a > *maxabs) *maxabs = a;
-    if (a > 0 && a < *minabs) *minabs = a;
-    if (v != floor(v)) *allint = 0;
-    return;
-  }
+/* Calls leaf(p, index, ctx) for every shown element (the ones not summarised away by `...`). */
+typedef void (*leaf_fn)(printer *p, const int64_t *index, void *ctx);
+
+static void visit_shown(printer *p, int d, int64_t *index, leaf_fn leaf, void *ctx) {
+  if (d == p->t->ndim) { leaf(p, index, ctx); return; }
   int64_t idx[2 * EDGE + 1];
   int k = shown(p, d, idx);
   int64_t n = k < 0 ? p->t->shape[d] : k;
@@ -72,26 +66,29 @@ static void scan(printer *p, int d, int64_t *index, double *maxabs, double *mina
     int64_t j = k < 0 ? i : idx[i];
     if (j < 0) continue;
     index[d] = j;
-    scan(p, d + 1, index, maxabs, minabs, allint);
+    visit_shown(p, d + 1, index, leaf, ctx);
   }
 }
 
-static void measure(printer *p, int d, int64_t *index) {
-  if (d == p->t->ndim) {
-    char buf[64];
-    int w = fmt_value(p, buf, sizeof buf, index);
-    if (w > p->width) p->width = w;
-    return;
-  }
-  int64_t idx[2 * EDGE + 1];
-  int k = shown(p, d, idx);
-  int64_t n = k < 0 ? p->t->shape[d] : k;
-  for (int64_t i = 0; i < n; i++) {
-    int64_t j = k < 0 ? i : idx[i];
-    if (j < 0) continue;
-    index[d] = j;
-    measure(p, d + 1, index);
-  }
+typedef struct { double maxabs, minabs; int allint; } value_range;
+
+/* the range of the shown finite values, and whether they are all integers: picks the format */
+static void scan_leaf(printer *p, const int64_t *index, void *ctx) {
+  value_range *r = ctx;
+  double v = fl_tensor_get(p->t, index);
+  if (!isfinite(v)) return;
+  double a = fabs(v);
+  if (a > r->maxabs) r->maxabs = a;
+  if (a > 0 && a < r->minabs) r->minabs = a;
+  if (v != floor(v)) r->allint = 0;
+}
+
+/* the widest formatted value: the column width */
+static void measure_leaf(printer *p, const int64_t *index, void *ctx) {
+  (void)ctx;
+  char buf[64];
+  int w = fmt_value(p, buf, sizeof buf, index);
+  if (w > p->width) p->width = w;
 }
 
 static void put_value(printer *p, const int64_t *index) {
@@ -176,14 +173,13 @@ int fl_lua_tensor_tostring(lua_State *L) {
   int64_t numel = fl_tensor_numel(t);
   if (numel > 0) {
     if (fl_dtype_is_float(t->dtype)) {
-      double maxabs = 0, minabs = HUGE_VAL;
-      int allint = 1;
-      scan(&p, 0, index, &maxabs, &minabs, &allint);
-      if (allint && maxabs < 1e9) p.mode = 0;
-      else if (maxabs >= 1e5 || minabs < 1e-4) p.mode = 2;
+      value_range r = {0, HUGE_VAL, 1};
+      visit_shown(&p, 0, index, scan_leaf, &r);
+      if (r.allint && r.maxabs < 1e9) p.mode = 0;
+      else if (r.maxabs >= 1e5 || r.minabs < 1e-4) p.mode = 2;
       else p.mode = 1;
     }
-    measure(&p, 0, index);
+    visit_shown(&p, 0, index, measure_leaf, NULL);
     if (t->ndim == 0) {
       put_value(&p, index);
       luaL_addchar(&b, '\n');
