@@ -1,5 +1,6 @@
 /* Front of the nn kernels: argument checks, contiguity, output allocation, dispatch to the
  * backend's fl_nn_ops table. Every error names the function and says what was expected and found. */
+#include <stddef.h>
 #include <string.h>
 #include "nn.h"
 #include "ops.h"
@@ -54,6 +55,19 @@ static const struct fl_nn_ops *nn_ops(const char *op, const fl_tensor *t) {
   if (!ops) fl_fail("%s: backend '%s' has no nn kernels", op, t->storage->backend->name);
   return ops;
 }
+
+/* A backend may leave kernels out of its table: the op then fails naming itself and the backend
+ * instead of calling NULL. (All function pointer types share one representation, so the slot is read
+ * as a generic one.) */
+static const struct fl_nn_ops *with_kernel(const char *op, const fl_tensor *t, const struct fl_nn_ops *ops,
+                                           size_t offset) {
+  if (!ops) return NULL;
+  void (*fn)(void);
+  memcpy(&fn, (const char *)ops + offset, sizeof fn);
+  if (!fn) { fl_fail("%s: not supported by backend '%s'", op, t->storage->backend->name); return NULL; }
+  return ops;
+}
+#define NN_OPS(op, t, kernel) with_kernel(op, t, nn_ops(op, t), offsetof(struct fl_nn_ops, kernel))
 
 /* t must be a live float tensor of `ndim` dims (ndim < 0: any) with ref's dtype and backend */
 static int check_arg(const char *op, const char *name, const fl_tensor *t, int ndim, const fl_tensor *ref) {
@@ -281,7 +295,7 @@ static int pool_shapes(const char *op, const fl_tensor *x, fl_pool_kind kind, co
 
 int fl_pool2d_forward(fl_tensor *y, fl_tensor *argmax, const fl_tensor *x, fl_pool_kind kind, const fl_window *win) {
   const char *op = kind == FL_POOL_AVG ? "avg_pool2d" : "max_pool2d";
-  const struct fl_nn_ops *ops = nn_ops(op, x);
+  const struct fl_nn_ops *ops = NN_OPS(op, x, pool2d_forward);
   int64_t ys[4];
   if (!ops || check_arg(op, "input", x, 4, NULL) || pool_shapes(op, x, kind, win, ys)) return -1;
   if (argmax && kind != FL_POOL_MAX) return fl_fail("%s: argmax is for max pooling only", op);
@@ -307,7 +321,7 @@ done:
 int fl_pool2d_backward(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *x, const fl_tensor *argmax,
                        const int64_t *xshape, fl_pool_kind kind, const fl_window *win) {
   const char *op = kind == FL_POOL_AVG ? "avg_pool2d_backward" : "max_pool2d_backward";
-  const struct fl_nn_ops *ops = nn_ops(op, gy);
+  const struct fl_nn_ops *ops = NN_OPS(op, gy, pool2d_backward);
   int64_t ys[4];
   if (!ops || check_arg(op, "gradOutput", gy, 4, NULL)) return -1;
   if (kind == FL_POOL_MAX && !x && !argmax) return fl_fail("%s: max pooling needs the input or its argmax", op);
@@ -352,7 +366,7 @@ int fl_batchnorm_forward_train(fl_tensor *y, fl_tensor *mean, fl_tensor *invstd,
                                const fl_tensor *gamma, const fl_tensor *beta, fl_tensor *running_mean,
                                fl_tensor *running_var, double momentum, double eps, int unbiased, int relu) {
   const char *op = "batchnorm_forward";
-  const struct fl_nn_ops *ops = nn_ops(op, x);
+  const struct fl_nn_ops *ops = NN_OPS(op, x, batchnorm_forward_train);
   if (!ops || check_channels_last(op, x)) return -1;
   int64_t c = x->shape[x->ndim - 1];
   if (check_vec(op, "gamma", gamma, c, x) || check_vec(op, "beta", beta, c, x) ||
@@ -384,7 +398,7 @@ int fl_batchnorm_backward(fl_tensor *gx, fl_tensor *ggamma, fl_tensor *gbeta, co
                           const fl_tensor *gy, const fl_tensor *mean, const fl_tensor *invstd,
                           const fl_tensor *gamma, int training, double beta_acc, const fl_tensor *relu_y) {
   const char *op = "batchnorm_backward";
-  const struct fl_nn_ops *ops = nn_ops(op, x);
+  const struct fl_nn_ops *ops = NN_OPS(op, x, batchnorm_backward);
   if (!ops || check_channels_last(op, x) || check_arg(op, "gradOutput", gy, -1, x)) return -1;
   if (!fl_tensor_same_shape(x, gy)) return check_shape(op, "gradOutput", gy, x->ndim, x->shape);
   int64_t c = x->shape[x->ndim - 1];
@@ -417,7 +431,7 @@ done:
 
 int fl_add_act_into(fl_tensor *y, const fl_tensor *a, const fl_tensor *b, double scale, int relu) {
   const char *op = "add_act";
-  const struct fl_nn_ops *ops = nn_ops(op, a);
+  const struct fl_nn_ops *ops = NN_OPS(op, a, add_act);
   if (!ops || check_arg(op, "a", a, -1, NULL) || check_arg(op, "b", b, -1, a)) return -1;
   if (!fl_tensor_same_shape(a, b)) return check_shape(op, "b", b, a->ndim, a->shape);
   if (check_out(op, "output", y, a->ndim, a->shape, a)) return -1;
@@ -443,7 +457,7 @@ int fl_add_act(fl_tensor *y, const fl_tensor *a, const fl_tensor *b, double scal
 int fl_channel_affine_into(fl_tensor *y, const fl_tensor *x, const fl_tensor *scale, const fl_tensor *shift,
                            int relu) {
   const char *op = "channel_affine";
-  const struct fl_nn_ops *ops = nn_ops(op, x);
+  const struct fl_nn_ops *ops = NN_OPS(op, x, channel_affine);
   if (!ops || check_channels_last(op, x) || check_out(op, "output", y, x->ndim, x->shape, x)) return -1;
   int64_t c = x->shape[x->ndim - 1];
   if (check_vec(op, "scale", scale, c, x) || check_vec(op, "shift", shift, c, x)) return -1;
@@ -467,7 +481,7 @@ int fl_channel_affine(fl_tensor *y, const fl_tensor *x, const fl_tensor *scale, 
 
 int fl_act_backward(fl_act_kind act, fl_tensor *gx, const fl_tensor *gy, const fl_tensor *y) {
   const char *op = "activation_backward";
-  const struct fl_nn_ops *ops = nn_ops(op, y);
+  const struct fl_nn_ops *ops = NN_OPS(op, y, act_backward);
   if (!ops || check_arg(op, "output", y, -1, NULL) || check_arg(op, "gradOutput", gy, -1, y)) return -1;
   if (act < FL_ACT_RELU || act > FL_ACT_SOFTMAX) return fl_fail("%s: unknown activation %d", op, (int)act);
   if (!fl_tensor_same_shape(y, gy)) return check_shape(op, "gradOutput", gy, y->ndim, y->shape);
@@ -488,7 +502,7 @@ int fl_softmax_xent(fl_tensor *loss, fl_tensor *grad, const fl_tensor *logits, c
                     double smoothing, double grad_scale) {
   const char *op = "softmax_cross_entropy";
   char a[128], b[128];
-  const struct fl_nn_ops *ops = nn_ops(op, logits);
+  const struct fl_nn_ops *ops = NN_OPS(op, logits, softmax_xent);
   if (!ops || check_arg(op, "logits", logits, 2, NULL)) return -1;
   if (!target->storage) return fl_fail("%s: target is empty (freed)", op);
   if (target->storage->backend != logits->storage->backend)
@@ -534,7 +548,7 @@ static int check_same(const char *op, const char *name, const fl_tensor *t, cons
 
 int fl_axpby(fl_tensor *y, double a, const fl_tensor *x, double b) {
   const char *op = "axpby";
-  const struct fl_nn_ops *ops = nn_ops(op, y);
+  const struct fl_nn_ops *ops = NN_OPS(op, y, axpby);
   if (!ops || check_same(op, "y", y, NULL) || check_same(op, "x", x, y)) return -1;
   if (x != y && fl_tensor_partial_overlap(y, x)) return fl_fail("%s: x partially overlaps y", op);
   return ops->axpby(y, a, x, b) ? fl_fail_prefix(op) : 0;
@@ -542,14 +556,14 @@ int fl_axpby(fl_tensor *y, double a, const fl_tensor *x, double b) {
 
 int fl_sumsq(const fl_tensor *x, double *out) {
   const char *op = "sumsq";
-  const struct fl_nn_ops *ops = nn_ops(op, x);
+  const struct fl_nn_ops *ops = NN_OPS(op, x, sumsq);
   if (!ops || check_same(op, "x", x, NULL)) return -1;
   return ops->sumsq(x, out) ? fl_fail_prefix(op) : 0;
 }
 
 int fl_sgd_step(fl_tensor *w, const fl_tensor *g, fl_tensor *m, double lr, double momentum, int nesterov) {
   const char *op = "sgd_step";
-  const struct fl_nn_ops *ops = nn_ops(op, w);
+  const struct fl_nn_ops *ops = NN_OPS(op, w, sgd_step);
   if (!ops || check_same(op, "weight", w, NULL) || check_same(op, "gradient", g, w)) return -1;
   if (m && check_same(op, "momentum", m, w)) return -1;
   if (!m && momentum != 0) return fl_fail("%s: momentum %g needs a momentum buffer", op, momentum);
@@ -559,7 +573,7 @@ int fl_sgd_step(fl_tensor *w, const fl_tensor *g, fl_tensor *m, double lr, doubl
 int fl_adam_step(fl_tensor *w, const fl_tensor *g, fl_tensor *m, fl_tensor *v, double alpha, double beta1,
                  double beta2, double eps) {
   const char *op = "adam_step";
-  const struct fl_nn_ops *ops = nn_ops(op, w);
+  const struct fl_nn_ops *ops = NN_OPS(op, w, adam_step);
   if (!ops || check_same(op, "weight", w, NULL) || check_same(op, "gradient", g, w) ||
       check_same(op, "m", m, w) || check_same(op, "v", v, w))
     return -1;

@@ -765,6 +765,29 @@ static int nn_softmax_xent(fl_tensor *loss, fl_tensor *grad, const fl_tensor *lo
 
 /* ---------------------------------------------------------------- optimizer kernels */
 
+/* y = a + scale*b, then ReLU (Add, InceptionResNet's scaled residual); y may be a or b */
+template <class T> __global__ void add_act_kernel(T *y, const T *a, const T *b, int64_t n, T scale, int relu) {
+  int64_t step = (int64_t)gridDim.x * blockDim.x;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
+    T v = add_rn(a[i], mul_rn(scale, b[i]));
+    y[i] = relu && v < (T)0 ? (T)0 : v;
+  }
+}
+
+static int nn_add_act(fl_tensor *y, const fl_tensor *a, const fl_tensor *b, double scale, int relu) {
+  const char *op = "cuda add_act";
+  int64_t n = fl_tensor_numel(y);
+  if (n == 0) return 0;
+  cu_dev *d;
+  if (dev_of(op, y, &d)) return -1;
+  return cu_visit_float(op, y->dtype, [&](auto tag) {
+    typedef typename decltype(tag)::type T;
+    add_act_kernel<T><<<cu_grid(d, n, CU_THREADS), CU_THREADS, 0, d->stream>>>(
+        (T *)cu_ptr(y), (const T *)cu_ptr(a), (const T *)cu_ptr(b), n, (T)scale, relu);
+    return cu_launched(op);
+  });
+}
+
 /* y = a*x + b*y, exactly the CPU's expression (NaN in y propagates even when b == 0) */
 template <class T> __global__ void axpby_kernel(T *y, const T *x, int64_t n, T a, T b) {
   int64_t step = (int64_t)gridDim.x * blockDim.x;
@@ -1010,6 +1033,7 @@ static struct fl_nn_ops make_nn(void) {
   t.channel_affine = nn_channel_affine;
   t.act_backward = nn_act_backward;
   t.softmax_xent = nn_softmax_xent;
+  t.add_act = nn_add_act;
   t.axpby = nn_axpby;
   t.sumsq = nn_sumsq;
   t.sgd_step = nn_sgd_step;

@@ -91,6 +91,21 @@ local function child_model(batch, steps)
   result('train_fp32_peak_reserved_mib', st.peak_reserved / 2 ^ 20)
   m:evaluate()
   result('infer_fp32_img_s', batch / timed(function() m:forward(x) end, steps, 3))
+  if os.getenv('FLOWER_BENCH_PROFILE') then
+    -- where a training step's time goes, per layer class: host time alone (kernel launches, Lua),
+    -- then with the device drained around every layer (what each layer costs on the GPU)
+    m:training()
+    local C, now0 = nn.C, nn.C.now
+    for _, synced in ipairs {false, true} do
+      if synced then C.now = function() cuda.synchronize(); return now0() end end
+      nn.profile = {}
+      local s = timed(step, 3, 1)
+      print(('# profile, %s: %.1f ms per step'):format(synced and 'device drained per layer' or 'host time', 1e3 * s))
+      for line in nn.profile_report(nn.profile):gmatch('[^\n]+') do print('#   ' .. line) end
+      nn.profile = nil
+    end
+    C.now = now0
+  end
 end
 
 if arg[1] == '--child' then
@@ -113,6 +128,7 @@ end
 local exe = arg[-1] or 'flowerlua'
 local python = os.getenv('FLOWER_PYTHON') or 'python3'
 local script = arg[0]
+local limit = tonumber(os.getenv('FLOWER_BENCH_TIMEOUT')) or 300   -- seconds per part
 local peer = script:gsub('gpu%.lua$', 'gpu_torch.py')
 
 -- runs cmd, echoing its output; returns {key = value} from RESULT lines and a failure note or nil
@@ -134,11 +150,11 @@ end
 
 local ours, notes = {}, {}
 for _, part in ipairs {'kernels', 'model'} do
-  local r, note = run('flowerlua ' .. part, ('timeout 900 %s %s --child %s %d %d'):format(exe, script, part, batch, steps))
+  local r, note = run('flowerlua ' .. part, ('timeout %d %s %s --child %s %d %d'):format(limit, exe, script, part, batch, steps))
   for k, v in pairs(r) do ours[k] = v end
   if note then notes[#notes + 1] = 'flowerlua ' .. part .. ': ' .. note end
 end
-local theirs, tnote = run('pytorch', ('timeout 900 %s %s %d %d'):format(python, peer, batch, steps))
+local theirs, tnote = run('pytorch', ('timeout %d %s %s %d %d'):format(limit, python, peer, batch, steps))
 if tnote then notes[#notes + 1] = 'pytorch: ' .. tnote end
 
 local rows = {

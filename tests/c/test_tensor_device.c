@@ -10,6 +10,7 @@
 #include "check.h"
 #include "fake_backend.h"
 #include "lflower.h"
+#include "nn.h"
 #include "ops.h"
 
 int luaopen_flower_core(lua_State *L);
@@ -77,6 +78,27 @@ int main(void) {
   lua_register(L, "need_host", l_need_host);
   lua_register(L, "fake_limit", l_fake_limit);
   if (!run(L, prelude)) return 1;
+
+  TEST("a backend that leaves an nn kernel out: the op fails naming it instead of calling NULL") {
+    static const struct fl_nn_ops no_kernels;   /* every slot NULL */
+    static fl_backend partial;
+    partial = fake_backend;
+    partial.name = "partial";
+    partial.nn = &no_kernels;
+    int64_t shape[1] = {4};
+    fl_tensor a = {0}, b = {0}, y = {0};
+    CHECK(fl_tensor_init(&a, &partial, 1, FL_F32, 1, shape) == 0);
+    CHECK(fl_tensor_init(&b, &partial, 1, FL_F32, 1, shape) == 0);
+    CHECK(fl_add_act(&y, &a, &b, 1.0, 1) == -1);
+    CHECK(strstr(fl_errmsg(), "add_act: not supported by backend 'partial'") != NULL);
+    double ss = 0;
+    CHECK(fl_sumsq(&a, &ss) == -1);
+    CHECK(strstr(fl_errmsg(), "not supported by backend 'partial'") != NULL);
+    CHECK(fl_axpby(&a, 1.0, &b, 0.0) == -1);
+    CHECK(strstr(fl_errmsg(), "not supported by backend 'partial'") != NULL);
+    fl_tensor_free(&a);
+    fl_tensor_free(&b);
+  }
 
   TEST("a fake tensor is a device tensor") {
     CHECK(run(L, "assert(f:device() == 'fake')"));

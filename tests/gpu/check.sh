@@ -55,6 +55,7 @@ LOGS=${OUT:-build-cuda/gpu-check}
 mkdir -p "$LOGS"
 exec > >(tee "$LOGS/check.log") 2>&1
 echo "== flowerlua GPU check, $(date -u '+%Y-%m-%d %H:%M UTC'), batch $BATCH, $STEPS steps"
+START=$SECONDS
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | sed 's/^/gpu: /'
 
 # ---- a CUDA build of flowerlua
@@ -99,13 +100,35 @@ pass=$(grep -c '^ok - ' "$LOGS/test_cuda.log"); skip=$(grep -c '^ok - .*# SKIP' 
 fail=$(grep -c '^not ok - ' "$LOGS/test_cuda.log")
 [ $rc -ne 0 ] && [ "$fail" -eq 0 ] && fail=1
 
+# After a failure, each group once more in its own process (a sticky CUDA error such as an illegal
+# address poisons every later group of the same process), and a failing group under
+# compute-sanitizer to name the kernel and the bad access.
+if [ $rc -ne 0 ]; then
+  echo "== each group alone"
+  FLOWER_GPU_LIST=1 "$FLOWERLUA" tests/lua/test_cuda.lua 2>&1 | grep -v -e "^ok - " -e "^not ok - " -e "^#" > "$LOGS/groups.txt"
+  sanitized=0
+  while IFS= read -r g; do
+    FLOWER_GPU_GROUP=$g timeout 120 "$FLOWERLUA" tests/lua/test_cuda.lua > "$LOGS/one.log" 2>&1
+    grc=$?
+    if [ $grc -eq 0 ]; then echo "alone ok: $g"; continue; fi
+    echo "alone FAILED (exit $grc): $g"; grep -v '^ok - ' "$LOGS/one.log" | head -25 | sed 's/^/   /'
+    if [ $sanitized -lt 3 ] && command -v compute-sanitizer > /dev/null; then
+      sanitized=$((sanitized + 1))
+      echo "   -- compute-sanitizer:"
+      FLOWER_GPU_GROUP=$g timeout 150 compute-sanitizer --print-limit 4 "$FLOWERLUA" tests/lua/test_cuda.lua 2>&1 |
+        grep -v '^ok - ' | head -40 | sed 's/^/   /'
+    fi
+  done < "$LOGS/groups.txt"
+fi
+
 # ---- benchmark beside PyTorch
 echo "== tests/bench/gpu.lua $BATCH $STEPS"
-FLOWER_PYTHON=python3 "$FLOWERLUA" tests/bench/gpu.lua "$BATCH" "$STEPS" > "$LOGS/bench.log" 2>&1
+FLOWER_BENCH_PROFILE=1 FLOWER_BENCH_TIMEOUT=${FLOWER_BENCH_TIMEOUT:-150} FLOWER_PYTHON=python3 "$FLOWERLUA" tests/bench/gpu.lua "$BATCH" "$STEPS" > "$LOGS/bench.log" 2>&1
 brc=$?
 cat "$LOGS/bench.log"
 
 echo "== summary"
 echo "GPU tests: $((pass - skip)) passed, $fail failed, $skip skipped (exit $rc)"
 echo "benchmark: exit $brc (table above; logs in $LOGS)"
+echo "check took $((SECONDS - START)) s"
 [ "$fail" -eq 0 ] && [ $brc -eq 0 ]

@@ -514,15 +514,26 @@ gpu('model:cuda(): forward, backward and optimizer steps equal the CPU model', f
   local function make()
     flower.manual_seed(11)
     fnn.reset_names()
+    -- every kind of layer the four ImageNet models use: a residual Add (+ReLU), a concatenation,
+    -- depthwise and separable convolutions, a scaled residual, padding, both poolings, global pooling
     local x = fnn.Input{8, 8, 3}
-    local y = fnn.Conv2D{filters = 6, kernel_size = 3, padding = 'same', use_bias = false}(x)
+    local y = fnn.Preprocess{mode = 'caffe'}(x)
+    y = fnn.Conv2D{filters = 6, kernel_size = 3, padding = 'same', use_bias = false}(y)
     y = fnn.BatchNormalization{}(y)
     y = fnn.ReLU{}(y)
-    y = fnn.MaxPooling2D{pool_size = 2}(y)
+    local r = fnn.SeparableConv2D{filters = 6, kernel_size = 3, padding = 'same', use_bias = false}(y)
+    r = fnn.BatchNormalization{}(r)
+    y = fnn.ReLU{}(fnn.Add{}{y, r})
+    local d = fnn.DepthwiseConv2D{kernel_size = 3, padding = 'same'}(y)
+    y = fnn.Concatenate{}{y, d}
+    y = fnn.MaxPooling2D{pool_size = 3, strides = 2, padding = 'same'}(y)
+    y = fnn.ScaledAdd{scale = 0.2}{y, fnn.Conv2D{filters = 12, kernel_size = 1}(y)}
+    y = fnn.ZeroPadding2D{padding = 1}(y)
+    local g = fnn.GlobalAveragePooling2D{}(y)
     y = fnn.Conv2D{filters = 4, kernel_size = 3}(y)
     y = fnn.AveragePooling2D{pool_size = 2}(y)
     y = fnn.Flatten{}(y)
-    y = fnn.Dropout{rate = 0.5}(y)
+    y = fnn.Dropout{rate = 0.5}(fnn.Concatenate{}{y, g})
     return fnn.Model(x, fnn.Dense{units = 3}(y))
   end
   local mc, mg = make(), make()
@@ -534,7 +545,7 @@ gpu('model:cuda(): forward, backward and optimizer steps equal the CPU model', f
   wg = mg:weights()
   for i = 1, #wg do T.check(wg[i].tensor:is_cuda(), wg[i].path .. ' is on the GPU') end
   flower.manual_seed(12)
-  local xb = flower.randn(6, 8, 8, 3)
+  local xb = flower.rand(6, 8, 8, 3) * 255      -- raw pixels, as the loader hands them out
   local yb = flower.tensor({1, 2, 3, 3, 2, 1}, 'int64')
   local xg, yg = xb:cuda(), yb:cuda()
   local loss = fnn.CategoricalCrossentropy{from_logits = true}
@@ -598,9 +609,19 @@ gpu('model:cuda(): forward, backward and optimizer steps equal the CPU model', f
   cuda.allow_tf32(tf32)
 end)
 
+-- FLOWER_GPU_LIST=1 prints the group names; FLOWER_GPU_GROUP=<name> runs that group alone
+-- (tests/gpu/check.sh reruns each group in its own process after a crash, so that one sticky CUDA
+-- error does not hide the state of the others).
+if os.getenv('FLOWER_GPU_LIST') then
+  for _, g in ipairs(groups) do print(g[1]) end
+  os.exit(0)
+end
+local only = os.getenv('FLOWER_GPU_GROUP')
 if cuda.available() then
   print('# ' .. cuda.device_name())
-  for _, g in ipairs(groups) do T.test(g[1], g[2]) end
+  for _, g in ipairs(groups) do
+    if not only or g[1] == only then T.test(g[1], g[2]) end
+  end
 else
   local why = cuda.unavailable_reason():gsub('\n', ' ')
   for _, g in ipairs(groups) do print(('ok - %s # SKIP no CUDA device (%s)'):format(g[1], why)) end
