@@ -69,6 +69,13 @@ int cu_launched(const char *op);
 void *cu_malloc(const char *op, int device, size_t nbytes);
 void cu_free(int device, void *p);
 
+/* Page-locked host blocks (cuda_device.cu): backend host_alloc/host_free/host_wait. After queueing
+ * an asynchronous copy that reads the block starting at p on stream s of device d, cu_host_record
+ * marks it busy until that copy is done; 0 with *known = 0 when p is not such a block (pageable). */
+int cu_host_record(const char *op, const void *p, cu_dev *d, cudaStream_t s, int *known);
+/* Waits for device's asynchronous copies and gives their landing buffers back (cuda_copy.cu). */
+int cu_async_release(int device);
+
 /* Device scratch released at scope exit (back to the cache: stream order makes reuse safe). */
 struct cu_buf {
   int dev = 0;
@@ -121,6 +128,14 @@ template <class F> static inline int cu_visit_float(const char *op, fl_dtype dt,
   case FL_F64: return f(cu_tag<double>());
   default: return fl_fail("%s: expected float32 or float64, got %s", op, fl_dtype_name(dt));
   }
+}
+
+/* Runs f(I{}) with I = int32_t when indices below n (plus a grid's stride) fit in 32 bits, else int64_t.
+ * The per-element index arithmetic of NHWC kernels is mostly division and modulo, several times
+ * dearer in 64 bits on the GPU: ResNet50's max-pooling backward ran 5x slower with 64-bit indices. */
+template <class F> static inline int cu_visit_index(int64_t n, F &&f) {
+  if (n <= (int64_t)INT32_MAX - ((int64_t)1 << 26)) return f(int32_t{0});
+  return f(int64_t{0});
 }
 
 /* Saturating conversion from double, as the CPU's cpu_to_* (a plain cast of an out-of-range value

@@ -166,11 +166,11 @@ template <class T> static int colsum_into(const char *op, cu_dev *d, T *out, con
 /* ---------------------------------------------------------------- per-channel epilogue */
 
 /* y = x*scale[c] + shift[c] (either NULL), then max(., 0); c = i % C. y may be x. */
-template <class T> __global__ void affine_kernel(T *y, const T *x, int64_t n, int64_t C, const T *scale,
-                                                 const T *shift, int relu) {
-  int64_t step = (int64_t)gridDim.x * blockDim.x;
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
-    int64_t c = i % C;
+template <class T, class I> __global__ void affine_kernel(T *y, const T *x, I n, I C, const T *scale, const T *shift,
+                                                          int relu) {
+  I step = (I)gridDim.x * blockDim.x;
+  for (I i = (I)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
+    I c = i % C;
     T v = x[i];
     if (scale) v = mul_rn(v, scale[c]);
     if (shift) v = add_rn(v, shift[c]);
@@ -188,9 +188,13 @@ static int affine_run(const char *op, fl_tensor *y, const fl_tensor *x, const fl
   if (dev_of(op, x, &d)) return -1;
   return cu_visit_float(op, x->dtype, [&](auto tag) {
     typedef typename decltype(tag)::type T;
-    affine_kernel<T><<<cu_grid(d, n, CU_THREADS), CU_THREADS, 0, d->stream>>>(
-        (T *)cu_ptr(y), (const T *)cu_ptr(x), n, C, (const T *)opt_ptr(scale), (const T *)opt_ptr(shift), relu);
-    return cu_launched(op);
+    return cu_visit_index(n, [&](auto itag) {
+      typedef decltype(itag) I;
+      affine_kernel<T, I><<<cu_grid(d, n, CU_THREADS), CU_THREADS, 0, d->stream>>>(
+          (T *)cu_ptr(y), (const T *)cu_ptr(x), (I)n, (I)C, (const T *)opt_ptr(scale), (const T *)opt_ptr(shift),
+          relu);
+      return cu_launched(op);
+    });
   });
 }
 
@@ -319,24 +323,26 @@ static pool_dims pool_dims_of(const fl_tensor *x, const fl_tensor *y, const fl_w
 }
 
 /* y[n,oh,ow,c]: max (padding ignored) or mean over the in-bounds window elements; amax (max pooling,
- * optional): offset (h*W + w)*C + c within the image of the window's first maximum, as on the CPU */
-template <class T> __global__ void pool_fwd_kernel(T *y, int32_t *amax, const T *x, pool_dims p, int is_max) {
-  int64_t total = p.N * p.OH * p.OW * p.C, step = (int64_t)gridDim.x * blockDim.x;
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
-    int64_t c = i % p.C, q = i / p.C, ow = q % p.OW, oh = (q / p.OW) % p.OH, n = q / (p.OW * p.OH);
+ * optional): offset (h*W + w)*C + c within the image of the window's first maximum, as on the CPU.
+ * I: the index type (cu_visit_index). */
+template <class T, class I> __global__ void pool_fwd_kernel(T *y, int32_t *amax, const T *x, pool_dims p, int is_max) {
+  const I C = (I)p.C, H = (I)p.H, W = (I)p.W, OH = (I)p.OH, OW = (I)p.OW;
+  const I total = (I)p.N * OH * OW * C, step = (I)gridDim.x * blockDim.x;
+  for (I i = (I)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
+    I c = i % C, q = i / C, ow = q % OW, q2 = q / OW, oh = q2 % OH, n = q2 / OH;
     T acc = is_max ? -(T)INFINITY : (T)0;
     int count = 0;
-    int64_t best = -1;
+    I best = -1;
     for (int a = 0; a < p.kh; a++) {
-      int64_t ih = oh * p.sh - p.pt + (int64_t)a * p.dh;
-      if (ih < 0 || ih >= p.H) continue;
+      I ih = oh * p.sh - p.pt + a * p.dh;
+      if (ih < 0 || ih >= H) continue;
       for (int b = 0; b < p.kw; b++) {
-        int64_t iw = ow * p.sw - p.pl + (int64_t)b * p.dw;
-        if (iw < 0 || iw >= p.W) continue;
-        T v = x[((n * p.H + ih) * p.W + iw) * p.C + c];
+        I iw = ow * p.sw - p.pl + b * p.dw;
+        if (iw < 0 || iw >= W) continue;
+        T v = x[((n * H + ih) * W + iw) * C + c];
         count++;
         if (is_max) {
-          if (v > acc || best < 0) { acc = v > acc ? v : acc; best = (ih * p.W + iw) * p.C + c; }
+          if (v > acc || best < 0) { acc = v > acc ? v : acc; best = (ih * W + iw) * C + c; }
         } else {
           acc = add_rn(acc, v);
         }
@@ -352,53 +358,55 @@ template <class T> __global__ void pool_fwd_kernel(T *y, int32_t *amax, const T 
  * gradients of the outputs whose window covers it -- for max pooling only of those whose first
  * maximum (row-major window order, as on the CPU) it is; outputs are visited in row-major order,
  * the CPU's order of accumulation. */
-template <class T> __global__ void pool_bwd_kernel(T *gx, const T *gy, const T *x, const int32_t *amax,
-                                                   pool_dims p, int is_max) {
-  int64_t total = p.N * p.H * p.W * p.C, step = (int64_t)gridDim.x * blockDim.x;
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
-    int64_t c = i % p.C, q = i / p.C, iw = q % p.W, ih = (q / p.W) % p.H, n = q / (p.W * p.H);
+template <class T, class I> __global__ void pool_bwd_kernel(T *gx, const T *gy, const T *x, const int32_t *amax,
+                                                            pool_dims p, int is_max) {
+  const I C = (I)p.C, H = (I)p.H, W = (I)p.W, OH = (I)p.OH, OW = (I)p.OW;
+  const I total = (I)p.N * H * W * C, step = (I)gridDim.x * blockDim.x;
+  for (I i = (I)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
+    I c = i % C, q = i / C, iw = q % W, q2 = q / W, ih = q2 % H, n = q2 / H;
     T acc = 0;
     /* outputs oh with oh*sh - pt + a*dh == ih for some 0 <= a < kh */
-    int64_t th = ih + p.pt, tw = iw + p.pl;
-    int64_t oh0 = th - (int64_t)(p.kh - 1) * p.dh;
+    I th = ih + p.pt, tw = iw + p.pl;
+    I oh0 = th - (I)(p.kh - 1) * p.dh;
     oh0 = oh0 <= 0 ? 0 : (oh0 + p.sh - 1) / p.sh;
-    int64_t oh1 = th / p.sh < p.OH - 1 ? th / p.sh : p.OH - 1;
-    int64_t ow0 = tw - (int64_t)(p.kw - 1) * p.dw;
+    I oh1 = th / p.sh < OH - 1 ? th / p.sh : OH - 1;
+    I ow0 = tw - (I)(p.kw - 1) * p.dw;
     ow0 = ow0 <= 0 ? 0 : (ow0 + p.sw - 1) / p.sw;
-    int64_t ow1 = tw / p.sw < p.OW - 1 ? tw / p.sw : p.OW - 1;
-    for (int64_t oh = oh0; oh <= oh1; oh++) {
-      int64_t da = th - oh * p.sh;
+    I ow1 = tw / p.sw < OW - 1 ? tw / p.sw : OW - 1;
+    const I self = (ih * W + iw) * C + c;
+    for (I oh = oh0; oh <= oh1; oh++) {
+      I da = th - oh * p.sh;
       if (da < 0 || da % p.dh || da / p.dh >= p.kh) continue;
-      for (int64_t ow = ow0; ow <= ow1; ow++) {
-        int64_t db = tw - ow * p.sw;
+      for (I ow = ow0; ow <= ow1; ow++) {
+        I db = tw - ow * p.sw;
         if (db < 0 || db % p.dw || db / p.dw >= p.kw) continue;
-        int64_t o = ((n * p.OH + oh) * p.OW + ow) * p.C + c;
+        I o = ((n * OH + oh) * OW + ow) * C + c;
         T g = gy[o];
         if (is_max && amax) {
-          if (amax[o] == (ih * p.W + iw) * p.C + c) acc = add_rn(acc, g);
+          if (amax[o] == self) acc = add_rn(acc, g);
         } else if (is_max) {
           /* first maximum of this window: the first in-bounds element, replaced only by a greater one */
-          int64_t best = -1;
+          I best = -1;
           T bv = -(T)INFINITY;
           for (int a = 0; a < p.kh; a++) {
-            int64_t h2 = oh * p.sh - p.pt + (int64_t)a * p.dh;
-            if (h2 < 0 || h2 >= p.H) continue;
+            I h2 = oh * p.sh - p.pt + a * p.dh;
+            if (h2 < 0 || h2 >= H) continue;
             for (int b = 0; b < p.kw; b++) {
-              int64_t w2 = ow * p.sw - p.pl + (int64_t)b * p.dw;
-              if (w2 < 0 || w2 >= p.W) continue;
-              T v = x[((n * p.H + h2) * p.W + w2) * p.C + c];
-              if (v > bv || best < 0) { bv = v; best = h2 * p.W + w2; }
+              I w2 = ow * p.sw - p.pl + b * p.dw;
+              if (w2 < 0 || w2 >= W) continue;
+              T v = x[((n * H + h2) * W + w2) * C + c];
+              if (v > bv || best < 0) { bv = v; best = h2 * W + w2; }
             }
           }
-          if (best == ih * p.W + iw) acc = add_rn(acc, g);
+          if (best == ih * W + iw) acc = add_rn(acc, g);
         } else {
           int count = 0;
           for (int a = 0; a < p.kh; a++) {
-            int64_t h2 = oh * p.sh - p.pt + (int64_t)a * p.dh;
-            if (h2 < 0 || h2 >= p.H) continue;
+            I h2 = oh * p.sh - p.pt + a * p.dh;
+            if (h2 < 0 || h2 >= H) continue;
             for (int b = 0; b < p.kw; b++) {
-              int64_t w2 = ow * p.sw - p.pl + (int64_t)b * p.dw;
-              if (w2 >= 0 && w2 < p.W) count++;
+              I w2 = ow * p.sw - p.pl + b * p.dw;
+              if (w2 >= 0 && w2 < W) count++;
             }
           }
           if (count > 0) acc = add_rn(acc, mul_rn(g, (T)1 / (T)count));
@@ -412,23 +420,25 @@ template <class T> __global__ void pool_bwd_kernel(T *gx, const T *gy, const T *
 static int nn_pool2d_forward(fl_tensor *y, fl_tensor *argmax, const fl_tensor *x, fl_pool_kind kind,
                              const fl_window *win) {
   const char *op = "cuda pool2d_forward";
-  int64_t n = fl_tensor_numel(y);
+  int64_t n = fl_tensor_numel(y), nx = fl_tensor_numel(x);
   if (n == 0) return 0;
   cu_dev *d;
   if (dev_of(op, x, &d)) return -1;
   pool_dims p = pool_dims_of(x, y, win);
   return cu_visit_float(op, x->dtype, [&](auto tag) {
     typedef typename decltype(tag)::type T;
-    pool_fwd_kernel<T><<<cu_grid(d, n, CU_THREADS), CU_THREADS, 0, d->stream>>>(
-        (T *)cu_ptr(y), argmax ? (int32_t *)cu_ptr(argmax) : NULL, (const T *)cu_ptr(x), p, kind == FL_POOL_MAX);
-    return cu_launched(op);
+    return cu_visit_index(n > nx ? n : nx, [&](auto itag) {
+      pool_fwd_kernel<T, decltype(itag)><<<cu_grid(d, n, CU_THREADS), CU_THREADS, 0, d->stream>>>(
+          (T *)cu_ptr(y), argmax ? (int32_t *)cu_ptr(argmax) : NULL, (const T *)cu_ptr(x), p, kind == FL_POOL_MAX);
+      return cu_launched(op);
+    });
   });
 }
 
 static int nn_pool2d_backward(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *x, const fl_tensor *argmax,
                               fl_pool_kind kind, const fl_window *win) {
   const char *op = "cuda pool2d_backward";
-  int64_t n = fl_tensor_numel(gx);
+  int64_t n = fl_tensor_numel(gx), ny = fl_tensor_numel(gy);
   if (n == 0) return 0;
   if (kind == FL_POOL_MAX && !x && !argmax) return fl_fail("%s: max pooling needs the input or its argmax", op);
   cu_dev *d;
@@ -436,22 +446,27 @@ static int nn_pool2d_backward(fl_tensor *gx, const fl_tensor *gy, const fl_tenso
   pool_dims p = pool_dims_of(gx, gy, win);
   return cu_visit_float(op, gx->dtype, [&](auto tag) {
     typedef typename decltype(tag)::type T;
-    pool_bwd_kernel<T><<<cu_grid(d, n, CU_THREADS), CU_THREADS, 0, d->stream>>>(
-        (T *)cu_ptr(gx), (const T *)cu_ptr(gy), x ? (const T *)cu_ptr(x) : NULL,
-        argmax ? (const int32_t *)cu_ptr(argmax) : NULL, p, kind == FL_POOL_MAX);
-    return cu_launched(op);
+    return cu_visit_index(n > ny ? n : ny, [&](auto itag) {
+      pool_bwd_kernel<T, decltype(itag)><<<cu_grid(d, n, CU_THREADS), CU_THREADS, 0, d->stream>>>(
+          (T *)cu_ptr(gx), (const T *)cu_ptr(gy), x ? (const T *)cu_ptr(x) : NULL,
+          argmax ? (const int32_t *)cu_ptr(argmax) : NULL, p, kind == FL_POOL_MAX);
+      return cu_launched(op);
+    });
   });
 }
 
 /* ---------------------------------------------------------------- batch normalisation */
 
-template <class T> struct sqdev_f {
+/* one pass over x: sums and sums of squares per channel, in double (the variance is then
+ * E[x^2] - mean^2; with 53-bit accumulation this loses nothing a float32 result can show unless
+ * |mean|/std exceeds ~1e4, and it reads x once instead of twice) */
+template <class T> struct sum_sq_f {
   const T *x;
-  const double *mean;
   int64_t C;
   __device__ void operator()(int64_t r, int64_t c, double *acc) const {
-    double v = (double)x[r * C + c] - mean[c];
-    acc[0] += v * v;
+    double v = (double)x[r * C + c];
+    acc[0] += v;
+    acc[1] += v * v;
   }
 };
 
@@ -461,7 +476,8 @@ template <class T> __global__ void bn_stats_kernel(const double *sum, const doub
                                                    T *rv, double momentum, double eps, int unbiased) {
   int64_t step = (int64_t)gridDim.x * blockDim.x;
   for (int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; c < C; c += step) {
-    double dm = sum[c] / (double)rows, dv = sq[c] / (double)rows;
+    double dm = sum[c] / (double)rows, dv = sq[c] / (double)rows - dm * dm;
+    if (dv < 0) dv = 0;
     double inv = 1.0 / sqrt(dv + eps), a = (gamma ? (double)gamma[c] : 1.0) * inv;
     mean[c] = (T)dm;
     invstd[c] = (T)inv;
@@ -476,12 +492,12 @@ template <class T> __global__ void bn_stats_kernel(const double *sum, const doub
 }
 
 /* y = x*a[c] + b[c] (then max(., 0) when relu), or, when g is given, gx = g'*a[c] + x*b[c] + k[c] with
- * g' = g where the fused ReLU's output ry is > 0 (all of g without ry) */
-template <class T> __global__ void bn_apply_kernel(T *o, const T *x, const T *g, const T *ry, int64_t n, int64_t C,
-                                                   const T *coef, int relu) {
-  int64_t step = (int64_t)gridDim.x * blockDim.x;
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
-    int64_t c = i % C;
+ * g' = g where the fused ReLU's output ry is > 0 (all of g without ry). I: the index type. */
+template <class T, class I> __global__ void bn_apply_kernel(T *o, const T *x, const T *g, const T *ry, I n, I C,
+                                                            const T *coef, int relu) {
+  I step = (I)gridDim.x * blockDim.x;
+  for (I i = (I)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
+    I c = i % C;
     if (g) {
       T gv = (!ry || ry[i] > 0) ? g[i] : (T)0;
       o[i] = add_rn(add_rn(mul_rn(gv, coef[c]), mul_rn(x[i], coef[C + c])), coef[2 * C + c]);
@@ -492,9 +508,13 @@ template <class T> __global__ void bn_apply_kernel(T *o, const T *x, const T *g,
   }
 }
 
-template <class T> __global__ void bn_mean_kernel(double *dm, const double *sum, int64_t C, int64_t rows) {
-  int64_t step = (int64_t)gridDim.x * blockDim.x;
-  for (int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; c < C; c += step) dm[c] = sum[c] / (double)rows;
+template <class T> static int bn_apply(const char *op, cu_dev *d, T *o, const T *x, const T *g, const T *ry,
+                                       int64_t n, int64_t C, const T *coef, int relu) {
+  return cu_visit_index(n, [&](auto itag) {
+    typedef decltype(itag) I;
+    bn_apply_kernel<T, I><<<cu_grid(d, n, CU_THREADS), CU_THREADS, 0, d->stream>>>(o, x, g, ry, (I)n, (I)C, coef, relu);
+    return cu_launched(op);
+  });
 }
 
 static int nn_batchnorm_forward_train(fl_tensor *y, fl_tensor *mean, fl_tensor *invstd, const fl_tensor *x,
@@ -508,25 +528,20 @@ static int nn_batchnorm_forward_train(fl_tensor *y, fl_tensor *mean, fl_tensor *
   if (dev_of(op, x, &d)) return -1;
   return cu_visit_float(op, x->dtype, [&](auto tag) {
     typedef typename decltype(tag)::type T;
-    /* st: sums (C), squared deviations (C), means (C), all double; ab: y = x*a + b per channel */
+    /* st: sums (C), sums of squares (C), double; ab: y = x*a + b per channel */
     cu_buf st, ab;
-    if (st.get(op, d->index, (size_t)(3 * C) * sizeof(double)) || ab.get(op, d->index, (size_t)(2 * C) * sizeof(T)))
+    if (st.get(op, d->index, (size_t)(2 * C) * sizeof(double)) || ab.get(op, d->index, (size_t)(2 * C) * sizeof(T)))
       return -1;
-    double *sum = (double *)st.p, *sq = sum + C, *dm = sq + C;
+    double *sum = (double *)st.p, *sq = sum + C;
     const T *X = (const T *)cu_ptr(x);
-    if (colsums<1>(op, d, sum_f<T>{X, C}, rows, C, sum)) return -1;
-    bn_mean_kernel<T><<<cu_grid(d, C, CU_THREADS), CU_THREADS, 0, d->stream>>>(dm, sum, C, rows);
-    if (cu_launched(op)) return -1;
-    if (colsums<1>(op, d, sqdev_f<T>{X, dm, C}, rows, C, sq)) return -1;
+    if (colsums<2>(op, d, sum_sq_f<T>{X, C}, rows, C, sum)) return -1;
     T *rm = running_mean ? (T *)cu_ptr(running_mean) : NULL, *rv = running_var ? (T *)cu_ptr(running_var) : NULL;
     bn_stats_kernel<T><<<cu_grid(d, C, CU_THREADS), CU_THREADS, 0, d->stream>>>(
         sum, sq, rows, C, (const T *)opt_ptr(gamma), (const T *)opt_ptr(beta), (T *)cu_ptr(mean),
         (T *)cu_ptr(invstd), (T *)ab.p, rm, rv, momentum, eps, unbiased);
     if (cu_launched(op)) return -1;
     if (n == 0) return 0;
-    bn_apply_kernel<T><<<cu_grid(d, n, CU_THREADS), CU_THREADS, 0, d->stream>>>((T *)cu_ptr(y), X, NULL, NULL, n, C,
-                                                                                (const T *)ab.p, relu);
-    return cu_launched(op);
+    return bn_apply<T>(op, d, (T *)cu_ptr(y), X, NULL, NULL, n, C, (const T *)ab.p, relu);
   });
 }
 
@@ -591,9 +606,7 @@ static int nn_batchnorm_backward(fl_tensor *gx, fl_tensor *ggamma, fl_tensor *gb
         ggamma ? (T *)cu_ptr(ggamma) : NULL, gbeta ? (T *)cu_ptr(gbeta) : NULL, beta_acc, gx ? (T *)coef.p : NULL);
     if (cu_launched(op)) return -1;
     if (!gx || n == 0) return 0;
-    bn_apply_kernel<T><<<cu_grid(d, n, CU_THREADS), CU_THREADS, 0, d->stream>>>((T *)cu_ptr(gx), X, G, RY, n, C,
-                                                                                (const T *)coef.p, 0);
-    return cu_launched(op);
+    return bn_apply<T>(op, d, (T *)cu_ptr(gx), X, G, RY, n, C, (const T *)coef.p, 0);
   });
 }
 

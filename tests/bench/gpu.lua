@@ -89,6 +89,10 @@ local function child_model(batch, steps)
   local st = cuda.memory_stats()
   result('train_fp32_peak_alloc_mib', st.peak_allocated / 2 ^ 20)
   result('train_fp32_peak_reserved_mib', st.peak_reserved / 2 ^ 20)
+  local keys = {}
+  for k in pairs(st) do keys[#keys + 1] = k end
+  table.sort(keys)
+  for _, k in ipairs(keys) do print(('# memory_stats.%s = %s'):format(k, tostring(st[k]))) end
   m:evaluate()
   result('infer_fp32_img_s', batch / timed(function() m:forward(x) end, steps, 3))
   if os.getenv('FLOWER_BENCH_PROFILE') then

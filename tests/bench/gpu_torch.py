@@ -8,6 +8,7 @@ cudnn.benchmark on and TF32 allowed for convolutions and matrix products (what f
 fp32/tf32 mode does); bf16 is torch.autocast(bfloat16). Peak memory is
 torch.cuda.max_memory_allocated / max_memory_reserved over the timed training steps.
 """
+import os
 import sys
 import time
 
@@ -49,6 +50,27 @@ def kernels(batch):
     result("conv3x3_bwd_filter_ms", 1e3 * timed(lambda: torch.nn.grad.conv2d_weight(x, w.shape, gy, padding=1), 10))
 
 
+def profile(step, steps=3):
+    """Where a training step's GPU time goes, by kernel family (tests/bench/gpu.lua prints ours)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    fam = {}
+    for e in p.key_averages():
+        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if t > 0:
+            fam[e.key] = fam.get(e.key, 0) + t
+    total = sum(fam.values())
+    print(f"# torch profile: {total / steps / 1e3:.1f} ms of kernels per step")
+    for k, t in sorted(fam.items(), key=lambda kv: -kv[1])[:25]:
+        print(f"#   {t / steps / 1e3:8.2f} ms  {100 * t / total:5.1f}%  {k[:90]}")
+
+
 def model_bench(batch, steps):
     import torchvision
 
@@ -74,6 +96,8 @@ def model_bench(batch, steps):
         result(f"train_{mode}_img_s", batch / s)
         result(f"train_{mode}_peak_alloc_mib", torch.cuda.max_memory_allocated() / 2**20)
         result(f"train_{mode}_peak_reserved_mib", torch.cuda.max_memory_reserved() / 2**20)
+        if os.environ.get("FLOWER_BENCH_PROFILE") and not bf16:
+            profile(step)
 
         model.eval()
 
