@@ -787,17 +787,25 @@ template <class T> __global__ void add_act_kernel(T *y, const T *a, const T *b, 
   }
 }
 
-static int nn_add_act(fl_tensor *y, const fl_tensor *a, const fl_tensor *b, double scale, int relu) {
-  const char *op = "cuda add_act";
-  int64_t n = fl_tensor_numel(y);
+/* The frame of a one-kernel element-wise op over t's n elements: nothing to do for n == 0, else
+ * launch(tag, d, n) with tag naming t's float type and d its device. */
+template <class F> static int float_launch(const char *op, const fl_tensor *t, F &&launch) {
+  int64_t n = fl_tensor_numel(t);
   if (n == 0) return 0;
   cu_dev *d;
-  if (dev_of(op, y, &d)) return -1;
-  return cu_visit_float(op, y->dtype, [&](auto tag) {
+  if (dev_of(op, t, &d)) return -1;
+  return cu_visit_float(op, t->dtype, [&](auto tag) {
+    if (launch(tag, d, n)) return -1;
+    return cu_launched(op);
+  });
+}
+
+static int nn_add_act(fl_tensor *y, const fl_tensor *a, const fl_tensor *b, double scale, int relu) {
+  return float_launch("cuda add_act", y, [&](auto tag, cu_dev *d, int64_t n) {
     typedef typename decltype(tag)::type T;
     add_act_kernel<T><<<cu_grid(d, n, CU_THREADS), CU_THREADS, 0, d->stream>>>(
         (T *)cu_ptr(y), (const T *)cu_ptr(a), (const T *)cu_ptr(b), n, (T)scale, relu);
-    return cu_launched(op);
+    return 0;
   });
 }
 
@@ -809,16 +817,11 @@ template <class T> __global__ void axpby_kernel(T *y, const T *x, int64_t n, T a
 }
 
 static int nn_axpby(fl_tensor *y, double a, const fl_tensor *x, double b) {
-  const char *op = "cuda axpby";
-  int64_t n = fl_tensor_numel(y);
-  if (n == 0) return 0;
-  cu_dev *d;
-  if (dev_of(op, y, &d)) return -1;
-  return cu_visit_float(op, y->dtype, [&](auto tag) {
+  return float_launch("cuda axpby", y, [&](auto tag, cu_dev *d, int64_t n) {
     typedef typename decltype(tag)::type T;
     axpby_kernel<T><<<cu_grid(d, n, CU_THREADS), CU_THREADS, 0, d->stream>>>((T *)cu_ptr(y), (const T *)cu_ptr(x), n,
                                                                              (T)a, (T)b);
-    return cu_launched(op);
+    return 0;
   });
 }
 
