@@ -15,7 +15,7 @@ CFLAGS  ?= -O2
 CFLAGS  += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -fPIC -fopenmp -g \
            -Icore -Ibindings $(PKG_CFLAGS) -DFLOWER_VERSION='"$(VERSION)"' \
            -DFLOWER_SCRIPTS_DEFAULT='"$(PREFIX)/share/flowerlua/scripts"'
-LDLIBS  := $(PKG_LIBS) -lopenblas -ljpeg -lpthread -lm -fopenmp
+LDLIBS  := $(PKG_LIBS) -ldnnl -lopenblas -ljpeg -lpthread -lm -fopenmp
 HOST_LIBS := -llua5.4 -lreadline
 
 ifeq ($(SAN),1)

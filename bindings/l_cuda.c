@@ -17,8 +17,19 @@
  *   flower.cuda.conv_stats()             cached cuDNN plans, direct-kernel fallback calls
  *   flower.cuda.adam_step(ws, gs, ms, vs, alpha, beta1, beta2, eps)   core/nn.h's adam_step over
  *   flower.cuda.sgd_step(ws, gs, ms|nil, lr, momentum, nesterov)       whole lists in few launches
- *   t:cuda([dev])  t:cpu()  t:is_cuda()  t:get_device()
- * Devices are numbered from 0, as CUDA itself and "cuda:0" number them. */
+ *   flower.cuda.to_device_async(t [, dev])   t on the device without waiting for the copy (below)
+ *   t:cuda([dev])  t:cuda{device = 0, non_blocking = false}  t:cpu()  t:is_cuda()  t:get_device()
+ *   t:pin_memory()  t:is_pinned()
+ * Devices are numbered from 0, as CUDA itself and "cuda:0" number them.
+ *
+ * The data path. t:pin_memory() copies a host tensor into page-locked memory (plain memory where
+ * there is no device: the same values, is_pinned() false); data.Loader{pin_memory = true} decodes
+ * batches straight into such memory (fl_lua_pinned_provider below). to_device_async(t) (or
+ * t:cuda{non_blocking = true}) returns the device tensor at once: the upload runs on a copy stream
+ * and the device's compute stream waits for it on the GPU, so kernels queued on the result see the
+ * data while the host goes on decoding. A pinned t must not be written until the copy has read it:
+ * the loader waits for that before refilling a buffer (backend.h: host_wait); other code writing
+ * into a pinned tensor it has just uploaded calls flower.cuda.synchronize() first. */
 #include "lflower.h"
 #include "backend.h"
 
@@ -61,21 +72,101 @@ static int opt_device(lua_State *L, int arg, const char *fname) {
   return (int)d;
 }
 
-/* t:cuda([device = 0]): t itself when it is already there */
+/* The backend whose page-locked host memory the loader's batches use (l_data.c, pin_memory):
+ * CUDA when built with it and a device is present, else NULL (batches in plain memory). */
+const fl_backend *fl_lua_pinned_provider(void) {
+#ifdef FLOWER_CUDA
+  if (fl_cuda_device_count() > 0) return fl_cuda_backend();
+#endif
+  return NULL;
+}
+
+/* to the device without waiting: src (a host tensor) -> new device tensor on dev */
+static int push_async_to(lua_State *L, int src_idx, int dev, const char *fname) {
+#ifdef FLOWER_CUDA
+  fl_tensor *src = fl_lua_checktensor(L, src_idx);
+  if (fl_cuda_check_device(fname, dev)) return fl_lua_error(L);
+  if (is_cuda_tensor(src)) {
+    if (src->storage->device == dev) { lua_pushvalue(L, src_idx); return 1; }
+    return push_copy_to(L, src, fl_cuda_backend(), dev, fname);
+  }
+  fl_tensor *t = fl_lua_newtensor(L);
+  src = fl_lua_checktensor(L, src_idx);   /* newtensor may have run a collection: reread */
+  if (fl_tensor_init(t, fl_cuda_backend(), dev, src->dtype, src->ndim, src->shape)) {
+    if (!fl_last_failure_was_oom()) return luaL_error(L, "%s: %s", fname, fl_errmsg());
+    lua_gc(L, LUA_GCCOLLECT);
+    if (fl_tensor_init(t, fl_cuda_backend(), dev, src->dtype, src->ndim, src->shape))
+      return luaL_error(L, "%s: %s", fname, fl_errmsg());
+  }
+  if (fl_cuda_backend()->copy_async(t, src)) return luaL_error(L, "%s: %s", fname, fl_errmsg());
+  return 1;
+#else
+  (void)src_idx; (void)dev;
+  return luaL_error(L, "%s: %s", fname, NO_CUDA);
+#endif
+}
+
+/* t:cuda([device = 0]) or t:cuda{device = 0, non_blocking = false}: t itself when it is already there */
 static int t_cuda(lua_State *L) {
   fl_tensor *t = fl_lua_checktensor(L, 1);
-  int dev = opt_device(L, 2, "cuda");
+  int dev = 0, non_blocking = 0;
+  if (lua_istable(L, 2)) {
+    lua_getfield(L, 2, "device");
+    dev = opt_device(L, -1, "cuda");
+    lua_getfield(L, 2, "non_blocking");
+    non_blocking = lua_toboolean(L, -1);
+    lua_pop(L, 2);
+  } else {
+    dev = opt_device(L, 2, "cuda");
+  }
 #ifdef FLOWER_CUDA
   if (fl_cuda_check_device("cuda", dev)) return fl_lua_error(L);
   if (is_cuda_tensor(t) && t->storage->device == dev) {
     lua_settop(L, 1);
     return 1;
   }
+  if (non_blocking) return push_async_to(L, 1, dev, "cuda");
   return push_copy_to(L, t, fl_cuda_backend(), dev, "cuda");
 #else
-  (void)t; (void)dev;
+  (void)t; (void)dev; (void)non_blocking;
   return luaL_error(L, "cuda: %s", NO_CUDA);
 #endif
+}
+
+/* flower.cuda.to_device_async(t [, device = 0]) */
+static int l_to_device_async(lua_State *L) {
+  fl_lua_checktensor(L, 1);
+  int dev = opt_device(L, 2, "cuda.to_device_async");
+  return push_async_to(L, 1, dev, "cuda.to_device_async");
+}
+
+/* t:pin_memory(): a contiguous host copy of t in page-locked memory (plain memory without a
+ * device); t itself when it already is pinned */
+static int t_pin_memory(lua_State *L) {
+  const char *fname = "pin_memory";
+  fl_tensor *t = fl_lua_checktensor(L, 1);
+  if (t->storage->pinned) { lua_settop(L, 1); return 1; }
+  if (!fl_tensor_is_host(t)) return luaL_error(L, "%s: the tensor is on a device; pin host tensors", fname);
+  int64_t n = fl_tensor_numel(t);
+  size_t nb = (size_t)n * fl_dtype_size(t->dtype);
+  fl_tensor *p = fl_lua_newtensor(L);
+  t = fl_lua_checktensor(L, 1);
+  fl_storage *s = fl_storage_new_pinned(fl_lua_pinned_provider(), nb);
+  if (!s) return luaL_error(L, "%s: %s", fname, fl_errmsg());
+  p->storage = s;
+  p->offset = 0;
+  p->ndim = t->ndim;
+  p->dtype = t->dtype;
+  for (int i = 0; i < t->ndim; i++) p->shape[i] = t->shape[i];
+  fl_contiguous_strides(p->ndim, p->shape, p->stride);
+  if (fl_cpu_backend.copy(p, t)) return luaL_error(L, "%s: %s", fname, fl_errmsg());
+  return 1;
+}
+
+static int t_is_pinned(lua_State *L) {
+  fl_tensor *t = fl_lua_checktensor(L, 1);
+  lua_pushboolean(L, t->storage->pinned != NULL);
+  return 1;
 }
 
 /* t:cpu(): t itself for a CPU tensor */
@@ -292,7 +383,7 @@ static int l_empty_cache(lua_State *L) { (void)L; return 0; }   /* nothing is ca
 
 static const luaL_Reg cuda_funcs[] = {
   {"built", l_built}, {"available", l_available}, {"unavailable_reason", l_unavailable_reason},
-  {"device_count", l_device_count}, {"empty_cache", l_empty_cache},
+  {"device_count", l_device_count}, {"empty_cache", l_empty_cache}, {"to_device_async", l_to_device_async},
 #ifdef FLOWER_CUDA
   {"device_name", l_device_name}, {"memory_stats", l_memory_stats}, {"reset_peak_memory_stats", l_reset_peak},
   {"synchronize", l_synchronize}, {"allow_tf32", l_allow_tf32}, {"benchmark", l_benchmark},
@@ -312,6 +403,7 @@ static const char *const device_funcs[] = {
 
 static const luaL_Reg tensor_methods[] = {
   {"cuda", t_cuda}, {"cpu", t_cpu}, {"is_cuda", t_is_cuda}, {"get_device", t_get_device},
+  {"pin_memory", t_pin_memory}, {"is_pinned", t_is_pinned},
   {NULL, NULL},
 };
 

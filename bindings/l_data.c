@@ -365,7 +365,13 @@ static int l_image_from_raw(lua_State *L) {
 
 /* Batch buffers handed out are also kept (one extra reference each) in a small pool; once Lua has
  * collected a batch's tensor, the pool holds the only reference and the buffer serves again. Fresh
- * buffers cost page faults on every first write, a sixth of a worker's time at 224x224. */
+ * buffers cost page faults on every first write, a sixth of a worker's time at 224x224.
+ *
+ * pin_memory: buffers are page-locked memory from the device backend (fl_lua_pinned_provider), so
+ * that flower.cuda.to_device_async uploads them by DMA while the workers decode the next batches.
+ * Such an upload reads the buffer after the batch's tensor may already be gone: before a buffer
+ * serves again, host_wait blocks until its last upload is done (in practice long done: the pool
+ * and the prefetch slots make a ring of several batches). Without a device, plain memory. */
 #define POOL_MAX 64
 
 typedef struct {
@@ -374,6 +380,7 @@ typedef struct {
   int64_t n;
   int out_h, out_w, dtype;
   size_t batch_bytes;
+  const fl_backend *pin;   /* pin_memory with a device present: who gives page-locked memory */
   int npool, pool_cap;
   fl_storage *pool[POOL_MAX];
 } loader_ud;
@@ -383,12 +390,14 @@ static void *storage_alloc(void *ud, size_t nbytes, void **handle) {
   for (int i = 0; i < u->npool; i++) {
     fl_storage *s = u->pool[i];
     if (__atomic_load_n(&s->refcount, __ATOMIC_ACQUIRE) == 1 && s->nbytes == nbytes) {
+      /* an upload may still read it; a failed wait means the device failed, and says so elsewhere */
+      if (s->pinned && s->pinned->host_wait(s->data)) continue;
       u->pool[i] = u->pool[--u->npool];   /* the pool's reference becomes the slot's */
       *handle = s;
       return s->data;
     }
   }
-  fl_storage *s = fl_storage_new(&fl_cpu_backend, 0, nbytes);
+  fl_storage *s = u->pin ? fl_storage_new_pinned(u->pin, nbytes) : fl_storage_new(&fl_cpu_backend, 0, nbytes);
   *handle = s;
   return s ? s->data : NULL;
 }
@@ -428,7 +437,7 @@ static int loader_gc(lua_State *L) {
 }
 
 /* loader{paths = {...}, labels = {...} or nil, batch_size, shuffle, seed, workers, prefetch,
- *        drop_last, dtype, preprocess, transform = {...}} -> Loader */
+ *        drop_last, dtype, preprocess, pin_memory, transform = {...}} -> Loader */
 static int l_loader(lua_State *L) {
   const char *fname = "Loader";
   luaL_checktype(L, 1, LUA_TTABLE);
@@ -470,6 +479,7 @@ static int l_loader(lua_State *L) {
   cfg.prefetch = (int)opt_integer(L, 1, "prefetch", 0, fname);
   cfg.seed = (uint64_t)opt_integer(L, 1, "seed", 0, fname);
   cfg.dtype = opt_enum(L, 1, "dtype", dtype_names, FL_OUT_F32, fname);
+  int pin = opt_bool(L, 1, "pin_memory", 0, fname);
   static const char *const pres[] = { "none", "caffe", "tf", "torch", NULL };
   cfg.preprocess = opt_enum(L, 1, "preprocess", pres, FL_PRE_NONE, fname);
   int ty = lua_getfield(L, 1, "transform");
@@ -480,6 +490,7 @@ static int l_loader(lua_State *L) {
   memset(u, 0, sizeof *u);
   luaL_setmetatable(L, LOADER_MT);
   cfg.alloc = (fl_batch_alloc){ storage_alloc, storage_release, u };
+  u->pin = pin ? fl_lua_pinned_provider() : NULL;
   if (labels) {
     u->labels = malloc(sizeof(int64_t) * (size_t)(n ? n : 1));
     if (!u->labels) return luaL_error(L, "%s: out of memory", fname);
@@ -583,7 +594,15 @@ static int loader_size(lua_State *L) {
   return 1;
 }
 
+/* loader:pinned(): true when batches come in page-locked memory (pin_memory with a device) */
+static int loader_pinned(lua_State *L) {
+  loader_ud *u = check_loader(L, 1, "Loader:pinned");
+  lua_pushboolean(L, u->pin != NULL);
+  return 1;
+}
+
 static const luaL_Reg loader_methods[] = {
+  {"pinned", loader_pinned},
   {"start", loader_start},
   {"next", loader_next},
   {"nbatches", loader_nbatches},

@@ -24,6 +24,8 @@
  *   _nn.axpby(y, a, x, b) -> y (y = a*x + b*y);  _nn.sumsq(x) -> number
  *   _nn.sgd_step(w, g, m|nil, lr, momentum, nesterov);  _nn.adam_step(w, g, m, v, alpha, beta1, beta2, eps)
  *   _nn.now() -> seconds (monotonic wall clock)
+ *   _nn.conv_engine('auto'|'own'|'onednn')              (which code runs CPU float32 convolutions;
+ *                                                        for benchmarks and tests, see core/nn.h)
  * Optional tensor arguments take nil. */
 #include "l_tensor.h"
 #include "nn.h"
@@ -361,8 +363,17 @@ static int l_now(lua_State *L) {
   return 1;
 }
 
+/* conv_engine('auto'|'own'|'onednn') */
+static int l_conv_engine(lua_State *L) {
+  static const char *const names[] = {"auto", "own", "onednn", NULL};
+  static const fl_conv_engine engines[] = {FL_CONV_AUTO, FL_CONV_OWN, FL_CONV_ONEDNN};
+  fl_nn_cpu_set_conv_engine(engines[luaL_checkoption(L, 1, NULL, names)]);
+  return 0;
+}
+
 static const luaL_Reg nn_funcs[] = {
   {"now", l_now},
+  {"conv_engine", l_conv_engine},
   {"axpby", l_axpby},
   {"sumsq", l_sumsq},
   {"sgd_step", l_sgd_step},

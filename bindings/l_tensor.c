@@ -572,6 +572,14 @@ static int t_stride(lua_State *L) {
 static int t_dim(lua_State *L) { lua_pushinteger(L, fl_lua_checktensor(L, 1)->ndim); return 1; }
 static int t_numel(lua_State *L) { lua_pushinteger(L, fl_tensor_numel(fl_lua_checktensor(L, 1))); return 1; }
 static int t_is_contiguous(lua_State *L) { lua_pushboolean(L, fl_tensor_is_contiguous(fl_lua_checktensor(L, 1))); return 1; }
+/* t:is_shared(): another tensor (a view of t, or the base or a sibling of this view) still holds
+ * t's storage, so writing into t in place would change it too. Views left to the collector count
+ * until they are collected: the answer errs on the side of "shared". */
+static int t_is_shared(lua_State *L) {
+  fl_tensor *t = fl_lua_checktensor(L, 1);
+  lua_pushboolean(L, __atomic_load_n(&t->storage->refcount, __ATOMIC_ACQUIRE) > 1);
+  return 1;
+}
 /* 1-based, like Torch7's storageOffset */
 static int t_storage_offset(lua_State *L) { lua_pushinteger(L, fl_lua_checktensor(L, 1)->offset + 1); return 1; }
 
@@ -1047,6 +1055,7 @@ static const luaL_Reg tensor_methods[] = {
   {"long", t_long}, {"byte", t_byte}, {"device", t_device},
   {"size", t_size}, {"stride", t_stride}, {"dim", t_dim}, {"nDimension", t_dim}, {"numel", t_numel},
   {"nElement", t_numel}, {"is_contiguous", t_is_contiguous}, {"isContiguous", t_is_contiguous},
+  {"is_shared", t_is_shared},
   {"storage_offset", t_storage_offset}, {"item", t_item}, {"totable", t_totable}, {"equal", t_equal},
   {"view", t_view}, {"reshape", t_reshape}, {"transpose", t_transpose}, {"t", t_t}, {"permute", t_permute},
   {"narrow", t_narrow}, {"select", t_select}, {"expand", t_expand}, {"unsqueeze", t_unsqueeze},
@@ -1058,12 +1067,36 @@ static const luaL_Reg tensor_methods[] = {
   {NULL, NULL},
 };
 
+/* flower.memory([what]) -> {live = bytes of all live storages (every device), host = bytes of host
+ * blocks in use (rounded to the allocator's size classes), cached = freed host blocks the CPU
+ * allocator keeps for reuse, peak = the most host + cached bytes since the start or the last
+ * 'reset_peak'}. what: 'release' gives the cached blocks back first; 'reset_peak' starts the peak
+ * again from now. */
+static int l_memory(lua_State *L) {
+  static const char *const whats[] = {"stats", "release", "reset_peak", NULL};
+  int what = luaL_checkoption(L, 1, "stats", whats);
+  if (what == 1) fl_cpu_release_cache();
+  size_t used, cached, peak;
+  fl_cpu_memory_stats(&used, &cached, &peak, what == 2);
+  lua_createtable(L, 0, 4);
+  lua_pushinteger(L, (lua_Integer)fl_storage_live_bytes());
+  lua_setfield(L, -2, "live");
+  lua_pushinteger(L, (lua_Integer)used);
+  lua_setfield(L, -2, "host");
+  lua_pushinteger(L, (lua_Integer)cached);
+  lua_setfield(L, -2, "cached");
+  lua_pushinteger(L, (lua_Integer)peak);
+  lua_setfield(L, -2, "peak");
+  return 1;
+}
+
 static const luaL_Reg module_funcs[] = {
   {"tensor", l_tensor}, {"zeros", l_zeros}, {"ones", l_ones}, {"empty", l_empty}, {"full", l_full},
   {"arange", l_arange}, {"linspace", l_linspace}, {"rand", l_rand}, {"randn", l_randn},
   {"randint", l_randint}, {"manual_seed", l_manual_seed}, {"get_rng_state", l_get_rng_state},
   {"set_rng_state", l_set_rng_state}, {"fromstring", l_fromstring}, {"cat", l_cat}, {"stack", l_stack},
   {"is_tensor", l_is_tensor}, {"setnumthreads", l_setnumthreads}, {"getnumthreads", l_getnumthreads},
+  {"memory", l_memory},
   {NULL, NULL},
 };
 

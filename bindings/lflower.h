@@ -30,6 +30,10 @@ int fl_lua_error(lua_State *L);
 void fl_lua_checkhost(lua_State *L, const fl_tensor *t, const char *fname);
 const fl_tensor *fl_lua_tohost(lua_State *L, const fl_tensor *t, const char *fname);
 
+/* l_cuda.c: the device backend that gives page-locked host memory for batches (CUDA with a device
+ * present), or NULL: then fl_storage_new_pinned gives plain memory. */
+const struct fl_backend *fl_lua_pinned_provider(void);
+
 /* Each binding file registers its functions into the module table at the top of the stack. */
 void fl_lua_open_tensor(lua_State *L);
 void fl_lua_open_nn(lua_State *L);

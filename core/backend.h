@@ -65,10 +65,29 @@ struct fl_backend {
   /* neural-network kernels (convolution, pooling, batch norm, ...): declared in core/nn.h.
    * For the CPU this points at `fl_cpu_nn_ops`, a weak reference: NULL until a file defines it. */
   const struct fl_nn_ops *nn;
+
+  /* ---- the host side of a device backend (NULL in the CPU's table and where not provided) ----
+   * Page-locked ("pinned") host memory, which the device reads by DMA while the host goes on: the
+   * loader decodes batches straight into it (fl_storage_new_pinned, l_data.c's pin_memory).
+   * host_alloc: NULL with a message on failure. host_free: waits for the asynchronous copies that
+   * still read the block, then frees it. host_wait: blocks until no asynchronous copy reads the
+   * block starting at p (0, or -1 with a message); a block it does not know returns 0 at once. */
+  void *(*host_alloc)(size_t nbytes);
+  void (*host_free)(void *p);
+  int (*host_wait)(const void *p);
+  /* dst (this backend, contiguous) = src (host, contiguous, same dtype and shape), without waiting
+   * for the copy: it runs on a copy stream, and the device's compute stream waits for it on the
+   * device, so kernels queued on dst afterwards see the data. A pinned src (host_alloc) is read
+   * after the call returns: host_wait / host_free before writing or freeing it. Anything else
+   * (pageable or strided src, dtype conversion) is copied as `copy` does. */
+  int (*copy_async)(fl_tensor *dst, const fl_tensor *src);
 };
 
 extern const fl_backend fl_cpu_backend;
 /* The CPU backend keeps a few freed large blocks for reuse (core/cpu/cpu.c); this returns them. */
 void fl_cpu_release_cache(void);
+/* Host bytes in blocks in use, in the cache, and the peak of the two together since the start or
+ * the last reset (reset_peak != 0 starts it again from now); any pointer may be NULL. */
+void fl_cpu_memory_stats(size_t *used, size_t *cached, size_t *peak, int reset_peak);
 
 #endif

@@ -111,9 +111,11 @@ struct fl_nn_ops {
 extern const struct fl_nn_ops fl_cpu_nn_ops;
 /* Elements of the CPU convolutions' im2col chunk (default 2^20; <= 0 restores it). For tests. */
 void fl_nn_cpu_set_chunk(int64_t elements);
-/* Winograd F(2x2,3x3) for 3x3 stride-1 convolutions: 0 off (default: it measured slower, see
- * core/cpu/nn_cpu.c), 1 for wide layers, 2 always. */
-void fl_nn_cpu_set_winograd(int mode);
+/* Which code runs the CPU's float32 convolutions: FL_CONV_AUTO (the default) picks per operation
+ * and kernel shape what measured faster (see core/cpu/nn_cpu.c); FL_CONV_OWN forces our GEMM
+ * kernels, FL_CONV_ONEDNN oneDNN wherever it accepts the case. float64 always uses our kernels. */
+typedef enum { FL_CONV_AUTO, FL_CONV_OWN, FL_CONV_ONEDNN } fl_conv_engine;
+void fl_nn_cpu_set_conv_engine(fl_conv_engine e);
 
 /* ---- front functions: checked, contiguous, allocate their outputs ---- */
 int fl_conv2d_forward(fl_tensor *y, const fl_tensor *x, const fl_tensor *w, const fl_tensor *scale,

@@ -110,6 +110,24 @@ fl_storage *fl_storage_new(const fl_backend *be, int device, size_t nbytes) {
   return s;
 }
 
+fl_storage *fl_storage_new_pinned(const fl_backend *dev, size_t nbytes) {
+  if (dev && dev->host_alloc && dev->host_free) {
+    fl_storage *s = calloc(1, sizeof *s);
+    if (!s) { fl_fail_oom("out of memory allocating a storage header"); return NULL; }
+    s->data = dev->host_alloc(nbytes ? nbytes : 1);
+    if (s->data) {
+      s->refcount = 1;
+      __atomic_add_fetch(&live_bytes, nbytes, __ATOMIC_RELAXED);
+      s->nbytes = nbytes;
+      s->backend = &fl_cpu_backend;
+      s->pinned = dev;
+      return s;
+    }
+    free(s);   /* no page-locked memory: plain memory does the same job, only slower to copy */
+  }
+  return fl_storage_new(&fl_cpu_backend, 0, nbytes);
+}
+
 void fl_storage_retain(fl_storage *s) {
   if (s) __atomic_add_fetch(&s->refcount, 1, __ATOMIC_RELAXED);
 }
@@ -118,7 +136,8 @@ void fl_storage_release(fl_storage *s) {
   if (!s) return;
   if (__atomic_sub_fetch(&s->refcount, 1, __ATOMIC_ACQ_REL) == 0) {
     __atomic_sub_fetch(&live_bytes, s->nbytes, __ATOMIC_RELAXED);
-    s->backend->free(s->device, s->data);
+    if (s->pinned) s->pinned->host_free(s->data);
+    else s->backend->free(s->device, s->data);
     free(s);
   }
 }

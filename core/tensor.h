@@ -20,6 +20,10 @@ typedef struct fl_storage {
   size_t nbytes;
   const fl_backend *backend;  /* where `data` lives */
   int device;                 /* device index within the backend */
+  /* Page-locked host memory (fl_storage_new_pinned): the device backend whose host_alloc gave
+   * `data` and whose host_free takes it back. NULL for every other storage. A pinned storage is a
+   * CPU storage in every other respect (backend == &fl_cpu_backend, CPU kernels, is_host). */
+  const fl_backend *pinned;
 } fl_storage;
 
 /* A tensor is a strided view: element (i0..in) is at
@@ -52,6 +56,11 @@ int fl_dtype_is_float(fl_dtype dt);
 /* NULL + message on failure: the backend allocator's own message when it recorded one with
  * fl_fail / fl_fail_oom (kept as is, with its out-of-memory mark), else a generic out-of-memory one. */
 fl_storage *fl_storage_new(const fl_backend *be, int device, size_t nbytes);
+/* A CPU storage in page-locked memory from device backend `dev` (its host_alloc), which that
+ * device reads with asynchronous copies (backend.h: copy_async). Falls back to a plain CPU storage
+ * when dev is NULL, has no host_alloc, or cannot give page-locked memory (a scarce resource): check
+ * s->pinned. NULL + message only when plain memory runs out too. */
+fl_storage *fl_storage_new_pinned(const fl_backend *dev, size_t nbytes);
 void fl_storage_retain(fl_storage *s);
 void fl_storage_release(fl_storage *s);
 size_t fl_storage_live_bytes(void);                /* bytes held by all live storages */

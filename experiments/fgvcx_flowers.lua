@@ -5,6 +5,7 @@
 --   ./flowerlua experiments/fgvcx_flowers.lua --data /data/fgvcx --weights ~/.keras/models
 --   ./flowerlua experiments/fgvcx_flowers.lua --data DIR --weights DIR --models resnet50,xception --epochs 3
 --   ./flowerlua experiments/fgvcx_flowers.lua --resume runs/fgvcx_flowers-20250101-120000   # after Ctrl-C
+--   build-cuda/flowerlua experiments/fgvcx_flowers.lua --data DIR --weights DIR --device cuda   # on a GPU
 --
 -- --data DIR holds the Kaggle layout: train.json, test.json, train/category_<id+1>/<image_id>.jpg,
 -- test/<file_name> and (optionally) sample_submission.csv. --weights DIR holds Keras's standard

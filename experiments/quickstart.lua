@@ -5,6 +5,7 @@
 --   ./flowerlua experiments/quickstart.lua --help     # every option
 --   ./flowerlua experiments/quickstart.lua --tiny     # a few seconds (tests, CI)
 --   ./flowerlua experiments/quickstart.lua --resume runs/quickstart-20250101-120000   # after Ctrl-C
+--   ./flowerlua experiments/quickstart.lua --device cuda   # on a GPU (a `make CUDA=1` build)
 --
 -- What it does (each step is the seed's, with small CNNs in place of the ImageNet models, which
 -- would take hours per epoch on a CPU): fine-tune each model in `--models` with a freeze-then-unfreeze

@@ -74,4 +74,17 @@ void cpu_vsigmoid_f32(int64_t n, const float *x, float *y);
  * level < 0 only asks; level >= 0 selects min(level, what this CPU has) (for tests). */
 int cpu_vecmath_level(int level);
 
+/* float32 convolutions through oneDNN (core/cpu/conv_dnnl.c), on the same tensors as the fl_nn_ops
+ * kernels; depthwise: w is (KH,KW,C,M). 0 done, -1 failed (message set), 1 when oneDNN cannot do
+ * this one (the caller falls back to its own kernel). */
+struct fl_window;
+int cpu_dnnl_conv_forward(fl_tensor *y, const fl_tensor *x, const fl_tensor *w, const fl_tensor *scale,
+                          const fl_tensor *shift, int relu, const struct fl_window *win, int depthwise);
+int cpu_dnnl_conv_backward_data(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *w,
+                                const struct fl_window *win, int depthwise);
+/* gw = beta*gw + dL/dw only: the bias gradient is the caller's (a column sum of gy, which measured
+ * faster than oneDNN's fused one) */
+int cpu_dnnl_conv_backward_filter(fl_tensor *gw, const fl_tensor *x, const fl_tensor *gy,
+                                  const struct fl_window *win, double beta, int depthwise);
+
 #endif

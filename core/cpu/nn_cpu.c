@@ -1,8 +1,11 @@
 /* The CPU backend's nn kernels (struct fl_nn_ops): float32 and float64 versions of the generic code
- * in nn_cpu_impl.h, and a dtype dispatcher per kernel. Convolutions are GEMMs on NHWC through
+ * in nn_cpu_impl.h, and a dtype dispatcher per kernel. Our convolutions are GEMMs on NHWC through
  * OpenBLAS: 1x1 stride-1 convolutions use the activations directly as the GEMM's left matrix;
  * others go through im2col in chunks of output rows, so the column buffer stays a few MB (reused,
- * per thread) whatever the batch size. */
+ * per thread) whatever the batch size. Most float32 convolutions go to oneDNN instead (conv_dnnl.c),
+ * which measured faster; the dispatchers at the end say which. (A Winograd F(2x2,3x3) path lived
+ * here too, off by default because it measured 1.2-1.8x slower than im2col + sgemm; oneDNN's direct
+ * kernels are faster than both, so it went.) */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -10,6 +13,7 @@
 #include <cblas.h>
 #include "nn.h"
 #include "ops.h"
+#include "cpu.h"
 
 /* elements per im2col chunk (about 4 MB of float32); tests shrink it to exercise chunk edges */
 static int64_t nn_chunk = (int64_t)1 << 20;
@@ -17,12 +21,11 @@ static int64_t nn_chunk = (int64_t)1 << 20;
 
 void fl_nn_cpu_set_chunk(int64_t elements) { nn_chunk = elements > 0 ? elements : ((int64_t)1 << 20); }
 
-/* Per-thread scratch buffers that only grow (slots: 0 im2col columns / Winograd inputs, 1 partial
- * gradients / Winograd products, 2 the Winograd kernel):
+/* Per-thread scratch buffers that only grow (slots: 0 im2col columns, 1 partial gradients):
  * convolutions reuse them instead of allocating per call. OpenMP's worker threads persist, so each
  * keeps its buffers across calls. */
-static _Thread_local void *scratch_ptr[3];
-static _Thread_local size_t scratch_cap[3];
+static _Thread_local void *scratch_ptr[2];
+static _Thread_local size_t scratch_cap[2];
 
 static void *fl_cpu_nn_scratch(int slot, size_t nbytes) {
   if (nbytes <= scratch_cap[slot]) return scratch_ptr[slot];
@@ -41,24 +44,6 @@ static int nn_threads(int64_t macs) {
   int nt = fl_get_num_threads();
   if (nt < 1) nt = 1;
   return macs < ((int64_t)1 << 20) ? 1 : nt;
-}
-
-/* Winograd F(2x2,3x3) for 3x3 stride-1 undilated convolutions: 0 never (the default), 1 for wide
- * layers, 2 always (tests). Off by default because it measured slower than im2col + sgemm here
- * (one thread, batch 8, ResNet50's 3x3 layers: 56x56x64 1.8x slower, 28x28x128 1.3x, 14x14x256
- * 1.3x, 7x7x512 1.2x): it does 2.25x fewer multiply-adds, but its 16 GEMMs are narrow (K = Cin),
- * OpenBLAS packs their inputs again, and the three transforms are separate memory passes. Winning
- * needs transforms fused into a custom GEMM micro-kernel. */
-static int winograd_mode = 0;
-void fl_nn_cpu_set_winograd(int mode) { winograd_mode = mode; }
-
-static int use_winograd(const fl_window *w, int64_t cin, int64_t cout, int64_t oh, int64_t ow) {
-  if (winograd_mode == 0 || w->kh != 3 || w->kw != 3 || w->sh != 1 || w->sw != 1 || w->dh != 1 || w->dw != 1)
-    return 0;
-  /* backward data of a 'valid' conv pads by 2: the tile formula needs pads within 0..2 */
-  if (w->pt > 2 || w->pl > 2) return 0;
-  if (winograd_mode == 2) return 1;
-  return cin >= 32 && cout >= 32 && oh >= 4 && ow >= 4;
 }
 
 /* Rows per block of a 1x1 convolution's GEMM: about four blocks per thread, taken dynamically so a
@@ -103,27 +88,89 @@ static int win_is_pointwise(const fl_window *w) {
  * has already checked that all of them agree). */
 #define PICK(t, name, ...) ((t)->dtype == FL_F64 ? name##_f64(__VA_ARGS__) : name##_f32(__VA_ARGS__))
 
+/* ---- which engine runs a float32 convolution ----
+ * oneDNN (core/cpu/conv_dnnl.c) or the GEMM kernels above, by what measured faster on this project's
+ * 2-core AMD EPYC (AVX-512) with 2 threads at batch 8 (ms, best of interleaved runs, ours / oneDNN;
+ * tests/bench/layers.lua prints the current numbers):
+ *   forward: oneDNN everywhere, 1.1-1.4x on ResNet50's 1x1 and 3x3 layers (res2 3x3 64: 10.2 / 8.1,
+ *     res4 3x3 256: 10.8 / 7.6), 1.4x on the 7x7/2 stem, 1.2-1.3x on InceptionV3's 1x7 / 7x1; a tie at
+ *     worst (3x3/2 valid 192->320 at 17x17: 2.9 / 2.7); the fused BN+ReLU epilogue as post-ops costs
+ *     it nothing. Depthwise 1.8-3.4x (our loop is not blocked for the cache).
+ *   backward data: oneDNN (1.15-1.8x) except with fewer than 16 input channels, i.e. the RGB stem:
+ *     7x7/2 3->64 at 224, 21.7 / 44.1 (oneDNN has no blocked kernel for 3 channels).
+ *   backward filter: oneDNN from 64 input channels (3x3: 1.15-1.3x, 1x1: 0.9-1.2x), ours below
+ *     (InceptionV3's 3x3/2 32->32 at 149: 6.1 / 7.0), and depthwise always (1.3-2.4x). The bias
+ *     gradient is our column sum either way (oneDNN's fused one cost up to 1.7 ms more).
+ * float64 (gradient checks) always runs our kernels: oneDNN has no float64 convolution. */
+static fl_conv_engine conv_engine = FL_CONV_AUTO;
+void fl_nn_cpu_set_conv_engine(fl_conv_engine e) { conv_engine = e; }
+
+enum { CONV_FWD, CONV_BWD_DATA, CONV_BWD_FILTER };
+
+/* 1 if this convolution goes to oneDNN. x (N,H,W,C), y (N,OH,OW,F). */
+static int conv_by_dnnl(int op, int depthwise, const fl_tensor *x, const fl_tensor *y, const fl_tensor *w) {
+  if (conv_engine == FL_CONV_OWN || x->dtype != FL_F32) return 0;
+  if (fl_tensor_numel(x) == 0 || fl_tensor_numel(y) == 0 || fl_tensor_numel(w) == 0) return 0;
+  if (conv_engine == FL_CONV_ONEDNN || depthwise) return 1;
+  int64_t c = x->shape[3];
+  return op == CONV_FWD || (op == CONV_BWD_DATA && c >= 16) || (op == CONV_BWD_FILTER && c >= 64);
+}
+
+/* oneDNN's result when it took the call, else ours */
+#define ROUTE(call_dnnl, call_own) do { \
+    int rc_ = (call_dnnl); \
+    return rc_ <= 0 ? rc_ : (call_own); \
+  } while (0)
+
+/* gb (F) = beta*gb + sum of gy (N,OH,OW,F) over all but the channels (float32) */
+static int bias_grad(fl_tensor *gb, const fl_tensor *gy, double beta) {
+  int64_t f = gy->shape[3];
+  return colsum_f32(fl_tensor_data(gb), fl_tensor_data(gy), fl_tensor_numel(gy) / f, f, beta);
+}
+
 static int cpu_conv2d_forward(fl_tensor *y, const fl_tensor *x, const fl_tensor *w, const fl_tensor *scale,
                               const fl_tensor *shift, int relu, const fl_window *win) {
+  if (conv_by_dnnl(CONV_FWD, 0, x, y, w))
+    ROUTE(cpu_dnnl_conv_forward(y, x, w, scale, shift, relu, win, 0),
+          conv2d_forward_f32(y, x, w, scale, shift, relu, win));
   return PICK(x, conv2d_forward, y, x, w, scale, shift, relu, win);
 }
 static int cpu_conv2d_backward_data(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *w, const fl_window *win) {
+  if (conv_by_dnnl(CONV_BWD_DATA, 0, gx, gy, w))
+    ROUTE(cpu_dnnl_conv_backward_data(gx, gy, w, win, 0), conv2d_backward_data_f32(gx, gy, w, win));
   return PICK(gy, conv2d_backward_data, gx, gy, w, win);
 }
 static int cpu_conv2d_backward_filter(fl_tensor *gw, fl_tensor *gb, const fl_tensor *x, const fl_tensor *gy,
                                       const fl_window *win, double beta) {
+  if (conv_by_dnnl(CONV_BWD_FILTER, 0, x, gy, gw)) {
+    int rc = cpu_dnnl_conv_backward_filter(gw, x, gy, win, beta, 0);
+    if (rc == 0 && gb) rc = bias_grad(gb, gy, beta);
+    if (rc <= 0) return rc;
+    return conv2d_backward_filter_f32(gw, gb, x, gy, win, beta);
+  }
   return PICK(x, conv2d_backward_filter, gw, gb, x, gy, win, beta);
 }
 static int cpu_depthwise_forward(fl_tensor *y, const fl_tensor *x, const fl_tensor *w, const fl_tensor *scale,
                                  const fl_tensor *shift, int relu, const fl_window *win) {
+  if (conv_by_dnnl(CONV_FWD, 1, x, y, w))
+    ROUTE(cpu_dnnl_conv_forward(y, x, w, scale, shift, relu, win, 1),
+          depthwise_forward_f32(y, x, w, scale, shift, relu, win));
   return PICK(x, depthwise_forward, y, x, w, scale, shift, relu, win);
 }
 static int cpu_depthwise_backward_data(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *w,
                                        const fl_window *win) {
+  if (conv_by_dnnl(CONV_BWD_DATA, 1, gx, gy, w))
+    ROUTE(cpu_dnnl_conv_backward_data(gx, gy, w, win, 1), depthwise_backward_data_f32(gx, gy, w, win));
   return PICK(gy, depthwise_backward_data, gx, gy, w, win);
 }
 static int cpu_depthwise_backward_filter(fl_tensor *gw, fl_tensor *gb, const fl_tensor *x, const fl_tensor *gy,
                                          const fl_window *win, double beta) {
+  if (conv_by_dnnl(CONV_BWD_FILTER, 1, x, gy, gw)) {
+    int rc = cpu_dnnl_conv_backward_filter(gw, x, gy, win, beta, 1);
+    if (rc == 0 && gb) rc = bias_grad(gb, gy, beta);
+    if (rc <= 0) return rc;
+    return depthwise_backward_filter_f32(gw, gb, x, gy, win, beta);
+  }
   return PICK(x, depthwise_backward_filter, gw, gb, x, gy, win, beta);
 }
 static int cpu_pool2d_forward(fl_tensor *y, fl_tensor *argmax, const fl_tensor *x, fl_pool_kind kind,

@@ -163,184 +163,6 @@ static void NN(gemm_nn)(int64_t m, int64_t n, int64_t k, const real *A, int64_t 
  * (F = 64..512 columns) one-thread GEMMs side by side scale better, and the two thread pools no
  * longer spin against each other (measured 2-5x on 2 cores for early ResNet layers). */
 
-/* ---- Winograd F(2x2, 3x3) for 3x3 stride-1 convolutions ----
- * Each 2x2 output tile is A^T [ (G g G^T) (.) (B^T d B) ] A for its 4x4 input patch d (Lavin & Gray,
- * "Fast Algorithms for Convolutional Neural Networks", 2015):
- *   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1], G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1],
- *   A^T = [1 1 1 0; 0 1 -1 -1].
- * On NHWC the transforms run along contiguous channel vectors, and the 16 element-wise products
- * summed over input channels become 16 GEMMs (tiles x Cin) @ (Cin x Cout): 16 multiply-adds per
- * tile and channel pair instead of 36, 2.25x fewer. Backward data of a 3x3 stride-1 convolution is
- * the same computation on gy with the kernel rotated by 180 degrees and its channels swapped. */
-
-/* U (16, Cin, Cout) = G g G^T per channel pair. w is (3,3,C,F); with `rot`, the kernel used is
- * w'[i][j][f][c] = w[2-i][2-j][c][f] (Cin = F, Cout = C). Vectorised along the output channels,
- * whose rows are contiguous in both w (without rot) and U; tmp holds 12 such rows. */
-static void NN(wino_kernel_rows)(real *U, const real *w, int64_t C, int64_t F, int rot, int64_t a, real *tmp) {
-  const int64_t ci = rot ? F : C, co = rot ? C : F;
-  real *t = tmp;                /* t[k][j] rows of co: G applied along i */
-  const real *g[3][3];
-  real *grow = tmp + 12 * co;   /* with rot, the gathered kernel rows g[i][j][b] */
-  for (int i = 0; i < 3; i++)
-    for (int j = 0; j < 3; j++) {
-      if (!rot) { g[i][j] = w + ((int64_t)(i * 3 + j) * C + a) * F; continue; }
-      real *r = grow + (int64_t)(i * 3 + j) * co;
-      const real *src = w + (int64_t)((2 - i) * 3 + (2 - j)) * C * F + a;   /* w[2-i][2-j][b][a], b = 0..C-1 */
-      for (int64_t b = 0; b < co; b++) r[b] = src[b * F];
-      g[i][j] = r;
-    }
-  for (int j = 0; j < 3; j++) {
-    real *t0 = t + (0 * 3 + j) * co, *t1 = t + (1 * 3 + j) * co, *t2 = t + (2 * 3 + j) * co, *t3 = t + (3 * 3 + j) * co;
-    const real *g0 = g[0][j], *g1 = g[1][j], *g2 = g[2][j];
-    SIMD for (int64_t b = 0; b < co; b++) {
-      t0[b] = g0[b];
-      t1[b] = (g0[b] + g1[b] + g2[b]) * (real)0.5;
-      t2[b] = (g0[b] - g1[b] + g2[b]) * (real)0.5;
-      t3[b] = g2[b];
-    }
-  }
-  for (int k = 0; k < 4; k++) {
-    const real *r0 = t + (k * 3 + 0) * co, *r1 = t + (k * 3 + 1) * co, *r2 = t + (k * 3 + 2) * co;
-    real *o0 = U + (int64_t)(k * 4 + 0) * ci * co + a * co, *o1 = o0 + ci * co, *o2 = o1 + ci * co, *o3 = o2 + ci * co;
-    SIMD for (int64_t b = 0; b < co; b++) {
-      o0[b] = r0[b];
-      o1[b] = (r0[b] + r1[b] + r2[b]) * (real)0.5;
-      o2[b] = (r0[b] - r1[b] + r2[b]) * (real)0.5;
-      o3[b] = r2[b];
-    }
-  }
-}
-
-static int NN(wino_kernel)(real *U, const real *w, int64_t C, int64_t F, int rot) {
-  const int64_t ci = rot ? F : C, co = rot ? C : F;
-  int nt = omp_get_max_threads();
-  real *tmp = malloc(sizeof(real) * (size_t)(nt * 21 * co));
-  if (!tmp) return fl_fail_oom("out of memory (Winograd kernel transform)");
-#pragma omp parallel for schedule(static) if (ci * co > 65536)
-  for (int64_t a = 0; a < ci; a++)
-    NN(wino_kernel_rows)(U, w, C, F, rot, a, tmp + (int64_t)omp_get_thread_num() * 21 * co);
-  free(tmp);
-  return 0;
-}
-
-/* Tiles [t0, t1) of the output: V (16, tiles, Cin) = B^T d B per channel. Output pixel (oh, ow) reads
- * inputs (oh - pt + i, ow - pl + j), i, j in 0..2; outside the input is zero. */
-static void NN(wino_input)(real *V, const real *x, int64_t H, int64_t W, int64_t C, int64_t tiles_h,
-                           int64_t tiles_w, int pt, int pl, int64_t t0, int64_t t1, real *d) {
-  const int64_t nt = t1 - t0, per = tiles_h * tiles_w;
-  for (int64_t t = t0; t < t1; t++) {
-    int64_t n = t / per, r = t % per, ih0 = (r / tiles_w) * 2 - pt, iw0 = (r % tiles_w) * 2 - pl;
-    /* gather the 4x4 patch: d[(a*4+b)*C + c] */
-    for (int a = 0; a < 4; a++) {
-      int64_t ih = ih0 + a;
-      for (int b = 0; b < 4; b++) {
-        int64_t iw = iw0 + b;
-        real *dst = d + (int64_t)(a * 4 + b) * C;
-        if (ih < 0 || ih >= H || iw < 0 || iw >= W) memset(dst, 0, sizeof(real) * (size_t)C);
-        else memcpy(dst, x + ((n * H + ih) * W + iw) * C, sizeof(real) * (size_t)C);
-      }
-    }
-    real *out = V + (t - t0) * C;
-    const int64_t st = nt * C;   /* stride between the 16 matrices */
-    SIMD for (int64_t c = 0; c < C; c++) {
-      real q[4][4], u[4][4];
-      for (int a = 0; a < 4; a++)
-        for (int b = 0; b < 4; b++) q[a][b] = d[(a * 4 + b) * C + c];
-      for (int b = 0; b < 4; b++) {   /* rows: B^T d */
-        u[0][b] = q[0][b] - q[2][b];
-        u[1][b] = q[1][b] + q[2][b];
-        u[2][b] = q[2][b] - q[1][b];
-        u[3][b] = q[1][b] - q[3][b];
-      }
-      for (int a = 0; a < 4; a++) {   /* columns: (B^T d) B */
-        real *o = out + (int64_t)(a * 4) * st + c;
-        o[0] = u[a][0] - u[a][2];
-        o[st] = u[a][1] + u[a][2];
-        o[2 * st] = u[a][2] - u[a][1];
-        o[3 * st] = u[a][1] - u[a][3];
-      }
-    }
-  }
-}
-
-/* M (16, tiles, F) -> output pixels of tiles [t0, t1), then the epilogue */
-static void NN(wino_output)(real *y, const real *M, int64_t OH, int64_t OW, int64_t F, int64_t tiles_h,
-                            int64_t tiles_w, int64_t t0, int64_t t1, const real *scale, const real *shift,
-                            int relu) {
-  const int64_t nt = t1 - t0, per = tiles_h * tiles_w, st = nt * F;
-  for (int64_t t = t0; t < t1; t++) {
-    int64_t n = t / per, r = t % per, oh0 = (r / tiles_w) * 2, ow0 = (r % tiles_w) * 2;
-    const real *m = M + (t - t0) * F;
-    real *o00 = y + ((n * OH + oh0) * OW + ow0) * F;
-    int h2 = oh0 + 1 < OH, w2 = ow0 + 1 < OW;
-    real *o01 = o00 + F, *o10 = o00 + OW * F, *o11 = o10 + F;
-    SIMD for (int64_t f = 0; f < F; f++) {
-      real s0[4], s1[4];
-      for (int b = 0; b < 4; b++) {   /* rows: A^T m */
-        real m0 = m[(0 * 4 + b) * st + f], m1 = m[(1 * 4 + b) * st + f];
-        real m2 = m[(2 * 4 + b) * st + f], m3 = m[(3 * 4 + b) * st + f];
-        s0[b] = m0 + m1 + m2;
-        s1[b] = m1 - m2 - m3;
-      }
-      real v00 = s0[0] + s0[1] + s0[2], v01 = s0[1] - s0[2] - s0[3];
-      real v10 = s1[0] + s1[1] + s1[2], v11 = s1[1] - s1[2] - s1[3];
-      real sc = scale ? scale[f] : 1, sh = shift ? shift[f] : 0;
-      v00 = v00 * sc + sh; v01 = v01 * sc + sh; v10 = v10 * sc + sh; v11 = v11 * sc + sh;
-      if (relu) {
-        v00 = v00 > 0 ? v00 : 0; v01 = v01 > 0 ? v01 : 0;
-        v10 = v10 > 0 ? v10 : 0; v11 = v11 > 0 ? v11 : 0;
-      }
-      o00[f] = v00;
-      if (w2) o01[f] = v01;
-      if (h2) { o10[f] = v10; if (w2) o11[f] = v11; }
-    }
-  }
-}
-
-/* y (N,OH,OW,Co) = 3x3 correlation of x (N,H,W,Ci) with pads top/left (pt, pl), from a transformed
- * kernel U (16, Ci, Co); then y*scale + shift, ReLU. Threads take chunks of tiles, each with its own
- * buffers and a single-threaded GEMM. */
-static int NN(wino_conv)(real *Y, const real *X, const real *U, int64_t N, int64_t H, int64_t W, int64_t Ci,
-                         int64_t OH, int64_t OW, int64_t Co, int pt, int pl, const real *scale, const real *shift,
-                         int relu) {
-  const int64_t tiles_h = (OH + 1) / 2, tiles_w = (OW + 1) / 2, total = N * tiles_h * tiles_w;
-  int nt = nn_threads(total * 16 * Ci * Co);
-  /* tiles per chunk: the (16, Tc, Ci + Co) buffers near FL_NN_CHUNK elements, at least nt chunks */
-  int64_t tc = FL_NN_CHUNK / (16 * (Ci + Co));
-  if (tc < 16) tc = 16;
-  int64_t fair = (total + nt - 1) / nt;
-  if (tc > fair) tc = fair;
-  const int64_t nchunks = (total + tc - 1) / tc;
-  int failed = 0;
-  blas_single_begin(nt);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
-  for (int64_t ci = 0; ci < nchunks; ci++) {
-    int64_t t0 = ci * tc, t1 = t0 + tc < total ? t0 + tc : total, m = t1 - t0;
-    real *V = fl_cpu_nn_scratch(0, sizeof(real) * (size_t)(16 * tc * Ci + 16 * Ci));
-    real *M = fl_cpu_nn_scratch(1, sizeof(real) * (size_t)(16 * tc * Co));
-    if (!V || !M) {
-#pragma omp atomic write
-      failed = 1;
-      continue;
-    }
-    real *d = V + 16 * tc * Ci;   /* the 4x4 patch gather buffer */
-    NN(wino_input)(V, X, H, W, Ci, tiles_h, tiles_w, pt, pl, t0, t1, d);
-    for (int e = 0; e < 16; e++)
-      NN(gemm_nn)(m, Co, Ci, V + e * m * Ci, Ci, U + e * Ci * Co, Co, 0, M + e * m * Co, Co);
-    NN(wino_output)(Y, M, OH, OW, Co, tiles_h, tiles_w, t0, t1, scale, shift, relu);
-  }
-  blas_single_end(nt);
-  if (failed) return fl_fail_oom("out of memory (Winograd buffers)");
-  return 0;
-}
-
-/* the kernel transform, in a per-thread buffer of the calling thread */
-static real *NN(wino_prepare)(const real *w, int64_t C, int64_t F, int rot) {
-  real *U = fl_cpu_nn_scratch(2, sizeof(real) * (size_t)(16 * C * F));
-  if (U && NN(wino_kernel)(U, w, C, F, rot)) return NULL;
-  return U;
-}
-
 static int NN(conv2d_forward)(fl_tensor *y, const fl_tensor *x, const fl_tensor *w, const fl_tensor *scale,
                               const fl_tensor *shift, int relu, const fl_window *win) {
   NN(conv_dims) d;
@@ -352,11 +174,6 @@ static int NN(conv2d_forward)(fl_tensor *y, const fl_tensor *x, const fl_tensor 
     memset(Y, 0, sizeof(real) * (size_t)fl_tensor_numel(y));
     NN(epilogue)(Y, d.n * d.oh * d.ow, d.f, SC, SH, relu);
     return 0;
-  }
-  if (use_winograd(win, d.c, d.f, d.oh, d.ow)) {
-    real *U = NN(wino_prepare)(Wt, d.c, d.f, 0);
-    if (!U) return fl_fail_oom("out of memory (Winograd kernel of %lld elements)", (long long)(16 * d.c * d.f));
-    return NN(wino_conv)(Y, X, U, d.n, d.h, d.w, d.c, d.oh, d.ow, d.f, win->pt, win->pl, SC, SH, relu);
   }
   int nt = nn_threads(d.n * d.oh * d.ow * d.f * d.k);
   if (win_is_pointwise(win)) {
@@ -413,12 +230,6 @@ static int NN(conv2d_backward_data)(fl_tensor *gx, const fl_tensor *gy, const fl
     }
     blas_single_end(nt);
     return 0;
-  }
-  if (fl_tensor_numel(gy) > 0 && d.f > 0 && use_winograd(win, d.f, d.c, d.h, d.w)) {
-    /* gx = 3x3 correlation of gy with the rotated kernel, pads (2 - pt, 2 - pl), output H x W */
-    real *U = NN(wino_prepare)(Wt, d.c, d.f, 1);
-    if (!U) return fl_fail_oom("out of memory (Winograd kernel of %lld elements)", (long long)(16 * d.c * d.f));
-    return NN(wino_conv)(GX, GY, U, d.n, d.oh, d.ow, d.f, d.h, d.w, d.c, 2 - win->pt, 2 - win->pl, NULL, NULL, 0);
   }
   memset(GX, 0, sizeof(real) * (size_t)fl_tensor_numel(gx));
   if (fl_tensor_numel(gy) == 0 || d.f == 0) return 0;

@@ -32,8 +32,8 @@ int fl_cuda_device_name(int device, char *buf, size_t n);
 int fl_cuda_check_device(const char *op, int device);
 
 /* ---- caching allocator ----
- * Device memory comes from cudaMalloc in blocks whose size is rounded up to one of 8 sizes per power
- * of two (minimum 512 bytes); a freed block goes to its size's free list and serves the next request
+ * Device memory comes from cudaMalloc in blocks whose size is rounded up to one of 32 sizes per power
+ * of two (multiples of 512 bytes); a freed block goes to its size's free list and serves the next request
  * of that size, so a training loop reaches a steady state with no cudaMalloc/cudaFree per step.
  * When cudaMalloc fails the allocator returns every cached block of that device to the driver and
  * tries once more; only then does allocation fail, with a message saying how much was asked for and

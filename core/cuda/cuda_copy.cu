@@ -4,6 +4,7 @@
  * goes through a strided conversion kernel. */
 #include "cuda_internal.h"
 
+#include <mutex>
 #include <stdlib.h>
 #include <string.h>
 
@@ -225,6 +226,104 @@ int cu_backend_copy(fl_tensor *dst, const fl_tensor *src) {
   if (dd && src->storage->backend == &fl_cpu_backend) return copy_h2d(dst, src);
   if (sd && dst->storage->backend == &fl_cpu_backend) return copy_d2h(dst, src);
   return fl_fail("cuda copy: cannot copy from %s to %s", src->storage->backend->name, dst->storage->backend->name);
+}
+
+/* ---------------------------------------------------------------- asynchronous host -> device */
+
+/* Per device: a copy stream and a ring of CU_RING landing buffers on the device. A batch goes
+ *   host block --(copy stream)--> landing[j] --(compute stream, after waiting for the copy)--> dst
+ * so the host never waits, the compute stream waits (on the device) only for its own batch's copy,
+ * and the copy stream waits only for the device copy that last read landing[j], CU_RING batches
+ * ago -- not for the compute queued meanwhile, so a batch's copy overlaps the previous step's
+ * backward pass. Writing dst directly on the copy stream would not be safe: dst comes from the
+ * caching allocator, whose free blocks may still be used by kernels queued on the compute stream
+ * (stream order is what makes reusing them safe). The extra device copy costs microseconds. */
+#define CU_RING 3
+
+struct cu_landing {
+  void *buf;
+  size_t cap;
+  cudaEvent_t copied;      /* recorded on the copy stream after the upload into buf */
+  cudaEvent_t consumed;    /* recorded on the compute stream after buf was copied into dst */
+};
+
+struct cu_copier {
+  std::mutex lock;
+  int ready;
+  cudaStream_t stream;
+  cu_landing ring[CU_RING];
+  int next;
+};
+
+static cu_copier copiers[CU_MAXDEV];
+
+/* caller holds c->lock and has entered d */
+static int copier_init(const char *op, cu_copier *c) {
+  if (c->ready) return 0;
+  CU_TRY(op, cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
+  for (int j = 0; j < CU_RING; j++) {
+    CU_TRY(op, cudaEventCreateWithFlags(&c->ring[j].copied, cudaEventDisableTiming));
+    CU_TRY(op, cudaEventCreateWithFlags(&c->ring[j].consumed, cudaEventDisableTiming));
+  }
+  c->ready = 1;
+  return 0;
+}
+
+int cu_backend_copy_async(fl_tensor *dst, const fl_tensor *src) {
+  const char *op = "cuda copy_async (host to device)";
+  /* only the plain case is asynchronous; the rest is the ordinary copy */
+  if (!(cu_is_dev(dst) && src->storage && src->storage->backend == &fl_cpu_backend && dst->dtype == src->dtype &&
+        fl_tensor_same_shape(dst, src) && fl_tensor_is_contiguous(dst) && fl_tensor_is_contiguous(src)))
+    return cu_backend_copy(dst, src);
+  int64_t n = fl_tensor_numel(dst);
+  if (n == 0) return 0;
+  size_t nb = (size_t)n * fl_dtype_size(dst->dtype);
+  cu_dev *d;
+  if (cu_enter(op, dst->storage->device, &d)) return -1;
+  cu_copier *c = &copiers[d->index];
+  std::lock_guard<std::mutex> g(c->lock);
+  if (copier_init(op, c)) return -1;
+  cu_landing *l = &c->ring[c->next];
+  c->next = (c->next + 1) % CU_RING;
+  if (l->cap < nb) {
+    /* the old buffer was last read on the compute stream: back to the cache in stream order */
+    if (l->buf) cu_free(d->index, l->buf);
+    l->buf = cu_malloc(op, d->index, nb);
+    l->cap = l->buf ? nb : 0;
+    if (!l->buf) return -1;
+    /* a block from the cache may still be used by kernels queued on the compute stream: this once,
+     * the copy stream waits for them */
+    CU_TRY(op, cudaEventRecord(l->consumed, d->stream));
+  }
+  CU_TRY(op, cudaStreamWaitEvent(c->stream, l->consumed, 0));
+  CU_TRY(op, cudaMemcpyAsync(l->buf, fl_tensor_data(src), nb, cudaMemcpyHostToDevice, c->stream));
+  /* a page-locked source is read after we return: its block remembers this copy (host_wait).
+   * A pageable one has been staged by the driver before cudaMemcpyAsync returned. */
+  int known;
+  if (cu_host_record(op, src->storage->data, d, c->stream, &known)) return -1;
+  CU_TRY(op, cudaEventRecord(l->copied, c->stream));
+  CU_TRY(op, cudaStreamWaitEvent(d->stream, l->copied, 0));
+  CU_TRY(op, cudaMemcpyAsync(cu_ptr(dst), l->buf, nb, cudaMemcpyDeviceToDevice, d->stream));
+  CU_TRY(op, cudaEventRecord(l->consumed, d->stream));
+  return 0;
+}
+
+int cu_async_release(int device) {
+  const char *op = "cuda.empty_cache";
+  if (device < 0 || device >= CU_MAXDEV) return 0;
+  cu_copier *c = &copiers[device];
+  std::lock_guard<std::mutex> g(c->lock);
+  if (!c->ready) return 0;
+  cu_dev *d;
+  if (cu_enter(op, device, &d)) return -1;
+  CU_TRY(op, cudaStreamSynchronize(c->stream));
+  for (int j = 0; j < CU_RING; j++) {
+    cu_landing *l = &c->ring[j];
+    if (l->buf) cu_free(device, l->buf);   /* the caller waits for the compute stream next */
+    l->buf = NULL;
+    l->cap = 0;
+  }
+  return 0;
 }
 
 int cu_backend_fill(fl_tensor *t, double value) { return cu_fill_dev("cuda fill", t, value); }

@@ -201,12 +201,14 @@ static cu_pool *pool_of(int device) {
   return &pools[device];
 }
 
-/* 8 sizes per power of two (at most 12.5% waste), at least 512 bytes. 0 if too large. */
+/* 32 sizes per power of two (at most 3.1% waste; with 8 sizes ResNet50's training peak was 6% above
+ * the bytes asked for), multiples of 512 bytes. 0 if too large. */
 static size_t round_size(size_t n) {
   if (n <= 512) return 512;
   if (n > ((size_t)1 << 62)) return 0;
   int b = 63 - __builtin_clzll((unsigned long long)(n - 1));
-  size_t step = ((size_t)1 << b) >> 3;
+  size_t step = ((size_t)1 << b) >> 5;
+  if (step < 512) step = 512;
   return (n + step - 1) / step * step;
 }
 
@@ -303,6 +305,92 @@ void cu_free(int device, void *ptr) {
   p->free_lists[b.size].push_back(ptr);
 }
 
+/* ---------------------------------------------------------------- page-locked host memory */
+
+/* Blocks from cudaHostAlloc (portable: any device may read them), each with the event of the last
+ * asynchronous copy that reads it (cu_host_record, from copy_async). The loader decodes batches
+ * into such blocks; before it refills or frees one, host_wait / host_free wait for that event, so
+ * a batch still being copied is never overwritten. Allocated once and never destroyed, as the pools. */
+typedef struct {
+  size_t size;
+  cudaEvent_t ev;       /* NULL until the first copy */
+  int ev_dev;           /* the device ev belongs to (an event is recorded on its own device's streams) */
+} cu_pinned;
+
+static std::mutex pin_lock;
+static std::unordered_map<const void *, cu_pinned> &pinned_blocks(void) {
+  static auto *m = new std::unordered_map<const void *, cu_pinned>;
+  return *m;
+}
+
+static void *host_alloc(size_t nbytes) {
+  const char *op = "cuda pinned host memory";
+  if (fl_cuda_check_device(op, 0)) return NULL;
+  void *p = NULL;
+  cudaError_t e = cudaHostAlloc(&p, nbytes, cudaHostAllocPortable);
+  if (e != cudaSuccess) {
+    if (e == cudaErrorMemoryAllocation) {
+      cudaGetLastError();
+      fl_fail_oom("%s: cudaHostAlloc of %zu bytes failed (page-locked memory is limited)", op, nbytes);
+    } else {
+      cu_fail(op, "cudaHostAlloc", e);
+    }
+    return NULL;
+  }
+  std::lock_guard<std::mutex> g(pin_lock);
+  pinned_blocks()[p] = cu_pinned{nbytes, nullptr, -1};
+  return p;
+}
+
+static int host_wait(const void *p) {
+  cudaEvent_t ev = nullptr;
+  {
+    std::lock_guard<std::mutex> g(pin_lock);
+    auto it = pinned_blocks().find(p);
+    if (it == pinned_blocks().end()) return 0;
+    ev = it->second.ev;
+  }
+  if (ev) CU_TRY("cuda pinned host memory (waiting for its copy)", cudaEventSynchronize(ev));
+  return 0;
+}
+
+static void host_free(void *p) {
+  cu_pinned b;
+  {
+    std::lock_guard<std::mutex> g(pin_lock);
+    auto it = pinned_blocks().find(p);
+    if (it == pinned_blocks().end()) return;   /* not ours: never hand it to cudaFreeHost blindly */
+    b = it->second;
+    pinned_blocks().erase(it);
+  }
+  if (b.ev) {
+    cudaEventSynchronize(b.ev);   /* a copy may still read the block */
+    cudaEventDestroy(b.ev);
+  }
+  cudaFreeHost(p);
+  cudaGetLastError();   /* a finalizer reports nothing; the next checked call must not see this */
+}
+
+int cu_host_record(const char *op, const void *p, cu_dev *d, cudaStream_t s, int *known) {
+  std::lock_guard<std::mutex> g(pin_lock);
+  *known = 0;
+  auto it = pinned_blocks().find(p);
+  if (it == pinned_blocks().end()) return 0;
+  cu_pinned &b = it->second;
+  if (b.ev && b.ev_dev != d->index) {   /* last read by another device: wait, then start over here */
+    CU_TRY(op, cudaEventSynchronize(b.ev));
+    cudaEventDestroy(b.ev);
+    b.ev = nullptr;
+  }
+  if (!b.ev) {
+    CU_TRY(op, cudaEventCreateWithFlags(&b.ev, cudaEventDisableTiming));
+    b.ev_dev = d->index;
+  }
+  CU_TRY(op, cudaEventRecord(b.ev, s));
+  *known = 1;
+  return 0;
+}
+
 static void *backend_alloc(int device, size_t nbytes) { return cu_malloc("cuda", device, nbytes); }
 static void backend_free(int device, void *p) { cu_free(device, p); }
 
@@ -332,6 +420,8 @@ extern "C" void fl_cuda_reset_peak(int device) {
 
 extern "C" int fl_cuda_empty_cache(void) {
   int n = fl_cuda_device_count();
+  for (int i = 0; i < n; i++)
+    if (cu_async_release(i)) return -1;   /* the landing buffers of asynchronous copies go back too */
   for (int i = 0; i < n; i++) {
     cu_pool *p = pool_of(i);
     std::lock_guard<std::mutex> g(p->lock);
@@ -366,6 +456,7 @@ int cu_tmp::init(const char *op, int dev, fl_dtype dt, int ndim, const int64_t *
 /* ---------------------------------------------------------------- the table */
 
 int cu_backend_copy(fl_tensor *dst, const fl_tensor *src);
+int cu_backend_copy_async(fl_tensor *dst, const fl_tensor *src);
 int cu_backend_fill(fl_tensor *t, double value);
 int cu_backend_binary(fl_binop op, fl_tensor *out, const fl_tensor *a, const fl_tensor *b);
 int cu_backend_unary(fl_unop op, fl_tensor *out, const fl_tensor *a, double p0, double p1);
@@ -392,6 +483,10 @@ static fl_backend make_backend(void) {
   b.softmax = cu_backend_softmax;
   b.rng = cu_backend_rng;
   b.nn = cu_nn_table();
+  b.host_alloc = host_alloc;
+  b.host_free = host_free;
+  b.host_wait = host_wait;
+  b.copy_async = cu_backend_copy_async;
   return b;
 }
 

@@ -36,13 +36,17 @@
 --
 -- Loaders. data.Loader{ds, batch_size = 32, shuffle = false, seed = 0, workers = 2, prefetch,
 -- drop_last = false, transform = 'eval', size = 224, dtype = 'float32', preprocess = 'none',
--- strict = false, warn = io.stderr}. Worker threads in C decode JPEGs into a bounded ring of
+-- strict = false, warn = io.stderr, pin_memory = false}. Worker threads in C decode JPEGs into a bounded ring of
 -- `prefetch` batches (default 2 x workers): memory stays bounded whatever the data set's size.
 -- A finished batch becomes a tensor without a copy; the loader tells Lua's collector about its
 -- size (so finished batches are freed as fast as new ones come) and reuses up to 4 freed batch
 -- buffers (fresh memory costs a page fault per 4 KB on first write).
 -- Epoch e's order and every sample's augmentation are functions of (seed, e) only, so the batches
 -- are identical for any number of workers. `#loader` is the number of batches per epoch.
+-- pin_memory = true: batches are decoded into page-locked host memory from the CUDA backend, which
+-- the GPU reads by DMA (flower.cuda.to_device_async, as flower.train does with device = 'cuda')
+-- while the workers decode the next batches; a buffer is refilled only once its upload is done.
+-- Without a CUDA build or device it quietly uses plain memory: loader:pinned() says which.
 --   transform = 'eval'   decode, scale the shorter side to size / 0.875, center crop size x size
 --               'train'  Inception-style random-resized crop (area 8%..100%, aspect 3/4..4/3),
 --                        resized to size x size, random horizontal flip
@@ -352,7 +356,7 @@ function data.Loader(opts)
     paths = ds.paths, labels = ds.labels, batch_size = opts.batch_size or 32,
     shuffle = opts.shuffle or false, seed = opts.seed or 0, workers = opts.workers or 2,
     prefetch = opts.prefetch, drop_last = opts.drop_last or false, dtype = opts.dtype or 'float32',
-    preprocess = opts.preprocess or 'none', transform = tf,
+    preprocess = opts.preprocess or 'none', transform = tf, pin_memory = opts.pin_memory or false,
   })
   if not ok then error(fname .. ': ' .. tostring(c):gsub('^Loader: ', ''):gsub('^loader: ', ''), 2) end
   self._c = c
@@ -405,6 +409,8 @@ function Loader:stats()
 end
 
 function Loader:size() return self._c:size() end
+-- true when batches come in page-locked memory (pin_memory = true and a CUDA device present)
+function Loader:pinned() return self._c:pinned() end
 function Loader:close() if self._c then self._c:close() end end
 
 ---------------------------------------------------------------------------------------------------

@@ -95,20 +95,26 @@ end
 local Classifier = {}
 Classifier.__index = Classifier
 
--- probabilities (N, K) for feature rows x
+-- probabilities (N, K) for feature rows x (host tensors in and out; computed on the classifier's device)
 function Classifier:predict(x)
   if self.columns then x = x:narrow(2, self.columns[1], self.columns[2]) end
   self.model:evaluate()
-  return self.model:predict(self.transform(x), 1024):softmax(2)
+  x = self.transform(x)
+  if self.device ~= nil then x = x:cuda(self.device) end
+  local p = self.model:predict(x, 1024):softmax(2)
+  if self.device ~= nil then p = p:cpu() end
+  return p
 end
 
 -- Trains Dropout(dropout) + Dense(classes) on feats.x.train, validating on feats.x.valid.
 -- o: dropout (0.5), epochs (40), lr (1e-3), batch_size (64), seed (1), patience (early stopping on
 -- val_loss, 8; restores the best epoch's weights), columns ({first, count}: a slice of the
--- features, e.g. one model's), log, progress, standardize (true).
+-- features, e.g. one model's), log, progress, standardize (true), device (train.fit's: 'cpu' by
+-- default, 'cuda', 'auto'; features stay on the host, batches go up one at a time).
 function ensemble.fit(feats, o)
   o = o or {}
   local nn, optim, data, train = require 'flower.nn', require 'flower.optim', require 'flower.data', require 'flower.train'
+  local dev = train.resolve_device(o.device, 'ensemble.fit')
   local xt, xv = feats.x.train, feats.x.valid
   if not xt or not feats.label.train then fail('fit: the features have no labelled train split') end
   if o.columns then
@@ -134,18 +140,19 @@ function ensemble.fit(feats, o)
     if best == nil or v < best then
       best = v
       best_w = {}
-      for i, w in ipairs(model:weights()) do best_w[i] = w.tensor:clone() end
+      for i, w in ipairs(model:weights()) do best_w[i] = w.tensor:clone() end   -- on the model's device
     end
   end }
   local cbs = { keep }
   if vl then cbs[#cbs + 1] = train.EarlyStopping { monitor = 'val_loss', patience = o.patience or 8 } end
   local hist = train.fit(model, { train = tl, valid = vl, optimizer = optim.Adam { lr = o.lr or 1e-3 },
     epochs = o.epochs or 40, callbacks = cbs, progress = o.progress, log = o.log or function() end,
-    label = o.label or 'ensemble', save_best = false })
+    label = o.label or 'ensemble', save_best = false, device = o.device ~= nil and (dev or 'cpu') or nil })
   if best_w then
     for i, w in ipairs(model:weights()) do w.tensor:copy(best_w[i]) end
   end
-  local self = setmetatable({ model = model, transform = transform, history = hist, columns = o.columns }, Classifier)
+  local self = setmetatable({ model = model, transform = transform, history = hist, columns = o.columns,
+                              device = dev }, Classifier)
   if xv and feats.label.valid then
     self.valid_probs = self:predict(feats.x.valid)
     self.val_acc = ensemble.accuracy(self.valid_probs, feats.label.valid)

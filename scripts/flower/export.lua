@@ -8,6 +8,7 @@
 --     layer = 'avg_pool',          -- default model.feature_layer
 --     attrs = {model = 'resnet_tiny', weights = 'path/to/weights.h5', image_size = 64, preprocessing = 'tf'},
 --     resume = true,               -- continue an interrupted export of the same image lists
+--     device = 'cuda',             -- as train.fit's (default: where the model is); rows come back to the host
 --   })
 --
 -- File layout (the seed's names, plus what makes the file self-describing):
@@ -123,10 +124,16 @@ local function export_split(f, name, ds, o, fmodel, with_probs)
     next_row = upto + 1
   end
   local step = 0
-  for batch in loader:epoch(1) do
+  local train = require 'flower.train'
+  for hbatch in loader:epoch(1) do
+    local batch = train.batch_to_device(hbatch, o._device)
     local out = fmodel:forward(batch.x)
     local feats, probs = out, nil
     if type(out) == 'table' and not flower.is_tensor(out) then feats, probs = out[1], out[2]:softmax(2) end
+    if o._device ~= nil then
+      feats = feats:cpu()
+      probs = probs and probs:cpu()
+    end
     D = feats:size(2)
     K = probs and probs:size(2) or nil
     local idx = batch.index
@@ -169,11 +176,14 @@ function export.features(model, o)
   local layer = o.layer or model.feature_layer
   if not layer then fail('no feature layer: pass layer = <name> or set model.feature_layer') end
   o.attrs = o.attrs or {}
+  -- the device first: a missing GPU fails before the file is touched
+  o._device = require('flower.train').run_device(model, o.device, 'export.features')
   local h5 = require 'flower.h5'
   local exists = files.exists(o.path)
   if exists and not o.resume then os.remove(o.path); exists = false end
   files.mkdir(files.dirname(o.path))
   local fmodel, with_probs = two_headed(model, layer)
+  if o._device ~= nil and fmodel.cuda then fmodel:cuda(o._device) end   -- the shared layers are there already
   local was = model.train
   model:evaluate()
   fmodel:evaluate()

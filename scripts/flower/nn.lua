@@ -40,7 +40,9 @@
 -- forward keeps nothing for backward, so training a head on a frozen base costs about a forward.
 -- In a no-gradient region (inference, or a frozen prefix) Conv2D -> BatchNormalization -> ReLU
 -- chains run as one convolution with the normalisation and ReLU fused into its output, and
--- intermediate activations are freed as soon as their last consumer has run.
+-- intermediate activations are freed as soon as their last consumer has run: the CPU allocator
+-- hands their blocks to the next layers (flower.memory() reports live, cached and peak bytes).
+-- Values a backward reads stay until it has run; outputs and the caller's inputs are never freed.
 --
 -- During training, BatchNormalization / Add / ScaledAdd followed by a ReLU run as one pass too
 -- (their backward masks by the ReLU's output). nn.fusion = false turns all fusion off.
@@ -75,6 +77,7 @@ local nn = {}
 nn.C = C
 nn.fusion = true      -- fuse Conv -> BatchNorm -> ReLU where no gradient flows (false: run layer by layer)
 nn.inplace = true     -- where no backward follows, Add/BN/ReLU may write over an input no one else needs
+nn.reuse = true       -- free each activation after its last reader (false: leave them to the collector)
 
 -------------------------------------------------------------------------------- classes
 

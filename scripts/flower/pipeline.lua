@@ -11,7 +11,9 @@
 --   })
 -- cfg (resolved recipe config): data, models (list), stages (list of {epochs, train, lr}, where a
 -- string value names a config key, e.g. epochs = 'epochs'), batch_size, workers, seed, augment, crop_scale,
--- ensemble_epochs, ensemble_lr, ensemble_dropout, topk, split_seed, valid_fraction, resume.
+-- ensemble_epochs, ensemble_lr, ensemble_dropout, topk, split_seed, valid_fraction, resume, device
+-- ('cpu', 'cuda', 'cuda:<n>' or 'auto': where fine-tuning, export, evaluation and the ensemble run;
+-- with a GPU the loaders hand out page-locked batches, uploaded while the next ones decode).
 -- Returns a summary {results = {{name, val_acc}...}, best = name, predict = path}. An interrupt
 -- (Ctrl-C, SIGTERM) during training or export writes checkpoints and returns {interrupted = why}.
 local flower = require 'flower'
@@ -73,6 +75,11 @@ function pipeline.datasets(cfg)
   return { all = all, train = tr, valid = va, test = te, classes = all.num_classes, names = names }
 end
 
+-- The CUDA device of cfg.device (nil: the host); raises at once when it is not there.
+function pipeline.device(cfg)
+  return train.resolve_device(cfg.device, 'pipeline: --device')
+end
+
 local function train_loader(cfg, ds, size)
   local data = require 'flower.data'
   -- augment: horizontal flips, and with crop_scale > 0 Inception-style random crops covering
@@ -82,13 +89,13 @@ local function train_loader(cfg, ds, size)
   elseif (cfg.crop_scale or 0) > 0 then tf = { mode = 'random_resized', size = size, scale = { cfg.crop_scale, 1 }, flip = true }
   else tf = { mode = 'center', size = size, flip = true } end
   return data.Loader { ds, batch_size = cfg.batch_size, shuffle = true, seed = cfg.seed, workers = cfg.workers,
-                       transform = tf, size = size, drop_last = false }
+                       transform = tf, size = size, drop_last = false, pin_memory = pipeline.device(cfg) ~= nil }
 end
 
 local function eval_loader(cfg, ds, size)
   local data = require 'flower.data'
   return data.Loader { ds, batch_size = cfg.eval_batch_size or cfg.batch_size * 2, shuffle = false,
-                       workers = cfg.workers, transform = 'eval', size = size }
+                       workers = cfg.workers, transform = 'eval', size = size, pin_memory = pipeline.device(cfg) ~= nil }
 end
 pipeline.eval_loader = eval_loader
 
@@ -142,6 +149,7 @@ end
 
 -- Fine-tunes one model through the stages; returns its summary.
 function pipeline.finetune(cfg, run, ds, spec, name)
+  local dev = pipeline.device(cfg)
   local size = spec.size(name, cfg)
   local model = spec.build(name, ds.classes, cfg)
   local dir = run:path('models', name)
@@ -152,7 +160,7 @@ function pipeline.finetune(cfg, run, ds, spec, name)
   run:log('%s: %d parameters, input %dx%d, %d train / %d valid images', name, total, size, size, #ds.train, #ds.valid)
   local hist = train.fit_stages(model, pipeline.stages(cfg, name), {
     train = tl, valid = vl, loss = loss, label = name, log = function(m) run:log('%s', m) end,
-    checkpoint_dir = files.join(dir, 'checkpoints'), resume = cfg.resume ~= nil,
+    checkpoint_dir = files.join(dir, 'checkpoints'), resume = cfg.resume ~= nil, device = dev or 'cpu',
     history_csv = files.join(dir, 'history.csv'), save_best = false,
     -- a stage with schedule = 'cosine' decays its learning rate to 0 over its epochs
     callbacks = function(st)
@@ -223,6 +231,7 @@ function pipeline.ensemble(cfg, run, ds, paths, finetuned)
   local feats = ensemble.load(paths)
   local t0 = files.now()
   local clf = ensemble.fit(feats, { dropout = cfg.ensemble_dropout, epochs = cfg.ensemble_epochs, lr = cfg.ensemble_lr,
+    device = pipeline.device(cfg) or 'cpu',
     batch_size = cfg.ensemble_batch_size or 64, seed = cfg.seed, progress = false,
     log = function(m) run:log('%s', m) end, label = 'ensemble' })
   local secs = files.now() - t0
@@ -262,6 +271,8 @@ end
 
 -- The whole pipeline. Returns the summary, or {interrupted = why}.
 function pipeline.run(cfg, run, spec)
+  local dev = pipeline.device(cfg)   -- a missing GPU fails here, before any work
+  if dev ~= nil then run:log('device: cuda:%d, %s', dev, flower.cuda.device_name(dev)) end
   local t_start = files.now()
   local ds = pipeline.datasets(cfg)
   run:log('data: %s, %d classes, %d train / %d valid / %d test images', cfg.data, ds.classes, #ds.train, #ds.valid,

@@ -16,8 +16,10 @@
 --   local base = recipe.load('quickstart.lua')            -- relative to the calling file
 --   return base:derive{name = 'dropout_variant', defaults = {dropout = 0.5}}:main(arg)
 --
--- Every recipe also accepts --runs DIR (where run directories go), --run-name NAME and
--- --resume RUNDIR (continue an interrupted run in its own directory, with its saved config).
+-- Every recipe also accepts --runs DIR (where run directories go), --run-name NAME,
+-- --resume RUNDIR (continue an interrupted run in its own directory, with its saved config) and
+-- --device cpu|cuda|cuda:<n>|auto (where the run computes, cfg.device; checked before the run
+-- directory is made, so a missing GPU fails at once with flower.cuda's reason).
 local cli = require 'flower.cli'
 local files = require 'flower.files'
 
@@ -31,6 +33,8 @@ local COMMON = {
   { name = 'runs', type = 'string', default = 'runs', help = 'directory that receives run directories' },
   { name = 'run_name', type = 'string', help = 'run directory name (default: <recipe>-<timestamp>)' },
   { name = 'resume', type = 'string', help = 'continue the run in this run directory with its saved config' },
+  { name = 'device', type = 'string', default = 'cpu',
+    help = "where to compute: cpu, cuda (GPU 0), cuda:<n>, or auto (cuda when a GPU is available)" },
 }
 
 local function deep_copy(v)
@@ -181,7 +185,19 @@ end
 
 -- Makes (or resumes) the run directory for a resolved config and calls the run function.
 -- Returns the run function's results. Errors in the run propagate.
+-- Raises unless the run's device is there (a resumed run's saved device counts, unless --device is
+-- given again): "<recipe>: --device: device 'cuda': <flower.cuda's reason>".
+function Recipe:check_device(cfg, given)
+  local device = cfg.device
+  if cfg.resume and not (given and given.device) then
+    local saved = files.join(cfg.resume, 'config.json')
+    if files.exists(saved) then device = files.json_read(saved).device or device end
+  end
+  if device ~= nil then require('flower.train').resolve_device(device, self.name .. ': --device') end
+end
+
 function Recipe:start(cfg, given)
+  self:check_device(cfg, given)   -- before the run directory: a missing GPU fails at once
   local dir
   if cfg.resume then
     dir = cfg.resume
@@ -221,6 +237,11 @@ function Recipe:main(argv)
   if cfg == nil then
     io.stdout:write(help)
     os.exit(0)
+  end
+  local dok, derr = pcall(self.check_device, self, cfg, given)
+  if not dok then
+    io.stderr:write(tostring(derr), '\n')
+    os.exit(2)
   end
   return self:start(cfg, given)
 end

@@ -17,6 +17,7 @@
 --     history = hist,                         -- rows are appended (several stages, one history)
 --     history_csv = 'runs/x/history.csv',     -- rewritten atomically after every epoch
 --     stage = 1, label = 'cnn head',          -- recorded in the history / shown in the bar
+--     device = 'cuda',                        -- 'cpu' (default), 'cuda', 'cuda:<n>' or 'auto'
 --   })
 --   -- hist.rows = {{stage, epoch, loss, acc, val_loss, val_acc, lr, seconds, images_per_s}, ...}
 --   -- hist.stopped = nil | 'early_stopping' | 'interrupted'; hist.interrupted = 'SIGINT' | ...
@@ -33,6 +34,14 @@
 -- the interrupted epoch is lost and the run continues from the last epoch's checkpoint.
 -- A NaN or infinite loss raises an error naming the epoch and the step; the last checkpoint on disk
 -- is the last good one (nothing is written after a bad step).
+--
+-- Devices: with device = 'cuda' the model moves to the GPU (model:cuda()) before anything else and
+-- stays there; each batch goes up with flower.cuda.to_device_async (the upload overlaps the previous
+-- step's backward pass; a loader made with pin_memory = true hands out page-locked batches, which
+-- the GPU copies by DMA), its labels with y:cuda(). Losses and metrics come back as numbers,
+-- checkpoints hold host data (a GPU run's checkpoint loads on a CPU-only machine, and a resumed
+-- run may change device). Without the option, fit and evaluate run where the model is. Asking
+-- for a device that is not there fails before anything is done, with flower.cuda's reason.
 local flower = require 'flower'
 local files = require 'flower.files'
 local progress = require 'flower.progress'
@@ -65,6 +74,69 @@ local function clear_interrupt()
   if u then u.clear_interrupt() end
 end
 train.clear_interrupt = clear_interrupt
+
+---------------------------------------------------------------------------------------------------
+-- Devices
+
+-- train.resolve_device(spec [, who]) -> nil (the host) or a CUDA device index (0, 1, ...).
+-- spec: nil, false or 'cpu' (the host); 'cuda' (device 0), 'cuda:<n>' or an integer n; 'auto'
+-- (device 0 when flower.cuda.available(), else the host). A device that is not there raises here,
+-- "<who>: device 'cuda': <flower.cuda.unavailable_reason()>", so that a run fails before it starts.
+function train.resolve_device(spec, who)
+  who = who or 'device'
+  if spec == nil or spec == false or spec == 'cpu' then return nil end
+  local cuda = flower.cuda
+  if spec == 'auto' then return cuda.available() and 0 or nil end
+  local dev
+  if math.type(spec) == 'integer' then dev = spec
+  elseif type(spec) == 'string' then
+    if spec == 'cuda' then dev = 0 else dev = math.tointeger(tonumber(spec:match('^cuda:(%d+)$'))) end
+  end
+  if dev == nil or dev < 0 then
+    error(string.format("%s: device must be 'cpu', 'cuda', 'cuda:<n>' or 'auto', got %s", who,
+      type(spec) == 'string' and ("'" .. spec .. "'") or tostring(spec)), 0)
+  end
+  if not cuda.available() then
+    error(string.format("%s: device '%s': %s", who, tostring(spec), cuda.unavailable_reason()), 0)
+  end
+  if dev >= cuda.device_count() then
+    error(string.format("%s: device '%s': there %s %d CUDA device%s (0..%d)", who, tostring(spec),
+      cuda.device_count() == 1 and 'is' or 'are', cuda.device_count(), cuda.device_count() == 1 and '' or 's',
+      cuda.device_count() - 1), 0)
+  end
+  return dev
+end
+
+local function model_device(model)
+  local d = model.get_device and model:get_device() or -1
+  if d ~= nil and d >= 0 then return d end
+  return nil
+end
+
+-- The device a run uses, with the model moved there: the one asked for (resolved as above), else
+-- the model's own (nil: the host). A model already there is left alone.
+local function run_device(model, spec, who)
+  local dev = model_device(model)
+  if spec == nil then return dev end
+  local want = train.resolve_device(spec, who)
+  if want ~= dev then
+    if want == nil then model:cpu() else model:cuda(want) end
+  end
+  return want
+end
+train.run_device = run_device
+
+-- A batch {x, y, n, index} with x and y on device dev (the batch itself for the host): x without
+-- waiting for the copy (flower.cuda.to_device_async), y (a few labels) with an ordinary copy.
+function train.batch_to_device(batch, dev)
+  if dev == nil then return batch end
+  local b = {}
+  for k, v in pairs(batch) do b[k] = v end
+  b.n = batch.n or batch.x:size(1)
+  b.x = flower.cuda.to_device_async(batch.x, dev)
+  if batch.y ~= nil then b.y = batch.y:cuda(dev) end
+  return b
+end
 
 ---------------------------------------------------------------------------------------------------
 -- Losses and steps
@@ -140,10 +212,12 @@ function train.step(model, batch, lossfn, optimizer, ks)
 end
 
 -- Evaluates a model over a loader: {loss, acc, n}. With opts.collect, also pred (list of predicted
--- labels), labels (list), index (data set indices) and probs (a (N, K) tensor of outputs), in loader
--- order. opts.softmax turns logits into probabilities in `probs`.
+-- labels), labels (list), index (data set indices) and probs (a (N, K) host tensor of outputs), in
+-- loader order. opts.softmax turns logits into probabilities in `probs`. opts.device as fit's
+-- (default: where the model is; the model is moved there).
 function train.evaluate(model, loader, opts)
   opts = opts or {}
+  local dev = run_device(model, opts.device, 'train.evaluate')
   local lossfn = make_loss(opts.loss)
   local was = model.train
   model:evaluate()
@@ -153,7 +227,8 @@ function train.evaluate(model, loader, opts)
   local bar = opts.progress ~= false and progress.new { total = #loader, label = opts.label or 'evaluate' } or nil
   local step = 0
   local ok, err = pcall(function()
-    for batch in loader:epoch(opts.epoch or 1) do
+    for hbatch in loader:epoch(opts.epoch or 1) do
+      local batch = train.batch_to_device(hbatch, dev)
       local out = model:forward(batch.x)
       local bn = batch.n or out:size(1)
       if batch.y then
@@ -165,10 +240,11 @@ function train.evaluate(model, loader, opts)
       end
       n = n + bn
       if opts.collect then
+        if dev ~= nil then out = out:cpu() end
         local p = out:argmax(2):view(-1):totable()
         for i = 1, #p do pred[#pred + 1] = p[i] end
-        if batch.y then
-          local y = batch.y:totable()
+        if hbatch.y then
+          local y = hbatch.y:totable()
           for i = 1, #y do labels[#labels + 1] = y[i] end
         end
         for i = 1, bn do index[#index + 1] = batch.index and batch.index[i] or #index + 1 end
@@ -491,7 +567,9 @@ function train.fit(model, o)
   local save_best = o.save_best
   if save_best == nil then save_best = o.valid and 'val_acc' or false end
   local nsteps = #o.train
-  local ctx = { model = model, optimizer = o.optimizer, history = hist, log = log }
+  -- the device before anything else: a missing GPU fails here, not half-way
+  local dev = run_device(model, o.device, 'train.fit')
+  local ctx = { model = model, optimizer = o.optimizer, history = hist, log = log, device = dev }
 
   -- resume
   local start_epoch, skip, sums = initial + 1, 0, nil
@@ -547,7 +625,7 @@ function train.fit(model, o)
       for batch in o.train:epoch(epoch) do
         step = step + 1
         if step > skip then
-          local l, acc, tops = train.step(model, batch, lossfn, o.optimizer, ks)
+          local l, acc, tops = train.step(model, train.batch_to_device(batch, dev), lossfn, o.optimizer, ks)
           local bn = batch.n or batch.x:size(1)
           if not finite(l) then
             error(string.format('train.fit: %s: the loss became %s at epoch %d, step %d of %d; stopping '
@@ -577,7 +655,7 @@ function train.fit(model, o)
         if s.n > 0 then logs['top' .. k] = (s.top[tostring(k)] or 0) / s.n end
       end
       if o.valid then
-        local v = train.evaluate(model, o.valid, { loss = o.loss, progress = false, epoch = 1, topk = ks })
+        local v = train.evaluate(model, o.valid, { loss = o.loss, progress = false, epoch = 1, topk = ks, device = dev })
         logs.val_loss, logs.val_acc = v.loss, v.acc
         for k, t in pairs(v.top) do logs['val_top' .. k] = t end
       end
@@ -712,6 +790,7 @@ end
 -- skipped on resume (its weights are loaded from it).
 function train.fit_stages(model, stages, o)
   if type(stages) ~= 'table' or #stages == 0 then error('train.fit_stages: expected a non-empty list of stages', 2) end
+  if o.device ~= nil then train.resolve_device(o.device, 'train.fit_stages') end   -- before any stage
   local hist = o.history or train.History()
   local epoch0 = 0
   for i, st in ipairs(stages) do

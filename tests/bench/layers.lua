@@ -1,6 +1,8 @@
 -- Convolution speed for ResNet50-shaped layers at batch 8: flowerlua's kernels beside PyTorch
 -- (Debian's python3-torch, oneDNN) and TensorFlow (the .venv's tensorflow-cpu) on the same shapes,
--- in the same run, with ratios (peer time / our time: > 1 means we are faster).
+-- in the same run, with ratios (peer time / our time: > 1 means we are faster). "ours" is the
+-- default (float32 convolutions on oneDNN or our GEMM kernels, whichever measured faster, see
+-- core/cpu/nn_cpu.c); the "own GEMM" column forces our GEMM kernels for every operation.
 -- Optionally (`rss`): peak resident memory of a ResNet50 training step and of inference, each in
 -- its own process, ours (flower.models.resnet50) beside torchvision's resnet50.
 --
@@ -86,7 +88,8 @@ local function loadavg0()
 end
 local load_before = loadavg0()
 local inputs = {}
-local function measure_ours(into)
+local function measure_ours(into, engine)
+  C.conv_engine(engine)
   for _, c in ipairs(cases) do
     local t = inputs[c.name]
     if not t then
@@ -107,6 +110,7 @@ local function measure_ours(into)
     r.gflops = 2 * t.macs / r.fwd * 1e-9
     into[c.name] = r
   end
+  C.conv_engine('auto')
 end
 
 local cjson = require 'cjson'
@@ -132,10 +136,13 @@ end
 -- ours before and after the peers (best of both), so that a burst of load from other processes
 -- does not land on one side only
 local load_before = loadavg()
-local ours = {}
-measure_ours(ours)
-local peers = {{'torch NCHW', peer('torch')}, {'torch NHWC', peer('torch_nhwc')}, {'TF NHWC', peer('tf')}}
-measure_ours(ours)
+local ours, own = {}, {}
+measure_ours(ours, 'auto')
+measure_ours(own, 'own')
+local peers = {{'own GEMM', own}, {'torch NCHW', peer('torch')}, {'torch NHWC', peer('torch_nhwc')},
+               {'TF NHWC', peer('tf')}}
+measure_ours(own, 'own')
+measure_ours(ours, 'auto')
 
 local function ms(t) return t and string.format('%7.2f', t * 1e3) or '      -' end
 local function ratio(p, o) return (p and o) and string.format('%5.2f', p / o) or '    -' end

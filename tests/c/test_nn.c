@@ -460,31 +460,20 @@ int main(void) {
       run_conv_case(c, FL_F64, 37);  /* tiny im2col chunks: chunk edges inside images */
     }
   }
-  /* Winograd F(2x2,3x3), forced on: forward and backward data against the naive loops, odd and even
-   * sizes (partial tiles), both paddings (backward data of 'valid' pads by 2), tiny chunks */
-  static const conv_case wcases[] = {
-    {2, 7, 6, 3, 4, 3, 3, 1, 1, 1, 1, "same", 0},
-    {2, 8, 8, 5, 3, 3, 3, 1, 1, 1, 1, "same", 0},
-    {1, 9, 7, 4, 6, 3, 3, 1, 1, 1, 1, "valid", 0},
-    {3, 5, 5, 2, 2, 3, 3, 1, 1, 1, 1, "valid", 0},
-  };
-  for (size_t i = 0; i < sizeof wcases / sizeof *wcases; i++) {
+  /* float32 through both engines whatever FL_CONV_AUTO would pick: our GEMM kernels and oneDNN
+   * (asymmetric TF padding, strides, dilation, 1xN, depthwise), fused epilogue and accumulation */
+  static const fl_conv_engine engines[] = {FL_CONV_OWN, FL_CONV_ONEDNN};
+  static const char *const engine_names[] = {"own kernels", "oneDNN"};
+  for (int e = 0; e < 2; e++) {
     char name[96];
-    snprintf(name, sizeof name, "winograd 3x3/1 %s case %zu", wcases[i].pad, i);
+    snprintf(name, sizeof name, "float32 convolutions forced to %s match the naive loops", engine_names[e]);
     TEST(name) {
-      fl_nn_cpu_set_winograd(2);
-      run_conv_case(&wcases[i], FL_F64, 0);
-      run_conv_case(&wcases[i], FL_F32, 0);
-      run_conv_case(&wcases[i], FL_F64, 50);
-      fl_nn_cpu_set_winograd(0);
+      fl_nn_cpu_set_conv_engine(engines[e]);
+      for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) run_conv_case(&cases[i], FL_F32, 0);
+      static const conv_case wide = {2, 9, 10, 40, 36, 3, 3, 1, 1, 1, 1, "same", 0};
+      run_conv_case(&wide, FL_F32, 0);
+      fl_nn_cpu_set_conv_engine(FL_CONV_AUTO);
     }
-  }
-  TEST("winograd for wide layers (mode 1) matches the naive loops") {
-    static const conv_case big = {2, 9, 10, 40, 36, 3, 3, 1, 1, 1, 1, "same", 0};
-    fl_nn_cpu_set_winograd(1);
-    run_conv_case(&big, FL_F32, 0);
-    run_conv_case(&big, FL_F64, 0);
-    fl_nn_cpu_set_winograd(0);
   }
   TEST("max pool 3/2 same, avg pool 3/1 same excludes padding, valid pools") {
     for (int avg = 0; avg < 2; avg++) {

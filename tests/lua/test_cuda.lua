@@ -609,6 +609,136 @@ gpu('model:cuda(): forward, backward and optimizer steps equal the CPU model', f
   cuda.allow_tf32(tf32)
 end)
 
+-- A small synthetic image set in the Kaggle layout, made once (in-process: no interpreter path needed).
+local flowers_root
+local function flowers()
+  if not flowers_root then
+    flowers_root = T.tmpdir() .. '/flowers'
+    require('flower.recipe').run_script('make_flowers.lua', {'--out', flowers_root, '--classes', '3',
+      '--train-per-class', '8', '--test', '0', '--seed', '5', '--min-size', '72x54', '--max-size', '96x72', '--quiet'})
+  end
+  return require('flower.data').kaggle(flowers_root)
+end
+
+-- train.fit on device = 'cuda' (model:cuda(), pinned batches uploaded with to_device_async, labels
+-- with y:cuda()) against the same run on the CPU: the same seeds, batches and dropout streams, so the
+-- loss curve agrees within 1e-3 relative with TF32 off (float32 summation order is the only
+-- difference). The GPU run's checkpoint holds host data and loads into a CPU model.
+gpu("train.fit{device = 'cuda'} follows the CPU run; its checkpoint loads on the host", function()
+  local train, data, optim, nets = require 'flower.train', require 'flower.data', require 'flower.optim',
+                                   require 'flower.smallnets'
+  local tf32 = cuda.allow_tf32(false)
+  local ds = flowers()
+  local dir = T.tmpdir()
+  local function run(device)
+    nn.reset_names()
+    local m = nets.build('resnet_tiny', {classes = 3, input_size = 32, width = 4, dropout = 0.2, seed = 3})
+    local pin = device == 'cuda'
+    local tl = data.Loader{ds, batch_size = 8, shuffle = true, seed = 2, workers = 2, transform = 'train', size = 32,
+                           pin_memory = pin}
+    local vl = data.Loader{ds, batch_size = 10, workers = 2, transform = 'eval', size = 32, pin_memory = pin}
+    T.eq(tl:pinned(), pin, 'loader pinned')
+    local h = train.fit(m, {train = tl, valid = vl, optimizer = optim.Adam{lr = 3e-3}, epochs = 3, device = device,
+                            log = function() end, progress = false, save_best = false,
+                            checkpoint_dir = dir .. '/' .. device})
+    local ev = train.evaluate(m, vl, {collect = true, softmax = true, progress = false})
+    tl:close(); vl:close()
+    return m, h, ev
+  end
+  local mc, hc, ec = run('cpu')
+  local mg, hg, eg = run('cuda')
+  T.eq(mc:get_device(), -1)
+  T.eq(mg:get_device(), 0, 'the model stays on the GPU')
+  T.eq(#hg.rows, #hc.rows)
+  for i, r in ipairs(hc.rows) do
+    T.near(hg.rows[i].loss, r.loss, 1e-3, 1e-6, 'epoch ' .. i .. ' loss')
+    T.near(hg.rows[i].val_loss, r.val_loss, 1e-3, 1e-6, 'epoch ' .. i .. ' val_loss')
+    T.eq(math.type(hg.rows[i].loss), 'float', 'losses come back as numbers')
+  end
+  -- evaluate's collected outputs come back to the host
+  T.check(not eg.probs:is_cuda(), 'collected probabilities on the host')
+  T.allclose(eg.probs, ec.probs, 1e-2, 1e-4, 'validation probabilities')
+  -- weights after 3 epochs of Adam: close (differences compound over steps, hence the looser bound)
+  local wc, wg = mc:weights(), mg:weights()
+  for i = 1, #wc do
+    T.check(wg[i].tensor:is_cuda(), wg[i].path .. ' on the GPU')
+    T.allclose(wg[i].tensor:cpu(), wc[i].tensor, 2e-2, 2e-3, 'weight ' .. wc[i].path)
+  end
+  -- the GPU run's checkpoint (host data) loads into a host model: exactly the GPU weights
+  nn.reset_names()
+  local back = nets.build('resnet_tiny', {classes = 3, input_size = 32, width = 4, dropout = 0.2, seed = 9})
+  train.load_checkpoint(dir .. '/cuda/last.h5', back, optim.Adam{lr = 3e-3})
+  local wb = back:weights()
+  for i = 1, #wb do
+    T.check(not wb[i].tensor:is_cuda(), 'loaded on the host')
+    T.check(wb[i].tensor:equal(wg[i].tensor:cpu()), 'checkpoint weight ' .. wb[i].path)
+  end
+  -- the ensemble's classifier on the GPU follows its CPU run too
+  local ensemble = require 'flower.ensemble'
+  flower.manual_seed(4)
+  local x, y = flower.randn({64, 12}), flower.randint(1, 4, {64}, 'int64')
+  local feats = {x = {train = x, valid = x:narrow(1, 1, 32)}, label = {train = y, valid = y:narrow(1, 1, 32)}, classes = 3}
+  local c1 = ensemble.fit(feats, {epochs = 3, seed = 1, progress = false, device = 'cpu'})
+  local c2 = ensemble.fit(feats, {epochs = 3, seed = 1, progress = false, device = 'cuda'})
+  for i, r in ipairs(c1.history.rows) do T.near(c2.history.rows[i].loss, r.loss, 1e-3, 1e-6, 'ensemble loss ' .. i) end
+  T.check(not c2.valid_probs:is_cuda(), 'ensemble probabilities on the host')
+  T.allclose(c2.valid_probs, c1.valid_probs, 1e-2, 1e-4, 'ensemble probabilities')
+  cuda.allow_tf32(tf32)
+end)
+
+-- The data path: a pin_memory loader refills its page-locked buffers while their uploads may still
+-- be in flight (host_wait must hold a buffer back until its copy is done), and the compute stream is
+-- kept busy (big matmuls) so that the copy stream runs ahead and the landing ring's waits matter.
+-- Every device batch must equal the host batch it came from.
+gpu('to_device_async: many pinned batches in a row arrive intact while the loader refills them', function()
+  local data = require 'flower.data'
+  local ds = flowers()
+  local big = flower.randn({2048, 2048}):cuda()
+  for _, dt in ipairs {'uint8', 'float32'} do
+    local l = data.Loader{ds, batch_size = 5, shuffle = true, seed = 1, workers = 3, prefetch = 2, transform = 'train',
+                          size = 64, dtype = dt, pin_memory = true}
+    T.check(l:pinned(), 'pinned loader')
+    local devs, hosts = {}, {}
+    for e = 1, 5 do
+      for b in l:epoch(e) do
+        T.check(b.x:is_pinned(), 'batch in page-locked memory')
+        for _ = 1, 3 do big = big:matmul(big) * 1e-3 end   -- keep the compute stream busy
+        local d = cuda.to_device_async(b.x)
+        T.check(d:is_cuda() and d:dtype() == dt, 'a device tensor of the same dtype')
+        hosts[#hosts + 1] = b.x:clone()
+        devs[#devs + 1] = d
+        b = nil
+        collectgarbage()   -- the batch's buffer is free for the loader to refill at once
+      end
+    end
+    T.check(#devs >= 20, 'enough batches: ' .. #devs)
+    for i = 1, #devs do T.check(devs[i]:cpu():equal(hosts[i]), dt .. ' batch ' .. i .. ' arrived intact') end
+    l:close()
+  end
+  -- kernels queued on an async result see the data (the compute stream waits for the copy)
+  local h = flower.rand({256, 1024}):pin_memory()   -- positive: float32 sums stay accurate
+  T.check(h:is_pinned())
+  local s = 0
+  for k = 1, 10 do
+    local d = h:cuda{non_blocking = true}
+    s = s + (d * k):sum():item()
+  end
+  T.near(s, h:double():sum():item() * 55, 1e-4, 1e-3, 'sums over async uploads')
+  -- pageable and strided sources take the ordinary path and still arrive
+  local p = flower.randn({33, 17})
+  T.check(cuda.to_device_async(p):cpu():equal(p), 'pageable')
+  T.check(cuda.to_device_async(p:t()):cpu():equal(p:t()), 'strided')
+  T.check(cuda.to_device_async(flower.empty({0, 4})):numel() == 0, 'empty')
+  local g = p:cuda()
+  T.check(rawequal(cuda.to_device_async(g), g), 'already there: the tensor itself')
+  -- the landing buffers go back with empty_cache
+  cuda.synchronize()
+  devs, hosts, big, g = nil, nil, nil, nil
+  collectgarbage(); collectgarbage()
+  cuda.empty_cache()
+  T.eq(cuda.memory_stats().cached, 0, 'nothing cached after empty_cache')
+end)
+
 -- FLOWER_GPU_LIST=1 prints the group names; FLOWER_GPU_GROUP=<name> runs that group alone
 -- (tests/gpu/check.sh reruns each group in its own process after a crash, so that one sticky CUDA
 -- error does not hide the state of the others).

@@ -76,6 +76,13 @@ local activations = {
 }
 nn.activations = activations
 
+-- y -> activation(y), in place where it can be; a new result frees y (no one else has it)
+function nn._activate(name, y)
+  local z = activations[name].fwd(y)
+  if z ~= y then y:free() end
+  return z
+end
+
 local function get_activation(a, owner)
   if a == nil then return nil end
   local f = activations[a]
@@ -170,7 +177,7 @@ function Conv2D:_forward(x, keep)
   local win = window_of(self, d[2], d[3])
   self._xshape = d
   local y = C.conv2d(x, self.kernel, win, nil, self.bias, self.activation == 'relu')
-  if self.activation and self.activation ~= 'relu' then y = activations[self.activation].fwd(y) end
+  if self.activation and self.activation ~= 'relu' then y = nn._activate(self.activation, y) end
   return y
 end
 
@@ -267,7 +274,7 @@ function DepthwiseConv2D:_forward(x)
   self._xshape = d
   local y = C.depthwise(x, self.depthwise_kernel, window_of(self, d[2], d[3]), nil, self.bias,
     self.activation == 'relu')
-  if self.activation and self.activation ~= 'relu' then y = activations[self.activation].fwd(y) end
+  if self.activation and self.activation ~= 'relu' then y = nn._activate(self.activation, y) end
   return y
 end
 
@@ -340,13 +347,14 @@ function SeparableConv2D:_forward_fused(x, scale, shift, relu, keep)
   local d = dims(x)
   self._xshape = d
   local mid = C.depthwise(x, self.depthwise_kernel, (window_of(self, d[2], d[3])))
-  if keep then self._mid = mid end    -- the pointwise kernel's gradient needs it
-  return C.conv2d(mid, self.pointwise_kernel, self._pwin, scale, shift, relu)
+  local y = C.conv2d(mid, self.pointwise_kernel, self._pwin, scale, shift, relu)
+  if keep then self._mid = mid else mid:free() end    -- the pointwise kernel's gradient needs it
+  return y
 end
 
 function SeparableConv2D:_forward(x, keep)
   local y = self:_forward_fused(x, nil, self.bias, self.activation == 'relu', keep)
-  if self.activation and self.activation ~= 'relu' then y = activations[self.activation].fwd(y) end
+  if self.activation and self.activation ~= 'relu' then y = nn._activate(self.activation, y) end
   return y
 end
 
@@ -656,7 +664,9 @@ local function global_pool_class(name, kind)
       y = C.pool2d(x, kind, win(d))
     end
     if self.keepdims then return y end
-    return y:view(d[1], d[4])
+    local v = y:view(d[1], d[4])
+    y:free()   -- the view holds the storage
+    return v
   end
   function cls:_backward(x, y, gy, need_gin)
     local am = self._argmax
@@ -724,11 +734,14 @@ function Dense:_forward(x)
   self._xshape = x:size()
   local y = x2:matmul(self.kernel)
   if self.bias or self.activation == 'relu' then C.channel_affine(y, nil, self.bias, self.activation == 'relu', y) end
-  if self.activation and self.activation ~= 'relu' then y = activations[self.activation].fwd(y) end
+  if self.activation and self.activation ~= 'relu' then y = nn._activate(self.activation, y) end
+  if x2 ~= x then x2:free() end   -- a view (or copy) of x: the executor frees x
   if x:dim() ~= 2 then
     local s = x:size()
     s[#s] = self.units
-    y = y:view(s)
+    local v = y:view(s)
+    y:free()   -- the view holds the storage
+    y = v
   end
   return y
 end
@@ -1058,7 +1071,13 @@ end
 function ZeroPadding2D:_forward(x)
   local d = x:size()
   local y = nn.like(x, {d[1], d[2] + self.pt + self.pb, d[3] + self.pl + self.pr, d[4]})
-  y:narrow(2, self.pt + 1, d[2]):narrow(3, self.pl + 1, d[3]):copy(x)
+  -- the views are freed at once: left to the collector they would keep y's storage alive after the
+  -- executor frees y
+  local rows = y:narrow(2, self.pt + 1, d[2])
+  local inner = rows:narrow(3, self.pl + 1, d[3])
+  inner:copy(x)
+  inner:free()
+  rows:free()
   self._xshape = d
   return y
 end
@@ -1116,14 +1135,23 @@ function Preprocess:coefficients(ref)
 end
 
 local function flip_channels(x)
-  return flower.cat({x:narrow(-1, 3, 1), x:narrow(-1, 2, 1), x:narrow(-1, 1, 1)}, -1)
+  local b, g, r = x:narrow(-1, 3, 1), x:narrow(-1, 2, 1), x:narrow(-1, 1, 1)
+  local y = flower.cat({b, g, r}, -1)
+  b:free(); g:free(); r:free()
+  return y
 end
 
 function Preprocess:_forward(x)
   local xf = x:dtype() == self.dtype and x or x:type(self.dtype)
-  if self.mode == 'caffe' then xf = flip_channels(xf) end
+  if self.mode == 'caffe' then
+    local flipped = flip_channels(xf)
+    if xf ~= x then xf:free() end
+    xf = flipped
+  end
   local scale, shift = self:coefficients(xf)
-  return C.channel_affine(xf, scale, shift, false)
+  local y = C.channel_affine(xf, scale, shift, false)
+  if xf ~= x then xf:free() end   -- temporaries, as big as the batch
+  return y
 end
 
 function Preprocess:_backward(x, y, gy, need_gin)

@@ -294,20 +294,24 @@ Model._is_model = true
 
 -------------------------------------------------------------------------------- the executor
 
--- Tensors are freed as soon as nothing needs them (Lua's collector does not see their size).
--- `live` counts, per tensor object, the node values and gradients that hold it; `keep` protects
--- tensors that belong to the caller (inputs, gradOutputs) or are returned (outputs).
+-- Tensors are freed as soon as nothing needs them (Lua's collector does not see their size), and the
+-- CPU allocator hands a freed block to the next layer asking for that size (core/cpu/cpu.c), so an
+-- inference holds about the weights plus the few activations that are live at once, not one buffer
+-- per layer. `live` counts, per tensor object, the node values and gradients that hold it; `keep`
+-- protects tensors that belong to the caller (inputs, gradOutputs) or are returned (outputs): those
+-- are never freed, and a view of one only drops its own reference. nn.reuse = false leaves every
+-- value to the collector and writes nothing in place (to compare, or to rule reuse out of a bug).
 local Tracker = {}
 Tracker.__index = Tracker
 
-local function tracker() return setmetatable({live = {}, keep = {}}, Tracker) end
+local function tracker() return setmetatable({live = {}, keep = {}, reuse = nn.reuse}, Tracker) end
 function Tracker:hold(t) if t then self.live[t] = (self.live[t] or 0) + 1 end end
 function Tracker:drop(t)
   if not t then return end
   local c = (self.live[t] or 1) - 1
   if c > 0 then self.live[t] = c; return end
   self.live[t] = nil
-  if not self.keep[t] then t:free() end
+  if not self.keep[t] and self.reuse then t:free() end
 end
 function Tracker:protect(t) if t then self.keep[t] = true end end
 
@@ -395,9 +399,17 @@ local function run_fused(n, f, x, keep)
   if f.kind == 'relu' then return l:_forward(x, keep, true) end
   if f.kind == 'pad' then return l:_forward_fused(x, nil, l.bias, false, f.pad) end
   local bnl = f.bn.layer
-  local scale, shift = bnl:coefficients()
-  if l.bias then shift = (l.bias * scale):add_(shift) end
-  return l:_forward_fused(x, scale, shift, f.relu ~= nil, f.pad)
+  local scale, shift, inv = bnl:coefficients()
+  if l.bias then
+    local s = (l.bias * scale):add_(shift)
+    shift:free()
+    shift = s
+  end
+  local y = l:_forward_fused(x, scale, shift, f.relu ~= nil, f.pad)
+  if inv ~= scale then inv:free() end
+  scale:free()
+  shift:free()
+  return y
 end
 
 local function input_values(n, values)
@@ -465,14 +477,17 @@ function Model:_forward(x, keep)
       local f = plan.fused[n]
       local ok, y
       local t0 = prof and C.now()
-      -- where no backward follows, an element-wise layer writes over an input nobody else needs
+      -- where no backward follows, an element-wise layer writes over an input nobody else needs: no
+      -- later node reads it, no other node value is this tensor, it is not the caller's, and no
+      -- other tensor shares its storage (a Reshape/Flatten view of a value still needed, or of the
+      -- caller's input)
       local donor
-      if l._forward_into and nn.inplace and not (keep and plan.ng[n]) and (not f or f.kind == 'relu')
+      if l._forward_into and nn.inplace and tr.reuse and not (keep and plan.ng[n]) and (not f or f.kind == 'relu')
           and l:can_forward_into() then
         for _, p in ipairs(n.inputs) do
           local t = values[p]
           if t and remaining[p] == 1 and tr.live[t] == 1 and not tr.keep[t] and not self._is_input[p]
-              and t:is_contiguous() then
+              and t:is_contiguous() and not t:is_shared() then
             donor = t
             break
           end
@@ -526,14 +541,19 @@ local function add_grad(grads, owned, tr, n, g)
   if cur == nil then
     grads[n] = g
     tr:hold(g)
-  elseif owned[n] then
-    cur:add_(g)
   else
-    local s = cur + g
-    tr:drop(cur)
-    grads[n] = s
-    owned[n] = true
-    tr:hold(s)
+    if owned[n] then
+      cur:add_(g)
+    else
+      local s = cur + g
+      tr:drop(cur)
+      grads[n] = s
+      owned[n] = true
+      tr:hold(s)
+    end
+    -- g is spent: free it unless another gradient still holds it (Add hands one tensor to each input)
+    tr:hold(g)
+    tr:drop(g)
   end
 end
 
