@@ -191,7 +191,8 @@ typedef struct {
   std::mutex lock;
   std::unordered_map<void *, cu_block> live;
   std::unordered_map<size_t, std::vector<void *>> free_lists;   /* rounded size -> blocks */
-  fl_cuda_memstats st;
+  fl_cuda_memstats st = {};   /* `new cu_pool[n]` would leave a plain member uninitialized: the
+                                 statistics then started from heap garbage */
 } cu_pool;
 
 /* Allocated once and never destroyed: tensors collected by a Lua state closed late in process exit

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The prepared device check of the CUDA backend (issue 7): in one call, get a CUDA build of
 # flowerlua, run the GPU tests (tests/lua/test_cuda.lua), then the GPU benchmark beside PyTorch
-# (tests/bench/gpu.lua), and print the test counts and the benchmark table. Logs go to $OUT (the
-# device tool's folder) when set, else to build-cuda/gpu-check/.
+# (tests/bench/gpu.lua) and the quickstart on the GPU and on the CPUs, and print the test counts,
+# the benchmark table and the quickstart's accuracies. Logs go to $OUT (the device tool's folder)
+# when set, else to build-cuda/gpu-check/.
 #
 #   bash tests/gpu/check.sh --bundle      # HERE, no GPU needed: build with CUDA=1 and pack
 #                                         #   build-cuda/gpu-bundle.tar.xz (flowerlua + its libraries)
-#   bash tests/gpu/check.sh [--quick]     # ON THE GPU MACHINE (carry build-cuda/gpu-bundle.tar.xz);
-#                                         #   --quick: batch 32, 5 steps (a fast sanity run)
+#   bash tests/gpu/check.sh [--quick|--tests]   # ON THE GPU MACHINE (carry build-cuda/gpu-bundle.tar.xz);
+#                                         #   --quick: batch 32, 5 steps (a fast sanity run);
+#                                         #   --tests: the tests and the quickstart, no benchmark
 #
 # Why a bundle: the GPU image has nvcc, PyTorch and torchvision but not the Lua, HDF5, OpenBLAS and
 # libjpeg development packages flowerlua builds against, and nothing can be installed there. So the
@@ -43,14 +45,19 @@ if [ "${1:-}" = "--bundle" ]; then
       *) cp -L "$path" "$tmp/gpubin/lib/$name" ;;
     esac
   done
+  # Lua C modules the scripts load (lua-cjson: JSON annotations, Keras model configs)
+  mkdir -p "$tmp/gpubin/lua/cjson"
+  cjson=$(ls /usr/lib/x86_64-linux-gnu/lua/5.4/cjson.so 2>/dev/null || true)
+  [ -n "$cjson" ] && cp -L "$cjson" "$tmp/gpubin/lua/cjson.so" && cp -L "$cjson" "$tmp/gpubin/lua/cjson/safe.so"
   tar -C "$tmp" -cJf "$BUNDLE" gpubin
   echo "packed $BUNDLE ($(du -h "$BUNDLE" | cut -f1)): flowerlua and $(ls "$tmp/gpubin/lib" | wc -l) libraries"
   echo "on the GPU machine: bash tests/gpu/check.sh   (carry $BUNDLE)"
   exit 0
 fi
 
-BATCH=128; STEPS=20
+BATCH=128; STEPS=20; BENCH=1
 [ "${1:-}" = "--quick" ] && { BATCH=32; STEPS=5; }
+[ "${1:-}" = "--tests" ] && BENCH=0
 LOGS=${OUT:-build-cuda/gpu-check}
 mkdir -p "$LOGS"
 exec > >(tee "$LOGS/check.log") 2>&1
@@ -65,6 +72,7 @@ if [ -f "$BUNDLE" ]; then
   FLOWERLUA=$UNPACK/gpubin/flowerlua
   LIBS=$UNPACK/gpubin/lib
   export FLOWERLUA_PATH=$ROOT/scripts          # the Lua library of this checkout
+  export LUA_CPATH="$UNPACK/gpubin/lua/?.so;;"
   echo "binary: $BUNDLE (built elsewhere), unpacked in $UNPACK"
 else
   echo "no $BUNDLE: building here"
@@ -122,13 +130,31 @@ if [ $rc -ne 0 ]; then
 fi
 
 # ---- benchmark beside PyTorch
-echo "== tests/bench/gpu.lua $BATCH $STEPS"
-FLOWER_BENCH_PROFILE=1 FLOWER_BENCH_TIMEOUT=${FLOWER_BENCH_TIMEOUT:-150} FLOWER_PYTHON=python3 "$FLOWERLUA" tests/bench/gpu.lua "$BATCH" "$STEPS" > "$LOGS/bench.log" 2>&1
-brc=$?
-cat "$LOGS/bench.log"
+brc=0
+if [ $BENCH -eq 1 ]; then
+  echo "== tests/bench/gpu.lua $BATCH $STEPS"
+  FLOWER_BENCH_PROFILE=1 FLOWER_BENCH_TIMEOUT=${FLOWER_BENCH_TIMEOUT:-150} FLOWER_PYTHON=python3 \
+    "$FLOWERLUA" tests/bench/gpu.lua "$BATCH" "$STEPS" > "$LOGS/bench.log" 2>&1
+  brc=$?
+  cat "$LOGS/bench.log"
+fi
+
+# ---- the main job end to end: the quickstart on the GPU, then on this machine's CPUs
+qrc=0
+for dev in cuda cpu; do
+  echo "== experiments/quickstart.lua --device $dev"
+  t0=$SECONDS
+  timeout 300 "$FLOWERLUA" experiments/quickstart.lua --device "$dev" --run-name "gpu-check-$dev" \
+    > "$LOGS/quickstart-$dev.log" 2>&1
+  r=$?
+  [ $r -ne 0 ] && [ "$dev" = cuda ] && qrc=$r
+  grep -E 'accuracy|rror|report:|images/s|epoch 12/12' "$LOGS/quickstart-$dev.log" | tail -16
+  echo "quickstart --device $dev: exit $r in $((SECONDS - t0)) s"
+done
 
 echo "== summary"
 echo "GPU tests: $((pass - skip)) passed, $fail failed, $skip skipped (exit $rc)"
 echo "benchmark: exit $brc (table above; logs in $LOGS)"
+echo "quickstart on the GPU: exit $qrc"
 echo "check took $((SECONDS - START)) s"
-[ "$fail" -eq 0 ] && [ $brc -eq 0 ]
+[ "$fail" -eq 0 ] && [ $brc -eq 0 ] && [ $qrc -eq 0 ]

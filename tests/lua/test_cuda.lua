@@ -631,7 +631,7 @@ gpu("train.fit{device = 'cuda'} follows the CPU run; its checkpoint loads on the
   local ds = flowers()
   local dir = T.tmpdir()
   local function run(device)
-    nn.reset_names()
+    require('flower.nn').reset_names()
     local m = nets.build('resnet_tiny', {classes = 3, input_size = 32, width = 4, dropout = 0.2, seed = 3})
     local pin = device == 'cuda'
     local tl = data.Loader{ds, batch_size = 8, shuffle = true, seed = 2, workers = 2, transform = 'train', size = 32,
@@ -665,7 +665,7 @@ gpu("train.fit{device = 'cuda'} follows the CPU run; its checkpoint loads on the
     T.allclose(wg[i].tensor:cpu(), wc[i].tensor, 2e-2, 2e-3, 'weight ' .. wc[i].path)
   end
   -- the GPU run's checkpoint (host data) loads into a host model: exactly the GPU weights
-  nn.reset_names()
+  require('flower.nn').reset_names()
   local back = nets.build('resnet_tiny', {classes = 3, input_size = 32, width = 4, dropout = 0.2, seed = 9})
   train.load_checkpoint(dir .. '/cuda/last.h5', back, optim.Adam{lr = 3e-3})
   local wb = back:weights()
