@@ -384,4 +384,42 @@ T.test('a net with a residual branch, a concatenation and a frozen prefix trains
   T.check(m:layer('stem').kernel:equal(k0), 'the frozen stem changed')
 end)
 
+T.test('a conv bias before a training BatchNormalization moves into its moving mean: the step equals the unfused one', function()
+  local function make()
+    flower.manual_seed(21)
+    nn.reset_names()
+    local x = nn.Input{6, 6, 3}
+    local y = nn.Conv2D{filters = 4, kernel_size = 3, padding = 'same', name = 'conv'}(x)
+    y = nn.ReLU{}(nn.BatchNormalization{name = 'bn'}(y))
+    local m = nn.Model(x, nn.Dense{units = 2}(nn.GlobalAveragePooling2D{}(y)))
+    m:layer('conv').bias:copy(flower.randn(4) * 3)   -- a bias far from zero
+    return m
+  end
+  flower.manual_seed(22)
+  local xb, labels = flower.randn(5, 6, 6, 3), flower.tensor({1, 2, 2, 1, 2}, 'int64')
+  local loss = nn.CategoricalCrossentropy{from_logits = true}
+  local function step(fusion)
+    nn.fusion = fusion
+    local m = make()
+    m:training()
+    nn.profile = {}
+    local o = m:forward(xb)
+    m:backward(xb, loss:backward(o, labels))
+    local prof = nn.profile
+    nn.profile, nn.fusion = nil, true
+    return m, o, prof
+  end
+  local mf, of, pf = step(true)
+  local mu, ou, pu = step(false)
+  T.check(pf['fused Conv2D forward'] and not pu['fused Conv2D forward'], 'the fusion ran only when enabled')
+  T.allclose(of, ou, 1e-5, 1e-6, 'logits')
+  local cf, cu = mf:layer('conv'), mu:layer('conv')
+  T.allclose(cf.grads.kernel, cu.grads.kernel, 1e-5, 1e-6, 'kernel gradient')
+  T.allclose(cf.grads.bias, cu.grads.bias, 1e-4, 1e-6, 'bias gradient (about zero: the BN cancels it)')
+  local bf, bu = mf:layer('bn'), mu:layer('bn')
+  T.allclose(bf.moving_mean, bu.moving_mean, 1e-6, 1e-7, 'moving mean includes the bias')
+  T.check(bu.moving_mean:sub(bf.moving_mean):abs():max():item() < 1e-5, 'moving means agree')
+  T.allclose(bf.moving_variance, bu.moving_variance, 1e-6, 1e-7, 'moving variance')
+end)
+
 T.done()

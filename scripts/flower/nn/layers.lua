@@ -172,11 +172,13 @@ function Conv2D:needs(need_gin, need_params)
   return need_params, self.activation ~= nil
 end
 
-function Conv2D:_forward(x, keep)
+-- omit_bias: the executor leaves the bias to a following batch-statistics BatchNormalization
+-- (Model:_plan's 'bias_bn' fusion)
+function Conv2D:_forward(x, keep, omit_bias)
   local d = dims(x)
   local win = window_of(self, d[2], d[3])
   self._xshape = d
-  local y = C.conv2d(x, self.kernel, win, nil, self.bias, self.activation == 'relu')
+  local y = C.conv2d(x, self.kernel, win, nil, not omit_bias and self.bias or nil, self.activation == 'relu')
   if self.activation and self.activation ~= 'relu' then y = nn._activate(self.activation, y) end
   return y
 end
@@ -483,6 +485,12 @@ function BatchNormalization:_forward(x, keep, relu)
   local scale, shift, inv = self:coefficients()
   if keep then self._saved = {mean = self.moving_mean, invstd = inv, scale = scale, batch = false} end
   return C.channel_affine(x, scale, shift, relu)
+end
+
+-- the moving mean as if the batch had been shifted by `shift` (C): a convolution's bias that the
+-- executor left out of this layer's input (Model:_plan's 'bias_bn' fusion)
+function BatchNormalization:shift_moving_mean(shift)
+  C.axpby(self.moving_mean, 1 - self.momentum, shift, 1)
 end
 
 -- inference only: y = x*scale + shift (ReLU) written into `out` (an input no one else needs)

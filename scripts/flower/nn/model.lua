@@ -353,7 +353,7 @@ function Model:_plan(keep)
   --  'conv': Conv -> inference BN (-> ReLU) as one convolution, where no gradient flows;
   --  'relu': BN / Add / ScaledAdd -> ReLU as one pass, with or without gradients (the layer's
   --          backward then masks gy by the ReLU output, which it keeps instead of its own output).
-  local fused, skip, relu_into, padfold = {}, {}, {}, {}
+  local fused, skip, relu_into, padfold, bias_into = {}, {}, {}, {}, {}
   local function single(n) return #cons[n] == 1 and not self._is_output[n] and not retain[n] and cons[n][1] end
   -- ZeroPadding2D -> Conv2D without gradients: the padding goes into the convolution's window
   for _, n in ipairs(nodes) do
@@ -382,6 +382,16 @@ function Model:_plan(keep)
         if relu then skip[relu] = true end
       elseif padfold[n] then
         fused[n] = {kind = 'pad', pad = padfold[n].pad}
+      elseif ng[n] and l.class_name == 'Conv2D' and l.bias and not l.activation and #cons[n] == 1
+          and not self._is_output[n] and ng[cons[n][1]] and cons[n][1].layer.class_name == 'BatchNormalization'
+          and cons[n][1].layer:uses_batch_stats() then
+        local bn = cons[n][1]   -- the only reader of the convolution's value (BN backward keeps it)
+        -- a bias before a batch-statistics BatchNormalization cancels in its output (the batch mean
+        -- moves with it): the convolution skips the bias pass and the BN adds (1-momentum)*bias to
+        -- its moving mean, which is what the mean of (conv + bias) would have put there. Backward is
+        -- unchanged (the bias gradient is the column sum of the BN's input gradient either way).
+        fused[n] = {kind = 'bias_bn'}
+        bias_into[bn] = n
       elseif l.fuses_relu and nxt and is_relu(nxt.layer) and ng[nxt] == ng[n] then
         fused[n] = {kind = 'relu', relu = nxt}
         skip[nxt] = true
@@ -391,13 +401,14 @@ function Model:_plan(keep)
     end
   end
   return {ng = ng, retain = retain, need_params = need_params, fused = fused, skip = skip, keep = keep,
-          relu_into = relu_into, padfold = padfold}
+          relu_into = relu_into, padfold = padfold, bias_into = bias_into}
 end
 
 local function run_fused(n, f, x, keep)
   local l = n.layer
   if f.kind == 'relu' then return l:_forward(x, keep, true) end
   if f.kind == 'pad' then return l:_forward_fused(x, nil, l.bias, false, f.pad) end
+  if f.kind == 'bias_bn' then return l:_forward(x, keep, true) end
   local bnl = f.bn.layer
   local scale, shift, inv = bnl:coefficients()
   if l.bias then
@@ -497,6 +508,7 @@ function Model:_forward(x, keep)
       elseif f then ok, y = pcall(run_fused, n, f, xin, keep and plan.ng[n])
       else ok, y = pcall(l._forward, l, xin, keep and plan.ng[n]) end
       if not ok then error(wrap_err(l, y), 0) end
+      if plan.bias_into[n] then l:shift_moving_mean(plan.bias_into[n].layer.bias) end
       if prof then profile_add(prof, (f and 'fused ' or '') .. l.class_name .. ' forward', C.now() - t0) end
       local target = f and (f.relu or f.bn) or n
       values[target] = y
