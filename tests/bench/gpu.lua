@@ -112,13 +112,46 @@ local function child_model(batch, steps)
   end
 end
 
+-- The whole data path: train.fit on JPEGs (decoded and augmented by the loader's worker threads,
+-- uploaded asynchronously) at the resolution of the model benchmark, pinned and pageable batches.
+-- img/s of the epochs after the first (cuDNN's engine timing runs in the first) against the
+-- synthetic-batch step above shows how much of the input pipeline the overlap hides.
+local function child_fit(batch)
+  local data, train, models, optim = require 'flower.data', require 'flower.train', require 'flower.models',
+                                     require 'flower.optim'
+  local root = (os.getenv('TMPDIR') or '/tmp') .. '/flowerlua-gpu-fit'
+  if not io.open(root .. '/train.json') then
+    require('flower.recipe').run_script('make_flowers.lua', {'--out', root, '--classes', '8', '--train-per-class',
+      tostring(2 * batch), '--test', '0', '--min-size', '320x240', '--max-size', '400x300', '--workers', '16', '--quiet'})
+  end
+  local ds = data.kaggle(root)
+  local workers = tonumber(os.getenv('FLOWER_BENCH_WORKERS')) or 12
+  for _, pin in ipairs {true, false} do
+    local m = models.resnet50{include_top = true, classes = 8, classifier_activation = false,
+                              input_shape = {224, 224, 3}}
+    local loader = data.Loader{ds, batch_size = batch, shuffle = true, seed = 1, workers = workers,
+                               transform = 'train', size = 224, pin_memory = pin}
+    local h = train.fit(m, {train = loader, optimizer = optim.SGD{lr = 0.01, momentum = 0.9}, epochs = 4,
+                            device = 'cuda', log = function() end, progress = false, save_best = false})
+    loader:close()
+    local sum, n = 0, 0
+    for i = 2, #h.rows do sum = sum + h.rows[i].images_per_s; n = n + 1 end
+    result(pin and 'fit_pinned_img_s' or 'fit_pageable_img_s', sum / n)
+    m = nil
+    collectgarbage(); collectgarbage()
+    cuda.empty_cache()
+  end
+end
+
 if arg[1] == '--child' then
   if not cuda.available() then error('gpu bench: no CUDA device: ' .. cuda.unavailable_reason()) end
   local batch, steps = tonumber(arg[3]) or 128, tonumber(arg[4]) or 20
   cuda.benchmark(true)          -- like torch.backends.cudnn.benchmark = True in the peer
   cuda.allow_tf32(true)
   print('# ' .. cuda.device_name())
-  if arg[2] == 'kernels' then child_kernels(batch) else child_model(batch, steps) end
+  if arg[2] == 'kernels' then child_kernels(batch)
+  elseif arg[2] == 'fit' then child_fit(batch)
+  else child_model(batch, steps) end
   return
 end
 
@@ -153,7 +186,7 @@ local function run(label, cmd)
 end
 
 local ours, notes = {}, {}
-for _, part in ipairs {'kernels', 'model'} do
+for _, part in ipairs {'kernels', 'model', 'fit'} do
   local r, note = run('flowerlua ' .. part, ('timeout %d %s %s --child %s %d %d'):format(limit, exe, script, part, batch, steps))
   for k, v in pairs(r) do ours[k] = v end
   if note then notes[#notes + 1] = 'flowerlua ' .. part .. ': ' .. note end
@@ -169,6 +202,8 @@ local rows = {
   {'train_fp32_peak_alloc_mib', 'peak allocated MiB, fp32 train', false},
   {'train_fp32_peak_reserved_mib', 'peak reserved MiB, fp32 train', false},
   {'train_bf16_peak_alloc_mib', 'peak allocated MiB, bf16 train', false},
+  {'fit_pinned_img_s', 'train.fit on JPEGs img/s, pinned', true},
+  {'fit_pageable_img_s', 'train.fit on JPEGs img/s, pageable', true},
   {'sgemm_fp32_tflops', 'sgemm 8192 TFLOP/s, fp32', true},
   {'sgemm_tf32_tflops', 'sgemm 8192 TFLOP/s, TF32', true},
   {'conv3x3_fwd_ms', ('conv 3x3 64->64 %dx56x56 fwd ms'):format(batch), false},
