@@ -375,11 +375,12 @@ template <class T, class I> __global__ void pool_bwd_kernel(T *gx, const T *gy, 
     I ow1 = tw / p.sw < OW - 1 ? tw / p.sw : OW - 1;
     const I self = (ih * W + iw) * C + c;
     for (I oh = oh0; oh <= oh1; oh++) {
+      /* the bounds above keep 0 <= da < kh for dense windows: the divisions are for dilated ones */
       I da = th - oh * p.sh;
-      if (da < 0 || da % p.dh || da / p.dh >= p.kh) continue;
+      if (p.dh != 1 && (da < 0 || da % p.dh || da / p.dh >= p.kh)) continue;
       for (I ow = ow0; ow <= ow1; ow++) {
         I db = tw - ow * p.sw;
-        if (db < 0 || db % p.dw || db / p.dw >= p.kw) continue;
+        if (p.dw != 1 && (db < 0 || db % p.dw || db / p.dw >= p.kw)) continue;
         I o = ((n * OH + oh) * OW + ow) * C + c;
         T g = gy[o];
         if (is_max && amax) {
