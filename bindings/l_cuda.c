@@ -14,7 +14,8 @@
  *   flower.cuda.allow_tf32([bool])       returns the setting, sets it when given (default true)
  *   flower.cuda.benchmark([bool])        cuDNN engine timing per convolution shape (default false)
  *   flower.cuda.deterministic([bool])    skip non-deterministic cuDNN engines (default false)
- *   flower.cuda.conv_stats()             cached cuDNN plans, direct-kernel fallback calls
+ *   flower.cuda.conv_stats()             cached cuDNN plans, direct-kernel fallback calls, the
+ *                                        largest workspace of a cached plan (bytes)
  *   flower.cuda.adam_step(ws, gs, ms, vs, alpha, beta1, beta2, eps)   core/nn.h's adam_step over
  *   flower.cuda.sgd_step(ws, gs, ms|nil, lr, momentum, nesterov)       whole lists in few launches
  *   flower.cuda.to_device_async(t [, dev])   t on the device without waiting for the copy (below)
@@ -307,6 +308,8 @@ static int l_conv_stats(lua_State *L) {
   lua_setfield(L, -2, "plans");
   lua_pushinteger(L, fl_cuda_conv_fallback_count());
   lua_setfield(L, -2, "fallback_calls");
+  lua_pushinteger(L, (lua_Integer)fl_cuda_conv_max_workspace());
+  lua_setfield(L, -2, "max_workspace");
   return 1;
 }
 

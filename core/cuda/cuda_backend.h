@@ -76,6 +76,8 @@ int fl_cuda_get_deterministic(void);
  * convolution calls that found no cuDNN engine and ran the direct (slow) kernels instead. */
 int fl_cuda_conv_plan_count(void);
 int fl_cuda_conv_fallback_count(void);
+/* The largest workspace (bytes) among the cached plans: allocated for the call's duration. */
+int64_t fl_cuda_conv_max_workspace(void);
 
 /* ---- fused optimizer steps over many tensors (one launch per 32 tensors) ----
  * Exactly the per-tensor kernels of core/nn.h (fl_nn_ops.adam_step / sgd_step, Keras's formulas),

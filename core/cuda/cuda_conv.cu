@@ -49,6 +49,15 @@ extern "C" int fl_cuda_conv_plan_count(void) {
 
 extern "C" int fl_cuda_conv_fallback_count(void) { return n_fallback_calls; }
 
+extern "C" int64_t fl_cuda_conv_max_workspace(void) {
+  std::lock_guard<std::mutex> g(plan_lock);
+  int64_t m = 0;
+  if (plans)
+    for (auto &kv : *plans)
+      if (kv.second->workspace > m) m = kv.second->workspace;
+  return m;
+}
+
 static int64_t ptr_align(const void *p) {
   uintptr_t a = (uintptr_t)p;
   int64_t al = 16;

@@ -93,6 +93,8 @@ local function child_model(batch, steps)
   for k in pairs(st) do keys[#keys + 1] = k end
   table.sort(keys)
   for _, k in ipairs(keys) do print(('# memory_stats.%s = %s'):format(k, tostring(st[k]))) end
+  local cs = cuda.conv_stats()
+  print(('# cuDNN plans %d, largest workspace %.1f MiB'):format(cs.plans, cs.max_workspace / 2 ^ 20))
   m:evaluate()
   result('infer_fp32_img_s', batch / timed(function() m:forward(x) end, steps, 3))
   if os.getenv('FLOWER_BENCH_PROFILE') then

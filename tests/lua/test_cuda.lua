@@ -291,7 +291,9 @@ gpu('cuda conv2d forward/backward (cuDNN) against the CPU', function()
   cuda.allow_tf32(old)
   local st = cuda.conv_stats()
   T.check(st.plans > 0, 'cuDNN plans were cached')
-  print(('# cuDNN plans %d, direct-kernel fallback calls %d'):format(st.plans, st.fallback_calls))
+  T.check(math.type(st.max_workspace) == 'integer' and st.max_workspace >= 0, 'largest workspace in bytes')
+  print(('# cuDNN plans %d, direct-kernel fallback calls %d, largest workspace %d bytes'):format(st.plans,
+    st.fallback_calls, st.max_workspace))
 end)
 
 gpu('cuda depthwise forward/backward against the CPU', function()
