@@ -324,10 +324,35 @@ static std::unordered_map<const void *, cu_pinned> &pinned_blocks(void) {
   return *m;
 }
 
+/* Freed blocks wait here, by size, for the next batch of that size: cudaHostAlloc and cudaFreeHost
+ * each synchronize the device, so a loader that allocated and freed a pinned batch per step made
+ * train.fit slower than with pageable batches (1506 against 2191 img/s, ResNet50 on an H100).
+ * flower.cuda.empty_cache() gives them back. */
+static std::unordered_map<size_t, std::vector<void *>> &pinned_free(void) {
+  static auto *m = new std::unordered_map<size_t, std::vector<void *>>;
+  return *m;
+}
+
+static int host_wait(const void *p);
+
 static void *host_alloc(size_t nbytes) {
   const char *op = "cuda pinned host memory";
-  if (fl_cuda_check_device(op, 0)) return NULL;
   void *p = NULL;
+  {
+    std::lock_guard<std::mutex> g(pin_lock);
+    auto it = pinned_free().find(nbytes);
+    if (it != pinned_free().end() && !it->second.empty()) {
+      p = it->second.back();
+      it->second.pop_back();
+    }
+  }
+  if (p) {   /* its last upload may still be reading it */
+    if (host_wait(p) == 0) return p;
+    std::lock_guard<std::mutex> g(pin_lock);
+    pinned_free()[nbytes].push_back(p);
+    return NULL;
+  }
+  if (fl_cuda_check_device(op, 0)) return NULL;
   cudaError_t e = cudaHostAlloc(&p, nbytes, cudaHostAllocPortable);
   if (e != cudaSuccess) {
     if (e == cudaErrorMemoryAllocation) {
@@ -355,21 +380,33 @@ static int host_wait(const void *p) {
   return 0;
 }
 
+/* to the cache; host_alloc waits for the block's last upload before handing it out again */
 static void host_free(void *p) {
-  cu_pinned b;
-  {
-    std::lock_guard<std::mutex> g(pin_lock);
-    auto it = pinned_blocks().find(p);
-    if (it == pinned_blocks().end()) return;   /* not ours: never hand it to cudaFreeHost blindly */
-    b = it->second;
-    pinned_blocks().erase(it);
+  std::lock_guard<std::mutex> g(pin_lock);
+  auto it = pinned_blocks().find(p);
+  if (it == pinned_blocks().end()) return;   /* not ours: never hand it to cudaFreeHost blindly */
+  pinned_free()[it->second.size].push_back(p);
+}
+
+/* every cached pinned block back to the driver (flower.cuda.empty_cache) */
+static void host_release_cached(void) {
+  std::lock_guard<std::mutex> g(pin_lock);
+  for (auto &kv : pinned_free()) {
+    for (void *p : kv.second) {
+      auto it = pinned_blocks().find(p);
+      if (it != pinned_blocks().end()) {
+        if (it->second.ev) {
+          cudaEventSynchronize(it->second.ev);   /* a copy may still read the block */
+          cudaEventDestroy(it->second.ev);
+        }
+        pinned_blocks().erase(it);
+      }
+      cudaFreeHost(p);
+    }
+    kv.second.clear();
   }
-  if (b.ev) {
-    cudaEventSynchronize(b.ev);   /* a copy may still read the block */
-    cudaEventDestroy(b.ev);
-  }
-  cudaFreeHost(p);
-  cudaGetLastError();   /* a finalizer reports nothing; the next checked call must not see this */
+  pinned_free().clear();
+  cudaGetLastError();   /* nothing to report; the next checked call must not see this */
 }
 
 int cu_host_record(const char *op, const void *p, cu_dev *d, cudaStream_t s, int *known) {
@@ -423,6 +460,7 @@ extern "C" int fl_cuda_empty_cache(void) {
   int n = fl_cuda_device_count();
   for (int i = 0; i < n; i++)
     if (cu_async_release(i)) return -1;   /* the landing buffers of asynchronous copies go back too */
+  host_release_cached();
   for (int i = 0; i < n; i++) {
     cu_pool *p = pool_of(i);
     std::lock_guard<std::mutex> g(p->lock);

@@ -678,7 +678,7 @@ gpu("train.fit{device = 'cuda'} follows the CPU run; its checkpoint loads on the
   -- the ensemble's classifier on the GPU follows its CPU run too
   local ensemble = require 'flower.ensemble'
   flower.manual_seed(4)
-  local x, y = flower.randn({64, 12}), flower.randint(1, 4, {64}, 'int64')
+  local x, y = flower.randn({64, 12}), flower.randint(1, 3, {64}, 'int64')
   local feats = {x = {train = x, valid = x:narrow(1, 1, 32)}, label = {train = y, valid = y:narrow(1, 1, 32)}, classes = 3}
   local c1 = ensemble.fit(feats, {epochs = 3, seed = 1, progress = false, device = 'cpu'})
   local c2 = ensemble.fit(feats, {epochs = 3, seed = 1, progress = false, device = 'cuda'})
