@@ -1093,7 +1093,10 @@ end
 function ZeroPadding2D:_backward(x, y, gy, need_gin)
   if not need_gin then return nil end
   local d = self._xshape
-  return gy:narrow(2, self.pt + 1, d[2]):narrow(3, self.pl + 1, d[3])
+  local rows = gy:narrow(2, self.pt + 1, d[2])   -- freed at once, as in _forward
+  local gx = rows:narrow(3, self.pl + 1, d[3])
+  rows:free()
+  return gx
 end
 
 -- ---------------------------------------------------------------- Preprocess
