@@ -92,12 +92,13 @@ static void *shared(size_t nbytes) {
 }
 
 /* md of an activation (N,H,W,C) in oneDNN's logical order (N,C,H,W) */
-static void md_act(dnnl_memory_desc_t *md, int64_t n, int64_t h, int64_t w, int64_t c, int any) {
+static void md_act(dnnl_memory_desc_t *md, int64_t n, int64_t h, int64_t w, int64_t c) {
   dnnl_dims_t d = {n, c, h, w};
-  dnnl_memory_desc_init_by_tag(md, 4, d, dnnl_f32, any ? dnnl_format_tag_any : dnnl_nhwc);
+  dnnl_memory_desc_init_by_tag(md, 4, d, dnnl_f32, dnnl_nhwc);
 }
 
-/* md of the kernel: (KH,KW,C,F) as (F,C,KH,KW) hwio, or depthwise (KH,KW,C,M) as (C,M,1,KH,KW) hwigo */
+/* md of the kernel: (KH,KW,C,F) as (F,C,KH,KW) hwio, or depthwise (KH,KW,C,M) as (C,M,1,KH,KW) hwigo;
+ * any: whatever layout the primitive prefers (blocked) */
 static void md_kernel(dnnl_memory_desc_t *md, const dnnl_key *k, int any) {
   dnnl_format_tag_t tag = any ? dnnl_format_tag_any : k->groups > 1 ? dnnl_hwigo : dnnl_hwio;
   if (k->groups > 1) {
@@ -114,12 +115,14 @@ static void md_vec(dnnl_memory_desc_t *md, int64_t f) {
   dnnl_memory_desc_init_by_tag(md, 1, d, dnnl_f32, dnnl_a);
 }
 
-/* the convolution's descriptor; prop: forward or the two backward kinds */
+/* the convolution's descriptor for op (OP_FWD, OP_BWD_DATA, OP_BWD_FILTER): activations NHWC, the
+ * kernel in the layout the implementation prefers; TF's asymmetric padding as padding_l / padding_r,
+ * dilation counted from 0 as oneDNN does */
 static int conv_desc(dnnl_convolution_desc_t *cd, const dnnl_key *k, int op, const dnnl_memory_desc_t *bias) {
   const fl_window *w = &k->win;
   dnnl_memory_desc_t x, y, wt;
-  md_act(&x, k->n, k->h, k->w, k->c, 0);
-  md_act(&y, k->n, k->oh, k->ow, k->f, 0);
+  md_act(&x, k->n, k->h, k->w, k->c);
+  md_act(&y, k->n, k->oh, k->ow, k->f);
   md_kernel(&wt, k, 1);
   dnnl_dims_t strides = {w->sh, w->sw}, dil = {w->dh - 1, w->dw - 1}, pl = {w->pt, w->pl}, pr = {w->pb, w->pr};
   dnnl_status_t s;
@@ -177,8 +180,8 @@ static dnnl_entry *entry_new(const dnnl_key *k) {
   const dnnl_memory_desc_t *wprim = dnnl_primitive_desc_query_md(
       pd, k->op == OP_BWD_FILTER ? dnnl_query_diff_weights_md : dnnl_query_weights_md, 0);
   dnnl_memory_desc_t xmd, ymd;
-  md_act(&xmd, k->n, k->h, k->w, k->c, 0);
-  md_act(&ymd, k->n, k->oh, k->ow, k->f, 0);
+  md_act(&xmd, k->n, k->h, k->w, k->c);
+  md_act(&ymd, k->n, k->oh, k->ow, k->f);
   if (mem(&e->x, &xmd) || mem(&e->y, &ymd) || mem(&e->w_user, &wuser) || mem(&e->w_prim, wprim)) goto done;
   e->w_prim_bytes = dnnl_memory_desc_get_size(wprim);
   /* a reorder when the layouts differ, and for an accumulated gradient (the reorder sums) */

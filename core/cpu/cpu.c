@@ -24,158 +24,233 @@ static size_t phys_bytes(void) {
   return cached;
 }
 
-/* Host blocks carry a 64-byte header holding their size class, so that `free` knows it.
+/* Host memory.
  *
- * Blocks of 1 MB and more are size-rounded to 64 KB, mapped with mmap of their own and, once freed,
- * kept in a cache for later requests: training loops and inference ask for the same sizes over and
- * over, and a fresh block costs a page fault per 4 KB page on first touch (the kernel zeroes it),
- * which for element-wise ops on new outputs took longer than the arithmetic.
+ * Blocks under 1 MB come from malloc. Larger ones (activations, gradients, big weights) are carved
+ * out of one arena: a range of address space reserved once (MAP_NORESERVE, the size of RAM), handed
+ * out in 64 KB granules, best fit, with freed ranges coalesced with their neighbours. A freed range
+ * keeps its pages, so the next request of any size that fits reuses them: a fresh page costs a
+ * fault on first touch (the kernel zeroes it), which for element-wise ops on new outputs took longer
+ * than the arithmetic, and an inference that asks for the same sizes in the same order every batch
+ * finds the same ranges every time and touches no new page after the first batch.
  *
- * Cached blocks are resident memory, so the cache is shaped to keep the process's peak resident
- * size near the peak of what is live (ResNet50 inference at batch 32: 0.8x PyTorch's peak with an
- * exact-size cache that kept every size it had seen, about 0.4x with this one):
- * - A request takes the cached block of its own class, else the smallest cached one of at most
- *   twice its size (a layer with half the activations of the one before reuses that layer's
- *   blocks instead of mapping new memory while those sit idle).
- * - Before mapping a new block, cached blocks of at least the request's size are given back to
- *   the system (least recently cached first), so that the resident total (live + cached) grows
- *   only when what is live does.
- * - It holds at most CACHE_SLOTS blocks and an eighth of RAM (2 GB at most), is flushed when an
- *   allocation fails, and is off under AddressSanitizer (blocks then come from malloc) so that the
- *   sanitizer still sees use-after-free.
- * Own mappings rather than malloc's, because glibc serves blocks below its (rising, up to 32 MB)
- * mmap threshold from the heap, where a freed block stays resident. Blocks of 4 MB and more are
- * marked for transparent huge pages, as numpy does. */
+ * Those free pages are resident memory, so the process's peak resident size is about the peak of
+ * what is in use, not the sum of every size ever asked for (ResNet50 inference at batch 32 held
+ * 0.8x PyTorch's peak with an exact-size block cache, and about 0.4x with the arena). Free pages
+ * are given back (MADV_DONTNEED, highest addresses first, in whole 2 MB pieces so that huge pages
+ * stay whole) only where in use + free resident would pass the peak in use by more than
+ * 1/HEADROOM, and all of them by fl_cpu_release_cache() or when an allocation fails. (Inception V3
+ * inference: its stem's 177 MB block cannot reuse the hole of the 91 MB one before it, so some
+ * pages go back and are faulted in again every batch: 2% of its CPU time, in the kernel.)
+ *
+ * Each block carries a 64-byte header holding its length, so that `free` knows it. Where the
+ * arena cannot be reserved (an address-space limit) or is full, blocks are mappings of their own,
+ * unmapped when freed; a freed range with no slot left to track it gives its pages back and its
+ * address range is not reused. Under AddressSanitizer everything
+ * comes from malloc, so that the sanitizer still sees use-after-free. The arena is marked for
+ * transparent huge pages, as numpy does for large arrays. */
 #define HEADER 64
-#define HUGE_PAGE ((size_t)2 << 20)
-#define CACHE_MIN ((size_t)1 << 20)
+#define ARENA_MIN ((size_t)1 << 20)     /* smaller requests go to malloc */
 #define GRANULE ((size_t)64 << 10)
-#define CACHE_SLOTS 1024
+#define HUGE ((size_t)2 << 20)          /* a transparent huge page */
+#define HEADROOM 8
+#define MAX_FREE 4096                   /* free ranges tracked */
 
 #if defined(__SANITIZE_ADDRESS__)
-#define CACHE_ON 0
+#define ARENA_ON 0
 #else
-#define CACHE_ON 1
+#define ARENA_ON 1
 #endif
 
-static struct { char *raw; size_t cls; } cache[CACHE_SLOTS];   /* least recently cached first */
-static int ncache;
-static size_t cached_bytes;
-/* host bytes in blocks handed out (size classes), and the peak of those plus the cache: what the
- * allocator holds resident at most (flower.memory() reports them) */
-static size_t used_bytes, peak_bytes;
-static pthread_mutex_t cache_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t mem_lock = PTHREAD_MUTEX_INITIALIZER;
+static char *arena;                     /* NULL until reserved */
+static int arena_tried;
+static size_t arena_cap, arena_top;     /* reserved bytes; nothing at or above top was handed out */
+/* free ranges below arena_top, sorted by offset, never adjacent; `dirty` estimates how many of
+ * their bytes are resident (all of a freed block; on the high side when a range is split) */
+static struct { size_t off, len, dirty; } fr[MAX_FREE];
+static int nfr;
+static size_t free_dirty;               /* sum of fr[].dirty: the "cached" bytes */
+static size_t used_bytes, used_peak, peak_bytes;   /* handed out; its peak; peak of used + free_dirty */
 
-static size_t cache_budget(void) {
-  size_t b = phys_bytes() / 8;
-  return b < ((size_t)2 << 30) ? b : (size_t)2 << 30;
+/* length of the block for a request of nbytes: header included, rounded to the granule above 1 MB */
+static size_t block_len(size_t nbytes) {
+  size_t n = HEADER + nbytes;
+  if (nbytes < ARENA_MIN) return (n + 63) & ~(size_t)63;
+  return (n + GRANULE - 1) & ~(GRANULE - 1);
 }
 
-static size_t size_class(size_t nbytes) {
-  if (nbytes < CACHE_MIN) return (nbytes + 63) & ~(size_t)63;
-  return (nbytes + GRANULE - 1) & ~(GRANULE - 1);
+static void note(void) {
+  if (used_bytes > used_peak) used_peak = used_bytes;
+  if (used_bytes + free_dirty > peak_bytes) peak_bytes = used_bytes + free_dirty;
 }
 
-/* blocks of a cacheable class are their own mappings (with the cache on) */
-static int is_mapped(size_t cls) { return CACHE_ON && cls >= CACHE_MIN; }
-static size_t map_len(size_t cls) { return HEADER + cls; }
-
-static void block_unmap(char *raw) { munmap(raw, map_len(*(size_t *)raw)); }
-
-/* called with the lock held */
-static void note_used(size_t cls, int sign) {
-  if (sign > 0) used_bytes += cls; else used_bytes -= cls;
-  if (used_bytes + cached_bytes > peak_bytes) peak_bytes = used_bytes + cached_bytes;
+static void fr_remove(int i) {
+  memmove(&fr[i], &fr[i + 1], sizeof fr[0] * (size_t)(nfr - 1 - i));
+  nfr--;
 }
 
-static void cache_remove(int i) {
-  cached_bytes -= cache[i].cls;
-  memmove(&cache[i], &cache[i + 1], sizeof cache[0] * (size_t)(ncache - 1 - i));
-  ncache--;
+/* gives back the resident pages of free bytes [off, off+len), in whole 2 MB pieces inside it (the
+ * arena starts 2 MB-aligned) so that transparent huge pages are not split: a later touch then
+ * faults in 2 MB at a time */
+static void release_pages(size_t off, size_t len) {
+  size_t lo = (off + HUGE - 1) & ~(HUGE - 1), hi = (off + len) & ~(HUGE - 1);
+  if (hi > lo) madvise(arena + lo, hi - lo, MADV_DONTNEED);
 }
 
-/* A cached block for class `cls` (see above), or NULL; then `evict` gets the blocks to unmap before
- * mapping a new one (*nev of them). Called with the lock not held. */
-static char *cache_take(size_t cls, char **evict, int *nev) {
-  char *raw = NULL;
-  *nev = 0;
-  pthread_mutex_lock(&cache_lock);
-  int best = -1;
-  for (int i = ncache - 1; i >= 0; i--) {
-    size_t c = cache[i].cls;
-    if (c == cls) { best = i; break; }
-    if (c > cls && c / 2 <= cls && (best < 0 || c < cache[best].cls)) best = i;
-  }
-  if (best >= 0) {
-    raw = cache[best].raw;
-    cache_remove(best);
-    note_used(*(size_t *)raw, +1);
-  } else {
-    size_t freed = 0;
-    while (ncache > 0 && freed < cls) {
-      freed += cache[0].cls;
-      evict[(*nev)++] = cache[0].raw;
-      cache_remove(0);
+/* frees resident pages from the top down until used + free resident <= limit (all when limit 0) */
+static void arena_trim(size_t limit) {
+  for (int i = nfr - 1; i >= 0 && used_bytes + free_dirty > limit; i--) {
+    if (!fr[i].dirty) continue;
+    size_t over = used_bytes + free_dirty - limit;
+    size_t cut = over < fr[i].len ? (over + 2 * HUGE - 1) & ~(HUGE - 1) : fr[i].len;
+    if (cut > fr[i].len) cut = fr[i].len;
+    release_pages(fr[i].off + fr[i].len - cut, cut);
+    /* resident pages may all sit below the cut: count as gone only what cannot */
+    size_t keep = fr[i].len - cut, d = fr[i].dirty > keep ? fr[i].dirty - keep : 0;
+    fr[i].dirty -= d;
+    free_dirty -= d;
+    if (i == nfr - 1 && cut == fr[i].len && fr[i].off + fr[i].len == arena_top) {
+      arena_top = fr[i].off;           /* the top range is all given back: lower the top */
+      fr_remove(i);
     }
   }
-  pthread_mutex_unlock(&cache_lock);
-  return raw;
+}
+
+static int arena_reserve(void) {
+  if (arena_tried) return arena != NULL;
+  arena_tried = 1;
+  size_t cap = phys_bytes() & ~(HUGE - 1);
+  /* HUGE more than asked, to start at a 2 MB boundary */
+  void *p = mmap(NULL, cap + HUGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) return 0;
+  char *a = (char *)(((uintptr_t)p + HUGE - 1) & ~(uintptr_t)(HUGE - 1));
+  madvise(a, cap, MADV_HUGEPAGE);
+  arena = a;
+  arena_cap = cap;
+  return 1;
+}
+
+/* an offset for a block of len bytes, or (size_t)-1; lock held */
+static size_t arena_take(size_t len) {
+  if (!arena_reserve()) return (size_t)-1;
+  int best = -1;
+  for (int i = 0; i < nfr; i++)
+    if (fr[i].len >= len && (best < 0 || fr[i].len < fr[best].len)) best = i;
+  size_t off;
+  if (best >= 0) {
+    off = fr[best].off;
+    /* which of its pages are resident is not known: count the block's as clean ones first, so that
+     * the estimate of what stays resident in the range errs high (trims give back enough) */
+    size_t clean = fr[best].len - fr[best].dirty;
+    size_t d = len > clean ? len - clean : 0;
+    free_dirty -= d;
+    fr[best].dirty -= d;
+    fr[best].off += len;
+    fr[best].len -= len;
+    if (fr[best].len == 0) fr_remove(best);
+  } else if (nfr > 0 && fr[nfr - 1].off + fr[nfr - 1].len == arena_top) {
+    /* the free range at the top, extended */
+    size_t need = len - fr[nfr - 1].len;
+    if (arena_top + need > arena_cap) return (size_t)-1;
+    off = fr[nfr - 1].off;
+    free_dirty -= fr[nfr - 1].dirty;
+    fr_remove(nfr - 1);
+    arena_top += need;
+  } else {
+    if (arena_top + len > arena_cap) return (size_t)-1;
+    off = arena_top;
+    arena_top += len;
+  }
+  return off;
+}
+
+/* returns [off, off+len) to the free ranges; 0, or -1 when no slot is left (the caller unmaps it) */
+static int arena_give(size_t off, size_t len) {
+  int i = 0;
+  while (i < nfr && fr[i].off < off) i++;            /* fr[i] is the first range after the block */
+  int prev = i > 0 && fr[i - 1].off + fr[i - 1].len == off;
+  int next = i < nfr && off + len == fr[i].off;
+  if (prev && next) {
+    fr[i - 1].len += len + fr[i].len;
+    fr[i - 1].dirty += len + fr[i].dirty;
+    fr_remove(i);
+  } else if (prev) {
+    fr[i - 1].len += len;
+    fr[i - 1].dirty += len;
+  } else if (next) {
+    fr[i].off = off;
+    fr[i].len += len;
+    fr[i].dirty += len;
+  } else {
+    if (nfr == MAX_FREE) return -1;
+    memmove(&fr[i + 1], &fr[i], sizeof fr[0] * (size_t)(nfr - i));
+    fr[i].off = off;
+    fr[i].len = len;
+    fr[i].dirty = len;
+    nfr++;
+  }
+  free_dirty += len;
+  return 0;
 }
 
 void fl_cpu_memory_stats(size_t *used, size_t *cached, size_t *peak, int reset_peak) {
-  pthread_mutex_lock(&cache_lock);
-  if (reset_peak) peak_bytes = used_bytes + cached_bytes;
+  pthread_mutex_lock(&mem_lock);
+  if (reset_peak) peak_bytes = used_bytes + free_dirty;
   if (used) *used = used_bytes;
-  if (cached) *cached = cached_bytes;
+  if (cached) *cached = free_dirty;
   if (peak) *peak = peak_bytes;
-  pthread_mutex_unlock(&cache_lock);
+  pthread_mutex_unlock(&mem_lock);
 }
 
 void fl_cpu_release_cache(void) {
-  pthread_mutex_lock(&cache_lock);
-  for (int i = 0; i < ncache; i++) block_unmap(cache[i].raw);
-  ncache = 0;
-  cached_bytes = 0;
-  pthread_mutex_unlock(&cache_lock);
-}
-
-static char *block_new(size_t cls) {
-  if (!is_mapped(cls)) {
-    void *p = NULL;
-    return posix_memalign(&p, 64, HEADER + cls) ? NULL : p;
-  }
-  void *p = mmap(NULL, map_len(cls), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (p == MAP_FAILED) return NULL;
-  char *raw = p;
-  if (cls >= 2 * HUGE_PAGE) {   /* the 2 MB-aligned interior */
-    uintptr_t lo = ((uintptr_t)raw + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1);
-    uintptr_t hi = ((uintptr_t)raw + HEADER + cls) & ~(uintptr_t)(HUGE_PAGE - 1);
-    if (hi > lo) madvise((void *)lo, hi - lo, MADV_HUGEPAGE);
-  }
-  return raw;
+  pthread_mutex_lock(&mem_lock);
+  arena_trim(0);
+  pthread_mutex_unlock(&mem_lock);
 }
 
 static void *cpu_alloc(int device, size_t nbytes) {
   (void)device;
   if (nbytes > phys_bytes()) return NULL;
-  size_t cls = size_class(nbytes);
+  size_t len = block_len(nbytes);
   char *raw = NULL;
-  if (is_mapped(cls)) {
-    char *evict[CACHE_SLOTS];
-    int nev;
-    raw = cache_take(cls, evict, &nev);
-    for (int i = 0; i < nev; i++) block_unmap(evict[i]);
-    if (raw) return raw + HEADER;   /* its header keeps its own class */
+  if (ARENA_ON && nbytes >= ARENA_MIN) {
+    pthread_mutex_lock(&mem_lock);
+    size_t off = arena_take(len);
+    if (off == (size_t)-1) {
+      arena_trim(0);                    /* a failure: give back what we keep, then a mapping */
+    } else {
+      raw = arena + off;
+      used_bytes += len;
+      if (used_bytes > used_peak) used_peak = used_bytes;
+      /* handing out clean pages grows the resident total: free resident pages above the
+       * headroom go back first */
+      arena_trim(used_peak + used_peak / HEADROOM);
+      note();
+    }
+    pthread_mutex_unlock(&mem_lock);
+    if (!raw) {
+      void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (p == MAP_FAILED) return NULL;
+      raw = p;
+      pthread_mutex_lock(&mem_lock);
+      used_bytes += len;
+      note();
+      pthread_mutex_unlock(&mem_lock);
+    }
+  } else {
+    void *p = NULL;
+    if (posix_memalign(&p, 64, len)) {
+      fl_cpu_release_cache();
+      if (posix_memalign(&p, 64, len)) return NULL;
+    }
+    raw = p;
+    pthread_mutex_lock(&mem_lock);
+    used_bytes += len;
+    note();
+    pthread_mutex_unlock(&mem_lock);
   }
-  raw = block_new(cls);
-  if (!raw) {
-    fl_cpu_release_cache();     /* the cache may hold what we need */
-    if (!(raw = block_new(cls))) return NULL;
-  }
-  *(size_t *)raw = cls;
-  pthread_mutex_lock(&cache_lock);
-  note_used(cls, +1);
-  pthread_mutex_unlock(&cache_lock);
+  *(size_t *)raw = len;
   return raw + HEADER;
 }
 
@@ -183,27 +258,22 @@ static void cpu_free(int device, void *p) {
   (void)device;
   if (!p) return;
   char *raw = (char *)p - HEADER;
-  size_t cls = *(size_t *)raw;
-  size_t budget = cache_budget();
-  pthread_mutex_lock(&cache_lock);
-  note_used(cls, -1);
-  if (!is_mapped(cls) || cls > budget / 4) {
-    pthread_mutex_unlock(&cache_lock);
-    if (is_mapped(cls)) block_unmap(raw); else free(raw);
+  size_t len = *(size_t *)raw;
+  pthread_mutex_lock(&mem_lock);
+  used_bytes -= len;
+  int in_arena = arena && raw >= arena && raw < arena + arena_cap;
+  if (in_arena && arena_give((size_t)(raw - arena), len) == 0) {
+    arena_trim(used_peak + used_peak / HEADROOM);
+    pthread_mutex_unlock(&mem_lock);
     return;
   }
-  char *evict[CACHE_SLOTS];
-  int nev = 0;
-  while (ncache > 0 && (ncache == CACHE_SLOTS || cached_bytes + cls > budget)) {
-    evict[nev++] = cache[0].raw;
-    cache_remove(0);
+  pthread_mutex_unlock(&mem_lock);
+  if (in_arena) {                       /* no slot for the range: its pages go back, the range is lost */
+    madvise(raw, len, MADV_DONTNEED);
+    return;
   }
-  cache[ncache].raw = raw;
-  cache[ncache].cls = cls;
-  ncache++;
-  cached_bytes += cls;
-  pthread_mutex_unlock(&cache_lock);
-  for (int i = 0; i < nev; i++) block_unmap(evict[i]);
+  if (ARENA_ON && len >= block_len(ARENA_MIN)) munmap(raw, len);
+  else free(raw);
 }
 
 /* ---------------------------------------------------------------- threads */

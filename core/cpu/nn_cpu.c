@@ -90,17 +90,21 @@ static int win_is_pointwise(const fl_window *w) {
 
 /* ---- which engine runs a float32 convolution ----
  * oneDNN (core/cpu/conv_dnnl.c) or the GEMM kernels above, by what measured faster on this project's
- * 2-core AMD EPYC (AVX-512) with 2 threads at batch 8 (ms, best of interleaved runs, ours / oneDNN;
- * tests/bench/layers.lua prints the current numbers):
- *   forward: oneDNN everywhere, 1.1-1.4x on ResNet50's 1x1 and 3x3 layers (res2 3x3 64: 10.2 / 8.1,
- *     res4 3x3 256: 10.8 / 7.6), 1.4x on the 7x7/2 stem, 1.2-1.3x on InceptionV3's 1x7 / 7x1; a tie at
- *     worst (3x3/2 valid 192->320 at 17x17: 2.9 / 2.7); the fused BN+ReLU epilogue as post-ops costs
- *     it nothing. Depthwise 1.8-3.4x (our loop is not blocked for the cache).
- *   backward data: oneDNN (1.15-1.8x) except with fewer than 16 input channels, i.e. the RGB stem:
- *     7x7/2 3->64 at 224, 21.7 / 44.1 (oneDNN has no blocked kernel for 3 channels).
- *   backward filter: oneDNN from 64 input channels (3x3: 1.15-1.3x, 1x1: 0.9-1.2x), ours below
- *     (InceptionV3's 3x3/2 32->32 at 149: 6.1 / 7.0), and depthwise always (1.3-2.4x). The bias
- *     gradient is our column sum either way (oneDNN's fused one cost up to 1.7 ms more).
+ * 2-core AMD EPYC (AVX-512; oneDNN picks its brgconv kernels) with 2 threads at batch 8, on
+ * ResNet50's and InceptionV3's shapes (ms per call, best of interleaved runs, ours / oneDNN; the
+ * machine was shared, so the CPU time per call was compared too; tests/bench/layers.lua prints
+ * the current numbers):
+ *   forward: oneDNN everywhere: 3x3 1.25-1.4x (res3 128 at 28x28: 10.8 / 7.8), 1x1 1.05-1.3x, the
+ *     7x7/2 stem 1.4x (12.1 / 8.6), InceptionV3's 1x7 / 7x1 1.2x; the fused BN+ReLU epilogue rides
+ *     along as post-ops at no cost. Its worst: 1x1/2 512->1024 at 28x28, 0.86x; a tie on 3x3/2
+ *     valid 192->320 at 17x17. Depthwise 1.6-2.8x (our loop is not blocked for the cache).
+ *   backward data: oneDNN (1.1-1.7x) from 16 input channels; below, i.e. the RGB stem (7x7/2 3->64
+ *     at 224: 21.5 / 44.0), ours: oneDNN has no blocked kernel for 3 channels.
+ *   backward filter: oneDNN for spatial kernels from 64 input channels (3x3 1.15-1.45x, 1x7 1.25x)
+ *     and 1x1 from 256 (1.05-1.3x); ours for 1x1 below 256 input channels (56x56 64->256: 5.8 /
+ *     6.4, oneDNN's CPU time up to 1.3x ours) and spatial kernels below 64 (InceptionV3's 3x3/2
+ *     32->32 at 149: 6.0 / 7.0). Depthwise always oneDNN (1.1-2.4x). The bias gradient is our
+ *     column sum either way (oneDNN's fused one cost up to 1.7 ms more per call).
  * float64 (gradient checks) always runs our kernels: oneDNN has no float64 convolution. */
 static fl_conv_engine conv_engine = FL_CONV_AUTO;
 void fl_nn_cpu_set_conv_engine(fl_conv_engine e) { conv_engine = e; }
@@ -113,7 +117,10 @@ static int conv_by_dnnl(int op, int depthwise, const fl_tensor *x, const fl_tens
   if (fl_tensor_numel(x) == 0 || fl_tensor_numel(y) == 0 || fl_tensor_numel(w) == 0) return 0;
   if (conv_engine == FL_CONV_ONEDNN || depthwise) return 1;
   int64_t c = x->shape[3];
-  return op == CONV_FWD || (op == CONV_BWD_DATA && c >= 16) || (op == CONV_BWD_FILTER && c >= 64);
+  int pointwise = w->shape[0] == 1 && w->shape[1] == 1;
+  if (op == CONV_BWD_DATA) return c >= 16;
+  if (op == CONV_BWD_FILTER) return c >= (pointwise ? 256 : 64);
+  return 1;
 }
 
 /* oneDNN's result when it took the call, else ours */

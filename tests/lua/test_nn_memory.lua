@@ -95,10 +95,12 @@ T.test('inference frees activations after their last reader: live bytes return, 
       end
     end)
   end
-  -- the most live at once is the concatenation: its 16 + 8 + 8 + 8 input channels and as many output ones
+  -- the most live at once is the concatenation: its 16 + 8 + 8 + 8 input channels and as many output
+  -- ones (5 activations of 16 channels), plus the free pages the allocator keeps (at most 1/8 of
+  -- its peak in use) and its rounding of blocks to 64 KB
   local act = 4 * 64 * 64 * 16 * 4             -- one 16-channel activation
   T.check(peak[false] > 10 * act, string.format('without reuse the peak should hold every activation (%d)', peak[false]))
-  T.check(peak[true] <= 6 * act, string.format('peak with reuse %d bytes, %d without', peak[true], peak[false]))
+  T.check(peak[true] <= 7 * act, string.format('peak with reuse %d bytes, %d without', peak[true], peak[false]))
 end)
 
 T.test('feature taps, several outputs and repeated forwards return valid tensors', function()
