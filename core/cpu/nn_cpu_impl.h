@@ -579,8 +579,9 @@ static int NN(pool2d_backward)(fl_tensor *gx, const fl_tensor *gy, const fl_tens
       for (int64_t ow = 0; ow < OW; ow++) {
         const real *g = GY + ((n * OH + oh) * OW + ow) * C;
         int count = 0;
-        for (int64_t c = 0; c < C; c++) { bv[c] = -(real)INFINITY; bi[c] = -1; }
-        for (int i = 0; i < win->kh; i++) {
+        if (kind == FL_POOL_MAX)
+          for (int64_t c = 0; c < C; c++) { bv[c] = -(real)INFINITY; bi[c] = -1; }
+        for (int i = 0; kind == FL_POOL_MAX && i < win->kh; i++) {
           int64_t ih = oh * win->sh - win->pt + (int64_t)i * win->dh;
           if (ih < 0 || ih >= H) continue;
           for (int j = 0; j < win->kw; j++) {
@@ -605,8 +606,20 @@ static int NN(pool2d_backward)(fl_tensor *gx, const fl_tensor *gy, const fl_tens
         if (kind == FL_POOL_MAX) {
           for (int64_t c = 0; c < C; c++)
             if (bi[c] >= 0) GX[bi[c]] += g[c];
-        } else if (count > 0) {
+        } else {
+          /* average: the window's elements inside the input, counted first; g*inv once per output
+           * (bv as scratch), then added to each of them (the same products as before, row order) */
+          for (int i = 0; i < win->kh; i++) {
+            int64_t ih = oh * win->sh - win->pt + (int64_t)i * win->dh;
+            if (ih < 0 || ih >= H) continue;
+            for (int j = 0; j < win->kw; j++) {
+              int64_t iw = ow * win->sw - win->pl + (int64_t)j * win->dw;
+              if (iw >= 0 && iw < W) count++;
+            }
+          }
+          if (count == 0) continue;
           real inv = (real)1 / (real)count;
+          SIMD for (int64_t c = 0; c < C; c++) bv[c] = g[c] * inv;
           for (int i = 0; i < win->kh; i++) {
             int64_t ih = oh * win->sh - win->pt + (int64_t)i * win->dh;
             if (ih < 0 || ih >= H) continue;
@@ -614,7 +627,7 @@ static int NN(pool2d_backward)(fl_tensor *gx, const fl_tensor *gy, const fl_tens
               int64_t iw = ow * win->sw - win->pl + (int64_t)j * win->dw;
               if (iw < 0 || iw >= W) continue;
               real *dst = GX + ((n * H + ih) * W + iw) * C;
-              SIMD for (int64_t c = 0; c < C; c++) dst[c] += g[c] * inv;
+              SIMD for (int64_t c = 0; c < C; c++) dst[c] += bv[c];
             }
           }
         }
@@ -749,7 +762,9 @@ static int NN(batchnorm_backward)(fl_tensor *gx, fl_tensor *ggamma, fl_tensor *g
           const real *q = X + r * C, *g = GY + r * C, *ry = RY ? RY + r * C : NULL;
           if (ry) {
             SIMD for (int64_t c = 0; c < C; c++) {
-              real gc = g[c] * (real)(ry[c] > 0);   /* a multiply, not a branch: vectorises */
+              /* both loads unconditional, then a select: GCC if-converts (vectorises) only this
+               * form; a conditional load, or the old g*(real)(ry > 0), compiled to branches */
+              real gv = g[c], yv = ry[c], gc = yv > 0 ? gv : 0;
               b1[c] += gc;
               b2[c] += gc * (q[c] - MEAN[c]);
             }
@@ -803,8 +818,10 @@ static int NN(batchnorm_backward)(fl_tensor *gx, fl_tensor *ggamma, fl_tensor *g
       const real *q = X + r * C, *g = GY + r * C, *ry = RY ? RY + r * C : NULL;
       real *o = GX + r * C;
       if (ry) {
-        SIMD for (int64_t c = 0; c < C; c++)
-          o[c] = g[c] * (real)(ry[c] > 0) * abc[c] + q[c] * abc[C + c] + abc[2 * C + c];
+        SIMD for (int64_t c = 0; c < C; c++) {
+          real gv = g[c], yv = ry[c], gc = yv > 0 ? gv : 0;   /* a select: vectorises (see above) */
+          o[c] = gc * abc[c] + q[c] * abc[C + c] + abc[2 * C + c];
+        }
       } else {
         SIMD for (int64_t c = 0; c < C; c++) o[c] = g[c] * abc[c] + q[c] * abc[C + c] + abc[2 * C + c];
       }
@@ -858,7 +875,7 @@ static int NN(act_backward)(fl_act_kind act, fl_tensor *gx, const fl_tensor *gy,
   }
   if (act == FL_ACT_RELU) {
 #pragma omp parallel for simd schedule(static) if (n > 65536)
-    for (int64_t i = 0; i < n; i++) GX[i] = Y[i] > 0 ? GY[i] : 0;
+    for (int64_t i = 0; i < n; i++) { real g = GY[i], v = Y[i]; GX[i] = v > 0 ? g : 0; }   /* loads first: vectorises */
   } else if (act == FL_ACT_SIGMOID) {
 #pragma omp parallel for simd schedule(static) if (n > 65536)
     for (int64_t i = 0; i < n; i++) GX[i] = GY[i] * Y[i] * (1 - Y[i]);
@@ -966,7 +983,7 @@ static int NN(adam_step)(fl_tensor *w, const fl_tensor *g, fl_tensor *m, fl_tens
   real *W = fl_tensor_data(w), *Mo = fl_tensor_data(m), *V = fl_tensor_data(v);
   const real *G = fl_tensor_data(g);
   const real a = (real)alpha, c1 = (real)(1 - beta1), c2 = (real)(1 - beta2), e = (real)eps;
-#pragma omp parallel for schedule(static) if (n > 65536)
+#pragma omp parallel for simd schedule(static) if (n > 65536)   /* sqrt without errno (Makefile) */
   for (int64_t i = 0; i < n; i++) {
     real gi = G[i];
     real mi = Mo[i] + (gi - Mo[i]) * c1;
