@@ -64,6 +64,16 @@ end
 
 -------------------------------------------------------------------------------- the table
 
+if args[1] == '--help' or args[1] == '-h' then
+  print('usage: flowerlua tests/bench/models.lua [reps=2] [threads=2] [models=all] [modes=forward,train] [batch=8]')
+  os.exit(0)
+end
+for _, p in ipairs {{1, 'reps'}, {2, 'threads'}, {5, 'batch'}} do
+  local v = args[p[1]]
+  if v and not tonumber(v) then
+    error(string.format('models.lua: %s must be a number, got %q (--help for usage)', p[2], v), 0)
+  end
+end
 local reps = tonumber(args[1]) or 2
 local threads = tonumber(args[2]) or 2
 local names = (args[3] and args[3] ~= 'all') and args[3] or 'resnet50,inception_v3,xception,inception_resnet_v2'
