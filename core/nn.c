@@ -182,13 +182,13 @@ typedef int (*fwd_fn)(fl_tensor *, const fl_tensor *, const fl_tensor *, const f
 
 static int conv_forward_any(const char *op, int depthwise, fl_tensor *y, const fl_tensor *x, const fl_tensor *w,
                             const fl_tensor *scale, const fl_tensor *shift, int relu, const fl_window *win) {
-  const struct fl_nn_ops *ops = nn_ops(op, x);
+  const struct fl_nn_ops *ops =
+      depthwise ? NN_OPS(op, x, depthwise_forward) : NN_OPS(op, x, conv2d_forward);
   int64_t ys[4];
   if (!ops || check_arg(op, "input", x, 4, NULL) || check_arg(op, "kernel", w, 4, x)) return -1;
   if (conv_shapes(op, x, x->shape, w, win, depthwise, ys)) return -1;
   if (check_vec(op, "scale", scale, ys[3], x) || check_vec(op, "shift", shift, ys[3], x)) return -1;
   fwd_fn fn = depthwise ? ops->depthwise_forward : ops->conv2d_forward;
-  if (!fn) return fl_fail("%s: not supported by backend '%s'", op, x->storage->backend->name);
   cont_set cs = {0};
   const fl_tensor *cx, *cw, *csc, *csh;
   int rc = -1;
@@ -214,7 +214,8 @@ int fl_depthwise_forward(fl_tensor *y, const fl_tensor *x, const fl_tensor *w, c
 
 static int conv_backward_data_any(const char *op, int depthwise, fl_tensor *gx, const fl_tensor *gy,
                                   const fl_tensor *w, const int64_t *xshape, const fl_window *win) {
-  const struct fl_nn_ops *ops = nn_ops(op, gy);
+  const struct fl_nn_ops *ops =
+      depthwise ? NN_OPS(op, gy, depthwise_backward_data) : NN_OPS(op, gy, conv2d_backward_data);
   int64_t ys[4];
   if (!ops || check_arg(op, "gradOutput", gy, 4, NULL) || check_arg(op, "kernel", w, 4, gy)) return -1;
   for (int i = 0; i < 4; i++)
@@ -223,7 +224,6 @@ static int conv_backward_data_any(const char *op, int depthwise, fl_tensor *gx, 
   if (conv_shapes(op, NULL, xshape, w, win, depthwise, ys) || check_shape(op, "gradOutput", gy, 4, ys)) return -1;
   int (*fn)(fl_tensor *, const fl_tensor *, const fl_tensor *, const fl_window *) =
       depthwise ? ops->depthwise_backward_data : ops->conv2d_backward_data;
-  if (!fn) return fl_fail("%s: not supported by backend '%s'", op, gy->storage->backend->name);
   cont_set cs = {0};
   const fl_tensor *cgy, *cw;
   int rc = -1;
@@ -248,7 +248,8 @@ int fl_depthwise_backward_data(fl_tensor *gx, const fl_tensor *gy, const fl_tens
 
 static int conv_backward_filter_any(const char *op, int depthwise, fl_tensor *gw, fl_tensor *gb,
                                     const fl_tensor *x, const fl_tensor *gy, const fl_window *win, double beta) {
-  const struct fl_nn_ops *ops = nn_ops(op, x);
+  const struct fl_nn_ops *ops =
+      depthwise ? NN_OPS(op, x, depthwise_backward_filter) : NN_OPS(op, x, conv2d_backward_filter);
   int64_t ys[4];
   if (!ops || check_arg(op, "input", x, 4, NULL) || check_arg(op, "gradOutput", gy, 4, x) ||
       check_arg(op, "gradKernel", gw, 4, x))
@@ -261,7 +262,6 @@ static int conv_backward_filter_any(const char *op, int depthwise, fl_tensor *gw
   }
   int (*fn)(fl_tensor *, fl_tensor *, const fl_tensor *, const fl_tensor *, const fl_window *, double) =
       depthwise ? ops->depthwise_backward_filter : ops->conv2d_backward_filter;
-  if (!fn) return fl_fail("%s: not supported by backend '%s'", op, x->storage->backend->name);
   cont_set cs = {0};
   const fl_tensor *cx, *cgy;
   int rc = -1;

@@ -310,8 +310,9 @@ void cu_free(int device, void *ptr) {
 
 /* Blocks from cudaHostAlloc (portable: any device may read them), each with the event of the last
  * asynchronous copy that reads it (cu_host_record, from copy_async). The loader decodes batches
- * into such blocks; before it refills or frees one, host_wait / host_free wait for that event, so
- * a batch still being copied is never overwritten. Allocated once and never destroyed, as the pools. */
+ * into such blocks; before a block is refilled (host_wait) or handed out again from the cache
+ * (host_alloc) that event is waited for, so a batch still being copied is never overwritten. The
+ * tables are allocated once and never destroyed, as the pools. */
 typedef struct {
   size_t size;
   cudaEvent_t ev;       /* NULL until the first copy */
@@ -333,7 +334,17 @@ static std::unordered_map<size_t, std::vector<void *>> &pinned_free(void) {
   return *m;
 }
 
-static int host_wait(const void *p);
+static int host_wait(const void *p) {
+  cudaEvent_t ev = nullptr;
+  {
+    std::lock_guard<std::mutex> g(pin_lock);
+    auto it = pinned_blocks().find(p);
+    if (it == pinned_blocks().end()) return 0;
+    ev = it->second.ev;
+  }
+  if (ev) CU_TRY("cuda pinned host memory (waiting for its copy)", cudaEventSynchronize(ev));
+  return 0;
+}
 
 static void *host_alloc(size_t nbytes) {
   const char *op = "cuda pinned host memory";
@@ -366,18 +377,6 @@ static void *host_alloc(size_t nbytes) {
   std::lock_guard<std::mutex> g(pin_lock);
   pinned_blocks()[p] = cu_pinned{nbytes, nullptr, -1};
   return p;
-}
-
-static int host_wait(const void *p) {
-  cudaEvent_t ev = nullptr;
-  {
-    std::lock_guard<std::mutex> g(pin_lock);
-    auto it = pinned_blocks().find(p);
-    if (it == pinned_blocks().end()) return 0;
-    ev = it->second.ev;
-  }
-  if (ev) CU_TRY("cuda pinned host memory (waiting for its copy)", cudaEventSynchronize(ev));
-  return 0;
 }
 
 /* to the cache; host_alloc waits for the block's last upload before handing it out again */

@@ -43,6 +43,19 @@ static const void *opt_ptr(const fl_tensor *t) { return t ? (const void *)cu_ptr
 
 static int dev_of(const char *op, const fl_tensor *t, cu_dev **d) { return cu_enter(op, t->storage->device, d); }
 
+/* The frame of a one-kernel element-wise op over t's n elements: nothing to do for n == 0, else
+ * launch(tag, d, n) with tag naming t's float type and d its device. */
+template <class F> static int float_launch(const char *op, const fl_tensor *t, F &&launch) {
+  int64_t n = fl_tensor_numel(t);
+  if (n == 0) return 0;
+  cu_dev *d;
+  if (dev_of(op, t, &d)) return -1;
+  return cu_visit_float(op, t->dtype, [&](auto tag) {
+    if (launch(tag, d, n)) return -1;
+    return cu_launched(op);
+  });
+}
+
 /* HWIO (R,S,C,K) -> KRSC (K,R,S,C) */
 static int to_krsc(const char *op, const fl_tensor *w, cu_tmp &out) {
   int64_t sh[4] = {w->shape[3], w->shape[0], w->shape[1], w->shape[2]};
@@ -184,16 +197,14 @@ static int affine_run(const char *op, fl_tensor *y, const fl_tensor *x, const fl
   int64_t n = fl_tensor_numel(x), C = x->ndim ? x->shape[x->ndim - 1] : 1;
   if (n == 0 || C == 0) return 0;
   if (!scale && !shift && !relu) return cu_ptr(y) == cu_ptr(x) ? 0 : cu_copy_dev(op, y, x);
-  cu_dev *d;
-  if (dev_of(op, x, &d)) return -1;
-  return cu_visit_float(op, x->dtype, [&](auto tag) {
+  return float_launch(op, x, [&](auto tag, cu_dev *d, int64_t) {
     typedef typename decltype(tag)::type T;
     return cu_visit_index(n, [&](auto itag) {
       typedef decltype(itag) I;
       affine_kernel<T, I><<<cu_grid(d, n, CU_THREADS), CU_THREADS, 0, d->stream>>>(
           (T *)cu_ptr(y), (const T *)cu_ptr(x), (I)n, (I)C, (const T *)opt_ptr(scale), (const T *)opt_ptr(shift),
           relu);
-      return cu_launched(op);
+      return 0;
     });
   });
 }
@@ -421,17 +432,14 @@ template <class T, class I> __global__ void pool_bwd_kernel(T *gx, const T *gy, 
 static int nn_pool2d_forward(fl_tensor *y, fl_tensor *argmax, const fl_tensor *x, fl_pool_kind kind,
                              const fl_window *win) {
   const char *op = "cuda pool2d_forward";
-  int64_t n = fl_tensor_numel(y), nx = fl_tensor_numel(x);
-  if (n == 0) return 0;
-  cu_dev *d;
-  if (dev_of(op, x, &d)) return -1;
+  int64_t nx = fl_tensor_numel(x);
   pool_dims p = pool_dims_of(x, y, win);
-  return cu_visit_float(op, x->dtype, [&](auto tag) {
+  return float_launch(op, y, [&](auto tag, cu_dev *d, int64_t n) {
     typedef typename decltype(tag)::type T;
     return cu_visit_index(n > nx ? n : nx, [&](auto itag) {
       pool_fwd_kernel<T, decltype(itag)><<<cu_grid(d, n, CU_THREADS), CU_THREADS, 0, d->stream>>>(
           (T *)cu_ptr(y), argmax ? (int32_t *)cu_ptr(argmax) : NULL, (const T *)cu_ptr(x), p, kind == FL_POOL_MAX);
-      return cu_launched(op);
+      return 0;
     });
   });
 }
@@ -439,19 +447,16 @@ static int nn_pool2d_forward(fl_tensor *y, fl_tensor *argmax, const fl_tensor *x
 static int nn_pool2d_backward(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *x, const fl_tensor *argmax,
                               fl_pool_kind kind, const fl_window *win) {
   const char *op = "cuda pool2d_backward";
-  int64_t n = fl_tensor_numel(gx), ny = fl_tensor_numel(gy);
-  if (n == 0) return 0;
+  int64_t ny = fl_tensor_numel(gy);
   if (kind == FL_POOL_MAX && !x && !argmax) return fl_fail("%s: max pooling needs the input or its argmax", op);
-  cu_dev *d;
-  if (dev_of(op, gx, &d)) return -1;
   pool_dims p = pool_dims_of(gx, gy, win);
-  return cu_visit_float(op, gx->dtype, [&](auto tag) {
+  return float_launch(op, gx, [&](auto tag, cu_dev *d, int64_t n) {
     typedef typename decltype(tag)::type T;
     return cu_visit_index(n > ny ? n : ny, [&](auto itag) {
       pool_bwd_kernel<T, decltype(itag)><<<cu_grid(d, n, CU_THREADS), CU_THREADS, 0, d->stream>>>(
           (T *)cu_ptr(gx), (const T *)cu_ptr(gy), x ? (const T *)cu_ptr(x) : NULL,
           argmax ? (const int32_t *)cu_ptr(argmax) : NULL, p, kind == FL_POOL_MAX);
-      return cu_launched(op);
+      return 0;
     });
   });
 }
@@ -646,11 +651,7 @@ template <class T> __global__ void softmax_bwd_kernel(T *gx, const T *gy, const 
 
 static int nn_act_backward(fl_act_kind act, fl_tensor *gx, const fl_tensor *gy, const fl_tensor *y) {
   const char *op = "cuda act_backward";
-  int64_t n = fl_tensor_numel(y);
-  if (n == 0) return 0;
-  cu_dev *d;
-  if (dev_of(op, y, &d)) return -1;
-  return cu_visit_float(op, y->dtype, [&](auto tag) {
+  return float_launch(op, y, [&](auto tag, cu_dev *d, int64_t n) {
     typedef typename decltype(tag)::type T;
     if (act == FL_ACT_SOFTMAX) {
       int64_t k = y->ndim ? y->shape[y->ndim - 1] : 1, rows = k ? n / k : 0;
@@ -664,7 +665,7 @@ static int nn_act_backward(fl_act_kind act, fl_tensor *gx, const fl_tensor *gy, 
     } else {
       return fl_fail("%s: unknown activation %d", op, (int)act);
     }
-    return cu_launched(op);
+    return 0;
   });
 }
 
@@ -786,19 +787,6 @@ template <class T> __global__ void add_act_kernel(T *y, const T *a, const T *b, 
     T v = add_rn(a[i], mul_rn(scale, b[i]));
     y[i] = relu && v < (T)0 ? (T)0 : v;
   }
-}
-
-/* The frame of a one-kernel element-wise op over t's n elements: nothing to do for n == 0, else
- * launch(tag, d, n) with tag naming t's float type and d its device. */
-template <class F> static int float_launch(const char *op, const fl_tensor *t, F &&launch) {
-  int64_t n = fl_tensor_numel(t);
-  if (n == 0) return 0;
-  cu_dev *d;
-  if (dev_of(op, t, &d)) return -1;
-  return cu_visit_float(op, t->dtype, [&](auto tag) {
-    if (launch(tag, d, n)) return -1;
-    return cu_launched(op);
-  });
 }
 
 static int nn_add_act(fl_tensor *y, const fl_tensor *a, const fl_tensor *b, double scale, int relu) {
