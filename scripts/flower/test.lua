@@ -97,6 +97,23 @@ function T.tmpdir()
   return dir
 end
 
+-- A 4-class problem in 10 dims, the class being which of 4 fixed directions a point leans to (the
+-- directions drawn with seed 0): for each size n_i, x_i (n_i, 10) drawn with seed i and its labels.
+--   local XT, YT, XV, YV = T.leaning_classes(256, 96)
+function T.leaning_classes(...)
+  local flower = require 'flower'
+  flower.manual_seed(0)
+  local W = flower.randn({10, 4})
+  local out = {}
+  for i, n in ipairs {...} do
+    flower.manual_seed(i)
+    local x = flower.randn({n, 10})
+    out[#out + 1] = x
+    out[#out + 1] = x:matmul(W):argmax(2):view(-1)
+  end
+  return table.unpack(out)
+end
+
 -- Runs `python generator outdir` unless outdir/stamp is newer than the generator; never skips:
 -- a generator that fails is an error naming it. Returns outdir/stamp.
 function T.reference(generator, outdir, stamp)

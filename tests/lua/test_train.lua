@@ -8,23 +8,10 @@ local data = require 'flower.data'
 local train = require 'flower.train'
 local files = require 'flower.files'
 
-local TMP = os.tmpname()
-os.remove(TMP)
-files.mkdir(TMP)
+local TMP = T.tmpdir()
 local function tmp(...) return files.join(TMP, ...) end
 
--- A 4-class problem in 10 dims: the class is which of 4 fixed directions the point leans to.
-flower.manual_seed(0)
-local W = flower.randn({ 10, 4 })
-local function make_data(n, seed)
-  flower.manual_seed(seed)
-  local x = flower.randn({ n, 10 })
-  local y = (x:matmul(W)):argmax(2):view(-1)
-  return x, y
-end
-
-local XT, YT = make_data(256, 1)
-local XV, YV = make_data(96, 2)
+local XT, YT, XV, YV = T.leaning_classes(256, 96)
 
 local function loaders(bs)
   return data.FeatureLoader { x = XT, y = YT, batch_size = bs or 32, shuffle = true, seed = 7 },

@@ -17,15 +17,7 @@ local TMP = T.tmpdir()
 local function tmp(...) return files.join(TMP, ...) end
 local quiet = function() end
 
-flower.manual_seed(0)
-local W = flower.randn({ 10, 4 })
-local function make_data(n, seed)
-  flower.manual_seed(seed)
-  local x = flower.randn({ n, 10 })
-  return x, x:matmul(W):argmax(2):view(-1)
-end
-local XT, YT = make_data(128, 1)
-local XV, YV = make_data(48, 2)
+local XT, YT, XV, YV = T.leaning_classes(128, 48)
 
 local function loaders()
   return data.FeatureLoader { x = XT, y = YT, batch_size = 32, shuffle = true, seed = 7 },
