@@ -333,6 +333,19 @@ static void strlist_push(strlist *l, const char *s, size_t len) {
   l->v[l->n++] = c;
 }
 
+/* Hands the strings gathered by an HDF5 iteration (status r) to the caller, or frees them and fails
+ * naming op and obj. */
+static int strlist_finish(const fl_h5 *f, strlist *l, herr_t r, const char *op, const char *obj, char ***names,
+                          int64_t *n) {
+  if (r < 0 || l->oom) {
+    fl_h5_free_strings(l->v, l->n);
+    return l->oom ? fl_fail_oom("h5.%s: out of memory", op) : hfail(f, op, obj, "cannot iterate");
+  }
+  *names = l->v;
+  *n = l->n;
+  return 0;
+}
+
 static herr_t list_cb(hid_t g, const char *name, const H5L_info_t *info, void *data) {
   (void)g; (void)info;
   strlist_push(data, name, strlen(name));
@@ -357,13 +370,7 @@ int fl_h5_list(fl_h5 *f, const char *group, char ***names, int64_t *n) {
   hsize_t pos = 0;
   herr_t r = H5Literate(g, idx, H5_ITER_INC, &pos, list_cb, &l);
   H5Gclose(g);
-  if (r < 0 || l.oom) {
-    fl_h5_free_strings(l.v, l.n);
-    return l.oom ? fl_fail_oom("h5.list: out of memory") : hfail(f, "list", group, "cannot iterate");
-  }
-  *names = l.v;
-  *n = l.n;
-  return 0;
+  return strlist_finish(f, &l, r, "list", group, names, n);
 }
 
 /* ---------------------------------------------------------------- element types */
@@ -945,11 +952,5 @@ int fl_h5_attr_names(fl_h5 *f, const char *path, char ***names, int64_t *n) {
   hsize_t pos = 0;
   herr_t r = H5Aiterate2(o, H5_INDEX_NAME, H5_ITER_INC, &pos, aname_cb, &l);
   H5Oclose(o);
-  if (r < 0 || l.oom) {
-    fl_h5_free_strings(l.v, l.n);
-    return l.oom ? fl_fail_oom("h5.attrs: out of memory") : hfail(f, "attrs", path, "cannot iterate");
-  }
-  *names = l.v;
-  *n = l.n;
-  return 0;
+  return strlist_finish(f, &l, r, "attrs", path, names, n);
 }
