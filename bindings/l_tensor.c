@@ -141,7 +141,7 @@ int fl_lua_checksize(lua_State *L, int arg, int64_t *shape, int *next, const cha
 fl_dtype fl_lua_optdtype(lua_State *L, int arg, fl_dtype def, const char *fname) {
   if (lua_isnoneornil(L, arg)) return def;
   if (lua_type(L, arg) != LUA_TSTRING)
-    luaL_error(L, "%s: expected a dtype name (float32, float64, int32, int64, uint8), got %s", fname,
+    luaL_error(L, "%s: expected a dtype name (float32, float64, bfloat16, int32, int64, uint8), got %s", fname,
                luaL_typename(L, arg));
   fl_dtype dt;
   if (fl_dtype_from_name(lua_tostring(L, arg), &dt)) luaL_error(L, "%s: %s", fname, fl_errmsg());
@@ -205,6 +205,7 @@ static void push_host_elem(lua_State *L, const fl_tensor *t, const int64_t *inde
   case FL_F64: lua_pushnumber(L, ((const double *)p)[off]); break;
   case FL_I32: lua_pushinteger(L, ((const int32_t *)p)[off]); break;
   case FL_I64: lua_pushinteger(L, ((const int64_t *)p)[off]); break;
+  case FL_BF16: lua_pushnumber(L, fl_bf16_to_float(((const uint16_t *)p)[off])); break;
   default: lua_pushinteger(L, ((const uint8_t *)p)[off]); break;
   }
 }
@@ -502,6 +503,7 @@ static int t_tostring_raw(lua_State *L) {
 const char *fl_lua_torch_name(fl_dtype dt) {
   static const char *const names[FL_NDTYPES] = {
     "torch.FloatTensor", "torch.DoubleTensor", "torch.IntTensor", "torch.LongTensor", "torch.ByteTensor",
+    "torch.BFloat16Tensor",
   };
   return (unsigned)dt < FL_NDTYPES ? names[dt] : "torch.Tensor";
 }
@@ -530,6 +532,7 @@ static int t_double(lua_State *L) { return to_dtype(L, FL_F64); }
 static int t_int(lua_State *L) { return to_dtype(L, FL_I32); }
 static int t_long(lua_State *L) { return to_dtype(L, FL_I64); }
 static int t_byte(lua_State *L) { return to_dtype(L, FL_U8); }
+static int t_bfloat16(lua_State *L) { return to_dtype(L, FL_BF16); }
 
 static int t_device(lua_State *L) {
   fl_tensor *t = fl_lua_checktensor(L, 1);
@@ -1051,7 +1054,7 @@ static int l_getnumthreads(lua_State *L) {
 /* ---------------------------------------------------------------- registration */
 
 static const luaL_Reg tensor_methods[] = {
-  {"dtype", t_dtype}, {"type", t_type}, {"float", t_float}, {"double", t_double}, {"int", t_int},
+  {"dtype", t_dtype}, {"type", t_type}, {"float", t_float}, {"double", t_double}, {"bfloat16", t_bfloat16}, {"int", t_int},
   {"long", t_long}, {"byte", t_byte}, {"device", t_device},
   {"size", t_size}, {"stride", t_stride}, {"dim", t_dim}, {"nDimension", t_dim}, {"numel", t_numel},
   {"nElement", t_numel}, {"is_contiguous", t_is_contiguous}, {"isContiguous", t_is_contiguous},

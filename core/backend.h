@@ -25,6 +25,9 @@ typedef enum { FL_SUM, FL_MEAN, FL_MAX, FL_MIN, FL_ARGMAX, FL_ARGMIN, FL_VAR, FL
 
 typedef enum { FL_RNG_UNIFORM, FL_RNG_NORMAL, FL_RNG_INT } fl_rngkind;
 
+/* bfloat16 (FL_BF16) is accepted wherever float32 is, except by the optimizer and loss kernels of
+ * nn.h; it is computed in float32 and each result rounded once, so backends agree within one
+ * rounding. Reductions of bfloat16: SUM, MAX, MIN give bfloat16, MEAN/VAR/STD float32. */
 struct fl_backend {
   const char *name;                                  /* "cpu", "cuda" */
   /* NULL on failure. The allocator may record why with fl_fail_oom / fl_fail (the front keeps that
@@ -51,7 +54,8 @@ struct fl_backend {
   /* out = where(mask, a, b); all expanded to out's shape; mask uint8 */
   int (*where)(fl_tensor *out, const fl_tensor *mask, const fl_tensor *a, const fl_tensor *b);
   /* out = alpha * a @ b + beta * out, batched over the first dim: a (B,M,K), b (B,K,N),
-   * out (B,M,N), all float32 or all float64. Each matrix of a and b has a unit stride in one of
+   * out (B,M,N), all float32 or all float64, or a and b bfloat16 with out bfloat16 or float32
+   * (accumulated in float32 either way). Each matrix of a and b has a unit stride in one of
    * its last two dims (row- or column-major; the other stride >= the extent it spans), out's rows
    * have unit stride; batch strides are arbitrary, 0 meaning one matrix shared by every batch.
    * The front (fl_matmul, fl_gemm) copies operands that don't fit this. With beta == 0, out's

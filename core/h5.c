@@ -411,6 +411,9 @@ static int map_type(fl_h5 *f, const char *op, const char *path, hid_t ftype, fl_
   return 0;
 }
 
+/* HDF5 has no standard bfloat16 type that Keras or h5py would read back */
+#define BF16_REFUSED "bfloat16 tensors are not written (HDF5 has no standard bfloat16 type): convert with :float()"
+
 static hid_t file_type_of(fl_dtype dt) {
   switch (dt) {
   case FL_F32: return H5T_IEEE_F32LE;
@@ -556,6 +559,7 @@ int fl_h5_write(fl_h5 *f, const char *path, const fl_tensor *t, const fl_h5_writ
   fl_tensor h = {0};
   hid_t space = -1, dcpl = -1, d = -1;
   int r = -1;
+  if (t->storage && t->dtype == FL_BF16) return efail(f, "write", path, BF16_REFUSED);
   if (host_contiguous(&h, t) < 0) return fl_fail_prefix("h5.write");
   int64_t n = fl_tensor_numel(&h);
   int nd = h.ndim;
@@ -634,6 +638,7 @@ int fl_h5_append_rows(fl_h5 *f, const char *path, const fl_tensor *t, int64_t *t
   const char *op = "append_rows";
   if (!t->storage) return efail(f, op, path, "empty (freed) tensor");
   if (t->ndim < 1) return efail(f, op, path, "expected a tensor of rank >= 1, got a scalar");
+  if (t->dtype == FL_BF16) return efail(f, op, path, BF16_REFUSED);
   for (int i = 1; i < t->ndim; i++)
     if (t->shape[i] < 1) return efail(f, op, path, "row dims must be >= 1 (tensor dim %d is %lld)", i + 1, (long long)t->shape[i]);
   if (!f->writable) return efail(f, op, path, "file is open read-only");

@@ -69,20 +69,24 @@ static const struct fl_nn_ops *with_kernel(const char *op, const fl_tensor *t, c
 }
 #define NN_OPS(op, t, kernel) with_kernel(op, t, nn_ops(op, t), offsetof(struct fl_nn_ops, kernel))
 
-/* t must be a live float tensor of `ndim` dims (ndim < 0: any) with ref's dtype and backend */
-static int check_arg(const char *op, const char *name, const fl_tensor *t, int ndim, const fl_tensor *ref) {
+/* Mixed precision: bfloat16 activations go with float32 parameters, statistics and their gradients
+ * (per-channel vectors, the float32 master weights' gradients); other dtypes use their own. */
+static fl_dtype param_dtype(const fl_tensor *x) { return x->dtype == FL_BF16 ? FL_F32 : x->dtype; }
+
+/* t must be a live tensor of dtype `want` on ref's backend and device, with `ndim` dims (ndim < 0: any) */
+static int check_arg_as(const char *op, const char *name, const fl_tensor *t, int ndim, const fl_tensor *ref,
+                        fl_dtype want) {
   char buf[128];
   if (!t->storage) return fl_fail("%s: %s is empty (freed)", op, name);
-  if (ref) {
-    if (t->dtype != ref->dtype)
-      return fl_fail("%s: %s has dtype %s, expected %s like the input", op, name, fl_dtype_name(t->dtype),
-                     fl_dtype_name(ref->dtype));
-    if (t->storage->backend != ref->storage->backend || t->storage->device != ref->storage->device)
-      return fl_fail("%s: %s is on %s:%d, the input on %s:%d", op, name, t->storage->backend->name,
-                     t->storage->device, ref->storage->backend->name, ref->storage->device);
-  } else if (t->dtype != FL_F32 && t->dtype != FL_F64) {
-    return fl_fail("%s: %s must be float32 or float64, got %s", op, name, fl_dtype_name(t->dtype));
-  }
+  if (t->dtype != want && want == ref->dtype)
+    return fl_fail("%s: %s has dtype %s, expected %s like the input", op, name, fl_dtype_name(t->dtype),
+                   fl_dtype_name(want));
+  if (t->dtype != want)
+    return fl_fail("%s: %s has dtype %s, expected %s (parameters of a %s input are %s)", op, name,
+                   fl_dtype_name(t->dtype), fl_dtype_name(want), fl_dtype_name(ref->dtype), fl_dtype_name(want));
+  if (t->storage->backend != ref->storage->backend || t->storage->device != ref->storage->device)
+    return fl_fail("%s: %s is on %s:%d, the input on %s:%d", op, name, t->storage->backend->name,
+                   t->storage->device, ref->storage->backend->name, ref->storage->device);
   if (ndim >= 0 && t->ndim != ndim) {
     fl_shape_str(buf, sizeof buf, t->ndim, t->shape);
     return fl_fail("%s: %s must have %d dims, got %d (shape %s)", op, name, ndim, t->ndim, buf);
@@ -90,10 +94,34 @@ static int check_arg(const char *op, const char *name, const fl_tensor *t, int n
   return 0;
 }
 
-/* an optional per-channel vector of size c */
+/* t must be a live float tensor of `ndim` dims (ndim < 0: any) with ref's dtype and backend; without
+ * ref, of any float dtype (bfloat16 included) */
+static int check_arg(const char *op, const char *name, const fl_tensor *t, int ndim, const fl_tensor *ref) {
+  char buf[128];
+  if (!t->storage) return fl_fail("%s: %s is empty (freed)", op, name);
+  if (ref) return check_arg_as(op, name, t, ndim, ref, ref->dtype);
+  if (!fl_dtype_is_float(t->dtype))
+    return fl_fail("%s: %s must be float32, float64 or bfloat16, got %s", op, name, fl_dtype_name(t->dtype));
+  if (ndim >= 0 && t->ndim != ndim) {
+    fl_shape_str(buf, sizeof buf, t->ndim, t->shape);
+    return fl_fail("%s: %s must have %d dims, got %d (shape %s)", op, name, ndim, t->ndim, buf);
+  }
+  return 0;
+}
+
+/* float32 or float64: losses and optimizer state stay out of bfloat16 */
+static int check_wide(const char *op, const char *name, const fl_tensor *t) {
+  if (check_arg(op, name, t, -1, NULL)) return -1;
+  if (t->dtype == FL_BF16)
+    return fl_fail("%s: %s must be float32 or float64, got bfloat16 (mixed precision keeps losses and optimizer "
+                   "state in float32: convert with :float())", op, name);
+  return 0;
+}
+
+/* an optional per-channel vector of size c: a parameter or statistic of input ref (param_dtype) */
 static int check_vec(const char *op, const char *name, const fl_tensor *t, int64_t c, const fl_tensor *ref) {
   if (!t) return 0;
-  if (check_arg(op, name, t, 1, ref)) return -1;
+  if (check_arg_as(op, name, t, 1, ref, param_dtype(ref))) return -1;
   if (t->shape[0] != c)
     return fl_fail("%s: %s has %lld elements, expected %lld (one per channel)", op, name,
                    (long long)t->shape[0], (long long)c);
@@ -136,8 +164,11 @@ static int check_out(const char *op, const char *name, const fl_tensor *t, int n
   return 0;
 }
 
+static int new_of(fl_tensor *out, const fl_tensor *ref, fl_dtype dt, int ndim, const int64_t *shape) {
+  return fl_tensor_init(out, ref->storage->backend, ref->storage->device, dt, ndim, shape);
+}
 static int new_like(fl_tensor *out, const fl_tensor *ref, int ndim, const int64_t *shape) {
-  return fl_tensor_init(out, ref->storage->backend, ref->storage->device, ref->dtype, ndim, shape);
+  return new_of(out, ref, ref->dtype, ndim, shape);
 }
 
 static int check_window(const char *op, const fl_window *win) {
@@ -246,13 +277,43 @@ int fl_depthwise_backward_data(fl_tensor *gx, const fl_tensor *gy, const fl_tens
   return conv_backward_data_any("depthwise_backward_data", 1, gx, gy, w, xshape, win);
 }
 
+typedef int (*filter_fn)(fl_tensor *, fl_tensor *, const fl_tensor *, const fl_tensor *, const fl_window *,
+                         double);
+
+/* g = beta*g + fresh (float32 g, fresh of any float dtype) */
+static int accumulate(const struct fl_nn_ops *ops, fl_tensor *g, const fl_tensor *fresh, double beta) {
+  const fl_backend *be = g->storage->backend;
+  if (beta == 0) return be->copy(g, fresh);
+  fl_tensor wide;
+  if (fl_cast(&wide, fresh, g->dtype)) return -1;
+  int rc = ops->axpby(g, 1, &wide, beta);
+  fl_tensor_free(&wide);
+  return rc;
+}
+
+/* bfloat16 x and gy: the kernel writes a fresh bfloat16 gradient (gw) and float32 bias gradient,
+ * which are added to the float32 master gradients here (the kernels' bfloat16 contract: beta 0) */
+static int filter_bf16(const struct fl_nn_ops *ops, filter_fn fn, fl_tensor *gw, fl_tensor *gb, const fl_tensor *x,
+                       const fl_tensor *gy, const fl_window *win, double beta) {
+  fl_tensor tw, tb;
+  memset(&tb, 0, sizeof tb);
+  if (new_of(&tw, x, FL_BF16, gw->ndim, gw->shape)) return -1;
+  if (gb && new_of(&tb, gb, gb->dtype, 1, gb->shape)) { fl_tensor_free(&tw); return -1; }
+  int rc = fn(&tw, gb ? &tb : NULL, x, gy, win, 0);
+  if (!rc) rc = accumulate(ops, gw, &tw, beta);
+  if (!rc && gb) rc = accumulate(ops, gb, &tb, beta);
+  fl_tensor_free(&tw);
+  fl_tensor_free(&tb);
+  return rc;
+}
+
 static int conv_backward_filter_any(const char *op, int depthwise, fl_tensor *gw, fl_tensor *gb,
                                     const fl_tensor *x, const fl_tensor *gy, const fl_window *win, double beta) {
   const struct fl_nn_ops *ops =
       depthwise ? NN_OPS(op, x, depthwise_backward_filter) : NN_OPS(op, x, conv2d_backward_filter);
   int64_t ys[4];
   if (!ops || check_arg(op, "input", x, 4, NULL) || check_arg(op, "gradOutput", gy, 4, x) ||
-      check_arg(op, "gradKernel", gw, 4, x))
+      check_arg_as(op, "gradKernel", gw, 4, x, param_dtype(x)))
     return -1;
   if (conv_shapes(op, x, x->shape, gw, win, depthwise, ys) || check_shape(op, "gradOutput", gy, 4, ys)) return -1;
   if (!fl_tensor_is_contiguous(gw)) return fl_fail("%s: gradKernel must be contiguous", op);
@@ -260,13 +321,12 @@ static int conv_backward_filter_any(const char *op, int depthwise, fl_tensor *gw
     if (check_vec(op, "gradBias", gb, ys[3], x)) return -1;
     if (!fl_tensor_is_contiguous(gb)) return fl_fail("%s: gradBias must be contiguous", op);
   }
-  int (*fn)(fl_tensor *, fl_tensor *, const fl_tensor *, const fl_tensor *, const fl_window *, double) =
-      depthwise ? ops->depthwise_backward_filter : ops->conv2d_backward_filter;
+  filter_fn fn = depthwise ? ops->depthwise_backward_filter : ops->conv2d_backward_filter;
   cont_set cs = {0};
   const fl_tensor *cx, *cgy;
   int rc = -1;
   if (cont_add(&cs, x, &cx) || cont_add(&cs, gy, &cgy)) goto done;
-  rc = fn(gw, gb, cx, cgy, win, beta);
+  rc = x->dtype == FL_BF16 ? filter_bf16(ops, fn, gw, gb, cx, cgy, win, beta) : fn(gw, gb, cx, cgy, win, beta);
 done:
   cont_free(&cs);
   return rc ? fl_fail_prefix(op) : 0;
@@ -384,8 +444,8 @@ int fl_batchnorm_forward_train(fl_tensor *y, fl_tensor *mean, fl_tensor *invstd,
   int rc = -1;
   if (cont_add(&cs, x, &cx) || cont_add(&cs, gamma, &cg) || cont_add(&cs, beta, &cb)) goto done;
   if (new_like(y, x, x->ndim, x->shape)) goto done;
-  if (new_like(mean, x, 1, &c)) { fl_tensor_free(y); goto done; }
-  if (new_like(invstd, x, 1, &c)) { fl_tensor_free(y); fl_tensor_free(mean); goto done; }
+  if (new_of(mean, x, param_dtype(x), 1, &c)) { fl_tensor_free(y); goto done; }
+  if (new_of(invstd, x, param_dtype(x), 1, &c)) { fl_tensor_free(y); fl_tensor_free(mean); goto done; }
   rc = ops->batchnorm_forward_train(y, mean, invstd, cx, cg, cb, running_mean, running_var, momentum, eps,
                                     unbiased, relu);
   if (rc) { fl_tensor_free(y); fl_tensor_free(mean); fl_tensor_free(invstd); }
@@ -503,7 +563,7 @@ int fl_softmax_xent(fl_tensor *loss, fl_tensor *grad, const fl_tensor *logits, c
   const char *op = "softmax_cross_entropy";
   char a[128], b[128];
   const struct fl_nn_ops *ops = NN_OPS(op, logits, softmax_xent);
-  if (!ops || check_arg(op, "logits", logits, 2, NULL)) return -1;
+  if (!ops || check_wide(op, "logits", logits) || check_arg(op, "logits", logits, 2, NULL)) return -1;
   if (!target->storage) return fl_fail("%s: target is empty (freed)", op);
   if (target->storage->backend != logits->storage->backend)
     return fl_fail("%s: target is on %s, logits on %s", op, target->storage->backend->name,
@@ -538,9 +598,9 @@ done:
 
 /* ---- optimizer kernels ---- */
 
-/* t is a live, contiguous float tensor with ref's shape and dtype (ref NULL: any) */
+/* t is a live, contiguous float32/float64 tensor with ref's shape and dtype (ref NULL: either) */
 static int check_same(const char *op, const char *name, const fl_tensor *t, const fl_tensor *ref) {
-  if (check_arg(op, name, t, -1, ref)) return -1;
+  if (ref ? check_arg(op, name, t, -1, ref) : check_wide(op, name, t)) return -1;
   if (!fl_tensor_is_contiguous(t)) return fl_fail("%s: %s must be contiguous", op, name);
   if (ref && !fl_tensor_same_shape(t, ref)) return check_shape(op, name, t, ref->ndim, ref->shape);
   return 0;

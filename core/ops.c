@@ -43,7 +43,9 @@ static int new_like(fl_tensor *out, const fl_tensor *a, fl_dtype dt, int ndim, c
 }
 
 fl_dtype fl_promote(fl_dtype a, fl_dtype b) {
-  static const int rank[FL_NDTYPES] = {[FL_F64] = 4, [FL_F32] = 3, [FL_I64] = 2, [FL_I32] = 1, [FL_U8] = 0};
+  /* bfloat16 with float32 gives float32 (the wider), with integers bfloat16, as in PyTorch */
+  static const int rank[FL_NDTYPES] = {[FL_F64] = 5, [FL_F32] = 4, [FL_BF16] = 3, [FL_I64] = 2, [FL_I32] = 1,
+                                       [FL_U8] = 0};
   return rank[a] >= rank[b] ? a : b;
 }
 
@@ -380,7 +382,7 @@ static int matmul_operand(fl_tensor *v3, fl_tensor *tmp, const fl_tensor *t, int
 
 static int matmul_dtype(const char *op, const fl_tensor *a, const fl_tensor *b, fl_dtype *dt) {
   if (!fl_dtype_is_float(a->dtype) || !fl_dtype_is_float(b->dtype))
-    return fl_fail("%s: expected float32 or float64 tensors, got %s and %s", op, fl_dtype_name(a->dtype),
+    return fl_fail("%s: expected float32, float64 or bfloat16 tensors, got %s and %s", op, fl_dtype_name(a->dtype),
                    fl_dtype_name(b->dtype));
   *dt = fl_promote(a->dtype, b->dtype);
   return 0;
@@ -452,8 +454,11 @@ int fl_gemm(fl_tensor *out, const fl_tensor *a, const fl_tensor *b, int trans_a,
   int nd = out->ndim;
   if ((nd != 2 && nd != 3) || a->ndim != nd || b->ndim != nd)
     return fl_fail("gemm: expected 2-d or 3-d tensors of equal rank, got %d-d x %d-d -> %d-d", a->ndim, b->ndim, nd);
-  if (a->dtype != out->dtype || b->dtype != out->dtype || !fl_dtype_is_float(out->dtype))
-    return fl_fail("gemm: expected float32 or float64 tensors of one dtype, got %s x %s -> %s",
+  /* bfloat16 operands may accumulate into a float32 out (mixed precision's float32 master gradients) */
+  int bf16_to_f32 = a->dtype == FL_BF16 && b->dtype == FL_BF16 && out->dtype == FL_F32;
+  if (!bf16_to_f32 && (a->dtype != out->dtype || b->dtype != out->dtype || !fl_dtype_is_float(out->dtype)))
+    return fl_fail("gemm: expected float32, float64 or bfloat16 tensors of one dtype (or bfloat16 x bfloat16 -> "
+                   "float32), got %s x %s -> %s",
                    fl_dtype_name(a->dtype), fl_dtype_name(b->dtype), fl_dtype_name(out->dtype));
   fl_tensor va = *a, vb = *b;
   if (trans_a) fl_view_transpose(&va, nd - 2, nd - 1);

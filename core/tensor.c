@@ -68,17 +68,18 @@ int fl_fail_prefix(const char *op) {
 
 /* ---------------------------------------------------------------- dtypes */
 
-static const char *const dtype_names[FL_NDTYPES] = {"float32", "float64", "int32", "int64", "uint8"};
-static const size_t dtype_sizes[FL_NDTYPES] = {4, 8, 4, 8, 1};
+static const char *const dtype_names[FL_NDTYPES] = {"float32", "float64", "int32", "int64", "uint8",
+                                                             "bfloat16"};
+static const size_t dtype_sizes[FL_NDTYPES] = {4, 8, 4, 8, 1, 2};
 
 size_t fl_dtype_size(fl_dtype dt) { return (unsigned)dt < FL_NDTYPES ? dtype_sizes[dt] : 0; }
 const char *fl_dtype_name(fl_dtype dt) { return (unsigned)dt < FL_NDTYPES ? dtype_names[dt] : "?"; }
-int fl_dtype_is_float(fl_dtype dt) { return dt == FL_F32 || dt == FL_F64; }
+int fl_dtype_is_float(fl_dtype dt) { return dt == FL_F32 || dt == FL_F64 || dt == FL_BF16; }
 
 int fl_dtype_from_name(const char *name, fl_dtype *out) {
   for (int i = 0; i < FL_NDTYPES; i++)
     if (strcmp(name, dtype_names[i]) == 0) { *out = (fl_dtype)i; return 0; }
-  return fl_fail("unknown dtype '%.40s' (expected float32, float64, int32, int64 or uint8)", name);
+  return fl_fail("unknown dtype '%.40s' (expected float32, float64, bfloat16, int32, int64 or uint8)", name);
 }
 
 /* ---------------------------------------------------------------- storage */
@@ -350,6 +351,7 @@ double fl_tensor_get(const fl_tensor *t, const int64_t *index) {
   case FL_I32: return *(const int32_t *)p;
   case FL_I64: return (double)*(const int64_t *)p;
   case FL_U8: return *(const uint8_t *)p;
+  case FL_BF16: return fl_bf16_to_float(*(const uint16_t *)p);
   default: return 0;
   }
 }
@@ -363,6 +365,7 @@ void fl_tensor_set(fl_tensor *t, const int64_t *index, double v) {
   case FL_I32: *(int32_t *)p = v != v ? 0 : v >= 2147483647.0 ? INT32_MAX : v <= -2147483648.0 ? INT32_MIN : (int32_t)v; break;
   case FL_I64: *(int64_t *)p = v != v ? 0 : v >= 9223372036854775807.0 ? INT64_MAX : v <= -9223372036854775808.0 ? INT64_MIN : (int64_t)v; break;
   case FL_U8: *(uint8_t *)p = v != v ? 0 : v >= 255.0 ? 255 : v <= 0 ? 0 : (uint8_t)v; break;
+  case FL_BF16: *(uint16_t *)p = fl_bf16_from_float((float)v); break;
   default: break;
   }
 }

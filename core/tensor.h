@@ -10,7 +10,10 @@
 
 #define FL_MAXDIM 8
 
-typedef enum { FL_F32, FL_F64, FL_I32, FL_I64, FL_U8, FL_NDTYPES } fl_dtype;
+/* FL_BF16 (bfloat16): the upper 16 bits of an IEEE float32, for mixed-precision activations and
+ * weight copies. Converting into it rounds to nearest even (NaN stays NaN). Backends compute with
+ * it in float32 and round each result once. */
+typedef enum { FL_F32, FL_F64, FL_I32, FL_I64, FL_U8, FL_BF16, FL_NDTYPES } fl_dtype;
 
 typedef struct fl_backend fl_backend;
 
@@ -48,9 +51,21 @@ int fl_fail_prefix(const char *op);                /* turns the message into "op
 
 /* ---- dtypes ---- */
 size_t fl_dtype_size(fl_dtype dt);
-const char *fl_dtype_name(fl_dtype dt);            /* "float32", "float64", "int32", "int64", "uint8" */
+const char *fl_dtype_name(fl_dtype dt);            /* "float32", "float64", "int32", "int64", "uint8", "bfloat16" */
 int fl_dtype_from_name(const char *name, fl_dtype *out); /* -1 with a message if unknown */
-int fl_dtype_is_float(fl_dtype dt);
+int fl_dtype_is_float(fl_dtype dt);               /* float32, float64, bfloat16 */
+
+/* bfloat16 <-> float32 (host code; CUDA code uses cuda_bf16.h's intrinsics, which agree) */
+static inline float fl_bf16_to_float(uint16_t h) {
+  union { uint32_t u; float f; } v = {(uint32_t)h << 16};
+  return v.f;
+}
+static inline uint16_t fl_bf16_from_float(float f) {
+  union { float f; uint32_t u; } v = {f};
+  if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40);  /* quiet NaN */
+  v.u += 0x7fffu + ((v.u >> 16) & 1);                                            /* nearest, ties to even */
+  return (uint16_t)(v.u >> 16);
+}
 
 /* ---- storage ---- */
 /* NULL + message on failure: the backend allocator's own message when it recorded one with

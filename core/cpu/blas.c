@@ -18,6 +18,13 @@ static void blas_layout(int64_t R, int64_t C, int64_t s0, int64_t s1, enum CBLAS
 }
 
 int cpu_matmul(fl_tensor *out, const fl_tensor *a, const fl_tensor *b, double alpha, double beta) {
+  if (a->dtype == FL_BF16) {   /* out bfloat16 or float32 */
+    cpu_bf16_call c;
+    cpu_bf16_begin(&c);
+    fl_tensor *o = cpu_bf16_arg(&c, out, beta != 0, 1);
+    fl_tensor *wa = cpu_bf16_arg(&c, a, 1, 0), *wb = cpu_bf16_arg(&c, b, 1, 0);
+    return cpu_bf16_end(&c, c.rc ? -1 : cpu_matmul(o, wa, wb, alpha, beta));
+  }
   int64_t B = a->shape[0], M = a->shape[1], K = a->shape[2], N = b->shape[2];
   if (M > INT_MAX || N > INT_MAX || K > INT_MAX)
     return fl_fail("matmul: matrix sizes above %d are not supported by BLAS", INT_MAX);

@@ -427,9 +427,26 @@ void cpu_foreach(int nop, const fl_tensor *const *t, cpu_rowfn fn, void *ctx, in
   CVT_ROW(i32, int32_t, SN, ST, SFLT) CVT_ROW(i64, int64_t, SN, ST, SFLT) CVT_ROW(u8, uint8_t, SN, ST, SFLT)
 CPU_DTYPES(CVT_FROM)
 
-#define CVT_ENTRY(SN, ST, SU, SFLT) {cvt_f32_##SN, cvt_f64_##SN, cvt_i32_##SN, cvt_i64_##SN, cvt_u8_##SN},
-/* cvt_rows[src][dst] */
-static const cpu_rowfn cvt_rows[FL_NDTYPES][FL_NDTYPES] = {CPU_DTYPES(CVT_ENTRY)};
+/* bfloat16 goes through float32: widening is exact, narrowing rounds to nearest even */
+#define BF16_ROW(NAME, DT, ST, EXPR)                                                   \
+  static void NAME(int64_t n, char **p, const int64_t *s, void *ctx) {                 \
+    (void)ctx;                                                                         \
+    DT *o = (DT *)p[0];                                                                \
+    const ST *a = (const ST *)p[1];                                                    \
+    int64_t so = s[0], sa = s[1];                                                      \
+    for (int64_t i = 0; i < n; i++) { ST x = a[i * sa]; o[i * so] = (EXPR); }          \
+  }
+#define CVT_BF16(N, T, U, FLT)                                                         \
+  BF16_ROW(cvt_bf16_##N, uint16_t, T, fl_bf16_from_float((float)x))                    \
+  BF16_ROW(cvt_##N##_bf16, T, uint16_t, cpu_to_##N(fl_bf16_to_float(x)))
+CPU_DTYPES(CVT_BF16)
+
+#define CVT_ENTRY(SN, ST, SU, SFLT) {cvt_f32_##SN, cvt_f64_##SN, cvt_i32_##SN, cvt_i64_##SN, cvt_u8_##SN, cvt_bf16_##SN},
+/* cvt_rows[src][dst] (bfloat16 to bfloat16 is a plain copy) */
+static const cpu_rowfn cvt_rows[FL_NDTYPES][FL_NDTYPES] = {
+  CPU_DTYPES(CVT_ENTRY)
+  [FL_BF16] = {cvt_f32_bf16, cvt_f64_bf16, cvt_i32_bf16, cvt_i64_bf16, cvt_u8_bf16, NULL},
+};
 
 /* same dtype: contiguous rows are memcpy */
 static void copy_row(int64_t n, char **p, const int64_t *s, void *ctx) {
@@ -437,6 +454,7 @@ static void copy_row(int64_t n, char **p, const int64_t *s, void *ctx) {
   if (s[0] == 1 && s[1] == 1) { memcpy(p[0], p[1], (size_t)(n * esz)); return; }
   switch (esz) {
   case 1: for (int64_t i = 0; i < n; i++) ((uint8_t *)p[0])[i * s[0]] = ((const uint8_t *)p[1])[i * s[1]]; break;
+  case 2: for (int64_t i = 0; i < n; i++) ((uint16_t *)p[0])[i * s[0]] = ((const uint16_t *)p[1])[i * s[1]]; break;
   case 4: for (int64_t i = 0; i < n; i++) ((uint32_t *)p[0])[i * s[0]] = ((const uint32_t *)p[1])[i * s[1]]; break;
   default: for (int64_t i = 0; i < n; i++) ((uint64_t *)p[0])[i * s[0]] = ((const uint64_t *)p[1])[i * s[1]]; break;
   }
@@ -476,6 +494,7 @@ static int copy_tiled(const cpu_iter *it) {
       for (int64_t r = r0; r < r1; r++) {
         switch (esz) {
         case 1: for (int64_t c = c0; c < c1; c++) ((uint8_t *)dst)[r * d0 + c] = ((const uint8_t *)src)[r + c * s1]; break;
+        case 2: for (int64_t c = c0; c < c1; c++) ((uint16_t *)dst)[r * d0 + c] = ((const uint16_t *)src)[r + c * s1]; break;
         case 4: for (int64_t c = c0; c < c1; c++) ((uint32_t *)dst)[r * d0 + c] = ((const uint32_t *)src)[r + c * s1]; break;
         default: for (int64_t c = c0; c < c1; c++) ((uint64_t *)dst)[r * d0 + c] = ((const uint64_t *)src)[r + c * s1]; break;
         }
@@ -512,8 +531,10 @@ int cpu_copy(fl_tensor *dst, const fl_tensor *src) {
     }                                                                          \
   }
 CPU_DTYPES(FILL_ROW)
+static inline uint16_t cpu_to_bf16(double v) { return fl_bf16_from_float((float)v); }
+FILL_ROW(bf16, uint16_t, uint16_t, 1)
 #define FILL_ENTRY(N, T, U, FLT) fill_##N,
-static const cpu_rowfn fill_rows[FL_NDTYPES] = {CPU_DTYPES(FILL_ENTRY)};
+static const cpu_rowfn fill_rows[FL_NDTYPES] = {CPU_DTYPES(FILL_ENTRY) fill_bf16};
 
 int cpu_fill(fl_tensor *t, double value) {
   const fl_tensor *ts[1] = {t};

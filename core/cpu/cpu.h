@@ -64,6 +64,23 @@ int cpu_softmax(fl_tensor *out, const fl_tensor *a, int dim, int log);
 int cpu_matmul(fl_tensor *out, const fl_tensor *a, const fl_tensor *b, double alpha, double beta);
 int cpu_rng(fl_tensor *out, fl_rngkind kind, uint64_t seed, uint64_t offset, double p0, double p1);
 
+/* bfloat16 operands of a float32 kernel (core/cpu/bf16.c):
+ *   cpu_bf16_call c; cpu_bf16_begin(&c);
+ *   fl_tensor *o = cpu_bf16_arg(&c, out, 0, 1), *x = cpu_bf16_arg(&c, a, 1, 0);
+ *   return cpu_bf16_end(&c, c.rc ? -1 : float32_kernel(o, x));
+ * cpu_bf16_arg gives t itself unless t is bfloat16 (NULL stays NULL); then a float32 stand-in holding
+ * t's values when `in`, copied back (rounded) into t by cpu_bf16_end when `out` and the kernel
+ * succeeded. A failed allocation sets c.rc; cpu_bf16_end frees the stand-ins and returns rc. */
+#define CPU_BF16_MAXARG 6
+typedef struct {
+  int n, rc;
+  fl_tensor wide[CPU_BF16_MAXARG];
+  fl_tensor *dst[CPU_BF16_MAXARG];
+} cpu_bf16_call;
+void cpu_bf16_begin(cpu_bf16_call *c);
+fl_tensor *cpu_bf16_arg(cpu_bf16_call *c, const fl_tensor *t, int in, int out);
+int cpu_bf16_end(cpu_bf16_call *c, int rc);
+
 /* float32 exp, log, tanh, sigmoid over n contiguous elements (y may be x itself): vectorised
  * polynomial kernels, within 2-3 ulp of the exact result (core/cpu/vecmath.c). */
 void cpu_vexp_f32(int64_t n, const float *x, float *y);

@@ -82,6 +82,12 @@ static const cpu_rowfn binary_rows[FL_NBINOPS][FL_NDTYPES] = {
 };
 
 int cpu_binary(fl_binop op, fl_tensor *out, const fl_tensor *a, const fl_tensor *b) {
+  if (a->dtype == FL_BF16) {
+    cpu_bf16_call c;
+    cpu_bf16_begin(&c);
+    fl_tensor *o = cpu_bf16_arg(&c, out, 0, 1), *wa = cpu_bf16_arg(&c, a, 1, 0), *wb = cpu_bf16_arg(&c, b, 1, 0);
+    return cpu_bf16_end(&c, c.rc ? -1 : cpu_binary(op, o, wa, wb));
+  }
   if ((unsigned)op >= FL_NBINOPS || !binary_rows[op][a->dtype])
     return fl_fail("cpu: binary op %d is not defined for %s", (int)op, fl_dtype_name(a->dtype));
   const fl_tensor *t[3] = {out, a, b};
@@ -179,6 +185,12 @@ static const cpu_rowfn unary_rows[FL_NUNOPS][FL_NDTYPES] = {
 };
 
 int cpu_unary(fl_unop op, fl_tensor *out, const fl_tensor *a, double p0, double p1) {
+  if (a->dtype == FL_BF16) {
+    cpu_bf16_call c;
+    cpu_bf16_begin(&c);
+    fl_tensor *o = cpu_bf16_arg(&c, out, 0, 1), *wa = cpu_bf16_arg(&c, a, 1, 0);
+    return cpu_bf16_end(&c, c.rc ? -1 : cpu_unary(op, o, wa, p0, p1));
+  }
   if ((unsigned)op >= FL_NUNOPS || !unary_rows[op][a->dtype])
     return fl_fail("cpu: unary op %d is not defined for %s", (int)op, fl_dtype_name(a->dtype));
   unary_params pp = {p0, p1};
@@ -199,8 +211,9 @@ int cpu_unary(fl_unop op, fl_tensor *out, const fl_tensor *a, double p0, double 
     for (int64_t i = 0; i < n; i++) o[i * s[0]] = m[i * s[1]] ? a[i * s[2]] : b[i * s[3]]; \
   }
 CPU_DTYPES(WHERE_ROW)
+WHERE_ROW(bf16, uint16_t, uint16_t, 1)   /* a selection: exact on the raw bits */
 #define WHERE_ENTRY(N, T, U, FLT) where_##N,
-static const cpu_rowfn where_rows[FL_NDTYPES] = {CPU_DTYPES(WHERE_ENTRY)};
+static const cpu_rowfn where_rows[FL_NDTYPES] = {CPU_DTYPES(WHERE_ENTRY) where_bf16};
 
 int cpu_where(fl_tensor *out, const fl_tensor *mask, const fl_tensor *a, const fl_tensor *b) {
   const fl_tensor *t[4] = {out, mask, a, b};

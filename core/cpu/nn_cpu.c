@@ -88,6 +88,14 @@ static int win_is_pointwise(const fl_window *w) {
  * has already checked that all of them agree). */
 #define PICK(t, name, ...) ((t)->dtype == FL_F64 ? name##_f64(__VA_ARGS__) : name##_f32(__VA_ARGS__))
 
+/* bfloat16 activations (the mixed-precision kernels of nn.h): the entry calls itself again on float32
+ * stand-ins, and outputs are rounded back once (core/cpu/bf16.c). Parameters and statistics are
+ * float32 already and pass through as they are. */
+#define BF16_BEGIN cpu_bf16_call c; cpu_bf16_begin(&c)
+#define IN(t) cpu_bf16_arg(&c, t, 1, 0)
+#define OUT(t) cpu_bf16_arg(&c, t, 0, 1)
+#define BF16_END(call) return cpu_bf16_end(&c, c.rc ? -1 : (call))
+
 /* ---- which engine runs a float32 convolution ----
  * oneDNN (core/cpu/conv_dnnl.c) or the GEMM kernels above, by what measured faster on this project's
  * 2-core AMD EPYC (AVX-512; oneDNN picks its brgconv kernels) with 2 threads at batch 8, on
@@ -137,12 +145,22 @@ static int bias_grad(fl_tensor *gb, const fl_tensor *gy, double beta) {
 
 static int cpu_conv2d_forward(fl_tensor *y, const fl_tensor *x, const fl_tensor *w, const fl_tensor *scale,
                               const fl_tensor *shift, int relu, const fl_window *win) {
+  if (x->dtype == FL_BF16) {
+    BF16_BEGIN;
+    fl_tensor *y2 = OUT(y), *x2 = IN(x), *w2 = IN(w);
+    BF16_END(cpu_conv2d_forward(y2, x2, w2, scale, shift, relu, win));
+  }
   if (conv_by_dnnl(CONV_FWD, 0, x, y, w))
     ROUTE(cpu_dnnl_conv_forward(y, x, w, scale, shift, relu, win, 0),
           conv2d_forward_f32(y, x, w, scale, shift, relu, win));
   return PICK(x, conv2d_forward, y, x, w, scale, shift, relu, win);
 }
 static int cpu_conv2d_backward_data(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *w, const fl_window *win) {
+  if (gy->dtype == FL_BF16) {
+    BF16_BEGIN;
+    fl_tensor *gx2 = OUT(gx), *gy2 = IN(gy), *w2 = IN(w);
+    BF16_END(cpu_conv2d_backward_data(gx2, gy2, w2, win));
+  }
   if (conv_by_dnnl(CONV_BWD_DATA, 0, gx, gy, w))
     ROUTE(cpu_dnnl_conv_backward_data(gx, gy, w, win, 0), conv2d_backward_data_f32(gx, gy, w, win));
   return PICK(gy, conv2d_backward_data, gx, gy, w, win);
@@ -161,12 +179,22 @@ static int dnnl_backward_filter(int depthwise, filter_fn own, fl_tensor *gw, fl_
 
 static int cpu_conv2d_backward_filter(fl_tensor *gw, fl_tensor *gb, const fl_tensor *x, const fl_tensor *gy,
                                       const fl_window *win, double beta) {
+  if (x->dtype == FL_BF16) {
+    BF16_BEGIN;
+    fl_tensor *gw2 = cpu_bf16_arg(&c, gw, beta != 0, 1), *x2 = IN(x), *gy2 = IN(gy);
+    BF16_END(cpu_conv2d_backward_filter(gw2, gb, x2, gy2, win, beta));
+  }
   if (conv_by_dnnl(CONV_BWD_FILTER, 0, x, gy, gw))
     return dnnl_backward_filter(0, conv2d_backward_filter_f32, gw, gb, x, gy, win, beta);
   return PICK(x, conv2d_backward_filter, gw, gb, x, gy, win, beta);
 }
 static int cpu_depthwise_forward(fl_tensor *y, const fl_tensor *x, const fl_tensor *w, const fl_tensor *scale,
                                  const fl_tensor *shift, int relu, const fl_window *win) {
+  if (x->dtype == FL_BF16) {
+    BF16_BEGIN;
+    fl_tensor *y2 = OUT(y), *x2 = IN(x), *w2 = IN(w);
+    BF16_END(cpu_depthwise_forward(y2, x2, w2, scale, shift, relu, win));
+  }
   if (conv_by_dnnl(CONV_FWD, 1, x, y, w))
     ROUTE(cpu_dnnl_conv_forward(y, x, w, scale, shift, relu, win, 1),
           depthwise_forward_f32(y, x, w, scale, shift, relu, win));
@@ -174,42 +202,87 @@ static int cpu_depthwise_forward(fl_tensor *y, const fl_tensor *x, const fl_tens
 }
 static int cpu_depthwise_backward_data(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *w,
                                        const fl_window *win) {
+  if (gy->dtype == FL_BF16) {
+    BF16_BEGIN;
+    fl_tensor *gx2 = OUT(gx), *gy2 = IN(gy), *w2 = IN(w);
+    BF16_END(cpu_depthwise_backward_data(gx2, gy2, w2, win));
+  }
   if (conv_by_dnnl(CONV_BWD_DATA, 1, gx, gy, w))
     ROUTE(cpu_dnnl_conv_backward_data(gx, gy, w, win, 1), depthwise_backward_data_f32(gx, gy, w, win));
   return PICK(gy, depthwise_backward_data, gx, gy, w, win);
 }
 static int cpu_depthwise_backward_filter(fl_tensor *gw, fl_tensor *gb, const fl_tensor *x, const fl_tensor *gy,
                                          const fl_window *win, double beta) {
+  if (x->dtype == FL_BF16) {
+    BF16_BEGIN;
+    fl_tensor *gw2 = cpu_bf16_arg(&c, gw, beta != 0, 1), *x2 = IN(x), *gy2 = IN(gy);
+    BF16_END(cpu_depthwise_backward_filter(gw2, gb, x2, gy2, win, beta));
+  }
   if (conv_by_dnnl(CONV_BWD_FILTER, 1, x, gy, gw))
     return dnnl_backward_filter(1, depthwise_backward_filter_f32, gw, gb, x, gy, win, beta);
   return PICK(x, depthwise_backward_filter, gw, gb, x, gy, win, beta);
 }
 static int cpu_pool2d_forward(fl_tensor *y, fl_tensor *argmax, const fl_tensor *x, fl_pool_kind kind,
                               const fl_window *win) {
+  if (x->dtype == FL_BF16) {
+    BF16_BEGIN;
+    fl_tensor *y2 = OUT(y), *x2 = IN(x);
+    BF16_END(cpu_pool2d_forward(y2, argmax, x2, kind, win));
+  }
   return PICK(x, pool2d_forward, y, argmax, x, kind, win);
 }
 static int cpu_pool2d_backward(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *x, const fl_tensor *argmax,
                                fl_pool_kind kind, const fl_window *win) {
+  if (gy->dtype == FL_BF16) {
+    BF16_BEGIN;
+    fl_tensor *gx2 = OUT(gx), *gy2 = IN(gy), *x2 = IN(x);
+    BF16_END(cpu_pool2d_backward(gx2, gy2, x2, argmax, kind, win));
+  }
   return PICK(gy, pool2d_backward, gx, gy, x, argmax, kind, win);
 }
 static int cpu_batchnorm_forward_train(fl_tensor *y, fl_tensor *mean, fl_tensor *invstd, const fl_tensor *x,
                                        const fl_tensor *gamma, const fl_tensor *beta, fl_tensor *rm,
                                        fl_tensor *rv, double momentum, double eps, int unbiased, int relu) {
+  if (x->dtype == FL_BF16) {
+    BF16_BEGIN;
+    fl_tensor *y2 = OUT(y), *x2 = IN(x);
+    BF16_END(cpu_batchnorm_forward_train(y2, mean, invstd, x2, gamma, beta, rm, rv, momentum, eps, unbiased, relu));
+  }
   return PICK(x, batchnorm_forward_train, y, mean, invstd, x, gamma, beta, rm, rv, momentum, eps, unbiased, relu);
 }
 static int cpu_batchnorm_backward(fl_tensor *gx, fl_tensor *ggamma, fl_tensor *gbeta, const fl_tensor *x,
                                   const fl_tensor *gy, const fl_tensor *mean, const fl_tensor *invstd,
                                   const fl_tensor *gamma, int training, double beta_acc, const fl_tensor *relu_y) {
+  if (x->dtype == FL_BF16) {
+    BF16_BEGIN;
+    fl_tensor *gx2 = OUT(gx), *x2 = IN(x), *gy2 = IN(gy), *ry2 = IN(relu_y);
+    BF16_END(cpu_batchnorm_backward(gx2, ggamma, gbeta, x2, gy2, mean, invstd, gamma, training, beta_acc, ry2));
+  }
   return PICK(x, batchnorm_backward, gx, ggamma, gbeta, x, gy, mean, invstd, gamma, training, beta_acc, relu_y);
 }
 static int cpu_add_act(fl_tensor *y, const fl_tensor *a, const fl_tensor *b, double scale, int relu) {
+  if (a->dtype == FL_BF16) {
+    BF16_BEGIN;
+    fl_tensor *y2 = OUT(y), *a2 = IN(a), *b2 = IN(b);
+    BF16_END(cpu_add_act(y2, a2, b2, scale, relu));
+  }
   return PICK(a, add_act, y, a, b, scale, relu);
 }
 static int cpu_channel_affine(fl_tensor *y, const fl_tensor *x, const fl_tensor *scale, const fl_tensor *shift,
                               int relu) {
+  if (x->dtype == FL_BF16) {
+    BF16_BEGIN;
+    fl_tensor *y2 = OUT(y), *x2 = IN(x);
+    BF16_END(cpu_channel_affine(y2, x2, scale, shift, relu));
+  }
   return PICK(x, channel_affine, y, x, scale, shift, relu);
 }
 static int cpu_act_backward(fl_act_kind act, fl_tensor *gx, const fl_tensor *gy, const fl_tensor *y) {
+  if (y->dtype == FL_BF16) {
+    BF16_BEGIN;
+    fl_tensor *gx2 = OUT(gx), *gy2 = IN(gy), *y2 = IN(y);
+    BF16_END(cpu_act_backward(act, gx2, gy2, y2));
+  }
   return PICK(y, act_backward, act, gx, gy, y);
 }
 static int cpu_softmax_xent(fl_tensor *loss, fl_tensor *grad, const fl_tensor *logits, const fl_tensor *target,

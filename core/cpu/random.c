@@ -52,6 +52,12 @@ static void rng_fill(fl_dtype dt, void *o, int64_t lo, int64_t hi, const rng_ctx
 
 int cpu_rng(fl_tensor *out, fl_rngkind kind, uint64_t seed, uint64_t offset, double p0, double p1) {
   if (!fl_tensor_is_contiguous(out)) return fl_fail("cpu: random fill needs a contiguous tensor");
+  if (out->dtype == FL_BF16) {   /* the float32 stream, rounded */
+    cpu_bf16_call c;
+    cpu_bf16_begin(&c);
+    fl_tensor *o = cpu_bf16_arg(&c, out, 0, 1);
+    return cpu_bf16_end(&c, c.rc ? -1 : cpu_rng(o, kind, seed, offset, p0, p1));
+  }
   rng_ctx c = {kind, seed, offset, p0, p1, 0};
   if (kind == FL_RNG_INT) {
     if (!(p1 > p0)) return fl_fail("random: empty integer range [%.17g, %.17g)", p0, p1);

@@ -267,6 +267,12 @@ static int reduce_all(fl_redop op, fl_tensor *out, const fl_tensor *a, int corre
 
 int cpu_reduce(fl_redop op, fl_tensor *out, const fl_tensor *a, int dim, int correction) {
   if ((unsigned)op >= FL_NREDOPS) return fl_fail("cpu: unknown reduction %d", (int)op);
+  if (a->dtype == FL_BF16) {
+    cpu_bf16_call c;
+    cpu_bf16_begin(&c);
+    fl_tensor *o = cpu_bf16_arg(&c, out, 0, 1), *wa = cpu_bf16_arg(&c, a, 1, 0);
+    return cpu_bf16_end(&c, c.rc ? -1 : cpu_reduce(op, o, wa, dim, correction));
+  }
   int64_t N = fl_tensor_numel(a);
   if (dim < 0) {
     if (N == 0) {   /* only SUM/MEAN/VAR/STD get here (the front rejects the others) */
@@ -364,6 +370,12 @@ int cpu_softmax(fl_tensor *out, const fl_tensor *a, int dim, int lg) {
   for (int i = 0; i < dim; i++) outer *= a->shape[i];
   for (int i = dim + 1; i < a->ndim; i++) inner *= a->shape[i];
   if (outer * inner * n == 0) return 0;
+  if (a->dtype == FL_BF16) {
+    cpu_bf16_call c;
+    cpu_bf16_begin(&c);
+    fl_tensor *o = cpu_bf16_arg(&c, out, 0, 1), *wa = cpu_bf16_arg(&c, a, 1, 0);
+    return cpu_bf16_end(&c, c.rc ? -1 : cpu_softmax(o, wa, dim, lg));
+  }
   if (a->dtype == FL_F32) softmax_f32(fl_tensor_data(out), fl_tensor_data(a), outer, n, inner, lg);
   else if (a->dtype == FL_F64) softmax_f64(fl_tensor_data(out), fl_tensor_data(a), outer, n, inner, lg);
   else return fl_fail("softmax: expected a float tensor, got %s", fl_dtype_name(a->dtype));

@@ -549,7 +549,7 @@ T.test('error messages name the function, the expectation and what was found', f
   T.raises(function() flower.matmul(flower.zeros(2, 3), flower.zeros(4, 5)) end,
     'matmul: inner dimensions differ: [2,3] x [4,5]')
   T.raises(function() flower.matmul(flower.zeros(2, 3, 'int32'), flower.zeros(3, 2, 'int32')) end,
-    'matmul: expected float32 or float64 tensors, got int32 and int32')
+    'matmul: expected float32, float64 or bfloat16 tensors, got int32 and int32')
   T.raises(function() flower.matmul(flower.zeros(2, 2, 3), flower.zeros(3, 3, 2)) end, 'matmul: shapes [2] and [3] cannot broadcast')
   T.raises(function() flower.matmul(flower.tensor(1), t) end, 'matmul: expected tensors with at least 1 dim')
   T.raises(function() return t + flower.zeros(4) end, 'add: shapes [2,3] and [4] cannot broadcast')
