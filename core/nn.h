@@ -9,6 +9,12 @@
  * `struct fl_nn_ops` of the tensors' backend (fl_backend.nn). A backend kernel gets contiguous
  * tensors of one dtype (float32 or float64) whose shapes have been checked, and only computes.
  *
+ * Mixed precision: activations (x, y, gx, gy, relu_y), kernels (w) and pooling may be bfloat16; their
+ * per-channel parameters and statistics (scale, shift, gamma, beta, mean, invstd, running stats, gb,
+ * ggamma, gbeta) are then float32. The fronts take float32 weight gradients gw for bfloat16 inputs:
+ * the kernel writes a fresh bfloat16 gw (beta 0 for bfloat16, always) and the front adds it. The
+ * loss and optimizer kernels take float32/float64 only and refuse bfloat16.
+ *
  * Gradients of parameters are accumulated: kernels named *_backward_filter take `beta`, and compute
  * gw = beta*gw + dL/dw (beta 0 overwrites, 1 accumulates). */
 #ifndef FLOWER_NN_H

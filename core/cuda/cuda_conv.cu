@@ -10,7 +10,10 @@
  * Engines that would change the precision against the settings are skipped: for float32, tensor-core
  * engines (TF32) unless TF32 is allowed, and always engines that down-convert inputs.
  * If no engine accepts the problem (float64 on some versions, unusual windows), a direct kernel
- * written here computes it (slow, but correct); fl_cuda_conv_stats counts those calls. */
+ * written here computes it (slow, but correct); fl_cuda_conv_stats counts those calls.
+ * bfloat16: bfloat16 tensors with float compute (the convolution descriptor's compute type), and
+ * engines that reduce in lower precision than float are skipped, so the only rounding is of the
+ * output, as on the CPU (float32 convolution, rounded once). */
 #include "cuda_internal.h"
 
 #include <mutex>
@@ -99,7 +102,10 @@ enum { UID_X = 1, UID_W = 2, UID_Y = 3 };
 /* Builds the operation graph of key `k`. */
 static int make_graph(const char *op, cudnnHandle_t h, const conv_key *k, desc_set &ds,
                       cudnnBackendDescriptor_t *graph) {
-  cudnnDataType_t dt = k->dtype == FL_F64 ? CUDNN_DATA_DOUBLE : CUDNN_DATA_FLOAT;
+  cudnnDataType_t dt = k->dtype == FL_F64 ? CUDNN_DATA_DOUBLE
+                     : k->dtype == FL_BF16 ? CUDNN_DATA_BFLOAT16 : CUDNN_DATA_FLOAT;
+  /* the arithmetic: the data's own type, float for bfloat16 */
+  cudnnDataType_t ct = k->dtype == FL_BF16 ? CUDNN_DATA_FLOAT : dt;
   int64_t cg = k->c / k->groups;
   /* logical NCHW dims with NHWC strides; the filter KCRS with KRSC strides */
   int64_t xd[4] = {k->n, k->c, k->h, k->w}, xs[4] = {k->h * k->w * k->c, 1, k->w * k->c, k->c};
@@ -115,7 +121,7 @@ static int make_graph(const char *op, cudnnHandle_t h, const conv_key *k, desc_s
   int64_t nsp = 2;
   int64_t dil[2] = {k->dh, k->dw}, str[2] = {k->sh, k->sw}, pre[2] = {k->pt, k->pl}, post[2] = {k->pb, k->pr};
   cudnnConvolutionMode_t mode = CUDNN_CROSS_CORRELATION;
-  SET(op, conv, CUDNN_ATTR_CONVOLUTION_COMP_TYPE, CUDNN_TYPE_DATA_TYPE, 1, &dt);
+  SET(op, conv, CUDNN_ATTR_CONVOLUTION_COMP_TYPE, CUDNN_TYPE_DATA_TYPE, 1, &ct);
   SET(op, conv, CUDNN_ATTR_CONVOLUTION_CONV_MODE, CUDNN_TYPE_CONVOLUTION_MODE, 1, &mode);
   SET(op, conv, CUDNN_ATTR_CONVOLUTION_SPATIAL_DIMS, CUDNN_TYPE_INT64, 1, &nsp);
   SET(op, conv, CUDNN_ATTR_CONVOLUTION_DILATIONS, CUDNN_TYPE_INT64, 2, dil);
@@ -124,6 +130,7 @@ static int make_graph(const char *op, cudnnHandle_t h, const conv_key *k, desc_s
   SET(op, conv, CUDNN_ATTR_CONVOLUTION_POST_PADDINGS, CUDNN_TYPE_INT64, 2, post);
   CUDNN_TRY(op, cudnnBackendFinalize(conv));
 
+  /* alpha/beta: double for float64, float otherwise (bfloat16 included: the compute type's) */
   float af = 1, bf = 0;
   double ad = 1, bd = 0;
   cudnnBackendAttributeType_t st = k->dtype == FL_F64 ? CUDNN_TYPE_DOUBLE : CUDNN_TYPE_FLOAT;
@@ -177,6 +184,8 @@ static int engine_allowed(const conv_key *k, cudnnBackendDescriptor_t cfg) {
     for (int64_t i = 0; i < n; i++) {
       if (notes[i] == CUDNN_NUMERICAL_NOTE_DOWN_CONVERT_INPUTS) ok = 0;
       if (notes[i] == CUDNN_NUMERICAL_NOTE_TENSOR_CORE && k->dtype == FL_F32 && !k->tf32) ok = 0;
+      /* bfloat16 promises float accumulation (tensor cores are what it is for: allowed) */
+      if (notes[i] == CUDNN_NUMERICAL_NOTE_REDUCED_PRECISION_REDUCTION && k->dtype == FL_BF16) ok = 0;
       if (notes[i] == CUDNN_NUMERICAL_NOTE_NONDETERMINISTIC && k->det) ok = 0;
     }
   } else {
@@ -325,10 +334,10 @@ template <class T> __global__ void direct_fwd(T *y, const T *x, const T *w, conv
         if (iw < 0 || iw >= k.w) continue;
         const T *xp = x + ((n * k.h + ih) * k.w + iw) * k.c + g * cg;
         const T *wp = w + ((f * k.r + r) * k.s + s) * cg;
-        for (int64_t c = 0; c < cg; c++) acc += (double)xp[c] * (double)wp[c];
+        for (int64_t c = 0; c < cg; c++) acc += (double)cu_load(xp[c]) * (double)cu_load(wp[c]);
       }
     }
-    y[i] = (T)acc;
+    y[i] = cu_from_double<T>(acc);
   }
 }
 
@@ -351,10 +360,10 @@ template <class T> __global__ void direct_bwd_data(T *gx, const T *gy, const T *
         if (ow >= k.ow) continue;
         const T *gp = gy + ((n * k.oh + oh) * k.ow + ow) * k.k;
         for (int64_t f = g * kg; f < (g + 1) * kg; f++)
-          acc += (double)gp[f] * (double)w[((f * k.r + r) * k.s + s) * cg + ci];
+          acc += (double)cu_load(gp[f]) * (double)cu_load(w[((f * k.r + r) * k.s + s) * cg + ci]);
       }
     }
-    gx[i] = (T)acc;
+    gx[i] = cu_from_double<T>(acc);
   }
 }
 
@@ -372,16 +381,17 @@ template <class T> __global__ void direct_bwd_filter(T *gw, const T *x, const T 
         for (int64_t ow = 0; ow < k.ow; ow++) {
           int64_t iw = ow * k.sw - k.pl + s * k.dw;
           if (iw < 0 || iw >= k.w) continue;
-          acc += (double)gy[((n * k.oh + oh) * k.ow + ow) * k.k + f] * (double)x[((n * k.h + ih) * k.w + iw) * k.c + c];
+          acc += (double)cu_load(gy[((n * k.oh + oh) * k.ow + ow) * k.k + f]) *
+                 (double)cu_load(x[((n * k.h + ih) * k.w + iw) * k.c + c]);
         }
       }
-    gw[i] = (T)acc;
+    gw[i] = cu_from_double<T>(acc);
   }
 }
 
 static int run_direct(const char *op, cu_dev *d, const conv_key *k, void *x, void *w, void *y) {
   __atomic_add_fetch(&n_fallback_calls, 1, __ATOMIC_RELAXED);
-  return cu_visit_float(op, (fl_dtype)k->dtype, [&](auto tag) {
+  return cu_visit_act(op, (fl_dtype)k->dtype, [&](auto tag) {
     typedef typename decltype(tag)::type T;
     if (k->kind == CONV_FWD)
       direct_fwd<T><<<cu_grid(d, k->n * k->oh * k->ow * k->k, CU_THREADS), CU_THREADS, 0, d->stream>>>(
@@ -405,6 +415,11 @@ static int conv_run(const char *op, int kind, const fl_tensor *x, const fl_tenso
   if (cu_enter(op, x->storage->device, &d)) return -1;
   if (x->ndim != 4 || w->ndim != 4 || y->ndim != 4)
     return fl_fail("%s: expected 4-d NHWC tensors and a KRSC filter", op);
+  if (w->dtype != x->dtype || y->dtype != x->dtype)
+    return fl_fail("%s: input, filter and output must share a dtype, got %s, %s and %s", op,
+                   fl_dtype_name(x->dtype), fl_dtype_name(w->dtype), fl_dtype_name(y->dtype));
+  if (x->dtype != FL_F32 && x->dtype != FL_F64 && x->dtype != FL_BF16)
+    return fl_fail("%s: expected float32, float64 or bfloat16, got %s", op, fl_dtype_name(x->dtype));
   conv_key k;
   memset(&k, 0, sizeof k);   /* padding bytes are part of the cache key */
   k.kind = kind;

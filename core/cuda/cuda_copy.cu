@@ -47,7 +47,7 @@ int cu_copy_dev(const char *op, fl_tensor *dst, const fl_tensor *src) {
 int cu_fill_dev(const char *op, fl_tensor *t, double v) {
   int64_t n = fl_tensor_numel(t);
   if (n == 0) return 0;
-  /* zero of every dtype is all-zero bytes (+0.0 for floats) */
+  /* zero of every dtype is all-zero bytes (+0.0 for floats, bfloat16 included) */
   if (v == 0 && !signbit(v) && fl_tensor_is_contiguous(t)) {
     cu_dev *d;
     if (cu_enter(op, t->storage->device, &d)) return -1;
@@ -62,22 +62,25 @@ int cu_fill_dev(const char *op, fl_tensor *t, double v) {
   });
 }
 
-/* out = alpha*out + beta*src (floats; same dtype) */
+/* out = alpha*out + beta*src (floats; same dtype; bfloat16 computed in float, rounded once) */
 template <class T> struct axpby_fn {
+  typedef cu_acc_t<T> A;
   T *o;
   const T *s;
-  T alpha, beta;
+  A alpha, beta;
   __device__ void operator()(const int64_t *off) const {
     /* alpha == 0 overwrites (NaN in out must not survive, as with GEMM's beta == 0) */
-    o[off[0]] = alpha == (T)0 ? beta * s[off[1]] : alpha * o[off[0]] + beta * s[off[1]];
+    A src = cu_load(s[off[1]]);
+    o[off[0]] = cu_store<T>(alpha == (A)0 ? beta * src : alpha * cu_load(o[off[0]]) + beta * src);
   }
 };
 
 int cu_axpby(const char *op, fl_tensor *out, double alpha, const fl_tensor *src, double beta) {
   const fl_tensor *t[2] = {out, src};
-  return cu_visit_float(op, out->dtype, [&](auto tag) {
+  return cu_visit_act(op, out->dtype, [&](auto tag) {
     typedef typename decltype(tag)::type T;
-    axpby_fn<T> f{(T *)cu_ptr(out), (const T *)cu_ptr(src), (T)alpha, (T)beta};
+    typedef cu_acc_t<T> A;
+    axpby_fn<T> f{(T *)cu_ptr(out), (const T *)cu_ptr(src), (A)alpha, (A)beta};
     return cu_foreach<2>(op, t, f);
   });
 }

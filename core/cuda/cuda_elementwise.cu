@@ -1,6 +1,8 @@
 /* Element-wise kernels: binary (with broadcasting: the front passes expanded views, stride 0 on
  * broadcast dims), unary and where. The formulas are core/cpu/elementwise.c's, per dtype: integer
- * arithmetic wraps through the unsigned twin, MAXIMUM/MINIMUM propagate NaN, comparisons give 0/1. */
+ * arithmetic wraps through the unsigned twin, MAXIMUM/MINIMUM propagate NaN, comparisons give 0/1.
+ * bfloat16 operands are loaded into float (cu_acc_t), computed by the float32 formula and rounded
+ * once; comparisons of bfloat16 compare the (exact) float values. */
 #include "cuda_internal.h"
 
 template <class T> struct cu_unsigned { typedef typename std::make_unsigned<T>::type type; };
@@ -54,12 +56,13 @@ template <int OP, class T> __device__ inline uint8_t bin_cmp(T x, T y) {
 
 template <int OP, class T> struct bin_fn {
   typedef typename std::conditional<(OP >= FL_EQ), uint8_t, T>::type OT;
+  typedef cu_acc_t<T> A;
   OT *o;
   const T *a, *b;
   __device__ void operator()(const int64_t *off) const {
-    T x = a[off[1]], y = b[off[2]];
-    if constexpr (OP >= FL_EQ) o[off[0]] = bin_cmp<OP, T>(x, y);
-    else o[off[0]] = bin_arith<OP, T>(x, y);
+    A x = cu_load(a[off[1]]), y = cu_load(b[off[2]]);
+    if constexpr (OP >= FL_EQ) o[off[0]] = bin_cmp<OP, A>(x, y);
+    else o[off[0]] = cu_store<T>(bin_arith<OP, A>(x, y));
   }
 };
 
@@ -67,7 +70,7 @@ template <int OP> static int run_binary(fl_tensor *out, const fl_tensor *a, cons
   const fl_tensor *t[3] = {out, a, b};
   return cu_visit(a->dtype, [&](auto tag) {
     typedef typename decltype(tag)::type T;
-    if constexpr (OP == FL_DIV && !std::is_floating_point<T>::value)
+    if constexpr (OP == FL_DIV && !cu_is_float<T>)
       return fl_fail("cuda binary: division is for float dtypes, got %s", fl_dtype_name(a->dtype));
     else {
       typedef typename bin_fn<OP, T>::OT OT;
@@ -99,40 +102,41 @@ int cu_backend_binary(fl_binop op, fl_tensor *out, const fl_tensor *a, const fl_
 /* ---------------------------------------------------------------- unary */
 
 template <int OP, class T> struct un_fn {
+  typedef cu_acc_t<T> A;   /* T itself, float for bfloat16 */
   T *o;
   const T *a;
-  T p0, p1;
+  A p0, p1;
   __device__ void operator()(const int64_t *off) const {
-    typedef typename cu_unsigned<T>::type U;
-    constexpr bool flt = std::is_floating_point<T>::value;
-    constexpr bool u8 = std::is_same<T, uint8_t>::value;
-    T x = a[off[1]], r;
+    typedef typename cu_unsigned<A>::type U;
+    constexpr bool flt = std::is_floating_point<A>::value;
+    constexpr bool u8 = std::is_same<A, uint8_t>::value;
+    A x = cu_load(a[off[1]]), r;
     if constexpr (OP == FL_NEG) {
       if constexpr (flt) r = -x;
-      else if constexpr (u8) r = (T)(0u - (unsigned)x);
-      else r = (T)((U)0 - (U)x);
-    } else if constexpr (OP == FL_EXP) r = (T)exp(x);
-    else if constexpr (OP == FL_LOG) r = (T)log(x);
-    else if constexpr (OP == FL_SQRT) r = (T)sqrt(x);
-    else if constexpr (OP == FL_TANH) r = (T)tanh(x);
-    else if constexpr (OP == FL_SIGMOID) r = (T)1 / ((T)1 + (T)exp(-x));
+      else if constexpr (u8) r = (A)(0u - (unsigned)x);
+      else r = (A)((U)0 - (U)x);
+    } else if constexpr (OP == FL_EXP) r = (A)exp(x);
+    else if constexpr (OP == FL_LOG) r = (A)log(x);
+    else if constexpr (OP == FL_SQRT) r = (A)sqrt(x);
+    else if constexpr (OP == FL_TANH) r = (A)tanh(x);
+    else if constexpr (OP == FL_SIGMOID) r = (A)1 / ((A)1 + (A)exp(-x));
     else if constexpr (OP == FL_ABS) {
-      if constexpr (flt) r = (T)fabs(x);
+      if constexpr (flt) r = (A)fabs(x);
       else if constexpr (u8) r = x;
-      else r = x < 0 ? (T)((U)0 - (U)x) : x;
+      else r = x < 0 ? (A)((U)0 - (U)x) : x;
     } else if constexpr (OP == FL_RELU) {
       if constexpr (u8) r = x;
-      else r = x < 0 ? (T)0 : x;
+      else r = x < 0 ? (A)0 : x;
     } else if constexpr (OP == FL_CLAMP) r = x < p0 ? p0 : x > p1 ? p1 : x;
     else if constexpr (OP == FL_POWS) {
-      if constexpr (flt) r = (T)pow(x, p0);
-      else r = cu_ipow<T>(x, p0);
+      if constexpr (flt) r = (A)pow(x, p0);
+      else r = cu_ipow<A>(x, p0);
     } else {   /* FL_AFFINE */
       if constexpr (flt) r = x * p0 + p1;
-      else if constexpr (u8) r = (T)((unsigned)x * p0 + p1);
-      else r = (T)((U)x * (U)p0 + (U)p1);
+      else if constexpr (u8) r = (A)((unsigned)x * p0 + p1);
+      else r = (A)((U)x * (U)p0 + (U)p1);
     }
-    o[off[0]] = r;
+    o[off[0]] = cu_store<T>(r);
   }
 };
 
@@ -142,12 +146,13 @@ template <int OP> static int run_unary(fl_tensor *out, const fl_tensor *a, doubl
   constexpr bool float_only = OP == FL_EXP || OP == FL_LOG || OP == FL_SQRT || OP == FL_TANH || OP == FL_SIGMOID;
   return cu_visit(a->dtype, [&](auto tag) {
     typedef typename decltype(tag)::type T;
-    constexpr bool flt = std::is_floating_point<T>::value;
+    typedef cu_acc_t<T> A;
+    constexpr bool flt = cu_is_float<T>;
     if constexpr (float_only && !flt) {
       return fl_fail("cuda unary: op %d is for float dtypes, got %s", OP, fl_dtype_name(a->dtype));
     } else {
-      T q0, q1;
-      if constexpr (flt) { q0 = (T)p0; q1 = (T)p1; }
+      A q0, q1;   /* bfloat16: the float32 kernel's parameters */
+      if constexpr (flt) { q0 = (A)p0; q1 = (A)p1; }
       else if constexpr (std::is_same<T, uint8_t>::value && OP == FL_AFFINE) {
         /* affine parameters wrap modulo 256 (x - 1 is x + 255), as on the CPU */
         q0 = (T)(uint64_t)cu_from_double<int64_t>(p0);

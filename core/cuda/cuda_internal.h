@@ -1,7 +1,12 @@
 /* Internals shared by the .cu files of core/cuda/: CUDA C++ only (never included by C files or bindings).
  * Device contexts (one stream, cuBLAS and cuDNN handle per device), status checks that become
  * fl_fail messages naming the operation, the strided iterator every element-wise kernel uses,
- * dtype dispatch and conversions that match the CPU backend bit for bit (core/cpu/cpu.h). */
+ * dtype dispatch and conversions that match the CPU backend bit for bit (core/cpu/cpu.h).
+ *
+ * bfloat16 (FL_BF16, __nv_bfloat16 here) is a storage type: a kernel loads each bf16 element into
+ * its accumulation type cu_acc_t<T> (float), computes exactly as the float32 kernel does, and rounds
+ * each output once (cu_store), as the CPU backend does (core/cpu/bf16.c). For every other dtype
+ * cu_acc_t<T> is T and cu_load / cu_store are the identity, so one template serves all. */
 #ifndef FLOWER_CUDA_INTERNAL_H
 #define FLOWER_CUDA_INTERNAL_H
 
@@ -10,9 +15,11 @@
 #endif
 
 #include <cuda_runtime.h>
+#include <cuda_bf16.h>
 #include <cublas_v2.h>
 #include <cudnn.h>
 #include <stdint.h>
+#include <string.h>
 #include <type_traits>
 
 extern "C" {
@@ -110,7 +117,9 @@ static inline int cu_is_dev(const fl_tensor *t) { return t->storage && t->storag
 
 template <class T> struct cu_tag { typedef T type; };
 
-/* Calls f(cu_tag<T>()) for the C type of dt (all five dtypes). */
+typedef __nv_bfloat16 cu_bf16;
+
+/* Calls f(cu_tag<T>()) for the C type of dt (all six dtypes). */
 template <class F> static inline int cu_visit(fl_dtype dt, F &&f) {
   switch (dt) {
   case FL_F32: return f(cu_tag<float>());
@@ -118,15 +127,27 @@ template <class F> static inline int cu_visit(fl_dtype dt, F &&f) {
   case FL_I32: return f(cu_tag<int32_t>());
   case FL_I64: return f(cu_tag<int64_t>());
   case FL_U8: return f(cu_tag<uint8_t>());
+  case FL_BF16: return f(cu_tag<cu_bf16>());
   default: return fl_fail("cuda: invalid dtype %d", (int)dt);
   }
 }
-/* Only float32 / float64. */
+/* Only float32 / float64: kernels that have no bfloat16 form (the optimizer updates, the fused
+ * loss: the front keeps their tensors float32). */
 template <class F> static inline int cu_visit_float(const char *op, fl_dtype dt, F &&f) {
   switch (dt) {
   case FL_F32: return f(cu_tag<float>());
   case FL_F64: return f(cu_tag<double>());
+  case FL_BF16: return fl_fail("%s: bfloat16 is not supported by this CUDA kernel (float32 or float64 only)", op);
   default: return fl_fail("%s: expected float32 or float64, got %s", op, fl_dtype_name(dt));
+  }
+}
+/* float32 / float64 / bfloat16: kernels that compute in cu_acc_t<T> (activations, nn kernels). */
+template <class F> static inline int cu_visit_act(const char *op, fl_dtype dt, F &&f) {
+  switch (dt) {
+  case FL_F32: return f(cu_tag<float>());
+  case FL_F64: return f(cu_tag<double>());
+  case FL_BF16: return f(cu_tag<cu_bf16>());
+  default: return fl_fail("%s: expected float32, float64 or bfloat16, got %s", op, fl_dtype_name(dt));
   }
 }
 
@@ -138,11 +159,53 @@ template <class F> static inline int cu_visit_index(int64_t n, F &&f) {
   return f(int64_t{0});
 }
 
+/* ---- bfloat16: accumulation type, loads and stores ---- */
+
+/* The type a kernel computes in: float for bfloat16, T itself otherwise. Parameters that the
+ * front keeps in float32 beside bfloat16 activations (scale/shift, batch-norm statistics, gamma,
+ * bias gradients) have this type too. */
+template <class T> struct cu_acc { typedef T type; };
+template <> struct cu_acc<cu_bf16> { typedef float type; };
+template <class T> using cu_acc_t = typename cu_acc<T>::type;
+
+/* float, double and bfloat16 (std::is_floating_point does not know __nv_bfloat16) */
+template <class T> constexpr bool cu_is_float = std::is_floating_point<T>::value || std::is_same<T, cu_bf16>::value;
+template <class T> constexpr bool cu_is_bf16 = std::is_same<T, cu_bf16>::value;
+
+/* float -> bfloat16, rounding to nearest even: the intrinsic (one cvt instruction on sm_80+), except
+ * for NaN, which keeps its sign and payload with the quiet bit set like the CPU's fl_bf16_from_float
+ * (the intrinsic gives one canonical NaN), so device and host conversions agree bit for bit. */
+__host__ __device__ inline cu_bf16 cu_f2bf(float f) {
+  if (f != f) {
+#ifdef __CUDA_ARCH__
+    uint32_t u = __float_as_uint(f);
+#else
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+#endif
+    __nv_bfloat16_raw r;
+    r.x = (unsigned short)((u >> 16) | 0x40);
+    return cu_bf16(r);
+  }
+  return __float2bfloat16_rn(f);
+}
+
+template <class T> __host__ __device__ inline cu_acc_t<T> cu_load(T x) {
+  if constexpr (cu_is_bf16<T>) return __bfloat162float(x);
+  else return x;
+}
+template <class T> __host__ __device__ inline T cu_store(cu_acc_t<T> v) {
+  if constexpr (cu_is_bf16<T>) return cu_f2bf(v);
+  else return v;
+}
+
 /* Saturating conversion from double, as the CPU's cpu_to_* (a plain cast of an out-of-range value
- * is undefined behaviour in C and C++). */
+ * is undefined behaviour in C and C++). bfloat16 goes through float32, as everywhere (the front's
+ * fl_tensor_set does the same). */
 template <class T> __host__ __device__ inline T cu_from_double(double v);
 template <> __host__ __device__ inline float cu_from_double<float>(double v) { return (float)v; }
 template <> __host__ __device__ inline double cu_from_double<double>(double v) { return v; }
+template <> __host__ __device__ inline cu_bf16 cu_from_double<cu_bf16>(double v) { return cu_f2bf((float)v); }
 template <> __host__ __device__ inline int32_t cu_from_double<int32_t>(double v) {
   return v != v ? 0 : v >= 2147483647.0 ? INT32_MAX : v <= -2147483648.0 ? INT32_MIN : (int32_t)v;
 }
@@ -155,9 +218,13 @@ template <> __host__ __device__ inline uint8_t cu_from_double<uint8_t>(double v)
 }
 
 /* dtype conversion of copies (cpu.c's CVT1): floats saturate into integers, integers convert
- * plainly (wrapping like numpy's astype). */
+ * plainly (wrapping like numpy's astype). bfloat16 goes through float32 both ways: from it exactly,
+ * into it as float(x) rounded to nearest even (so int64 and float64 round twice, as on the CPU). */
 template <class D, class S> __device__ inline D cu_cvt(S x) {
-  if constexpr (std::is_floating_point<S>::value) return cu_from_double<D>((double)x);
+  if constexpr (std::is_same<D, S>::value) return x;   /* bits kept (a NaN's payload too) */
+  else if constexpr (cu_is_bf16<S>) return cu_cvt<D, float>(__bfloat162float(x));
+  else if constexpr (cu_is_bf16<D>) return cu_f2bf((float)x);
+  else if constexpr (std::is_floating_point<S>::value) return cu_from_double<D>((double)x);
   else return (D)x;
 }
 
@@ -273,8 +340,9 @@ template <int NOP, class F> static int cu_foreach(const char *op, const fl_tenso
 
 /* ---------------------------------------------------------------- shared kernels */
 
-/* out[i] = alpha*out[i] + beta*src[i] over equal shapes (either strided; same device, same dtype
- * float). Used to accumulate gradients into parameters' layouts. */
+/* out[i] = alpha*out[i] + beta*src[i] over equal shapes (either strided; same device, same dtype:
+ * float32, float64, or bfloat16 computed in float). Used to accumulate gradients into parameters'
+ * layouts. */
 int cu_axpby(const char *op, fl_tensor *out, double alpha, const fl_tensor *src, double beta);
 /* dst = src (equal shapes; both on this backend and the same device; dtype converted) */
 int cu_copy_dev(const char *op, fl_tensor *dst, const fl_tensor *src);

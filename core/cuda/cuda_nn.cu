@@ -6,7 +6,14 @@
  * epilogue, activation gradients and the fused softmax cross-entropy are kernels written here,
  * following the CPU backend (core/cpu/nn_cpu_impl.h) operation for operation: reductions accumulate
  * in double in a fixed order (deterministic), and products/sums that the CPU rounds separately are
- * spelled with __fmul_rn/__fadd_rn so nvcc does not fuse them into one FMA. */
+ * spelled with __fmul_rn/__fadd_rn so nvcc does not fuse them into one FMA.
+ *
+ * bfloat16 activations (T = __nv_bfloat16): every kernel but the optimizer updates and the fused
+ * loss takes them. Elements are loaded into A = cu_acc_t<T> (float), the float32 arithmetic runs
+ * unchanged, each output is rounded once (cu_store). The per-channel tensors beside bfloat16
+ * activations -- scale/shift, gamma/beta, batch statistics, bias and BN parameter gradients -- are
+ * float32 (the front keeps them so): in the kernels they have type A, which is T itself for
+ * float32/float64. */
 #include "cuda_internal.h"
 
 #include <math.h>
@@ -44,16 +51,38 @@ static const void *opt_ptr(const fl_tensor *t) { return t ? (const void *)cu_ptr
 static int dev_of(const char *op, const fl_tensor *t, cu_dev **d) { return cu_enter(op, t->storage->device, d); }
 
 /* The frame of a one-kernel element-wise op over t's n elements: nothing to do for n == 0, else
- * launch(tag, d, n) with tag naming t's float type and d its device. */
-template <class F> static int float_launch(const char *op, const fl_tensor *t, F &&launch) {
+ * launch(tag, d, n) with tag naming t's float type and d its device. BF16: whether the kernel
+ * has a bfloat16 form (else bfloat16 is refused with a message naming op). */
+template <bool BF16, class F> static int launch_frame(const char *op, const fl_tensor *t, F &&launch) {
   int64_t n = fl_tensor_numel(t);
   if (n == 0) return 0;
   cu_dev *d;
   if (dev_of(op, t, &d)) return -1;
-  return cu_visit_float(op, t->dtype, [&](auto tag) {
+  auto body = [&](auto tag) {
     if (launch(tag, d, n)) return -1;
     return cu_launched(op);
-  });
+  };
+  if constexpr (BF16) return cu_visit_act(op, t->dtype, body);
+  else return cu_visit_float(op, t->dtype, body);
+}
+/* float32 / float64 only */
+template <class F> static int float_launch(const char *op, const fl_tensor *t, F &&launch) {
+  return launch_frame<false>(op, t, launch);
+}
+/* float32 / float64 / bfloat16 */
+template <class F> static int act_launch(const char *op, const fl_tensor *t, F &&launch) {
+  return launch_frame<true>(op, t, launch);
+}
+
+/* The dtype of per-channel tensors beside activations of dtype act: float32 for bfloat16, act
+ * itself otherwise (the kernels read them as cu_acc_t<T>). */
+static fl_dtype param_dtype(fl_dtype act) { return act == FL_BF16 ? FL_F32 : act; }
+
+/* 0 when p is NULL or has param_dtype(act); else a message (a wrong dtype would be misread) */
+static int check_param(const char *op, const char *what, const fl_tensor *p, fl_dtype act) {
+  if (!p || p->dtype == param_dtype(act)) return 0;
+  return fl_fail("%s: %s is %s, expected %s beside %s activations", op, what, fl_dtype_name(p->dtype),
+                 fl_dtype_name(param_dtype(act)), fl_dtype_name(act));
 }
 
 /* HWIO (R,S,C,K) -> KRSC (K,R,S,C) */
@@ -157,38 +186,40 @@ template <int NV, class F> static int colsums(const char *op, cu_dev *d, F f, in
 template <class T> struct sum_f {
   const T *x;
   int64_t C;
-  __device__ void operator()(int64_t r, int64_t c, double *acc) const { acc[0] += (double)x[r * C + c]; }
+  __device__ void operator()(int64_t r, int64_t c, double *acc) const { acc[0] += (double)cu_load(x[r * C + c]); }
 };
 
-/* out (C) = beta*out + column sums of g (rows, C) */
-template <class T> __global__ void acc_into_kernel(T *out, const double *s, int64_t C, double beta) {
+/* out (C) = beta*out + column sums of g (rows, C); P: out's type (float32 beside bfloat16 g) */
+template <class P> __global__ void acc_into_kernel(P *out, const double *s, int64_t C, double beta) {
   int64_t step = (int64_t)gridDim.x * blockDim.x;
   for (int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; c < C; c += step)
-    out[c] = (T)((beta == 0 ? 0.0 : beta * (double)out[c]) + s[c]);
+    out[c] = (P)((beta == 0 ? 0.0 : beta * (double)out[c]) + s[c]);
 }
 
-template <class T> static int colsum_into(const char *op, cu_dev *d, T *out, const T *g, int64_t rows, int64_t C,
-                                          double beta) {
+template <class T> static int colsum_into(const char *op, cu_dev *d, cu_acc_t<T> *out, const T *g, int64_t rows,
+                                          int64_t C, double beta) {
   cu_buf s;
   if (s.get(op, d->index, (size_t)C * sizeof(double))) return -1;
   if (colsums<1>(op, d, sum_f<T>{g, C}, rows, C, (double *)s.p)) return -1;
-  acc_into_kernel<T><<<cu_grid(d, C, CU_THREADS), CU_THREADS, 0, d->stream>>>(out, (const double *)s.p, C, beta);
+  acc_into_kernel<cu_acc_t<T>><<<cu_grid(d, C, CU_THREADS), CU_THREADS, 0, d->stream>>>(out, (const double *)s.p,
+                                                                                          C, beta);
   return cu_launched(op);
 }
 
 /* ---------------------------------------------------------------- per-channel epilogue */
 
 /* y = x*scale[c] + shift[c] (either NULL), then max(., 0); c = i % C. y may be x. */
-template <class T, class I> __global__ void affine_kernel(T *y, const T *x, I n, I C, const T *scale, const T *shift,
-                                                          int relu) {
+template <class T, class I> __global__ void affine_kernel(T *y, const T *x, I n, I C, const cu_acc_t<T> *scale,
+                                                          const cu_acc_t<T> *shift, int relu) {
+  typedef cu_acc_t<T> A;
   I step = (I)gridDim.x * blockDim.x;
   for (I i = (I)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
     I c = i % C;
-    T v = x[i];
+    A v = cu_load(x[i]);
     if (scale) v = mul_rn(v, scale[c]);
     if (shift) v = add_rn(v, shift[c]);
-    if (relu) v = v > 0 ? v : (T)0;
-    y[i] = v;
+    if (relu) v = v > 0 ? v : (A)0;
+    y[i] = cu_store<T>(v);
   }
 }
 
@@ -196,13 +227,15 @@ static int affine_run(const char *op, fl_tensor *y, const fl_tensor *x, const fl
                       const fl_tensor *shift, int relu) {
   int64_t n = fl_tensor_numel(x), C = x->ndim ? x->shape[x->ndim - 1] : 1;
   if (n == 0 || C == 0) return 0;
+  if (check_param(op, "scale", scale, x->dtype) || check_param(op, "shift", shift, x->dtype)) return -1;
   if (!scale && !shift && !relu) return cu_ptr(y) == cu_ptr(x) ? 0 : cu_copy_dev(op, y, x);
-  return float_launch(op, x, [&](auto tag, cu_dev *d, int64_t) {
+  return act_launch(op, x, [&](auto tag, cu_dev *d, int64_t) {
     typedef typename decltype(tag)::type T;
+    typedef cu_acc_t<T> A;
     return cu_visit_index(n, [&](auto itag) {
       typedef decltype(itag) I;
       affine_kernel<T, I><<<cu_grid(d, n, CU_THREADS), CU_THREADS, 0, d->stream>>>(
-          (T *)cu_ptr(y), (const T *)cu_ptr(x), (I)n, (I)C, (const T *)opt_ptr(scale), (const T *)opt_ptr(shift),
+          (T *)cu_ptr(y), (const T *)cu_ptr(x), (I)n, (I)C, (const A *)opt_ptr(scale), (const A *)opt_ptr(shift),
           relu);
       return 0;
     });
@@ -244,6 +277,7 @@ static int conv_bwd_data_common(const char *op, fl_tensor *gx, const fl_tensor *
 /* dw in KRSC (into a temporary), then gb (when wanted) */
 static int conv_bwd_filter_common(const char *op, cu_tmp &dw, const int64_t *krsc, fl_tensor *gb, const fl_tensor *x,
                                   const fl_tensor *gy, int groups, const fl_window *win, double beta) {
+  if (check_param(op, "bias gradient", gb, gy->dtype)) return -1;
   if (dw.init(op, x->storage->device, x->dtype, 4, krsc)) return -1;
   if (asymmetric(win)) {
     cu_tmp xp;
@@ -256,9 +290,9 @@ static int conv_bwd_filter_common(const char *op, cu_tmp &dw, const int64_t *krs
   cu_dev *d;
   if (dev_of(op, gy, &d)) return -1;
   int64_t F = gy->shape[3], rows = fl_tensor_numel(gy) / (F ? F : 1);
-  return cu_visit_float(op, gy->dtype, [&](auto tag) {
+  return cu_visit_act(op, gy->dtype, [&](auto tag) {
     typedef typename decltype(tag)::type T;
-    return colsum_into<T>(op, d, (T *)cu_ptr(gb), (const T *)cu_ptr(gy), rows, F, beta);
+    return colsum_into<T>(op, d, (cu_acc_t<T> *)cu_ptr(gb), (const T *)cu_ptr(gy), rows, F, beta);
   });
 }
 
@@ -337,11 +371,12 @@ static pool_dims pool_dims_of(const fl_tensor *x, const fl_tensor *y, const fl_w
  * optional): offset (h*W + w)*C + c within the image of the window's first maximum, as on the CPU.
  * I: the index type (cu_visit_index). */
 template <class T, class I> __global__ void pool_fwd_kernel(T *y, int32_t *amax, const T *x, pool_dims p, int is_max) {
+  typedef cu_acc_t<T> A;
   const I C = (I)p.C, H = (I)p.H, W = (I)p.W, OH = (I)p.OH, OW = (I)p.OW;
   const I total = (I)p.N * OH * OW * C, step = (I)gridDim.x * blockDim.x;
   for (I i = (I)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
     I c = i % C, q = i / C, ow = q % OW, q2 = q / OW, oh = q2 % OH, n = q2 / OH;
-    T acc = is_max ? -(T)INFINITY : (T)0;
+    A acc = is_max ? -(A)INFINITY : (A)0;
     int count = 0;
     I best = -1;
     for (int a = 0; a < p.kh; a++) {
@@ -350,7 +385,7 @@ template <class T, class I> __global__ void pool_fwd_kernel(T *y, int32_t *amax,
       for (int b = 0; b < p.kw; b++) {
         I iw = ow * p.sw - p.pl + b * p.dw;
         if (iw < 0 || iw >= W) continue;
-        T v = x[((n * H + ih) * W + iw) * C + c];
+        A v = cu_load(x[((n * H + ih) * W + iw) * C + c]);
         count++;
         if (is_max) {
           if (v > acc || best < 0) { acc = v > acc ? v : acc; best = (ih * W + iw) * C + c; }
@@ -359,8 +394,8 @@ template <class T, class I> __global__ void pool_fwd_kernel(T *y, int32_t *amax,
         }
       }
     }
-    if (!is_max) acc = mul_rn(acc, (T)1 / (T)(count > 0 ? count : 1));
-    y[i] = acc;
+    if (!is_max) acc = mul_rn(acc, (A)1 / (A)(count > 0 ? count : 1));
+    y[i] = cu_store<T>(acc);
     if (amax) amax[i] = (int32_t)(best < 0 ? 0 : best);
   }
 }
@@ -371,11 +406,12 @@ template <class T, class I> __global__ void pool_fwd_kernel(T *y, int32_t *amax,
  * the CPU's order of accumulation. */
 template <class T, class I> __global__ void pool_bwd_kernel(T *gx, const T *gy, const T *x, const int32_t *amax,
                                                             pool_dims p, int is_max) {
+  typedef cu_acc_t<T> A;
   const I C = (I)p.C, H = (I)p.H, W = (I)p.W, OH = (I)p.OH, OW = (I)p.OW;
   const I total = (I)p.N * H * W * C, step = (I)gridDim.x * blockDim.x;
   for (I i = (I)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
     I c = i % C, q = i / C, iw = q % W, q2 = q / W, ih = q2 % H, n = q2 / H;
-    T acc = 0;
+    A acc = 0;
     /* outputs oh with oh*sh - pt + a*dh == ih for some 0 <= a < kh */
     I th = ih + p.pt, tw = iw + p.pl;
     I oh0 = th - (I)(p.kh - 1) * p.dh;
@@ -393,20 +429,20 @@ template <class T, class I> __global__ void pool_bwd_kernel(T *gx, const T *gy, 
         I db = tw - ow * p.sw;
         if (p.dw != 1 && (db < 0 || db % p.dw || db / p.dw >= p.kw)) continue;
         I o = ((n * OH + oh) * OW + ow) * C + c;
-        T g = gy[o];
+        A g = cu_load(gy[o]);
         if (is_max && amax) {
           if (amax[o] == self) acc = add_rn(acc, g);
         } else if (is_max) {
           /* first maximum of this window: the first in-bounds element, replaced only by a greater one */
           I best = -1;
-          T bv = -(T)INFINITY;
+          A bv = -(A)INFINITY;
           for (int a = 0; a < p.kh; a++) {
             I h2 = oh * p.sh - p.pt + a * p.dh;
             if (h2 < 0 || h2 >= H) continue;
             for (int b = 0; b < p.kw; b++) {
               I w2 = ow * p.sw - p.pl + b * p.dw;
               if (w2 < 0 || w2 >= W) continue;
-              T v = x[((n * H + h2) * W + w2) * C + c];
+              A v = cu_load(x[((n * H + h2) * W + w2) * C + c]);
               if (v > bv || best < 0) { bv = v; best = h2 * W + w2; }
             }
           }
@@ -421,11 +457,11 @@ template <class T, class I> __global__ void pool_bwd_kernel(T *gx, const T *gy, 
               if (w2 >= 0 && w2 < W) count++;
             }
           }
-          if (count > 0) acc = add_rn(acc, mul_rn(g, (T)1 / (T)count));
+          if (count > 0) acc = add_rn(acc, mul_rn(g, (A)1 / (A)count));
         }
       }
     }
-    gx[i] = acc;
+    gx[i] = cu_store<T>(acc);
   }
 }
 
@@ -434,7 +470,7 @@ static int nn_pool2d_forward(fl_tensor *y, fl_tensor *argmax, const fl_tensor *x
   const char *op = "cuda pool2d_forward";
   int64_t nx = fl_tensor_numel(x);
   pool_dims p = pool_dims_of(x, y, win);
-  return float_launch(op, y, [&](auto tag, cu_dev *d, int64_t n) {
+  return act_launch(op, y, [&](auto tag, cu_dev *d, int64_t n) {
     typedef typename decltype(tag)::type T;
     return cu_visit_index(n > nx ? n : nx, [&](auto itag) {
       pool_fwd_kernel<T, decltype(itag)><<<cu_grid(d, n, CU_THREADS), CU_THREADS, 0, d->stream>>>(
@@ -450,7 +486,7 @@ static int nn_pool2d_backward(fl_tensor *gx, const fl_tensor *gy, const fl_tenso
   int64_t ny = fl_tensor_numel(gy);
   if (kind == FL_POOL_MAX && !x && !argmax) return fl_fail("%s: max pooling needs the input or its argmax", op);
   pool_dims p = pool_dims_of(gx, gy, win);
-  return float_launch(op, gx, [&](auto tag, cu_dev *d, int64_t n) {
+  return act_launch(op, gx, [&](auto tag, cu_dev *d, int64_t n) {
     typedef typename decltype(tag)::type T;
     return cu_visit_index(n > ny ? n : ny, [&](auto itag) {
       pool_bwd_kernel<T, decltype(itag)><<<cu_grid(d, n, CU_THREADS), CU_THREADS, 0, d->stream>>>(
@@ -470,13 +506,14 @@ template <class T> struct sum_sq_f {
   const T *x;
   int64_t C;
   __device__ void operator()(int64_t r, int64_t c, double *acc) const {
-    double v = (double)x[r * C + c];
+    double v = (double)cu_load(x[r * C + c]);
     acc[0] += v;
     acc[1] += v * v;
   }
 };
 
-/* per channel: mean/invstd outputs, y coefficients ab (2C), running statistics */
+/* per channel: mean/invstd outputs, y coefficients ab (2C), running statistics. T: the per-channel
+ * tensors' type (cu_acc_t of the activations': float32 beside bfloat16). */
 template <class T> __global__ void bn_stats_kernel(const double *sum, const double *sq, int64_t rows, int64_t C,
                                                    const T *gamma, const T *beta, T *mean, T *invstd, T *ab, T *rm,
                                                    T *rv, double momentum, double eps, int unbiased) {
@@ -498,24 +535,26 @@ template <class T> __global__ void bn_stats_kernel(const double *sum, const doub
 }
 
 /* y = x*a[c] + b[c] (then max(., 0) when relu), or, when g is given, gx = g'*a[c] + x*b[c] + k[c] with
- * g' = g where the fused ReLU's output ry is > 0 (all of g without ry). I: the index type. */
+ * g' = g where the fused ReLU's output ry is > 0 (all of g without ry). I: the index type. coef has
+ * the accumulation type A (float beside bfloat16 activations). */
 template <class T, class I> __global__ void bn_apply_kernel(T *o, const T *x, const T *g, const T *ry, I n, I C,
-                                                            const T *coef, int relu) {
+                                                            const cu_acc_t<T> *coef, int relu) {
+  typedef cu_acc_t<T> A;
   I step = (I)gridDim.x * blockDim.x;
   for (I i = (I)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
     I c = i % C;
     if (g) {
-      T gv = (!ry || ry[i] > 0) ? g[i] : (T)0;
-      o[i] = add_rn(add_rn(mul_rn(gv, coef[c]), mul_rn(x[i], coef[C + c])), coef[2 * C + c]);
+      A gv = (!ry || cu_load(ry[i]) > 0) ? cu_load(g[i]) : (A)0;
+      o[i] = cu_store<T>(add_rn(add_rn(mul_rn(gv, coef[c]), mul_rn(cu_load(x[i]), coef[C + c])), coef[2 * C + c]));
     } else {
-      T v = add_rn(mul_rn(x[i], coef[c]), coef[C + c]);
-      o[i] = relu && !(v > 0) ? (T)0 : v;
+      A v = add_rn(mul_rn(cu_load(x[i]), coef[c]), coef[C + c]);
+      o[i] = cu_store<T>(relu && !(v > 0) ? (A)0 : v);
     }
   }
 }
 
 template <class T> static int bn_apply(const char *op, cu_dev *d, T *o, const T *x, const T *g, const T *ry,
-                                       int64_t n, int64_t C, const T *coef, int relu) {
+                                       int64_t n, int64_t C, const cu_acc_t<T> *coef, int relu) {
   return cu_visit_index(n, [&](auto itag) {
     typedef decltype(itag) I;
     bn_apply_kernel<T, I><<<cu_grid(d, n, CU_THREADS), CU_THREADS, 0, d->stream>>>(o, x, g, ry, (I)n, (I)C, coef, relu);
@@ -530,39 +569,49 @@ static int nn_batchnorm_forward_train(fl_tensor *y, fl_tensor *mean, fl_tensor *
   const char *op = "cuda batchnorm_forward_train";
   int64_t C = x->shape[x->ndim - 1], n = fl_tensor_numel(x), rows = C ? n / C : 0;
   if (C == 0) return 0;
+  fl_dtype xd = x->dtype;
+  if (check_param(op, "gamma", gamma, xd) || check_param(op, "beta", beta, xd) || check_param(op, "mean", mean, xd) ||
+      check_param(op, "invstd", invstd, xd) || check_param(op, "running mean", running_mean, xd) ||
+      check_param(op, "running variance", running_var, xd))
+    return -1;
   cu_dev *d;
   if (dev_of(op, x, &d)) return -1;
-  return cu_visit_float(op, x->dtype, [&](auto tag) {
+  return cu_visit_act(op, x->dtype, [&](auto tag) {
     typedef typename decltype(tag)::type T;
+    typedef cu_acc_t<T> P;   /* the per-channel tensors' type */
     /* st: sums (C), sums of squares (C), double; ab: y = x*a + b per channel */
     cu_buf st, ab;
-    if (st.get(op, d->index, (size_t)(2 * C) * sizeof(double)) || ab.get(op, d->index, (size_t)(2 * C) * sizeof(T)))
+    if (st.get(op, d->index, (size_t)(2 * C) * sizeof(double)) || ab.get(op, d->index, (size_t)(2 * C) * sizeof(P)))
       return -1;
     double *sum = (double *)st.p, *sq = sum + C;
     const T *X = (const T *)cu_ptr(x);
     if (colsums<2>(op, d, sum_sq_f<T>{X, C}, rows, C, sum)) return -1;
-    T *rm = running_mean ? (T *)cu_ptr(running_mean) : NULL, *rv = running_var ? (T *)cu_ptr(running_var) : NULL;
-    bn_stats_kernel<T><<<cu_grid(d, C, CU_THREADS), CU_THREADS, 0, d->stream>>>(
-        sum, sq, rows, C, (const T *)opt_ptr(gamma), (const T *)opt_ptr(beta), (T *)cu_ptr(mean),
-        (T *)cu_ptr(invstd), (T *)ab.p, rm, rv, momentum, eps, unbiased);
+    P *rm = running_mean ? (P *)cu_ptr(running_mean) : NULL, *rv = running_var ? (P *)cu_ptr(running_var) : NULL;
+    bn_stats_kernel<P><<<cu_grid(d, C, CU_THREADS), CU_THREADS, 0, d->stream>>>(
+        sum, sq, rows, C, (const P *)opt_ptr(gamma), (const P *)opt_ptr(beta), (P *)cu_ptr(mean),
+        (P *)cu_ptr(invstd), (P *)ab.p, rm, rv, momentum, eps, unbiased);
     if (cu_launched(op)) return -1;
     if (n == 0) return 0;
-    return bn_apply<T>(op, d, (T *)cu_ptr(y), X, NULL, NULL, n, C, (const T *)ab.p, relu);
+    return bn_apply<T>(op, d, (T *)cu_ptr(y), X, NULL, NULL, n, C, (const P *)ab.p, relu);
   });
 }
 
-/* sums of gy and of gy*xhat per channel, xhat = (x - mean)*invstd computed as the CPU does */
+/* sums of gy and of gy*xhat per channel, xhat = (x - mean)*invstd computed as the CPU does (x - mean
+ * rounded to the accumulation type A: float32's arithmetic for bfloat16) */
 template <class T> struct bn_grad_f {
-  const T *x, *g, *mean, *inv, *ry;   /* ry: a fused ReLU's output, or NULL */
+  typedef cu_acc_t<T> A;
+  const T *x, *g, *ry;   /* ry: a fused ReLU's output, or NULL */
+  const A *mean, *inv;
   int64_t C;
   __device__ void operator()(int64_t r, int64_t c, double *acc) const {
-    T gv = (!ry || ry[r * C + c] > 0) ? g[r * C + c] : (T)0;
+    A gv = (!ry || cu_load(ry[r * C + c]) > 0) ? cu_load(g[r * C + c]) : (A)0;
     acc[0] += (double)gv;
-    acc[1] += (double)gv * (double)(T)(x[r * C + c] - mean[c]) * (double)inv[c];
+    acc[1] += (double)gv * (double)(A)(cu_load(x[r * C + c]) - mean[c]) * (double)inv[c];
   }
 };
 
-/* per channel: gbeta/ggamma (accumulated with beta_acc) and gx's coefficients (3C: a, b, k) */
+/* per channel: gbeta/ggamma (accumulated with beta_acc) and gx's coefficients (3C: a, b, k). T: the
+ * per-channel tensors' type, as in bn_stats_kernel. */
 template <class T> __global__ void bn_grad_coef_kernel(const double *sg, const double *sgx, int64_t rows, int64_t C,
                                                        const T *gamma, const T *mean, const T *inv, int training,
                                                        T *ggamma, T *gbeta, double beta_acc, T *coef) {
@@ -592,39 +641,47 @@ static int nn_batchnorm_backward(fl_tensor *gx, fl_tensor *ggamma, fl_tensor *gb
   const char *op = "cuda batchnorm_backward";
   int64_t C = x->shape[x->ndim - 1], n = fl_tensor_numel(x), rows = C ? n / C : 0;
   if (C == 0) return 0;
+  fl_dtype xd = x->dtype;
+  if (check_param(op, "mean", mean, xd) || check_param(op, "invstd", invstd, xd) ||
+      check_param(op, "gamma", gamma, xd) || check_param(op, "gamma gradient", ggamma, xd) ||
+      check_param(op, "beta gradient", gbeta, xd))
+    return -1;
   cu_dev *d;
   if (dev_of(op, x, &d)) return -1;
-  return cu_visit_float(op, x->dtype, [&](auto tag) {
+  return cu_visit_act(op, x->dtype, [&](auto tag) {
     typedef typename decltype(tag)::type T;
+    typedef cu_acc_t<T> P;   /* the per-channel tensors' type */
     cu_buf st, coef;
     if (st.get(op, d->index, (size_t)(2 * C) * sizeof(double))) return -1;
-    if (gx && coef.get(op, d->index, (size_t)(3 * C) * sizeof(T))) return -1;
+    if (gx && coef.get(op, d->index, (size_t)(3 * C) * sizeof(P))) return -1;
     double *sg = (double *)st.p, *sgx = sg + C;
     const T *X = (const T *)cu_ptr(x), *G = (const T *)cu_ptr(gy), *RY = (const T *)opt_ptr(relu_y);
+    const P *MEAN = (const P *)cu_ptr(mean), *INV = (const P *)cu_ptr(invstd);
     if (training || ggamma || gbeta) {
-      if (colsums<2>(op, d, bn_grad_f<T>{X, G, (const T *)cu_ptr(mean), (const T *)cu_ptr(invstd), RY, C}, rows, C, sg))
-        return -1;
+      if (colsums<2>(op, d, bn_grad_f<T>{X, G, RY, MEAN, INV, C}, rows, C, sg)) return -1;
     } else {
       CU_TRY(op, cudaMemsetAsync(sg, 0, (size_t)(2 * C) * sizeof(double), d->stream));
     }
-    bn_grad_coef_kernel<T><<<cu_grid(d, C, CU_THREADS), CU_THREADS, 0, d->stream>>>(
-        sg, sgx, rows, C, (const T *)opt_ptr(gamma), (const T *)cu_ptr(mean), (const T *)cu_ptr(invstd), training,
-        ggamma ? (T *)cu_ptr(ggamma) : NULL, gbeta ? (T *)cu_ptr(gbeta) : NULL, beta_acc, gx ? (T *)coef.p : NULL);
+    bn_grad_coef_kernel<P><<<cu_grid(d, C, CU_THREADS), CU_THREADS, 0, d->stream>>>(
+        sg, sgx, rows, C, (const P *)opt_ptr(gamma), MEAN, INV, training, ggamma ? (P *)cu_ptr(ggamma) : NULL,
+        gbeta ? (P *)cu_ptr(gbeta) : NULL, beta_acc, gx ? (P *)coef.p : NULL);
     if (cu_launched(op)) return -1;
     if (!gx || n == 0) return 0;
-    return bn_apply<T>(op, d, (T *)cu_ptr(gx), X, G, RY, n, C, (const T *)coef.p, 0);
+    return bn_apply<T>(op, d, (T *)cu_ptr(gx), X, G, RY, n, C, (const P *)coef.p, 0);
   });
 }
 
 /* ---------------------------------------------------------------- activation gradients */
 
 template <class T> __global__ void act_bwd_kernel(T *gx, const T *gy, const T *y, int64_t n, int act) {
+  typedef cu_acc_t<T> A;
   int64_t step = (int64_t)gridDim.x * blockDim.x;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
-    T v = y[i], g = gy[i];
-    if (act == FL_ACT_RELU) gx[i] = v > 0 ? g : (T)0;
-    else if (act == FL_ACT_SIGMOID) gx[i] = mul_rn(mul_rn(g, v), (T)1 - v);
-    else gx[i] = mul_rn(g, (T)1 - mul_rn(v, v));
+    A v = cu_load(y[i]), g = cu_load(gy[i]), r;
+    if (act == FL_ACT_RELU) r = v > 0 ? g : (A)0;
+    else if (act == FL_ACT_SIGMOID) r = mul_rn(mul_rn(g, v), (A)1 - v);
+    else r = mul_rn(g, (A)1 - mul_rn(v, v));
+    gx[i] = cu_store<T>(r);
   }
 }
 
@@ -636,7 +693,7 @@ template <class T> __global__ void softmax_bwd_kernel(T *gx, const T *gy, const 
     const T *p = y + r * k, *g = gy + r * k;
     T *o = gx + r * k;
     double dot = 0;
-    for (int64_t i = t; i < k; i += CU_THREADS) dot += (double)g[i] * (double)p[i];
+    for (int64_t i = t; i < k; i += CU_THREADS) dot += (double)cu_load(g[i]) * (double)cu_load(p[i]);
     sh[t] = dot;
     __syncthreads();
     for (int s = CU_THREADS / 2; s > 0; s >>= 1) {
@@ -645,13 +702,14 @@ template <class T> __global__ void softmax_bwd_kernel(T *gx, const T *gy, const 
     }
     dot = sh[0];
     __syncthreads();
-    for (int64_t i = t; i < k; i += CU_THREADS) o[i] = (T)((double)p[i] * ((double)g[i] - dot));
+    for (int64_t i = t; i < k; i += CU_THREADS)
+      o[i] = cu_from_double<T>((double)cu_load(p[i]) * ((double)cu_load(g[i]) - dot));
   }
 }
 
 static int nn_act_backward(fl_act_kind act, fl_tensor *gx, const fl_tensor *gy, const fl_tensor *y) {
   const char *op = "cuda act_backward";
-  return float_launch(op, y, [&](auto tag, cu_dev *d, int64_t n) {
+  return act_launch(op, y, [&](auto tag, cu_dev *d, int64_t n) {
     typedef typename decltype(tag)::type T;
     if (act == FL_ACT_SOFTMAX) {
       int64_t k = y->ndim ? y->shape[y->ndim - 1] : 1, rows = k ? n / k : 0;
@@ -749,6 +807,8 @@ template <class L> static int check_labels(const char *op, cu_dev *d, const fl_t
 static int nn_softmax_xent(fl_tensor *loss, fl_tensor *grad, const fl_tensor *logits, const fl_tensor *target,
                            double smoothing, double grad_scale) {
   const char *op = "cuda softmax_xent";
+  /* the loss is computed in float32 from float32 logits (the front casts bfloat16 ones) */
+  if (logits->dtype == FL_BF16) return fl_fail("%s: bfloat16 logits are not supported (float32 or float64)", op);
   int64_t N = logits->shape[0], K = logits->shape[1];
   if (N == 0) return 0;
   cu_dev *d;
@@ -781,19 +841,21 @@ static int nn_softmax_xent(fl_tensor *loss, fl_tensor *grad, const fl_tensor *lo
 /* ---------------------------------------------------------------- optimizer kernels */
 
 /* y = a + scale*b, then ReLU (Add, InceptionResNet's scaled residual); y may be a or b */
-template <class T> __global__ void add_act_kernel(T *y, const T *a, const T *b, int64_t n, T scale, int relu) {
+template <class T> __global__ void add_act_kernel(T *y, const T *a, const T *b, int64_t n, cu_acc_t<T> scale,
+                                                  int relu) {
+  typedef cu_acc_t<T> A;
   int64_t step = (int64_t)gridDim.x * blockDim.x;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
-    T v = add_rn(a[i], mul_rn(scale, b[i]));
-    y[i] = relu && v < (T)0 ? (T)0 : v;
+    A v = add_rn(cu_load(a[i]), mul_rn(scale, cu_load(b[i])));
+    y[i] = cu_store<T>(relu && v < (A)0 ? (A)0 : v);
   }
 }
 
 static int nn_add_act(fl_tensor *y, const fl_tensor *a, const fl_tensor *b, double scale, int relu) {
-  return float_launch("cuda add_act", y, [&](auto tag, cu_dev *d, int64_t n) {
+  return act_launch("cuda add_act", y, [&](auto tag, cu_dev *d, int64_t n) {
     typedef typename decltype(tag)::type T;
     add_act_kernel<T><<<cu_grid(d, n, CU_THREADS), CU_THREADS, 0, d->stream>>>(
-        (T *)cu_ptr(y), (const T *)cu_ptr(a), (const T *)cu_ptr(b), n, (T)scale, relu);
+        (T *)cu_ptr(y), (const T *)cu_ptr(a), (const T *)cu_ptr(b), n, (cu_acc_t<T>)scale, relu);
     return 0;
   });
 }
@@ -934,6 +996,8 @@ static int opt_check(const char *op, int n, fl_tensor *const *w, const fl_tensor
   if (n <= 0) return fl_fail("%s: no parameters", op);
   const fl_tensor *w0 = w[0];
   if (!w0 || !w0->storage || !cu_is_dev(w0)) return fl_fail("%s: parameter 1 is not a CUDA tensor", op);
+  if (w0->dtype == FL_BF16)   /* bfloat16 training keeps float32 master weights and moments */
+    return fl_fail("%s: bfloat16 parameters are not supported (float32 or float64 master weights)", op);
   if (w0->dtype != FL_F32 && w0->dtype != FL_F64)
     return fl_fail("%s: parameters must be float32 or float64, got %s", op, fl_dtype_name(w0->dtype));
   static const char *const names[4] = {"parameter", "gradient", "first moment", "second moment"};

@@ -6,7 +6,12 @@
  * threads of a warp read adjacent elements) or one block per output (the reduced dim is contiguous,
  * or there are few outputs). A reduction over everything runs blocks over chunks, then one block over
  * their partial results. Block reductions combine in a fixed tree order: results do not depend on
- * timing. */
+ * timing.
+ *
+ * bfloat16 input: each element is loaded as float (cu_load) and goes through the float path
+ * (accumulated in double like float32); SUM is written as bfloat16 (float32 rounding, then
+ * bfloat16's), MEAN/VAR/STD as float32 (the front's output dtypes), MAX/MIN give the element
+ * itself. Softmax of bfloat16 computes in float and rounds each output once. */
 #include "cuda_internal.h"
 
 #include <math.h>
@@ -16,7 +21,7 @@
 /* where and how a finished accumulator is stored */
 typedef struct {
   int op;          /* fl_redop */
-  int odt;         /* output dtype (SUM/MEAN/VAR/STD of floats: F32 or F64) */
+  int odt;         /* output dtype (SUM/MEAN/VAR/STD of floats: F32, F64, or BF16 for SUM) */
   int mean_mode;   /* 1: write sum/R as a double (the first pass of VAR/STD) */
   int correction;
   int64_t R;
@@ -24,6 +29,7 @@ typedef struct {
 
 __device__ inline void store_d(char *p, int odt, double v) {
   if (odt == FL_F32) *(float *)p = (float)v;
+  else if (odt == FL_BF16) *(cu_bf16 *)p = cu_f2bf((float)v);   /* through float32, as on the CPU */
   else *(double *)p = v;
 }
 
@@ -32,7 +38,7 @@ __device__ inline void store_d(char *p, int odt, double v) {
 template <class T> struct acc_sum {       /* float SUM / MEAN, and the mean pass of VAR/STD */
   typedef double Acc;
   static __device__ Acc init() { return 0; }
-  static __device__ void add(Acc &a, T x, int64_t, double) { a += (double)x; }
+  static __device__ void add(Acc &a, T x, int64_t, double) { a += (double)cu_load(x); }
   static __device__ void merge(Acc &a, const Acc &b) { a += b; }
   static __device__ void finish(const Acc &a, const red_out &ro, char *p) {
     if (ro.mean_mode) *(double *)p = a / (double)ro.R;
@@ -51,7 +57,7 @@ template <class T> struct acc_usum {      /* integer SUM: int64 wrap-around */
 template <class T> struct acc_sqdev {     /* sum of (x - mean)^2 */
   typedef double Acc;
   static __device__ Acc init() { return 0; }
-  static __device__ void add(Acc &a, T x, int64_t, double m) { double d = (double)x - m; a += d * d; }
+  static __device__ void add(Acc &a, T x, int64_t, double m) { double d = (double)cu_load(x) - m; a += d * d; }
   static __device__ void merge(Acc &a, const Acc &b) { a += b; }
   static __device__ void finish(const Acc &a, const red_out &ro, char *p) {
     double v = ro.R - ro.correction > 0 ? a / (double)(ro.R - ro.correction) : NAN;
@@ -59,13 +65,15 @@ template <class T> struct acc_sqdev {     /* sum of (x - mean)^2 */
   }
 };
 
-template <class T> struct best_acc { T v; int64_t i; };   /* i == INT64_MAX: nothing seen yet */
+/* v is held in the accumulation type (float for bfloat16: exact, and comparable with < and ==) */
+template <class T> struct best_acc { cu_acc_t<T> v; int64_t i; };   /* i == INT64_MAX: nothing seen yet */
 
 template <class T, bool MAX> struct acc_best {
   typedef best_acc<T> Acc;
+  typedef cu_acc_t<T> V;
   /* does (x, xi) beat (y, yi)? NaN beats numbers; ties (and two NaNs) go to the lower index, so
    * the merge is associative and commutative and gives the first occurrence, as on the CPU */
-  static __device__ bool beats(T x, int64_t xi, T y, int64_t yi) {
+  static __device__ bool beats(V x, int64_t xi, V y, int64_t yi) {
     if (yi == INT64_MAX) return xi != INT64_MAX;
     if (xi == INT64_MAX) return false;
     bool xn = x != x, yn = y != y;
@@ -74,11 +82,14 @@ template <class T, bool MAX> struct acc_best {
     return x == y && xi < yi;
   }
   static __device__ Acc init() { Acc a; a.v = 0; a.i = INT64_MAX; return a; }
-  static __device__ void add(Acc &a, T x, int64_t k, double) { if (beats(x, k, a.v, a.i)) { a.v = x; a.i = k; } }
+  static __device__ void add(Acc &a, T x, int64_t k, double) {
+    V xv = cu_load(x);
+    if (beats(xv, k, a.v, a.i)) { a.v = xv; a.i = k; }
+  }
   static __device__ void merge(Acc &a, const Acc &b) { if (beats(b.v, b.i, a.v, a.i)) a = b; }
   static __device__ void finish(const Acc &a, const red_out &ro, char *p) {
     if (ro.op == FL_ARGMAX || ro.op == FL_ARGMIN) *(int64_t *)p = a.i;
-    else *(T *)p = a.v;
+    else *(T *)p = cu_store<T>(a.v);
   }
 };
 
@@ -194,7 +205,7 @@ template <class A, class T> static int red_all_run(const char *op, cu_dev *d, ch
 
 template <class T> static int reduce_typed(fl_redop op, fl_tensor *out, const fl_tensor *a, int dim, int corr) {
   const char *name = "cuda reduce";
-  constexpr bool flt = std::is_floating_point<T>::value;
+  constexpr bool flt = cu_is_float<T>;
   cu_dev *d;
   if (cu_enter(name, a->storage->device, &d)) return -1;
   red_out ro = {(int)op, (int)out->dtype, 0, corr, dim < 0 ? fl_tensor_numel(a) : a->shape[dim]};
@@ -255,25 +266,27 @@ int cu_backend_reduce(fl_redop op, fl_tensor *out, const fl_tensor *a, int dim, 
 /* NaN-propagating max, as the CPU's running max (once NaN, stays NaN) */
 template <class T> __device__ inline T nanmax(T a, T b) { return a != a ? a : (b != b ? b : (b > a ? b : a)); }
 
-/* one block per row (inner == 1): x, o (rows, n) */
+/* one block per row (inner == 1): x, o (rows, n). A = cu_acc_t<T>: the float32 kernel's arithmetic
+ * for bfloat16, each output rounded once. */
 template <class T> __global__ void softmax_rows_kernel(T *o, const T *x, int64_t rows, int64_t n, int lg) {
+  typedef cu_acc_t<T> A;
   __shared__ double sh[RED_BLOCK];
   int t = threadIdx.x;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const T *xr = x + r * n;
     T *orow = o + r * n;
-    T m = -(T)INFINITY;
-    for (int64_t k = t; k < n; k += RED_BLOCK) m = nanmax(m, xr[k]);
+    A m = -(A)INFINITY;
+    for (int64_t k = t; k < n; k += RED_BLOCK) m = nanmax(m, cu_load(xr[k]));
     sh[t] = (double)m;
     __syncthreads();
     for (int s = RED_BLOCK / 2; s > 0; s >>= 1) {
       if (t < s) sh[t] = nanmax(sh[t], sh[t + s]);
       __syncthreads();
     }
-    m = (T)sh[0];
+    m = (A)sh[0];
     __syncthreads();
     double sum = 0;
-    for (int64_t k = t; k < n; k += RED_BLOCK) sum += (double)(T)exp(xr[k] - m);
+    for (int64_t k = t; k < n; k += RED_BLOCK) sum += (double)(A)exp(cu_load(xr[k]) - m);
     sh[t] = sum;
     __syncthreads();
     for (int s = RED_BLOCK / 2; s > 0; s >>= 1) {
@@ -283,32 +296,33 @@ template <class T> __global__ void softmax_rows_kernel(T *o, const T *x, int64_t
     sum = sh[0];
     __syncthreads();
     if (lg) {
-      T ls = (T)log(sum);
-      for (int64_t k = t; k < n; k += RED_BLOCK) orow[k] = xr[k] - m - ls;
+      A ls = (A)log(sum);
+      for (int64_t k = t; k < n; k += RED_BLOCK) orow[k] = cu_store<T>(cu_load(xr[k]) - m - ls);
     } else {
-      T inv = (T)(1.0 / sum);
-      for (int64_t k = t; k < n; k += RED_BLOCK) orow[k] = (T)exp(xr[k] - m) * inv;
+      A inv = (A)(1.0 / sum);
+      for (int64_t k = t; k < n; k += RED_BLOCK) orow[k] = cu_store<T>((A)exp(cu_load(xr[k]) - m) * inv);
     }
   }
 }
 
 /* one thread per (outer, inner) line: x, o (outer, n, inner) */
 template <class T> __global__ void softmax_lines_kernel(T *o, const T *x, int64_t outer, int64_t n, int64_t inner, int lg) {
+  typedef cu_acc_t<T> A;
   int64_t lines = outer * inner, step = (int64_t)gridDim.x * blockDim.x;
   for (int64_t l = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; l < lines; l += step) {
     int64_t oi = l / inner, ii = l % inner;
     const T *xa = x + oi * n * inner + ii;
     T *oa = o + oi * n * inner + ii;
-    T m = xa[0];
-    for (int64_t k = 1; k < n; k++) m = nanmax(m, xa[k * inner]);
+    A m = cu_load(xa[0]);
+    for (int64_t k = 1; k < n; k++) m = nanmax(m, cu_load(xa[k * inner]));
     double sum = 0;
-    for (int64_t k = 0; k < n; k++) sum += (double)(T)exp(xa[k * inner] - m);
+    for (int64_t k = 0; k < n; k++) sum += (double)(A)exp(cu_load(xa[k * inner]) - m);
     if (lg) {
-      T ls = (T)log(sum);
-      for (int64_t k = 0; k < n; k++) oa[k * inner] = xa[k * inner] - m - ls;
+      A ls = (A)log(sum);
+      for (int64_t k = 0; k < n; k++) oa[k * inner] = cu_store<T>(cu_load(xa[k * inner]) - m - ls);
     } else {
-      T inv = (T)(1.0 / sum);
-      for (int64_t k = 0; k < n; k++) oa[k * inner] = (T)exp(xa[k * inner] - m) * inv;
+      A inv = (A)(1.0 / sum);
+      for (int64_t k = 0; k < n; k++) oa[k * inner] = cu_store<T>((A)exp(cu_load(xa[k * inner]) - m) * inv);
     }
   }
 }
@@ -324,7 +338,7 @@ int cu_backend_softmax(fl_tensor *out, const fl_tensor *a, int dim, int lg) {
   if (outer * inner * n == 0) return 0;
   cu_dev *d;
   if (cu_enter(op, a->storage->device, &d)) return -1;
-  return cu_visit_float(op, a->dtype, [&](auto tag) {
+  return cu_visit_act(op, a->dtype, [&](auto tag) {
     typedef typename decltype(tag)::type T;
     if (inner == 1) {
       int64_t g = outer < (int64_t)d->sm_count * 32 ? outer : (int64_t)d->sm_count * 32;

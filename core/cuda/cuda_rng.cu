@@ -1,19 +1,22 @@
 /* Random fills: the CPU backend's Philox4x32-10 streams (core/rng.h, core/cpu/random.c), one thread
  * per element running the same fl_philox_at. Uniform and integer draws are bit-identical to the CPU;
  * normal draws use the device's double-precision log/cos/sqrt (within 1 ulp of glibc's), so a
- * float64 normal value may differ from the CPU's in its last bit and a float32 one almost never. */
+ * float64 normal value may differ from the CPU's in its last bit and a float32 one almost never.
+ * bfloat16: element i is the float32 stream's element i (same counters, the 24-bit uniform) rounded
+ * to bfloat16, as on the CPU. */
 #include "cuda_internal.h"
 
 /* The arithmetic is spelled with __dadd_rn/__dmul_rn: nvcc would otherwise fuse a*b + c into one FMA,
  * whose single rounding differs from the CPU's two. */
 template <class T> __global__ void rng_kernel(T *o, int64_t n, int kind, uint64_t seed, uint64_t offset, double p0,
                                               double p1, uint64_t range) {
+  typedef cu_acc_t<T> R;   /* the dtype whose stream is drawn: float for bfloat16 */
   int64_t step = (int64_t)gridDim.x * blockDim.x;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
     uint32_t r[4];
     fl_philox_at(seed, offset, (uint64_t)i, r);
     if (kind == FL_RNG_INT) {
-      o[i] = (T)(int64_t)((uint64_t)(int64_t)p0 + ((((uint64_t)r[1] << 32) | r[0]) % range));
+      o[i] = cu_store<T>((R)(int64_t)((uint64_t)(int64_t)p0 + ((((uint64_t)r[1] << 32) | r[0]) % range)));
       continue;
     }
     double v;
@@ -22,12 +25,12 @@ template <class T> __global__ void rng_kernel(T *o, int64_t n, int kind, uint64_
       double u2 = (double)((((uint64_t)r[3] << 32) | r[2]) >> 11) * 0x1p-53;
       double z = __dmul_rn(sqrt(__dmul_rn(-2.0, log(u1))), cos(__dmul_rn(6.283185307179586, u2)));
       v = __dadd_rn(p0, __dmul_rn(p1, z));
-    } else if (sizeof(T) == 4 && std::is_floating_point<T>::value) {
+    } else if (sizeof(R) == 4 && std::is_floating_point<R>::value) {
       v = __dadd_rn(p0, __dmul_rn(p1 - p0, (double)(r[0] >> 8) * 0x1p-24));
     } else {
       v = __dadd_rn(p0, __dmul_rn(p1 - p0, (double)((((uint64_t)r[1] << 32) | r[0]) >> 11) * 0x1p-53));
     }
-    o[i] = cu_from_double<T>(v);
+    o[i] = cu_store<T>(cu_from_double<R>(v));
   }
 }
 

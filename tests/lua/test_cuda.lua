@@ -3,7 +3,8 @@
 -- says so clearly, and prints one `ok - <group> # SKIP no CUDA device (...)` line per GPU group:
 -- those groups did not run. Tolerances: float32 results within 1e-4 relative of the CPU's (1e-5 for
 -- element-wise ops); TF32 GEMMs and convolutions within 1e-2 (10-bit mantissa inputs); integer
--- results, copies, uniform and integer random draws exactly equal.
+-- results, copies, uniform and integer random draws exactly equal. bfloat16 groups (near the end)
+-- compare with the CPU's bfloat16 kernels; their tolerances are documented there.
 local flower = require 'flower'
 local T = require 'flower.test'
 local cuda = flower.cuda
@@ -739,6 +740,409 @@ gpu('to_device_async: many pinned batches in a row arrive intact while the loade
   collectgarbage(); collectgarbage()
   cuda.empty_cache()
   T.eq(cuda.memory_stats().cached, 0, 'nothing cached after empty_cache')
+end)
+
+-- ---------------------------------------------------------------- bfloat16
+
+-- The GPU's bfloat16 kernels against the CPU's (core/cpu/bf16.c: float32 stand-ins, one rounding per
+-- output) on the same bfloat16 inputs, made on the CPU. Tolerances (bfloat16 keeps 8 significant
+-- bits: one rounding is within 2^-9 relative, two roundings of nearly equal float32 values land at
+-- most one step, 2^-7 relative, apart):
+--   bf_close: outputs rounded once from float32 values that agree to float32 precision (element-wise
+--     ops, reductions accumulated in double, softmax, pooling, batch norm, the nn epilogues): every
+--     element |gpu - cpu| <= k * 2^-7 * (|cpu| + mean|cpu|) (the mean term covers results near zero
+--     after cancellation);
+--   bf_sum: convolutions and matrix products, whose float sums run in another order (cuDNN/cuBLAS
+--     against the CPU's GEMMs) and whose epilogue rounds twice on the GPU (conv, then scale/shift):
+--     max|gpu - cpu| <= 2e-2 * max|cpu|;
+--   float32 results (means, variances, statistics, bias and BN parameter gradients): allclose with
+--     1e-5..1e-4 relative to the largest magnitude; conversions, copies, fills, max/min/arg*,
+--     comparisons, where and uniform random draws: exactly equal.
+local BF = 2 ^ -7
+local function rb(...) return flower.randn(...):bfloat16() end
+
+local function bf_check_dtype(g, c, msg)
+  T.check(g:is_cuda(), (msg or '') .. ': result is not on the GPU')
+  local h = g:cpu()
+  T.eq(h:dtype(), c:dtype(), msg)
+  T.eq(table.concat(h:size(), 'x'), table.concat(c:size(), 'x'), msg)
+  return h
+end
+
+local function bf_close(g, c, msg, k)
+  local h = bf_check_dtype(g, c, msg)
+  if c:numel() == 0 then return end
+  local hd, cd = h:double(), c:double()
+  local mean = cd:abs():mean():item()
+  local excess = ((hd - cd):abs() - (cd:abs() + mean) * (BF * (k or 1))):max():item()
+  T.check(excess <= 0, ('%s: an element is %.3g beyond %g*(|cpu| + mean|cpu| = %.3g)'):format(msg, excess,
+    BF * (k or 1), mean))
+end
+
+local function bf_sum(g, c, msg)
+  local h = bf_check_dtype(g, c, msg)
+  T.allclose(h, c, 2e-2, 0, msg)
+end
+
+-- exactly equal values, NaN equal to NaN (in any dtype; compared as float64, exact for all of ours)
+local function bf_exact(g, c, msg)
+  local h = bf_check_dtype(g, c, msg)
+  local hd, cd = h:double(), c:double()
+  local hn, cn = hd:ne(hd), cd:ne(cd)
+  T.check(hn:equal(cn), (msg or '') .. ': NaN in different places')
+  T.check(flower.where(hn, 0, hd):equal(flower.where(cn, 0, cd)), (msg or '') .. ': values differ')
+end
+
+gpu('cuda bfloat16: conversions to and from every dtype, copies and round trips', function()
+  -- the rounding cases: ties to even (1 + 2^-8 -> 1, 1 + 3*2^-8 -> 1 + 2^-6), overflow to infinity,
+  -- NaN, signed zero, subnormals
+  local src = flower.tensor({1, 1 + 2 ^ -8, 1 + 3 * 2 ^ -8, -2.75, 257, 3.4e38, 1e39, -1 / 0, 0 / 0, -0.0, 1e-40})
+  local want = src:bfloat16()
+  local g = src:cuda():bfloat16()
+  T.eq(g:dtype(), 'bfloat16')
+  bf_exact(g, want, 'float32 -> bfloat16 on the device')
+  local h = g:cpu()
+  T.eq(h[2], 1, 'tie 1 + 2^-8 rounds to even (1)')
+  T.eq(h[3], 1 + 2 ^ -6, 'tie 1 + 3*2^-8 rounds to even (1 + 2^-6)')
+  T.eq(h[7], 1 / 0, 'overflow gives infinity')
+  T.check(h[9] ~= h[9], 'NaN stays NaN')
+  T.eq(1 / h[10], -1 / 0, 'negative zero keeps its sign')
+  bf_exact(src:double():cuda():bfloat16(), src:double():bfloat16(), 'float64 -> bfloat16 (through float32)')
+  bf_exact(want:cuda():float(), want:float(), 'bfloat16 -> float32 (exact)')
+  bf_exact(want:cuda():double(), want:double(), 'bfloat16 -> float64 (exact)')
+  -- plain bytes both ways, contiguous and strided, and on-device copies
+  local b = rb(3, 4, 5)
+  T.check(b:cuda():cpu():equal(b), 'host -> device -> host')
+  local bt = b:transpose(1, 3)
+  T.check(bt:cuda():cpu():equal(bt), 'strided host source')
+  T.check(b:cuda():transpose(1, 3):cpu():equal(bt), 'strided device source')
+  T.check(b:cuda():narrow(2, 2, 2):clone():cpu():equal(b:narrow(2, 2, 2)), 'narrowed device copy')
+  -- every dtype <-> bfloat16 on the device, from contiguous and strided sources
+  for _, dt in ipairs(ALL) do
+    local t = rnd(dt, 3, 4, 5)
+    if dt == 'int64' or dt == 'int32' then t = t * 1000003 end   -- beyond 8 significant bits: rounding
+    bf_exact(t:cuda():bfloat16(), t:bfloat16(), dt .. ' -> bfloat16')
+    bf_exact(t:cuda():transpose(1, 3):bfloat16(), t:transpose(1, 3):bfloat16(), dt .. ' -> bfloat16, strided')
+    local tb = (is_float(dt) and t * 70 or t):bfloat16()
+    bf_exact(tb:cuda():type(dt), tb:type(dt), 'bfloat16 -> ' .. dt)
+    bf_exact(tb:cuda():transpose(1, 3):type(dt), tb:transpose(1, 3):type(dt), 'bfloat16 -> ' .. dt .. ', strided')
+  end
+  -- into integers: saturating, NaN to 0, as on the CPU
+  local s = flower.tensor({3.5, -3.5, 1e10, -1e10, 0 / 0, 300, -5}):bfloat16()
+  for _, dt in ipairs {'int32', 'int64', 'uint8'} do bf_exact(s:cuda():type(dt), s:type(dt), 'saturating ' .. dt) end
+  -- copy into a bfloat16 view of a device tensor (converting strided kernel)
+  local dst = flower.zeros(4, 6, 'bfloat16'):cuda()
+  local f = flower.randn(2, 4)                              -- copied transposed: a strided source
+  dst:narrow(2, 3, 2):copy(f:t():cuda())
+  local want2 = flower.zeros(4, 6, 'bfloat16')
+  want2:narrow(2, 3, 2):copy(f:t())
+  bf_exact(dst, want2, 'float32 copied into a bfloat16 view')
+  -- asynchronous upload: plain bytes
+  local p = rb(33, 17)
+  T.check(cuda.to_device_async(p):cpu():equal(p), 'to_device_async of bfloat16')
+  T.eq(flower.zeros(0, 3, 'bfloat16'):cuda():cpu():numel(), 0, 'empty')
+end)
+
+gpu('cuda bfloat16: fill', function()
+  local g = flower.zeros(4, 6, 'bfloat16'):cuda()
+  for _, v in ipairs {2.5, 1 + 2 ^ -8, -1 / 0, 0 / 0, 1e39, 0} do
+    g:fill(v)
+    bf_exact(g, flower.zeros(4, 6, 'bfloat16'):fill(v), 'fill ' .. tostring(v))
+  end
+  local c = flower.zeros(4, 6, 'bfloat16')
+  g:zero()
+  g:narrow(2, 2, 3):fill(-3.3)                              -- a strided view: the fill kernel
+  c:narrow(2, 2, 3):fill(-3.3)
+  bf_exact(g, c, 'fill of a strided view')
+end)
+
+gpu('cuda bfloat16: element-wise binary ops with broadcasting, unary ops, where', function()
+  local a, b = rb(3, 1, 5), rb(1, 4, 5)
+  local ga, gb = a:cuda(), b:cuda()
+  for _, op in ipairs {'add', 'sub', 'mul', 'maximum', 'minimum'} do
+    bf_close(ga[op](ga, gb), a[op](a, b), 'binary ' .. op)
+  end
+  for _, op in ipairs {'eq', 'ne', 'lt', 'le', 'gt', 'ge'} do
+    bf_exact(ga[op](ga, gb), a[op](a, b), 'compare ' .. op)
+  end
+  local den = b:abs() + 1
+  bf_close(ga / den:cuda(), a / den, 'div')
+  bf_close(ga:abs():pow(gb), a:abs():pow(b), 'pow')
+  bf_close(ga + 3, a + 3, '+ scalar')
+  bf_close(ga:transpose(1, 3) * 2.5, a:transpose(1, 3) * 2.5, 'strided * scalar')
+  local x = flower.tensor({1, 0 / 0, 3}):bfloat16()
+  local y = flower.tensor({0 / 0, 2, 1}):bfloat16()
+  local gm = x:cuda():maximum(y:cuda()):cpu()
+  T.check(gm[1] ~= gm[1] and gm[2] ~= gm[2] and gm[3] == 3, 'maximum propagates NaN')
+  -- unary
+  local u = rb(6, 7)
+  local gu = u:cuda()
+  for _, op in ipairs {'neg', 'abs', 'relu'} do bf_exact(gu[op](gu), u[op](u), op) end
+  bf_exact(gu:clamp(-0.5, 0.5), u:clamp(-0.5, 0.5), 'clamp')
+  for _, op in ipairs {'exp', 'tanh', 'sigmoid'} do bf_close(gu[op](gu), u[op](u), op) end
+  bf_close(gu:pow(2), u:pow(2), 'pow 2')
+  local p = u:abs() + 0.1
+  bf_close(p:cuda():log(), p:log(), 'log')
+  bf_close(p:cuda():sqrt(), p:sqrt(), 'sqrt')
+  local c = gu:clone(); c:add_(1)
+  bf_close(c, u + 1, 'in place')
+  -- where
+  local ae, be = a:expand(3, 4, 5), b:expand(3, 4, 5)
+  local gae, gbe = ga:expand(3, 4, 5), gb:expand(3, 4, 5)
+  local m = ae:gt(be)
+  bf_exact(flower.where(m:cuda(), gae, gbe), flower.where(m, ae, be), 'where')
+  bf_exact(flower.where(m:cuda(), gae, 0), flower.where(m, ae, 0), 'where with a number')
+end)
+
+gpu('cuda bfloat16: reductions (sum bfloat16, mean/var/std float32, max/min, arg*)', function()
+  local a = rb(4, 33, 7)
+  local g = a:cuda()
+  local function each(op, check)
+    check(g[op](g), a[op](a), op .. '()')
+    for d = 1, 3 do
+      check(g[op](g, d), a[op](a, d), op .. '(' .. d .. ')')
+      check(g[op](g, d, true), a[op](a, d, true), op .. '(' .. d .. ', keepdim)')
+    end
+  end
+  each('sum', bf_close)
+  for _, op in ipairs {'mean', 'var', 'std'} do
+    each(op, function(x, y, msg) T.eq(y:dtype(), 'float32', msg); same(x, y, 1e-5, 1e-6, msg) end)
+  end
+  -- bfloat16 has few distinct values: ties are common, and both sides take the first
+  for _, op in ipairs {'max', 'min', 'argmax', 'argmin'} do each(op, bf_exact) end
+  local _, gi = g:max(2)
+  local _, ci = a:max(2)
+  bf_exact(gi, ci, 'max indices')
+  local big = rb(1000003)                                   -- many blocks, a ragged tail
+  bf_close(big:cuda():sum(), big:sum(), 'large sum')
+  same(big:cuda():var(), big:var(), 1e-5, 0, 'large var')
+  bf_exact(big:cuda():argmax(), big:argmax(), 'large argmax')
+  local wide = rb(3, 5000)                                  -- block-per-output path
+  bf_close(wide:cuda():sum(2), wide:sum(2), 'wide rows sum')
+  bf_exact(wide:cuda():argmin(2), wide:argmin(2), 'wide rows argmin')
+  local n = flower.tensor({{1, 0 / 0, 5}, {2, 9, 9}}):bfloat16()
+  bf_exact(n:cuda():argmax(2), n:argmax(2), 'argmax with NaN and ties')
+end)
+
+gpu('cuda bfloat16: softmax and logsoftmax', function()
+  local a = (flower.randn(3, 4, 300) * 5):bfloat16()
+  local g = a:cuda()
+  for d = 1, 3 do
+    bf_close(g:softmax(d), a:softmax(d), 'softmax dim ' .. d)
+    bf_close(g:logsoftmax(d), a:logsoftmax(d), 'logsoftmax dim ' .. d)
+  end
+end)
+
+gpu('cuda bfloat16: random streams equal the CPU bfloat16 streams', function()
+  flower.manual_seed(1234)
+  local c = flower.empty(10007, 'bfloat16'):uniform_(-2, 3)
+  flower.manual_seed(1234)
+  local g = flower.empty(10007, 'bfloat16'):cuda():uniform_(-2, 3)
+  T.eq(g:dtype(), 'bfloat16')
+  bf_exact(g, c, 'uniform: the float32 stream rounded, bit-identical')
+  flower.manual_seed(99)
+  c = flower.empty(10007, 'bfloat16'):normal_(1, 2)
+  flower.manual_seed(99)
+  g = flower.empty(10007, 'bfloat16'):cuda():normal_(1, 2)
+  -- the float32 normal values agree (almost always bit for bit): at most one bfloat16 step apart
+  bf_close(g, c, 'normal')
+  local diff = (g:cpu():double() - c:double()):ne(0):double():sum():item()
+  T.check(diff <= 2, 'normal: ' .. diff .. ' of 10007 values differ')
+  bf_exact(nn.rng_uniform(flower.empty(777, 'bfloat16'):cuda(), 42, 1000),
+           nn.rng_uniform(flower.empty(777, 'bfloat16'), 42, 1000), 'rng_uniform at an offset')
+end)
+
+gpu('cuda bfloat16: matmul (cuBLAS GemmEx) into bfloat16 and float32', function()
+  local cases = {
+    {{5, 7}, {7, 3}}, {{1, 64}, {64, 9}}, {{2, 5, 7}, {7, 3}}, {{2, 5, 7}, {2, 7, 3}},
+    {{3, 1, 4, 6}, {2, 6, 5}}, {{7}, {7, 4}}, {{4, 7}, {7}}, {{130, 257}, {257, 65}},
+  }
+  for _, c in ipairs(cases) do
+    local a, b = rb(table.unpack(c[1])), rb(table.unpack(c[2]))
+    local name = table.concat(c[1], 'x') .. ' @ ' .. table.concat(c[2], 'x')
+    local want = a:matmul(b)
+    T.eq(want:dtype(), 'bfloat16')
+    bf_sum(a:cuda():matmul(b:cuda()), want, name)
+  end
+  local a, b = rb(9, 6), rb(5, 9)
+  bf_sum(a:cuda():t():matmul(b:cuda():t()), a:t():matmul(b:t()), 'transposed operands')
+  -- bfloat16 x bfloat16 accumulated into float32 (mixed precision's master gradients): float32
+  -- sums of exact products, tight
+  for _, beta in ipairs {0, 2} do
+    local out = flower.randn(6, 5)
+    local gout = out:cuda()
+    nn.gemm(gout, a:cuda(), b:cuda(), true, true, 0.5, beta)
+    nn.gemm(out, a, b, true, true, 0.5, beta)
+    T.eq(gout:dtype(), 'float32')
+    same(gout, out, 1e-3, 1e-5, 'gemm bfloat16 -> float32, beta ' .. beta)
+  end
+  local x, g = rb(130, 257), rb(130, 65)
+  local acc = flower.full({257, 65}, 0.25)
+  local gacc = acc:cuda()
+  nn.gemm(gacc, x:cuda(), g:cuda(), true, false, 1, 1)
+  nn.gemm(acc, x, g, true, false, 1, 1)
+  same(gacc, acc, 1e-3, 1e-5, 'gemm x^T g + acc into float32')
+end)
+
+gpu('cuda bfloat16: conv2d forward/backward (cuDNN) against the CPU', function()
+  local fb0 = cuda.conv_stats().fallback_calls
+  for i, c in ipairs(conv_cases) do
+    local x, w = rb(table.unpack(c[1])), rb(table.unpack(c[2]))
+    local win = window(c[1], c[2], c[3], c[4], c[5])
+    local name = ('bfloat16 case %d'):format(i)
+    local y = nn.conv2d(x, w, win)
+    T.eq(y:dtype(), 'bfloat16')
+    bf_sum(nn.conv2d(x:cuda(), w:cuda(), win), y, name .. ' forward')
+    local F = c[2][4]
+    local scale, shift = flower.randn(F), flower.randn(F)   -- float32 beside bfloat16 activations
+    bf_sum(nn.conv2d(x:cuda(), w:cuda(), win, scale:cuda(), shift:cuda(), true),
+           nn.conv2d(x, w, win, scale, shift, true), name .. ' forward + scale/shift/relu')
+    local gy = rb(table.unpack(y:size()))
+    bf_sum(nn.conv2d_backward_data(gy:cuda(), w:cuda(), x:size(), win), nn.conv2d_backward_data(gy, w, x:size(), win),
+           name .. ' backward data')
+    -- float32 master gradients, accumulated by the front (the kernel's contract: beta 0)
+    local gw, gb = flower.randn(table.unpack(c[2])), flower.randn(F)
+    local ggw, ggb = gw:cuda(), gb:cuda()
+    nn.conv2d_backward_filter(x, gy, win, gw, gb, 0.5)
+    nn.conv2d_backward_filter(x:cuda(), gy:cuda(), win, ggw, ggb, 0.5)
+    T.eq(ggw:dtype(), 'float32')
+    same(ggw, gw, 2e-2, 0, name .. ' backward filter (accumulated into float32)')
+    same(ggb, gb, 1e-4, 1e-5, name .. ' bias gradient (float32 sum)')
+  end
+  print(('# bfloat16 convolutions: direct-kernel fallback calls %d'):format(cuda.conv_stats().fallback_calls - fb0))
+end)
+
+gpu('cuda bfloat16: depthwise forward/backward against the CPU', function()
+  for i, c in ipairs {{{2, 9, 9, 4}, {3, 3, 4, 2}, 1, 'same'}, {{2, 10, 10, 3}, {3, 3, 3, 1}, 2, 'same'},
+                      {{1, 7, 7, 5}, {5, 5, 5, 1}, 1, 'valid'}} do
+    local x, w = rb(table.unpack(c[1])), rb(table.unpack(c[2]))
+    local win = window(c[1], c[2], c[3], 1, c[4])
+    local y = nn.depthwise(x, w, win)
+    bf_sum(nn.depthwise(x:cuda(), w:cuda(), win), y, 'depthwise forward ' .. i)
+    local F = c[2][3] * c[2][4]
+    local shift = flower.randn(F)
+    bf_sum(nn.depthwise(x:cuda(), w:cuda(), win, nil, shift:cuda(), true), nn.depthwise(x, w, win, nil, shift, true),
+           'depthwise forward + bias/relu ' .. i)
+    local gy = rb(table.unpack(y:size()))
+    bf_sum(nn.depthwise_backward_data(gy:cuda(), w:cuda(), x:size(), win),
+           nn.depthwise_backward_data(gy, w, x:size(), win), 'depthwise backward data ' .. i)
+    local gw, gb = flower.zeros(table.unpack(c[2])), flower.zeros(F)
+    local ggw, ggb = gw:cuda(), gb:cuda()
+    nn.depthwise_backward_filter(x, gy, win, gw, gb)
+    nn.depthwise_backward_filter(x:cuda(), gy:cuda(), win, ggw, ggb)
+    same(ggw, gw, 2e-2, 0, 'depthwise backward filter ' .. i)
+    same(ggb, gb, 1e-4, 1e-5, 'depthwise bias gradient ' .. i)
+  end
+end)
+
+gpu('cuda bfloat16: pooling forward/backward against the CPU', function()
+  for i, c in ipairs {{{2, 9, 9, 3}, 3, 2, 'same'}, {{2, 8, 8, 4}, 2, 2, 'valid'}, {{1, 7, 6, 2}, 3, 1, 'same'}} do
+    local x = rb(table.unpack(c[1]))
+    local win = nn.window(c[1][2], c[1][3], c[2], c[2], c[3], c[3], 1, 1, c[4])
+    for _, kind in ipairs {'max', 'avg'} do
+      local name = ('bfloat16 %s pool case %d'):format(kind, i)
+      local y = nn.pool2d(x, kind, win)
+      local gpy = nn.pool2d(x:cuda(), kind, win)
+      if kind == 'max' then bf_exact(gpy, y, name) else bf_close(gpy, y, name) end
+      local gy = rb(table.unpack(y:size()))
+      -- max pooling routes to the first maximum (ties are common in bfloat16): the same on both
+      bf_close(nn.pool2d_backward(gy:cuda(), x:cuda(), kind, win), nn.pool2d_backward(gy, x, kind, win),
+               name .. ' backward')
+      if kind == 'max' then
+        local gy2, am = nn.pool2d(x:cuda(), kind, win, true)
+        T.eq(am:dtype(), 'int32')
+        bf_close(nn.pool2d_backward(gy:cuda(), x:size(), kind, win, am), nn.pool2d_backward(gy, x, kind, win),
+                 name .. ' backward through argmax')
+        gy2 = nil
+      end
+    end
+  end
+end)
+
+gpu('cuda bfloat16: batch norm (float32 parameters and statistics) against the CPU', function()
+  for _, relu in ipairs {false, true} do
+    local x = (flower.randn(4, 5, 6, 7) * 3 + 1):bfloat16()
+    local gamma, beta = flower.randn(7), flower.randn(7)
+    local rm, rv = flower.randn(7), flower.rand(7)
+    local grm, grv = rm:cuda(), rv:cuda()
+    local unbiased = not relu
+    local name = ('bfloat16 bn (relu %s)'):format(tostring(relu))
+    local y, mean, inv = nn.batchnorm_train(x, gamma, beta, rm, rv, 0.9, 1e-3, unbiased, relu)
+    local gy_, gmean, ginv = nn.batchnorm_train(x:cuda(), gamma:cuda(), beta:cuda(), grm, grv, 0.9, 1e-3, unbiased,
+                                                relu)
+    T.eq(gmean:dtype(), 'float32'); T.eq(ginv:dtype(), 'float32')
+    bf_close(gy_, y, name .. ' forward')
+    same(gmean, mean, 1e-5, 1e-6, name .. ' mean')
+    same(ginv, inv, 1e-5, 1e-6, name .. ' invstd')
+    same(grm, rm, 1e-5, 1e-6, name .. ' running mean')
+    same(grv, rv, 1e-5, 1e-6, name .. ' running var')
+    local gy = rb(4, 5, 6, 7)
+    local ry, gry = relu and y or nil, relu and gy_ or nil
+    for _, training in ipairs {true, false} do
+      local gg, gb = flower.randn(7), flower.randn(7)
+      local ggg, ggb = gg:cuda(), gb:cuda()
+      local gx = nn.batchnorm_backward(x, gy, mean, inv, gamma, training, gg, gb, 1, true, ry)
+      local ggx = nn.batchnorm_backward(x:cuda(), gy:cuda(), gmean, ginv, gamma:cuda(), training, ggg, ggb, 1, true,
+                                        gry)
+      local bname = name .. (training and ' backward (training)' or ' backward (inference)')
+      -- gx = gy*a + x*b + k: the float32 coefficients may differ in their last bits
+      bf_close(ggx, gx, bname .. ' gx', 2)
+      same(ggg, gg, 1e-4, 1e-5, bname .. ' ggamma')
+      same(ggb, gb, 1e-4, 1e-5, bname .. ' gbeta')
+    end
+  end
+end)
+
+gpu('cuda bfloat16: channel affine, activation gradients, add_act', function()
+  local x = rb(3, 4, 5)
+  local s, b = flower.randn(5), flower.randn(5)
+  bf_close(nn.channel_affine(x:cuda(), s:cuda(), b:cuda(), true), nn.channel_affine(x, s, b, true), 'affine')
+  local g = x:cuda()
+  nn.channel_affine(g, nil, b:cuda(), false, g)
+  bf_close(g, nn.channel_affine(x, nil, b, false), 'affine in place')
+  local gy = rb(3, 4, 5)
+  for _, act in ipairs {'relu', 'sigmoid', 'tanh', 'softmax'} do
+    local y = act == 'relu' and x:relu() or act == 'sigmoid' and x:sigmoid() or act == 'tanh' and x:tanh()
+              or x:softmax()
+    T.eq(y:dtype(), 'bfloat16')
+    bf_close(nn.act_backward(act, gy:cuda(), y:cuda()), nn.act_backward(act, gy, y), act .. ' backward')
+  end
+  local a, c = rb(2, 3, 3, 4), rb(2, 3, 3, 4)
+  for _, relu in ipairs {false, true} do
+    bf_close(nn.add_act(a:cuda(), c:cuda(), 0.17, relu), nn.add_act(a, c, 0.17, relu),
+             'add_act relu ' .. tostring(relu))
+  end
+  local ga = a:cuda()
+  nn.add_act(ga, c:cuda(), 1, true, ga)
+  bf_close(ga, nn.add_act(a, c, 1, true), 'add_act in place')
+end)
+
+gpu('cuda bfloat16: losses and optimizers refuse it, naming the operation', function()
+  local z = rb(4, 3):cuda()
+  local err = T.raises(function() nn.softmax_xent(z, flower.tensor({0, 1, 2, 0}, 'int64'):cuda(), 0, 1, true) end,
+                       'bfloat16')
+  T.check(tostring(err):find('softmax', 1, true), 'the message names the loss: ' .. tostring(err))
+  local w = rb(5):cuda()
+  err = T.raises(function() nn.adam_step(w, w, w, w, 0.1, 0.9, 0.999, 1e-7) end, 'bfloat16')
+  T.check(tostring(err):find('adam_step', 1, true), 'the message names adam_step: ' .. tostring(err))
+  -- the fused multi-tensor steps check in the CUDA backend itself
+  T.raises(function() cuda.adam_step({w}, {w}, {w}, {w}, 0.1, 0.9, 0.999, 1e-7) end, 'cuda adam_step: bfloat16')
+  T.raises(function() cuda.sgd_step({w}, {w}, nil, 0.1) end, 'cuda sgd_step: bfloat16')
+  cuda.synchronize()
+end)
+
+gpu('cuda bfloat16: device memory of a bfloat16 tensor is 2 bytes an element and is freed', function()
+  collectgarbage(); collectgarbage()
+  local s0 = cuda.memory_stats()
+  local t = flower.zeros(1024, 1024, 'bfloat16'):cuda()   -- 2 MiB
+  local s1 = cuda.memory_stats()
+  T.check(s1.allocated >= s0.allocated + 2 * 2 ^ 20, 'allocated grows by 2 MiB')
+  T.check(s1.allocated < s0.allocated + 4 * 2 ^ 20, 'not by float32 size')
+  local f = t:float()                                       -- a converted copy: 4 MiB more
+  T.check(cuda.memory_stats().allocated >= s1.allocated + 4 * 2 ^ 20, 'float32 copy')
+  t, f = nil, nil
+  collectgarbage(); collectgarbage()
+  T.check(cuda.memory_stats().allocated <= s0.allocated, 'freed')
 end)
 
 -- FLOWER_GPU_LIST=1 prints the group names; FLOWER_GPU_GROUP=<name> runs that group alone
