@@ -59,7 +59,11 @@ local function two_headed(model, layer)
   local ok, m = pcall(function()
     return nn.Model(model.inputs[1], { l._nodes[1], model.outputs[1] }, { name = model.name .. '_export' })
   end)
-  if ok then return m, true end
+  if ok then
+    -- it shares the layers: it computes as the model does (output_of does the same)
+    if model.mixed_precision and model:mixed_precision() then m:mixed_precision(model:mixed_precision()) end
+    return m, true
+  end
   return model:output_of(layer), false
 end
 

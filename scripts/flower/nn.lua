@@ -33,6 +33,8 @@
 --   model:output_of('avg_pool')               -- a model sharing these layers, ending at that layer
 --   model:summary()                           -- Keras's table and Total/Trainable/Non-trainable
 --   model:type('float64')                     -- converts weights (for gradient checks)
+--   model:mixed_precision('bfloat16')         -- bf16 activations and kernel copies, float32 weights,
+--                                                gradients and optimizer state, float32 outputs
 -- Standalone layers work the same way: layer:forward(x), layer:backward(x, gy).
 --
 -- GRADIENT FLOW: a node needs a gradient only if some layer at or above it (towards the inputs)
@@ -78,6 +80,13 @@ nn.C = C
 nn.fusion = true      -- fuse Conv -> BatchNorm -> ReLU where no gradient flows (false: run layer by layer)
 nn.inplace = true     -- where no backward follows, Add/BN/ReLU may write over an input no one else needs
 nn.reuse = true       -- free each activation after its last reader (false: leave them to the collector)
+
+-- Mixed precision (model:mixed_precision, flower/nn/model.lua): the compute dtype of the model that
+-- is running ('bfloat16', 'float32' or nil outside any model; Preprocess reads it), and a counter
+-- that every top-level forward advances, after which the bfloat16 copies of kernels are remade
+-- from their float32 masters (Layer:_kernel).
+nn._compute = nil
+nn._kernel_gen = 0
 
 -------------------------------------------------------------------------------- classes
 
@@ -391,10 +400,44 @@ Layer.zeroGradParameters = Layer.zero_grad
 function Layer:training() self.train = true; return self end
 function Layer:evaluate() self.train = false; return self end
 
+-- The tensor a convolution or matrix product reads for weight `name` when the activations are of
+-- dtype dt: the weight itself, or, with bfloat16 activations and a float32 weight (mixed precision),
+-- a bfloat16 copy of it. The weight stays the master (gradients, optimizer, checkpoints see only it).
+-- A forward (fwd = true) remakes the copy from the master at its first use after each top-level
+-- forward (nn._kernel_gen), so whatever changed the master since -- an optimizer step, set_weights,
+-- load_weights, a write by hand, model:cuda() -- is seen; a backward reuses its forward's copy (the
+-- gradient of what the forward computed). The copy is kept between steps and refreshed in place.
+function Layer:_kernel(name, dt, fwd)
+  local w = self[name]
+  if dt ~= 'bfloat16' or w:dtype() == dt then return w end
+  local kc = self._kc
+  if not kc then kc = {}; self._kc = kc end
+  local e = kc[name]
+  if e and rawequal(e.src, w) then
+    if not fwd or e.gen == nn._kernel_gen then return e.t end
+    e.t:copy(w)                          -- same master tensor: refresh in place (rounds to nearest even)
+  else
+    if e then e.t:free() end
+    e = {t = w:type(dt), src = w}
+    kc[name] = e
+  end
+  e.gen = nn._kernel_gen
+  return e.t
+end
+
+-- frees the bfloat16 kernel copies (mixed precision turned off, weights converted or moved)
+function Layer:_free_kernels()
+  local kc = self._kc
+  if not kc then return end
+  self._kc = nil
+  for _, e in pairs(kc) do e.t:free() end
+end
+
 -- converts weights (and gradients) to dtype ('float32' | 'float64')
 function Layer:type(dtype)
   if dtype == nil then return self.dtype end
   if dtype ~= 'float32' and dtype ~= 'float64' then error(self:owner() .. ": type must be 'float32' or 'float64'", 2) end
+  self:_free_kernels()
   for _, n in ipairs(self._wnames) do
     self[n] = self[n]:type(dtype)
     if self.grads[n] then self.grads[n] = self.grads[n]:type(dtype) end
@@ -408,6 +451,7 @@ function Layer:_on_type() end
 -- Moves weights, gradients and (BatchNorm) moving statistics to device dev (nil: the host), like
 -- type(); an unbuilt layer remembers the device and moves its weights when it is built.
 function Layer:_to(dev)
+  self:_free_kernels()
   for _, n in ipairs(self._wnames) do
     self[n] = to_device(self[n], dev)
     if self.grads[n] then self.grads[n] = to_device(self.grads[n], dev) end
@@ -450,6 +494,9 @@ function Layer:double() return self:type('float64') end
 function Layer:build() end
 function Layer:output_shape(s) return copy_shape(s) end
 function Layer:needs() return false, false end
+-- true for layers that bring any input to their compute dtype themselves (Preprocess, a nested
+-- model): a mixed-precision model does not cast a model input that only such layers read
+Layer.converts_input = false
 
 local function wrap_err(layer, err)
   -- drop the "file.lua:123: " position that luaL_error puts in front: the layer name says where
@@ -486,6 +533,7 @@ end
 -- Torch7-style standalone use: forward keeps what backward needs.
 function Layer:forward(x)
   if not self.built then self:_infer(shapes_of(x)) end
+  nn._kernel_gen = nn._kernel_gen + 1
   local ok, y = pcall(self._forward, self, x, true)
   if not ok then error(wrap_err(self, y), 0) end
   self.output = y

@@ -13,7 +13,9 @@
 -- string value names a config key, e.g. epochs = 'epochs'), batch_size, workers, seed, augment, crop_scale,
 -- ensemble_epochs, ensemble_lr, ensemble_dropout, topk, split_seed, valid_fraction, resume, device
 -- ('cpu', 'cuda', 'cuda:<n>' or 'auto': where fine-tuning, export, evaluation and the ensemble run;
--- with a GPU the loaders hand out page-locked batches, uploaded while the next ones decode).
+-- with a GPU the loaders hand out page-locked batches, uploaded while the next ones decode),
+-- mixed_precision ('float32' or 'bfloat16': how the fine-tuned models train, evaluate and export;
+-- their weights stay float32; the ensemble's small classifier stays float32).
 -- Returns a summary {results = {{name, val_acc}...}, best = name, predict = path}. An interrupt
 -- (Ctrl-C, SIGTERM) during training or export writes checkpoints and returns {interrupted = why}.
 local flower = require 'flower'
@@ -157,10 +159,12 @@ function pipeline.finetune(cfg, run, ds, spec, name)
   local tl, vl = train_loader(cfg, ds.train, size), eval_loader(cfg, ds.valid, size)
   local loss = spec.loss and spec.loss(name) or 'logits'
   local total = model:count_params()
-  run:log('%s: %d parameters, input %dx%d, %d train / %d valid images', name, total, size, size, #ds.train, #ds.valid)
+  run:log('%s: %d parameters, input %dx%d, %d train / %d valid images%s', name, total, size, size, #ds.train,
+    #ds.valid, cfg.mixed_precision == 'bfloat16' and ', bfloat16 mixed precision' or '')
   local hist = train.fit_stages(model, pipeline.stages(cfg, name), {
     train = tl, valid = vl, loss = loss, label = name, log = function(m) run:log('%s', m) end,
     checkpoint_dir = files.join(dir, 'checkpoints'), resume = cfg.resume ~= nil, device = dev or 'cpu',
+    mixed_precision = cfg.mixed_precision,
     history_csv = files.join(dir, 'history.csv'), save_best = false,
     -- a stage with schedule = 'cosine' decays its learning rate to 0 over its epochs
     callbacks = function(st)

@@ -19,7 +19,9 @@
 -- Every recipe also accepts --runs DIR (where run directories go), --run-name NAME,
 -- --resume RUNDIR (continue an interrupted run in its own directory, with its saved config) and
 -- --device cpu|cuda|cuda:<n>|auto (where the run computes, cfg.device; checked before the run
--- directory is made, so a missing GPU fails at once with flower.cuda's reason).
+-- directory is made, so a missing GPU fails at once with flower.cuda's reason) and
+-- --mixed-precision float32|bfloat16 (cfg.mixed_precision: train.fit's mixed_precision, i.e.
+-- model:mixed_precision; bfloat16 activations with float32 master weights, for GPUs).
 local cli = require 'flower.cli'
 local files = require 'flower.files'
 
@@ -35,6 +37,8 @@ local COMMON = {
   { name = 'resume', type = 'string', help = 'continue the run in this run directory with its saved config' },
   { name = 'device', type = 'string', default = 'cpu',
     help = "where to compute: cpu, cuda (GPU 0), cuda:<n>, or auto (cuda when a GPU is available)" },
+  { name = 'mixed_precision', type = 'string', default = 'float32', choices = { 'float32', 'bfloat16' },
+    help = 'bfloat16: bf16 activations and kernel copies, float32 master weights and optimizer state (for GPUs)' },
 }
 
 local function deep_copy(v)

@@ -18,6 +18,9 @@
 --     history_csv = 'runs/x/history.csv',     -- rewritten atomically after every epoch
 --     stage = 1, label = 'cnn head',          -- recorded in the history / shown in the bar
 --     device = 'cuda',                        -- 'cpu' (default), 'cuda', 'cuda:<n>' or 'auto'
+--     mixed_precision = 'bfloat16',           -- model:mixed_precision(...) before training: bf16
+--                                             -- activations, float32 weights and optimizer state
+--                                             -- ('float32' / false turns it off; nil leaves the model's)
 --   })
 --   -- hist.rows = {{stage, epoch, loss, acc, val_loss, val_acc, lr, seconds, images_per_s}, ...}
 --   -- hist.stopped = nil | 'early_stopping' | 'interrupted'; hist.interrupted = 'SIGINT' | ...
@@ -567,8 +570,14 @@ function train.fit(model, o)
   local save_best = o.save_best
   if save_best == nil then save_best = o.valid and 'val_acc' or false end
   local nsteps = #o.train
+  local mp
+  if o.mixed_precision ~= nil then
+    if type(model.mixed_precision) ~= 'function' then fail('mixed_precision needs a model with :mixed_precision (a flower.nn model)') end
+    mp = nn().check_mixed_precision(o.mixed_precision, 'train.fit: mixed_precision', 2)
+  end
   -- the device before anything else: a missing GPU fails here, not half-way
   local dev = run_device(model, o.device, 'train.fit')
+  if mp ~= nil then model:mixed_precision(mp) end
   local ctx = { model = model, optimizer = o.optimizer, history = hist, log = log, device = dev }
 
   -- resume
@@ -791,6 +800,7 @@ end
 function train.fit_stages(model, stages, o)
   if type(stages) ~= 'table' or #stages == 0 then error('train.fit_stages: expected a non-empty list of stages', 2) end
   if o.device ~= nil then train.resolve_device(o.device, 'train.fit_stages') end   -- before any stage
+  if o.mixed_precision ~= nil then nn().check_mixed_precision(o.mixed_precision, 'train.fit_stages: mixed_precision', 2) end
   local hist = o.history or train.History()
   local epoch0 = 0
   for i, st in ipairs(stages) do

@@ -5,7 +5,9 @@
 
 ResNet50 is torchvision's, channels_last, SGD with momentum 0.9, cross-entropy on random labels;
 cudnn.benchmark on and TF32 allowed for convolutions and matrix products (what flowerlua's
-fp32/tf32 mode does); bf16 is torch.autocast(bfloat16). Peak memory is
+fp32/tf32 mode does); bf16 is torch.autocast("cuda", dtype=torch.bfloat16) around the forward and
+the loss (float32 parameters, gradients and optimizer state: flowerlua's
+model:mixed_precision('bfloat16')), on the same model and optimizer after the fp32 run. Peak memory is
 torch.cuda.max_memory_allocated / max_memory_reserved over the timed training steps.
 """
 import os
@@ -50,7 +52,7 @@ def kernels(batch):
     result("conv3x3_bwd_filter_ms", 1e3 * timed(lambda: torch.nn.grad.conv2d_weight(x, w.shape, gy, padding=1), 10))
 
 
-def profile(step, steps=3):
+def profile(step, mode, steps=3):
     """Where a training step's GPU time goes, by kernel family (tests/bench/gpu.lua prints ours)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
@@ -66,7 +68,7 @@ def profile(step, steps=3):
         if t > 0:
             fam[e.key] = fam.get(e.key, 0) + t
     total = sum(fam.values())
-    print(f"# torch profile: {total / steps / 1e3:.1f} ms of kernels per step")
+    print(f"# torch profile {mode}: {total / steps / 1e3:.1f} ms of kernels per step")
     for k, t in sorted(fam.items(), key=lambda kv: -kv[1])[:25]:
         print(f"#   {t / steps / 1e3:8.2f} ms  {100 * t / total:5.1f}%  {k[:90]}")
 
@@ -96,8 +98,8 @@ def model_bench(batch, steps):
         result(f"train_{mode}_img_s", batch / s)
         result(f"train_{mode}_peak_alloc_mib", torch.cuda.max_memory_allocated() / 2**20)
         result(f"train_{mode}_peak_reserved_mib", torch.cuda.max_memory_reserved() / 2**20)
-        if os.environ.get("FLOWER_BENCH_PROFILE") and not bf16:
-            profile(step)
+        if os.environ.get("FLOWER_BENCH_PROFILE"):
+            profile(step, mode)
 
         model.eval()
 

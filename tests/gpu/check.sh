@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The prepared device check of the CUDA backend (issue 7): in one call, get a CUDA build of
-# flowerlua, run the GPU tests (tests/lua/test_cuda.lua), then the GPU benchmark beside PyTorch
+# flowerlua, run the GPU tests (tests/lua/test_cuda.lua, the GPU test of test_mixed_precision.lua), then the GPU benchmark beside PyTorch
 # (tests/bench/gpu.lua) and the quickstart on the GPU and on the CPUs, and print the test counts,
 # the benchmark table and the quickstart's accuracies. Logs go to $OUT (the device tool's folder)
 # when set, else to build-cuda/gpu-check/.
@@ -108,6 +108,16 @@ pass=$(grep -c '^ok - ' "$LOGS/test_cuda.log"); skip=$(grep -c '^ok - .*# SKIP' 
 fail=$(grep -c '^not ok - ' "$LOGS/test_cuda.log")
 [ $rc -ne 0 ] && [ "$fail" -eq 0 ] && fail=1
 
+# ---- mixed precision on the GPU against the CPU's (its other tests run everywhere)
+echo "== tests/lua/test_mixed_precision.lua"
+"$FLOWERLUA" tests/lua/test_mixed_precision.lua > "$LOGS/test_mixed.log" 2>&1
+mrc=$?
+grep -v '^ok - ' "$LOGS/test_mixed.log" | head -40
+grep -i 'gpu\|cuda' "$LOGS/test_mixed.log" | grep '^ok - ' || true
+pass=$((pass + $(grep -c '^ok - ' "$LOGS/test_mixed.log"))); skip=$((skip + $(grep -c '^ok - .*# SKIP' "$LOGS/test_mixed.log")))
+fail=$((fail + $(grep -c '^not ok - ' "$LOGS/test_mixed.log")))
+[ $mrc -ne 0 ] && [ "$fail" -eq 0 ] && fail=1
+
 # After a failure, each group once more in its own process (a sticky CUDA error such as an illegal
 # address poisons every later group of the same process), and a failing group under
 # compute-sanitizer to name the kernel and the bad access.
@@ -141,15 +151,17 @@ fi
 
 # ---- the main job end to end: the quickstart on the GPU, then on this machine's CPUs
 qrc=0
-for dev in cuda cpu; do
-  echo "== experiments/quickstart.lua --device $dev"
+for run in cuda cuda-bf16 cpu; do
+  dev=${run%-bf16}; mp=float32
+  [ "$run" = cuda-bf16 ] && mp=bfloat16
+  echo "== experiments/quickstart.lua --device $dev --mixed-precision $mp"
   t0=$SECONDS
-  timeout 300 "$FLOWERLUA" experiments/quickstart.lua --device "$dev" --run-name "gpu-check-$dev" \
-    > "$LOGS/quickstart-$dev.log" 2>&1
+  timeout 300 "$FLOWERLUA" experiments/quickstart.lua --device "$dev" --mixed-precision "$mp" \
+    --run-name "gpu-check-$run" > "$LOGS/quickstart-$run.log" 2>&1
   r=$?
   [ $r -ne 0 ] && [ "$dev" = cuda ] && qrc=$r
   grep -E 'accuracy|rror|report:|images/s|epoch 12/12' "$LOGS/quickstart-$dev.log" | tail -16
-  echo "quickstart --device $dev: exit $r in $((SECONDS - t0)) s"
+  echo "quickstart --device $dev --mixed-precision $mp: exit $r in $((SECONDS - t0)) s"
 done
 
 echo "== summary"

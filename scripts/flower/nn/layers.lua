@@ -178,7 +178,8 @@ function Conv2D:_forward(x, keep, omit_bias)
   local d = dims(x)
   local win = window_of(self, d[2], d[3])
   self._xshape = d
-  local y = C.conv2d(x, self.kernel, win, nil, not omit_bias and self.bias or nil, self.activation == 'relu')
+  local y = C.conv2d(x, self:_kernel('kernel', x:dtype(), true), win, nil, not omit_bias and self.bias or nil,
+    self.activation == 'relu')
   if self.activation and self.activation ~= 'relu' then y = nn._activate(self.activation, y) end
   return y
 end
@@ -188,11 +189,12 @@ end
 -- pad {t, b, l, r}: a ZeroPadding2D before this layer, folded into the window (no padded copy)
 function Conv2D:_forward_fused(x, scale, shift, relu, pad)
   local d = dims(x)
-  if not pad then return C.conv2d(x, self.kernel, window_of(self, d[2], d[3]), scale, shift, relu) end
+  local k = self:_kernel('kernel', x:dtype(), true)
+  if not pad then return C.conv2d(x, k, window_of(self, d[2], d[3]), scale, shift, relu) end
   local w = window_of(self, d[2] + pad[1] + pad[2], d[3] + pad[3] + pad[4])
   local win = {kh = w.kh, kw = w.kw, sh = w.sh, sw = w.sw, dh = w.dh, dw = w.dw,
                pt = w.pt + pad[1], pb = w.pb + pad[2], pl = w.pl + pad[3], pr = w.pr + pad[4]}
-  return C.conv2d(x, self.kernel, win, scale, shift, relu)
+  return C.conv2d(x, k, win, scale, shift, relu)
 end
 
 -- can a ZeroPadding2D of `pad` be folded in: the combined pads must stay below the window size
@@ -221,7 +223,7 @@ function Conv2D:_backward(x, y, gy, need_gin, need_params)
   local d = self._xshape
   local win = window_of(self, d[2], d[3])
   if need_params then conv_param_grads(self, 'kernel', x, gy, win, C.conv2d_backward_filter) end
-  if need_gin then return C.conv2d_backward_data(gy, self.kernel, d, win) end
+  if need_gin then return C.conv2d_backward_data(gy, self:_kernel('kernel', gy:dtype()), d, win) end
 end
 
 -- ---------------------------------------------------------------- DepthwiseConv2D
@@ -274,15 +276,16 @@ DepthwiseConv2D.needs = Conv2D.needs
 function DepthwiseConv2D:_forward(x)
   local d = dims(x)
   self._xshape = d
-  local y = C.depthwise(x, self.depthwise_kernel, window_of(self, d[2], d[3]), nil, self.bias,
-    self.activation == 'relu')
+  local y = C.depthwise(x, self:_kernel('depthwise_kernel', x:dtype(), true), window_of(self, d[2], d[3]), nil,
+    self.bias, self.activation == 'relu')
   if self.activation and self.activation ~= 'relu' then y = nn._activate(self.activation, y) end
   return y
 end
 
 function DepthwiseConv2D:_forward_fused(x, scale, shift, relu)
   local d = dims(x)
-  return C.depthwise(x, self.depthwise_kernel, window_of(self, d[2], d[3]), scale, shift, relu)
+  return C.depthwise(x, self:_kernel('depthwise_kernel', x:dtype(), true), window_of(self, d[2], d[3]), scale, shift,
+    relu)
 end
 
 function DepthwiseConv2D:_backward(x, y, gy, need_gin, need_params)
@@ -290,7 +293,7 @@ function DepthwiseConv2D:_backward(x, y, gy, need_gin, need_params)
   local d = self._xshape
   local win = window_of(self, d[2], d[3])
   if need_params then conv_param_grads(self, 'depthwise_kernel', x, gy, win, C.depthwise_backward_filter) end
-  if need_gin then return C.depthwise_backward_data(gy, self.depthwise_kernel, d, win) end
+  if need_gin then return C.depthwise_backward_data(gy, self:_kernel('depthwise_kernel', gy:dtype()), d, win) end
 end
 
 -- ---------------------------------------------------------------- SeparableConv2D
@@ -348,8 +351,9 @@ SeparableConv2D.needs = Conv2D.needs
 function SeparableConv2D:_forward_fused(x, scale, shift, relu, keep)
   local d = dims(x)
   self._xshape = d
-  local mid = C.depthwise(x, self.depthwise_kernel, (window_of(self, d[2], d[3])))
-  local y = C.conv2d(mid, self.pointwise_kernel, self._pwin, scale, shift, relu)
+  local dt = x:dtype()
+  local mid = C.depthwise(x, self:_kernel('depthwise_kernel', dt, true), (window_of(self, d[2], d[3])))
+  local y = C.conv2d(mid, self:_kernel('pointwise_kernel', dt, true), self._pwin, scale, shift, relu)
   if keep then self._mid = mid else mid:free() end    -- the pointwise kernel's gradient needs it
   return y
 end
@@ -383,13 +387,15 @@ function SeparableConv2D:_backward(x, y, gy, need_gin, need_params)
     end
   end
   local gmid
-  if need_params or need_gin then gmid = C.conv2d_backward_data(gy, self.pointwise_kernel, mid, self._pwin) end
+  if need_params or need_gin then
+    gmid = C.conv2d_backward_data(gy, self:_kernel('pointwise_kernel', gy:dtype()), mid, self._pwin)
+  end
   mid:free()
   if need_params then
     local gd, b = self:grad_beta('depthwise_kernel')
     C.depthwise_backward_filter(x, gmid, win, gd, nil, b)
   end
-  if need_gin then return C.depthwise_backward_data(gmid, self.depthwise_kernel, d, win) end
+  if need_gin then return C.depthwise_backward_data(gmid, self:_kernel('depthwise_kernel', gy:dtype()), d, win) end
 end
 
 -- ---------------------------------------------------------------- BatchNormalization
@@ -740,7 +746,7 @@ end
 function Dense:_forward(x)
   local x2 = rows(x)
   self._xshape = x:size()
-  local y = x2:matmul(self.kernel)
+  local y = x2:matmul(self:_kernel('kernel', x:dtype(), true))
   if self.bias or self.activation == 'relu' then C.channel_affine(y, nil, self.bias, self.activation == 'relu', y) end
   if self.activation and self.activation ~= 'relu' then y = nn._activate(self.activation, y) end
   if x2 ~= x then x2:free() end   -- a view (or copy) of x: the executor frees x
@@ -767,7 +773,7 @@ function Dense:_backward(x, y, gy, need_gin, need_params)
     end
   end
   if need_gin then
-    local gx = g2:matmul(self.kernel:t())
+    local gx = g2:matmul(self:_kernel('kernel', gy:dtype()):t())
     if #self._xshape ~= 2 then gx = gx:view(self._xshape) end
     return gx
   end
@@ -1102,7 +1108,11 @@ end
 -- ---------------------------------------------------------------- Preprocess
 
 -- Keras Applications' preprocess_input as a layer, on RGB images (N, H, W, 3) of any dtype
--- (uint8 or float); the output is the layer's dtype (float32 unless model:type changed it).
+-- (uint8 or float); the output is the layer's dtype (float32 unless model:type changed it), or
+-- bfloat16 inside a model running in mixed precision: computed in float32 and rounded once (uint8
+-- and bfloat16 pixels are exact in bfloat16, so those go through the bfloat16 kernel directly,
+-- which computes in float32 too). A model in mixed precision therefore does not round its float32
+-- input before this layer (converts_input).
 --   caffe: RGB -> BGR, then subtract the ImageNet means [103.939, 116.779, 123.68] (B, G, R)
 --   tf:    x / 127.5 - 1
 --   torch: x / 255, then (x - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225] per RGB channel
@@ -1152,8 +1162,13 @@ local function flip_channels(x)
   return y
 end
 
+Preprocess.converts_input = true
+
 function Preprocess:_forward(x)
-  local xf = x:dtype() == self.dtype and x or x:type(self.dtype)
+  local dt = x:dtype()
+  local mixed = nn._compute == 'bfloat16' and self.dtype == 'float32'
+  local work = (mixed and (dt == 'uint8' or dt == 'bfloat16')) and 'bfloat16' or self.dtype
+  local xf = dt == work and x or x:type(work)
   if self.mode == 'caffe' then
     local flipped = flip_channels(xf)
     if xf ~= x then xf:free() end
@@ -1162,6 +1177,11 @@ function Preprocess:_forward(x)
   local scale, shift = self:coefficients(xf)
   local y = C.channel_affine(xf, scale, shift, false)
   if xf ~= x then xf:free() end   -- temporaries, as big as the batch
+  if mixed and work ~= 'bfloat16' then
+    local b = y:type('bfloat16')
+    y:free()
+    y = b
+  end
   return y
 end
 
