@@ -251,7 +251,7 @@ static int l_memory_stats(lua_State *L) {
   int dev = opt_device(L, 1, "cuda.memory_stats");
   fl_cuda_memstats st;
   if (fl_cuda_memory_stats(dev, &st)) return fl_lua_error(L);
-  lua_createtable(L, 0, 14);
+  lua_createtable(L, 0, 18);
   set_int(L, "allocated", st.allocated);
   set_int(L, "requested", st.requested);
   set_int(L, "reserved", st.reserved);
@@ -266,6 +266,10 @@ static int l_memory_stats(lua_State *L) {
   set_int(L, "num_cuda_malloc", st.num_cuda_malloc);
   set_int(L, "num_cuda_free", st.num_cuda_free);
   set_int(L, "num_oom", st.num_oom);
+  set_int(L, "live_blocks", st.live_blocks);
+  set_int(L, "segments", st.segments);
+  set_int(L, "free_blocks", st.free_blocks);
+  set_int(L, "largest_free", st.largest_free);
   return 1;
 }
 

@@ -32,12 +32,13 @@ int fl_cuda_device_name(int device, char *buf, size_t n);
 int fl_cuda_check_device(const char *op, int device);
 
 /* ---- caching allocator ----
- * Device memory comes from cudaMalloc in blocks whose size is rounded up to one of 32 sizes per power
- * of two (multiples of 512 bytes); a freed block goes to its size's free list and serves the next request
- * of that size, so a training loop reaches a steady state with no cudaMalloc/cudaFree per step.
- * When cudaMalloc fails the allocator returns every cached block of that device to the driver and
- * tries once more; only then does allocation fail, with a message saying how much was asked for and
- * how much the device has free (the process stays usable). */
+ * Device memory comes in blocks (sizes rounded up to 512 bytes) carved out of cudaMalloc'd segments
+ * (core/pool.h): best fit, split, and merged with free neighbours when freed, so a training loop
+ * reaches a steady state with no cudaMalloc/cudaFree per step and memory freed by one size serves
+ * others. When cudaMalloc fails the allocator returns every wholly free segment of that device to the
+ * driver and tries once more; only then does allocation fail, with a message saying how much was
+ * asked for and how much the device has free (the process stays usable). empty_cache returns the
+ * wholly free segments: a segment holding any live block stays, with its free parts (`cached`). */
 typedef struct fl_cuda_memstats {
   uint64_t allocated;        /* bytes in live blocks (rounded sizes) */
   uint64_t requested;        /* bytes asked for by live allocations (before rounding) */
@@ -47,9 +48,12 @@ typedef struct fl_cuda_memstats {
   uint64_t peak_reserved;
   uint64_t device_free, device_total;   /* cudaMemGetInfo */
   uint64_t num_alloc, num_free;         /* allocator calls */
-  uint64_t num_cache_hits;              /* allocations served from a free list */
+  uint64_t num_cache_hits;              /* allocations served from segments already held */
   uint64_t num_cuda_malloc, num_cuda_free;
   uint64_t num_oom;                     /* allocations that failed */
+  uint64_t live_blocks;                 /* blocks in use */
+  uint64_t segments;                    /* cudaMalloc'd segments held */
+  uint64_t free_blocks, largest_free;   /* free parts of the segments (fragmentation), the largest */
 } fl_cuda_memstats;
 
 int fl_cuda_memory_stats(int device, fl_cuda_memstats *st);

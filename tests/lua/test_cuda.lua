@@ -465,24 +465,37 @@ gpu('cuda caching allocator: reuse, statistics, empty_cache', function()
   cuda.empty_cache()
   local s0 = cuda.memory_stats()
   for _, k in ipairs {'allocated', 'reserved', 'cached', 'peak_allocated', 'peak_reserved', 'device_free',
-                      'device_total', 'num_alloc', 'num_cache_hits', 'num_cuda_malloc'} do
+                      'device_total', 'num_alloc', 'num_cache_hits', 'num_cuda_malloc', 'live_blocks', 'segments',
+                      'free_blocks', 'largest_free'} do
     T.eq(math.type(s0[k]), 'integer', k)
   end
-  local a = flower.empty(1024, 1024):cuda()               -- 4 MiB
+  -- after empty_cache every segment still held has a live block in it
+  T.check(s0.segments <= s0.live_blocks, 'only segments in use are kept')
+  local MiB = 2 ^ 20
+  local a = flower.empty(4096, 1024):cuda()                -- 16 MiB: above 10 MiB, a segment of its own
   local s1 = cuda.memory_stats()
-  T.check(s1.allocated >= s0.allocated + 4 * 2^20, 'allocated grows')
+  T.check(s1.allocated >= s0.allocated + 16 * MiB, 'allocated grows')
+  T.eq(s1.live_blocks, s0.live_blocks + 1, 'one more block')
   a = nil
   collectgarbage(); collectgarbage()
   local s2 = cuda.memory_stats()
   T.check(s2.allocated < s1.allocated, 'freed tensors return their blocks')
   T.check(s2.reserved == s1.reserved, 'blocks are cached, not returned to the driver')
   local mallocs = s2.num_cuda_malloc
-  for _ = 1, 20 do local t = flower.empty(1024, 1024):cuda(); t = nil; collectgarbage() end
-  T.eq(cuda.memory_stats().num_cuda_malloc, mallocs, 'same-size allocations reuse cached blocks')
-  cuda.empty_cache()
+  for _ = 1, 20 do local t = flower.empty(4096, 1024):cuda(); t = nil; collectgarbage() end
+  T.eq(cuda.memory_stats().num_cuda_malloc, mallocs, 'same-size allocations reuse the cached memory')
+  -- a freed block serves smaller sizes too: two halves fit where the whole was
+  local h1, h2 = flower.empty(2048, 1024):cuda(), flower.empty(2048, 1024):cuda()
+  T.eq(cuda.memory_stats().num_cuda_malloc, mallocs, 'split: no new segment for the halves')
+  h1, h2 = nil, nil
+  collectgarbage(); collectgarbage()
   local s3 = cuda.memory_stats()
-  T.eq(s3.cached, 0, 'empty_cache returns every cached block')
-  T.check(s3.peak_allocated >= s1.allocated, 'peak is kept')
+  cuda.empty_cache()
+  local s4 = cuda.memory_stats()
+  T.check(s4.reserved <= s3.reserved - 16 * MiB, 'empty_cache returns the wholly free segment')
+  T.check(s4.segments <= s4.live_blocks, 'and every other wholly free one')
+  if s4.live_blocks == 0 then T.eq(s4.cached, 0, 'nothing in use: nothing cached') end
+  T.check(s4.peak_allocated >= s1.allocated, 'peak is kept')
 end)
 
 gpu('cuda out of memory: a clear error, and the process stays usable', function()
@@ -739,7 +752,8 @@ gpu('to_device_async: many pinned batches in a row arrive intact while the loade
   devs, hosts, big, g = nil, nil, nil, nil
   collectgarbage(); collectgarbage()
   cuda.empty_cache()
-  T.eq(cuda.memory_stats().cached, 0, 'nothing cached after empty_cache')
+  local st = cuda.memory_stats()
+  T.check(st.segments <= st.live_blocks, 'no wholly free segment left after empty_cache')
 end)
 
 -- ---------------------------------------------------------------- bfloat16
