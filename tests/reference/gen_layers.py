@@ -12,7 +12,6 @@ Output: OUTDIR/manifest.json and one OUTDIR/<case>.bin per case holding its arra
 (little-endian raw data); the manifest gives each array as {offset, shape, dtype} in that file, plus
 the versions of TensorFlow/tf-keras/numpy and the seed used.
 """
-import json
 import os
 import sys
 
@@ -21,34 +20,11 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
+from refcase import Case, write_manifest  # noqa: E402
 
 SEED = 20240611
 OUT = sys.argv[1] if len(sys.argv) > 1 else "build/ref/layers"
 rng = np.random.default_rng(SEED)
-
-
-class Case:
-    """Arrays of one case, written to one .bin file."""
-
-    def __init__(self, name):
-        self.name = name
-        self.parts = []
-        self.offset = 0
-
-    def add(self, a):
-        a = np.ascontiguousarray(a)
-        if a.dtype == np.float64:
-            a = a.astype(np.float32)
-        b = a.astype(a.dtype.newbyteorder("<")).tobytes()
-        ref = {"offset": self.offset, "shape": list(a.shape), "dtype": str(a.dtype)}
-        self.parts.append(b)
-        self.offset += len(b)
-        return ref
-
-    def write(self):
-        with open(os.path.join(OUT, self.name + ".bin"), "wb") as f:
-            for p in self.parts:
-                f.write(p)
 
 
 manifest = {
@@ -111,7 +87,7 @@ def layer_case(name, cls, config, input_shapes, training=False, trainable=True, 
             loss = loss + tf.add_n(layer.losses)
     tw = layer.trainable_weights
     grads = tape.gradient(loss, tx + list(tw))
-    c = Case(name)
+    c = Case(OUT, name)
     entry = {
         "name": name,
         "class": flower_class or cls,
@@ -270,7 +246,7 @@ def gen_losses():
             tape.watch(t_out)
             loss = loss_fn(tf.constant(tgt), t_out)
         g = tape.gradient(loss, t_out)
-        c = Case("loss_" + name)
+        c = Case(OUT, "loss_" + name)
         manifest["losses"].append({"name": name, "from_logits": from_logits, "label_smoothing": ls,
                                    "output": c.add(out), "target": c.add(tgt), "loss": float(loss.numpy()),
                                    "grad": c.add(g.numpy()), "labels": None})
@@ -282,7 +258,7 @@ def gen_losses():
             tape.watch(t_out)
             loss = loss_fn(tf.constant(labels), t_out)
         g = tape.gradient(loss, t_out)
-        c = Case("loss_" + name)
+        c = Case(OUT, "loss_" + name)
         manifest["losses"].append({"name": name, "from_logits": from_logits, "label_smoothing": 0.0,
                                    "output": c.add(out), "labels": c.add(labels.astype(np.int64) + 1),
                                    "target": None, "loss": float(loss.numpy()), "grad": c.add(g.numpy())})
@@ -293,7 +269,7 @@ def gen_losses():
     lab = rng.integers(0, 6, 8)
     lab[1] = 3
     acc = keras.metrics.sparse_categorical_accuracy(lab, scores).numpy().mean()
-    c = Case("metrics")
+    c = Case(OUT, "metrics")
     entry = {"scores": c.add(scores), "labels": c.add(lab.astype(np.int64) + 1), "accuracy": float(acc), "top_k": {}}
     for kk in (1, 2, 3):
         entry["top_k"][str(kk)] = float(
@@ -326,7 +302,7 @@ def gen_optimizers():
     ]
     for name, opt, cfg in cases:
         vs = [tf.Variable(w) for w in w0]
-        c = Case("opt_" + name)
+        c = Case(OUT, "opt_" + name)
         after = []
         for s in range(steps):
             opt.apply_gradients(zip([tf.constant(g) for g in gs[s]], vs))
@@ -400,10 +376,7 @@ def main():
     gen_schedules()
     gen_plateau()
     gen_summaries()
-    tmp = os.path.join(OUT, "manifest.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, os.path.join(OUT, "manifest.json"))
+    write_manifest(OUT, manifest)
     print("gen_layers: wrote %d layer cases, %d losses, %d optimizers to %s" % (
         len(manifest["layers"]), len(manifest["losses"]), len(manifest["optimizers"]), OUT))
 

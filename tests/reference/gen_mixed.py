@@ -16,7 +16,6 @@ data), each given in the manifest as {offset, shape, dtype}; the manifest also h
 of TensorFlow/tf-keras/numpy and the seed. The layout is gen_layers.py's (tests/lua/nn_ref.lua
 reads both).
 """
-import json
 import os
 import sys
 
@@ -25,32 +24,11 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
+from refcase import Case, write_manifest  # noqa: E402
 
 SEED = 20250127
 OUT = sys.argv[1] if len(sys.argv) > 1 else "build/ref/mixed"
 rng = np.random.default_rng(SEED)
-
-
-class Case:
-    """Arrays of one case, written to one .bin file."""
-
-    def __init__(self, name):
-        self.name = name
-        self.parts = []
-        self.offset = 0
-
-    def add(self, a):
-        a = np.ascontiguousarray(np.asarray(a, dtype=np.float32))
-        b = a.astype(a.dtype.newbyteorder("<")).tobytes()
-        ref = {"offset": self.offset, "shape": list(a.shape), "dtype": "float32"}
-        self.parts.append(b)
-        self.offset += len(b)
-        return ref
-
-    def write(self):
-        with open(os.path.join(OUT, self.name + ".bin"), "wb") as f:
-            for p in self.parts:
-                f.write(p)
 
 
 def build(policy):
@@ -96,7 +74,7 @@ def main():
             layer.set_weights(ws)
             f32.get_layer(layer.name).set_weights(ws)
 
-    case = Case("conv_bn_dense")
+    case = Case(OUT, "conv_bn_dense")
     x = rng.standard_normal((4, 8, 8, 3)).astype(np.float32)
     gy = rng.standard_normal((4, 4)).astype(np.float32)
     entry = {"name": case.name, "x": case.add(x), "gy": case.add(gy)}
@@ -132,8 +110,7 @@ def main():
         "policy": "mixed_bfloat16",
         "cases": [entry],
     }
-    with open(os.path.join(OUT, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=1)
+    write_manifest(OUT, manifest)
 
 
 if __name__ == "__main__":
