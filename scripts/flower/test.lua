@@ -114,6 +114,20 @@ function T.leaning_classes(...)
   return table.unpack(out)
 end
 
+-- Gives every BatchNormalization layer of model m the statistics and parameters of a trained one
+-- (moving means near 0, variances in [0.5, 2], gamma in [0.5, 1.5]), drawn from the global
+-- generator: fresh layers (mean 0, variance 1, gamma 1, beta 0) would hide mistakes in their use.
+function T.randomize_batchnorm(m)
+  for _, l in ipairs(m:layers()) do
+    if l.class_name == 'BatchNormalization' then
+      l.moving_mean:normal_(0, 0.3); l.moving_variance:uniform_(0.5, 2)
+      if l.gamma then l.gamma:uniform_(0.5, 1.5) end
+      if l.beta then l.beta:normal_(0, 0.3) end
+    end
+  end
+  return m
+end
+
 -- Runs `python generator outdir` unless outdir/stamp is newer than the generator; never skips:
 -- a generator that fails is an error naming it. Returns outdir/stamp.
 function T.reference(generator, outdir, stamp)

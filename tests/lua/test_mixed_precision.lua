@@ -72,12 +72,7 @@ local function net(seed)
   local g = nn.GlobalAveragePooling2D{name = 'avg_pool'}(nn.AveragePooling2D{name = 'avg'}(c))
   g = nn.Dropout{rate = 0.2, seed = 9, name = 'drop'}(g)
   local m = nn.Model(x, nn.Dense{units = 5, name = 'out'}(g), {name = 'net'})
-  for _, l in ipairs(m:layers()) do
-    if l.class_name == 'BatchNormalization' then
-      l.moving_mean:normal_(0, 0.3); l.moving_variance:uniform_(0.5, 2); l.gamma:uniform_(0.5, 1.5)
-      l.beta:normal_(0, 0.3)
-    end
-  end
+  T.randomize_batchnorm(m)
   return m
 end
 

@@ -30,12 +30,7 @@ local function net()
   local g = nn.GlobalAveragePooling2D{name = 'avg_pool'}(c)
   local m = nn.Model(x, nn.Dense{units = 5, name = 'out'}(g))
   flower.manual_seed(3)
-  for _, l in ipairs(m:layers()) do
-    if l.class_name == 'BatchNormalization' then
-      l.moving_mean:normal_(0, 0.3); l.moving_variance:uniform_(0.5, 2); l.gamma:uniform_(0.5, 1.5)
-      l.beta:normal_(0, 0.3)
-    end
-  end
+  T.randomize_batchnorm(m)
   return m
 end
 

@@ -116,13 +116,7 @@ T.test('fused Conv+BN+ReLU inference equals the layer-by-layer result', function
   w = nn.ReLU{}(w)
   local o = nn.Concatenate{}{z, nn.Conv2D{filters = 4, kernel_size = 1}(w)}
   local m = nn.Model(x, o)
-  for _, l in ipairs(m:layers()) do
-    if l.class_name == 'BatchNormalization' then
-      l.moving_mean:normal_(0, 0.3); l.moving_variance:uniform_(0.5, 2)
-      if l.gamma then l.gamma:uniform_(0.5, 1.5) end
-      l.beta:normal_(0, 0.3)
-    end
-  end
+  T.randomize_batchnorm(m)
   m:evaluate()
   local xin = flower.randn(2, 9, 9, 3)
   local plan = m:_plan(false)
@@ -151,12 +145,7 @@ T.test('inference with folded padding and in-place Add/BN/ReLU equals the plain 
   local e = nn.ScaledAdd{scale = 0.3}{d, nn.Conv2D{filters = 4, kernel_size = 1}(d)}
   local g = nn.Add{}{e, nn.Conv2D{filters = 4, kernel_size = 1}(e), a}
   local m = nn.Model(x, nn.Activation('relu')(g))
-  for _, l in ipairs(m:layers()) do
-    if l.class_name == 'BatchNormalization' then
-      l.moving_mean:normal_(0, 0.3); l.moving_variance:uniform_(0.5, 2); l.gamma:uniform_(0.5, 1.5)
-      l.beta:normal_(0, 0.3)
-    end
-  end
+  T.randomize_batchnorm(m)
   m:evaluate()
   local plan = m:_plan(false)
   local nfold = 0
