@@ -297,11 +297,14 @@ static int filter_bf16(const struct fl_nn_ops *ops, filter_fn fn, fl_tensor *gw,
                        const fl_tensor *gy, const fl_window *win, double beta) {
   fl_tensor tw, tb;
   memset(&tb, 0, sizeof tb);
+  /* the float32 bias gradient goes straight into gb when it is overwritten, through a temporary
+   * when it accumulates */
+  int gb_tmp = gb && beta != 0;
   if (new_of(&tw, x, FL_BF16, gw->ndim, gw->shape)) return -1;
-  if (gb && new_of(&tb, gb, gb->dtype, 1, gb->shape)) { fl_tensor_free(&tw); return -1; }
-  int rc = fn(&tw, gb ? &tb : NULL, x, gy, win, 0);
+  if (gb_tmp && new_of(&tb, gb, gb->dtype, 1, gb->shape)) { fl_tensor_free(&tw); return -1; }
+  int rc = fn(&tw, gb_tmp ? &tb : gb, x, gy, win, 0);
   if (!rc) rc = accumulate(ops, gw, &tw, beta);
-  if (!rc && gb) rc = accumulate(ops, gb, &tb, beta);
+  if (!rc && gb_tmp) rc = accumulate(ops, gb, &tb, beta);
   fl_tensor_free(&tw);
   fl_tensor_free(&tb);
   return rc;

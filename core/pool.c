@@ -25,6 +25,7 @@ typedef struct pool_block {
   uintptr_t addr;
   size_t size;
   struct pool_block *prev, *next;   /* neighbours in the segment, by address */
+  size_t requested;                 /* in use: the bytes asked for */
   int32_t seg;                      /* index into segs */
   uint8_t used, small;
 } pool_block;
@@ -54,7 +55,8 @@ struct fl_pool {
   size_t nchunks;
   pool_segment *segs;
   size_t nsegs, segcap;
-  size_t reserved, allocated, live_segs;
+  size_t reserved, allocated, requested, live_segs;
+  size_t peak_reserved, peak_allocated;
 };
 
 size_t fl_pool_round(size_t n) {
@@ -253,6 +255,7 @@ static pool_block *add_segment(fl_pool *p, size_t r, int small) {
   p->segs[s].first = b;
   p->segs[s].size = size;
   p->reserved += size;
+  if (p->reserved > p->peak_reserved) p->peak_reserved = p->reserved;
   p->live_segs++;
   return b;
 }
@@ -287,8 +290,11 @@ void *fl_pool_alloc(fl_pool *p, size_t n, size_t *size, int *fresh) {
     frees_insert(p, tail);
   }
   b->used = 1;
+  b->requested = n;
   used_put(p, b);
   p->allocated += b->size;
+  p->requested += n;
+  if (p->allocated > p->peak_allocated) p->peak_allocated = p->allocated;
   if (size) *size = b->size;
   if (fresh) *fresh = made;
   return (void *)b->addr;
@@ -308,6 +314,7 @@ size_t fl_pool_free(fl_pool *p, void *ptr) {
   if (!b) return 0;
   size_t size = b->size;
   p->allocated -= size;
+  p->requested -= b->requested;
   b->used = 0;
   if (b->next && !b->next->used) {
     frees_remove(p, b->next);
@@ -344,8 +351,17 @@ void fl_pool_get_stats(const fl_pool *p, fl_pool_stats *st) {
   memset(st, 0, sizeof *st);
   st->reserved = p->reserved;
   st->allocated = p->allocated;
+  st->requested = p->requested;
+  st->peak_reserved = p->peak_reserved;
+  st->peak_allocated = p->peak_allocated;
+  st->live_blocks = p->nused;
   st->segments = p->live_segs;
   st->free_blocks = p->nfrees;
   for (size_t i = 0; i < p->nfrees; i++)
     if (p->frees[i].size > st->largest_free) st->largest_free = p->frees[i].size;
+}
+
+void fl_pool_reset_peak(fl_pool *p) {
+  p->peak_reserved = p->reserved;
+  p->peak_allocated = p->allocated;
 }

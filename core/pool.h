@@ -27,6 +27,9 @@ typedef void (*fl_pool_seg_free)(void *ctx, void *base, size_t bytes);
 typedef struct fl_pool_stats {
   size_t reserved;       /* bytes in segments */
   size_t allocated;      /* bytes in blocks in use (rounded sizes, split remainders excluded) */
+  size_t requested;      /* bytes asked for by the blocks in use (before rounding) */
+  size_t peak_reserved, peak_allocated;   /* since fl_pool_new or fl_pool_reset_peak */
+  size_t live_blocks;    /* blocks in use */
   size_t segments;       /* segments held */
   size_t free_blocks;    /* free blocks (fragments) across all segments */
   size_t largest_free;   /* the largest free block */
@@ -46,6 +49,7 @@ size_t fl_pool_free(fl_pool *p, void *ptr);
 /* Gives back every segment with no block in use (seg_free): the bytes given back. */
 size_t fl_pool_release(fl_pool *p);
 void fl_pool_get_stats(const fl_pool *p, fl_pool_stats *st);
+void fl_pool_reset_peak(fl_pool *p);   /* the peaks start again from what is held now */
 /* The size a request of n bytes is rounded to (0 if n is too large to round). */
 size_t fl_pool_round(size_t n);
 

@@ -196,11 +196,10 @@ extern "C" int fl_cuda_synchronize(int device) {
 typedef struct {
   std::mutex lock;
   int device;
-  fl_pool *blocks;                               /* NULL until the first allocation */
-  std::unordered_map<void *, size_t> requested;  /* live block -> bytes asked for */
-  cudaError_t seg_error;                         /* why the last cudaMalloc failed */
-  fl_cuda_memstats st = {};   /* `new cu_pool[n]` would leave a plain member uninitialized: the
-                                 statistics then started from heap garbage */
+  fl_pool *blocks;            /* NULL until the first allocation; it counts the bytes (fl_pool_stats) */
+  cudaError_t seg_error;      /* why the last cudaMalloc failed */
+  fl_cuda_memstats st = {};   /* the call counts. `new cu_pool[n]` would leave a plain member
+                                 uninitialized: the statistics then started from heap garbage */
 } cu_pool;
 
 /* Allocated once and never destroyed: tensors collected by a Lua state closed late in process exit
@@ -226,8 +225,6 @@ static void *seg_alloc(void *ctx, size_t bytes) {
     return NULL;
   }
   p->st.num_cuda_malloc++;
-  p->st.reserved += bytes;
-  if (p->st.reserved > p->st.peak_reserved) p->st.peak_reserved = p->st.reserved;
   return ptr;
 }
 
@@ -237,7 +234,7 @@ static void seg_free(void *ctx, void *base, size_t bytes) {
   cudaFree(base);
   cudaGetLastError();
   p->st.num_cuda_free++;
-  p->st.reserved -= bytes;
+  (void)bytes;
 }
 
 /* Returns the wholly free segments of pool p to the driver. Caller holds p->lock. A block freed by
@@ -266,7 +263,9 @@ static void alloc_failed(const char *op, cu_pool *p, size_t nbytes) {
   fmt_bytes(a, sizeof a, (double)nbytes);
   fmt_bytes(f, sizeof f, (double)fr);
   fmt_bytes(t, sizeof t, (double)tot);
-  fmt_bytes(l, sizeof l, (double)p->st.allocated);
+  fl_pool_stats ps = {};
+  if (p->blocks) fl_pool_get_stats(p->blocks, &ps);
+  fmt_bytes(l, sizeof l, (double)ps.allocated);
   if (e == cudaErrorMemoryAllocation)
     fl_fail_oom("%s: out of memory on cuda:%d: asked for %s, the device has %s free of %s "
                 "(%s held by live tensors; the cache was emptied and the allocation retried)",
@@ -293,24 +292,19 @@ void *cu_malloc(const char *op, int device, size_t nbytes) {
     alloc_failed(op, p, nbytes);
     return NULL;
   }
-  size_t got = 0;
   int fresh = 0;
   p->seg_error = cudaSuccess;
-  void *ptr = fl_pool_alloc(p->blocks, nbytes, &got, &fresh);
+  void *ptr = fl_pool_alloc(p->blocks, nbytes, NULL, &fresh);
   if (!ptr) {
     /* free segments the request did not fit may be what is missing: give them back, try once more */
     pool_release_cached(p);
-    ptr = fl_pool_alloc(p->blocks, nbytes, &got, &fresh);
+    ptr = fl_pool_alloc(p->blocks, nbytes, NULL, &fresh);
   }
   if (!ptr) {
     alloc_failed(op, p, nbytes);
     return NULL;
   }
   if (!fresh) p->st.num_cache_hits++;
-  p->requested[ptr] = nbytes;
-  p->st.allocated += got;
-  p->st.requested += nbytes;
-  if (p->st.allocated > p->st.peak_allocated) p->st.peak_allocated = p->st.allocated;
   return ptr;
 }
 
@@ -318,12 +312,8 @@ void cu_free(int device, void *ptr) {
   if (!ptr || device < 0 || device >= CU_MAXDEV) return;
   cu_pool *p = pool_of(device);
   std::lock_guard<std::mutex> g(p->lock);
-  auto it = p->requested.find(ptr);
-  if (it == p->requested.end() || !p->blocks) return;   /* not ours: never hand it to the pool blindly */
-  p->st.allocated -= fl_pool_free(p->blocks, ptr);
-  p->st.requested -= it->second;
-  p->requested.erase(it);
-  p->st.num_free++;
+  /* the pool ignores a pointer that is not one of its blocks in use */
+  if (p->blocks && fl_pool_free(p->blocks, ptr)) p->st.num_free++;
 }
 
 /* ---------------------------------------------------------------- page-locked host memory */
@@ -457,14 +447,17 @@ extern "C" int fl_cuda_memory_stats(int device, fl_cuda_memstats *out) {
   {
     std::lock_guard<std::mutex> g(p->lock);
     *out = p->st;
-    out->live_blocks = p->requested.size();
-    if (p->blocks) {
-      fl_pool_stats ps;
-      fl_pool_get_stats(p->blocks, &ps);
-      out->segments = ps.segments;
-      out->free_blocks = ps.free_blocks;
-      out->largest_free = ps.largest_free;
-    }
+    fl_pool_stats ps = {};
+    if (p->blocks) fl_pool_get_stats(p->blocks, &ps);
+    out->allocated = ps.allocated;
+    out->requested = ps.requested;
+    out->reserved = ps.reserved;
+    out->peak_allocated = ps.peak_allocated;
+    out->peak_reserved = ps.peak_reserved;
+    out->live_blocks = ps.live_blocks;
+    out->segments = ps.segments;
+    out->free_blocks = ps.free_blocks;
+    out->largest_free = ps.largest_free;
   }
   out->cached = out->reserved - out->allocated;
   size_t fr = 0, tot = 0;
@@ -479,8 +472,7 @@ extern "C" void fl_cuda_reset_peak(int device) {
   if (device < 0 || device >= CU_MAXDEV) return;
   cu_pool *p = pool_of(device);
   std::lock_guard<std::mutex> g(p->lock);
-  p->st.peak_allocated = p->st.allocated;
-  p->st.peak_reserved = p->st.reserved;
+  if (p->blocks) fl_pool_reset_peak(p->blocks);
 }
 
 extern "C" int fl_cuda_empty_cache(void) {

@@ -110,8 +110,17 @@ int main(void) {
     CHECK(fl_pool_alloc(p, SIZE_MAX, &got, &fresh) == NULL);
     fl_pool_stats st;
     fl_pool_get_stats(p, &st);
-    CHECK(st.reserved == 56 * MB && st.segments == 3);
+    CHECK(st.reserved == 56 * MB && st.segments == 3 && st.live_blocks == 4);
     CHECK(st.allocated == 1024 + 512 + 3 * MB + 34 * MB);
+    CHECK(st.requested == 1000 + 100 + 3 * MB + 33 * MB + 5);
+    CHECK(st.peak_allocated == st.allocated && st.peak_reserved == st.reserved);
+    fl_pool_free(p, d);
+    fl_pool_get_stats(p, &st);
+    CHECK(st.requested == 1000 + 100 + 3 * MB && st.live_blocks == 3 && st.peak_allocated > st.allocated);
+    fl_pool_release(p);
+    fl_pool_reset_peak(p);
+    fl_pool_get_stats(p, &st);
+    CHECK(st.peak_allocated == st.allocated && st.peak_reserved == st.reserved && st.reserved == 22 * MB);
     fl_pool_delete(p);
     CHECK(s->nfree == 3 && s->held == 0);                  /* delete returns every segment */
     free(s);

@@ -142,6 +142,11 @@ T.test('bfloat16: convolutions take bfloat16 activations and kernels, float32 bi
   -- the kernel's weight gradient is rounded to bfloat16 once before it is added
   each_close(gw:double() - 0.5, rgw, ULP, 1e-5, 'conv2d backward filter (accumulated)')
   each_close(gb:double() + 1, rgb, 1e-6, 1e-5, 'bias gradient (float32 sum)')
+  -- beta 0 overwrites whatever was there (the bias gradient then goes straight into gb)
+  local gw0, gb0 = flower.full({3, 3, 4, 6}, 7), flower.full({6}, 7)
+  C.conv2d_backward_filter(x, gy, win, gw0, gb0, 0)
+  each_close(gw0, rgw, ULP, 1e-5, 'conv2d backward filter (overwritten)')
+  each_close(gb0, rgb, 1e-6, 1e-5, 'bias gradient (overwritten)')
   -- depthwise
   local dw = randn_bf16(3, 3, 4, 2)
   local dbias = flower.randn(8)
