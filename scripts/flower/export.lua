@@ -244,27 +244,112 @@ function export.features(model, o)
   return result
 end
 
--- Reads an exported file: {x = {train =, valid =, test =}, label = {...} (1-based int64), probs = {...},
--- images = {...}, ids = {...}, attrs = {...}}. Refuses an incomplete export.
-function export.read(path)
+-- A finished export, opened for reading in pieces (the ensemble streams its features from it):
+--   local r <close> = export.open(path)
+--   r.splits = {'train', 'valid', 'test'}, r.rows = {split = n}, r.dim (feature columns), r.attrs
+--   r:x(split) / r:x_rows(split, first, count)     -- (n, dim) float32, whole or rows first..first+count-1
+--   r:probs(split) / r:probs_rows(split, first, count)   -- (n, K) or nil (the model's own probabilities)
+--   r:labels(split) (1-based int64 or nil), r:ids(split), r:images(split), r:missing(split) (0-based rows)
+-- Opening checks that every split is complete and that its features, labels, probabilities, image
+-- and id lists all have the split's recorded row count: a short or damaged file is an error naming
+-- the dataset, never fewer rows.
+local Reader = {}
+Reader.__index = Reader
+Reader.__close = function(self) self:close() end
+
+local function xname(split) return split == 'test' and 'test' or (split .. '_x') end
+
+local function open_fail(path, fmt, ...) error(string.format('export.open: %s: ' .. fmt, path, ...), 3) end
+
+function export.open(path)
   local h5 = require 'flower.h5'
-  local f <close> = h5.open(path, 'r')
-  local r = { path = path, x = {}, label = {}, probs = {}, images = {}, ids = {}, missing = {}, attrs = {} }
-  for _, a in ipairs(f:attrs('/')) do r.attrs[a] = f:attr('/', a) end
-  local splits = f:attr('/', 'splits') or { 'train', 'valid', 'test' }
-  if type(splits) == 'string' then splits = { splits } end
-  for _, name in ipairs(splits) do
-    if f:attr('/', name .. '_complete') ~= 1 then
-      error(string.format("export.read: %s: split '%s' is incomplete (%d of %d rows); resume the export first", path, name,
-        f:exists('/' .. (name == 'test' and 'test' or name .. '_x')) and f:shape('/' .. (name == 'test' and 'test' or name .. '_x'))[1] or 0,
-        f:attr('/', name .. '_rows') or 0), 2)
+  if type(path) ~= 'string' then error('export.open: expected a file path, got ' .. type(path), 2) end
+  if not files.exists(path) then error(string.format('export.open: %s: no such file', path), 2) end
+  local f = h5.open(path, 'r')
+  local r = setmetatable({ path = path, file = f, attrs = {}, splits = {}, rows = {} }, Reader)
+  local ok, err = pcall(function()
+    for _, a in ipairs(f:attrs('/')) do r.attrs[a] = f:attr('/', a) end
+    local splits = r.attrs.splits or { 'train', 'valid', 'test' }
+    if type(splits) == 'string' then splits = { splits } end
+    for _, name in ipairs(splits) do
+      local xn = xname(name)
+      local have = f:exists('/' .. xn) and f:shape('/' .. xn)[1] or 0
+      local n = r.attrs[name .. '_rows']
+      if r.attrs[name .. '_complete'] ~= 1 then
+        open_fail(path, "split '%s' is incomplete (%d of %s rows); resume the export first", name, have, tostring(n or 0))
+      end
+      if math.type(n) ~= 'integer' then n = have end
+      local function check(ds, what)
+        if not f:exists('/' .. ds) then return end
+        local got = f:shape('/' .. ds)[1] or 0
+        if got ~= n then
+          open_fail(path, "'%s' has %d rows, expected %d (the %s split's row count): the file is short or damaged; export it again",
+            ds, got, n, name)
+        end
+        return what
+      end
+      if not f:exists('/' .. xn) then open_fail(path, "split '%s' has no features ('%s')", name, xn) end
+      check(xn)
+      local shape = f:shape('/' .. xn)
+      if #shape ~= 2 then open_fail(path, "'%s' has %d dims, expected 2 (rows, features)", xn, #shape) end
+      if r.dim and shape[2] ~= r.dim then
+        open_fail(path, "'%s' has %d columns, the other splits %d", xn, shape[2], r.dim)
+      end
+      r.dim = shape[2]
+      for _, ds in ipairs({ name .. '_label', name .. '_probs', name .. '_images', name .. '_ids' }) do check(ds) end
+      for _, ds in ipairs({ name .. '_images', name .. '_ids' }) do
+        if not f:exists('/' .. ds) then open_fail(path, "split '%s' has no '%s'", name, ds) end
+      end
+      r.splits[#r.splits + 1] = name
+      r.rows[name] = n
     end
-    r.x[name] = f:read('/' .. (name == 'test' and 'test' or (name .. '_x')))
-    if f:exists('/' .. name .. '_label') then r.label[name] = f:read('/' .. name .. '_label'):type('int64') + 1 end
-    if f:exists('/' .. name .. '_probs') then r.probs[name] = f:read('/' .. name .. '_probs') end
-    r.images[name] = f:read('/' .. name .. '_images')
-    r.ids[name] = f:read('/' .. name .. '_ids')
-    if f:exists('/' .. name .. '_missing') then r.missing[name] = f:read('/' .. name .. '_missing'):totable() end
+  end)
+  if not ok then f:close(); error(err, 0) end
+  return r
+end
+
+local function dataset(self, split, suffix)
+  if not self.rows[split] then error(string.format("export: %s has no '%s' split", self.path, tostring(split)), 3) end
+  return '/' .. (suffix and (split .. suffix) or xname(split))
+end
+
+function Reader:x(split) return self.file:read(dataset(self, split)) end
+function Reader:x_rows(split, first, count) return self.file:read_slice(dataset(self, split), first, count) end
+function Reader:has_probs(split) return self.file:exists(dataset(self, split, '_probs')) end
+function Reader:probs(split)
+  return self:has_probs(split) and self.file:read(dataset(self, split, '_probs')) or nil
+end
+function Reader:probs_rows(split, first, count)
+  return self:has_probs(split) and self.file:read_slice(dataset(self, split, '_probs'), first, count) or nil
+end
+function Reader:labels(split)
+  local ds = dataset(self, split, '_label')
+  if not self.file:exists(ds) then return nil end
+  local raw = self.file:read(ds)
+  local lab = raw:type('int64') + 1
+  raw:free()
+  return lab
+end
+function Reader:ids(split) return self.file:read(dataset(self, split, '_ids')) end
+function Reader:images(split) return self.file:read(dataset(self, split, '_images')) end
+function Reader:missing(split)
+  local ds = dataset(self, split, '_missing')
+  return self.file:exists(ds) and self.file:read(ds):totable() or {}
+end
+function Reader:close() if self.file then self.file:close(); self.file = nil end end
+
+-- Reads an exported file whole: {x = {train =, valid =, test =}, label = {...} (1-based int64),
+-- probs = {...}, images = {...}, ids = {...}, missing = {...}, attrs = {...}}; with export.open's checks.
+function export.read(path)
+  local f <close> = export.open(path)
+  local r = { path = path, x = {}, label = {}, probs = {}, images = {}, ids = {}, missing = {}, attrs = f.attrs }
+  for _, name in ipairs(f.splits) do
+    r.x[name] = f:x(name)
+    r.label[name] = f:labels(name)
+    r.probs[name] = f:probs(name)
+    r.images[name] = f:images(name)
+    r.ids[name] = f:ids(name)
+    r.missing[name] = f:missing(name)
   end
   return r
 end

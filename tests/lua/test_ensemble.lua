@@ -69,7 +69,7 @@ write_file(C, 'C', 'b', { swap = true })
 
 T.test('load concatenates features and keeps labels', function()
   local f = ensemble.load { A, B }
-  T.eq(table.concat(f.x.train:size(), 'x'), '400x12')
+  T.eq(table.concat(f:x('train'):size(), 'x'), '400x12')
   T.eq(table.concat(f.dims, ','), '6,6'); T.eq(table.concat(f.names, ','), 'A,B')
   T.check(f.label.valid:equal(truth.valid.label), 'labels 1-based and aligned')
   local cols = ensemble.columns(f)
@@ -91,7 +91,8 @@ T.test('each model alone is weak, the concatenation is strong', function()
   local clf = ensemble.fit(f, { epochs = 30, lr = 0.01, seed = 1, progress = false })
   T.check(clf.val_acc > 0.9, string.format('ensemble %.3f (alone %.3f, %.3f)', clf.val_acc, alone[1], alone[2]))
   T.check(#clf.history.rows >= 1, 'history kept')
-  local p = clf:predict(f.x.test)
+  local p = clf:predict(f, 'test')
+  T.eq((p - clf:predict(f:x('test'))):abs():max():item(), 0, 'streamed and tensor predictions agree')
   T.eq(table.concat(p:size(), 'x'), '100x4')
   T.near(p:sum(2):min():item(), 1, 1e-5)
   T.check(ensemble.accuracy(p, truth.test.label) > 0.9, 'test accuracy')
@@ -99,11 +100,12 @@ end)
 
 T.test('probability averaging: weak alone, strong together', function()
   local f = ensemble.load { A, B }
-  local pa = f.probs.valid[1]
+  local pa = ensemble.average(f, 'valid', { true })
   -- a model that only knows `a` ties between two classes; argmax picks the lower one: about half right
   T.check(ensemble.accuracy(pa, f.label.valid) < 0.75, 'A alone')
   local avg = ensemble.average(f, 'valid')
   T.eq(ensemble.accuracy(avg, f.label.valid), 1)
+  T.eq(ensemble.average_accuracy(f, 'valid'), 1)
   T.raises(function() ensemble.average(f, 'train') end, "no model has probabilities for 'train'")
 end)
 
