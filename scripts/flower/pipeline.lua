@@ -15,7 +15,10 @@
 -- ('cpu', 'cuda', 'cuda:<n>' or 'auto': where fine-tuning, export, evaluation and the ensemble run;
 -- with a GPU the loaders hand out page-locked batches, uploaded while the next ones decode),
 -- mixed_precision ('float32' or 'bfloat16': how the fine-tuned models train, evaluate and export;
--- their weights stay float32; the ensemble's small classifier stays float32).
+-- their weights stay float32; the ensemble's small classifier stays float32), memory_budget (bytes or
+-- '8G': the ensemble reads the feature files whole when they fit, else streams them; default half
+-- of RAM). Each stage logs its peak resident memory ('memory: <stage>: peak resident ...'), and
+-- report.html lists them.
 -- Returns a summary {results = {{name, val_acc}...}, best = name, predict = path}. An interrupt
 -- (Ctrl-C, SIGTERM) during training or export writes checkpoints and returns {interrupted = why}.
 local flower = require 'flower'
@@ -102,11 +105,16 @@ end
 pipeline.eval_loader = eval_loader
 
 -- The submission for a split's predictions: category ids from labels, the sample's order if any.
-local function write_submission(cfg, path, ds, categories, probs, k)
+-- ids: the rows' ids (a list, or a data set whose ids are used), as many as probs has rows.
+local function write_submission(cfg, path, ids_of, categories, probs, k)
   local predict = require 'flower.predict'
   local top = probs:argmax(2):view(-1):totable()
+  local src = ids_of.ids or ids_of
+  if #src ~= #top then
+    error(string.format('pipeline: %s: %d predictions for %d ids', path, #top, #src), 0)
+  end
   local pred, ids = {}, {}
-  for i, l in ipairs(top) do pred[i] = categories[l]; ids[i] = tostring(ds.ids[i]) end
+  for i, l in ipairs(top) do pred[i] = categories[l]; ids[i] = tostring(src[i]) end
   local topk
   if k and k > 1 then
     topk = {}
@@ -228,40 +236,80 @@ function pipeline.export(cfg, run, ds, spec, m)
   return path
 end
 
--- Trains the ensemble on the exported features; writes predict.csv.
+-- Checks that the feature files describe the pipeline's data sets row for row: the same ids (and
+-- labels) in the same order for train, valid and test. A mismatch (files exported against another
+-- split or another test.json, or a short file) stops with the first row that differs.
+function pipeline.check_features(feats, ds)
+  local ensemble = require 'flower.ensemble'
+  for _, split in ipairs({ 'train', 'valid', 'test' }) do
+    local d = ds[split]
+    if d then
+      if not feats.n[split] then
+        error(string.format("pipeline: the feature files have no '%s' split but the data set has %d images", split, #d), 0)
+      end
+      local want = {}
+      for i = 1, #d do want[i] = tostring(d.ids[i]) end
+      ensemble.check_join(string.format("pipeline: the '%s' ids", split), 'the feature files', feats.ids[split],
+        split == 'test' and 'test.json' or 'the data set', want)
+      local lab = feats.label[split]
+      if d.labels and lab then
+        local got = lab:totable()
+        for i = 1, #d do
+          if got[i] ~= d.labels[i] then
+            error(string.format("pipeline: the '%s' labels of the feature files and the data set disagree at row %d (id %s): %d vs %d",
+              split, i, want[i], got[i] - 1, d.labels[i] - 1), 0)
+          end
+        end
+      end
+    end
+  end
+end
+
+-- Trains the ensemble on the exported features; writes predict.csv. Returns its summary, or
+-- {interrupted = why}.
 function pipeline.ensemble(cfg, run, ds, paths, finetuned)
   local ensemble = require 'flower.ensemble'
   local report = require 'flower.report'
-  local feats = ensemble.load(paths)
+  local memory = require 'flower.memory'
+  local feats <close> = ensemble.load(paths, { memory_budget = cfg.memory_budget })
+  pipeline.check_features(feats, ds)
+  run:log('ensemble: %d feature files, %s of features, memory budget %s: %s', #paths, memory.format(feats.bytes),
+    memory.format(feats.budget), feats.resident and 'read whole' or string.format('streamed in blocks of %d rows', feats.block_rows))
   local t0 = files.now()
   local clf = ensemble.fit(feats, { dropout = cfg.ensemble_dropout, epochs = cfg.ensemble_epochs, lr = cfg.ensemble_lr,
     device = pipeline.device(cfg) or 'cpu',
     batch_size = cfg.ensemble_batch_size or 64, seed = cfg.seed, progress = false,
+    checkpoint_dir = run:path('ensemble', 'checkpoints'), resume = cfg.resume ~= nil,
     log = function(m) run:log('%s', m) end, label = 'ensemble' })
+  if clf.interrupted then return { interrupted = clf.interrupted } end
   local secs = files.now() - t0
-  run:time('ensemble: train on concatenated features', (#clf.history.rows) * feats.x.train:size(1), secs)
+  run:time('ensemble: train on concatenated features', (#clf.history.rows) * feats.n.train, secs)
   train.write_history_csv(run:path('ensemble', 'history.csv'), clf.history)
+  memory.stage(run, 'ensemble: train')
   local results = {}
   for i, m in ipairs(finetuned) do
     results[#results + 1] = { name = m.name, val_acc = m.val_acc, test_acc = m.test_acc,
       note = string.format('fine-tuned (%d features)', feats.dims[i]) }
   end
-  local avg = ensemble.average(feats, 'valid')
-  local avg_acc = ensemble.accuracy(avg, feats.label.valid)
-  local pred = clf.valid_probs:argmax(2):view(-1):totable()
-  local conf = report.confusion(feats.label.valid:totable(), pred, ds.classes)
-  local out = { classifier = clf, feats = feats, confusion = conf }
+  local avg_acc = ensemble.average_accuracy(feats, 'valid')
+  local conf = report.confusion(feats.label.valid:totable(), clf.valid_pred, ds.classes)
+  local out = { classifier = clf, confusion = conf, dims = feats.dims, D = feats.D, resident = feats.resident }
   local concat = { name = 'ensemble: concatenated features', val_acc = clf.val_acc,
     note = string.format('Dropout(%g) + Dense(%d) on %d features, %d epochs', cfg.ensemble_dropout, ds.classes,
-      feats.x.train:size(2), #clf.history.rows) }
+      feats.D, #clf.history.rows) }
   local averaged = { name = 'ensemble: averaged probabilities', val_acc = avg_acc, note = 'mean of the models\' softmax outputs' }
-  if ds.test and feats.x.test then
-    local probs = clf:predict(feats.x.test)
-    local path, p, ids = write_submission(cfg, run:path('predict.csv'), ds.test, ds.all.categories, probs, cfg.topk)
+  if ds.test and feats.n.test then
+    local t1 = files.now()
+    local probs = clf:predict(feats, 'test')
+    -- the ids come from the feature files, checked above against test.json
+    local path, p, ids = write_submission(cfg, run:path('predict.csv'), feats.ids.test, ds.all.categories, probs, cfg.topk)
     concat.test_acc = score_submission(cfg, ids, p)
     out.predict = path
-    local _, pa, ida = write_submission(cfg, run:path('predict-averaged.csv'), ds.test, ds.all.categories, ensemble.average(feats, 'test'), cfg.topk)
+    local _, pa, ida = write_submission(cfg, run:path('predict-averaged.csv'), feats.ids.test, ds.all.categories,
+      ensemble.average(feats, 'test'), cfg.topk)
     averaged.test_acc = score_submission(cfg, ida, pa)
+    run:time('ensemble: predict test', feats.n.test, files.now() - t1)
+    memory.stage(run, 'ensemble: predict')
   end
   results[#results + 1] = concat
   results[#results + 1] = averaged
@@ -278,21 +326,28 @@ function pipeline.run(cfg, run, spec)
   local dev = pipeline.device(cfg)   -- a missing GPU fails here, before any work
   if dev ~= nil then run:log('device: cuda:%d, %s', dev, flower.cuda.device_name(dev)) end
   local t_start = files.now()
+  local memory = require 'flower.memory'
+  memory.budget(cfg.memory_budget, 'pipeline: --memory-budget')   -- a bad size fails before any work
+  memory.reset_peak()
   local ds = pipeline.datasets(cfg)
   run:log('data: %s, %d classes, %d train / %d valid / %d test images', cfg.data, ds.classes, #ds.train, #ds.valid,
     ds.test and #ds.test or 0)
+  memory.stage(run, 'data')
   local finetuned, paths = {}, {}
   for _, name in ipairs(cfg.models) do
     local m = pipeline.finetune(cfg, run, ds, spec, name)
     if m.interrupted then return m end
     finetuned[#finetuned + 1] = m
+    memory.stage(run, name .. ': fine-tune')
   end
   for _, m in ipairs(finetuned) do
     local p, why = pipeline.export(cfg, run, ds, spec, m)
     if not p then return { interrupted = why } end
     paths[#paths + 1] = p
+    memory.stage(run, m.name .. ': export')
   end
   local ens = pipeline.ensemble(cfg, run, ds, paths, finetuned)
+  if ens.interrupted then return ens end
   run.results = ens.results
   local report = require 'flower.report'
   local models = {}
@@ -323,7 +378,8 @@ function pipeline.run(cfg, run, spec)
     subtitle = string.format('%s, %d classes, %d train / %d valid images; %.0f s in all', os.date('%Y-%m-%d %H:%M'),
       ds.classes, #ds.train, #ds.valid, seconds),
     results = ens.results, models = models, classes = ds.names, confusion = ens.confusion,
-    confusion_of = 'ensemble: concatenated features, validation set', timing = run.timing, files = file_list,
+    confusion_of = 'ensemble: concatenated features, validation set', timing = run.timing, memory = run.memory,
+    files = file_list,
     config = (function()
       local c = recipe_copy(cfg)
       c.stages_resolved = pipeline.stages(cfg)

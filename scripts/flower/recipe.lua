@@ -21,7 +21,8 @@
 -- --device cpu|cuda|cuda:<n>|auto (where the run computes, cfg.device; checked before the run
 -- directory is made, so a missing GPU fails at once with flower.cuda's reason) and
 -- --mixed-precision float32|bfloat16 (cfg.mixed_precision: train.fit's mixed_precision, i.e.
--- model:mixed_precision; bfloat16 activations with float32 master weights, for GPUs).
+-- model:mixed_precision; bfloat16 activations with float32 master weights, for GPUs) and
+-- --memory-budget 8G (cfg.memory_budget: see flower.pipeline).
 local cli = require 'flower.cli'
 local files = require 'flower.files'
 
@@ -39,6 +40,8 @@ local COMMON = {
     help = "where to compute: cpu, cuda (GPU 0), cuda:<n>, or auto (cuda when a GPU is available)" },
   { name = 'mixed_precision', type = 'string', default = 'float32', choices = { 'float32', 'bfloat16' },
     help = 'bfloat16: bf16 activations and kernel copies, float32 master weights and optimizer state (for GPUs)' },
+  { name = 'memory_budget', type = 'string',
+    help = 'memory the ensemble may fill with feature files read whole, e.g. 8G (default: half of RAM; above it they are streamed)' },
 }
 
 local function deep_copy(v)
