@@ -219,7 +219,7 @@ function ensemble.from_tensors(t)
 end
 
 local function as_features(feats)
-  if getmetatable(feats) == Features then return feats end
+  if type(feats) == 'table' and type(feats.rows) == 'function' then return feats end   -- a feature set (or a view of one)
   return ensemble.from_tensors(feats)
 end
 

@@ -8,7 +8,7 @@ local memory = require 'flower.memory'
 local mode, out = arg[1], arg[2]
 local paths = table.move(arg, 3, #arg, 1, {})
 local feats <close> = ensemble.load(paths, { resident = mode == 'resident' })
-local clf = ensemble.fit(feats, { epochs = 2, batch_size = 256, lr = 1e-2, seed = 3, progress = false })
+local clf = ensemble.fit(feats, { epochs = 1, batch_size = 256, lr = 1e-2, seed = 3, progress = false })
 local probs = clf:predict(feats, 'test')
 local f <close> = h5.open(out, 'w')
 f:write('/test_probs', probs)
