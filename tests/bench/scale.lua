@@ -1,6 +1,7 @@
 -- The seed's job at its real size (not in CI): a Kaggle-layout tree of 669,304 train+val and
--- 12,961 test images (hard links to a few JPEGs, 997 classes) and four feature files of 535,443 /
--- 133,861 / 12,961 rows x 2048 float32 (about 22 GB), then timings with rows/s and peak resident
+-- 12,961 test images (hard links to 24 JPEGs, as ext4 allows 65,000 links to a file; 997 classes)
+-- and four feature files of 535,443 / 133,861 / 12,961 rows x 2048 float32 (about 22 GB), then
+-- timings with rows/s and peak resident
 -- memory per stage: data.kaggle, the split, opening and checking the feature files (ids against the
 -- split), one epoch of the streamed ensemble (statistics pass, training, validation), prediction;
 -- the Keras peer (model.fit on an h5py-backed keras.utils.PyDataset) on the same files in the same
@@ -68,7 +69,7 @@ local root, fdir = files.join(opt.dir, 'data'), files.join(opt.dir, 'features')
 if not files.exists(files.join(root, 'test.json')) then
   local src = files.join(opt.dir, 'jpegs')
   local t0 = files.now()
-  sh(string.format('./flowerlua scripts/make_flowers.lua --classes 2 --train-per-class 2 --test 0 --min-size 64x48 '
+  sh(string.format('./flowerlua scripts/make_flowers.lua --classes 4 --train-per-class 6 --test 0 --min-size 64x48 '
     .. '--max-size 64x48 --quiet --out %s', files.shell_quote(src)))
   sh(string.format('mkdir -p %s/all && find %s/train -name "*.jpg" -exec cp {} %s/all/ \\;', src, src, src))
   sh(string.format('%s tests/bench/scale_peers.py tree %s %s/all %d %d %d', PY, files.shell_quote(root), src, n_images,
