@@ -95,10 +95,14 @@ Features.__close = Features.close
 -- The whole concatenation of a split (small data sets and tests only: it is the copy streaming avoids).
 function Features:x(split) return self:rows(split, 1, self.n[split]) end
 
+-- bytes of what a resident feature set holds: every split's features and probabilities (float32)
 local function feature_bytes(readers)
   local b = 0
   for _, r in ipairs(readers) do
-    for _, s in ipairs(r.splits) do b = b + r.rows[s] * r.dim * 4 end
+    for _, s in ipairs(r.splits) do
+      b = b + r.rows[s] * r.dim * 4
+      if r:has_probs(s) then b = b + r.rows[s] * r.file:shape('/' .. s .. '_probs')[2] * 4 end
+    end
   end
   return b
 end
