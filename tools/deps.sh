@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 build_pkgs=(build-essential pkg-config lua5.4 liblua5.4-dev lua-cjson libjpeg62-turbo-dev
             libhdf5-dev libopenblas-dev libdnnl-dev libreadline-dev)
-test_pkgs=(python3 python3-venv python3-numpy python3-torch python3-torchvision tmux libturbojpeg0)
+test_pkgs=(python3 python3-venv python3-numpy python3-torch python3-torchvision tmux libturbojpeg0
+           dataset-fashion-mnist)
 
 want_test=0
 [ "${1:-}" = "--test" ] && want_test=1
@@ -32,11 +33,11 @@ fi
 # The venv sees Debian's numpy and torch (system site packages); numpy stays below 2 because
 # Debian's torch is built against numpy 1.x.
 venv=.venv
-stamp=$venv/.deps-v2
+stamp=$venv/.deps-v3
 if [ ! -f "$stamp" ]; then
   echo "deps: creating the Python environment in $venv (TensorFlow, Keras, h5py, Pillow, OpenCV)"
   /usr/bin/python3 -m venv --system-site-packages "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check \
-    "numpy<2" tensorflow-cpu tf-keras keras h5py pillow opencv-python-headless "PyTurboJPEG<2"
+    "numpy<2" tensorflow-cpu tf-keras keras h5py pillow opencv-python-headless "PyTurboJPEG<2" tensorboard
   touch "$stamp"
 fi

@@ -414,7 +414,8 @@ end
 
 ---------------------------------------------------------------------------------------------------
 -- Callbacks. Each is a table with any of on_train_begin(ctx), on_epoch_begin(ctx, epoch),
--- on_epoch_end(ctx, epoch, logs), on_train_end(ctx), and state() / load_state(s) for checkpoints.
+-- on_batch_end(ctx, epoch, step, {loss, acc, global_step}), on_epoch_end(ctx, epoch, logs),
+-- on_train_end(ctx), and state() / load_state(s) for checkpoints (flower.tensorboard's callback is one).
 -- ctx = {model, optimizer, history, stop (set to stop after this epoch), lr (get/set via
 -- train.get_lr / train.set_lr)}.
 
@@ -645,6 +646,7 @@ function train.fit(model, o)
           for k, v in pairs(tops) do s.top[tostring(k)] = (s.top[tostring(k)] or 0) + v * bn end
           images = images + bn
           bar:update(step, { loss = s.loss / s.n, acc = s.correct / s.n })
+          call_cbs(cbs, 'on_batch_end', ctx, epoch, step, { loss = l, acc = acc, global_step = (epoch - 1) * nsteps + step })
           local why = train.interrupted()
           if why and step < nsteps then
             if last_path then train.save_checkpoint(last_path, model, o.optimizer, meta_for(epoch, step, s)) end
