@@ -416,6 +416,9 @@ function Loader:close() if self._c then self._c:close() end end
 ---------------------------------------------------------------------------------------------------
 -- Feature loader
 
+-- data.idx(path): an idx(.gz) file (MNIST, Fashion-MNIST) as a tensor; see flower.npy.
+function data.idx(path) return require('flower.npy').load_idx(path) end
+
 local FeatureLoader = {}
 FeatureLoader.__index = FeatureLoader
 FeatureLoader.__len = function(self)

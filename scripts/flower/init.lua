@@ -14,6 +14,11 @@ local submodules = {
 
 return setmetatable(flower, {
   __index = function(t, k)
+    if k == 'load_npy' or k == 'save_npy' then
+      local f = require('flower.npy')[k]
+      rawset(t, k, f)
+      return f
+    end
     if submodules[k] then
       local m = require('flower.' .. k)
       rawset(t, k, m)
@@ -22,7 +27,7 @@ return setmetatable(flower, {
   end,
   -- the REPL completes these names too, though they load only on first use
   __complete = function()
-    local names = {}
+    local names = { 'load_npy', 'save_npy' }
     for k in pairs(submodules) do names[#names + 1] = k end
     return names
   end,
