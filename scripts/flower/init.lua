@@ -14,8 +14,8 @@ local submodules = {
 
 return setmetatable(flower, {
   __index = function(t, k)
-    if k == 'load_npy' or k == 'save_npy' then
-      local f = require('flower.npy')[k]
+    if k == 'load_npy' or k == 'save_npy' or k == 'help' then
+      local f = require(k == 'help' and 'flower.help' or 'flower.npy')[k]
       rawset(t, k, f)
       return f
     end
@@ -27,7 +27,7 @@ return setmetatable(flower, {
   end,
   -- the REPL completes these names too, though they load only on first use
   __complete = function()
-    local names = { 'load_npy', 'save_npy' }
+    local names = { 'load_npy', 'save_npy', 'help' }
     for k in pairs(submodules) do names[#names + 1] = k end
     return names
   end,
