@@ -298,9 +298,9 @@ end
 
 -------------------------------------------------------------------------------- saving
 
--- Writes the weights group of `model` under `root` of an open file (Keras 2 layout).
-local function write_weights(f, root, model)
-  local layers = model_layers(model)
+-- Writes the weights group of `layers` (a model's model_layers) under `root` of an open file
+-- (Keras 2 layout).
+local function write_weights(f, root, layers)
   local names = {}
   for i, l in ipairs(layers) do names[i] = l.name end
   local r = root == '' and '/' or root
@@ -331,7 +331,7 @@ function keras.save_weights(model, path)
   local ok, err = pcall(function()
     model_layers(model)
     h5.write_atomic(path, function(f)
-      write_weights(f, '', model)
+      write_weights(f, '', model_layers(model))
       f:set_attr('/', 'flowerlua_version', flower.version or '?')
     end)
   end)
@@ -489,6 +489,15 @@ converters.ZeroPadding2D = {keys = {'padding', 'data_format'}, build = function(
 end}
 converters.CustomScaleLayer = {keys = {'scale'}, build = function(c, n)
   return nn.ScaledAdd{scale = c.scale, name = n, type_name = 'CustomScaleLayer'}
+end}
+
+converters.FlowerPreprocess = {keys = {'mode'}, build = function(c, n) return nn.Preprocess{mode = c.mode, name = n} end}
+converters.Rescaling = {keys = {'scale', 'offset'}, build = function(c, n)
+  want(c, 'offset', {0}, n, 'Rescaling')
+  if type(c.scale) ~= 'number' then
+    error(string.format("keras.load_model: layer '%s' (Rescaling): only a single number scale is supported", n), 0)
+  end
+  return nn.Scale{scale = c.scale, name = n}
 end}
 
 local function layer_from_config(spec)
@@ -690,6 +699,157 @@ function keras.load_model(path)
     error(msg, 2)
   end
   return res
+end
+
+-------------------------------------------------------------------------------- saving whole models
+
+-- flowerlua layer -> Keras class name and config (tf.keras 2.x's get_config keys). Layers Keras has
+-- no built-in class for are registered custom layers, defined for Keras users in
+-- scripts/flowerlua_keras.py: FlowerPreprocess (Keras Applications' preprocess_input as a layer)
+-- and CustomScaleLayer (InceptionResNetV2's scaled residual; Keras 3's applications name it so).
+-- A Keras Lambda was the other way: it holds marshalled Python bytecode that only the same Python
+-- version can load and that Keras 3's safe mode refuses; a registered layer is plain JSON.
+local function pair_of(a, b) return {a, b} end
+local function conv_config(l)
+  return {kernel_size = pair_of(l.kh, l.kw), strides = pair_of(l.sh, l.sw), padding = l.padding,
+          data_format = 'channels_last', dilation_rate = pair_of(l.dh or 1, l.dw or 1),
+          activation = l.activation or 'linear', use_bias = l.use_bias}
+end
+local writers = {}
+writers.Conv2D = function(l) local c = conv_config(l); c.filters = l.filters; c.groups = 1; return 'Conv2D', c end
+writers.DepthwiseConv2D = function(l)
+  local c = conv_config(l); c.depth_multiplier = l.depth_multiplier; return 'DepthwiseConv2D', c
+end
+writers.SeparableConv2D = function(l)
+  local c = conv_config(l); c.filters, c.depth_multiplier = l.filters, l.depth_multiplier; return 'SeparableConv2D', c
+end
+writers.BatchNormalization = function(l)
+  return 'BatchNormalization', {axis = l.axis, momentum = l.momentum, epsilon = l.epsilon, center = l.center,
+                                scale = l.scale}
+end
+writers.Activation = function(l) return 'Activation', {activation = l.act} end
+writers.ReLU = function() return 'ReLU', {max_value = null, negative_slope = 0, threshold = 0} end
+writers.Softmax = function() return 'Softmax', {axis = -1} end
+for _, cls in ipairs({'MaxPooling2D', 'AveragePooling2D'}) do
+  writers[cls] = function(l)
+    return cls, {pool_size = pair_of(l.kh, l.kw), strides = pair_of(l.sh, l.sw), padding = l.padding,
+                 data_format = 'channels_last'}
+  end
+end
+for _, cls in ipairs({'GlobalAveragePooling2D', 'GlobalMaxPooling2D'}) do
+  writers[cls] = function(l) return cls, {data_format = 'channels_last', keepdims = l.keepdims} end
+end
+writers.Dense = function(l) return 'Dense', {units = l.units, activation = l.activation or 'linear', use_bias = l.use_bias ~= false} end
+writers.Dropout = function(l) return 'Dropout', {rate = l.rate, noise_shape = null, seed = l.seed or null} end
+writers.Flatten = function() return 'Flatten', {data_format = 'channels_last'} end
+writers.Reshape = function(l) return 'Reshape', {target_shape = l.target_shape} end
+writers.Concatenate = function(l) return 'Concatenate', {axis = l.axis} end
+writers.Add = function() return 'Add', {} end
+writers.ScaledAdd = function(l) return 'CustomScaleLayer', {scale = l.scale} end
+writers.Scale = function(l) return 'Rescaling', {scale = l.scale, offset = 0} end
+writers.ZeroPadding2D = function(l)
+  return 'ZeroPadding2D', {padding = {{l.pt, l.pb}, {l.pl, l.pr}}, data_format = 'channels_last'}
+end
+writers.Preprocess = function(l) return 'FlowerPreprocess', {mode = l.mode} end
+
+local function layer_config(l, frozen)
+  local w = writers[l.class_name]
+  if not w then
+    error(string.format("layer '%s' has type %s, which has no Keras equivalent to save", l.name, l.class_name), 0)
+  end
+  local cls, cfg = w(l)
+  cfg.name, cfg.trainable, cfg.dtype = l.name, l.trainable ~= false and not frozen, 'float32'
+  return {class_name = cls, config = cfg}
+end
+
+local function input_config(l)
+  local shape = {null}
+  for _, d in ipairs(l.shape) do shape[#shape + 1] = d >= 0 and d or null end
+  return {class_name = 'InputLayer', config = {batch_input_shape = shape, dtype = l.input_dtype or 'float32',
+                                                sparse = false, ragged = false, name = l.name}}
+end
+
+-- Keras's Functional config, with nested models inlined: tf.keras refers to a nested model's call
+-- as its node 1 and Keras 3 as its node 0, so neither loads the other's nested files; a flat graph
+-- of the same layers (same names, weights and outputs) loads in both. A frozen nested model's
+-- layers are saved with trainable = false. Returns the config and the leaf layers in its order
+-- (the weight groups).
+local function model_config(model)
+  local specs, leaves = {}, {}
+  -- emits model's layers; `bound` maps a nested model's input nodes to the references feeding them
+  local function emit(m, bound, frozen)
+    local node_of, ref_of = {}, {}
+    for _, n in ipairs(m.nodes) do node_of[n.layer] = n end
+    for _, l in ipairs(m:keras_layers()) do
+      local n = node_of[l]
+      if getmetatable(l) == nn.InputLayer then
+        if bound then
+          ref_of[n] = bound[n]
+        else
+          local spec = input_config(l)
+          spec.name, spec.inbound_nodes = l.name, {}
+          specs[#specs + 1] = spec
+          ref_of[n] = {l.name, 0, 0}
+        end
+      elseif l._is_model then
+        if #l.outputs ~= 1 then error(string.format("nested model '%s' has several outputs", l.name), 0) end
+        local inner = {}
+        for i, inode in ipairs(l.inputs) do inner[inode] = ref_of[n.inputs[i]] end
+        ref_of[n] = emit(l, inner, frozen or l.trainable == false)[1]
+      else
+        local spec = layer_config(l, frozen)
+        local refs = {}
+        for i, p in ipairs(n.inputs) do local r = ref_of[p]; refs[i] = {r[1], r[2], r[3], {}} end
+        spec.name, spec.inbound_nodes = l.name, {refs}
+        specs[#specs + 1] = spec
+        leaves[#leaves + 1] = l
+        ref_of[n] = {l.name, 0, 0}
+      end
+    end
+    local outs = {}
+    for i, o in ipairs(m.outputs) do outs[i] = ref_of[o] end
+    return outs, ref_of
+  end
+  local outs, ref_of = emit(model, nil, false)
+  local ins = {}
+  for i, n in ipairs(model.inputs) do ins[i] = ref_of[n] end
+  local names = {}
+  for _, spec in ipairs(specs) do
+    if names[spec.name] then
+      error(string.format("the layer name '%s' is used twice once nested models are inlined; rename one", spec.name), 0)
+    end
+    names[spec.name] = true
+  end
+  return {class_name = 'Functional', config = {name = model.name, layers = specs, input_layers = ins,
+                                                output_layers = outs}}, leaves
+end
+
+-- keras.save_model(model, path): a whole-model file as tf.keras's model.save('x.h5') writes it
+-- (model_config + model_weights), atomically. keras.load_model reads it back; so do tf.keras and
+-- Keras 3 (keras.models.load_model), with custom_objects from scripts/flowerlua_keras.py when the
+-- model has a Preprocess or ScaledAdd layer. Sequential models are saved as Functional ones, and
+-- nested models inlined (see model_config).
+function keras.save_model(model, path)
+  if type(path) ~= 'string' then error('keras.save_model: path must be a string', 2) end
+  if not cjson_ok then error('keras.save_model: lua-cjson is not installed', 2) end
+  local ok, err = pcall(function()
+    model_layers(model)
+    local cfg, leaves = model_config(model)
+    local json = cjson.encode(cfg)
+    h5.write_atomic(path, function(f)
+      f:set_attr('/', 'model_config', json)
+      f:set_attr('/', 'keras_version', keras.layout_version)
+      f:set_attr('/', 'backend', 'tensorflow')
+      f:set_attr('/', 'flowerlua_version', flower.version or '?')
+      write_weights(f, '/model_weights', leaves)
+    end)
+  end)
+  if not ok then
+    local msg = tostring(err)
+    if not msg:find('keras.save_model', 1, true) then msg = 'keras.save_model: ' .. msg end
+    error(msg, 2)
+  end
+  return path
 end
 
 return keras

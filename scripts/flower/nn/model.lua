@@ -117,6 +117,9 @@ function Model:layers()
 end
 Model.named_layers = Model.layers
 
+-- model:save(path): a whole-model Keras .h5 file (flower.keras.save_model)
+function Model:save(path) return require('flower.keras').save_model(self, path) end
+
 -- Keras's model.layers order (_map_graph_network): depth-first from the outputs, visiting inputs in
 -- order; depth = longest path to an output; sorted by depth descending, ties by first visit.
 -- Order-based weight loading of Keras files needs exactly this order.
