@@ -690,6 +690,14 @@ function keras.load_model(path)
     local groups = file_layers(f, path, 'keras.load_model')
     load_by_order(f, path, model, groups, 'keras.load_model')
     model.keras_version = f:attr('/', 'keras_version')
+    local meta = f:attr('/', 'flowerlua_metadata')
+    if type(meta) == 'string' then
+      local mok, m = pcall(cjson.decode, meta)
+      if not mok or type(m) ~= 'table' then
+        error('keras.load_model: ' .. path .. ': flowerlua_metadata is not a JSON object', 0)
+      end
+      model.metadata = m
+    end
     model:evaluate()
     return model
   end)
@@ -828,9 +836,13 @@ end
 -- (model_config + model_weights), atomically. keras.load_model reads it back; so do tf.keras and
 -- Keras 3 (keras.models.load_model), with custom_objects from scripts/flowerlua_keras.py when the
 -- model has a Preprocess or ScaledAdd layer. Sequential models are saved as Functional ones, and
--- nested models inlined (see model_config).
-function keras.save_model(model, path)
+-- nested models inlined (see model_config). opts.metadata (a table: the class ids and names of the
+-- outputs, the image size, ...) is kept as JSON in the attribute `flowerlua_metadata`, which Keras
+-- ignores; keras.load_model gives it back as model.metadata.
+function keras.save_model(model, path, opts)
   if type(path) ~= 'string' then error('keras.save_model: path must be a string', 2) end
+  local meta = opts and opts.metadata
+  if meta ~= nil and type(meta) ~= 'table' then error('keras.save_model: metadata must be a table', 2) end
   if not cjson_ok then error('keras.save_model: lua-cjson is not installed', 2) end
   local ok, err = pcall(function()
     model_layers(model)
@@ -841,6 +853,7 @@ function keras.save_model(model, path)
       f:set_attr('/', 'keras_version', keras.layout_version)
       f:set_attr('/', 'backend', 'tensorflow')
       f:set_attr('/', 'flowerlua_version', flower.version or '?')
+      if meta then f:set_attr('/', 'flowerlua_metadata', cjson.encode(meta)) end
       write_weights(f, '/model_weights', leaves)
     end)
   end)
