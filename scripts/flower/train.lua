@@ -3,6 +3,9 @@
 --   local train = require 'flower.train'
 --   local hist = train.fit(model, {
 --     train = loader, valid = vloader,        -- loaders: loader:epoch(e) yields {x, y, n}; #loader
+--                                             -- or, as Keras's fit(x, y), tensors in memory:
+--                                             -- x = X, y = Y, batch_size = 32, shuffle = true,
+--                                             -- seed = 0, validation_data = {Xv, Yv}
 --     optimizer = optim.Adam{lr = 1e-3},      -- flower.optim optimizer
 --     loss = 'logits',                        -- fused softmax cross-entropy on logits (default);
 --                                             -- 'categorical_crossentropy' on softmax outputs; or an
@@ -10,6 +13,7 @@
 --     epochs = 5,                             -- the last epoch (absolute, like Keras's `epochs`)
 --     initial_epoch = 0,                      -- epochs already done (a later stage starts later)
 --     metrics = {'acc', 'top5'},              -- accuracy always; 'top<k>' adds top<k> and val_top<k>
+--                                             -- (progress line, history, history.csv)
 --     callbacks = {train.EarlyStopping{patience = 2}, train.ReduceLROnPlateau{patience = 2},
 --                  train.LearningRateScheduler(optim.cosine{lr = 1e-3, decay_steps = 5})},
 --     checkpoint_dir = 'runs/x/ckpt/cnn',     -- last.h5 every epoch (and on interrupt); best.h5
@@ -18,6 +22,7 @@
 --     history = hist,                         -- rows are appended (several stages, one history)
 --     history_csv = 'runs/x/history.csv',     -- rewritten atomically after every epoch
 --     stage = 1, label = 'cnn head',          -- recorded in the history / shown in the bar
+--     progress = false,                       -- no bar (or {out =, tty =, interval =}: its options)
 --     device = 'cuda',                        -- 'cpu' (default), 'cuda', 'cuda:<n>' or 'auto'
 --     mixed_precision = 'bfloat16',           -- model:mixed_precision(...) before training: bf16
 --                                             -- activations, float32 weights and optimizer state
@@ -216,6 +221,7 @@ function train.step(model, batch, lossfn, optimizer, ks)
   local tops = topk_of(out, batch.y, ks)
   if not finite(l) then return l, acc, tops end
   model:backward(batch.x, g)
+  -- the gradients of this batch are complete here, before the optimizer's update
   optimizer_step(optimizer, model)
   return l, acc, tops
 end
@@ -514,6 +520,42 @@ end
 
 local function default_log(msg) io.stdout:write(msg, '\n'); io.stdout:flush() end
 
+-- Keras's fit(x, y): tensors in memory instead of loaders. x (N, ...) samples, y (N) labels,
+-- batch_size (32), shuffle (true; the order of epoch e is a function of (seed, e), seed 0 unless
+-- given), validation_data = {x_valid, y_valid} (batched in order). Returns the two loaders
+-- (flower.data.FeatureLoader) fit then uses.
+local function tensor_loaders(o)
+  if o.train ~= nil then fail('give either train (a loader) or x and y (tensors), not both') end
+  if not flower.is_tensor(o.x) then fail('x must be a tensor of samples, got %s', type(o.x)) end
+  if not flower.is_tensor(o.y) then fail('y must be a tensor of labels (one per sample of x), got %s', type(o.y)) end
+  if o.y:size(1) ~= o.x:size(1) then fail('x has %d samples, y %d labels', o.x:size(1), o.y:size(1)) end
+  local bs = o.batch_size or 32
+  if math.type(bs) ~= 'integer' or bs < 1 then fail('batch_size must be a positive integer, got %s', tostring(bs)) end
+  local data = require 'flower.data'
+  local tl = data.FeatureLoader { x = o.x, y = o.y, batch_size = bs, shuffle = o.shuffle ~= false, seed = o.seed or 0 }
+  local vd, vl = o.validation_data, nil
+  if vd ~= nil then
+    if type(vd) ~= 'table' or not flower.is_tensor(vd[1]) or not flower.is_tensor(vd[2]) then
+      fail('validation_data must be {x_valid, y_valid} (two tensors)')
+    end
+    if vd[2]:size(1) ~= vd[1]:size(1) then
+      fail('validation_data has %d samples and %d labels', vd[1]:size(1), vd[2]:size(1))
+    end
+    vl = data.FeatureLoader { x = vd[1], y = vd[2], batch_size = bs }
+  end
+  return tl, vl
+end
+
+-- The progress line's metrics: loss, acc and the top-k asked for (then their validation twins).
+local function bar_order(ks)
+  local order = { 'loss', 'acc' }
+  for _, k in ipairs(ks) do order[#order + 1] = 'top' .. k end
+  order[#order + 1] = 'val_loss'
+  order[#order + 1] = 'val_acc'
+  for _, k in ipairs(ks) do order[#order + 1] = 'val_top' .. k end
+  return order
+end
+
 -- The training state a checkpoint holds besides the weights and the optimizer (nn.save_checkpoint's
 -- meta): where the run is (epoch, and the step within it with the epoch's running sums when it
 -- stopped mid-epoch), the RNG, the callbacks' states, the learning rate (a number one; a schedule
@@ -570,6 +612,16 @@ end
 function train.fit(model, o)
   if type(model) ~= 'table' or type(model.forward) ~= 'function' then fail('expected a model, got %s', type(model)) end
   if type(o) ~= 'table' then fail('expected a table of options') end
+  if o.x ~= nil or o.y ~= nil then
+    if o.valid ~= nil and o.validation_data ~= nil then fail('give either valid (a loader) or validation_data, not both') end
+    local tl, vl = tensor_loaders(o)
+    local oo = {}
+    for k, v in pairs(o) do oo[k] = v end
+    oo.train, oo.valid, oo.x, oo.y, oo.validation_data = tl, o.valid or vl, nil, nil, nil
+    o = oo
+  elseif o.validation_data ~= nil then
+    fail('validation_data goes with x and y; with a train loader, give valid (a loader)')
+  end
   check_loader(o.train, 'train')
   if o.valid ~= nil then check_loader(o.valid, 'valid') end
   if o.optimizer == nil then fail('optimizer is required') end
@@ -622,8 +674,10 @@ function train.fit(model, o)
       -- a run resumed mid-epoch has had this epoch's on_epoch_begin (its effects are in the state)
       if skip == 0 then call_cbs(cbs, 'on_epoch_begin', ctx, epoch) end
       model:training()
+      local popts = type(o.progress) == 'table' and o.progress or {}
       local bar = progress.new { total = nsteps, label = string.format('%s epoch %d/%d', label, epoch, epochs),
-                                 silent = o.progress == false }
+                                 silent = o.progress == false, order = bar_order(ks), out = popts.out,
+                                 tty = popts.tty, interval = popts.interval }
       local t0 = files.now()
       local s = sums or { loss = 0, correct = 0, n = 0, top = {} }
       s.top = s.top or {}
@@ -645,7 +699,9 @@ function train.fit(model, o)
           s.loss, s.correct, s.n = s.loss + l * bn, s.correct + acc * bn, s.n + bn
           for k, v in pairs(tops) do s.top[tostring(k)] = (s.top[tostring(k)] or 0) + v * bn end
           images = images + bn
-          bar:update(step, { loss = s.loss / s.n, acc = s.correct / s.n })
+          local shown = { loss = s.loss / s.n, acc = s.correct / s.n }
+          for _, k in ipairs(ks) do shown['top' .. k] = (s.top[tostring(k)] or 0) / s.n end
+          bar:update(step, shown)
           local why = train.interrupted()
           if why and step < nsteps then
             -- a mid-epoch checkpoint: the epoch goes on from the next step when resumed
@@ -671,7 +727,9 @@ function train.fit(model, o)
       end
       logs.seconds = files.now() - t0
       logs.images_per_s = train_seconds > 0 and images / train_seconds or nil
-      bar:finish { val_loss = logs.val_loss, val_acc = logs.val_acc }
+      local shown = { val_loss = logs.val_loss, val_acc = logs.val_acc }
+      for _, k in ipairs(ks) do shown['val_top' .. k] = logs['val_top' .. k] end
+      bar:finish(shown)
       hist.rows[#hist.rows + 1] = logs
       call_cbs(cbs, 'on_epoch_end', ctx, epoch, logs)
       if o.history_csv then train.write_history_csv(o.history_csv, hist) end

@@ -287,6 +287,58 @@ T.test('top-k metrics in the history and history.csv', function()
   T.raises(function() train.fit(m, { train = tl, optimizer = optim.Adam {}, metrics = { 'f1' } }) end, "unknown metric 'f1'")
 end)
 
+T.test('top-k in the progress line, beside loss and accuracy, and its validation twin at the end', function()
+  local tl, vl = loaders()
+  local m = make_model()
+  local path = tmp('bar.txt')
+  files.mkdir(TMP)
+  local f = assert(io.open(path, 'w'))
+  train.fit(m, { train = tl, valid = vl, optimizer = optim.Adam { lr = 0.01 }, epochs = 1, metrics = { 'top2' }, log = quiet,
+    progress = { out = f, tty = false, interval = 0 } })
+  f:close()
+  local text = files.read(path)
+  local last = text:match('([^\n]*)\n$')
+  T.check(text:find('train epoch 1/1 +1/8 %(12%%%) .* %- loss [%d.]+ %- acc [%d.]+ %- top2 [%d.]+\n'), text)
+  T.check(last:find(' %- loss [%d.]+ %- acc [%d.]+ %- top2 [%d.]+ %- val_loss [%d.]+ %- val_acc [%d.]+ %- val_top2 [%d.]+$'), last)
+end)
+
+T.test("fit(x, y) on tensors in memory, as Keras's: the same run as with the equivalent loaders", function()
+  local a = make_model()
+  local ha = train.fit(a, { x = XT, y = YT, batch_size = 32, seed = 7, validation_data = { XV, YV }, optimizer = optim.Adam { lr = 0.01 },
+    epochs = 3, metrics = { 'top2' }, progress = false, log = quiet })
+  local b = make_model()
+  local hb = train.fit(b, { train = data.FeatureLoader { x = XT, y = YT, batch_size = 32, shuffle = true, seed = 7 },
+    valid = data.FeatureLoader { x = XV, y = YV, batch_size = 32 }, optimizer = optim.Adam { lr = 0.01 }, epochs = 3,
+    metrics = { 'top2' }, progress = false, log = quiet })
+  weights_equal(a, b)
+  for e = 1, 3 do
+    for _, k in ipairs({ 'loss', 'acc', 'top2', 'val_loss', 'val_acc', 'val_top2' }) do T.eq(ha.rows[e][k], hb.rows[e][k], k) end
+  end
+  -- shuffle = false keeps the order; Keras's default batch size is 32
+  local c = make_model()
+  local hc = train.fit(c, { x = XT, y = YT, shuffle = false, optimizer = optim.SGD { lr = 0.01 }, epochs = 1, progress = false, log = quiet })
+  local d = make_model()
+  train.fit(d, { train = data.FeatureLoader { x = XT, y = YT, batch_size = 32 }, optimizer = optim.SGD { lr = 0.01 }, epochs = 1,
+    progress = false, log = quiet })
+  weights_equal(c, d)
+  T.eq(hc.rows[1].val_loss, nil)
+  local m = make_model()
+  local function fit(o)
+    o.optimizer, o.progress, o.log = optim.Adam {}, false, quiet
+    return train.fit(m, o)
+  end
+  T.raises(function() fit { x = XT, y = YT, train = data.FeatureLoader { x = XT, y = YT } } end,
+    'train.fit: give either train (a loader) or x and y (tensors), not both')
+  T.raises(function() fit { x = XT } end, 'y must be a tensor of labels (one per sample of x), got nil')
+  T.raises(function() fit { x = { 1, 2 }, y = YT } end, 'x must be a tensor of samples, got table')
+  T.raises(function() fit { x = XT, y = YV } end, 'x has 256 samples, y 96 labels')
+  T.raises(function() fit { x = XT, y = YT, batch_size = 0 } end, 'batch_size must be a positive integer, got 0')
+  T.raises(function() fit { x = XT, y = YT, validation_data = XV } end, 'validation_data must be {x_valid, y_valid} (two tensors)')
+  T.raises(function() fit { x = XT, y = YT, validation_data = { XV, YT } } end, 'validation_data has 96 samples and 256 labels')
+  T.raises(function() fit { train = data.FeatureLoader { x = XT, y = YT }, validation_data = { XV, YV } } end,
+    'validation_data goes with x and y')
+end)
+
 T.test('bad arguments are errors naming what is wrong', function()
   local tl = loaders()
   local m = make_model()
