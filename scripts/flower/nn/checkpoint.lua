@@ -148,7 +148,11 @@ function nn.load_checkpoint(path, model, opts)
   if type(model) ~= 'table' or not model._wnames then error('load_checkpoint: expected a model or a layer', 2) end
   local function fail(fmt, ...) error(string.format('load_checkpoint: %s: ' .. fmt, path, ...), 3) end
   local ok, f = pcall(h5.open, path, 'r')
-  if not ok then fail('%s', tostring(f):gsub('^.-: ', '', 1)) end
+  if not ok then   -- h5.open's message names the path too: say it once
+    local msg = tostring(f)
+    local at = msg:find(path .. ': ', 1, true)
+    fail('%s', at and msg:sub(at + #path + 2) or msg)
+  end
   local _ <close> = f
   local layers = weighted(model)
   local L
