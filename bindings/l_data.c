@@ -11,9 +11,9 @@
  * the threads never see a lua_State. Batch buffers are tensor storages allocated by the consumer,
  * handed to the returned tensor without a copy. __gc and __close stop the threads. */
 #include "lflower.h"
-#include "loader.h"
-#include "flowers.h"
-#include "image.h"
+#include "data/loader.h"
+#include "data/flowers.h"
+#include "data/image.h"
 #include "backend.h"
 
 #include <dirent.h>

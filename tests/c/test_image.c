@@ -6,9 +6,9 @@
 #include <unistd.h>
 
 #include "check.h"
-#include "flowers.h"
-#include "image.h"
-#include "loader.h"
+#include "data/flowers.h"
+#include "data/image.h"
+#include "data/loader.h"
 
 static char tmpdir[256];
 
