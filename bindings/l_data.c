@@ -140,8 +140,7 @@ static void read_transform(lua_State *L, int t, fl_transform *tf, int def_mode, 
   lua_Integer e = opt_integer(L, t, "eighths", 0, fname);
   if (e < 0 || e > 8) luaL_error(L, "%s: option 'eighths' must be 1..8 (decode at eighths/8 of full size), got %d", fname, (int)e);
   tf->none_scale = (int)e;
-  char err[256];
-  if (fl_transform_check(tf, err, sizeof err)) luaL_error(L, "%s: %s", fname, err);
+  if (fl_transform_check(tf)) luaL_error(L, "%s: %s", fname, fl_errmsg());
 }
 
 /* ---------------------------------------------------------------- images */
@@ -193,7 +192,7 @@ static int decode_push(lua_State *L, decoder_ud *u, const uint8_t *buf, size_t l
     luaL_error(L, "%s: preprocess '%s' needs dtype 'float32'", fname, pres[pre]);
   uint64_t rng = (uint64_t)opt_integer(L, opt, "seed", 0, fname);
   int s = fl_decoder_transform(u->d, buf, len, &tf, &rng, &u->img);
-  if (s) return luaL_error(L, "%s: %s: %s (%s)", fname, what, fl_decoder_message(u->d), fl_img_status_name(s));
+  if (s) return luaL_error(L, "%s: %s: %s (%s)", fname, what, fl_errmsg(), fl_img_status_name(s));
   int64_t shape[3] = { u->img.h, u->img.w, 3 };
   fl_tensor *t = push_tensor(L, dtype == FL_OUT_F32 ? FL_F32 : FL_U8, 3, shape);
   fl_pixels_convert(u->img.data, (size_t)u->img.w * u->img.h, fl_tensor_data(t), dtype, pre);
@@ -216,7 +215,7 @@ static int l_image_load(lua_State *L) {
   const uint8_t *buf;
   size_t len;
   int s = fl_decoder_read_file(u->d, path, &buf, &len);
-  if (s) return luaL_error(L, "image_load: %s: %s (%s)", path, fl_decoder_message(u->d), fl_img_status_name(s));
+  if (s) return luaL_error(L, "image_load: %s: %s (%s)", path, fl_errmsg(), fl_img_status_name(s));
   return decode_push(L, u, buf, len, opt, "image_load", path);
 }
 
@@ -237,7 +236,7 @@ static int l_image_info(lua_State *L) {
   decoder_ud *u = push_decoder(L);
   fl_jpeg_info info;
   int s = fl_decoder_info(u->d, (const uint8_t *)bytes, len, &info);
-  if (s) return luaL_error(L, "image_info: %s (%s)", fl_decoder_message(u->d), fl_img_status_name(s));
+  if (s) return luaL_error(L, "image_info: %s (%s)", fl_errmsg(), fl_img_status_name(s));
   lua_createtable(L, 0, 7);
   lua_pushinteger(L, info.width); lua_setfield(L, -2, "width");
   lua_pushinteger(L, info.height); lua_setfield(L, -2, "height");
@@ -295,9 +294,8 @@ static int l_image_encode(lua_State *L) {
   if (q < 1 || q > 100) return luaL_error(L, "image_encode: quality must be 1..100, got %d", (int)q);
   unsigned char *out = NULL;
   size_t len = 0;
-  char err[256];
-  if (fl_jpeg_encode(fl_tensor_data(t), (int)t->shape[1], (int)t->shape[0], c, (int)q, prog, sub, &out, &len, err, sizeof err))
-    return luaL_error(L, "%s", err);
+  if (fl_jpeg_encode(fl_tensor_data(t), (int)t->shape[1], (int)t->shape[0], c, (int)q, prog, sub, &out, &len))
+    return luaL_error(L, "%s", fl_errmsg());
   void **box = push_box(L, out);  /* frees `out` if pushing the string raises */
   lua_pushlstring(L, (const char *)out, len);
   free(out);
@@ -496,9 +494,8 @@ static int l_loader(lua_State *L) {
     if (!u->labels) return luaL_error(L, "%s: out of memory", fname);
     memcpy(u->labels, labels, sizeof(int64_t) * (size_t)n);
   }
-  char err[256];
-  u->ld = fl_loader_new(&cfg, err, sizeof err);
-  if (!u->ld) return luaL_error(L, "%s", err);
+  u->ld = fl_loader_new(&cfg);
+  if (!u->ld) return luaL_error(L, "%s", fl_errmsg());
   u->n = n;
   u->batch_bytes = (size_t)cfg.batch_size * fl_loader_sample_bytes(u->ld);
   /* the batch being used, the one before it (until the collector frees it) and two spare;
@@ -515,8 +512,7 @@ static int l_loader(lua_State *L) {
 static int loader_start(lua_State *L) {
   loader_ud *u = check_loader(L, 1, "Loader:start");
   lua_Integer e = luaL_checkinteger(L, 2);
-  char err[256];
-  if (fl_loader_start(u->ld, e, err, sizeof err)) return luaL_error(L, "Loader:start: %s", err);
+  if (fl_loader_start(u->ld, e)) return luaL_error(L, "Loader:start: %s", fl_errmsg());
   return 0;
 }
 
@@ -527,9 +523,8 @@ static int loader_next(lua_State *L) {
   /* everything Lua allocates comes before the batch, so no raise can lose its buffer */
   fl_tensor *x = fl_lua_newtensor(L);
   fl_loader_batch b;
-  char err[256];
-  int r = fl_loader_next(u->ld, &b, err, sizeof err);
-  if (r < 0) return luaL_error(L, "Loader:next: %s", err);
+  int r = fl_loader_next(u->ld, &b);
+  if (r < 0) return luaL_error(L, "Loader:next: %s", fl_errmsg());
   if (r == 0) return 0;
   x->storage = b.handle;
   pool_add(u, b.handle);
@@ -713,9 +708,8 @@ static int l_flowers_draw(lua_State *L) {
   if (w < 16 || h < 16 || w > 8192 || h > 8192) return luaL_error(L, "flowers_draw: size must be 16..8192, got %Ix%I", w, h);
   int64_t shape[3] = { h, w, 3 };
   fl_tensor *t = push_tensor(L, FL_U8, 3, shape);
-  char err[256];
-  if (fl_flowers_draw(fl_tensor_data(t), (int)w, (int)h, (int)c, (int)K, (uint64_t)seed, err, sizeof err))
-    return luaL_error(L, "%s", err);
+  if (fl_flowers_draw(fl_tensor_data(t), (int)w, (int)h, (int)c, (int)K, (uint64_t)seed))
+    return luaL_error(L, "%s", fl_errmsg());
   return 1;
 }
 
@@ -747,8 +741,7 @@ static int l_flowers_write(lua_State *L) {
     jobs[i - 1].seed = (uint64_t)opt_integer(L, j, "seed", 0, "flowers_write");
     lua_pop(L, 1);
   }
-  char err[512];
-  if (fl_flowers_write(jobs, (int)n, (int)K, workers, err, sizeof err)) return luaL_error(L, "%s", err);
+  if (fl_flowers_write(jobs, (int)n, (int)K, workers)) return luaL_error(L, "%s", fl_errmsg());
   return 0;
 }
 
