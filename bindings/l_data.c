@@ -1,5 +1,5 @@
 /* Lua bindings for the data area: flower.core._data = { image_load, image_decode, image_info,
- * image_encode, image_resize, image_raw, image_from_raw, loader, permutation, pixel_stats, flowers_draw, flowers_write,
+ * image_encode, image_resize, image_raw, image_from_raw, loader, permutation, random_state, pixel_stats, flowers_draw, flowers_write,
  * flowers_class, flowers_grid, listdir, gather_rows, epoch_seed, sample_seed, now }. scripts/flower/data.lua wraps them as flower.data.
  *
  * Conventions: data set indices and the labels handed in are Lua's (1-based); the loader passes
@@ -608,18 +608,55 @@ static const luaL_Reg loader_methods[] = {
 
 /* ---------------------------------------------------------------- permutations, statistics */
 
-/* permutation(n, seed) -> {1-based indices}: numpy.random.RandomState(seed).permutation(n) + 1 */
-static int l_permutation(lua_State *L) {
-  lua_Integer n = luaL_checkinteger(L, 1), seed = luaL_checkinteger(L, 2);
-  if (n < 0 || n > 0xFFFFFFFFll) return luaL_error(L, "permutation: n must be 0..2^32-1, got %d", (int)n);
-  if (seed < 0 || seed > 0xFFFFFFFFll) return luaL_error(L, "permutation: seed must be 0..2^32-1 (as numpy's RandomState), got %I", seed);
-  int64_t *p = lua_newuserdatauv(L, sizeof(int64_t) * (size_t)(n ? n : 1), 0);
-  if (fl_permutation(p, n, (uint32_t)seed)) return luaL_error(L, "permutation: out of memory");
+static lua_Integer check_count(lua_State *L, int arg, const char *fname) {
+  lua_Integer n = luaL_checkinteger(L, arg);
+  if (n < 0 || n > 0xFFFFFFFFll) luaL_error(L, "%s: n must be 0..2^32-1, got %I", fname, n);
+  return n;
+}
+
+static uint32_t check_seed(lua_State *L, int arg, const char *fname) {
+  lua_Integer seed = luaL_checkinteger(L, arg);
+  if (seed < 0 || seed > 0xFFFFFFFFll) luaL_error(L, "%s: seed must be 0..2^32-1 (as numpy's RandomState), got %I", fname, seed);
+  return (uint32_t)seed;
+}
+
+/* Pushes {p[0] + 1, ..., p[n-1] + 1}. */
+static void push_indices(lua_State *L, const int64_t *p, lua_Integer n) {
   lua_createtable(L, (int)n, 0);
   for (lua_Integer i = 0; i < n; i++) {
     lua_pushinteger(L, p[i] + 1);
     lua_rawseti(L, -2, i + 1);
   }
+}
+
+/* permutation(n, seed) -> {1-based indices}: numpy.random.RandomState(seed).permutation(n) + 1 */
+static int l_permutation(lua_State *L) {
+  lua_Integer n = check_count(L, 1, "permutation");
+  uint32_t seed = check_seed(L, 2, "permutation");
+  int64_t *p = lua_newuserdatauv(L, sizeof(int64_t) * (size_t)(n ? n : 1), 0);
+  if (fl_permutation(p, n, seed)) return luaL_error(L, "%s", fl_errmsg());
+  push_indices(L, p, n);
+  return 1;
+}
+
+#define RANDOM_STATE_MT "flower.RandomState"
+
+/* random_state(seed) -> a stream rs, numpy.random.RandomState(seed): rs:permutation(n) -> {1-based
+ * indices}, each call continuing where the last one stopped */
+static int l_random_state(lua_State *L) {
+  uint32_t seed = check_seed(L, 1, "random_state");
+  fl_mt19937 *s = lua_newuserdatauv(L, sizeof *s, 0);
+  fl_mt19937_seed(s, seed);
+  luaL_setmetatable(L, RANDOM_STATE_MT);
+  return 1;
+}
+
+static int random_state_permutation(lua_State *L) {
+  fl_mt19937 *s = luaL_checkudata(L, 1, RANDOM_STATE_MT);
+  lua_Integer n = check_count(L, 2, "RandomState:permutation");
+  int64_t *p = lua_newuserdatauv(L, sizeof(int64_t) * (size_t)(n ? n : 1), 0);
+  if (fl_mt19937_permutation(s, p, n)) return luaL_error(L, "%s", fl_errmsg());
+  push_indices(L, p, n);
   return 1;
 }
 
@@ -857,6 +894,7 @@ static const luaL_Reg data_funcs[] = {
   {"image_from_raw", l_image_from_raw},
   {"loader", l_loader},
   {"permutation", l_permutation},
+  {"random_state", l_random_state},
   {"pixel_stats", l_pixel_stats},
   {"flowers_class", l_flowers_class},
   {"flowers_grid", l_flowers_grid},
@@ -873,6 +911,13 @@ void fl_lua_open_data(lua_State *L) {
     lua_setfield(L, -2, "__gc");
     lua_pushcfunction(L, loader_gc);
     lua_setfield(L, -2, "__close");
+  }
+  lua_pop(L, 1);
+  if (luaL_newmetatable(L, RANDOM_STATE_MT)) {
+    lua_createtable(L, 0, 1);
+    lua_pushcfunction(L, random_state_permutation);
+    lua_setfield(L, -2, "permutation");
+    lua_setfield(L, -2, "__index");
   }
   lua_pop(L, 1);
   luaL_newlib(L, data_funcs);

@@ -53,15 +53,13 @@ void fl_pixels_convert(const uint8_t *rgb, size_t npix, void *dst, int dt, int p
 /* ------------------------------------------------------------------------------------------------
  * MT19937 and the numpy-compatible permutation */
 
-typedef struct { uint32_t mt[624]; int pos; } mt19937;
-
-static void mt_seed(mt19937 *s, uint32_t seed) {
+void fl_mt19937_seed(fl_mt19937 *s, uint32_t seed) {
   s->mt[0] = seed;
   for (int i = 1; i < 624; i++) s->mt[i] = 1812433253u * (s->mt[i - 1] ^ (s->mt[i - 1] >> 30)) + (uint32_t)i;
   s->pos = 624;
 }
 
-static uint32_t mt_next(mt19937 *s) {
+static uint32_t mt_next(fl_mt19937 *s) {
   if (s->pos >= 624) {
     for (int i = 0; i < 624; i++) {
       uint32_t y = (s->mt[i] & 0x80000000u) | (s->mt[(i + 1) % 624] & 0x7fffffffu);
@@ -78,7 +76,7 @@ static uint32_t mt_next(mt19937 *s) {
 }
 
 /* uniform in [0, max]: the smallest all-ones mask covering max, rejecting values above max */
-static uint32_t mt_interval(mt19937 *s, uint32_t max) {
+static uint32_t mt_interval(fl_mt19937 *s, uint32_t max) {
   if (max == 0) return 0;
   uint32_t mask = max;
   mask |= mask >> 1; mask |= mask >> 2; mask |= mask >> 4; mask |= mask >> 8; mask |= mask >> 16;
@@ -87,11 +85,8 @@ static uint32_t mt_interval(mt19937 *s, uint32_t max) {
   return v;
 }
 
-int fl_permutation(int64_t *perm, int64_t n, uint32_t seed) {
-  if (n < 0 || n > (int64_t)UINT32_MAX) return -1;
-  mt19937 *s = malloc(sizeof *s);
-  if (!s) return -1;
-  mt_seed(s, seed);
+int fl_mt19937_permutation(fl_mt19937 *s, int64_t *perm, int64_t n) {
+  if (n < 0 || n > (int64_t)UINT32_MAX) return fl_fail("permutation: n must be 0..2^32-1, got %lld", (long long)n);
   for (int64_t i = 0; i < n; i++) perm[i] = i;
   for (int64_t i = n - 1; i >= 1; i--) {
     int64_t j = mt_interval(s, (uint32_t)i);
@@ -99,8 +94,16 @@ int fl_permutation(int64_t *perm, int64_t n, uint32_t seed) {
     perm[i] = perm[j];
     perm[j] = t;
   }
-  free(s);
   return 0;
+}
+
+int fl_permutation(int64_t *perm, int64_t n, uint32_t seed) {
+  fl_mt19937 *s = malloc(sizeof *s);
+  if (!s) return fl_fail_oom("permutation: out of memory");
+  fl_mt19937_seed(s, seed);
+  int r = fl_mt19937_permutation(s, perm, n);
+  free(s);
+  return r;
 }
 
 uint32_t fl_epoch_seed(uint64_t seed, int64_t epoch) {

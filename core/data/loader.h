@@ -106,6 +106,12 @@ int fl_loader_next(fl_loader *ld, fl_loader_batch *b);
  * bounded integers use masked rejection on 32-bit outputs), so the split matches scikit-learn's
  * train_test_split(random_state=seed) and is identical on every machine. seed < 2^32, n < 2^32. */
 int fl_permutation(int64_t *perm, int64_t n, uint32_t seed);
+/* The generator behind it, kept between calls as numpy's RandomState keeps it: scikit-learn's
+ * stratified split draws several permutations in a row from one stream. */
+typedef struct fl_mt19937 { uint32_t mt[624]; int pos; } fl_mt19937;
+void fl_mt19937_seed(fl_mt19937 *s, uint32_t seed);
+/* perm[0..n) = RandomState.permutation(n), continuing the stream; -1 (fl_fail) if n >= 2^32 */
+int fl_mt19937_permutation(fl_mt19937 *s, int64_t *perm, int64_t n);
 /* The 32-bit seed of epoch `epoch`'s shuffle for a loader seeded with `seed`. */
 uint32_t fl_epoch_seed(uint64_t seed, int64_t epoch);
 

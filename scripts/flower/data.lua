@@ -30,9 +30,10 @@
 -- from the last element down, each swap partner drawn by masked rejection from 32-bit outputs),
 -- n_test = ceil(test_size * n) (test_size < 1; an integer >= 1 is a count), valid = p[1..n_test],
 -- train = p[n_test+1..n], both in that order. Integer arithmetic only, so every machine gets the
--- same split. With stratify = true: walk the same permutation p and send each class's first
--- round(test_size * n_c) members (at least 1 and at most n_c - 1 when the class has 2 or more) to
--- valid, the rest to train, both in p's order -- every class is then represented in proportion.
+-- same split. With stratify = true: scikit-learn's train_test_split(..., stratify=labels), index
+-- for index (its StratifiedShuffleSplit: per-class counts by _approximate_mode, ties and orders drawn
+-- from one RandomState(seed) stream); like scikit-learn it refuses a class with a single member.
+-- Both are tested against scikit-learn itself (tests/lua/test_data.lua), with rare classes and 100k ids.
 --
 -- Loaders. data.Loader{ds, batch_size = 32, shuffle = false, seed = 0, workers = 2, prefetch,
 -- drop_last = false, transform = 'eval', size = 224, dtype = 'float32', preprocess = 'none',
@@ -116,6 +117,88 @@ local function test_count(test_size, n, fname)
   return math.tointeger(k)
 end
 
+-- scikit-learn's _approximate_mode(counts, n_draws, rng): how many of n_draws draws each class
+-- gets -- the floor of its proportional share, plus one for the largest remainders until the
+-- total is n_draws, ties among equal remainders broken by rs as numpy's RandomState.choice(inds,
+-- k, replace=False) breaks them (the first k of a permutation of inds). Same float operations,
+-- same order, so the same counts.
+local function approximate_mode(counts, n_draws, rs)
+  local total = 0
+  for _, c in ipairs(counts) do total = total + c end
+  local out, rem, need = {}, {}, n_draws
+  for i, c in ipairs(counts) do
+    local share = c / total * n_draws
+    out[i] = math.floor(share)
+    rem[i] = share - out[i]
+    need = need - out[i]
+  end
+  if need <= 0 then return out end
+  local values, seen = {}, {}
+  for _, r in ipairs(rem) do
+    if not seen[r] then seen[r] = true; values[#values + 1] = r end
+  end
+  table.sort(values, function(x, y) return x > y end)
+  for _, v in ipairs(values) do
+    local inds = {}
+    for i, r in ipairs(rem) do if r == v then inds[#inds + 1] = i end end
+    local k = math.min(#inds, need)
+    local p = rs:permutation(#inds)
+    for j = 1, k do out[inds[p[j]]] = out[inds[p[j]]] + 1 end
+    need = need - k
+    if need == 0 then break end
+  end
+  return out
+end
+
+-- scikit-learn's StratifiedShuffleSplit (as train_test_split(stratify=y) calls it): classes in
+-- increasing order, each class's members in index order; from one RandomState(seed): the train
+-- counts, then the valid counts from what is left, then per class a permutation of its members
+-- (the first n_train[c] to train, the next n_valid[c] to valid), then a permutation of each part.
+local function stratified_split(labels, n, n_train, n_test, seed)
+  local members, classes = {}, {}
+  for i = 1, n do
+    local c = labels[i]
+    local m = members[c]
+    if not m then m = {}; members[c] = m; classes[#classes + 1] = c end
+    m[#m + 1] = i
+  end
+  table.sort(classes)
+  local counts, rare = {}, {}
+  for k, c in ipairs(classes) do
+    counts[k] = #members[c]
+    if counts[k] < 2 then rare[#rare + 1] = tostring(c) end
+  end
+  local fname = 'Dataset:split{stratify = true}'
+  if #rare > 0 then
+    error(string.format('%s: class%s %s ha%s only 1 member; a stratified split needs at least 2 in every class '
+      .. '(scikit-learn refuses it too); merge or drop %s, or split without stratify', fname,
+      #rare > 1 and 'es' or '', table.concat(rare, ', ', 1, math.min(#rare, 20)) .. (#rare > 20 and ', ...' or ''),
+      #rare > 1 and 've' or 's', #rare > 1 and 'them' or 'it'), 3)
+  end
+  if n_train < #classes or n_test < #classes then
+    error(string.format('%s: %d train and %d valid samples for %d classes; each part needs at least one per class',
+      fname, n_train, n_test, #classes), 3)
+  end
+  local rs = C.random_state(seed)
+  local n_i = approximate_mode(counts, n_train, rs)
+  local left = {}
+  for k, c in ipairs(counts) do left[k] = c - n_i[k] end
+  local t_i = approximate_mode(left, n_test, rs)
+  local train, test = {}, {}
+  for k, c in ipairs(classes) do
+    local m, p = members[c], rs:permutation(counts[k])
+    for j = 1, n_i[k] do train[#train + 1] = m[p[j]] end
+    for j = n_i[k] + 1, n_i[k] + t_i[k] do test[#test + 1] = m[p[j]] end
+  end
+  local function shuffled(t)
+    local p, out = rs:permutation(#t), {}
+    for j = 1, #t do out[j] = t[p[j]] end
+    return out
+  end
+  train = shuffled(train)
+  return train, shuffled(test)
+end
+
 -- ds:split{test_size = 0.2, seed = 42, stratify = false} -> train, valid (see the top of the file)
 function Dataset:split(opts)
   opts = opts or {}
@@ -126,26 +209,14 @@ function Dataset:split(opts)
   end
   local test_size = opts.test_size or 0.2
   local n_test = test_count(test_size, n, 'Dataset:split')
-  local p = C.permutation(n, seed)
   local tr, va = {}, {}
   if not opts.stratify then
+    local p = C.permutation(n, seed)
     for i = 1, n_test do va[i] = p[i] end
     for i = n_test + 1, n do tr[#tr + 1] = p[i] end
   else
     if not self.labels then error('Dataset:split: stratify needs labels', 2) end
-    local frac = math.type(test_size) == 'integer' and test_size / n or test_size
-    local count, quota, taken = {}, {}, {}
-    for i = 1, n do local c = self.labels[i]; count[c] = (count[c] or 0) + 1 end
-    for c, nc in pairs(count) do
-      local q = math.floor(frac * nc + 0.5)
-      if nc >= 2 then q = math.max(1, math.min(nc - 1, q)) end
-      quota[c], taken[c] = q, 0
-    end
-    for i = 1, n do
-      local k = p[i]
-      local c = self.labels[k]
-      if taken[c] < quota[c] then taken[c] = taken[c] + 1; va[#va + 1] = k else tr[#tr + 1] = k end
-    end
+    tr, va = stratified_split(self.labels, n, n - n_test, n_test, seed)
   end
   local base = self.name or 'data'
   return self:subset(tr, base .. ':train'), self:subset(va, base .. ':valid')

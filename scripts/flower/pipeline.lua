@@ -52,11 +52,14 @@ function pipeline.stages(cfg, model)
   return out
 end
 
--- Data sets: train/valid from train.json (stratified seeded split), test from test.json if present.
+-- Data sets: train/valid from train.json by the seed's split (scikit-learn's train_test_split(
+-- test_size=0.2, random_state=42), unstratified; cfg.stratify = true: its stratified split), test
+-- from test.json if present.
 function pipeline.datasets(cfg)
   local data = require 'flower.data'
   local all = data.kaggle(cfg.data)
-  local tr, va = all:split { test_size = cfg.valid_fraction or 0.2, seed = cfg.split_seed or 42, stratify = true }
+  local tr, va = all:split { test_size = cfg.valid_fraction or 0.2, seed = cfg.split_seed or 42,
+                            stratify = cfg.stratify == true }
   local te
   if files.exists(files.join(cfg.data, 'test.json')) then te = data.kaggle_test(cfg.data) end
   -- class names: the synthetic set's train.json has readable category names
