@@ -12,16 +12,24 @@
 --   end
 --   print(loader:stats().skipped)
 --
--- Data sets. A data set is a table {paths, labels, ids, categories, num_classes, root, name} with
--- methods split, subset and #ds. `labels[i]` is a class index 1..num_classes (Lua's and the tensor
--- library's 1-based convention: argmax returns 1-based indices, so predictions compare directly);
--- `categories[label]` is the original category: the Kaggle category_id, or the folder name.
---   data.kaggle(root)       the Kaggle FGVCx Flowers training set: root/train.json holds
+-- Data sets. A data set is a table {paths, labels, ids, categories, category_names, num_classes,
+-- root, name} with methods split, subset and #ds. `labels[i]` is a class index 1..num_classes (Lua's
+-- and the tensor library's 1-based convention: argmax returns 1-based indices, so predictions
+-- compare directly); `categories[label]` is the original category: the Kaggle category_id, or the
+-- folder name; `category_names[label]` its name (COCO's categories[].name, else the id or folder).
+--   data.kaggle(root)       the Kaggle FGVCx Flowers training set, COCO-style root/train.json:
 --                           `annotations` = [{image_id, category_id}, ...]; the image of an annotation
---                           is root/train/category_<category_id + 1>/<image_id>.jpg. The classes are
---                           the distinct category_ids present, in increasing order.
+--                           is its `images` entry's file_name ({id, file_name}, joined by image id; an
+--                           annotation whose image is not listed is an error naming the id), below
+--                           root/train/ (or root/ when file_name starts with 'train/'); without
+--                           `images`, the seed's root/train/category_<category_id + 1>/<image_id>.jpg.
+--                           The classes are the distinct category_ids present, in increasing order;
+--                           `categories` = [{id, name, genus, family}] give category_names and
+--                           category_info[label] = {id, name, genus, family}.
 --   data.kaggle_test(root)  root/test.json `images` = [{file_name, id}, ...] -> root/test/<file_name>;
 --                           no labels; ids[i] is the image id (for the submission's `id` column).
+--   Paths from JSON are checked first: a file_name or image_id with a NUL byte, an absolute path or
+--   a '..' segment (or an image_id with a '/') is an error naming the file and the record.
 --   data.folder(root)       root/<class>/<image>.jpg: one directory per class, sorted by name.
 --
 -- Splits. ds:split{test_size = 0.2, seed = 42} cuts the data set as scikit-learn's
@@ -99,8 +107,10 @@ function Dataset:subset(indices, name)
     if labels then labels[i] = self.labels[k] end
     ids[i] = self.ids[k]
   end
-  return new_dataset{ paths = paths, labels = labels, ids = ids, categories = self.categories,
-                      num_classes = self.num_classes, root = self.root, name = name or self.name }
+  local t = { paths = paths, labels = labels, ids = ids }
+  for k, v in pairs(self) do if t[k] == nil and k ~= 'labels' then t[k] = v end end  -- categories, names, root
+  t.name = name or self.name
+  return new_dataset(t)
 end
 
 -- n_test as scikit-learn's _validate_shuffle_split computes it
@@ -267,6 +277,78 @@ local function id_string(v)
   return tostring(v)
 end
 
+-- A path from a JSON record, checked before it is used: a relative path below the data root (no
+-- NUL byte, which would cut the name short in C; not absolute; no '..' segment). `name_only`: a
+-- single file name (an image_id that becomes one). Errors name the file and the record.
+local function safe_path(v, fname, path, where, key, name_only)
+  local function bad(why)
+    error(string.format("%s: %s: %s has %s '%s' %q: %s", fname, path, where, type(v), key, v, why), 4)
+  end
+  if v:find('\0', 1, true) then bad('it holds a NUL byte') end
+  if v == '' then bad('it is empty') end
+  if name_only and v:find('/', 1, true) then bad("it holds a '/', expected a file name") end
+  if v:sub(1, 1) == '/' then bad('an absolute path; expected a path below the data root') end
+  for seg in v:gmatch('[^/]+') do
+    if seg == '..' then bad("a '..' segment would reach outside the data root") end
+  end
+  return v
+end
+
+-- A file_name of `images` under the data root: below root/<dir>, as the seed's test/<file_name>,
+-- or below root when it already starts with '<dir>/'.
+local function image_path(root, dir, file_name)
+  if file_name:sub(1, #dir + 1) == dir .. '/' then return files.join(root, file_name) end
+  return files.join(root, dir, file_name)
+end
+
+-- An image id (integer or string) of a record's `key`.
+local function json_id(rec, key, where, fname, path)
+  local v = rec[key]
+  if type(v) == 'number' then return json_int(rec, key, where, fname, path) end
+  if type(v) ~= 'string' then
+    error(string.format("%s: %s: %s has no '%s' (expected a number or string)", fname, path, where, key), 3)
+  end
+  return safe_path(v, fname, path, where, key, true)
+end
+
+-- `images` = [{id, file_name}, ...] as a map id -> file_name (nil when the file has no `images`).
+local function image_files(v, fname, path)
+  if v.images == nil then return nil end
+  local imgs = json_list(v, 'images', fname, path, '{id, file_name}')
+  local by_id = {}
+  for i, r in ipairs(imgs) do
+    local where = string.format('images[%d]', i)
+    if type(r) ~= 'table' then error(string.format('%s: %s: %s is a %s, expected an object', fname, path, where, type(r)), 3) end
+    local id = json_id(r, 'id', where, fname, path)
+    if type(r.file_name) ~= 'string' then
+      error(string.format("%s: %s: %s has no 'file_name' string", fname, path, where), 3)
+    end
+    if by_id[id] then error(string.format('%s: %s: %s repeats image id %s', fname, path, where, id_string(id)), 3) end
+    by_id[id] = safe_path(r.file_name, fname, path, where, 'file_name')
+  end
+  return by_id
+end
+
+-- `categories` = [{id, name, genus, family}, ...] as a map id -> {id, name, genus, family}.
+local function category_table(v, fname, path)
+  local out = {}
+  if v.categories == nil then return out end
+  for i, r in ipairs(json_list(v, 'categories', fname, path, '{id, name}')) do
+    local where = string.format('categories[%d]', i)
+    if type(r) ~= 'table' then error(string.format('%s: %s: %s is a %s, expected an object', fname, path, where, type(r)), 3) end
+    local id = json_int(r, 'id', where, fname, path)
+    local info = { id = id }
+    for _, k in ipairs({ 'name', 'genus', 'family' }) do
+      if r[k] ~= nil and type(r[k]) ~= 'string' then
+        error(string.format("%s: %s: %s has a %s '%s', expected a string", fname, path, where, type(r[k]), k), 3)
+      end
+      info[k] = r[k]
+    end
+    out[id] = info
+  end
+  return out
+end
+
 -- data.kaggle(root [, opts]) -> the training set of the Kaggle FGVCx Flowers layout.
 -- opts.json (default root/train.json), opts.name.
 function data.kaggle(root, opts)
@@ -276,34 +358,41 @@ function data.kaggle(root, opts)
   local path = opts.json or files.join(root, 'train.json')
   local v = read_json(path, fname)
   local ann = json_list(v, 'annotations', fname, path, '{image_id, category_id}')
+  local file_of = image_files(v, fname, path)
   local cats, seen = {}, {}
   local recs = {}
   for i, a in ipairs(ann) do
     if type(a) ~= 'table' then error(string.format('%s: %s: annotations[%d] is a %s, expected an object', fname, path, i, type(a)), 2) end
     local where = string.format('annotations[%d]', i)
-    local img = a.image_id
-    if type(img) ~= 'number' and type(img) ~= 'string' then
-      error(string.format("%s: %s: %s has no 'image_id' (expected a number or string)", fname, path, where), 2)
-    end
-    if type(img) == 'number' then img = json_int(a, 'image_id', where, fname, path) end
+    local img = json_id(a, 'image_id', where, fname, path)
     local cat = json_int(a, 'category_id', where, fname, path)
     if cat < 0 then error(string.format('%s: %s: %s has category_id %d, expected >= 0', fname, path, where, cat), 2) end
+    if file_of and not file_of[img] then
+      error(string.format("%s: %s: %s has image_id %s, which 'images' does not list", fname, path, where, id_string(img)), 2)
+    end
     recs[i] = { img, cat }
     if not seen[cat] then seen[cat] = true; cats[#cats + 1] = cat end
   end
   if #recs == 0 then error(string.format("%s: %s: 'annotations' is empty", fname, path), 2) end
   table.sort(cats)
-  local label_of = {}
-  for l, c in ipairs(cats) do label_of[c] = l end
+  local info = category_table(v, fname, path)
+  local label_of, names, meta = {}, {}, {}
+  for l, c in ipairs(cats) do
+    label_of[c] = l
+    meta[l] = info[c] or { id = c }
+    names[l] = meta[l].name or tostring(c)
+  end
   local paths, labels, ids = {}, {}, {}
   local base = files.join(root, 'train')  -- (string.format per record: 700k records load in a second)
   for i, r in ipairs(recs) do
-    paths[i] = string.format('%s/category_%d/%s.jpg', base, r[2] + 1, id_string(r[1]))
+    -- COCO's images[].file_name when the file lists images; else the seed's convention
+    paths[i] = file_of and image_path(root, 'train', file_of[r[1]])
+      or string.format('%s/category_%d/%s.jpg', base, r[2] + 1, id_string(r[1]))
     labels[i] = label_of[r[2]]
     ids[i] = r[1]
   end
   return new_dataset{ paths = paths, labels = labels, ids = ids, categories = cats, num_classes = #cats,
-                      root = root, name = opts.name or 'kaggle' }
+                      category_names = names, category_info = meta, root = root, name = opts.name or 'kaggle' }
 end
 
 -- data.kaggle_test(root [, opts]) -> the unlabelled test set (ids for the submission).
@@ -324,7 +413,7 @@ function data.kaggle_test(root, opts)
     local id = r.id
     if type(id) == 'number' then id = json_int(r, 'id', where, fname, path)
     elseif type(id) ~= 'string' then error(string.format("%s: %s: %s has no 'id'", fname, path, where), 2) end
-    paths[i] = files.join(root, 'test', r.file_name)
+    paths[i] = image_path(root, 'test', safe_path(r.file_name, fname, path, where, 'file_name'))
     ids[i] = id
   end
   if #paths == 0 then error(string.format("%s: %s: 'images' is empty", fname, path), 2) end

@@ -62,20 +62,11 @@ function pipeline.datasets(cfg)
                             stratify = cfg.stratify == true }
   local te
   if files.exists(files.join(cfg.data, 'test.json')) then te = data.kaggle_test(cfg.data) end
-  -- class names: the synthetic set's train.json has readable category names
+  -- class names: "<category id> (<name>)" where train.json's categories name them
   local names = {}
-  for i, c in ipairs(all.categories or {}) do names[i] = tostring(c) end
-  local tj = files.join(cfg.data, 'train.json')
-  local f = io.open(tj, 'rb')
-  local size = f and f:seek('end') or 0
-  if f then f:close() end
-  if size < 8e6 then
-    local doc = files.json_read(tj)
-    local byid = {}
-    for _, c in ipairs(doc.categories or {}) do byid[tostring(c.id)] = c.name end
-    for i, c in ipairs(all.categories or {}) do
-      if byid[tostring(c)] then names[i] = string.format('%s (%s)', tostring(c), byid[tostring(c)]) end
-    end
+  for i, c in ipairs(all.categories or {}) do
+    local name = all.category_info and all.category_info[i].name
+    names[i] = name and string.format('%s (%s)', tostring(c), name) or tostring(c)
   end
   return { all = all, train = tr, valid = va, test = te, classes = all.num_classes, names = names }
 end

@@ -140,6 +140,69 @@ T.test('kaggle: malformed, incomplete and empty JSON, missing files and keys are
   T.raises(function() data.kaggle_test(dir) end, 'test.json is not valid JSON')
 end)
 
+T.test("kaggle: COCO images[].file_name joined by id, category names kept; the seed's layout as fallback", function()
+  local dir = TMP .. '/coco'
+  files.mkdir(dir)
+  write(dir .. '/train.json', [[{"images": [{"id": 5, "file_name": "photos/b.jpg"}, {"id": "k1", "file_name": "train/x/a.jpg"}],
+    "annotations": [{"image_id": "k1", "category_id": 2}, {"image_id": 5, "category_id": 0}],
+    "categories": [{"id": 0, "name": "rose", "genus": "Rosa", "family": "Rosaceae"}, {"id": 2, "name": "tulip"}]}]])
+  local ds = data.kaggle(dir)
+  T.eq(ds.paths[1], dir .. '/train/x/a.jpg')
+  T.eq(ds.paths[2], dir .. '/train/photos/b.jpg')
+  T.eq(table.concat(ds.category_names, ','), 'rose,tulip')
+  T.eq(ds.category_info[1].genus, 'Rosa')
+  T.eq(ds.category_info[1].family, 'Rosaceae')
+  -- names travel with subsets and splits
+  T.eq(ds:subset({ 2 }).category_names[2], 'tulip')
+  -- no images: the seed's convention; no categories: the ids stand for names
+  write(dir .. '/train.json', '{"annotations": [{"image_id": 4, "category_id": 6}]}')
+  ds = data.kaggle(dir)
+  T.eq(ds.paths[1], dir .. '/train/category_7/4.jpg')
+  T.eq(ds.category_names[1], '6')
+  local names = require('flower.pipeline').datasets{ data = ROOT }.names
+  T.check(names[1]:find('^0 %(.*petal'), names[1])
+end)
+
+T.test('kaggle: paths from JSON (NUL, absolute, ..), unlisted images and repeated ids are errors naming the record', function()
+  local dir = TMP .. '/hostile'
+  files.mkdir(dir)
+  local j = dir .. '/train.json'
+  local cases = {
+    { '{"annotations": [{"image_id": "a\\u0000b", "category_id": 1}]}', "annotations[1] has string 'image_id' \"a\\0b\": it holds a NUL byte" },
+    { '{"annotations": [{"image_id": "../../etc/passwd", "category_id": 1}]}', "annotations[1] has string 'image_id'" },
+    { '{"annotations": [{"image_id": "..", "category_id": 1}]}', "'..' segment would reach outside the data root" },
+    { '{"images": [{"id": 1, "file_name": "/etc/passwd"}], "annotations": [{"image_id": 1, "category_id": 1}]}',
+      "images[1] has string 'file_name' \"/etc/passwd\": an absolute path" },
+    { '{"images": [{"id": 1, "file_name": "train/../../x.jpg"}], "annotations": [{"image_id": 1, "category_id": 1}]}',
+      "images[1] has string 'file_name' \"train/../../x.jpg\": a '..' segment" },
+    { '{"images": [{"id": 1, "file_name": "a.jpg\\u0000.png"}], "annotations": [{"image_id": 1, "category_id": 1}]}',
+      'it holds a NUL byte' },
+    { '{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 2, "category_id": 1}]}',
+      "annotations[1] has image_id 2, which 'images' does not list" },
+    { '{"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 1, "file_name": "b.jpg"}], "annotations": []}',
+      'images[2] repeats image id 1' },
+    { '{"images": [{"id": 1}], "annotations": [{"image_id": 1, "category_id": 1}]}', "images[1] has no 'file_name' string" },
+    { '{"annotations": [{"image_id": 1, "category_id": 1}], "categories": [{"id": 1, "name": 7}]}',
+      "categories[1] has a number 'name', expected a string" },
+  }
+  for _, c in ipairs(cases) do
+    write(j, c[1])
+    local err = T.raises(function() data.kaggle(dir) end, c[2], c[1])
+    T.check(tostring(err):find(j, 1, true), 'message does not name the file: ' .. tostring(err))
+  end
+  local t = dir .. '/test.json'
+  write(t, '{"images": [{"id": 1, "file_name": "/etc/passwd"}]}')
+  T.raises(function() data.kaggle_test(dir) end, "images[1] has string 'file_name' \"/etc/passwd\": an absolute path")
+  write(t, '{"images": [{"id": 1, "file_name": "../train.json"}]}')
+  T.raises(function() data.kaggle_test(dir) end, "'..' segment")
+  write(t, '{"images": [{"id": 1, "file_name": "x\\u0000.jpg"}]}')
+  T.raises(function() data.kaggle_test(dir) end, 'NUL byte')
+  write(t, '{"images": [{"id": 1, "file_name": "test/a.jpg"}, {"id": 2, "file_name": "b.jpg"}]}')
+  local te = data.kaggle_test(dir)
+  T.eq(te.paths[1], dir .. '/test/a.jpg')
+  T.eq(te.paths[2], dir .. '/test/b.jpg')
+end)
+
 T.test('folder: one directory per class, sorted; other files and hidden folders ignored', function()
   local dir = TMP .. '/folders'
   files.mkdir(dir .. '/tulip')
