@@ -67,9 +67,10 @@
 -- uint8 with dtype = 'uint8') and the model's own preprocessing layer normalises. preprocess =
 -- 'caffe' | 'tf' | 'torch' applies Keras's preprocess_input modes in the loader instead (float32
 -- only) -- then build the model without its preprocessing layer.
--- Bad files (missing, empty, not a JPEG, truncated, corrupt): by default the sample is dropped
--- from its batch with one warning line per file, naming the file and the reason, and counted in
--- loader:stats(); strict = true raises a Lua error instead.
+-- Bad files (missing, empty, not a JPEG, truncated, corrupt, not a regular file): by default the
+-- sample is dropped from its batch -- never a zero row -- with one warning line per file, naming the
+-- file and the reason, counted in loader:stats() and listed by loader:skipped() (path and reason,
+-- for logs and reports); strict = true raises a Lua error instead.
 --
 -- data.FeatureLoader{x = (N, D) tensor, y = (N) tensor or nil, batch_size, shuffle, seed,
 -- drop_last} batches pre-extracted features the same way (the ensemble stage).
@@ -510,7 +511,7 @@ function data.Loader(opts)
   local self = setmetatable({
     dataset = ds, batch_size = opts.batch_size or 32, strict = opts.strict or false,
     warn = opts.warn == nil and io.stderr or opts.warn, transform = tf,
-    _warned = {}, _stats = { batches = 0, samples = 0, skipped = 0, reasons = {} },
+    _skipped = {}, _skipped_at = {}, _stats = { batches = 0, samples = 0, skipped = 0, reasons = {} },
   }, Loader)
   local ok, c = pcall(C.loader, {
     paths = ds.paths, labels = ds.labels, batch_size = opts.batch_size or 32,
@@ -531,12 +532,22 @@ function Loader:_failure(f)
   local s = self._stats
   s.skipped = s.skipped + 1
   s.reasons[f.status] = (s.reasons[f.status] or 0) + 1
-  if not self._warned[f.index] then
-    self._warned[f.index] = true
+  if not self._skipped_at[f.index] then
+    local rec = { index = f.index, path = path, reason = string.format('%s (%s)', f.message, f.status), status = f.status }
+    self._skipped_at[f.index] = true
+    self._skipped[#self._skipped + 1] = rec
     if self.warn then
-      self.warn:write(string.format('warning: data.Loader: skipping %s: %s (%s)\n', path, f.message, f.status))
+      self.warn:write(string.format('warning: data.Loader: skipping %s: %s\n', path, rec.reason))
     end
   end
+end
+
+-- The images this loader could not read, once each, in the order met: {{index (in its data set),
+-- path, reason = "<message> (<status>)", status}, ...}. They are in no batch.
+function Loader:skipped()
+  local out = {}
+  for i, r in ipairs(self._skipped) do out[i] = { index = r.index, path = r.path, reason = r.reason, status = r.status } end
+  return out
 end
 
 -- for batch in loader:epoch(e) do ... end: batch = {x = (N,H,W,3), y = (N) int64 or nil,

@@ -515,6 +515,32 @@ T.test('Loader: bad files are skipped with one warning each and counted; strict 
   T.raises(function() epoch_batches(s, 1) end, ds.paths[2] .. ': Premature end of JPEG file (truncated)')
 end)
 
+T.test('Loader: a FIFO and a directory named .jpg are skipped without hanging; loader:skipped() names each once', function()
+  local ds = bad_dataset()
+  local dir = TMP .. '/bad'
+  T.check(sh('mkfifo ' .. dir .. '/fifo.jpg'), 'mkfifo failed')
+  files.mkdir(dir .. '/dir.jpg')
+  ds = data.new_dataset{ paths = { ds.paths[1], dir .. '/fifo.jpg', dir .. '/dir.jpg', ds.paths[5], ds.paths[7] },
+                         labels = { 1, 2, 3, 4, 5 }, num_classes = 5 }
+  local l = data.Loader{ ds, batch_size = 2, size = 16, workers = 2, warn = false }
+  for e = 1, 2 do
+    local n = 0
+    for b in l:epoch(e) do n = n + b.n end
+    T.eq(n, 2)
+  end
+  local sk = l:skipped()
+  T.eq(#sk, 3)
+  T.eq(sk[1].path, dir .. '/fifo.jpg'); T.eq(sk[1].index, 2)
+  T.check(sk[1].reason:find('a FIFO, not an image file (not_file)', 1, true), sk[1].reason)
+  T.check(sk[2].reason:find('a directory', 1, true), sk[2].reason)
+  T.check(sk[3].reason:find('PNG', 1, true), sk[3].reason)
+  T.eq(l:stats().skipped, 6)
+  os.remove(dir .. '/fifo.jpg')
+  -- a 2-byte file holding the JPEG start marker says it is truncated, not that it lacks the marker
+  write(dir .. '/two.jpg', '\255\216')
+  T.raises(function() data.load_image(dir .. '/two.jpg') end, 'truncated: 2 bytes')
+end)
+
 T.test('Loader: a batch whose every sample failed is left out', function()
   local ds = bad_dataset():subset({ 2, 3, 4, 5, 1 })
   local l = data.Loader{ ds, batch_size = 2, size = 16, warn = false }
