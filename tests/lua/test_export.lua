@@ -164,6 +164,40 @@ T.test('an unreadable image has no row: rows, ids and labels are the decoded ima
   T.eq(table.concat(e2.skipped.train, ','), table.concat(e.skipped.train, ','))
 end)
 
+T.test('a recipe run on a set with unreadable images leaves them out everywhere and names them (log, results.json, report)', function()
+  local dir = files.join(TMP, 'badrun')
+  os.execute(string.format('cp -r %s %s', files.shell_quote(root), files.shell_quote(dir)))
+  os.remove(files.join(dir, 'sample_submission.csv'))   -- with a sample, a missing prediction is an error
+  local ds = require('flower.pipeline').datasets{ data = dir }
+  local bad = { ds.train.paths[2], ds.valid.paths[1], ds.test.paths[3] }
+  files.write_atomic(bad[1], 'not a jpeg')
+  files.write_atomic(bad[2], '\255\216')
+  os.remove(bad[3])
+  local quickstart = require('flower.recipe').load('experiments/quickstart.lua')
+  local s = quickstart:call { '--tiny', '--data', dir, '--models', 'vgg_tiny', '--runs', files.join(TMP, 'runs'),
+    '--run-name', 'bad' }
+  local rd = files.join(TMP, 'runs', 'bad')
+  local log = files.read(files.join(rd, 'log.txt'))
+  local res = files.json_read(files.join(rd, 'results.json'))
+  local html = files.read(files.join(rd, 'report.html'))
+  T.eq(#res.skipped, 3)
+  for _, p in ipairs(bad) do
+    T.check(log:find('skipped unreadable image ' .. p, 1, true), 'log does not name ' .. p)
+    T.check(html:find(p, 1, true), 'report does not name ' .. p)
+  end
+  T.check(html:find('Skipped images (3)', 1, true), 'report has no skipped section')
+  -- the feature files hold no row for them, and predict.csv predicts only the readable test images
+  local e = export.read(files.join(rd, 'features', 'vgg_tiny.h5'))
+  T.eq(e.x.train:size(1), #ds.train - 1); T.eq(e.x.valid:size(1), #ds.valid - 1); T.eq(e.x.test:size(1), #ds.test - 1)
+  T.eq(#e.skipped.test, 1)
+  local pred = files.csv_read(files.join(rd, 'predict.csv'))
+  T.eq(#pred, #ds.test)   -- header + the readable ones
+  local listed = {}
+  for i = 2, #pred do listed[pred[i][1]] = true end
+  T.check(not listed[tostring(ds.test.ids[3])], 'the unreadable test image has a prediction')
+  T.check(s.results ~= nil)
+end)
+
 T.test('bad options are errors', function()
   T.raises(function() export.features(model, { splits = splits(), loader = loader }) end, 'expected options with path')
   T.raises(function() export.features(model, { path = 'x.h5', splits = {}, loader = loader }) end, 'expected splits')
