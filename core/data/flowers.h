@@ -18,6 +18,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "tensor.h"   /* fl_errmsg(): the message of the last failure on this thread */
+
 #define FL_FLOWERS_MAX_CLASSES 4096
 
 typedef struct fl_flower_class {

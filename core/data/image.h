@@ -28,6 +28,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "tensor.h"   /* fl_errmsg(): the message of the last failure on this thread */
+
 /* Why a sample could not be decoded. Stable numbers: the loader reports them per sample. */
 typedef enum {
   FL_IMG_OK = 0,
