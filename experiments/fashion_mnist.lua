@@ -65,23 +65,20 @@ function recipe.run(o)
   local XT, YT = recipe.load(o.data, 'test', o.tiny and 500 or nil)
   local nval = o.tiny and 500 or 10000
   local ntrain = X:size(1) - nval
-  local loaders = {
-    train = data.FeatureLoader { x = X:narrow(1, 1, ntrain), y = Y:narrow(1, 1, ntrain), batch_size = o.batch_size,
-                                 shuffle = true, seed = o.seed },
-    valid = data.FeatureLoader { x = X:narrow(1, ntrain + 1, nval), y = Y:narrow(1, ntrain + 1, nval), batch_size = 500 },
-    test = data.FeatureLoader { x = XT, y = YT, batch_size = 500 },
-  }
+  local test = data.FeatureLoader { x = XT, y = YT, batch_size = 500 }
   local out = o.out ~= '' and o.out or files.join('runs', 'fashion_mnist-' .. os.date('%Y%m%d-%H%M%S'))
   files.mkdir(out)
   local model = recipe.build(o.seed)
   local callbacks = {}
   if o.tensorboard ~= '' then callbacks[1] = flower.tensorboard.callback { log_dir = o.tensorboard } end
   local hist = train.fit(model, {
-    train = loaders.train, valid = loaders.valid, optimizer = optim.Adam { lr = o.lr },
-    epochs = o.tiny and 1 or o.epochs, metrics = { 'top2' }, callbacks = callbacks,
-    checkpoint_dir = files.join(out, 'ckpt'), resume = true, history_csv = files.join(out, 'history.csv'),
+    x = X:narrow(1, 1, ntrain), y = Y:narrow(1, 1, ntrain), batch_size = o.batch_size, shuffle = true, seed = o.seed,
+    validation_data = { X:narrow(1, ntrain + 1, nval), Y:narrow(1, ntrain + 1, nval) },
+    optimizer = optim.Adam { lr = o.lr }, epochs = o.tiny and 1 or o.epochs, metrics = { 'top2' },
+    callbacks = callbacks, checkpoint_dir = files.join(out, 'ckpt'), resume = true,
+    history_csv = files.join(out, 'history.csv'),
   })
-  local test = train.evaluate(model, loaders.test, { progress = false, topk = { 2 } })
+  local test = train.evaluate(model, test, { progress = false, topk = { 2 } })
   local secs = 0
   for _, r in ipairs(hist.rows) do secs = secs + r.seconds end
   local result = { test_acc = test.acc, test_loss = test.loss, test_top2 = test.top[2], epochs = #hist.rows,

@@ -33,11 +33,18 @@ fi
 # The venv sees Debian's numpy and torch (system site packages); numpy stays below 2 because
 # Debian's torch is built against numpy 1.x.
 venv=.venv
-stamp=$venv/.deps-v3
+stamp=$venv/.deps-v2
 if [ ! -f "$stamp" ]; then
   echo "deps: creating the Python environment in $venv (TensorFlow, Keras, h5py, Pillow, OpenCV)"
   /usr/bin/python3 -m venv --system-site-packages "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check \
-    "numpy<2" tensorflow-cpu tf-keras keras h5py pillow opencv-python-headless "PyTurboJPEG<2" tensorboard
+    "numpy<2" tensorflow-cpu tf-keras keras h5py pillow opencv-python-headless "PyTurboJPEG<2"
   touch "$stamp"
 fi
+# Added after the stamp, so existing environments get them too: scikit-learn (the split tests
+# compare ds:split with its train_test_split), tensorboard (its own reader checks our event files).
+for mod_pkg in sklearn:scikit-learn tensorboard:tensorboard; do
+  if ! "$venv/bin/python" -c "import ${mod_pkg%%:*}" 2>/dev/null; then
+    "$venv/bin/pip" install -q --disable-pip-version-check "numpy<2" "${mod_pkg#*:}"
+  fi
+done

@@ -52,27 +52,21 @@ function pipeline.stages(cfg, model)
   return out
 end
 
--- Data sets: train/valid from train.json (stratified seeded split), test from test.json if present.
+-- Data sets: train/valid from train.json by the seed's split (scikit-learn's train_test_split(
+-- test_size=0.2, random_state=42), unstratified; cfg.stratify = true: its stratified split), test
+-- from test.json if present.
 function pipeline.datasets(cfg)
   local data = require 'flower.data'
   local all = data.kaggle(cfg.data)
-  local tr, va = all:split { test_size = cfg.valid_fraction or 0.2, seed = cfg.split_seed or 42, stratify = true }
+  local tr, va = all:split { test_size = cfg.valid_fraction or 0.2, seed = cfg.split_seed or 42,
+                            stratify = cfg.stratify == true }
   local te
   if files.exists(files.join(cfg.data, 'test.json')) then te = data.kaggle_test(cfg.data) end
-  -- class names: the synthetic set's train.json has readable category names
+  -- class names: "<category id> (<name>)" where train.json's categories name them
   local names = {}
-  for i, c in ipairs(all.categories or {}) do names[i] = tostring(c) end
-  local tj = files.join(cfg.data, 'train.json')
-  local f = io.open(tj, 'rb')
-  local size = f and f:seek('end') or 0
-  if f then f:close() end
-  if size < 8e6 then
-    local doc = files.json_read(tj)
-    local byid = {}
-    for _, c in ipairs(doc.categories or {}) do byid[tostring(c.id)] = c.name end
-    for i, c in ipairs(all.categories or {}) do
-      if byid[tostring(c)] then names[i] = string.format('%s (%s)', tostring(c), byid[tostring(c)]) end
-    end
+  for i, c in ipairs(all.categories or {}) do
+    local name = all.category_info and all.category_info[i].name
+    names[i] = name and string.format('%s (%s)', tostring(c), name) or tostring(c)
   end
   return { all = all, train = tr, valid = va, test = te, classes = all.num_classes, names = names }
 end
@@ -101,12 +95,13 @@ local function eval_loader(cfg, ds, size)
 end
 pipeline.eval_loader = eval_loader
 
--- The submission for a split's predictions: category ids from labels, the sample's order if any.
-local function write_submission(cfg, path, ds, categories, probs, k)
+-- The submission for predictions whose row i is image row_ids[i]: category ids from labels, the
+-- sample's order if any. (Rows are the images that could be read: an unreadable one has no row.)
+local function write_submission(cfg, path, row_ids, categories, probs, k)
   local predict = require 'flower.predict'
   local top = probs:argmax(2):view(-1):totable()
   local pred, ids = {}, {}
-  for i, l in ipairs(top) do pred[i] = categories[l]; ids[i] = tostring(ds.ids[i]) end
+  for i, l in ipairs(top) do pred[i] = categories[l]; ids[i] = tostring(row_ids[i]) end
   local topk
   if k and k > 1 then
     topk = {}
@@ -145,9 +140,24 @@ local function save_weights(model, path)
     keras.save_weights(model, tmp)
     os.rename(tmp, path)
   else
-    train.save_checkpoint(path, model, nil, {})
+    require('flower.nn').save_checkpoint(path, model)
   end
 end
+
+-- Records the images a loader (or an export) could not read on the run, once per file: a log line
+-- each, and run.skipped = {{path, reason, stage}} for results.json and the report.
+local function record_skipped(run, stage, list)
+  run.skipped = run.skipped or {}
+  run._skipped_seen = run._skipped_seen or {}
+  for _, sk in ipairs(list or {}) do
+    if not run._skipped_seen[sk.path] then
+      run._skipped_seen[sk.path] = true
+      run.skipped[#run.skipped + 1] = { path = sk.path, reason = sk.reason, stage = stage }
+      run:log('%s: skipped unreadable image %s: %s', stage, sk.path, sk.reason)
+    end
+  end
+end
+pipeline.record_skipped = record_skipped
 
 -- Fine-tunes one model through the stages; returns its summary.
 function pipeline.finetune(cfg, run, ds, spec, name)
@@ -168,7 +178,10 @@ function pipeline.finetune(cfg, run, ds, spec, name)
     history_csv = files.join(dir, 'history.csv'), save_best = false,
     -- a stage with schedule = 'cosine' decays its learning rate to 0 over its epochs
     callbacks = function(st)
-      if st.schedule == 'cosine' then return { train.CosineDecay { lr = st.lr or cfg.lr, epochs = st.epochs } } end
+      if st.schedule == 'cosine' then
+        local optim = require 'flower.optim'
+        return { train.LearningRateScheduler(optim.cosine { lr = st.lr or cfg.lr, decay_steps = math.max(1, st.epochs) }) }
+      end
       return {}
     end,
     make_optimizer = function(st)
@@ -176,11 +189,13 @@ function pipeline.finetune(cfg, run, ds, spec, name)
       return optim.Adam { lr = st.lr or cfg.lr }
     end,
   })
+  record_skipped(run, name .. ' train', tl:skipped())
   if hist.stopped == 'interrupted' then return { interrupted = hist.interrupted } end
   save_weights(model, files.join(dir, 'weights.h5'))
   -- validation predictions, confusion matrix, and a submission straight from the model
   local report = require 'flower.report'
   local ev = train.evaluate(model, vl, { loss = loss, collect = true, softmax = loss == 'logits', progress = false })
+  record_skipped(run, name .. ' valid', vl:skipped())
   local conf = report.confusion(ev.labels, ev.pred, ds.classes)
   local out = { name = name, model = model, size = size, history = hist, val_acc = ev.acc, val_loss = ev.loss,
                 confusion = conf, loss = loss }
@@ -199,9 +214,12 @@ function pipeline.finetune(cfg, run, ds, spec, name)
   end
   if ds.test then
     local t0 = files.now()
-    local et = train.evaluate(model, eval_loader(cfg, ds.test, size), { loss = loss, collect = true,
-      softmax = loss == 'logits', progress = false })
-    local path, pred, ids = write_submission(cfg, run:path('predict-' .. name .. '.csv'), ds.test, ds.all.categories, et.probs, cfg.topk)
+    local tel = eval_loader(cfg, ds.test, size)
+    local et = train.evaluate(model, tel, { loss = loss, collect = true, softmax = loss == 'logits', progress = false })
+    record_skipped(run, name .. ' test', tel:skipped())
+    local row_ids = {}
+    for i, k in ipairs(et.index) do row_ids[i] = ds.test.ids[k] end
+    local path, pred, ids = write_submission(cfg, run:path('predict-' .. name .. '.csv'), row_ids, ds.all.categories, et.probs, cfg.topk)
     out.test_acc = score_submission(cfg, ids, pred)
     out.predict = path
     run:time(name .. ': predict test', #ds.test, files.now() - t0)
@@ -222,6 +240,7 @@ function pipeline.export(cfg, run, ds, spec, m)
     loader = function(d) return eval_loader(cfg, d, m.size) end,
     attrs = { model = m.name, image_size = m.size, preprocessing = desc.preprocessing or '',
               weights = desc.weights or run:path('models', m.name, 'weights.h5') } })
+  for _, sp in ipairs(splits) do record_skipped(run, m.name .. ' export ' .. sp[1], r.skipped[sp[1]]) end
   if r.interrupted then return nil, r.interrupted end
   run:time(m.name .. ': feature export', r.images, r.seconds)
   run:log('%s: features exported to %s (%d images, %.1f images/s)', m.name, path, r.images or 0, r.images_per_s or 0)
@@ -257,10 +276,10 @@ function pipeline.ensemble(cfg, run, ds, paths, finetuned)
   local averaged = { name = 'ensemble: averaged probabilities', val_acc = avg_acc, note = 'mean of the models\' softmax outputs' }
   if ds.test and feats.x.test then
     local probs = clf:predict(feats.x.test)
-    local path, p, ids = write_submission(cfg, run:path('predict.csv'), ds.test, ds.all.categories, probs, cfg.topk)
+    local path, p, ids = write_submission(cfg, run:path('predict.csv'), feats.ids.test, ds.all.categories, probs, cfg.topk)
     concat.test_acc = score_submission(cfg, ids, p)
     out.predict = path
-    local _, pa, ida = write_submission(cfg, run:path('predict-averaged.csv'), ds.test, ds.all.categories, ensemble.average(feats, 'test'), cfg.topk)
+    local _, pa, ida = write_submission(cfg, run:path('predict-averaged.csv'), feats.ids.test, ds.all.categories, ensemble.average(feats, 'test'), cfg.topk)
     averaged.test_acc = score_submission(cfg, ida, pa)
   end
   results[#results + 1] = concat
@@ -324,6 +343,7 @@ function pipeline.run(cfg, run, spec)
       ds.classes, #ds.train, #ds.valid, seconds),
     results = ens.results, models = models, classes = ds.names, confusion = ens.confusion,
     confusion_of = 'ensemble: concatenated features, validation set', timing = run.timing, files = file_list,
+    skipped = run.skipped,
     config = (function()
       local c = recipe_copy(cfg)
       c.stages_resolved = pipeline.stages(cfg)
@@ -331,6 +351,9 @@ function pipeline.run(cfg, run, spec)
     end)(),
   })
   run:write_results()
+  if run.skipped and #run.skipped > 0 then
+    run:log('%d unreadable image(s) skipped everywhere (named above, in results.json and the report)', #run.skipped)
+  end
   run:log('report: %s (%.0f s in all)', run:path('report.html'), seconds)
   return { results = ens.results, predict = ens.predict, seconds = seconds, finetuned = finetuned, ensemble = ens,
            dir = run.dir }
