@@ -43,7 +43,9 @@ local function ref(name)
 end
 
 local function build(name, r, weights, extra)
-  local opts = {include_top = false, pooling = 'avg', input_shape = {r.size, r.size, 3}, weights = weights}
+  -- Keras's bare graph (preprocess = false): the references feed preprocessed inputs
+  local opts = {include_top = false, pooling = 'avg', input_shape = {r.size, r.size, 3}, weights = weights,
+                preprocess = false}
   for k, v in pairs(extra or {}) do opts[k] = v end
   local m = models[name](opts)
   m:evaluate()
@@ -142,7 +144,8 @@ T.test('xception with its classifier: a with-top Keras file loads and predicts a
   local r = ref('xception')
   local f <close> = h5.open(REF .. '/xception_ref.h5', 'r')
   local want = f:read('/predictions_top5')
-  local m = models.xception{classes = 5, input_shape = {r.size, r.size, 3}, weights = REF .. '/xception_top5.h5'}
+  local m = models.xception{classes = 5, input_shape = {r.size, r.size, 3}, weights = REF .. '/xception_top5.h5',
+                            preprocess = false}
   m:evaluate()
   T.allclose(m:forward(r.inputs), want, RTOL, 0, 'predictions')
   -- the notop file does not fit a model with a top, and says why
@@ -150,7 +153,7 @@ T.test('xception with its classifier: a with-top Keras file loads and predicts a
     "the model xception has 81 layers with weights, the file 80 (the model's layer 81, 'predictions', has no counterpart)")
   -- the seed's way: the notop base by order, then a new head
   local base = models.xception{include_top = false, pooling = 'avg', input_shape = {r.size, r.size, 3},
-                               weights = REF .. '/xception_notop.h5'}
+                               weights = REF .. '/xception_notop.h5', preprocess = false}
   local clf = models.classifier(base, {classes = 5})
   local rep = keras.load_weights(clf, REF .. '/xception_top5.h5', {by_name = true, skip_mismatch = true, quiet = true})
   T.eq(rep.loaded, 81)

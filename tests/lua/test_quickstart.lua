@@ -25,11 +25,15 @@ T.test('quickstart --tiny runs the whole pipeline', function()
   summary = quickstart:call { '--tiny', '--runs', files.join(TMP, 'runs'), '--data', DATA, '--run-name', 'tiny' }
   dir = files.join(TMP, 'runs', 'tiny')
   for _, f in ipairs({ 'config.json', 'log.txt', 'history.csv', 'predict.csv', 'predict-averaged.csv',
-    'predict-vgg_tiny.csv', 'predict-inception_tiny.csv', 'report.html', 'results.json',
-    'features/vgg_tiny.h5', 'features/inception_tiny.h5', 'models/vgg_tiny/weights.h5',
-    'models/vgg_tiny/history.csv', 'models/inception_tiny/checkpoints/stage2/last.h5', 'ensemble/history.csv' }) do
+    'predict-vgg_tiny.csv', 'predict-inception_tiny.csv', 'report.html', 'results.json', 'predict-top3.csv',
+    'predict-averaged-top3.csv', 'predict-vgg_tiny-top3.csv',
+    'features/vgg_tiny.h5', 'features/inception_tiny.h5', 'models/vgg_tiny/weights.h5', 'models/vgg_tiny/finished.json',
+    'models/vgg_tiny/history.csv', 'ensemble/history.csv' }) do
     T.check(files.exists(files.join(dir, f)), 'missing ' .. f)
   end
+  -- a finished model keeps no stage checkpoints (weights and Adam state): weights.h5 and finished.json
+  -- are what --resume needs
+  T.check(not files.exists(files.join(dir, 'models/inception_tiny/checkpoints')), 'checkpoints of a finished model kept')
   T.eq(#summary.results, 4)
   for _, r in ipairs(summary.results) do
     T.check(type(r.val_acc) == 'number' and r.val_acc >= 0 and r.val_acc <= 1, r.name .. ' has an accuracy')
@@ -43,18 +47,22 @@ T.test('the data set was generated, and the config records the tiny settings', f
   T.eq(cfg.models[1], 'vgg_tiny'); T.eq(cfg.stages[2].schedule, 'cosine')
 end)
 
-T.test('predict.csv follows the sample submission: header, row order, category ids', function()
+T.test('predict.csv has exactly the sample submission\'s columns and rows; top-k is beside it', function()
   local got = files.csv_read(files.join(dir, 'predict.csv'))
   local want = files.csv_read(files.join(DATA, 'sample_submission.csv'))
   T.eq(#got, #want)
-  T.eq(got[1][1], want[1][1]); T.eq(got[1][2], want[1][2]); T.eq(got[1][3], 'top3')
+  T.eq(table.concat(got[1], ','), table.concat(want[1], ','), 'the header is the sample\'s')
+  local topk = files.csv_read(files.join(dir, 'predict-top3.csv'))
+  T.eq(table.concat(topk[1], ','), want[1][1] .. ',top3')
   local cats = {}
   for _, c in ipairs(files.json_read(files.join(DATA, 'train.json')).categories) do cats[tostring(c.id)] = true end
   for i = 2, #want do
+    T.eq(#got[i], 2, 'row ' .. i .. ': two columns')
     T.eq(got[i][1], want[i][1], 'row ' .. i .. ' id')
     T.check(cats[got[i][2]], 'row ' .. i .. ': ' .. tostring(got[i][2]) .. ' is a category id')
+    T.eq(topk[i][1], want[i][1], 'top-k row ' .. i .. ' id')
     local top = {}
-    for c in got[i][3]:gmatch('%S+') do top[#top + 1] = c end
+    for c in topk[i][2]:gmatch('%S+') do top[#top + 1] = c end
     T.eq(#top, 3); T.eq(top[1], got[i][2], 'top-1 of the top-k column is the prediction')
   end
 end)
