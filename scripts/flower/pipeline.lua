@@ -197,6 +197,7 @@ function pipeline.finetune(cfg, run, ds, spec, name)
     save_weights(model, weights)
     files.json_write(finished, { history = hist.rows, stopped = hist.stopped })
     if cfg.keep_checkpoints ~= 'all' then drop_checkpoints(files.join(dir, 'checkpoints'), #stages) end
+    files.killpoint('pipeline.model_finished')
   end
   return pipeline.evaluate(cfg, run, ds, name, model, size, hist, vl, loss)
 end

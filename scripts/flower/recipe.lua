@@ -115,13 +115,23 @@ end
 
 local UserError = { __tostring = function(e) return e.msg end }
 
+local last_user_error   -- the message of the last one raised
+
 -- Raises a user error: recipe.fail('fgvcx_flowers: --data %s: no train.json there', dir)
 function recipe.fail(fmt, ...)
   local msg = select('#', ...) > 0 and string.format(fmt, ...) or tostring(fmt)
+  last_user_error = msg
   error(setmetatable({ msg = msg, user = true }, UserError), 0)
 end
 
 function recipe.is_user_error(e) return getmetatable(e) == UserError end
+
+-- Whether an error seen while unwinding is a user error. Under the host the message handler has
+-- already turned the table into its message (Lua closes to-be-closed variables with the handler's
+-- result), so the message itself counts too.
+local function user_error_seen(e)
+  return recipe.is_user_error(e) or (last_user_error ~= nil and e == last_user_error)
+end
 
 -- Runs fn(...) and turns any error it raises into a user error (for library calls whose failure is
 -- the user's input, such as loading a given weights file); the message loses a `file:line:` prefix.
@@ -357,7 +367,7 @@ function Recipe:start(cfg, given)
   run.source = self.source
   -- a user error in a fresh run that wrote nothing yet takes its run directory with it
   local guard <close> = setmetatable({}, { __close = function(_, err)
-    if fresh and err ~= nil and recipe.is_user_error(err) then remove_if_empty(dir) end
+    if fresh and err ~= nil and user_error_seen(err) then remove_if_empty(dir) end
   end })
   run:write_config()
   run:log('%s: run directory %s%s', self.name, dir, run.resuming and ' (resuming)' or '')

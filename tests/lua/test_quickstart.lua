@@ -98,6 +98,43 @@ T.test('--resume of a finished run trains nothing again and gives the same resul
   T.check(log:find('already finished', 1, true) or log:find('resumed from', 1, true), 'checkpoints reused')
 end)
 
+T.test('killed after its first model, `--resume RUNDIR` alone finishes the run with the same predict.csv', function()
+  local runs = files.join(TMP, 'runs')
+  local args = ' --tiny --data ' .. DATA .. ' --runs ' .. runs .. ' --workers 1'
+  local out, rc = sh(FL .. ' experiments/quickstart.lua' .. args .. ' --run-name whole')
+  T.eq(rc, 0, out)
+  out, rc = sh('FLOWER_KILLPOINT=pipeline.model_finished:1 ' .. FL .. ' experiments/quickstart.lua' .. args .. ' --run-name cut')
+  T.check(rc ~= 0, 'the run should have been killed: ' .. out)
+  local cut = files.join(runs, 'cut')
+  T.check(files.exists(files.join(cut, 'models/vgg_tiny/finished.json')) and not files.exists(files.join(cut, 'predict.csv')),
+    'killed between the models')
+  out, rc = sh(FL .. ' experiments/quickstart.lua --resume ' .. cut)
+  T.eq(rc, 0, out)
+  T.eq(files.read(files.join(cut, 'predict.csv')), files.read(files.join(runs, 'whole', 'predict.csv')), 'predict.csv')
+  T.eq(files.read(files.join(cut, 'predict-averaged.csv')), files.read(files.join(runs, 'whole', 'predict-averaged.csv')))
+  -- options given again override the saved ones, and the log says which
+  out, rc = sh(FL .. ' experiments/quickstart.lua --resume ' .. cut .. ' --ensemble-epochs 2 --topk 3')
+  T.eq(rc, 0, out)
+  T.check(out:find('options given again override the saved ones: --ensemble-epochs 2 (was 5)', 1, true), out)
+  T.eq(files.json_read(files.join(cut, 'config.json')).ensemble_epochs, 2, 'the resolved options record the override')
+end)
+
+T.test('--keep-checkpoints all keeps every stage\'s checkpoint; --help lists the ensemble options', function()
+  quickstart:call { '--tiny', '--runs', files.join(TMP, 'runs'), '--data', DATA, '--run-name', 'keep', '--keep-checkpoints',
+    'all', '--models', 'vgg_tiny', '--ensemble-patience', '0', '--no-ensemble-restore-best' }
+  local d = files.join(TMP, 'runs', 'keep')
+  T.check(files.exists(files.join(d, 'models/vgg_tiny/checkpoints/stage1/last.h5')), 'stage 1 checkpoint')
+  T.check(files.exists(files.join(d, 'models/vgg_tiny/checkpoints/stage2/last.h5')), 'stage 2 checkpoint')
+  local cfg = files.json_read(files.join(d, 'config.json'))
+  T.eq(cfg.ensemble_patience, 0); T.eq(cfg.ensemble_restore_best, false)
+  T.eq(#files.csv_read(files.join(d, 'ensemble/history.csv')) - 1, 5, 'no early stopping: every ensemble epoch ran')
+  local out = sh(FL .. ' experiments/quickstart.lua --help')
+  for _, o in ipairs({ '--keep-checkpoints resume|all', '--ensemble-patience N', '--ensemble-restore-best',
+    '--topk N' }) do
+    T.check(out:find(o, 1, true), 'help lacks ' .. o)
+  end
+end)
+
 T.test('variants are files that load the quickstart and change it', function()
   local d = recipe.load('experiments/dropout_variant.lua')
   T.eq(d.name, 'dropout_variant')
