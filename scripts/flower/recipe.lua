@@ -8,8 +8,12 @@
 --     name = 'finetune', description = '...',
 --     options = {{name = 'epochs', type = 'int', default = 3, help = '...'}, ...},
 --     settings = {stages = {{epochs = 1, train = 'head', lr = 1e-3}, {epochs = 4, train = 'all', lr = 1e-4}}},
+--     check = function(cfg) ... end,          -- optional: recipe.fail on bad input, before any run directory
 --     run = function(cfg, run) ... end,       -- cfg: options + settings; run: the Run below
 --   }
+-- Recipes that run flower.pipeline declare `options = recipe.pipeline_options{...}`: the shared
+-- declarations (data, models, size, stages' epochs and rates, ensemble, top-k, checkpoints, ...)
+-- with this recipe's defaults laid over them, plus its own options.
 --   return R:main(arg)
 --
 -- A variant is another file that loads a recipe and changes defaults or settings:
