@@ -11,10 +11,10 @@
 --     check = function(cfg) ... end,          -- optional: recipe.fail on bad input, before any run directory
 --     run = function(cfg, run) ... end,       -- cfg: options + settings; run: the Run below
 --   }
+--   return R:main(arg)
 -- Recipes that run flower.pipeline declare `options = recipe.pipeline_options{...}`: the shared
 -- declarations (data, models, size, stages' epochs and rates, ensemble, top-k, checkpoints, ...)
 -- with this recipe's defaults laid over them, plus its own options.
---   return R:main(arg)
 --
 -- A variant is another file that loads a recipe and changes defaults or settings:
 --   local base = recipe.load('quickstart.lua')            -- relative to the calling file
