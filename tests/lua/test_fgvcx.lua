@@ -35,6 +35,13 @@ T.test('fgvcx_flowers with ResNet50 notop weights from --weights', function()
   T.eq(e.x.train:size(2), 2048, 'pooled ResNet50 features')
   T.eq(e.attrs.weights, 'resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5')
   T.eq(e.attrs.weights_sha256, export.sha256(wfile))
+  -- the model ends in a softmax: the file holds its probabilities, not softmax(softmax(x))
+  local pipeline, train = require 'flower.pipeline', require 'flower.train'
+  local cfg = files.json_read(files.join(dir, 'config.json'))
+  local ds = pipeline.datasets(cfg)
+  local ev = train.evaluate(s.finetuned[1].model, pipeline.eval_loader(cfg, ds.valid, 32),
+    { loss = 'categorical_crossentropy', collect = true, progress = false })
+  T.allclose(e.probs.valid, ev.probs, 1e-5, 1e-7, 'valid_probs = the model\'s probabilities')
   local sub = files.csv_read(files.join(dir, 'predict.csv'))
   T.eq(table.concat(sub[1], ','), 'id,predicted')
   T.eq(#sub, 1 + 5)
