@@ -40,3 +40,8 @@ if [ ! -f "$stamp" ]; then
     "numpy<2" tensorflow-cpu tf-keras keras h5py pillow opencv-python-headless "PyTurboJPEG<2"
   touch "$stamp"
 fi
+# scikit-learn: the split tests compare ds:split with its train_test_split (added after the stamp,
+# so existing environments get it too)
+if ! "$venv/bin/python" -c 'import sklearn' 2>/dev/null; then
+  "$venv/bin/pip" install -q --disable-pip-version-check "numpy<2" scikit-learn
+fi

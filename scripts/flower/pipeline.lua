@@ -56,27 +56,21 @@ function pipeline.stages(cfg, model)
   return out
 end
 
--- Data sets: train/valid from train.json (stratified seeded split), test from test.json if present.
+-- Data sets: train/valid from train.json by the seed's split (scikit-learn's train_test_split(
+-- test_size=0.2, random_state=42), unstratified; cfg.stratify = true: its stratified split), test
+-- from test.json if present.
 function pipeline.datasets(cfg)
   local data = require 'flower.data'
   local all = data.kaggle(cfg.data)
-  local tr, va = all:split { test_size = cfg.valid_fraction or 0.2, seed = cfg.split_seed or 42, stratify = true }
+  local tr, va = all:split { test_size = cfg.valid_fraction or 0.2, seed = cfg.split_seed or 42,
+                            stratify = cfg.stratify == true }
   local te
   if files.exists(files.join(cfg.data, 'test.json')) then te = data.kaggle_test(cfg.data) end
-  -- class names: the synthetic set's train.json has readable category names
+  -- class names: "<category id> (<name>)" where train.json's categories name them
   local names = {}
-  for i, c in ipairs(all.categories or {}) do names[i] = tostring(c) end
-  local tj = files.join(cfg.data, 'train.json')
-  local f = io.open(tj, 'rb')
-  local size = f and f:seek('end') or 0
-  if f then f:close() end
-  if size < 8e6 then
-    local doc = files.json_read(tj)
-    local byid = {}
-    for _, c in ipairs(doc.categories or {}) do byid[tostring(c.id)] = c.name end
-    for i, c in ipairs(all.categories or {}) do
-      if byid[tostring(c)] then names[i] = string.format('%s (%s)', tostring(c), byid[tostring(c)]) end
-    end
+  for i, c in ipairs(all.categories or {}) do
+    local name = all.category_info and all.category_info[i].name
+    names[i] = name and string.format('%s (%s)', tostring(c), name) or tostring(c)
   end
   return { all = all, train = tr, valid = va, test = te, classes = all.num_classes, names = names }
 end
@@ -105,13 +99,14 @@ local function eval_loader(cfg, ds, size)
 end
 pipeline.eval_loader = eval_loader
 
--- The submission for a split's predictions: category ids from labels, the sample's order if any;
--- with k > 1 the k best categories per image go to predict-...-top<k>.csv beside it.
-local function write_submission(cfg, path, ds, categories, probs, k)
+-- The submission for predictions whose row i is image row_ids[i]: category ids from labels, the
+-- sample's order if any; with k > 1 the k best categories per image go to predict-...-top<k>.csv
+-- beside it. (Rows are the images that could be read: an unreadable one has no row.)
+local function write_submission(cfg, path, row_ids, categories, probs, k)
   local predict = require 'flower.predict'
   local top = probs:argmax(2):view(-1):totable()
   local pred, ids = {}, {}
-  for i, l in ipairs(top) do pred[i] = categories[l]; ids[i] = tostring(ds.ids[i]) end
+  for i, l in ipairs(top) do pred[i] = categories[l]; ids[i] = tostring(row_ids[i]) end
   local sample = files.join(cfg.data, 'sample_submission.csv')
   sample = files.exists(sample) and sample or nil
   predict.write_csv(path, { ids = ids, predicted = pred, sample = sample })
@@ -155,6 +150,21 @@ local function save_weights(model, path)
   end
 end
 
+-- Records the images a loader (or an export) could not read on the run, once per file: a log line
+-- each, and run.skipped = {{path, reason, stage}} for results.json and the report.
+local function record_skipped(run, stage, list)
+  run.skipped = run.skipped or {}
+  run._skipped_seen = run._skipped_seen or {}
+  for _, sk in ipairs(list or {}) do
+    if not run._skipped_seen[sk.path] then
+      run._skipped_seen[sk.path] = true
+      run.skipped[#run.skipped + 1] = { path = sk.path, reason = sk.reason, stage = stage }
+      run:log('%s: skipped unreadable image %s: %s', stage, sk.path, sk.reason)
+    end
+  end
+end
+pipeline.record_skipped = record_skipped
+
 -- Removes a finished model's stage checkpoints (stage<i>/last.h5 and best.h5, then the folders):
 -- weights.h5 and finished.json hold all that --resume needs of it.
 local function drop_checkpoints(dir, nstages)
@@ -193,6 +203,7 @@ function pipeline.finetune(cfg, run, ds, spec, name)
     run:log('%s: already finished (%s); weights from %s', name, finished, weights)
   else
     hist = pipeline.fit(cfg, run, model, stages, tl, vl, loss, name, dev)
+    record_skipped(run, name .. ' train', tl:skipped())
     if hist.stopped == 'interrupted' then return { interrupted = hist.interrupted } end
     save_weights(model, weights)
     files.json_write(finished, { history = hist.rows, stopped = hist.stopped })
@@ -226,6 +237,7 @@ end
 function pipeline.evaluate(cfg, run, ds, name, model, size, hist, vl, loss)
   local report = require 'flower.report'
   local ev = train.evaluate(model, vl, { loss = loss, collect = true, softmax = loss == 'logits', progress = false })
+  record_skipped(run, name .. ' valid', vl:skipped())
   local conf = report.confusion(ev.labels, ev.pred, ds.classes)
   local out = { name = name, model = model, size = size, history = hist, val_acc = ev.acc, val_loss = ev.loss,
                 confusion = conf, loss = loss }
@@ -244,9 +256,12 @@ function pipeline.evaluate(cfg, run, ds, name, model, size, hist, vl, loss)
   end
   if ds.test then
     local t0 = files.now()
-    local et = train.evaluate(model, eval_loader(cfg, ds.test, size), { loss = loss, collect = true,
-      softmax = loss == 'logits', progress = false })
-    local path, pred, ids = write_submission(cfg, run:path('predict-' .. name .. '.csv'), ds.test, ds.all.categories, et.probs, cfg.topk)
+    local tel = eval_loader(cfg, ds.test, size)
+    local et = train.evaluate(model, tel, { loss = loss, collect = true, softmax = loss == 'logits', progress = false })
+    record_skipped(run, name .. ' test', tel:skipped())
+    local row_ids = {}
+    for i, k in ipairs(et.index) do row_ids[i] = ds.test.ids[k] end
+    local path, pred, ids = write_submission(cfg, run:path('predict-' .. name .. '.csv'), row_ids, ds.all.categories, et.probs, cfg.topk)
     out.test_acc = score_submission(cfg, ids, pred)
     out.predict = path
     run:time(name .. ': predict test', #ds.test, files.now() - t0)
@@ -267,6 +282,7 @@ function pipeline.export(cfg, run, ds, spec, m)
     loader = function(d) return eval_loader(cfg, d, m.size) end,
     attrs = { model = m.name, image_size = m.size, preprocessing = desc.preprocessing or '',
               weights = desc.weights or run:path('models', m.name, 'weights.h5') } })
+  for _, sp in ipairs(splits) do record_skipped(run, m.name .. ' export ' .. sp[1], r.skipped[sp[1]]) end
   if r.interrupted then return nil, r.interrupted end
   run:time(m.name .. ': feature export', r.images, r.seconds)
   run:log('%s: features exported to %s (%d images, %.1f images/s)', m.name, path, r.images or 0, r.images_per_s or 0)
@@ -303,10 +319,10 @@ function pipeline.ensemble(cfg, run, ds, paths, finetuned)
   local averaged = { name = 'ensemble: averaged probabilities', val_acc = avg_acc, note = 'mean of the models\' probabilities' }
   if ds.test and feats.x.test then
     local probs = clf:predict(feats.x.test)
-    local path, p, ids = write_submission(cfg, run:path('predict.csv'), ds.test, ds.all.categories, probs, cfg.topk)
+    local path, p, ids = write_submission(cfg, run:path('predict.csv'), feats.ids.test, ds.all.categories, probs, cfg.topk)
     concat.test_acc = score_submission(cfg, ids, p)
     out.predict = path
-    local _, pa, ida = write_submission(cfg, run:path('predict-averaged.csv'), ds.test, ds.all.categories, ensemble.average(feats, 'test'), cfg.topk)
+    local _, pa, ida = write_submission(cfg, run:path('predict-averaged.csv'), feats.ids.test, ds.all.categories, ensemble.average(feats, 'test'), cfg.topk)
     averaged.test_acc = score_submission(cfg, ida, pa)
   end
   results[#results + 1] = concat
@@ -388,7 +404,7 @@ function pipeline.run(cfg, run, spec)
       ds.classes, #ds.train, #ds.valid, seconds),
     notes = notes, results = ens.results, models = models, classes = ds.names, confusion = ens.confusion,
     confusion_of = 'ensemble: concatenated features, validation set', timing = run.timing, seconds = seconds,
-    files = file_list,
+    files = file_list, skipped = run.skipped,
     config = (function()
       local c = recipe_copy(cfg)
       c.stages_resolved = pipeline.stages(cfg)
@@ -396,6 +412,9 @@ function pipeline.run(cfg, run, spec)
     end)(),
   })
   run:write_results()
+  if run.skipped and #run.skipped > 0 then
+    run:log('%d unreadable image(s) skipped everywhere (named above, in results.json and the report)', #run.skipped)
+  end
   run:log('report: %s (%.0f s in all)', run:path('report.html'), seconds)
   return { results = ens.results, predict = ens.predict, seconds = seconds, finetuned = finetuned, ensemble = ens,
            dir = run.dir }

@@ -295,7 +295,7 @@ end
 -- Writes results.json (machine-readable summary: results and timing).
 function Run:write_results()
   files.json_write(self:path('results.json'), { results = self.results, timing = self.timing,
-    seconds = files.now() - self.started })
+    skipped = self.skipped or {}, seconds = files.now() - self.started })
 end
 
 -- Makes (or resumes) the run directory for a resolved config and calls the run function.

@@ -350,6 +350,16 @@ function report.html(data)
   if data.results and #data.results > 0 then
     o[#o + 1] = '<h2>Results</h2>' .. results_table(data.results)
   end
+  if data.skipped and #data.skipped > 0 then
+    -- images no stage could read: left out of training, evaluation, export and predictions
+    o[#o + 1] = string.format('<h2>Skipped images (%d)</h2><p>These files could not be read; they are in no '
+      .. 'training batch, evaluation, feature file or prediction.</p><table><tr><th>file</th><th>reason</th>'
+      .. '<th>first met in</th></tr>', #data.skipped)
+    for _, sk in ipairs(data.skipped) do
+      o[#o + 1] = string.format('<tr><td>%s</td><td>%s</td><td>%s</td></tr>', esc(sk.path), esc(sk.reason), esc(sk.stage or ''))
+    end
+    o[#o + 1] = '</table>'
+  end
   if data.models and #data.models > 0 then
     o[#o + 1] = '<h2>Training curves</h2>'
     for _, m in ipairs(data.models) do o[#o + 1] = history_charts(m) end

@@ -203,6 +203,13 @@ end
 
 -- One training step on a batch: returns loss, accuracy and top-k accuracies (fractions over the batch).
 function train.step(model, batch, lossfn, optimizer, ks)
+  if type(batch) ~= 'table' or batch.x == nil then
+    error('train.step: argument 2 must be a batch {x = inputs, y = targets}, got ' .. type(batch), 2)
+  end
+  if type(lossfn) ~= 'function' then
+    error(string.format("train.step: argument 3 must be a loss function(output, target) -> loss, grad, got %s %s; "
+      .. "make one with train.make_loss('logits')", type(lossfn), tostring(lossfn)), 2)
+  end
   model:zero_grad()
   local out = model:forward(batch.x)
   local l, g = lossfn(out, batch.y)
