@@ -146,7 +146,7 @@ local function save_weights(model, path)
     keras.save_weights(model, tmp)
     os.rename(tmp, path)
   else
-    train.save_checkpoint(path, model, nil, {})
+    require('flower.nn').save_checkpoint(path, model)
   end
 end
 
@@ -223,7 +223,10 @@ function pipeline.fit(cfg, run, model, stages, tl, vl, loss, name, dev)
     history_csv = files.join(dir, 'history.csv'), save_best = false,
     -- a stage with schedule = 'cosine' decays its learning rate to 0 over its epochs
     callbacks = function(st)
-      if st.schedule == 'cosine' then return { train.CosineDecay { lr = st.lr or cfg.lr, epochs = st.epochs } } end
+      if st.schedule == 'cosine' then
+        local optim = require 'flower.optim'
+        return { train.LearningRateScheduler(optim.cosine { lr = st.lr or cfg.lr, decay_steps = math.max(1, st.epochs) }) }
+      end
       return {}
     end,
     make_optimizer = function(st)

@@ -189,13 +189,14 @@ function Model:has_trainable()
   return any
 end
 
--- leaf layers (nested models expanded), and each one's path prefix: '' at the top level,
--- 'inner_model/' inside a nested model (so two backbones with equal layer names stay apart)
-local function leaves(self)
+-- The one walker over a model's leaf layers (nested models expanded): the layers and each one's
+-- path prefix, '' at the top level, 'inner_model/' inside a nested model (so two backbones with
+-- equal layer names stay apart). order: nil (graph construction order) or 'keras' (Keras's
+-- model.layers order at every level, as model:keras_layers(); freeze specs like 'from:<name>').
+local function leaves(self, order)
   local r, prefixes = {}, {}
   local function walk(m, prefix)
-    for _, n in ipairs(m.nodes) do
-      local l = n.layer
+    for _, l in ipairs(order == 'keras' and m:keras_layers() or m:layers()) do
       if l._is_model then walk(l, prefix .. l.name .. '/')
       else r[#r + 1] = l; prefixes[#r] = prefix end
     end
