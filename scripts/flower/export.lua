@@ -14,7 +14,8 @@
 -- File layout (the seed's names, plus what makes the file self-describing):
 --   train_x (N, D) float32, train_label (N) int64, valid_x, valid_label, test (M, D)  -- the seed's
 --   <split>_probs (N, K) float32   the model's own class probabilities (valid and test), for
---                                  probability-averaging ensembles
+--                                  probability-averaging ensembles: its output as it is when it
+--                                  ends in a softmax, softmax(output) when it ends in logits
 --   <split>_images                 image paths relative to the data root, in row order
 --   <split>_ids                    image ids (the submission's `id` column), in row order: readers
 --                                  join by id
@@ -55,6 +56,15 @@ local function rel_path(root, p)
   if root and p:sub(1, #root + 1) == root .. '/' then return p:sub(#root + 2) end
   return p
 end
+
+-- Whether a model's output is already probabilities: its last layer is a softmax (Softmax, an
+-- Activation('softmax'), or a layer with activation = 'softmax'; a nested model is looked into).
+local function ends_in_softmax(model)
+  local l = model.outputs[1].layer
+  while l._is_model do l = l.outputs[1].layer end
+  return l.class_name == 'Softmax' or l.act == 'softmax' or l.activation == 'softmax'
+end
+export.ends_in_softmax = ends_in_softmax
 
 -- A model giving (features, outputs) in one pass, sharing the layers of `model`; or just features.
 local function two_headed(model, layer)
@@ -137,7 +147,9 @@ local function export_split(f, name, ds, o, fmodel, with_probs)
       local batch = train.batch_to_device(hbatch, o._device)
       local out = fmodel:forward(batch.x)
       local feats, probs = out, nil
-      if type(out) == 'table' and not flower.is_tensor(out) then feats, probs = out[1], out[2]:softmax(2) end
+      if type(out) == 'table' and not flower.is_tensor(out) then
+        feats, probs = out[1], o._softmax and out[2]:softmax(2) or out[2]
+      end
       if o._device ~= nil then
         feats = feats:cpu()
         probs = probs and probs:cpu()
@@ -205,6 +217,7 @@ function export.features(model, o)
   if exists and not o.resume then os.remove(o.path); exists = false end
   files.mkdir(files.dirname(o.path))
   local fmodel, with_probs = two_headed(model, layer)
+  o._softmax = not ends_in_softmax(model)   -- logits get a softmax; probabilities are kept as they are
   if o._device ~= nil and fmodel.cuda then fmodel:cuda(o._device) end   -- the shared layers are there already
   local was = model.train
   model:evaluate()

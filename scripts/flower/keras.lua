@@ -19,7 +19,14 @@
 -- the Xception file with auto names and the TF-slim-named InceptionResNetV2 file all load. By name
 -- (by_name=true): a layer takes the group of its name; groups and layers without a partner are
 -- reported (Keras ignores them silently); with skip_mismatch=true a layer whose tensor count or
--- shapes differ is skipped and reported instead of failing (a new classifier head).
+-- shapes differ is skipped and reported instead of failing (a new classifier head), every one of
+-- them named on stderr.
+-- AUTOMATIC NAMES. Unnamed layers are numbered per class prefix: tf.keras, Keras 3 and flowerlua
+-- name them conv2d, conv2d_1, conv2d_2 ...; standalone Keras 1.x/2.x, which wrote the standard
+-- ImageNet files, conv2d_1, conv2d_2 ... By name, the file's scheme is read off the names present,
+-- per prefix: where one side has the bare prefix and the other starts at `_1`, the k-th layer of
+-- that prefix pairs with the file's k-th (conv2d <-> conv2d_1, conv2d_5 <-> conv2d_6), never with
+-- its neighbour; the report lists these pairs (renamed) and the file's keras_version.
 -- Either way it is all-or-nothing: every tensor is read and checked into temporaries first, and the
 -- model's tensors are only overwritten (in place) once all of them fit. Errors name the model's
 -- layer, the file's group and both shapes.
@@ -35,6 +42,14 @@ local keras = {}
 local HEADER_LIMIT = 64512
 
 local function shape_str(t) return table.concat(t, 'x') end
+
+-- Re-raises err from the public function `op` with the message starting `op: ` (without a location
+-- inside this library, e.g. from h5.open), at the caller's level.
+local function rethrow(op, err)
+  local msg = tostring(err):gsub('^[^%s]-%.lua:%d+: ', '', 1)
+  if msg:sub(1, #op + 1) ~= op .. ':' then msg = op .. ': ' .. msg end
+  error(msg, 3)
+end
 
 -- a name list attribute, plain or chunked; nil when absent
 local function read_names(f, path, name)
@@ -212,43 +227,143 @@ local function commit(pairs_)
   end
 end
 
+-- the shapes of a layer's weights and of a group's datasets, as '3x3x3x32,32'
+local function layer_shapes(l)
+  local r = {}
+  for i, w in ipairs(layer_weights(l)) do r[i] = shape_str(w.tensor:size()) end
+  return table.concat(r, ',')
+end
+local function group_shapes(f, g)
+  local r = {}
+  for i, w in ipairs(g.weight_names) do
+    local ok, sh = pcall(f.shape, f, g.path .. '/' .. w)
+    r[i] = ok and shape_str(sh) or '?'
+  end
+  return table.concat(r, ',')
+end
+
+-- Which layers lack a partner when the model and the file have different counts: by name when the
+-- names mostly agree, else the first place where walking both lists in order finds other shapes.
+local function unpaired(f, ml, fl)
+  local fnames, mnames = {}, {}
+  for _, g in ipairs(fl) do fnames[g.name] = true end
+  for _, l in ipairs(ml) do mnames[l.name] = true end
+  local lacking, extra, common = {}, {}, 0
+  for _, l in ipairs(ml) do if fnames[l.name] then common = common + 1 else lacking[#lacking + 1] = l.name end end
+  for _, g in ipairs(fl) do if not mnames[g.name] then extra[#extra + 1] = g.name end end
+  local function list(t) return table.concat(t, "', '", 1, math.min(#t, 8)) .. (#t > 8 and "', ..." or "'") end
+  if common >= math.min(#ml, #fl) / 2 and (#lacking > 0 or #extra > 0) then
+    local parts = {}
+    if #lacking > 0 then parts[#parts + 1] = string.format("the file has no weights for the model's layer(s) '%s", list(lacking)) end
+    if #extra > 0 then parts[#parts + 1] = string.format("the model has no layer for the file's group(s) '%s", list(extra)) end
+    return ' (' .. table.concat(parts, '; ') .. ')'
+  end
+  for i = 1, math.min(#ml, #fl) do
+    local a, b = layer_shapes(ml[i]), group_shapes(f, fl[i])
+    if a ~= b then
+      return string.format(" (walking both in order, the first that differ are the model's layer %d '%s' (%s) and " ..
+        "the file's group %d '%s' (%s))", i, ml[i].name, a, i, fl[i].name, b)
+    end
+  end
+  local first = math.min(#ml, #fl)
+  if #ml > #fl then return string.format(" (the model's layer %d, '%s', has no counterpart)", first + 1, ml[first + 1].name) end
+  return string.format(" (the file's group %d, '%s', has no counterpart)", first + 1, fl[first + 1].name)
+end
+
+-- A hint when a ResNet50 file of the other Keras generation meets the model: the Keras 1 file names
+-- its layers conv1, bn_conv1, res2a_branch2a...; tf.keras conv1_conv, conv1_bn...
+local function variant_hint(model, fl)
+  local first = fl[1] and fl[1].name
+  local has = function(n) return (pcall(model.layer, model, n)) end
+  if first == 'conv1' and has('conv1_conv') then
+    return "; the file is the Keras 1 ResNet50 (conv1, bn_conv1, ...): build the model with variant='keras1', or " ..
+      "pass the file as weights= to flower.models.resnet50, which detects it"
+  elseif first == 'conv1_conv' and has('bn_conv1') then
+    return "; the file is the tf.keras ResNet50 (conv1_conv, conv1_bn, ...): build the model with variant='keras2'"
+  end
+  return ''
+end
+
 local function load_by_order(f, path, model, groups, op)
   local fl = weighted(groups)
   local ml = {}
   for _, l in ipairs(model_layers(model)) do if #layer_weights(l) > 0 then ml[#ml + 1] = l end end
   if #ml ~= #fl then
-    local first = math.min(#ml, #fl)
-    local hint = ''
-    if #ml > #fl then hint = string.format(" (the model's layer %d, '%s', has no counterpart)", first + 1, ml[first + 1].name)
-    else hint = string.format(" (the file's group %d, '%s', has no counterpart)", first + 1, fl[first + 1].name) end
     error(string.format('%s: %s: the model %s has %d layers with weights, the file %d%s; layers are matched by ' ..
-      'order (pass by_name=true to match names); nothing was loaded', op, path, model.name, #ml, #fl, hint), 0)
+      'order (pass by_name=true to match names)%s; nothing was loaded', op, path, model.name, #ml, #fl,
+      unpaired(f, ml, fl), variant_hint(model, fl)), 0)
   end
   local plan = {}
   for i, l in ipairs(ml) do
     local where = string.format(' (matched by order: layer %d of %d)', i, #ml)
     local tensors, err = read_group(f, path, l, fl[i], where)
-    if not tensors then error(string.format('%s: %s: %s; nothing was loaded', op, path, err), 0) end
+    if not tensors then error(string.format('%s: %s: %s%s; nothing was loaded', op, path, err, variant_hint(model, fl)), 0) end
     plan[i] = {layer = l, tensors = tensors, group = fl[i].name}
   end
   commit(plan)
-  return {matched = 'order', loaded = #plan, skipped = {}, missing_in_file = {}, unused_in_file = {}}
+  return {matched = 'order', loaded = #plan, skipped = {}, missing_in_file = {}, unused_in_file = {}, renamed = {}}
 end
+
+-- A name's automatic-numbering parts: 'conv2d_5' -> 'conv2d', 5; 'conv2d' -> 'conv2d', 0.
+local function numbered(name)
+  local p, k = name:match('^(.-)_(%d+)$')
+  if p and p ~= '' then return p, tonumber(k) end
+  return name, 0
+end
+
+-- The file-group name for each model layer name whose automatic numbering differs from the file's
+-- (see AUTOMATIC NAMES above): {[model name] = file name}. A prefix counts as zero-based on a side
+-- that has it bare, one-based on a side that has `<prefix>_1` but not the bare prefix.
+local function scheme_map(model_names, file_names)
+  local function bases(names)
+    local has, b = {}, {}
+    for _, n in ipairs(names) do has[n] = true end
+    for _, n in ipairs(names) do
+      local p, k = numbered(n)
+      if k == 0 then b[p] = 0 elseif k == 1 and not has[p] then b[p] = 1 end
+    end
+    return b
+  end
+  local mb, fb = bases(model_names), bases(file_names)
+  local map = {}
+  for _, n in ipairs(model_names) do
+    local p, k = numbered(n)
+    local shift = (mb[p] ~= nil and fb[p] ~= nil) and (fb[p] - mb[p]) or 0
+    if shift ~= 0 then
+      local j = k + shift
+      map[n] = j == 0 and p or (p .. '_' .. j)
+    end
+  end
+  return map
+end
+keras.scheme_map = scheme_map
 
 local function load_by_name(f, path, model, groups, op, skip_mismatch)
   local by_name, order = {}, {}
   for _, l in ipairs(model_layers(model)) do
-    if #layer_weights(l) > 0 then by_name[l.name] = l; order[#order + 1] = l end
+    if #layer_weights(l) > 0 then order[#order + 1] = l end
   end
-  local report = {matched = 'name', loaded = 0, skipped = {}, missing_in_file = {}, unused_in_file = {}}
+  local fl = weighted(groups)
+  local mnames, fnames = {}, {}
+  for i, l in ipairs(order) do mnames[i] = l.name end
+  for i, g in ipairs(fl) do fnames[i] = g.name end
+  local map = scheme_map(mnames, fnames)
+  local report = {matched = 'name', loaded = 0, skipped = {}, missing_in_file = {}, unused_in_file = {}, renamed = {},
+                  keras_version = f:attr('/', 'keras_version')}
+  for _, l in ipairs(order) do
+    local fname = map[l.name] or l.name
+    by_name[fname] = l
+    if map[l.name] then report.renamed[#report.renamed + 1] = {layer = l.name, group = fname} end
+  end
   local plan, seen = {}, {}
-  for _, g in ipairs(weighted(groups)) do
+  for _, g in ipairs(fl) do
     local l = by_name[g.name]
     if not l then
       report.unused_in_file[#report.unused_in_file + 1] = g.name
     else
       seen[l] = true
-      local tensors, err = read_group(f, path, l, g, '')
+      local tensors, err = read_group(f, path, l, g, map[l.name] and
+        string.format(" (the file numbers unnamed layers from _1: its '%s' is the model's '%s')", g.name, l.name) or '')
       if tensors then
         plan[#plan + 1] = {layer = l, tensors = tensors, group = g.name}
       elseif skip_mismatch then
@@ -265,9 +380,23 @@ local function load_by_name(f, path, model, groups, op, skip_mismatch)
   return report
 end
 
+-- What a by-name load did, for people: the counts, then every skipped layer with its reason, every
+-- layer the file has no weights for, and the renaming of automatic names if any.
+function keras.print_report(res, path, out)
+  out = out or io.stdout
+  out:write(string.format('keras.load_weights: %s: loaded %d layers by name; %d skipped (mismatch), %d not in the file%s\n',
+    path, res.loaded, #res.skipped, #res.missing_in_file,
+    #res.renamed > 0 and string.format('; %d automatic names matched across numbering schemes (%s -> %s, ...)',
+      #res.renamed, res.renamed[1].layer, res.renamed[1].group) or ''))
+  for _, s in ipairs(res.skipped) do out:write(string.format('  skipped %s: %s\n', s.layer, s.reason)) end
+  for _, n in ipairs(res.missing_in_file) do out:write(string.format('  not in the file: %s\n', n)) end
+end
+
 -- keras.load_weights(model, path [, {by_name=false, skip_mismatch=false, quiet=false}]) -> report
 -- report: {matched='order'|'name', loaded=<layers>, skipped={{layer, reason}}, missing_in_file={names},
--- unused_in_file={names}}; by name, anything not loaded is also summarised on stderr unless quiet.
+-- unused_in_file={names}, renamed={{layer, group}} (automatic names paired across numbering schemes),
+-- keras_version}; by name, anything not loaded (each skipped layer with its reason, each layer
+-- missing from the file) is also printed on stderr unless quiet.
 function keras.load_weights(model, path, opts)
   local op = 'keras.load_weights'
   opts = opts or {}
@@ -282,16 +411,9 @@ function keras.load_weights(model, path, opts)
     if opts.by_name then return load_by_name(f, path, model, groups, op, opts.skip_mismatch) end
     return load_by_order(f, path, model, groups, op)
   end)
-  if not ok then
-    local msg = tostring(res)
-    if not msg:find(op, 1, true) then msg = op .. ': ' .. msg end
-    error(msg, 2)
-  end
-  if opts.by_name and not opts.quiet and (#res.skipped > 0 or #res.missing_in_file > 0) then
-    io.stderr:write(string.format('%s: %s: loaded %d layers by name; %d skipped (mismatch), %d not in the file%s\n',
-      op, path, res.loaded, #res.skipped, #res.missing_in_file,
-      #res.missing_in_file > 0 and (': ' .. table.concat(res.missing_in_file, ', ', 1, math.min(5, #res.missing_in_file)) ..
-        (#res.missing_in_file > 5 and ', ...' or '')) or ''))
+  if not ok then rethrow(op, res) end
+  if opts.by_name and not opts.quiet and (#res.skipped > 0 or #res.missing_in_file > 0 or #res.renamed > 0) then
+    keras.print_report(res, path, io.stderr)
   end
   return res
 end
@@ -335,11 +457,7 @@ function keras.save_weights(model, path)
       f:set_attr('/', 'flowerlua_version', flower.version or '?')
     end)
   end)
-  if not ok then
-    local msg = tostring(err)
-    if not msg:find('keras.save_weights', 1, true) then msg = 'keras.save_weights: ' .. msg end
-    error(msg, 2)
-  end
+  if not ok then rethrow('keras.save_weights', err) end
 end
 
 -------------------------------------------------------------------------------- whole models
@@ -701,11 +819,7 @@ function keras.load_model(path)
     model:evaluate()
     return model
   end)
-  if not ok then
-    local msg = tostring(res)
-    if not msg:find('keras.', 1, true) then msg = 'keras.load_model: ' .. msg end
-    error(msg, 2)
-  end
+  if not ok then rethrow('keras.load_model', res) end
   return res
 end
 

@@ -205,5 +205,40 @@ T.test('bad options are errors', function()
     progress = false }) end, "split names are train, valid and test, got 'extra'")
 end)
 
+T.test('valid_probs/test_probs hold the model\'s probabilities, whether it ends in logits or in a softmax', function()
+  local nn = require 'flower.nn'
+  local function probs_of(m, path)
+    export.features(m, { path = path, splits = { { 'valid', va }, { 'test', te } }, loader = loader, layer = 'avg_pool',
+      attrs = { model = 'p' }, progress = false })
+    m:evaluate()
+    local outs = {}
+    for b in loader(te):epoch(1) do outs[#outs + 1] = m:forward(b.x) end
+    return h5.read(path, '/test_probs'), flower.cat(outs, 1)
+  end
+  -- logits: the file holds softmax(logits)
+  local logits = nets.build('vgg_tiny', { classes = all.num_classes, input_size = 32, width = 4, seed = 3 })
+  T.check(not export.ends_in_softmax(logits), 'vgg_tiny ends in logits')
+  local got, out = probs_of(logits, files.join(TMP, 'logits.h5'))
+  T.allclose(got, out:softmax(2), 1e-5, 1e-7, 'softmax of the logits')
+  -- the same network ending in Dense(softmax) (the recipe's Keras models) and in an Activation / Softmax layer:
+  -- the file holds the model's output itself, not softmax(softmax(x))
+  local feats = logits:output_of('avg_pool')
+  for _, ending in ipairs({ 'dense', 'activation', 'softmax_layer' }) do
+    local y = feats.outputs[1]
+    if ending == 'dense' then
+      y = nn.Dense { units = all.num_classes, activation = 'softmax', name = 'pred_' .. ending }(y)
+    else
+      y = nn.Dense { units = all.num_classes, name = 'pred_' .. ending }(y)
+      y = ending == 'activation' and nn.Activation('softmax')(y) or nn.Softmax {}(y)
+    end
+    local m = nn.Model(feats.inputs[1], y)
+    T.check(export.ends_in_softmax(m), ending .. ' ends in a softmax')
+    local p, o = probs_of(m, files.join(TMP, ending .. '.h5'))
+    T.allclose(p, o, 1e-6, 1e-7, ending .. ': the model\'s probabilities')
+    T.allclose(p:sum(2), flower.ones(p:size(1)), 1e-5, 0, ending .. ': rows sum to 1')
+    T.check((p - o:softmax(2)):abs():max():item() > 1e-3, ending .. ': differs from a second softmax')
+  end
+end)
+
 F.rmdir(TMP)
 T.done()
