@@ -67,20 +67,10 @@ function tta.views(x, size, spec)
   return out
 end
 
--- whether a model's output already is a probability distribution (ends in a softmax)
-function tta.ends_in_softmax(model)
-  local last = model.outputs and model.outputs[1] and model.outputs[1].layer
-  while last and last._is_model do last = last.outputs[1].layer end
-  if not last then return false end
-  if last.class_name == 'Softmax' then return true end
-  if last.class_name == 'Activation' then return last.act == 'softmax' end
-  return last.activation == 'softmax'
-end
-
 -- the model's class probabilities for x: its output when it ends in a softmax, else softmax(logits)
 function tta.probabilities(model, x)
   local out = model:forward(x)
-  if tta.ends_in_softmax(model) then return out end
+  if require('flower.export').ends_in_softmax(model) then return out end
   return out:softmax(2)
 end
 
