@@ -112,7 +112,9 @@ end
 -- row that differs. o: memory_budget (bytes or '8G'; default half of RAM), resident (true / false:
 -- force whole-file reads or streaming; default: resident when the features fit the budget),
 -- block_rows. Returns a feature set {paths, names, dims, D, n = {split = rows}, splits, label =
--- {split = (N) int64 1-based}, ids = {split = list}, classes, categories, resident, budget, bytes}.
+-- {split = (N) int64 1-based}, ids = {split = list}, index = {split = (N) int64: each row's 1-based
+-- position in the data set exported, where the files record it}, requested = {split = images asked
+-- for}, classes, categories, resident, budget, bytes}.
 function ensemble.load(paths, o)
   o = o or {}
   local export = require 'flower.export'
@@ -128,12 +130,15 @@ function ensemble.load(paths, o)
   end
   local ref = readers[1]
   local self = setmetatable({ paths = paths, names = {}, dims = {}, parts = {}, n = {}, splits = ref.splits,
-    label = {}, ids = {}, classes = ref.attrs.classes, categories = ref.attrs.categories }, Features)
+    label = {}, ids = {}, index = {}, requested = {}, classes = ref.attrs.classes, categories = ref.attrs.categories },
+    Features)
   ok, err = pcall(function()
     for _, s in ipairs(ref.splits) do
       self.n[s] = ref.rows[s]
       self.ids[s] = ref:ids(s)
       self.label[s] = ref:labels(s)
+      self.index[s] = ref:index(s)
+      self.requested[s] = ref.attrs[s .. '_rows']
     end
     local ref_images = {}
     for _, s in ipairs(ref.splits) do ref_images[s] = ref:images(s) end
@@ -464,8 +469,8 @@ end
 -- Trains Dropout(dropout) + Dense(classes) on the train split, validating on valid.
 -- feats: ensemble.load's feature set, or {x = {split = tensor}, label = {...}, classes} (in memory).
 -- o: dropout (0.5), epochs (40), lr (1e-3), batch_size (64), seed (1), patience (early stopping on
--- val_loss, 8; restores the best epoch's weights), columns ({first, count}: a slice of the
--- features, e.g. one model's), log, progress, standardize (true), device (train.fit's: 'cpu' by
+-- val_loss, 8; 0: none), restore_best (true: end with the weights of the epoch of lowest
+-- val_loss), columns ({first, count}: a slice of the features, e.g. one model's), log, progress, standardize (true), device (train.fit's: 'cpu' by
 -- default, 'cuda', 'auto'; features stay on the host, batches go up one at a time),
 -- checkpoint_dir and resume (train.fit's: an interrupted fit continues bit-identically; the best
 -- epoch's weights are then kept in checkpoint_dir/best.h5 instead of memory).
@@ -510,7 +515,7 @@ function ensemble.fit(feats, o)
       end
     end }
   end
-  if vl then cbs[#cbs + 1] = train.EarlyStopping { monitor = 'val_loss', patience = o.patience or 8 } end
+  if vl and o.patience ~= 0 then cbs[#cbs + 1] = train.EarlyStopping { monitor = 'val_loss', patience = o.patience or 8 } end
   local hist = train.fit(model, { train = tl, valid = vl, optimizer = optim.Adam { lr = o.lr or 1e-3 },
     epochs = o.epochs or 40, callbacks = cbs, progress = o.progress, log = o.log or function() end,
     label = o.label or 'ensemble', device = o.device ~= nil and (dev or 'cpu') or nil,
@@ -519,11 +524,12 @@ function ensemble.fit(feats, o)
   local self = setmetatable({ model = model, mean = mean, std = std, history = hist, columns = o.columns,
                               device = dev }, Classifier)
   if hist.stopped == 'interrupted' then self.interrupted = hist.interrupted; return self end
-  if best_w then
-    for i, w in ipairs(model:weights()) do w.tensor:copy(best_w[i]) end
-  elseif o.checkpoint_dir then
-    local best_path = files.join(o.checkpoint_dir, 'best.h5')
-    if files.exists(best_path) then train.load_checkpoint(best_path, model) end
+  if o.restore_best ~= false then
+    if best_w then
+      for i, w in ipairs(model:weights()) do w.tensor:copy(best_w[i]) end
+    elseif o.checkpoint_dir and files.exists(files.join(o.checkpoint_dir, 'best.h5')) then
+      train.load_checkpoint(files.join(o.checkpoint_dir, 'best.h5'), model)
+    end
   end
   if vl then self.valid_pred, self.val_acc = self:evaluate(feats, 'valid') end
   return self

@@ -11,7 +11,11 @@
 --   })
 -- cfg (resolved recipe config): data, models (list), stages (list of {epochs, train, lr}, where a
 -- string value names a config key, e.g. epochs = 'epochs'), batch_size, workers, seed, augment, crop_scale,
--- ensemble_epochs, ensemble_lr, ensemble_dropout, topk, split_seed, valid_fraction, resume, device
+-- ensemble_epochs, ensemble_lr, ensemble_dropout, ensemble_patience (0: no early stopping),
+-- ensemble_restore_best, topk (k > 1: predict-top<k>.csv files beside the submissions),
+-- keep_checkpoints ('resume': a model's stage checkpoints go once its model.h5 and finished.json
+-- are written, which is all --resume needs of a finished model; 'all': kept), split_seed,
+-- valid_fraction, resume, device
 -- ('cpu', 'cuda', 'cuda:<n>' or 'auto': where fine-tuning, export, evaluation and the ensemble run;
 -- with a GPU the loaders hand out page-locked batches, uploaded while the next ones decode),
 -- mixed_precision ('float32' or 'bfloat16': how the fine-tuned models train, evaluate and export;
@@ -55,27 +59,21 @@ function pipeline.stages(cfg, model)
   return out
 end
 
--- Data sets: train/valid from train.json (stratified seeded split), test from test.json if present.
+-- Data sets: train/valid from train.json by the seed's split (scikit-learn's train_test_split(
+-- test_size=0.2, random_state=42), unstratified; cfg.stratify = true: its stratified split), test
+-- from test.json if present.
 function pipeline.datasets(cfg)
   local data = require 'flower.data'
   local all = data.kaggle(cfg.data)
-  local tr, va = all:split { test_size = cfg.valid_fraction or 0.2, seed = cfg.split_seed or 42, stratify = true }
+  local tr, va = all:split { test_size = cfg.valid_fraction or 0.2, seed = cfg.split_seed or 42,
+                            stratify = cfg.stratify == true }
   local te
   if files.exists(files.join(cfg.data, 'test.json')) then te = data.kaggle_test(cfg.data) end
-  -- class names: the synthetic set's train.json has readable category names
+  -- class names: "<category id> (<name>)" where train.json's categories name them
   local names = {}
-  for i, c in ipairs(all.categories or {}) do names[i] = tostring(c) end
-  local tj = files.join(cfg.data, 'train.json')
-  local f = io.open(tj, 'rb')
-  local size = f and f:seek('end') or 0
-  if f then f:close() end
-  if size < 8e6 then
-    local doc = files.json_read(tj)
-    local byid = {}
-    for _, c in ipairs(doc.categories or {}) do byid[tostring(c.id)] = c.name end
-    for i, c in ipairs(all.categories or {}) do
-      if byid[tostring(c)] then names[i] = string.format('%s (%s)', tostring(c), byid[tostring(c)]) end
-    end
+  for i, c in ipairs(all.categories or {}) do
+    local name = all.category_info and all.category_info[i].name
+    names[i] = name and string.format('%s (%s)', tostring(c), name) or tostring(c)
   end
   return { all = all, train = tr, valid = va, test = te, classes = all.num_classes, names = names }
 end
@@ -104,28 +102,29 @@ local function eval_loader(cfg, ds, size)
 end
 pipeline.eval_loader = eval_loader
 
--- The submission for a split's predictions: category ids from labels, the sample's order if any.
--- ids: the rows' ids (a list, or a data set whose ids are used), as many as probs has rows.
-local function write_submission(cfg, path, ids_of, categories, probs, k)
+-- The submission for predictions whose row i is image row_ids[i]: category ids from labels, the
+-- sample's order if any; with k > 1 the k best categories per image go to predict-...-top<k>.csv
+-- beside it. (Rows are the images that could be read: an unreadable one has no row.)
+local function write_submission(cfg, path, row_ids, categories, probs, k)
   local predict = require 'flower.predict'
   local top = probs:argmax(2):view(-1):totable()
-  local src = ids_of.ids or ids_of
-  if #src ~= #top then
-    error(string.format('pipeline: %s: %d predictions for %d ids', path, #top, #src), 0)
+  if #row_ids ~= #top then
+    error(string.format('pipeline: %s: %d predictions for %d ids', path, #top, #row_ids), 0)
   end
   local pred, ids = {}, {}
-  for i, l in ipairs(top) do pred[i] = categories[l]; ids[i] = tostring(src[i]) end
-  local topk
+  for i, l in ipairs(top) do pred[i] = categories[l]; ids[i] = tostring(row_ids[i]) end
+  local sample = files.join(cfg.data, 'sample_submission.csv')
+  sample = files.exists(sample) and sample or nil
+  predict.write_csv(path, { ids = ids, predicted = pred, sample = sample })
   if k and k > 1 then
-    topk = {}
+    local topk = {}
     for i, t in ipairs(predict.topk_rows(probs:totable(), k)) do
       local r = {}
       for j, l in ipairs(t) do r[j] = categories[l] end
       topk[i] = r
     end
+    predict.write_topk(predict.topk_path(path, k), { ids = ids, topk = topk, sample = sample })
   end
-  local sample = files.join(cfg.data, 'sample_submission.csv')
-  predict.write_csv(path, { ids = ids, predicted = pred, topk = topk, sample = files.exists(sample) and sample or nil })
   return path, pred, ids
 end
 
@@ -146,18 +145,47 @@ local function score_submission(cfg, ids, pred)
 end
 pipeline.score_submission = score_submission
 
-local function save_weights(model, path)
-  local ok, keras = pcall(require, 'flower.keras')
-  if ok and keras.save_weights then
-    local tmp = files.tmpname(path)
-    keras.save_weights(model, tmp)
-    os.rename(tmp, path)
-  else
-    train.save_checkpoint(path, model, nil, {})
+-- The fine-tuned model as a whole-model Keras file (flower.keras.save_model), with what prediction
+-- needs in its metadata: the category id and name of each output, the input size, the model.
+local function save_model(model, path, ds, name, size)
+  local names
+  if ds.all.category_info then
+    names = {}
+    for i, c in ipairs(ds.all.categories) do names[i] = ds.all.category_info[i].name or tostring(c) end
   end
+  require('flower.keras').save_model(model, path, { metadata = { model = name, image_size = size,
+    classes = ds.all.categories, class_names = names } })
 end
 
--- Fine-tunes one model through the stages; returns its summary.
+-- Records the images a loader (or an export) could not read on the run, once per file: a log line
+-- each, and run.skipped = {{path, reason, stage}} for results.json and the report.
+local function record_skipped(run, stage, list)
+  run.skipped = run.skipped or {}
+  run._skipped_seen = run._skipped_seen or {}
+  for _, sk in ipairs(list or {}) do
+    if not run._skipped_seen[sk.path] then
+      run._skipped_seen[sk.path] = true
+      run.skipped[#run.skipped + 1] = { path = sk.path, reason = sk.reason, stage = stage }
+      run:log('%s: skipped unreadable image %s: %s', stage, sk.path, sk.reason)
+    end
+  end
+end
+pipeline.record_skipped = record_skipped
+
+-- Removes a finished model's stage checkpoints (stage<i>/last.h5 and best.h5, then the folders):
+-- model.h5 and finished.json hold all that --resume needs of it.
+local function drop_checkpoints(dir, nstages)
+  for i = 1, nstages do
+    local sd = files.join(dir, 'stage' .. i)
+    os.remove(files.join(sd, 'last.h5'))
+    os.remove(files.join(sd, 'best.h5'))
+    os.remove(sd)
+  end
+  os.remove(dir)
+end
+
+-- Fine-tunes one model through the stages; returns its summary. A model whose finished.json is
+-- there (a resumed run) is rebuilt from its model.h5 instead of walking its stages' checkpoints.
 function pipeline.finetune(cfg, run, ds, spec, name)
   local dev = pipeline.device(cfg)
   local size = spec.size(name, cfg)
@@ -169,29 +197,113 @@ function pipeline.finetune(cfg, run, ds, spec, name)
   local total = model:count_params()
   run:log('%s: %d parameters, input %dx%d, %d train / %d valid images%s', name, total, size, size, #ds.train,
     #ds.valid, cfg.mixed_precision == 'bfloat16' and ', bfloat16 mixed precision' or '')
-  local hist = train.fit_stages(model, pipeline.stages(cfg, name), {
+  local finished = files.join(dir, 'finished.json')
+  local weights = files.join(dir, 'model.h5')
+  local stages = pipeline.stages(cfg, name)
+  local hist
+  if cfg.resume ~= nil and files.exists(finished) and files.exists(weights) then
+    require('flower.keras').load_weights(model, weights)
+    train.run_device(model, dev or 'cpu', 'pipeline')
+    if cfg.mixed_precision == 'bfloat16' then model:mixed_precision('bfloat16') end
+    local f = files.json_read(finished)
+    hist = { rows = f.history or {}, stopped = f.stopped }
+    run:log('%s: already finished (%s); weights from %s', name, finished, weights)
+  else
+    hist = pipeline.fit(cfg, run, model, stages, tl, vl, loss, name, dev)
+    record_skipped(run, name .. ' train', tl:skipped())
+    if hist.stopped == 'interrupted' then return { interrupted = hist.interrupted } end
+    save_model(model, weights, ds, name, size)
+    files.json_write(finished, { history = hist.rows, stopped = hist.stopped })
+    if cfg.keep_checkpoints ~= 'all' then drop_checkpoints(files.join(dir, 'checkpoints'), #stages) end
+    files.killpoint('pipeline.model_finished')
+  end
+  return pipeline.evaluate(cfg, run, ds, name, model, size, hist, vl, loss)
+end
+
+-- The freeze/unfreeze stages of one model (train.fit_stages with the recipe's schedule).
+function pipeline.fit(cfg, run, model, stages, tl, vl, loss, name, dev)
+  local dir = run:path('models', name)
+  return train.fit_stages(model, stages, {
     train = tl, valid = vl, loss = loss, label = name, log = function(m) run:log('%s', m) end,
     checkpoint_dir = files.join(dir, 'checkpoints'), resume = cfg.resume ~= nil, device = dev or 'cpu',
     mixed_precision = cfg.mixed_precision,
     history_csv = files.join(dir, 'history.csv'), save_best = false,
-    -- a stage with schedule = 'cosine' decays its learning rate to 0 over its epochs
+    metrics = pipeline.topk_metrics(model.outputs[1].shape[1]),
+    -- a stage with schedule = 'cosine' decays its learning rate to 0 over its epochs; the live
+    -- report follows every epoch, and TensorBoard with --tensorboard
     callbacks = function(st)
-      if st.schedule == 'cosine' then return { train.CosineDecay { lr = st.lr or cfg.lr, epochs = st.epochs } } end
-      return {}
+      local cbs = { { on_epoch_end = function(_, _, _, logs) pipeline.live_report(cfg, run, name, logs) end } }
+      if st.schedule == 'cosine' then
+        local optim = require 'flower.optim'
+        cbs[#cbs + 1] = train.LearningRateScheduler(optim.cosine { lr = st.lr or cfg.lr, decay_steps = math.max(1, st.epochs) })
+      end
+      if (cfg.tensorboard or '') ~= '' then
+        cbs[#cbs + 1] = require('flower.tensorboard').callback { log_dir = files.join(cfg.tensorboard, name) }
+      end
+      return cbs
     end,
     make_optimizer = function(st)
       local optim = require 'flower.optim'
       return optim.Adam { lr = st.lr or cfg.lr }
     end,
   })
-  if hist.stopped == 'interrupted' then return { interrupted = hist.interrupted } end
-  save_weights(model, files.join(dir, 'weights.h5'))
-  -- validation predictions, confusion matrix, and a submission straight from the model
+end
+
+-- The top-k accuracy the run follows besides accuracy: top-5 when there are more than 5 classes.
+function pipeline.topk_metrics(K) return K > 5 and { 'top5' } or {} end
+
+-- report.html rewritten (atomically) after every epoch while models train: the finished models'
+-- curves and the one training now, so a browser refresh shows the run's progress.
+function pipeline.live_report(cfg, run, name, logs)
+  run._live = run._live or {}
+  local live = run._live
+  if not live[name] then live[#live + 1] = name; live[name] = {} end
+  local rows = live[name]
+  rows[#rows + 1] = logs
+  local models = {}
+  for i, n in ipairs(live) do models[i] = { name = n, history = live[n] } end
+  require('flower.report').write(run:path('report.html'), {
+    title = string.format('%s — %s (running)', run.name, cfg.data),
+    subtitle = string.format('%s: %s epoch %d, %.0f s so far; the final report replaces this page', os.date('%Y-%m-%d %H:%M'),
+      name, logs.epoch or #rows, files.now() - run.started),
+    models = models, timing = run.timing,
+  })
+end
+
+-- Validation (and test) probabilities of a fine-tuned model with test-time augmentation:
+-- {acc, probs, index} over the loader of ds decoded for the TTA's views.
+local function evaluate_tta(cfg, model, ds, size, dev)
+  local tta = require 'flower.tta'
+  local spec = tta.parse(cfg.tta)
+  local loader = eval_loader(cfg, ds, tta.load_size(size, spec))
+  local parts, index, correct, n = {}, {}, 0, 0
+  for b in loader:epoch(1) do
+    local p = tta.predict(model, train.batch_to_device(b, dev).x, size, spec):cpu()
+    parts[#parts + 1] = p
+    for _, k in ipairs(b.index) do index[#index + 1] = k end
+    if b.y then
+      local pred = p:argmax(2):view(-1):totable()
+      for i, y in ipairs(b.y:totable()) do if pred[i] == y then correct = correct + 1 end end
+      n = n + #pred
+    end
+  end
+  return { acc = n > 0 and correct / n or nil, probs = flower.cat(parts, 1), index = index, skipped = loader:skipped() }
+end
+
+-- Validation numbers, confusion matrix and a submission straight from a fine-tuned model.
+function pipeline.evaluate(cfg, run, ds, name, model, size, hist, vl, loss)
   local report = require 'flower.report'
-  local ev = train.evaluate(model, vl, { loss = loss, collect = true, softmax = loss == 'logits', progress = false })
+  local ks = {}
+  for _, m in ipairs(pipeline.topk_metrics(ds.classes)) do ks[#ks + 1] = tonumber(m:match('%d+')) end
+  local ev = train.evaluate(model, vl, { loss = loss, collect = true, softmax = loss == 'logits', progress = false,
+                                         topk = ks })
+  record_skipped(run, name .. ' valid', vl:skipped())
+  local dev = pipeline.device(cfg)
+  local use_tta = (cfg.tta or 'none') ~= 'none'
+  local vt = use_tta and evaluate_tta(cfg, model, ds.valid, size, dev) or nil
   local conf = report.confusion(ev.labels, ev.pred, ds.classes)
   local out = { name = name, model = model, size = size, history = hist, val_acc = ev.acc, val_loss = ev.loss,
-                confusion = conf, loss = loss }
+                val_topk = ev.top[5], val_acc_tta = vt and vt.acc, confusion = conf, loss = loss }
   -- timing per stage from the history (training throughput; validation excluded)
   local per = {}
   for _, r in ipairs(hist.rows) do
@@ -207,14 +319,24 @@ function pipeline.finetune(cfg, run, ds, spec, name)
   end
   if ds.test then
     local t0 = files.now()
-    local et = train.evaluate(model, eval_loader(cfg, ds.test, size), { loss = loss, collect = true,
-      softmax = loss == 'logits', progress = false })
-    local path, pred, ids = write_submission(cfg, run:path('predict-' .. name .. '.csv'), ds.test, ds.all.categories, et.probs, cfg.topk)
+    local et
+    if use_tta then
+      et = evaluate_tta(cfg, model, ds.test, size, dev)
+      record_skipped(run, name .. ' test', et.skipped)
+    else
+      local tel = eval_loader(cfg, ds.test, size)
+      et = train.evaluate(model, tel, { loss = loss, collect = true, softmax = loss == 'logits', progress = false })
+      record_skipped(run, name .. ' test', tel:skipped())
+    end
+    local row_ids = {}
+    for i, k in ipairs(et.index) do row_ids[i] = ds.test.ids[k] end
+    local path, pred, ids = write_submission(cfg, run:path('predict-' .. name .. '.csv'), row_ids, ds.all.categories, et.probs, cfg.topk)
     out.test_acc = score_submission(cfg, ids, pred)
     out.predict = path
     run:time(name .. ': predict test', #ds.test, files.now() - t0)
   end
-  run:log('%s: validation accuracy %.4f, loss %.4f%s', name, ev.acc, ev.loss,
+  run:log('%s: validation accuracy %.4f%s, loss %.4f%s', name, ev.acc,
+    vt and string.format(' (%.4f with %s test-time augmentation)', vt.acc, cfg.tta) or '', ev.loss,
     out.test_acc and string.format(', test accuracy %.4f (answer key)', out.test_acc) or '')
   return out
 end
@@ -229,15 +351,17 @@ function pipeline.export(cfg, run, ds, spec, m)
   local r = export.features(m.model, { path = path, splits = splits, resume = cfg.resume ~= nil,
     loader = function(d) return eval_loader(cfg, d, m.size) end,
     attrs = { model = m.name, image_size = m.size, preprocessing = desc.preprocessing or '',
-              weights = desc.weights or run:path('models', m.name, 'weights.h5') } })
+              weights = desc.weights or run:path('models', m.name, 'model.h5') } })
+  for _, sp in ipairs(splits) do record_skipped(run, m.name .. ' export ' .. sp[1], r.skipped[sp[1]]) end
   if r.interrupted then return nil, r.interrupted end
   run:time(m.name .. ': feature export', r.images, r.seconds)
   run:log('%s: features exported to %s (%d images, %.1f images/s)', m.name, path, r.images or 0, r.images_per_s or 0)
   return path
 end
 
--- Checks that the feature files describe the pipeline's data sets row for row: the same ids (and
--- labels) in the same order for train, valid and test. A mismatch (files exported against another
+-- Checks that the feature files describe the pipeline's data sets row for row: row j is the image
+-- the files say (its position in the data set, where recorded: unreadable images have no row), with
+-- the data set's id and label, for train, valid and test. A mismatch (files exported against another
 -- split or another test.json, or a short file) stops with the first row that differs.
 function pipeline.check_features(feats, ds)
   local ensemble = require 'flower.ensemble'
@@ -247,17 +371,28 @@ function pipeline.check_features(feats, ds)
       if not feats.n[split] then
         error(string.format("pipeline: the feature files have no '%s' split but the data set has %d images", split, #d), 0)
       end
-      local want = {}
-      for i = 1, #d do want[i] = tostring(d.ids[i]) end
+      local index = feats.index and feats.index[split] and feats.index[split]:totable()
+      local requested = feats.requested and feats.requested[split]
+      if index and requested ~= #d then
+        error(string.format("pipeline: the feature files were exported from %s '%s' images, the data set has %d",
+          tostring(requested), split, #d), 0)
+      end
+      local n = index and #index or #d
+      local want, labels = {}, {}
+      for j = 1, n do
+        local k = index and index[j] or j
+        want[j] = tostring(d.ids[k])
+        labels[j] = d.labels and d.labels[k]
+      end
       ensemble.check_join(string.format("pipeline: the '%s' ids", split), 'the feature files', feats.ids[split],
         split == 'test' and 'test.json' or 'the data set', want)
       local lab = feats.label[split]
       if d.labels and lab then
         local got = lab:totable()
-        for i = 1, #d do
-          if got[i] ~= d.labels[i] then
+        for j = 1, n do
+          if got[j] ~= labels[j] then
             error(string.format("pipeline: the '%s' labels of the feature files and the data set disagree at row %d (id %s): %d vs %d",
-              split, i, want[i], got[i] - 1, d.labels[i] - 1), 0)
+              split, j, want[j], got[j] - 1, labels[j] - 1), 0)
           end
         end
       end
@@ -277,7 +412,7 @@ function pipeline.ensemble(cfg, run, ds, paths, finetuned)
     memory.format(feats.budget), feats.resident and 'read whole' or string.format('streamed in blocks of %d rows', feats.block_rows))
   local t0 = files.now()
   local clf = ensemble.fit(feats, { dropout = cfg.ensemble_dropout, epochs = cfg.ensemble_epochs, lr = cfg.ensemble_lr,
-    device = pipeline.device(cfg) or 'cpu',
+    patience = cfg.ensemble_patience, restore_best = cfg.ensemble_restore_best, device = pipeline.device(cfg) or 'cpu',
     batch_size = cfg.ensemble_batch_size or 64, seed = cfg.seed, progress = false,
     checkpoint_dir = run:path('ensemble', 'checkpoints'), resume = cfg.resume ~= nil,
     log = function(m) run:log('%s', m) end, label = 'ensemble' })
@@ -288,8 +423,10 @@ function pipeline.ensemble(cfg, run, ds, paths, finetuned)
   memory.stage(run, 'ensemble: train')
   local results = {}
   for i, m in ipairs(finetuned) do
-    results[#results + 1] = { name = m.name, val_acc = m.val_acc, test_acc = m.test_acc,
-      note = string.format('fine-tuned (%d features)', feats.dims[i]) }
+    results[#results + 1] = { name = m.name, val_acc = m.val_acc, val_topk = m.val_topk, val_acc_tta = m.val_acc_tta,
+      test_acc = m.test_acc,
+      note = string.format('fine-tuned from %s (%d features)',
+        m.weights and files.basename(m.weights) or 'random initial weights', feats.dims[i]) }
   end
   local avg_acc = ensemble.average_accuracy(feats, 'valid')
   local conf = report.confusion(feats.label.valid:totable(), clf.valid_pred, ds.classes)
@@ -297,7 +434,7 @@ function pipeline.ensemble(cfg, run, ds, paths, finetuned)
   local concat = { name = 'ensemble: concatenated features', val_acc = clf.val_acc,
     note = string.format('Dropout(%g) + Dense(%d) on %d features, %d epochs', cfg.ensemble_dropout, ds.classes,
       feats.D, #clf.history.rows) }
-  local averaged = { name = 'ensemble: averaged probabilities', val_acc = avg_acc, note = 'mean of the models\' softmax outputs' }
+  local averaged = { name = 'ensemble: averaged probabilities', val_acc = avg_acc, note = 'mean of the models\' probabilities' }
   if ds.test and feats.n.test then
     local t1 = files.now()
     local probs = clf:predict(feats, 'test')
@@ -325,11 +462,11 @@ end
 function pipeline.run(cfg, run, spec)
   local dev = pipeline.device(cfg)   -- a missing GPU fails here, before any work
   if dev ~= nil then run:log('device: cuda:%d, %s', dev, flower.cuda.device_name(dev)) end
-  local t_start = files.now()
   local memory = require 'flower.memory'
   memory.budget(cfg.memory_budget, 'pipeline: --memory-budget')   -- a bad size fails before any work
   memory.reset_peak()
-  local ds = pipeline.datasets(cfg)
+  -- the data set is the user's: what is wrong with it is printed as a message, not a traceback
+  local ds = require('flower.recipe').as_user_error(pipeline.datasets, cfg)
   run:log('data: %s, %d classes, %d train / %d valid / %d test images', cfg.data, ds.classes, #ds.train, #ds.valid,
     ds.test and #ds.test or 0)
   memory.stage(run, 'data')
@@ -337,6 +474,7 @@ function pipeline.run(cfg, run, spec)
   for _, name in ipairs(cfg.models) do
     local m = pipeline.finetune(cfg, run, ds, spec, name)
     if m.interrupted then return m end
+    m.weights = (spec.describe and spec.describe(name, cfg) or {}).weights
     finetuned[#finetuned + 1] = m
     memory.stage(run, name .. ': fine-tune')
   end
@@ -364,22 +502,40 @@ function pipeline.run(cfg, run, spec)
   local header = { 'model' }
   for j, c in ipairs(train.HISTORY_COLUMNS) do header[j + 1] = c end
   files.csv_write(run:path('history.csv'), header, rows)
-  local seconds = files.now() - t_start
-  local file_list = { { 'config.json', 'the resolved configuration' }, { 'log.txt', 'the log' },
-    { 'history.csv', 'per-epoch loss and accuracy of every model' } }
-  if ens.predict then file_list[#file_list + 1] = { 'predict.csv', 'the submission (ensemble of concatenated features)' } end
+  local seconds = files.now() - run.started   -- the whole run (data generation included), as the timing table
+  local file_list = { { 'config.json', 'the resolved options (what --resume RUNDIR continues with)' },
+    { 'log.txt', 'the log' }, { 'history.csv', 'per-epoch loss and accuracy of every model' } }
+  local function submission(path, what)
+    file_list[#file_list + 1] = { path, what }
+    if cfg.topk and cfg.topk > 1 then
+      file_list[#file_list + 1] = { require('flower.predict').topk_path(path, cfg.topk),
+        string.format('the %d most likely categories per image (%s)', cfg.topk, path) }
+    end
+  end
+  if ens.predict then
+    submission('predict.csv', 'the submission (ensemble of concatenated features)')
+    submission('predict-averaged.csv', 'submission from the models\' averaged probabilities')
+  end
+  local random = {}
   for _, m in ipairs(finetuned) do
-    if m.predict then file_list[#file_list + 1] = { 'predict-' .. m.name .. '.csv', 'submission straight from ' .. m.name } end
-    file_list[#file_list + 1] = { 'models/' .. m.name .. '/weights.h5', m.name .. ' fine-tuned weights (Keras layout)' }
+    if m.predict then submission('predict-' .. m.name .. '.csv', 'submission straight from ' .. m.name) end
+    file_list[#file_list + 1] = { 'models/' .. m.name .. '/model.h5', m.name .. ' fine-tuned, as a whole-model Keras file '
+      .. '(experiments/predict.lua --run predicts with it; Keras loads it)' }
     file_list[#file_list + 1] = { 'features/' .. m.name .. '.h5', m.name .. ' exported features' }
+    if not m.weights then random[#random + 1] = m.name end
+  end
+  local notes = {}
+  if #random > 0 then
+    notes[1] = string.format('%s started from random weights, not pretrained ones (no weights file was given).',
+      table.concat(random, ', '))
   end
   report.write(run:path('report.html'), {
     title = string.format('%s — %s', run.name, cfg.data),
     subtitle = string.format('%s, %d classes, %d train / %d valid images; %.0f s in all', os.date('%Y-%m-%d %H:%M'),
       ds.classes, #ds.train, #ds.valid, seconds),
-    results = ens.results, models = models, classes = ds.names, confusion = ens.confusion,
-    confusion_of = 'ensemble: concatenated features, validation set', timing = run.timing, memory = run.memory,
-    files = file_list,
+    notes = notes, results = ens.results, models = models, classes = ds.names, confusion = ens.confusion,
+    confusion_of = 'ensemble: concatenated features, validation set', timing = run.timing, seconds = seconds,
+    memory = run.memory, files = file_list, skipped = run.skipped,
     config = (function()
       local c = recipe_copy(cfg)
       c.stages_resolved = pipeline.stages(cfg)
@@ -387,6 +543,9 @@ function pipeline.run(cfg, run, spec)
     end)(),
   })
   run:write_results()
+  if run.skipped and #run.skipped > 0 then
+    run:log('%d unreadable image(s) skipped everywhere (named above, in results.json and the report)', #run.skipped)
+  end
   run:log('report: %s (%.0f s in all)', run:path('report.html'), seconds)
   return { results = ens.results, predict = ens.predict, seconds = seconds, finetuned = finetuned, ensemble = ens,
            dir = run.dir }
