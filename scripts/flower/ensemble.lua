@@ -528,7 +528,7 @@ function ensemble.fit(feats, o)
     if best_w then
       for i, w in ipairs(model:weights()) do w.tensor:copy(best_w[i]) end
     elseif o.checkpoint_dir and files.exists(files.join(o.checkpoint_dir, 'best.h5')) then
-      train.load_checkpoint(files.join(o.checkpoint_dir, 'best.h5'), model)
+      nn.load_checkpoint(files.join(o.checkpoint_dir, 'best.h5'), model)
     end
   end
   if vl then self.valid_pred, self.val_acc = self:evaluate(feats, 'valid') end
