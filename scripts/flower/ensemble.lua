@@ -63,15 +63,23 @@ function Features:rows(split, first, count, columns)
   for _, p in ipairs(self.parts) do
     local lo, hi = math.max(c0, base + 1), math.min(c1, base + p.dim)
     if lo <= hi then
-      local t
-      if p.x then t = p.x[split]:narrow(1, first, count)
-      else t = p.reader:x_rows(split, first, count) end
-      if lo > base + 1 or hi < base + p.dim then t = t:narrow(2, lo - base, hi - lo + 1) end
+      local t = p.x and p.x[split]:narrow(1, first, count) or p.reader:x_rows(split, first, count)
+      if lo > base + 1 or hi < base + p.dim then
+        local cols = t:narrow(2, lo - base, hi - lo + 1)
+        t:free()   -- the view holds the rows now; garbage would hold them until Lua collects it
+        t = cols
+      end
       pieces[#pieces + 1] = t
     end
     base = base + p.dim
   end
-  if #pieces == 1 then return pieces[1]:contiguous() end
+  if #pieces == 1 then
+    local t = pieces[1]
+    if t:is_contiguous() then return t end
+    local c = t:contiguous()
+    t:free()
+    return c
+  end
   local x = flower.cat(pieces, 2)
   for _, t in ipairs(pieces) do t:free() end   -- views of resident tensors just let go of them
   return x
@@ -248,7 +256,9 @@ function ensemble.statistics(feats, split, columns)
     local block = feats:rows(split, first, count, columns)
     for f = 1, count, step do
       local c = math.min(step, count - f + 1)
-      local x = block:narrow(1, f, c):double()
+      local rows = block:narrow(1, f, c)
+      local x = rows:double()
+      rows:free()
       local bm = x:mean(1, true)
       x:sub_(bm)
       local bm2 = x:mul_(x):sum(1, true)
@@ -351,6 +361,9 @@ function Loader:epoch(e)
       for _, p in ipairs(pieces) do p:free() end
     end
     if self.mean then x:sub_(self.mean):div_(self.std) end
+    -- the step's own temporaries (activations, gradients) are left to Lua's collector, which does
+    -- not see their bytes: advance it as if the batch's bytes were allocated, as the image loader does
+    collectgarbage('step', x:numel() * 4 // 1024)
     prev = { x = x, y = self.labels and C().gather_rows(self.labels, index) or nil, index = index, n = #index }
     return prev
   end
@@ -432,7 +445,7 @@ function Classifier:predict(src, split)
   if flower.is_tensor(src) then
     local x = src
     if self.columns then x = x:narrow(2, self.columns[1], self.columns[2]) end
-    x = x:contiguous():clone():sub_(self.mean):div_(self.std)
+    x = x:clone():sub_(self.mean):div_(self.std)
     local out = {}
     for first = 1, x:size(1), 1024 do
       out[#out + 1] = batch_probs(self, x:narrow(1, first, math.min(1024, x:size(1) - first + 1)))
