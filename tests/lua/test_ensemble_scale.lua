@@ -58,7 +58,8 @@ T.test(string.format('the streamed ensemble trains and predicts within the limit
   T.eq(rc2, 0, 'the whole-file run without a limit:\n' .. text2)
   io.write(text:match('stream:[^\n]*') or '', '\n', text2:match('resident:[^\n]*') or '', '\n')
   local s, r = read_all(files.join(TMP, 'stream.h5')), read_all(files.join(TMP, 'resident.h5'))
-  T.check(s.val_acc > 0.5, string.format('it learned: validation accuracy %.3f', s.val_acc))
+  -- (under SANITIZE one epoch is 8 steps: too few to learn)
+  if not SAN then T.check(s.val_acc > 0.5, string.format('it learned: validation accuracy %.3f', s.val_acc)) end
   T.near(s.val_acc, r.val_acc, 1e-9, 0, 'same validation accuracy')
   T.allclose(s.mean, r.mean, 1e-6, 1e-7, 'standardisation means')
   T.allclose(s.std, r.std, 1e-6, 1e-7, 'standardisation stds')
