@@ -24,7 +24,9 @@ T.test('peak resident memory restarts from now', function()
   t:free()
   flower.memory('release')
   memory.reset_peak()
-  T.check(memory.peak() < before + 32 * MB, string.format('restarted: %s', memory.format(memory.peak())))
+  -- the 64 MB went back (not under ASan, which quarantines freed memory): the peak is what is resident now
+  T.check(memory.peak() <= memory.rss() + 8 * MB,
+    string.format('restarted: peak %s, resident %s', memory.format(memory.peak()), memory.format(memory.rss())))
 end)
 
 -- a stage that dirties more free pages than it ever uses at once: blocks freed into holes that the
