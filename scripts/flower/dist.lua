@@ -1,0 +1,245 @@
+-- flower.dist: data-parallel work across the ranks of a job, through MPI (host tensors) and NCCL
+-- (CUDA tensors). Launch with `mpirun -np 2 ./flowerlua script.lua` (one host), `mpirun --hostfile
+-- H ...` (several) or `srun ./flowerlua ...` (Slurm); a plain `./flowerlua` is rank 0 of 1 and
+-- every call below is then a no-op (all_gather a copy).
+--
+--   local dist = require 'flower.dist'           -- or flower.dist
+--   dist.rank(), dist.size(), dist.local_rank(), dist.is_main()   -- ranks count from 0
+--   dist.barrier()
+--   dist.allreduce(t, 'sum' | 'mean' | 'max' | 'min')   -- in place, returns t
+--   dist.broadcast(t, root)                       -- in place: root's values everywhere (root 0)
+--   dist.all_gather(t)                            -- new tensor: every rank's t along dim 1, rank
+--                                                 -- order; the first dim may differ between ranks
+--   dist.set_timeout(seconds), dist.timeout()     -- how long a rank waits for the others (300 s,
+--                                                 -- or FLOWER_DIST_TIMEOUT): then an error, not a hang
+-- A GPU tensor goes through NCCL (one communicator per job, rank r on cuda:<local_rank>), a host
+-- tensor through MPI. Every collective first checks that all ranks called the same thing with the
+-- same dtype and shape (an error on every rank otherwise, naming the ranks); see core/dist.h.
+--
+-- Training (flower.train calls these; see the hooks marked `dist` there):
+--   dist.fit_context(model, opts, dev) -> nil when not distributed, else a context that shards each
+--   epoch's batches (global batch b of the loader's order goes to rank (b-1) % size: a function of
+--   the loader's seed and epoch, the rank and the size; the global batch is the sum of the ranks'),
+--   averages gradients every step (weighted by each rank's batch size, so a short last batch counts
+--   as in one process), keeps the loss and metrics global, agrees on interrupts, and lets only rank 0
+--   write files and logs. BatchNorm statistics stay per rank (as PyTorch's DDP without SyncBatchNorm).
+local flower = require 'flower'
+local C = require('flower.core')._dist
+
+local dist = {}
+
+function dist.rank() return C.rank() end
+function dist.size() return C.size() end
+function dist.local_rank() return C.local_rank() end
+function dist.local_size() return C.local_size() end
+function dist.is_main() return C.rank() == 0 end
+function dist.has_mpi() return C.has_mpi() end
+function dist.has_nccl() return C.has_nccl() end
+function dist.barrier() C.barrier() end
+function dist.timeout() return C.timeout() end
+function dist.set_timeout(s) C.set_timeout(s) end
+-- seconds spent in collectives, bytes reduced and calls made by this rank so far
+function dist.stats() return C.stats() end
+
+local function tensor_arg(t, fname)
+  if not flower.is_tensor(t) then error(string.format('dist.%s: expected a tensor, got %s', fname, type(t)), 3) end
+end
+
+function dist.allreduce(t, op)
+  tensor_arg(t, 'allreduce')
+  return C.allreduce(t, op or 'sum')
+end
+
+function dist.broadcast(t, root)
+  tensor_arg(t, 'broadcast')
+  if root ~= nil and math.type(root) ~= 'integer' then
+    error('dist.broadcast: root must be an integer rank, got ' .. tostring(root), 2)
+  end
+  return C.broadcast(t, root or 0)
+end
+
+function dist.all_gather(t)
+  tensor_arg(t, 'all_gather')
+  return C.all_gather(t)
+end
+
+-- {numbers} summed (or 'max', 'min', 'mean') across ranks: a new list
+function dist.allreduce_numbers(list, op) return C.allreduce_numbers(list, op or 'sum') end
+
+-- Whether a run with option `distributed` (nil: on when launched as several ranks) is distributed.
+-- Asking for it in a build without MPI that was launched as several ranks fails here (dist.size does).
+function dist.wanted(opt)
+  if opt == false then return false end
+  return C.size() > 1
+end
+
+---------------------------------------------------------------------------------------------------
+-- Sharding: batch b (1-based, the loader's order) of an epoch belongs to rank (b-1) % size. A step
+-- is one batch on every rank; the last step of an epoch may leave some ranks without one.
+
+-- Steps per epoch for a loader of nb batches over size ranks.
+function dist.steps(nb, size) return (nb + size - 1) // size end
+
+-- Iterates this rank's share of loader:epoch(e): one entry per step, a batch or {n = 0} (no batch
+-- for this rank at this step). Loaders with :epoch_shard(e, rank, size) produce only their share;
+-- others are walked in full and the other ranks' batches dropped (an image loader then decodes
+-- every batch on every rank: correct, but only the loaders with epoch_shard save the work).
+function dist.shard(loader, e, rank, size)
+  local nb = #loader
+  local steps = dist.steps(nb, size)
+  if loader.epoch_shard then
+    local it = loader:epoch_shard(e, rank, size)
+    local s = 0
+    return function()
+      s = s + 1
+      if s > steps then return nil end
+      return it() or { n = 0 }
+    end
+  end
+  local it, seen, s = loader:epoch(e), 0, 0
+  return function()
+    s = s + 1
+    if s > steps then
+      while it() do end       -- finish the loader's epoch (its workers stop cleanly)
+      return nil
+    end
+    local want = (s - 1) * size + rank + 1
+    local b
+    while seen < want do
+      b = it()
+      if b == nil then seen = nb break end
+      seen = seen + 1
+    end
+    if seen ~= want or b == nil then return { n = 0 } end
+    return b
+  end
+end
+
+---------------------------------------------------------------------------------------------------
+-- The training context
+
+local Fit = {}
+Fit.__index = Fit
+
+local function finite(v) return v == v and v ~= math.huge and v ~= -math.huge end
+
+-- The trainable weights' gradients, in a fixed order (the same on every rank: one model).
+local function grads_of(model)
+  local _, gs = model:parameters()
+  return gs
+end
+
+-- dist.fit_context(model, opts, dev): opts.distributed (nil: on with several ranks), opts.bucket_mb
+-- (25: the size of one gradient reduction). nil when the run is not distributed.
+function dist.fit_context(model, o, dev)
+  if not dist.wanted(o.distributed) then return nil end
+  local self = setmetatable({ rank = C.rank(), size = C.size(), dev = dev, agreed_interrupt = nil,
+                              bucket = math.floor((o.bucket_mb or 25) * 1024 * 1024) }, Fit)
+  self.main = self.rank == 0
+  return self
+end
+
+-- Rank 0's weights (every weight: BatchNorm's moving statistics too) on every rank.
+function Fit:broadcast_weights(model)
+  for _, w in ipairs(model:weights()) do C.broadcast(w.tensor, 0) end
+end
+
+function Fit:steps(loader) return dist.steps(#loader, self.size) end
+function Fit:epoch(loader, e) return dist.shard(loader, e, self.rank, self.size) end
+
+-- A log function that writes on rank 0 only.
+function Fit:log(fn) if self.main then return fn end return function() end end
+
+-- One step: forward on this rank's batch, global loss and metrics, backward, gradients summed
+-- across ranks with weight n_rank / n_global (the mean over the global batch), optimizer step.
+-- Returns the global loss, accuracy, top-k accuracies and batch size; the loss non-finite on any
+-- rank makes it non-finite on all (every rank stops alike, before any update).
+function Fit:step(model, batch, lossfn, optimizer, ks, interrupted)
+  local nn = require 'flower.nn'
+  model:zero_grad()
+  local n = batch.n or (batch.x and batch.x:size(1)) or 0
+  local l, acc, g, tops = 0, 0, nil, {}
+  if n > 0 then
+    local out = model:forward(batch.x)
+    l, g = lossfn(out, batch.y)
+    acc = nn.accuracy(out, batch.y)
+    for _, k in ipairs(ks or {}) do tops[#tops + 1] = nn.top_k_accuracy(out, batch.y, k) end
+  end
+  local nums = { n, l * n, acc * n, interrupted and 1 or 0 }
+  for i = 1, #(ks or {}) do nums[#nums + 1] = (tops[i] or 0) * n end
+  local tot = C.allreduce_numbers(nums, 'sum')
+  local N = tot[1]
+  self.agreed_interrupt = tot[4] > 0 and (interrupted or 'interrupted on another rank') or nil
+  local gtops = {}
+  for i, k in ipairs(ks or {}) do gtops[k] = N > 0 and tot[4 + i] / N or 0 end
+  local gl, gacc = N > 0 and tot[2] / N or 0, N > 0 and tot[3] / N or 0
+  if not finite(gl) then return gl, gacc, gtops, N end
+  if n > 0 then model:backward(batch.x, g) end
+  local gs = grads_of(model)
+  if n == 0 then for _, t in ipairs(gs) do t:fill(0) end end
+  C.allreduce_grads(gs, N > 0 and n / N or 0, self.bucket)
+  if type(optimizer) == 'function' then optimizer(model) else optimizer:step(model) end
+  return gl, gacc, gtops, N
+end
+
+-- The interrupt every rank agreed on at the last step (nil: none).
+function Fit:interrupted() return self.agreed_interrupt end
+
+-- A checkpoint's step within its epoch, counted in the steps of this run: a checkpoint written
+-- mid-epoch by `ranks` ranks has consumed step * ranks batches of the epoch.
+function Fit.resume_step(step, ranks, size, path)
+  ranks, size = ranks or 1, size or 1
+  if not step or step == 0 or ranks == size then return step end
+  local batches = step * ranks
+  if batches % size ~= 0 then
+    error(string.format('train.fit: %s was written mid-epoch by %d rank(s) after %d batches of the epoch, '
+      .. 'which %d rank(s) cannot split evenly; resume with %d rank(s), or from an epoch-end checkpoint',
+      path or 'the checkpoint', ranks, batches, size, ranks), 0)
+  end
+  return batches // size
+end
+
+---------------------------------------------------------------------------------------------------
+-- Evaluation split across ranks: batch b goes to rank (b-1) % size; sums are reduced; collected
+-- rows (predictions, probabilities, indices) come back on every rank in the loader's order.
+
+-- Puts per-batch row blocks gathered from all ranks back in the loader's order. parts: this
+-- rank's list of (rows, ...) tensors, one per batch it evaluated (in its order). Returns one
+-- tensor of every rank's rows in global batch order (nil when there are no rows anywhere).
+function dist.gather_in_order(parts, size)
+  size = size or C.size()
+  local mine = #parts > 0 and flower.cat(parts, 1) or nil
+  -- the batch sizes of every rank's batches, in order, to cut the gathered rows apart
+  local counts = {}
+  for i, p in ipairs(parts) do counts[i] = p:size(1) end
+  local maxb = C.allreduce_numbers({ #counts }, 'max')[1]
+  local padded = flower.zeros(math.tointeger(maxb) > 0 and math.tointeger(maxb) or 1):long()
+  for i, c in ipairs(counts) do padded[i] = c end
+  local all_counts = C.all_gather(padded:view(1, -1))          -- (size, maxb)
+  local width, template
+  if mine then template = mine else
+    -- a rank with no rows still joins: an empty block with the right trailing shape
+    error('dist.gather_in_order: a rank evaluated no batch (fewer batches than ranks); use fewer ranks', 2)
+  end
+  local rows = C.all_gather(template)
+  local offs, off = {}, 0
+  for r = 1, size do
+    offs[r] = off
+    for b = 1, maxb do off = off + all_counts[r][b]:item() end
+  end
+  local out, pos = {}, {}
+  for r = 1, size do pos[r] = offs[r] end
+  for b = 1, maxb do
+    for r = 1, size do
+      local c = all_counts[r][b]:item()
+      if c > 0 then
+        out[#out + 1] = rows:narrow(1, pos[r] + 1, c)
+        pos[r] = pos[r] + c
+      end
+    end
+  end
+  width = nil
+  return #out > 0 and flower.cat(out, 1) or nil
+end
+
+return dist
