@@ -154,12 +154,13 @@ function Fit:log(fn) if self.main then return fn end return function() end end
 -- across ranks with weight n_rank / n_global (the mean over the global batch), optimizer step.
 -- Returns the global loss, accuracy, top-k accuracies and batch size; the loss non-finite on any
 -- rank makes it non-finite on all (every rank stops alike, before any update).
-function Fit:step(model, batch, lossfn, optimizer, ks, interrupted)
+function Fit:step(model, batch, dev, lossfn, optimizer, ks, interrupted)
   local nn = require 'flower.nn'
   model:zero_grad()
   local n = batch.n or (batch.x and batch.x:size(1)) or 0
   local l, acc, g, tops = 0, 0, nil, {}
   if n > 0 then
+    batch = require('flower.train').batch_to_device(batch, dev)
     local out = model:forward(batch.x)
     l, g = lossfn(out, batch.y)
     acc = nn.accuracy(out, batch.y)
@@ -185,11 +186,90 @@ end
 -- The interrupt every rank agreed on at the last step (nil: none).
 function Fit:interrupted() return self.agreed_interrupt end
 
--- A checkpoint's step within its epoch, counted in the steps of this run: a checkpoint written
--- mid-epoch by `ranks` ranks has consumed step * ranks batches of the epoch.
-function Fit.resume_step(step, ranks, size, path)
+---------------------------------------------------------------------------------------------------
+-- Evaluation split across ranks (train.evaluate with a context): batch b of the loader goes to rank
+-- (b-1) % size, sums are reduced, and collected rows come back on every rank in the loader's order.
+
+-- Global sums of an evaluation: (sum of losses, correct, n, has_y); topsum is updated in place.
+function Fit:reduce_sums(sum, correct, n, has_y, topsum, topk)
+  local nums = { sum, correct, n, has_y and 1 or 0 }
+  for i, k in ipairs(topk or {}) do nums[4 + i] = topsum[k] or 0 end
+  local t = C.allreduce_numbers(nums, 'sum')
+  for i, k in ipairs(topk or {}) do topsum[k] = t[4 + i] end
+  return t[1], t[2], math.tointeger(t[3]) or t[3], t[4] > 0
+end
+
+-- train.evaluate(..., {collect = true}) over the ranks: each rank evaluates its share (as a loader
+-- of its own batches), then rows are gathered and put back in the loader's order, so pred, labels,
+-- index and probs are those of a single-process run (the numbers within float rounding: each row
+-- is computed by one rank, in a batch of the same size as in one process).
+function dist.evaluate_collect(train, model, loader, opts, D, dev)
+  local counts = {}                      -- rows of each batch this rank evaluated, in order
+  local share = setmetatable({}, { __len = function() return D:steps(loader) end })
+  function share.epoch(_, e)
+    local it = D:epoch(loader, e)
+    return function()
+      while true do
+        local b = it()
+        if b == nil then return nil end
+        if b.n ~= 0 then counts[#counts + 1] = b.n; return b end
+      end
+    end
+  end
+  local o = {}
+  for k, v in pairs(opts) do o[k] = v end
+  o.dist, o.progress = false, opts.progress ~= false and D.main
+  local r = train.evaluate(model, share, o)
+  -- sums over every rank
+  local n_local = r.n
+  local topsum = {}
+  for k, v in pairs(r.top or {}) do topsum[k] = v * n_local end
+  local has_y = r.loss ~= nil
+  local sum, correct, n
+  sum, correct, n, has_y = D:reduce_sums((r.loss or 0) * n_local, (r.acc or 0) * n_local, n_local, has_y, topsum, opts.topk)
+  -- the rows: [pred, label, index] as int64 and the probabilities, gathered in rank order
+  local width = C.allreduce_numbers({ r.probs and r.probs:size(2) or 0 }, 'max')[1]
+  local keys = flower.zeros(n_local, 3):long()
+  for i = 1, n_local do
+    keys[i][1], keys[i][2], keys[i][3] = r.pred[i], r.labels[i] or 0, r.index[i]
+  end
+  local probs = r.probs or flower.zeros(0, math.tointeger(width))
+  local all_keys, all_probs = C.all_gather(keys), C.all_gather(probs)
+  -- each rank's batch sizes, padded to the steps of the epoch, tell where each batch's rows are
+  local steps = D:steps(loader)
+  local c = flower.zeros(1, math.max(steps, 1)):long()
+  for i, v in ipairs(counts) do c[1][i] = v end
+  local all_counts = C.all_gather(c):totable()     -- size x steps
+  local start, off = {}, 0
+  for rk = 1, D.size do
+    start[rk] = off
+    for _, v in ipairs(all_counts[rk]) do off = off + v end
+  end
+  local order, pos = {}, {}
+  for rk = 1, D.size do pos[rk] = start[rk] end
+  for s = 1, steps do
+    for rk = 1, D.size do
+      for _ = 1, all_counts[rk][s] do pos[rk] = pos[rk] + 1; order[#order + 1] = pos[rk] end
+    end
+  end
+  local gather = require('flower.core')._data.gather_rows
+  local k = #order > 0 and gather(all_keys, order):totable() or {}
+  local out = { loss = has_y and n > 0 and sum / n or nil, acc = has_y and n > 0 and correct / n or nil, n = n, top = {},
+                pred = {}, labels = {}, index = {} }
+  for kk, v in pairs(topsum) do out.top[kk] = v / n end
+  for i, row in ipairs(k) do
+    out.pred[i], out.index[i] = row[1], row[3]
+    if has_y then out.labels[i] = row[2] end
+  end
+  out.probs = #order > 0 and gather(all_probs, order) or nil
+  return out
+end
+
+-- A checkpoint's step within its epoch in the steps of a run of `size` ranks: written mid-epoch by
+-- `ranks` ranks, it has consumed step * ranks batches of the epoch, which must split evenly.
+function dist.resume_step(step, ranks, size, path)
   ranks, size = ranks or 1, size or 1
-  if not step or step == 0 or ranks == size then return step end
+  if not step or step == 0 or ranks == size then return step or 0 end
   local batches = step * ranks
   if batches % size ~= 0 then
     error(string.format('train.fit: %s was written mid-epoch by %d rank(s) after %d batches of the epoch, '
@@ -197,49 +277,6 @@ function Fit.resume_step(step, ranks, size, path)
       path or 'the checkpoint', ranks, batches, size, ranks), 0)
   end
   return batches // size
-end
-
----------------------------------------------------------------------------------------------------
--- Evaluation split across ranks: batch b goes to rank (b-1) % size; sums are reduced; collected
--- rows (predictions, probabilities, indices) come back on every rank in the loader's order.
-
--- Puts per-batch row blocks gathered from all ranks back in the loader's order. parts: this
--- rank's list of (rows, ...) tensors, one per batch it evaluated (in its order). Returns one
--- tensor of every rank's rows in global batch order (nil when there are no rows anywhere).
-function dist.gather_in_order(parts, size)
-  size = size or C.size()
-  local mine = #parts > 0 and flower.cat(parts, 1) or nil
-  -- the batch sizes of every rank's batches, in order, to cut the gathered rows apart
-  local counts = {}
-  for i, p in ipairs(parts) do counts[i] = p:size(1) end
-  local maxb = C.allreduce_numbers({ #counts }, 'max')[1]
-  local padded = flower.zeros(math.tointeger(maxb) > 0 and math.tointeger(maxb) or 1):long()
-  for i, c in ipairs(counts) do padded[i] = c end
-  local all_counts = C.all_gather(padded:view(1, -1))          -- (size, maxb)
-  local width, template
-  if mine then template = mine else
-    -- a rank with no rows still joins: an empty block with the right trailing shape
-    error('dist.gather_in_order: a rank evaluated no batch (fewer batches than ranks); use fewer ranks', 2)
-  end
-  local rows = C.all_gather(template)
-  local offs, off = {}, 0
-  for r = 1, size do
-    offs[r] = off
-    for b = 1, maxb do off = off + all_counts[r][b]:item() end
-  end
-  local out, pos = {}, {}
-  for r = 1, size do pos[r] = offs[r] end
-  for b = 1, maxb do
-    for r = 1, size do
-      local c = all_counts[r][b]:item()
-      if c > 0 then
-        out[#out + 1] = rows:narrow(1, pos[r] + 1, c)
-        pos[r] = pos[r] + c
-      end
-    end
-  end
-  width = nil
-  return #out > 0 and flower.cat(out, 1) or nil
 end
 
 return dist

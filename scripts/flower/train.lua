@@ -21,6 +21,8 @@
 --     mixed_precision = 'bfloat16',           -- model:mixed_precision(...) before training: bf16
 --                                             -- activations, float32 weights and optimizer state
 --                                             -- ('float32' / false turns it off; nil leaves the model's)
+--     distributed = true,                     -- data parallel over the job's ranks (flower.dist);
+--                                             -- nil: on when launched as several ranks, false: off
 --   })
 --   -- hist.rows = {{stage, epoch, loss, acc, val_loss, val_acc, lr, seconds, images_per_s}, ...}
 --   -- hist.stopped = nil | 'early_stopping' | 'interrupted'; hist.interrupted = 'SIGINT' | ...
@@ -221,16 +223,23 @@ end
 function train.evaluate(model, loader, opts)
   opts = opts or {}
   local dev = run_device(model, opts.device, 'train.evaluate')
+  -- dist: each rank evaluates its share of the batches; sums are reduced below
+  local D = opts.dist
+  if D == nil then D = require('flower.dist').fit_context(model, opts, dev) end
+  D = D or nil
+  if D and opts.collect then return require('flower.dist').evaluate_collect(train, model, loader, opts, D, dev) end
   local lossfn = make_loss(opts.loss)
   local was = model.train
   model:evaluate()
   local sum, correct, n, has_y = 0, 0, 0, false
   local topsum = {}
   local pred, labels, index, parts = {}, {}, {}, {}
-  local bar = opts.progress ~= false and progress.new { total = #loader, label = opts.label or 'evaluate' } or nil
+  local bar = opts.progress ~= false and (not D or D.main)
+    and progress.new { total = D and D:steps(loader) or #loader, label = opts.label or 'evaluate' } or nil
   local step = 0
   local ok, err = pcall(function()
-    for hbatch in loader:epoch(opts.epoch or 1) do
+    for hbatch in (D and D:epoch(loader, opts.epoch or 1) or loader:epoch(opts.epoch or 1)) do
+     if hbatch.n ~= 0 then   -- dist: a rank may have no batch at the last step
       local batch = train.batch_to_device(hbatch, dev)
       local out = model:forward(batch.x)
       local bn = batch.n or out:size(1)
@@ -253,6 +262,7 @@ function train.evaluate(model, loader, opts)
         for i = 1, bn do index[#index + 1] = batch.index and batch.index[i] or #index + 1 end
         parts[#parts + 1] = opts.softmax and out:softmax(2) or out:clone()
       end
+     end
       step = step + 1
       if bar then bar:update(step) end
     end
@@ -260,6 +270,7 @@ function train.evaluate(model, loader, opts)
   if was then model:training() end
   if not ok then error(err, 0) end
   if bar then bar:finish() end
+  if D then sum, correct, n, has_y = D:reduce_sums(sum, correct, n, has_y, topsum, opts.topk) end
   local r = { loss = n > 0 and sum / n or nil, acc = n > 0 and correct / n or nil, n = n, top = {} }
   for k, v in pairs(topsum) do r.top[k] = v / n end
   if not has_y then r.loss, r.acc = nil, nil end
@@ -578,6 +589,11 @@ function train.fit(model, o)
   -- the device before anything else: a missing GPU fails here, not half-way
   local dev = run_device(model, o.device, 'train.fit')
   if mp ~= nil then model:mixed_precision(mp) end
+  -- dist: data parallel over the job's ranks (nil when not): shards batches, averages gradients,
+  -- and only rank 0 (D.main) writes checkpoints, history and logs
+  local D = require('flower.dist').fit_context(model, o, dev)
+  local writes = not D or D.main
+  if D then log, nsteps = D:log(log), D:steps(o.train) end
   local ctx = { model = model, optimizer = o.optimizer, history = hist, log = log, device = dev }
 
   -- resume
@@ -598,7 +614,9 @@ function train.fit(model, o)
     if meta.history then hist.rows = meta.history end
     best = meta.best
     if meta.step and meta.step > 0 then
-      start_epoch, skip, sums = meta.epoch, meta.step, meta.sums
+      -- dist: a mid-epoch step counts steps of the run that wrote it (meta.ranks ranks)
+      start_epoch, sums = meta.epoch, meta.sums
+      skip = require('flower.dist').resume_step(meta.step, meta.ranks, D and D.size or 1, last_path)
     else
       start_epoch = meta.epoch + 1
     end
@@ -609,9 +627,10 @@ function train.fit(model, o)
       return hist
     end
   end
+  if D then D:broadcast_weights(model) end     -- dist: every rank starts from rank 0's weights
 
   local function meta_for(epoch, step, s, stopped)
-    return { epoch = epoch, step = step, sums = s, stage = stage, rng = train.rng_state(model),
+    return { epoch = epoch, step = step, ranks = D and D.size or 1, sums = s, stage = stage, rng = train.rng_state(model),
              callbacks = cb_states(cbs), lr = train.get_lr(o.optimizer), history = hist.rows, best = best,
              stopped = stopped }
   end
@@ -625,17 +644,22 @@ function train.fit(model, o)
       call_cbs(cbs, 'on_epoch_begin', ctx, epoch)
       model:training()
       local bar = progress.new { total = nsteps, label = string.format('%s epoch %d/%d', label, epoch, epochs),
-                                 silent = o.progress == false }
+                                 silent = o.progress == false or not writes }
       local t0 = files.now()
       local s = sums or { loss = 0, correct = 0, n = 0, top = {} }
       s.top = s.top or {}
       sums = nil
       local step, images = 0, 0
-      for batch in o.train:epoch(epoch) do
+      for batch in (D and D:epoch(o.train, epoch) or o.train:epoch(epoch)) do
         step = step + 1
         if step > skip then
-          local l, acc, tops = train.step(model, train.batch_to_device(batch, dev), lossfn, o.optimizer, ks)
-          local bn = batch.n or batch.x:size(1)
+          local l, acc, tops, bn
+          if D then   -- dist: global loss, metrics and batch size
+            l, acc, tops, bn = D:step(model, batch, dev, lossfn, o.optimizer, ks, train.interrupted())
+          else
+            l, acc, tops = train.step(model, train.batch_to_device(batch, dev), lossfn, o.optimizer, ks)
+            bn = batch.n or batch.x:size(1)
+          end
           if not finite(l) then
             error(string.format('train.fit: %s: the loss became %s at epoch %d, step %d of %d; stopping '
               .. '(the last good checkpoint is %s)', label, tostring(l), epoch, step, nsteps,
@@ -645,9 +669,9 @@ function train.fit(model, o)
           for k, v in pairs(tops) do s.top[tostring(k)] = (s.top[tostring(k)] or 0) + v * bn end
           images = images + bn
           bar:update(step, { loss = s.loss / s.n, acc = s.correct / s.n })
-          local why = train.interrupted()
+          local why = D and D:interrupted() or (not D and train.interrupted())
           if why and step < nsteps then
-            if last_path then train.save_checkpoint(last_path, model, o.optimizer, meta_for(epoch, step, s)) end
+            if last_path and writes then train.save_checkpoint(last_path, model, o.optimizer, meta_for(epoch, step, s)) end
             bar:finish()
             log(string.format('%s: %s at epoch %d, step %d/%d: %s', label, why, epoch, step, nsteps,
               last_path and ('checkpoint written to ' .. last_path) or 'no checkpoint_dir, nothing saved'))
@@ -664,7 +688,8 @@ function train.fit(model, o)
         if s.n > 0 then logs['top' .. k] = (s.top[tostring(k)] or 0) / s.n end
       end
       if o.valid then
-        local v = train.evaluate(model, o.valid, { loss = o.loss, progress = false, epoch = 1, topk = ks, device = dev })
+        local v = train.evaluate(model, o.valid, { loss = o.loss, progress = false, epoch = 1, topk = ks, device = dev,
+                                                   dist = D or false })
         logs.val_loss, logs.val_acc = v.loss, v.acc
         for k, t in pairs(v.top) do logs['val_top' .. k] = t end
       end
@@ -673,7 +698,7 @@ function train.fit(model, o)
       bar:finish { val_loss = logs.val_loss, val_acc = logs.val_acc }
       hist.rows[#hist.rows + 1] = logs
       call_cbs(cbs, 'on_epoch_end', ctx, epoch, logs)
-      if o.history_csv then train.write_history_csv(o.history_csv, hist) end
+      if o.history_csv and writes then train.write_history_csv(o.history_csv, hist) end
       local improved = false
       if save_best and logs[save_best] ~= nil then
         local mode = resolve_mode(save_best)
@@ -682,12 +707,12 @@ function train.fit(model, o)
           improved = true
         end
       end
-      if last_path then
+      if last_path and writes then
         train.save_checkpoint(last_path, model, o.optimizer, meta_for(epoch, 0, nil, ctx.stop))
         if improved then train.save_checkpoint(best_path, model, o.optimizer, meta_for(epoch, 0, nil, 'best')) end
       end
       if ctx.stop then hist.stopped = ctx.stop; break end
-      local why = train.interrupted()
+      local why = D and D:interrupted() or (not D and train.interrupted())
       if why and epoch < epochs then
         log(string.format('%s: %s after epoch %d: checkpoint written to %s', label, why, epoch, last_path or '(none)'))
         hist.stopped, hist.interrupted = 'interrupted', why

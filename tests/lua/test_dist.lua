@@ -1,0 +1,54 @@
+-- flower.dist in a plain process (no launcher): rank 0 of 1, collectives leave values alone, MPI is
+-- never started, and train.fit{distributed = true} is the ordinary loop. The multi-rank behaviour is
+-- tested under mpirun by tests/sh/test_dist.sh and tests/sh/test_dist_train.sh.
+local flower = require 'flower'
+local T = require 'flower.test'
+local dist = flower.dist
+
+T.test('one rank without a launcher', function()
+  T.eq(dist.rank(), 0); T.eq(dist.size(), 1); T.eq(dist.local_rank(), 0); T.eq(dist.is_main(), true)
+  T.eq(dist.wanted(nil), false); T.eq(dist.wanted(true), false)
+end)
+
+T.test('collectives on one rank', function()
+  local t = flower.tensor({ 1, 2 })
+  dist.barrier()
+  T.check(dist.allreduce(t, 'mean') == t)
+  dist.broadcast(t, 0)
+  T.eq(t:sum():item(), 3)
+  local g = dist.all_gather(t)
+  T.eq(g:sum():item(), 3)
+  g:fill(0)
+  T.eq(t:sum():item(), 3, 'all_gather returns a copy')
+  T.eq(dist.allreduce_numbers({ 4, 5 })[2], 5)
+end)
+
+T.test('wrong use is refused with a message', function()
+  local ok, err = pcall(dist.broadcast, flower.zeros(2), 1)
+  T.check(not ok and err:find('root must be a rank 0..0, got 1', 1, true), err)
+  ok, err = pcall(dist.allreduce, flower.zeros(2), 'avg')
+  T.check(not ok and err:find("op must be 'sum', 'mean', 'max' or 'min', got 'avg'", 1, true), err)
+  ok, err = pcall(dist.all_gather, 3)
+  T.check(not ok and err:find('expected a tensor', 1, true), err)
+end)
+
+T.test('dist.resume_step converts a mid-epoch step between rank counts', function()
+  T.eq(dist.resume_step(6, 2, 1), 12)
+  T.eq(dist.resume_step(6, 1, 2), 3)
+  T.eq(dist.resume_step(0, 2, 1), 0)
+  local ok, err = pcall(dist.resume_step, 3, 1, 2, 'last.h5')
+  T.check(not ok and err:find('last.h5 was written mid-epoch by 1 rank(s) after 3 batches', 1, true), err)
+end)
+
+T.test('dist.shard: batch b to rank (b-1) % size, an empty step at the end', function()
+  local loader = setmetatable({}, { __len = function() return 5 end })
+  function loader.epoch() local i = 0 return function() i = i + 1 if i <= 5 then return { n = 1, id = i } end end end
+  local got = {}
+  for b in dist.shard(loader, 1, 1, 2) do got[#got + 1] = b.id or 'none' end
+  T.eq(table.concat(got, ','), '2,4,none')
+  got = {}
+  for b in dist.shard(loader, 1, 0, 2) do got[#got + 1] = b.id or 'none' end
+  T.eq(table.concat(got, ','), '1,3,5')
+end)
+
+T.done()
