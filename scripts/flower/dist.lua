@@ -265,6 +265,54 @@ function dist.evaluate_collect(train, model, loader, opts, D, dev)
   return out
 end
 
+-- Rank 0's values of a few booleans / numbers (where an export continues, from rank 0's file).
+function Fit:from_main(...)
+  local vals, nums = table.pack(...), {}
+  for i = 1, vals.n do
+    local v = vals[i]
+    nums[i] = v == true and 1 or v == false and 0 or v
+  end
+  local t = flower.tensor(nums, 'float64')
+  C.broadcast(t, 0)
+  local out = t:totable()
+  for i = 1, vals.n do
+    if type(vals[i]) == 'boolean' then out[i] = out[i] ~= 0 else out[i] = math.tointeger(out[i]) or out[i] end
+  end
+  return table.unpack(out, 1, vals.n)
+end
+
+-- An interrupt seen by any rank (its reason, or a note that another rank saw one), nil if none.
+function Fit:any(why)
+  local t = C.allreduce_numbers({ why and 1 or 0 }, 'max')
+  if t[1] > 0 then return why or 'interrupted on another rank' end
+  return nil
+end
+
+-- One step of a split inference: this rank's (feats (n, D), probs (n, K) or nil, index list) or
+-- nils when it had no batch; returns every rank's rows in rank order (= the loader's order for the
+-- step), with the index lists joined, or nothing when no rank had rows.
+function Fit:gather_batches(feats, probs, idx)
+  local n = feats and feats:size(1) or 0
+  local w = C.allreduce_numbers({ n, feats and feats:size(2) or 0, probs and probs:size(2) or 0 }, 'max')
+  local D, K = math.tointeger(w[2]), math.tointeger(w[3])
+  if w[1] == 0 then return nil end
+  local f = C.all_gather(feats and feats:contiguous() or flower.zeros(0, D))
+  local p = K > 0 and C.all_gather(probs and probs:contiguous() or flower.zeros(0, K)) or nil
+  local it = flower.zeros(n):long()
+  for i = 1, n do it[i] = idx[i] end
+  return f, p, C.all_gather(it):totable()
+end
+
+-- A stand-in for an h5 file on the ranks that do not write: writes go nowhere, reads find nothing.
+function dist.null_file()
+  local nop = function() end
+  return setmetatable({}, { __index = function(_, k)
+    if k == 'exists' then return function() return false end end
+    if k == 'shape' then return function() return { 0 } end end
+    return nop
+  end, __close = nop })
+end
+
 -- A checkpoint's step within its epoch in the steps of a run of `size` ranks: written mid-epoch by
 -- `ranks` ranks, it has consumed step * ranks batches of the epoch, which must split evenly.
 function dist.resume_step(step, ranks, size, path)

@@ -9,6 +9,8 @@
 --     attrs = {model = 'resnet_tiny', weights = 'path/to/weights.h5', image_size = 64, preprocessing = 'tf'},
 --     resume = true,               -- continue an interrupted export of the same image lists
 --     device = 'cuda',             -- as train.fit's (default: where the model is); rows come back to the host
+--     distributed = true,          -- split the batches across the job's ranks (flower.dist; nil: on
+--                                  -- with several ranks); rank 0 alone writes, the same file as one process
 --   })
 --
 -- File layout (the seed's names, plus what makes the file self-describing):
@@ -98,8 +100,10 @@ local function export_split(f, name, ds, o, fmodel, with_probs)
     f:set_attr('/', name .. '_complete', 0)
     f:flush()
   end
-  if f:attr('/', name .. '_complete') == 1 then return 0 end
-  local done = f:exists('/' .. xname) and f:shape('/' .. xname)[1] or 0
+  local complete = f:attr('/', name .. '_complete') == 1
+  local done = not complete and f:exists('/' .. xname) and f:shape('/' .. xname)[1] or 0
+  if o._dist then complete, done = o._dist:from_main(complete, done) end   -- dist: rank 0's file decides
+  if complete then return 0 end
   if with_probs and done > 0 and f:exists('/' .. name .. '_probs') and f:shape('/' .. name .. '_probs')[1] ~= done then
     fail("%s: '%s' has %d rows but '%s_probs' %d: the file is damaged; remove it", o.path, xname, done, name,
       f:shape('/' .. name .. '_probs')[1])
@@ -110,7 +114,7 @@ local function export_split(f, name, ds, o, fmodel, with_probs)
   local sub = ds:subset(rest, (ds.name or name) .. ':export')
   local loader = o.loader(sub)
   local bar = progress.new { total = #loader, label = string.format('export %s %s', o.attrs.model or '', name),
-                             silent = o.progress == false }
+                             silent = o.progress == false or (o._dist and not o._dist.main) }
   local next_row = 1                     -- next row of `sub` to write (1-based)
   local D, K
   local function zeros_rows(count, cols) return flower.zeros({ count, cols }, 'float32') end
@@ -129,18 +133,24 @@ local function export_split(f, name, ds, o, fmodel, with_probs)
   end
   local step = 0
   local train = require 'flower.train'
-  for hbatch in loader:epoch(1) do
+  for hbatch in (o._dist and o._dist:epoch(loader, 1) or loader:epoch(1)) do
+   local feats, probs, idx
+   if hbatch.n ~= 0 then     -- dist: a rank may have no batch at the last step
     local batch = train.batch_to_device(hbatch, o._device)
     local out = fmodel:forward(batch.x)
-    local feats, probs = out, nil
+    feats = out
     if type(out) == 'table' and not flower.is_tensor(out) then feats, probs = out[1], out[2]:softmax(2) end
     if o._device ~= nil then
       feats = feats:cpu()
       probs = probs and probs:cpu()
     end
+    idx = batch.index
+   end
+   -- dist: every rank's rows of this step, in the loader's order (batch b was rank (b-1) % size's)
+   if o._dist then feats, probs, idx = o._dist:gather_batches(feats, probs, idx) end
+   if feats then
     D = feats:size(2)
     K = probs and probs:size(2) or nil
-    local idx = batch.index
     -- rows of this batch in order, written a run of consecutive rows at a time; a gap (an unreadable
     -- image the loader dropped) becomes zero rows
     local j = 1
@@ -154,10 +164,12 @@ local function export_split(f, name, ds, o, fmodel, with_probs)
       next_row = idx[last] + 1
       j = last + 1
     end
+   end
     step = step + 1
     f:flush()
     bar:update(step)
     local why = require('flower.train').interrupted()
+    if o._dist then why = o._dist:any(why) end   -- dist: every rank stops at the same step
     if why and next_row <= #rest then
       bar:finish()
       return nil, why
@@ -183,9 +195,12 @@ function export.features(model, o)
   -- the device first: a missing GPU fails before the file is touched
   o._device = require('flower.train').run_device(model, o.device, 'export.features')
   local h5 = require 'flower.h5'
-  local exists = files.exists(o.path)
+  -- dist: the batches are split across ranks and rank 0 alone writes; the others write to nothing
+  o._dist = require('flower.dist').fit_context(model, o, o._device)
+  local writes = not o._dist or o._dist.main
+  local exists = writes and files.exists(o.path)
   if exists and not o.resume then os.remove(o.path); exists = false end
-  files.mkdir(files.dirname(o.path))
+  if writes then files.mkdir(files.dirname(o.path)) end
   local fmodel, with_probs = two_headed(model, layer)
   if o._device ~= nil and fmodel.cuda then fmodel:cuda(o._device) end   -- the shared layers are there already
   local was = model.train
@@ -197,7 +212,7 @@ function export.features(model, o)
   local t0 = files.now()
   local result = { path = o.path, rows = {} }
   local ok, err = pcall(function()
-    local f <close> = h5.open(o.path, 'a')
+    local f <close> = writes and h5.open(o.path, 'a') or require('flower.dist').null_file()
     if not exists then
       local a = o.attrs
       local ds1 = o.splits[1][2]

@@ -9,6 +9,7 @@
 --                prints the weights' checksum
 --   slow         many slow epochs with checkpoints (the kill -9 test); writes DIR/pid.<rank>
 --   evaluate     train.evaluate{collect = true} over 2 ranks = over 1 (rows, order, numbers)
+--   export       export.features over 2 ranks (rank 0 writes DIR/two.h5) = over 1 (DIR/one.h5)
 local flower = require 'flower'
 local nn = require 'flower.nn'
 local optim = require 'flower.optim'
@@ -165,6 +166,47 @@ elseif mode == 'evaluate' then
     T.eq(table.concat(a.pred, ','), table.concat(b.pred, ','))
     T.eq(table.concat(a.labels, ','), table.concat(b.labels, ','))
     T.check((a.probs - b.probs):abs():max():item() < 1e-6)
+  end)
+elseif mode == 'export' then
+  local F = dofile('tests/lua/exp_fixture.lua')
+  local export = require 'flower.export'
+  local nets = require 'flower.smallnets'
+  local h5 = require 'flower.h5'
+  if r == 0 then F.flowers('export-dist', 3, 7, 5) end       -- rank 0 makes the images, then the others look
+  dist.barrier()
+  local root = F.flowers('export-dist', 3, 7, 5)
+  local all = data.kaggle(root)
+  local tr, va = all:split { test_size = 0.25, seed = 42, stratify = true }
+  local te = data.kaggle_test(root)
+  local model = nets.build('vgg_tiny', { classes = all.num_classes, input_size = 32, width = 4, seed = 1 })
+  local function ld(ds) return data.Loader { ds, batch_size = 4, transform = 'eval', size = 32, workers = 1, warn = false } end
+  local splits = { { 'train', tr }, { 'valid', va }, { 'test', te } }
+  local attrs = { model = 'vgg_tiny', image_size = 32, preprocessing = 'tf' }
+  local a = export.features(model, { path = dir .. '/two.h5', splits = splits, loader = ld, attrs = attrs, progress = false })
+  if r == 0 then
+    export.features(model, { path = dir .. '/one.h5', splits = splits, loader = ld, attrs = attrs, progress = false,
+      distributed = false })
+  end
+  dist.barrier()
+  test('export over 2 ranks: the file of one process (rows, order, numbers), written by rank 0 only', function()
+    T.eq(a.rows.train, #tr); T.eq(a.rows.test, #te)
+    if r ~= 0 then return end
+    local f1 <close> = h5.open(dir .. '/one.h5', 'r')
+    local f2 <close> = h5.open(dir .. '/two.h5', 'r')
+    for _, name in ipairs({ 'train_x', 'valid_x', 'test', 'valid_probs', 'test_probs' }) do
+      local x, y = f1:read('/' .. name), f2:read('/' .. name)
+      T.eq(table.concat(x:size(), 'x'), table.concat(y:size(), 'x'), name)
+      T.check((x - y):abs():max():item() < 1e-6, name)
+    end
+    for _, name in ipairs({ 'train_label', 'valid_label' }) do
+      T.eq(table.concat(f1:read('/' .. name):totable(), ','), table.concat(f2:read('/' .. name):totable(), ','), name)
+    end
+    for _, name in ipairs({ 'train_images', 'test_ids' }) do
+      T.eq(table.concat(f1:read('/' .. name), ','), table.concat(f2:read('/' .. name), ','), name)
+    end
+    for _, at in ipairs({ 'train_complete', 'test_complete', 'feature_dim', 'model' }) do
+      T.eq(f1:attr('/', at), f2:attr('/', at), at)
+    end
   end)
 end
 T.done()
