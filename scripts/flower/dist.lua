@@ -66,6 +66,17 @@ end
 -- {numbers} summed (or 'max', 'min', 'mean') across ranks: a new list
 function dist.allreduce_numbers(list, op) return C.allreduce_numbers(list, op or 'sum') end
 
+-- Rank 0's string on every rank (a run directory's name).
+function dist.broadcast_string(s)
+  local n = C.size() > 1 and math.tointeger(C.allreduce_numbers({ C.rank() == 0 and #s or 0 }, 'max')[1]) or #s
+  if C.size() == 1 then return s end
+  local t = flower.zeros(math.max(n, 1), 'uint8')
+  if C.rank() == 0 then for i = 1, n do t[i] = s:byte(i) end end
+  C.broadcast(t, 0)
+  local bytes = t:totable()
+  return string.char(table.unpack(bytes, 1, n))
+end
+
 -- Whether a run with option `distributed` (nil: on when launched as several ranks) is distributed.
 -- Asking for it in a build without MPI that was launched as several ranks fails here (dist.size does).
 function dist.wanted(opt)
@@ -144,6 +155,7 @@ function Fit:broadcast_weights(model)
   for _, w in ipairs(model:weights()) do C.broadcast(w.tensor, 0) end
 end
 
+function Fit:barrier() C.barrier() end
 function Fit:steps(loader) return dist.steps(#loader, self.size) end
 function Fit:epoch(loader, e) return dist.shard(loader, e, self.rank, self.size) end
 

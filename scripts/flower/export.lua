@@ -113,7 +113,7 @@ local function export_split(f, name, ds, o, fmodel, with_probs)
   for i = done + 1, n do rest[#rest + 1] = i end
   local sub = ds:subset(rest, (ds.name or name) .. ':export')
   local loader = o.loader(sub)
-  local bar = progress.new { total = #loader, label = string.format('export %s %s', o.attrs.model or '', name),
+  local bar = progress.new { total = o._dist and o._dist:steps(loader) or #loader, label = string.format('export %s %s', o.attrs.model or '', name),
                              silent = o.progress == false or (o._dist and not o._dist.main) }
   local next_row = 1                     -- next row of `sub` to write (1-based)
   local D, K
@@ -254,6 +254,7 @@ function export.features(model, o)
   if u then u.catch_signals(prev) end
   if was then model:training() end
   if not ok then error(err, 0) end
+  if o._dist then o._dist:barrier() end   -- dist: the file is closed and complete before any rank reads it
   result.seconds = files.now() - t0
   result.images_per_s = result.images and result.seconds > 0 and result.images / result.seconds or nil
   return result

@@ -24,6 +24,10 @@ local train = require 'flower.train'
 
 local pipeline = {}
 
+-- dist: under several ranks (flower.dist) every rank runs the pipeline's collectives (training,
+-- evaluation and export split across ranks); only rank 0 writes files
+local function writes() return flower.dist.is_main() end
+
 local function recipe_copy(t)
   if type(t) ~= 'table' then return t end
   local c = {}
@@ -117,7 +121,7 @@ local function write_submission(cfg, path, ds, categories, probs, k)
     end
   end
   local sample = files.join(cfg.data, 'sample_submission.csv')
-  predict.write_csv(path, { ids = ids, predicted = pred, topk = topk, sample = files.exists(sample) and sample or nil })
+  if writes() then predict.write_csv(path, { ids = ids, predicted = pred, topk = topk, sample = files.exists(sample) and sample or nil }) end
   return path, pred, ids
 end
 
@@ -164,7 +168,7 @@ function pipeline.finetune(cfg, run, ds, spec, name)
   local hist = train.fit_stages(model, pipeline.stages(cfg, name), {
     train = tl, valid = vl, loss = loss, label = name, log = function(m) run:log('%s', m) end,
     checkpoint_dir = files.join(dir, 'checkpoints'), resume = cfg.resume ~= nil, device = dev or 'cpu',
-    mixed_precision = cfg.mixed_precision,
+    mixed_precision = cfg.mixed_precision, distributed = cfg.distributed,
     history_csv = files.join(dir, 'history.csv'), save_best = false,
     -- a stage with schedule = 'cosine' decays its learning rate to 0 over its epochs
     callbacks = function(st)
@@ -177,10 +181,11 @@ function pipeline.finetune(cfg, run, ds, spec, name)
     end,
   })
   if hist.stopped == 'interrupted' then return { interrupted = hist.interrupted } end
-  save_weights(model, files.join(dir, 'weights.h5'))
+  if writes() then save_weights(model, files.join(dir, 'weights.h5')) end
   -- validation predictions, confusion matrix, and a submission straight from the model
   local report = require 'flower.report'
-  local ev = train.evaluate(model, vl, { loss = loss, collect = true, softmax = loss == 'logits', progress = false })
+  local ev = train.evaluate(model, vl, { loss = loss, collect = true, softmax = loss == 'logits', progress = false,
+                                         distributed = cfg.distributed })
   local conf = report.confusion(ev.labels, ev.pred, ds.classes)
   local out = { name = name, model = model, size = size, history = hist, val_acc = ev.acc, val_loss = ev.loss,
                 confusion = conf, loss = loss }
@@ -200,7 +205,7 @@ function pipeline.finetune(cfg, run, ds, spec, name)
   if ds.test then
     local t0 = files.now()
     local et = train.evaluate(model, eval_loader(cfg, ds.test, size), { loss = loss, collect = true,
-      softmax = loss == 'logits', progress = false })
+      softmax = loss == 'logits', progress = false, distributed = cfg.distributed })
     local path, pred, ids = write_submission(cfg, run:path('predict-' .. name .. '.csv'), ds.test, ds.all.categories, et.probs, cfg.topk)
     out.test_acc = score_submission(cfg, ids, pred)
     out.predict = path
@@ -218,7 +223,7 @@ function pipeline.export(cfg, run, ds, spec, m)
   local splits = { { 'train', ds.train }, { 'valid', ds.valid } }
   if ds.test then splits[#splits + 1] = { 'test', ds.test } end
   local path = run:path('features', m.name .. '.h5')
-  local r = export.features(m.model, { path = path, splits = splits, resume = cfg.resume ~= nil,
+  local r = export.features(m.model, { path = path, splits = splits, resume = cfg.resume ~= nil, distributed = cfg.distributed,
     loader = function(d) return eval_loader(cfg, d, m.size) end,
     attrs = { model = m.name, image_size = m.size, preprocessing = desc.preprocessing or '',
               weights = desc.weights or run:path('models', m.name, 'weights.h5') } })
@@ -237,10 +242,10 @@ function pipeline.ensemble(cfg, run, ds, paths, finetuned)
   local clf = ensemble.fit(feats, { dropout = cfg.ensemble_dropout, epochs = cfg.ensemble_epochs, lr = cfg.ensemble_lr,
     device = pipeline.device(cfg) or 'cpu',
     batch_size = cfg.ensemble_batch_size or 64, seed = cfg.seed, progress = false,
-    log = function(m) run:log('%s', m) end, label = 'ensemble' })
+    log = function(m) run:log('%s', m) end, label = 'ensemble', distributed = cfg.distributed })
   local secs = files.now() - t0
   run:time('ensemble: train on concatenated features', (#clf.history.rows) * feats.x.train:size(1), secs)
-  train.write_history_csv(run:path('ensemble', 'history.csv'), clf.history)
+  if writes() then train.write_history_csv(run:path('ensemble', 'history.csv'), clf.history) end
   local results = {}
   for i, m in ipairs(finetuned) do
     results[#results + 1] = { name = m.name, val_acc = m.val_acc, test_acc = m.test_acc,
@@ -308,7 +313,7 @@ function pipeline.run(cfg, run, spec)
   end
   local header = { 'model' }
   for j, c in ipairs(train.HISTORY_COLUMNS) do header[j + 1] = c end
-  files.csv_write(run:path('history.csv'), header, rows)
+  if writes() then files.csv_write(run:path('history.csv'), header, rows) end
   local seconds = files.now() - t_start
   local file_list = { { 'config.json', 'the resolved configuration' }, { 'log.txt', 'the log' },
     { 'history.csv', 'per-epoch loss and accuracy of every model' } }
@@ -318,7 +323,7 @@ function pipeline.run(cfg, run, spec)
     file_list[#file_list + 1] = { 'models/' .. m.name .. '/weights.h5', m.name .. ' fine-tuned weights (Keras layout)' }
     file_list[#file_list + 1] = { 'features/' .. m.name .. '.h5', m.name .. ' exported features' }
   end
-  report.write(run:path('report.html'), {
+  if writes() then report.write(run:path('report.html'), {
     title = string.format('%s — %s', run.name, cfg.data),
     subtitle = string.format('%s, %d classes, %d train / %d valid images; %.0f s in all', os.date('%Y-%m-%d %H:%M'),
       ds.classes, #ds.train, #ds.valid, seconds),
@@ -329,7 +334,7 @@ function pipeline.run(cfg, run, spec)
       c.stages_resolved = pipeline.stages(cfg)
       return c
     end)(),
-  })
+  }) end
   run:write_results()
   run:log('report: %s (%.0f s in all)', run:path('report.html'), seconds)
   return { results = ens.results, predict = ens.predict, seconds = seconds, finetuned = finetuned, ensemble = ens,

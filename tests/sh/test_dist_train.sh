@@ -57,7 +57,15 @@ if [ "$(head -1 "$tmp/a/history.csv" 2>/dev/null | cut -c1-5)" = stage ] && [ "$
   ok "history.csv: one header and one row per epoch (written by rank 0 only)"
 else notok "history.csv: $(cat "$tmp/a/history.csv" 2>&1 | head -5)"; fi
 
-# 3. kill -9 of rank 1 mid-epoch, once a checkpoint exists
+# 3. a whole recipe under 2 ranks: one run directory, written by rank 0, with every file
+timeout 600 "${MPIRUN[@]}" "$FL" experiments/quickstart.lua --tiny --runs "$tmp/runs" --run-name two >"$tmp/qs.txt" 2>&1
+rc=$?
+if [ $rc -eq 0 ] && [ "$(ls "$tmp/runs")" = two ] && [ -f "$tmp/runs/two/predict.csv" ] && [ -f "$tmp/runs/two/report.html" ] \
+   && [ "$(grep -c 'run directory' "$tmp/runs/two/log.txt")" -eq 1 ]; then
+  ok "quickstart --tiny under 2 ranks: one run directory with predict.csv and report.html, one log"
+else notok "quickstart under 2 ranks: status $rc, runs: $(ls "$tmp/runs" 2>&1)"; tail -10 "$tmp/qs.txt"; fi
+
+# 4. kill -9 of rank 1 mid-epoch, once a checkpoint exists
 mkdir -p "$tmp/k"
 "${MPIRUN[@]}" "$FL" tests/lua/dist_train.lua slow "$tmp/k" >"$tmp/k.txt" 2>&1 &
 mp=$!; pids+=("$mp")
