@@ -190,7 +190,13 @@ function Fit:step(model, batch, dev, lossfn, optimizer, ks, interrupted)
   if n > 0 then model:backward(batch.x, g) end
   local gs = grads_of(model)
   if n == 0 then for _, t in ipairs(gs) do t:fill(0) end end
-  C.allreduce_grads(gs, N > 0 and n / N or 0, self.bucket)
+  -- no_sync (as DDP's): this rank's own gradient, scaled as its share of the global batch, no
+  -- reduction (gradient accumulation, benchmarks); the weights then drift apart until synced
+  if self.no_sync then
+    if N > 0 and n ~= N then for _, t in ipairs(gs) do t:mul_(n * self.size / N) end end
+  else
+    C.allreduce_grads(gs, N > 0 and n / N or 0, self.bucket)
+  end
   if type(optimizer) == 'function' then optimizer(model) else optimizer:step(model) end
   return gl, gacc, gtops, N
 end
