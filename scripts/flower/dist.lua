@@ -141,12 +141,14 @@ local function grads_of(model)
 end
 
 -- dist.fit_context(model, opts, dev): opts.distributed (nil: on with several ranks), opts.bucket_mb
--- (25: the size of one gradient reduction). nil when the run is not distributed.
+-- (25: the size of one gradient reduction), opts.sync_batchnorm (dist.sync_batchnorm(model)).
+-- nil when the run is not distributed.
 function dist.fit_context(model, o, dev)
   if not dist.wanted(o.distributed) then return nil end
   local self = setmetatable({ rank = C.rank(), size = C.size(), dev = dev, agreed_interrupt = nil,
                               bucket = math.floor((o.bucket_mb or 25) * 1024 * 1024) }, Fit)
   self.main = self.rank == 0
+  if o.sync_batchnorm then dist.sync_batchnorm(model) end
   return self
 end
 
@@ -329,6 +331,85 @@ function dist.null_file()
     if k == 'shape' then return function() return { 0 } end end
     return nop
   end, __close = nop })
+end
+
+---------------------------------------------------------------------------------------------------
+-- Synchronised BatchNorm (PyTorch's SyncBatchNorm): opt in with dist.sync_batchnorm(model) (or
+-- train.fit{sync_batchnorm = true}). Every BatchNormalization of the model that normalises with
+-- batch statistics then uses the statistics of the global batch: the mean, then the variance
+-- around it, each summed across ranks (two small collectives per layer and forward), and the
+-- backward pass reduces sum(dy) and sum(dy * xhat) the same way, weighted so that each rank's
+-- gradient stays in the units of its own mean loss (the trainer weights it by n_rank / n_global).
+-- One process gives exactly the ordinary layer's numbers (up to rounding).
+
+local function sync_forward(self, x, keep, relu)
+  if not self:uses_batch_stats() then return self._plain_forward(self, x, keep, relu) end
+  local nn = require 'flower.nn'
+  local c = x:size(x:dim())
+  local xs = x:contiguous():view(-1, c)
+  local n = xs:size(1)
+  local s1 = flower.cat({ xs:sum(1):view(-1):double(), flower.tensor({ n }, 'float64') }, 1)
+  C.allreduce(s1, 'sum')
+  local N = s1[c + 1]
+  local mean = (s1:narrow(1, 1, c) / N):float()
+  local d = xs - mean:view(1, c)
+  local s2 = (d * d):sum(1):view(-1):double()
+  C.allreduce(s2, 'sum')
+  local var = (s2 / N):float()
+  local invstd = 1 / (var + self.epsilon):sqrt()
+  local scale = self.gamma and (self.gamma * invstd) or invstd
+  local shift = -(mean * scale)
+  if self.beta then shift:add_(self.beta) end
+  -- the moving statistics as the C kernel updates them (unbiased variance for 4-d inputs, as tf-keras)
+  local unbiased = (x:dim() == 4 and N > 1) and var * (N / (N - 1)) or var
+  nn.C.axpby(self.moving_mean, 1 - self.momentum, mean, self.momentum)
+  nn.C.axpby(self.moving_variance, 1 - self.momentum, unbiased, self.momentum)
+  if keep then self._saved = { mean = mean, invstd = invstd, batch = true, n = n, N = N } end
+  return nn.C.channel_affine(x, scale, shift, relu)
+end
+
+local function sync_backward(self, x, y, gy, need_gin, need_params, relu)
+  local s = self._saved
+  if not s or not s.N then return self._plain_backward(self, x, y, gy, need_gin, need_params, relu) end
+  self._saved = nil
+  local nn = require 'flower.nn'
+  local c = x:size(x:dim())
+  local g = relu and nn.C.act_backward('relu', gy, y) or gy
+  local gs = g:contiguous():view(-1, c)
+  local xhat = (x:contiguous():view(-1, c) - s.mean:view(1, c)) * s.invstd:view(1, c)
+  local sdy, sdyx = gs:sum(1):view(-1), (gs * xhat):sum(1):view(-1)
+  if need_params then
+    local function acc(name, v)
+      local t, beta = self:grad_beta(name)
+      if beta == 0 then t:copy(v) else t:add_(v) end
+    end
+    if self.gamma then acc('gamma', sdyx) end
+    if self.beta then acc('beta', sdy) end
+  end
+  if not need_gin then return nil end
+  -- A, B: sum over every rank of (n_rank / N) * sum(dy), * sum(dy * xhat)
+  local ab = flower.cat({ sdy, sdyx }, 1):double():mul(s.n / s.N)
+  C.allreduce(ab, 'sum')
+  ab = ab:float()
+  local A, B = ab:narrow(1, 1, c):view(1, c), ab:narrow(1, c + 1, c):view(1, c)
+  local k = self.gamma and (self.gamma * s.invstd) or s.invstd
+  local gx = (gs - (A + xhat * B) / s.n) * k:view(1, c)
+  return gx:view(table.unpack(x:size()))
+end
+
+-- Makes every BatchNormalization of the model synchronised (see above); returns how many.
+function dist.sync_batchnorm(model)
+  local nn = require 'flower.nn'
+  local count = 0
+  for _, l in ipairs(require('flower.train').leaves(model)) do
+    if getmetatable(l) and l.class_name == 'BatchNormalization' and not l._plain_forward then
+      l._plain_forward, l._plain_backward = nn.BatchNormalization._forward, nn.BatchNormalization._backward
+      l._forward, l._backward = sync_forward, sync_backward
+      l.fuses_relu = true
+      count = count + 1
+    end
+  end
+  return count
 end
 
 -- A checkpoint's step within its epoch in the steps of a run of `size` ranks: written mid-epoch by

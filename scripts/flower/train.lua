@@ -23,6 +23,8 @@
 --                                             -- ('float32' / false turns it off; nil leaves the model's)
 --     distributed = true,                     -- data parallel over the job's ranks (flower.dist);
 --                                             -- nil: on when launched as several ranks, false: off
+--     sync_batchnorm = true,                  -- with distributed: BatchNorm on the global batch's
+--                                             -- statistics (default: each rank's own)
 --   })
 --   -- hist.rows = {{stage, epoch, loss, acc, val_loss, val_acc, lr, seconds, images_per_s}, ...}
 --   -- hist.stopped = nil | 'early_stopping' | 'interrupted'; hist.interrupted = 'SIGINT' | ...

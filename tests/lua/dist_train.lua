@@ -3,6 +3,7 @@
 -- usage: dist_train.lua MODE DIR
 --   equal        2 ranks at batch B = one process at 2B (weights within rounding), identical weights
 --                on both ranks, global loss and metrics, validation split across ranks
+--   syncbn       synchronised BatchNorm: 2 ranks at B = one process at 2B (statistics and weights)
 --   bn           BatchNorm per rank: after one step each rank's moving statistics = one process
 --                trained on that rank's half of the global batch
 --   ckpt N E     train to epoch E (resuming from DIR/ckpt) with global batch 2B, whatever the ranks;
@@ -122,6 +123,33 @@ elseif mode == 'bn' then
     T.check((g[1] - g[2]):abs():max():item() > 1e-4, 'the two halves gave the same statistics')
     local v = dist.all_gather(flat(m2, true):view(1, -1))
     T.eq((v[1] - v[2]):abs():max():item(), 0)
+  end)
+elseif mode == 'syncbn' then
+  -- synchronised BatchNorm over 2 ranks at batch 8 = plain BatchNorm in one process at 16
+  local m2 = make_model(true)
+  local m1 = make_model(true)
+  local ref = make_model(true, 1)
+  local two = data.FeatureLoader { x = X:narrow(1, 1, 2 * B), y = Y:narrow(1, 1, 2 * B), batch_size = B }
+  local one = data.FeatureLoader { x = X:narrow(1, 1, 2 * B), y = Y:narrow(1, 1, 2 * B), batch_size = 2 * B }
+  train.fit(m2, { train = two, optimizer = optim.SGD { lr = 0.1 }, epochs = 1, progress = false, log = quiet,
+    sync_batchnorm = true })
+  copy_weights(ref, m1)
+  train.fit(m1, { train = one, optimizer = optim.SGD { lr = 0.1 }, epochs = 1, progress = false, log = quiet,
+    distributed = false })
+  test('synchronised BatchNorm: statistics and weights = one process on the full batch', function()
+    local a, b = m2:layer('bn'), m1:layer('bn')
+    T.check((a.moving_mean - b.moving_mean):abs():max():item() < 1e-6, 'moving_mean')
+    T.check((a.moving_variance - b.moving_variance):abs():max():item() < 1e-5, 'moving_variance')
+    T.check(maxdiff(m2, m1) < 1e-5, 'weights differ by ' .. maxdiff(m2, m1))
+  end)
+  test('synchronised BatchNorm over 3 epochs of shuffled batches, SGD with momentum', function()
+    local a, b = make_model(true), make_model(true)
+    copy_weights(ref, b)
+    train.fit(a, { train = loader(B), optimizer = optim.SGD { lr = 0.05, momentum = 0.9 }, epochs = 3, progress = false,
+      log = quiet, sync_batchnorm = true })
+    train.fit(b, { train = loader(2 * B), optimizer = optim.SGD { lr = 0.05, momentum = 0.9 }, epochs = 3,
+      progress = false, log = quiet, distributed = false })
+    T.check(maxdiff(a, b) < 1e-4, 'weights and statistics differ by ' .. maxdiff(a, b))
   end)
 elseif mode == 'ckpt' then
   local epochs = tonumber(arg[3])

@@ -20,7 +20,7 @@ ok() { echo "ok - dist_train: $1"; }
 notok() { echo "not ok - dist_train: $1"; }
 
 # 1. equality, BatchNorm, evaluation (each rank prints its own ok lines)
-for mode in equal bn evaluate export; do
+for mode in equal bn syncbn evaluate export; do
   timeout 300 "${MPIRUN[@]}" "$FL" tests/lua/dist_train.lua $mode "$tmp" >"$tmp/$mode.txt" 2>&1
   rc=$?
   grep -E '^(not )?ok - ' "$tmp/$mode.txt"
