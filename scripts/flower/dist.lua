@@ -342,20 +342,24 @@ end
 -- gradient stays in the units of its own mean loss (the trainer weights it by n_rank / n_global).
 -- One process gives exactly the ordinary layer's numbers (up to rounding).
 
+-- the per-channel sums travel through the host (a few numbers per layer: MPI, not NCCL)
+local function to_host(t) return t:is_cuda() and t:cpu() or t end
+local function like(t, x) return x:is_cuda() and t:cuda(x:get_device()) or t end
+
 local function sync_forward(self, x, keep, relu)
   if not self:uses_batch_stats() then return self._plain_forward(self, x, keep, relu) end
   local nn = require 'flower.nn'
   local c = x:size(x:dim())
   local xs = x:contiguous():view(-1, c)
   local n = xs:size(1)
-  local s1 = flower.cat({ xs:sum(1):view(-1):double(), flower.tensor({ n }, 'float64') }, 1)
+  local s1 = flower.cat({ to_host(xs:sum(1):view(-1)):double(), flower.tensor({ n }, 'float64') }, 1)
   C.allreduce(s1, 'sum')
   local N = s1[c + 1]
-  local mean = (s1:narrow(1, 1, c) / N):float()
+  local mean = like((s1:narrow(1, 1, c) / N):float(), x)
   local d = xs - mean:view(1, c)
-  local s2 = (d * d):sum(1):view(-1):double()
+  local s2 = to_host((d * d):sum(1):view(-1)):double()
   C.allreduce(s2, 'sum')
-  local var = (s2 / N):float()
+  local var = like((s2 / N):float(), x)
   local invstd = 1 / (var + self.epsilon):sqrt()
   local scale = self.gamma and (self.gamma * invstd) or invstd
   local shift = -(mean * scale)
@@ -388,9 +392,9 @@ local function sync_backward(self, x, y, gy, need_gin, need_params, relu)
   end
   if not need_gin then return nil end
   -- A, B: sum over every rank of (n_rank / N) * sum(dy), * sum(dy * xhat)
-  local ab = flower.cat({ sdy, sdyx }, 1):double():mul(s.n / s.N)
+  local ab = to_host(flower.cat({ sdy, sdyx }, 1)):double():mul(s.n / s.N)
   C.allreduce(ab, 'sum')
-  ab = ab:float()
+  ab = like(ab:float(), x)
   local A, B = ab:narrow(1, 1, c):view(1, c), ab:narrow(1, c + 1, c):view(1, c)
   local k = self.gamma and (self.gamma * s.invstd) or s.invstd
   local gx = (gs - (A + xhat * B) / s.n) * k:view(1, c)

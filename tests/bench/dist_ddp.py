@@ -1,7 +1,7 @@
 """The PyTorch peer of tests/bench/dist.lua: DistributedDataParallel (gloo, CPU), one thread per rank.
 
 usage: dist_ddp.py MODEL RANKS STEPS   (MODEL: small_cnn | resnet50)
-Prints `RESULT step_s exposed_allreduce_s grad_bytes 0` from rank 0: the slowest rank's mean DDP
+Prints `RESULT step_s exposed_allreduce_s grad_bytes 0 0` from rank 0: the slowest rank's mean DDP
 step, and that minus the same step under ddp.no_sync() (no gradient reduction).
 """
 import os
@@ -63,7 +63,7 @@ def worker(rank, world, name, steps, port):
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     grad_bytes = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
     if rank == 0:
-        print('RESULT %.5f %.5f %d 0' % (worst[0].item(), max(0.0, worst[1].item()) if world > 1 else 0.0, grad_bytes),
+        print('RESULT %.5f %.5f %d 0 0' % (worst[0].item(), max(0.0, worst[1].item()) if world > 1 else 0.0, grad_bytes),
               flush=True)
     dist.destroy_process_group()
 
