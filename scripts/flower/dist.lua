@@ -92,9 +92,9 @@ end
 function dist.steps(nb, size) return (nb + size - 1) // size end
 
 -- Iterates this rank's share of loader:epoch(e): one entry per step, a batch or {n = 0} (no batch
--- for this rank at this step). Loaders with :epoch_shard(e, rank, size) produce only their share;
--- others are walked in full and the other ranks' batches dropped (an image loader then decodes
--- every batch on every rank: correct, but only the loaders with epoch_shard save the work).
+-- for this rank at this step). Loaders with :epoch_shard(e, rank, size) (flower.data's image and
+-- feature loaders) produce only their share: each rank decodes only its own images. Others are
+-- walked in full and the other ranks' batches dropped.
 function dist.shard(loader, e, rank, size)
   local nb = #loader
   local steps = dist.steps(nb, size)

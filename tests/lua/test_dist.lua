@@ -51,4 +51,29 @@ T.test('dist.shard: batch b to rank (b-1) % size, an empty step at the end', fun
   T.eq(table.concat(got, ','), '1,3,5')
 end)
 
+T.test('Loader:epoch_shard: the shards interleaved are the epoch, batch for batch (pixels, indices)', function()
+  local F = dofile('tests/lua/exp_fixture.lua')
+  local data = require 'flower.data'
+  local ds = data.kaggle(F.flowers('export', 3, 8, 5))
+  for _, workers in ipairs({ 0, 2 }) do
+    local l = data.Loader { ds, batch_size = 5, shuffle = true, seed = 7, transform = 'train', size = 24,
+                            workers = workers, warn = false }
+    local whole = {}
+    for b in l:epoch(2) do whole[#whole + 1] = b end
+    T.eq(#whole, 5)                                       -- 24 images: 4 of 5 and one of 4
+    for rank = 0, 2 do
+      local k = 0
+      for b in l:epoch_shard(2, rank, 3) do
+        k = k + 1
+        local w = whole[(k - 1) * 3 + rank + 1]
+        T.eq(table.concat(b.index, ','), table.concat(w.index, ','), 'indices of shard ' .. rank .. ' batch ' .. k)
+        T.eq((b.x - w.x):abs():max():item(), 0, 'pixels')
+      end
+      T.eq(k, rank < 2 and 2 or 1, 'batches of shard ' .. rank)
+    end
+    local ok, err = pcall(function() for _ in l:epoch_shard(1, 3, 3) do end end)
+    T.check(not ok and err:find('expected 0 <= rank < size', 1, true), err)
+  end
+end)
+
 T.done()
