@@ -85,7 +85,7 @@ local PY = os.getenv('PYTHON') or '.venv/bin/python'
 local MPIRUN = 'mpirun --oversubscribe --allow-run-as-root --bind-to none -np '
 
 local function run(cmd)
-  local p = io.popen(cmd .. ' 2>&1')
+  local p = io.popen('timeout 1800 ' .. cmd .. ' 2>&1')     -- a stuck peer fails its row, not the run
   local out = p:read('a')
   p:close()
   local a, b, c, d, e = out:match('RESULT ([%d.e-]+) ([%d.e-]+) (%d+) ([%d.e+-]+) ([%d.e-]+)')

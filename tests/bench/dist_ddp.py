@@ -4,7 +4,9 @@ usage: dist_ddp.py MODEL RANKS STEPS   (MODEL: small_cnn | resnet50)
 Prints `RESULT step_s exposed_allreduce_s grad_bytes 0 0` from rank 0: the slowest rank's mean DDP
 step, and that minus the same step under ddp.no_sync() (no gradient reduction).
 """
+import datetime
 import os
+import socket
 import sys
 import time
 
@@ -31,7 +33,7 @@ def worker(rank, world, name, steps, port):
     torch.set_num_threads(1)
     os.environ['MASTER_ADDR'] = '127.0.0.1'
     os.environ['MASTER_PORT'] = str(port)
-    dist.init_process_group('gloo', rank=rank, world_size=world)
+    dist.init_process_group('gloo', rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
     model, size, classes = build(name)
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.001, momentum=0.9)
@@ -70,5 +72,7 @@ def worker(rank, world, name, steps, port):
 
 if __name__ == '__main__':
     name, world, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    port = 29500 + os.getpid() % 1000
+    with socket.socket() as s:          # a free port for the rendezvous
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
     mp.spawn(worker, args=(world, name, steps, port), nprocs=world, join=True)
