@@ -149,9 +149,9 @@ int fl_dist_init(void) {
   return 0;
 #else
   if (n > 1)
-    return fl_fail("dist.init: launched as %d ranks (%s=%d), but this flowerlua was built without MPI "
+    return fl_fail("dist.init: launched as several ranks (%s=%s), but this flowerlua was built without MPI "
                    "(mpi.h was not found: install libopenmpi-dev, e.g. `make deps`, and rebuild); "
-                   "it can only run as a single rank", n, var, n);
+                   "it can only run as a single rank", var, getenv(var));
   started = 1;
   return 0;
 #endif

@@ -19,7 +19,7 @@ int main(void) {
     setenv("OMPI_COMM_WORLD_SIZE", "2", 1);
     CHECK(fl_dist_env_size(NULL) == 2);
     CHECK(fl_dist_init() == -1);
-    CHECK(has(fl_errmsg(), "launched as 2 ranks (OMPI_COMM_WORLD_SIZE=2)"));
+    CHECK(has(fl_errmsg(), "launched as several ranks (OMPI_COMM_WORLD_SIZE=2)"));
     CHECK(has(fl_errmsg(), "built without MPI"));
     CHECK(fl_dist_barrier() == -1);
     unsetenv("OMPI_COMM_WORLD_SIZE");
