@@ -168,11 +168,11 @@ static int need_init(const char *op) {
 /* ------------------------------------------------------------------ checked descriptors */
 
 enum { D_BARRIER, D_ALLREDUCE, D_BROADCAST, D_ALL_GATHER, D_ALLREDUCE_MANY, D_DOUBLES, D_NCCL_ID };
+#ifdef FLOWER_MPI
 static const char *const d_names[] = {"barrier", "allreduce", "broadcast", "all_gather",
                                       "allreduce (gradients)", "allreduce (numbers)", "NCCL setup"};
 static const char *const op_names[] = {"sum", "mean", "max", "min"};
 
-#ifdef FLOWER_MPI
 /* What a rank passed to a collective; every rank compares every rank's. */
 typedef struct {
   int64_t seq;
