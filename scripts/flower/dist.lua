@@ -77,11 +77,12 @@ function dist.broadcast_string(s)
   return string.char(table.unpack(bytes, 1, n))
 end
 
--- Whether a run with option `distributed` (nil: on when launched as several ranks) is distributed.
+-- Whether a run with option `distributed` is distributed: nil: when launched as several ranks;
+-- true: always (one rank too: a single GPU then goes through NCCL as many do); false: never.
 -- Asking for it in a build without MPI that was launched as several ranks fails here (dist.size does).
 function dist.wanted(opt)
   if opt == false then return false end
-  return C.size() > 1
+  return opt == true or C.size() > 1
 end
 
 ---------------------------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ local pipeline = {}
 -- dist: under several ranks (flower.dist) every rank runs the pipeline's collectives (training,
 -- evaluation and export split across ranks); only rank 0 writes files
 local function writes() return flower.dist.is_main() end
+-- --no-distributed turns it off; otherwise it is on exactly when launched as several ranks
+local function dist_opt(cfg) if cfg.distributed == false then return false end return nil end
 
 local function recipe_copy(t)
   if type(t) ~= 'table' then return t end
@@ -168,7 +170,7 @@ function pipeline.finetune(cfg, run, ds, spec, name)
   local hist = train.fit_stages(model, pipeline.stages(cfg, name), {
     train = tl, valid = vl, loss = loss, label = name, log = function(m) run:log('%s', m) end,
     checkpoint_dir = files.join(dir, 'checkpoints'), resume = cfg.resume ~= nil, device = dev or 'cpu',
-    mixed_precision = cfg.mixed_precision, distributed = cfg.distributed,
+    mixed_precision = cfg.mixed_precision, distributed = dist_opt(cfg),
     history_csv = files.join(dir, 'history.csv'), save_best = false,
     -- a stage with schedule = 'cosine' decays its learning rate to 0 over its epochs
     callbacks = function(st)
@@ -185,7 +187,7 @@ function pipeline.finetune(cfg, run, ds, spec, name)
   -- validation predictions, confusion matrix, and a submission straight from the model
   local report = require 'flower.report'
   local ev = train.evaluate(model, vl, { loss = loss, collect = true, softmax = loss == 'logits', progress = false,
-                                         distributed = cfg.distributed })
+                                         distributed = dist_opt(cfg) })
   local conf = report.confusion(ev.labels, ev.pred, ds.classes)
   local out = { name = name, model = model, size = size, history = hist, val_acc = ev.acc, val_loss = ev.loss,
                 confusion = conf, loss = loss }
@@ -205,7 +207,7 @@ function pipeline.finetune(cfg, run, ds, spec, name)
   if ds.test then
     local t0 = files.now()
     local et = train.evaluate(model, eval_loader(cfg, ds.test, size), { loss = loss, collect = true,
-      softmax = loss == 'logits', progress = false, distributed = cfg.distributed })
+      softmax = loss == 'logits', progress = false, distributed = dist_opt(cfg) })
     local path, pred, ids = write_submission(cfg, run:path('predict-' .. name .. '.csv'), ds.test, ds.all.categories, et.probs, cfg.topk)
     out.test_acc = score_submission(cfg, ids, pred)
     out.predict = path
@@ -223,7 +225,7 @@ function pipeline.export(cfg, run, ds, spec, m)
   local splits = { { 'train', ds.train }, { 'valid', ds.valid } }
   if ds.test then splits[#splits + 1] = { 'test', ds.test } end
   local path = run:path('features', m.name .. '.h5')
-  local r = export.features(m.model, { path = path, splits = splits, resume = cfg.resume ~= nil, distributed = cfg.distributed,
+  local r = export.features(m.model, { path = path, splits = splits, resume = cfg.resume ~= nil, distributed = dist_opt(cfg),
     loader = function(d) return eval_loader(cfg, d, m.size) end,
     attrs = { model = m.name, image_size = m.size, preprocessing = desc.preprocessing or '',
               weights = desc.weights or run:path('models', m.name, 'weights.h5') } })
@@ -242,7 +244,7 @@ function pipeline.ensemble(cfg, run, ds, paths, finetuned)
   local clf = ensemble.fit(feats, { dropout = cfg.ensemble_dropout, epochs = cfg.ensemble_epochs, lr = cfg.ensemble_lr,
     device = pipeline.device(cfg) or 'cpu',
     batch_size = cfg.ensemble_batch_size or 64, seed = cfg.seed, progress = false,
-    log = function(m) run:log('%s', m) end, label = 'ensemble', distributed = cfg.distributed })
+    log = function(m) run:log('%s', m) end, label = 'ensemble', distributed = dist_opt(cfg) })
   local secs = files.now() - t0
   run:time('ensemble: train on concatenated features', (#clf.history.rows) * feats.x.train:size(1), secs)
   if writes() then train.write_history_csv(run:path('ensemble', 'history.csv'), clf.history) end

@@ -7,7 +7,7 @@ local dist = flower.dist
 
 T.test('one rank without a launcher', function()
   T.eq(dist.rank(), 0); T.eq(dist.size(), 1); T.eq(dist.local_rank(), 0); T.eq(dist.is_main(), true)
-  T.eq(dist.wanted(nil), false); T.eq(dist.wanted(true), false)
+  T.eq(dist.wanted(nil), false); T.eq(dist.wanted(true), true); T.eq(dist.wanted(false), false)
 end)
 
 T.test('collectives on one rank', function()
@@ -30,6 +30,32 @@ T.test('wrong use is refused with a message', function()
   T.check(not ok and err:find("op must be 'sum', 'mean', 'max' or 'min', got 'avg'", 1, true), err)
   ok, err = pcall(dist.all_gather, 3)
   T.check(not ok and err:find('expected a tensor', 1, true), err)
+end)
+
+T.test('distributed = true on one rank is the ordinary loop (same weights, same history)', function()
+  local nn, optim, data, train = require 'flower.nn', require 'flower.optim', require 'flower.data', require 'flower.train'
+  flower.manual_seed(0)
+  local X = flower.randn(40, 6)
+  local Y = X:matmul(flower.randn(6, 3)):argmax(2):view(-1)
+  local function model()
+    nn.reset_names()
+    flower.manual_seed(5)
+    local i = nn.Input { 6 }
+    return nn.Model(i, nn.Dense { units = 3 }(nn.BatchNormalization {}(nn.Dense { units = 8, activation = 'relu' }(i))))
+  end
+  local runs = {}
+  for k, d in ipairs({ true, false }) do
+    local m = model()
+    local h = train.fit(m, { train = data.FeatureLoader { x = X, y = Y, batch_size = 8, shuffle = true, seed = 1 },
+      valid = data.FeatureLoader { x = X, y = Y, batch_size = 16 }, optimizer = optim.Adam { lr = 0.01 }, epochs = 2,
+      progress = false, log = function() end, distributed = d, sync_batchnorm = d })
+    runs[k] = { m = m, h = h }
+  end
+  local wb = runs[2].m:weights()
+  for i, w in ipairs(runs[1].m:weights()) do
+    T.check((w.tensor - wb[i].tensor):abs():max():item() < 1e-6, w.path)
+  end
+  T.near(runs[1].h.rows[2].val_loss, runs[2].h.rows[2].val_loss, 1e-6)
 end)
 
 T.test('dist.resume_step converts a mid-epoch step between rank counts', function()
