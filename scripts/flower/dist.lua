@@ -406,7 +406,7 @@ end
 function dist.sync_batchnorm(model)
   local nn = require 'flower.nn'
   local count = 0
-  for _, l in ipairs(require('flower.train').leaves(model)) do
+  for _, l in ipairs(model._leaves and (model:_leaves()) or { model }) do
     if getmetatable(l) and l.class_name == 'BatchNormalization' and not l._plain_forward then
       l._plain_forward, l._plain_backward = nn.BatchNormalization._forward, nn.BatchNormalization._backward
       l._forward, l._backward = sync_forward, sync_backward

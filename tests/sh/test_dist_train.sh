@@ -81,10 +81,10 @@ if [ $rc -ne 0 ] && grep -q 'rank 1 .*exited on signal 9' "$tmp/k.txt"; then
   ok "kill -9 of rank 1 ends the job with status $rc after ${took}s, naming rank 1"
 else notok "kill -9 of rank 1: status $rc after ${took}s"; tail -10 "$tmp/k.txt"; fi
 if "$FL" -e "
-  local nn, train = require 'flower.nn', require 'flower.train'
+  local nn = require 'flower.nn'
   local inp = nn.Input{10}
   local m = nn.Model(inp, nn.Dense{units = 4, name = 'out'}(nn.Activation('relu')(nn.Dense{units = 16, name = 'fc1'}(inp))))
-  local meta = train.load_checkpoint('$tmp/k/ckpt/last.h5', m)
+  local meta = nn.load_checkpoint('$tmp/k/ckpt/last.h5', m)
   assert(meta.epoch >= 1)" 2>"$tmp/load.err"; then
   ok "the checkpoint on disk after the kill loads"
 else notok "the checkpoint after the kill: $(cat "$tmp/load.err")"; fi
