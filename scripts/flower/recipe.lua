@@ -384,7 +384,7 @@ function Recipe:start(cfg, given)
   run.source = self.source
   -- a user error in a fresh run that wrote nothing yet takes its run directory with it
   local guard <close> = setmetatable({}, { __close = function(_, err)
-    if fresh and err ~= nil and user_error_seen(err) then remove_if_empty(dir) end
+    if fresh and main and err ~= nil and user_error_seen(err) then remove_if_empty(dir) end
   end })
   run:write_config()
   run:log('%s: run directory %s%s', self.name, dir, run.resuming and ' (resuming)' or '')
