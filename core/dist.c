@@ -566,6 +566,14 @@ int fl_dist_allreduce_doubles(double *v, int n, fl_dist_op rop) {
 #endif
 }
 
+/* A tensor reduced where it is rather than packed: one bigger than a bucket, or a contiguous host
+ * tensor of 64K elements or more (MPI reads host memory in place, so packing it would only add two
+ * passes over memory; small ones still share a bucket, one call for many). */
+static int reduce_in_place(const fl_tensor *t, int64_t cap) {
+  int64_t k = fl_tensor_numel(t);
+  return k > cap || (!is_cuda(t) && fl_tensor_is_contiguous(t) && k >= ((int64_t)1 << 16));
+}
+
 /* Gradients: packed into flat buffers of about bucket_bytes on their device (scaled on the way in),
  * one reduction per bucket, copied back. The packing goes through the core's own copy and affine
  * kernels, so the same code serves host tensors (MPI) and CUDA ones (NCCL). */
@@ -604,20 +612,21 @@ int fl_dist_allreduce_many(int n, fl_tensor *const *ts, double scale, size_t buc
   if (fl_tensor_init(&flat, ts[0]->storage->backend, ts[0]->storage->device, ts[0]->dtype, 1, &cap) < 0)
     return fl_fail_prefix(op);
   for (int first = 0; first < n && rc == 0;) {
-    /* tensors first..last-1 fill this bucket (one bigger than a bucket goes alone, in pieces) */
-    int64_t used = 0;
-    int last = first;
-    while (last < n && (used == 0 || used + fl_tensor_numel(ts[last]) <= cap)) used += fl_tensor_numel(ts[last++]);
-    if (used > cap) {               /* a single big tensor: reduce it through its own view */
+    if (reduce_in_place(ts[first], cap)) {   /* reduced through its own view */
       fl_tensor v = {0};
       fl_tensor_init_view(&v, ts[first]);
       if (!fl_tensor_is_contiguous(&v)) rc = fl_fail("%s: tensor %d is not contiguous", op, first + 1);
       if (rc == 0 && scale != 1.0) rc = fl_unary_into(FL_AFFINE, &v, &v, scale, 0.0);
       if (rc == 0 && (g_size > 1 || via_nccl(&v))) rc = reduce_contiguous(op, &v, FL_DIST_SUM);
       fl_tensor_free(&v);
-      first = last;
+      first++;
       continue;
     }
+    /* tensors first..last-1 fill this bucket */
+    int64_t used = 0;
+    int last = first;
+    while (last < n && !reduce_in_place(ts[last], cap) && used + fl_tensor_numel(ts[last]) <= cap)
+      used += fl_tensor_numel(ts[last++]);
     fl_tensor part[2] = {{0}, {0}};
     int64_t off = 0;
     for (int i = first; i < last && rc == 0; i++) {   /* pack (and scale) */

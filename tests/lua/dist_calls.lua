@@ -105,6 +105,12 @@ test('gradient buckets: scaled sum, tensors bigger and smaller than a bucket', f
   for _, t in ipairs({ a, b, c }) do
     T.eq(t:min():item(), 1.5); T.eq(t:max():item(), 1.5)
   end
+  -- a host tensor of 64K elements or more is reduced in place, between packed small ones
+  local s1, big, s2 = flower.ones(3):mul(r + 1), flower.ones(300, 300):mul(r + 1), flower.ones(7):mul(r + 1)
+  require('flower.core')._dist.allreduce_grads({ s1, big, s2 }, 0.5)
+  for _, t in ipairs({ s1, big, s2 }) do
+    T.eq(t:min():item(), 1.5); T.eq(t:max():item(), 1.5)
+  end
 end)
 
 -- wrong use: the same error on every rank, and the job goes on
