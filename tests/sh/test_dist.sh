@@ -29,7 +29,9 @@ rc=$?
 took=$((SECONDS - start))
 if [ $rc -ne 0 ] && [ $rc -ne 124 ] && grep -q 'rank 0 error: .*waited 3 s .*allreduce of a host float32 tensor\[3\]' "$tmp/one.txt" \
    && grep -q 'rank 0 after: .*an earlier collective timed out' "$tmp/one.txt" \
-   && grep -q 'MPI_ABORT was invoked on rank 0' "$tmp/one.txt"; then
+   && grep -q 'flower.dist: rank 0 of 2 exits .* after a collective timed out; stopping the job' "$tmp/one.txt"; then
+  # (Open MPI's own "MPI_ABORT was invoked" banner is not checked: under load its help printer
+  # can fail with ORTE_ERROR_LOG, while the job still ends with a non-zero status)
   echo "ok - dist: a collective called on rank 0 only ends the job (status $rc after ${took}s, timeout 3 s)"
 else
   echo "not ok - dist: a collective called on rank 0 only: status $rc after ${took}s"; tail -20 "$tmp/one.txt"
