@@ -640,8 +640,8 @@ nn._copy_shape = copy_shape
 nn._tensor_shape = tensor_shape
 nn._get_init = get_init
 nn._check_int = check_int
-require('flower.nn.layers')(nn)
-require('flower.nn.model')(nn)
+require('flower.nn.layers.conv')(nn)
+require('flower.nn.model.graph')(nn)
 require('flower.nn.losses')(nn)
 require('flower.nn.checkpoint')(nn)
 
