@@ -640,7 +640,10 @@ nn._copy_shape = copy_shape
 nn._tensor_shape = tensor_shape
 nn._get_init = get_init
 nn._check_int = check_int
-require('flower.nn.layers.conv')(nn)
+local util = require('flower.nn.layers.common')(nn)
+for _, family in ipairs {'conv', 'normalization', 'pooling', 'core', 'merge', 'preprocessing'} do
+  require('flower.nn.layers.' .. family)(nn, util)
+end
 require('flower.nn.model.graph')(nn)
 require('flower.nn.losses')(nn)
 require('flower.nn.checkpoint')(nn)

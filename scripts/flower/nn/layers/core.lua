@@ -1,0 +1,333 @@
+-- Core and shape layers (loaded by flower.nn): Dense, Activation, ReLU, Softmax, Dropout, Scale,
+-- Flatten, Reshape, ZeroPadding2D, with Keras's options, weights and names; see the protocol at the
+-- top of flower/nn.lua.
+
+return function(nn, util)
+local C = nn.C
+local Layer, class = nn.Layer, nn.class
+local copy_shape, pair, check_int = nn._copy_shape, nn.pair, nn._check_int
+local new_layer, set, want_rank, check_reg = util.new_layer, util.set, util.want_rank, util.check_reg
+local activations, get_activation = util.activations, util.get_activation
+
+-- ---------------------------------------------------------------- Dense
+
+local Dense = class('Dense', Layer)
+nn.Dense = Dense
+
+function Dense.new(opts)
+  local self
+  self, opts = new_layer(Dense, opts, set('units', 'activation', 'use_bias', 'kernel_initializer',
+    'bias_initializer', 'kernel_regularizer', 'bias_regularizer'))
+  local o = self:owner()
+  self.units = check_int(opts.units, 'units', o)
+  self.activation = get_activation(opts.activation, o)
+  self.use_bias = opts.use_bias ~= false
+  self.kernel_initializer = nn._get_init(opts.kernel_initializer or 'glorot_uniform', o)
+  self.bias_initializer = nn._get_init(opts.bias_initializer or 'zeros', o)
+  self.regularizers = {kernel = check_reg(opts.kernel_regularizer, 'kernel_regularizer', o),
+                       bias = check_reg(opts.bias_regularizer, 'bias_regularizer', o)}
+  return self
+end
+
+function Dense:build(s)
+  local d = s[#s]
+  if d < 1 then error('the last dim of the input must be known', 0) end
+  self:add_weight('kernel', self.kernel_initializer({d, self.units}, self.dtype))
+  if self.use_bias then self:add_weight('bias', self.bias_initializer({self.units}, self.dtype)) end
+end
+
+function Dense:output_shape(s)
+  if s[#s] ~= self.kernel:size(1) then
+    error(string.format('input has %d features, the kernel expects %d', s[#s], self.kernel:size(1)), 0)
+  end
+  local r = copy_shape(s)
+  r[#r] = self.units
+  return r
+end
+
+Dense.needs = util.weighted_needs
+
+-- (N, ..., D) -> (M, D) rows
+local function rows(x)
+  if x:dim() == 2 then return x end
+  local d = x:size()
+  return x:reshape(-1, d[#d])
+end
+
+function Dense:_forward(x)
+  local x2 = rows(x)
+  self._xshape = x:size()
+  local y = x2:matmul(self:_kernel('kernel', x:dtype(), true))
+  if self.bias or self.activation == 'relu' then C.channel_affine(y, nil, self.bias, self.activation == 'relu', y) end
+  if self.activation and self.activation ~= 'relu' then y = nn._activate(self.activation, y) end
+  if x2 ~= x then x2:free() end   -- a view (or copy) of x: the executor frees x
+  if x:dim() ~= 2 then
+    local s = x:size()
+    s[#s] = self.units
+    local v = y:view(s)
+    y:free()   -- the view holds the storage
+    y = v
+  end
+  return y
+end
+
+function Dense:_backward(x, y, gy, need_gin, need_params)
+  if self.activation then gy = C.act_backward(activations[self.activation].bwd, gy, y) end
+  local g2 = rows(gy)
+  if need_params then
+    local gw, b = self:grad_beta('kernel')
+    C.gemm(gw, rows(x), g2, true, false, 1, b)
+    if self.use_bias then
+      local gb, bb = self:grad_beta('bias')
+      local s = g2:sum(1)
+      if bb == 0 then gb:copy(s) else gb:add_(s) end
+    end
+  end
+  if need_gin then
+    local gx = g2:matmul(self:_kernel('kernel', gy:dtype()):t())
+    if #self._xshape ~= 2 then gx = gx:view(self._xshape) end
+    return gx
+  end
+end
+
+-- ---------------------------------------------------------------- Activation / ReLU / Softmax
+
+local Activation = class('Activation', Layer)
+nn.Activation = Activation
+
+-- nn.Activation('relu'), nn.Activation{'relu', name='act1'} or nn.Activation{activation='relu'}
+function Activation.new(opts)
+  if type(opts) == 'string' then opts = {activation = opts} end
+  local self
+  self, opts = new_layer(Activation, opts, set('activation', 1))
+  local a = opts.activation or opts[1]
+  if a == nil then error(self:owner() .. ': activation is required', 3) end
+  self.act = a
+  get_activation(a, self:owner())
+  return self
+end
+
+function Activation:needs() return false, self.act ~= 'linear' end
+
+function Activation:_forward(x)
+  if self.act == 'linear' then return x end
+  if self.act == 'relu' then return x:relu() end
+  if self.act == 'softmax' then return x:softmax(-1) end
+  return x[self.act](x)
+end
+
+function Activation:can_forward_into() return self.act == 'relu' end
+function Activation:_forward_into(x, _, out)
+  if out ~= x then out:copy(x) end
+  return out:relu_()
+end
+
+function Activation:_backward(x, y, gy, need_gin)
+  if not need_gin then return nil end
+  if self.act == 'linear' then return gy end
+  return C.act_backward(activations[self.act].bwd, gy, y)
+end
+
+local ReLU = class('ReLU', Activation)
+nn.ReLU = ReLU
+
+function ReLU.new(opts)
+  local self
+  self, opts = new_layer(ReLU, opts, set('max_value', 'negative_slope', 'threshold'))
+  if (opts.max_value ~= nil) or (opts.negative_slope or 0) ~= 0 or (opts.threshold or 0) ~= 0 then
+    error(self:owner() .. ': only the plain ReLU is supported (no max_value, negative_slope or threshold)', 3)
+  end
+  self.act = 'relu'
+  return self
+end
+
+local Softmax = class('Softmax', Activation)
+nn.Softmax = Softmax
+
+function Softmax.new(opts)
+  local self
+  self, opts = new_layer(Softmax, opts, set('axis'))
+  if (opts.axis or -1) ~= -1 then error(self:owner() .. ': only axis=-1 is supported', 3) end
+  self.act = 'softmax'
+  return self
+end
+
+-- ---------------------------------------------------------------- Dropout
+
+local Dropout = class('Dropout', Layer)
+nn.Dropout = Dropout
+
+-- Inverted dropout: in training, keeps each element with probability 1-rate and scales it by
+-- 1/(1-rate). With `seed`, masks come from the layer's own Philox stream (reproducible, independent
+-- of the global generator); without, from the global generator (flower.manual_seed).
+function Dropout.new(opts)
+  if type(opts) == 'number' then opts = {rate = opts} end
+  local self
+  self, opts = new_layer(Dropout, opts, set('rate', 'seed', 'noise_shape', 1))
+  local rate = opts.rate or opts[1]
+  if type(rate) ~= 'number' or rate < 0 or rate >= 1 then
+    error(self:owner() .. ': rate must be a number in [0, 1)', 3)
+  end
+  if opts.noise_shape then error(self:owner() .. ': noise_shape is not supported', 3) end
+  self.rate = rate
+  self.seed = opts.seed
+  self._offset = 0
+  return self
+end
+
+function Dropout:_forward(x, keep)
+  self._mask = nil
+  if not self.train or self.rate == 0 then return x end
+  local u = nn.like(x, x:size(), nil, 'empty')
+  if self.seed then
+    C.rng_uniform(u, self.seed, self._offset)
+    self._offset = self._offset + u:numel()
+  else
+    u:uniform_(0, 1)
+  end
+  local mask = u:ge(self.rate):type(x:dtype()):mul_(1 / (1 - self.rate))
+  u:free()
+  if keep then self._mask = mask end
+  return x * mask
+end
+
+function Dropout:_backward(x, y, gy, need_gin)
+  local mask = self._mask
+  self._mask = nil
+  if not need_gin then return nil end
+  if not mask then return gy end
+  return gy * mask
+end
+
+-- ---------------------------------------------------------------- shape layers
+
+local Flatten = class('Flatten', Layer)
+nn.Flatten = Flatten
+
+function Flatten.new(opts)
+  local self = new_layer(Flatten, opts, set('data_format'))
+  return self
+end
+
+function Flatten:output_shape(s)
+  local n = 1
+  for i = 1, #s do
+    if s[i] < 0 then return {-1} end
+    n = n * s[i]
+  end
+  return {n}
+end
+
+function Flatten:_forward(x)
+  self._xshape = x:size()
+  return x:reshape(x:size(1), -1)
+end
+
+function Flatten:_backward(x, y, gy, need_gin)
+  if need_gin then return gy:reshape(self._xshape) end
+end
+
+local Reshape = class('Reshape', Layer)
+nn.Reshape = Reshape
+
+function Reshape.new(opts)
+  local self
+  self, opts = new_layer(Reshape, opts, set('target_shape'))
+  if type(opts.target_shape) ~= 'table' then error(self:owner() .. ': target_shape is required (a list)', 3) end
+  self.target_shape = {}
+  for i, v in ipairs(opts.target_shape) do
+    self.target_shape[i] = check_int(v, 'target_shape', self:owner(), -1)
+    if v == 0 then error(self:owner() .. ': target_shape entries must be positive or -1', 3) end
+  end
+  return self
+end
+
+function Reshape:output_shape(s)
+  local n, m, unknown = 1, 1, 0
+  for i = 1, #s do n = n * s[i] end
+  local r = copy_shape(self.target_shape)
+  for i = 1, #r do if r[i] == -1 then unknown = unknown + 1 else m = m * r[i] end end
+  if unknown > 1 then error('target_shape may have at most one -1', 0) end
+  if n > 0 then
+    if unknown == 1 then
+      if n % m ~= 0 then error(string.format('cannot reshape %s to %s', nn.shape_str(s), nn.shape_str(r)), 0) end
+      for i = 1, #r do if r[i] == -1 then r[i] = n // m end end
+    elseif n ~= m then
+      error(string.format('cannot reshape %s (%d values) to %s (%d values)', nn.shape_str(s), n,
+        nn.shape_str(r), m), 0)
+    end
+  end
+  return r
+end
+
+function Reshape:_forward(x)
+  self._xshape = x:size()
+  local s = {x:size(1)}
+  for i, v in ipairs(self.target_shape) do s[i + 1] = v end
+  return x:reshape(s)
+end
+
+Reshape._backward = Flatten._backward
+
+-- y = scale * x (a constant; Keras would use a Lambda)
+local Scale = class('Scale', Layer)
+nn.Scale = Scale
+
+function Scale.new(opts)
+  local self
+  self, opts = new_layer(Scale, opts, set('scale'))
+  if type(opts.scale) ~= 'number' then error(self:owner() .. ': scale (a number) is required', 3) end
+  self.scale = opts.scale
+  return self
+end
+
+function Scale:_forward(x) return x * self.scale end
+function Scale:_backward(x, y, gy, need_gin) if need_gin then return gy * self.scale end end
+
+
+local ZeroPadding2D = class('ZeroPadding2D', Layer)
+nn.ZeroPadding2D = ZeroPadding2D
+
+-- padding: n, {ph, pw} or {{top, bottom}, {left, right}} (Keras's forms)
+function ZeroPadding2D.new(opts)
+  local self
+  self, opts = new_layer(ZeroPadding2D, opts, set('padding', 'data_format'))
+  local p, o = opts.padding or 1, self:owner()
+  if type(p) == 'table' and type(p[1]) == 'table' then
+    self.pt, self.pb = pair(p[1], 'padding', o, 0)
+    self.pl, self.pr = pair(p[2], 'padding', o, 0)
+  else
+    local a, b = pair(p, 'padding', o, 0)
+    self.pt, self.pb, self.pl, self.pr = a, a, b, b
+  end
+  return self
+end
+
+function ZeroPadding2D:output_shape(s)
+  want_rank(s, 3, self, 'an image (H, W, C)')
+  return {s[1] < 0 and -1 or s[1] + self.pt + self.pb, s[2] < 0 and -1 or s[2] + self.pl + self.pr, s[3]}
+end
+
+function ZeroPadding2D:_forward(x)
+  local d = x:size()
+  local y = nn.like(x, {d[1], d[2] + self.pt + self.pb, d[3] + self.pl + self.pr, d[4]})
+  -- the views are freed at once: left to the collector they would keep y's storage alive after the
+  -- executor frees y
+  local rows = y:narrow(2, self.pt + 1, d[2])
+  local inner = rows:narrow(3, self.pl + 1, d[3])
+  inner:copy(x)
+  inner:free()
+  rows:free()
+  self._xshape = d
+  return y
+end
+
+function ZeroPadding2D:_backward(x, y, gy, need_gin)
+  if not need_gin then return nil end
+  local d = self._xshape
+  local rows = gy:narrow(2, self.pt + 1, d[2])   -- freed at once, as in _forward
+  local gx = rows:narrow(3, self.pl + 1, d[3])
+  rows:free()
+  return gx
+end
+end
