@@ -644,7 +644,9 @@ local util = require('flower.nn.layers.common')(nn)
 for _, family in ipairs {'conv', 'normalization', 'pooling', 'core', 'merge', 'preprocessing'} do
   require('flower.nn.layers.' .. family)(nn, util)
 end
-require('flower.nn.model.graph')(nn)
+for _, part in ipairs {'graph', 'plan', 'executor', 'mixed_precision', 'summary'} do
+  require('flower.nn.model.' .. part)(nn)
+end
 require('flower.nn.losses')(nn)
 require('flower.nn.checkpoint')(nn)
 
