@@ -484,19 +484,21 @@ function Layer:get_device() return self.device == nil and -1 or self.device end
 function Layer:float() return self:type('float32') end
 function Layer:double() return self:type('float64') end
 
--- Subclasses implement:
---   build(input_shape(s))            creates weights (shapes exclude the batch dim)
---   output_shape(input_shape(s))     -> shape, raising a plain message if the input does not fit
---   _forward(x, keep)                -> y; keep: save what _backward needs (training step)
---   _backward(x, y, gy, need_gin, need_params) -> gx (a list for several inputs) or nil
---   needs(need_gin, need_params)     -> needs_x, needs_y: which of x, y _backward reads
--- Multi-input layers set self.multi = true and take/return lists.
+-- The protocol's defaults (see THE LAYER PROTOCOL at the top of this file): a layer that declares
+-- nothing keeps nothing for backward, fuses with nothing and never writes over its input.
 function Layer:build() end
 function Layer:output_shape(s) return copy_shape(s) end
 function Layer:needs() return false, false end
--- true for layers that bring any input to their compute dtype themselves (Preprocess, a nested
--- model): a mixed-precision model does not cast a model input that only such layers read
 Layer.converts_input = false
+Layer.fuses_relu = false
+function Layer:is_relu() return false end
+function Layer:folds_affine() return false end
+function Layer:is_affine() return false end
+function Layer:can_fold_pad() return false end
+function Layer:zero_padding() return nil end
+function Layer:can_omit_bias() return false end
+function Layer:absorbs_bias() return false end
+function Layer:can_forward_into() return false end
 
 local function wrap_err(layer, err)
   -- drop the "file.lua:123: " position that luaL_error puts in front: the layer name says where

@@ -36,9 +36,10 @@ local function new_layer(cls, opts, allowed)
   return self, opts
 end
 
-local function check_padding(p, owner)
+-- level: where the error points (default 4: the caller of X.new that called this)
+local function check_padding(p, owner, level)
   if p ~= 'valid' and p ~= 'same' then
-    error(string.format("%s: padding must be 'valid' or 'same', got %s", owner, tostring(p)), 4)
+    error(string.format("%s: padding must be 'valid' or 'same', got %s", owner, tostring(p)), level or 4)
   end
   return p
 end
@@ -79,15 +80,27 @@ function nn._activate(name, y)
   return z
 end
 
-local function get_activation(a, owner)
+local function get_activation(a, owner, level)
   if a == nil then return nil end
   local f = activations[a]
   if not f then
     error(string.format("%s: unknown activation '%s' (known: linear, relu, sigmoid, softmax, tanh)", owner,
-      tostring(a)), 4)
+      tostring(a)), level or 4)
   end
   if a == 'linear' then return nil end
   return a
+end
+
+-- y -> the layer's activation of y, for a layer whose kernel fused only a ReLU into y
+local function activate(self, y)
+  if self.activation and self.activation ~= 'relu' then return nn._activate(self.activation, y) end
+  return y
+end
+
+-- gy through the layer's activation, by its output y (gy itself without an activation)
+local function activation_backward(self, gy, y)
+  if not self.activation then return gy end
+  return C.act_backward(activations[self.activation].bwd, gy, y)
 end
 
 -- ---------------------------------------------------------------- windows
@@ -125,6 +138,6 @@ end
 
 return {check_opts = check_opts, set = set, new_layer = new_layer, check_padding = check_padding,
         want_rank = want_rank, dims = dims, check_reg = check_reg, activations = activations,
-        get_activation = get_activation, window_of = window_of, spatial_out = spatial_out,
+        get_activation = get_activation, activate = activate, activation_backward = activation_backward, window_of = window_of, spatial_out = spatial_out,
         weighted_needs = weighted_needs}
 end

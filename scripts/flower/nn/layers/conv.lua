@@ -7,8 +7,37 @@ local C = nn.C
 local Layer, class = nn.Layer, nn.class
 local pair, check_int = nn.pair, nn._check_int
 local new_layer, set, check_padding, want_rank, dims = util.new_layer, util.set, util.check_padding, util.want_rank, util.dims
-local check_reg, activations, get_activation = util.check_reg, util.activations, util.get_activation
+local check_reg, get_activation = util.check_reg, util.get_activation
+local activate, activation_backward = util.activate, util.activation_backward
 local window_of, spatial_out = util.window_of, util.spatial_out
+
+-- The options every convolution shares: the window, padding, activation and bias. Raises at
+-- the caller of X.new (level 5: this, X.new, the class's __call, the caller).
+local function window_options(self, opts)
+  local o = self:owner()
+  if opts.kernel_size == nil then error(o .. ': kernel_size is required', 5) end
+  self.kh, self.kw = pair(opts.kernel_size, 'kernel_size', o)
+  self.sh, self.sw = pair(opts.strides or 1, 'strides', o)
+  self.dh, self.dw = pair(opts.dilation_rate or 1, 'dilation_rate', o)
+  self.padding = check_padding(opts.padding or 'valid', o, 5)
+  self.activation = get_activation(opts.activation, o, 5)
+  self.use_bias = opts.use_bias ~= false
+  self.bias_initializer = nn._get_init(opts.bias_initializer or 'zeros', o)
+  return o
+end
+
+-- build and output_shape of an image layer: (H, W, C) with C known, and C matching the kernel
+local function check_image(self, s, kernel)
+  want_rank(s, 3, self, 'an image (H, W, C)')
+  if s[3] < 1 then error('the channel dim of the input must be known', 0) end
+  if kernel and s[3] ~= kernel:size(3) then
+    error(string.format('input has %d channels, the kernel expects %d', s[3], kernel:size(3)), 0)
+  end
+end
+
+-- hooks of the layer protocol (flower/nn.lua): a convolution without its own activation takes a
+-- following inference BatchNormalization (and ReLU) into its output
+local function folds_affine(self) return not self.activation end
 
 -- ---------------------------------------------------------------- Conv2D
 
@@ -21,43 +50,33 @@ local conv_opts = set('filters', 'kernel_size', 'strides', 'padding', 'dilation_
 function Conv2D.new(opts)
   local self
   self, opts = new_layer(Conv2D, opts, conv_opts)
-  local o = self:owner()
+  local o = window_options(self, opts)
   self.filters = check_int(opts.filters, 'filters', o)
-  if opts.kernel_size == nil then error(o .. ': kernel_size is required', 3) end
-  self.kh, self.kw = pair(opts.kernel_size, 'kernel_size', o)
-  self.sh, self.sw = pair(opts.strides or 1, 'strides', o)
-  self.dh, self.dw = pair(opts.dilation_rate or 1, 'dilation_rate', o)
   if (self.sh > 1 or self.sw > 1) and (self.dh > 1 or self.dw > 1) then
     error(o .. ': strides > 1 together with dilation_rate > 1 is not supported (as in Keras)', 3)
   end
   if opts.groups and opts.groups ~= 1 then error(o .. ': groups other than 1 are not supported', 3) end
-  self.padding = check_padding(opts.padding or 'valid', o)
-  self.activation = get_activation(opts.activation, o)
-  self.use_bias = opts.use_bias ~= false
   self.kernel_initializer = nn._get_init(opts.kernel_initializer or 'glorot_uniform', o)
-  self.bias_initializer = nn._get_init(opts.bias_initializer or 'zeros', o)
   self.regularizers = {kernel = check_reg(opts.kernel_regularizer, 'kernel_regularizer', o),
                        bias = check_reg(opts.bias_regularizer, 'bias_regularizer', o)}
   return self
 end
 
 function Conv2D:build(s)
-  want_rank(s, 3, self, 'an image (H, W, C)')
-  if s[3] < 1 then error('the channel dim of the input must be known', 0) end
+  check_image(self, s)
   self:add_weight('kernel', self.kernel_initializer({self.kh, self.kw, s[3], self.filters}, self.dtype))
   if self.use_bias then self:add_weight('bias', self.bias_initializer({self.filters}, self.dtype)) end
 end
 
 function Conv2D:output_shape(s)
-  want_rank(s, 3, self, 'an image (H, W, C)')
-  if self.kernel and s[3] ~= self.kernel:size(3) then
-    error(string.format('input has %d channels, the kernel expects %d', s[3], self.kernel:size(3)), 0)
-  end
+  check_image(self, s, self.kernel)
   local oh, ow = spatial_out(self, s)
   return {oh, ow, self.filters}
 end
 
 Conv2D.needs = util.weighted_needs
+Conv2D.folds_affine = folds_affine
+function Conv2D:can_omit_bias() return self.bias ~= nil and not self.activation end
 
 -- omit_bias: the executor leaves the bias to a following batch-statistics BatchNormalization
 -- (Model:_plan's 'bias_bn' fusion)
@@ -67,8 +86,7 @@ function Conv2D:_forward(x, keep, omit_bias)
   self._xshape = d
   local y = C.conv2d(x, self:_kernel('kernel', x:dtype(), true), win, nil, not omit_bias and self.bias or nil,
     self.activation == 'relu')
-  if self.activation and self.activation ~= 'relu' then y = nn._activate(self.activation, y) end
-  return y
+  return activate(self, y)
 end
 
 -- Forward with a per-channel affine (and ReLU) folded into the output: used by the executor to fuse
@@ -85,9 +103,9 @@ function Conv2D:_forward_fused(x, scale, shift, relu, pad)
 end
 
 -- can a ZeroPadding2D of `pad` be folded in: the combined pads must stay below the window size
-function Conv2D:can_fold_pad(pad, H, W)
-  if H < 0 or W < 0 or self.dh ~= 1 or self.dw ~= 1 then return false end
-  local w = window_of(self, H + pad[1] + pad[2], W + pad[3] + pad[4])
+function Conv2D:can_fold_pad(pad, height, width)
+  if self.activation or height < 0 or width < 0 or self.dh ~= 1 or self.dw ~= 1 then return false end
+  local w = window_of(self, height + pad[1] + pad[2], width + pad[3] + pad[4])
   return w.pt + pad[1] < self.kh and w.pb + pad[2] < self.kh and w.pl + pad[3] < self.kw and w.pr + pad[4] < self.kw
 end
 
@@ -106,7 +124,7 @@ local function conv_param_grads(self, kernel_name, x, gy, win, filter_fn)
 end
 
 function Conv2D:_backward(x, y, gy, need_gin, need_params)
-  if self.activation then gy = C.act_backward(activations[self.activation].bwd, gy, y) end
+  gy = activation_backward(self, gy, y)
   local d = self._xshape
   local win = window_of(self, d[2], d[3])
   if need_params then conv_param_grads(self, 'kernel', x, gy, win, C.conv2d_backward_filter) end
@@ -125,48 +143,36 @@ local dw_opts = set('kernel_size', 'strides', 'padding', 'dilation_rate', 'depth
 function DepthwiseConv2D.new(opts)
   local self
   self, opts = new_layer(DepthwiseConv2D, opts, dw_opts)
-  local o = self:owner()
-  if opts.kernel_size == nil then error(o .. ': kernel_size is required', 3) end
-  self.kh, self.kw = pair(opts.kernel_size, 'kernel_size', o)
-  self.sh, self.sw = pair(opts.strides or 1, 'strides', o)
-  self.dh, self.dw = pair(opts.dilation_rate or 1, 'dilation_rate', o)
+  local o = window_options(self, opts)
   self.depth_multiplier = check_int(opts.depth_multiplier or 1, 'depth_multiplier', o)
-  self.padding = check_padding(opts.padding or 'valid', o)
-  self.activation = get_activation(opts.activation, o)
-  self.use_bias = opts.use_bias ~= false
   self.depthwise_initializer = nn._get_init(opts.depthwise_initializer or 'glorot_uniform', o)
-  self.bias_initializer = nn._get_init(opts.bias_initializer or 'zeros', o)
   self.regularizers = {depthwise_kernel = check_reg(opts.depthwise_regularizer, 'depthwise_regularizer', o),
                        bias = check_reg(opts.bias_regularizer, 'bias_regularizer', o)}
   return self
 end
 
 function DepthwiseConv2D:build(s)
-  want_rank(s, 3, self, 'an image (H, W, C)')
-  if s[3] < 1 then error('the channel dim of the input must be known', 0) end
+  check_image(self, s)
   self:add_weight('depthwise_kernel',
     self.depthwise_initializer({self.kh, self.kw, s[3], self.depth_multiplier}, self.dtype))
   if self.use_bias then self:add_weight('bias', self.bias_initializer({s[3] * self.depth_multiplier}, self.dtype)) end
 end
 
 function DepthwiseConv2D:output_shape(s)
-  want_rank(s, 3, self, 'an image (H, W, C)')
-  if s[3] ~= self.depthwise_kernel:size(3) then
-    error(string.format('input has %d channels, the kernel expects %d', s[3], self.depthwise_kernel:size(3)), 0)
-  end
+  check_image(self, s, self.depthwise_kernel)
   local oh, ow = spatial_out(self, s)
   return {oh, ow, s[3] * self.depth_multiplier}
 end
 
 DepthwiseConv2D.needs = util.weighted_needs
+DepthwiseConv2D.folds_affine = folds_affine
 
 function DepthwiseConv2D:_forward(x)
   local d = dims(x)
   self._xshape = d
   local y = C.depthwise(x, self:_kernel('depthwise_kernel', x:dtype(), true), window_of(self, d[2], d[3]), nil,
     self.bias, self.activation == 'relu')
-  if self.activation and self.activation ~= 'relu' then y = nn._activate(self.activation, y) end
-  return y
+  return activate(self, y)
 end
 
 function DepthwiseConv2D:_forward_fused(x, scale, shift, relu)
@@ -176,7 +182,7 @@ function DepthwiseConv2D:_forward_fused(x, scale, shift, relu)
 end
 
 function DepthwiseConv2D:_backward(x, y, gy, need_gin, need_params)
-  if self.activation then gy = C.act_backward(activations[self.activation].bwd, gy, y) end
+  gy = activation_backward(self, gy, y)
   local d = self._xshape
   local win = window_of(self, d[2], d[3])
   if need_params then conv_param_grads(self, 'depthwise_kernel', x, gy, win, C.depthwise_backward_filter) end
@@ -195,19 +201,11 @@ local sep_opts = set('filters', 'kernel_size', 'strides', 'padding', 'dilation_r
 function SeparableConv2D.new(opts)
   local self
   self, opts = new_layer(SeparableConv2D, opts, sep_opts)
-  local o = self:owner()
+  local o = window_options(self, opts)
   self.filters = check_int(opts.filters, 'filters', o)
-  if opts.kernel_size == nil then error(o .. ': kernel_size is required', 3) end
-  self.kh, self.kw = pair(opts.kernel_size, 'kernel_size', o)
-  self.sh, self.sw = pair(opts.strides or 1, 'strides', o)
-  self.dh, self.dw = pair(opts.dilation_rate or 1, 'dilation_rate', o)
   self.depth_multiplier = check_int(opts.depth_multiplier or 1, 'depth_multiplier', o)
-  self.padding = check_padding(opts.padding or 'valid', o)
-  self.activation = get_activation(opts.activation, o)
-  self.use_bias = opts.use_bias ~= false
   self.depthwise_initializer = nn._get_init(opts.depthwise_initializer or 'glorot_uniform', o)
   self.pointwise_initializer = nn._get_init(opts.pointwise_initializer or 'glorot_uniform', o)
-  self.bias_initializer = nn._get_init(opts.bias_initializer or 'zeros', o)
   self.regularizers = {depthwise_kernel = check_reg(opts.depthwise_regularizer, 'depthwise_regularizer', o),
                        pointwise_kernel = check_reg(opts.pointwise_regularizer, 'pointwise_regularizer', o),
                        bias = check_reg(opts.bias_regularizer, 'bias_regularizer', o)}
@@ -216,8 +214,7 @@ function SeparableConv2D.new(opts)
 end
 
 function SeparableConv2D:build(s)
-  want_rank(s, 3, self, 'an image (H, W, C)')
-  if s[3] < 1 then error('the channel dim of the input must be known', 0) end
+  check_image(self, s)
   local m = self.depth_multiplier
   self:add_weight('depthwise_kernel', self.depthwise_initializer({self.kh, self.kw, s[3], m}, self.dtype))
   self:add_weight('pointwise_kernel', self.pointwise_initializer({1, 1, s[3] * m, self.filters}, self.dtype))
@@ -225,15 +222,13 @@ function SeparableConv2D:build(s)
 end
 
 function SeparableConv2D:output_shape(s)
-  want_rank(s, 3, self, 'an image (H, W, C)')
-  if s[3] ~= self.depthwise_kernel:size(3) then
-    error(string.format('input has %d channels, the kernel expects %d', s[3], self.depthwise_kernel:size(3)), 0)
-  end
+  check_image(self, s, self.depthwise_kernel)
   local oh, ow = spatial_out(self, s)
   return {oh, ow, self.filters}
 end
 
 SeparableConv2D.needs = util.weighted_needs
+SeparableConv2D.folds_affine = folds_affine
 
 function SeparableConv2D:_forward_fused(x, scale, shift, relu, keep)
   local d = dims(x)
@@ -247,32 +242,17 @@ end
 
 function SeparableConv2D:_forward(x, keep)
   local y = self:_forward_fused(x, nil, self.bias, self.activation == 'relu', keep)
-  if self.activation and self.activation ~= 'relu' then y = nn._activate(self.activation, y) end
-  return y
+  return activate(self, y)
 end
 
 function SeparableConv2D:_backward(x, y, gy, need_gin, need_params)
-  if self.activation then gy = C.act_backward(activations[self.activation].bwd, gy, y) end
+  gy = activation_backward(self, gy, y)
   local mid = self._mid
   if not mid then error('backward without a forward that kept its state', 0) end
   self._mid = nil
   local d = self._xshape
   local win = window_of(self, d[2], d[3])
-  if need_params then
-    local gp, b1 = self:grad_beta('pointwise_kernel')
-    if self.use_bias then
-      local gb, b2 = self:grad_beta('bias')
-      if b1 == b2 then
-        C.conv2d_backward_filter(mid, gy, self._pwin, gp, gb, b1)
-      else
-        C.conv2d_backward_filter(mid, gy, self._pwin, gp, nil, b1)
-        local s = gy:sum(1):sum(1):sum(1):view(-1)
-        if b2 == 0 then gb:copy(s) else gb:add_(s) end
-      end
-    else
-      C.conv2d_backward_filter(mid, gy, self._pwin, gp, nil, b1)
-    end
-  end
+  if need_params then conv_param_grads(self, 'pointwise_kernel', mid, gy, self._pwin, C.conv2d_backward_filter) end
   local gmid
   if need_params or need_gin then
     gmid = C.conv2d_backward_data(gy, self:_kernel('pointwise_kernel', gy:dtype()), mid, self._pwin)

@@ -7,7 +7,7 @@ local C = nn.C
 local Layer, class = nn.Layer, nn.class
 local copy_shape, pair, check_int = nn._copy_shape, nn.pair, nn._check_int
 local new_layer, set, want_rank, check_reg = util.new_layer, util.set, util.want_rank, util.check_reg
-local activations, get_activation = util.activations, util.get_activation
+local activations, get_activation, activate = util.activations, util.get_activation, util.activate
 
 -- ---------------------------------------------------------------- Dense
 
@@ -59,7 +59,7 @@ function Dense:_forward(x)
   self._xshape = x:size()
   local y = x2:matmul(self:_kernel('kernel', x:dtype(), true))
   if self.bias or self.activation == 'relu' then C.channel_affine(y, nil, self.bias, self.activation == 'relu', y) end
-  if self.activation and self.activation ~= 'relu' then y = nn._activate(self.activation, y) end
+  y = activate(self, y)
   if x2 ~= x then x2:free() end   -- a view (or copy) of x: the executor frees x
   if x:dim() ~= 2 then
     local s = x:size()
@@ -72,7 +72,7 @@ function Dense:_forward(x)
 end
 
 function Dense:_backward(x, y, gy, need_gin, need_params)
-  if self.activation then gy = C.act_backward(activations[self.activation].bwd, gy, y) end
+  gy = util.activation_backward(self, gy, y)
   local g2 = rows(gy)
   if need_params then
     local gw, b = self:grad_beta('kernel')
@@ -116,6 +116,7 @@ function Activation:_forward(x)
   return x[self.act](x)
 end
 
+function Activation:is_relu() return self.act == 'relu' end
 function Activation:can_forward_into() return self.act == 'relu' end
 function Activation:_forward_into(x, _, out)
   if out ~= x then out:copy(x) end
@@ -302,6 +303,10 @@ function ZeroPadding2D.new(opts)
   end
   return self
 end
+
+-- {top, bottom, left, right}: a convolution after it may take the padding into its window
+-- (Model:_plan's 'pad' fusion)
+function ZeroPadding2D:zero_padding() return {self.pt, self.pb, self.pl, self.pr} end
 
 function ZeroPadding2D:output_shape(s)
   want_rank(s, 3, self, 'an image (H, W, C)')

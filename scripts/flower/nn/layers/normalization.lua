@@ -102,8 +102,20 @@ function BatchNormalization:_forward(x, keep, relu)
   return C.channel_affine(x, scale, shift, relu)
 end
 
--- the moving mean as if the batch had been shifted by `shift` (C): a convolution's bias that the
--- executor left out of this layer's input (Model:_plan's 'bias_bn' fusion)
+-- Fusion hooks (protocol in flower/nn.lua). In inference the layer is a per-channel affine that a
+-- convolution before it folds into its output (Model:_plan's 'conv' fusion): affine() -> scale,
+-- shift, new tensors the caller frees.
+function BatchNormalization:is_affine() return not self:uses_batch_stats() end
+function BatchNormalization:affine()
+  local scale, shift, inv = self:coefficients()
+  if inv ~= scale then inv:free() end
+  return scale, shift
+end
+
+-- With batch statistics a bias before this layer cancels in its output: the convolution may leave
+-- it out (Model:_plan's 'bias_bn' fusion), and shift_moving_mean(bias) then moves the moving mean
+-- as if the batch had been shifted by it.
+function BatchNormalization:absorbs_bias() return self:uses_batch_stats() end
 function BatchNormalization:shift_moving_mean(shift)
   C.axpby(self.moving_mean, 1 - self.momentum, shift, 1)
 end

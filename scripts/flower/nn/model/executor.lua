@@ -101,7 +101,7 @@ function Model:_run(x, keep)
       -- other tensor shares its storage (a Reshape/Flatten view of a value still needed, or of the
       -- caller's input)
       local donor
-      if l._forward_into and nn.inplace and tr.reuse and not (keep and plan.ng[n]) and (not f or f.kind == 'relu')
+      if nn.inplace and tr.reuse and not (keep and plan.ng[n]) and (not f or f.kind == 'relu')
           and l:can_forward_into() then
         for _, p in ipairs(n.inputs) do
           local t = values[p]
