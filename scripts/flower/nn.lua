@@ -49,7 +49,9 @@
 -- During training, BatchNormalization / Add / ScaledAdd followed by a ReLU run as one pass too
 -- (their backward masks by the ReLU's output). nn.fusion = false turns all fusion off.
 --
--- LAYERS (Keras's names, options and weight order; layer:weights() -> {name, path, tensor, trainable}):
+-- LAYERS (Keras's names, options and weight order; layer:weights() -> {name, path, tensor, trainable}),
+-- one file per family in flower/nn/layers/: conv, normalization, pooling, core (with the shape
+-- layers), merge, preprocessing; common.lua holds the option, window and activation helpers:
 --   Conv2D{filters, kernel_size, strides, padding, dilation_rate, activation, use_bias, kernel_regularizer}
 --     weights kernel (KH,KW,Cin,F), bias;  DepthwiseConv2D{kernel_size, strides, padding, depth_multiplier,
 --     use_bias} depthwise_kernel (KH,KW,C,M), bias;  SeparableConv2D{filters, ...} depthwise_kernel,
@@ -71,6 +73,67 @@
 --
 -- Integer class labels are 1-based (as argmax returns them). Layouts are Keras's channels_last:
 -- activations (N, H, W, C), kernels (KH, KW, Cin, Cout).
+--
+-- MODELS (flower/nn/model/): graph.lua builds the graph (Model, Sequential, layers and weights,
+-- modes, types, devices); plan.lua decides, per forward, which nodes need gradients, which values
+-- backward reads and which layers run fused, asking the layers through the hooks below (never
+-- their class names); executor.lua runs forward and backward in construction order and frees each
+-- value after its last reader; mixed_precision.lua casts at a model's boundary; summary.lua.
+--
+-- THE LAYER PROTOCOL. A layer is a class made by nn.class(name, nn.Layer) whose `new(opts)` calls
+-- Layer.init (common options: name, trainable, dtype, type_name) and declares its weights with
+-- self:add_weight(name, tensor [, trainable]) in Keras's order. Required:
+--   build(input_shape)              creates the weights from the input shape (batch dim excluded;
+--                                   a list of shapes for several inputs); raise plain messages --
+--                                   the caller prefixes "layer 'name' (Class): "
+--   output_shape(input_shape)       -> output shape (unknown sizes -1); raises if the input does not fit
+--   _forward(x, keep [, flag])      -> y, a new tensor or x itself; keep: a backward follows, so save
+--                                   what _backward reads (on self; it is called once per forward).
+--                                   flag: a fused ReLU (fuses_relu) or an omitted bias (can_omit_bias)
+--   _backward(x, y, gy, need_gin, need_params [, relu]) -> dL/dx (a list for several inputs) or nil;
+--                                   accumulates weight gradients when need_params (self:grad_beta(n)
+--                                   gives the gradient and 0 right after zero_grad, else 1)
+--   needs(need_gin, need_params)    -> needs_x, needs_y: which of x and y _backward reads, so that
+--                                   the executor keeps exactly those until backward (default: none)
+-- Optional, each with a default on nn.Layer (the planner, flower/nn/model/plan.lua, asks these):
+--   multi = true                    several inputs: x and dL/dx are lists
+--   out_dtype                       the dtype of the output node when it is not the input's
+--   converts_input = true           brings any input dtype to its compute dtype itself (Preprocess,
+--                                   a nested model): mixed precision leaves such inputs alone
+--   regularizers = {weight = nn.l2(l)}   applied by the optimizer
+--   fuses_relu = true               _forward(x, keep, relu) and _backward(..., relu) take a following
+--                                   ReLU in (backward then gets the ReLU's output as y): BN, Add
+--   is_relu()                       true when the layer is exactly max(x, 0): the ReLU above
+--   folds_affine()                  true when _forward_fused(x, scale, shift, relu [, pad]) can take
+--                                   a per-channel y*scale + shift (shift includes self.bias) and a
+--                                   ReLU into its output: convolutions without an activation
+--   is_affine(), affine()           true when the layer is now a per-channel affine (inference BN);
+--                                   affine() -> scale, shift, new tensors the caller frees
+--   zero_padding()                  {top, bottom, left, right} for a layer that only zero-pads H, W
+--   can_fold_pad(pad, h, w)         true when _forward_fused(..., pad) can take that padding into
+--                                   its window (Conv2D)
+--   can_omit_bias(), absorbs_bias() a bias the first drops is absorbed by the second (a training
+--                                   BN, which gets shift_moving_mean(bias))
+--   can_forward_into(), _forward_into(x, relu, out)   may write y into `out`, an input no one else
+--                                   reads (in-place, where no backward follows)
+--   uses_batch_stats()              BatchNormalization: batch statistics now (training, not frozen)
+--   _kernel(name, dtype, fwd)       the weight as a convolution reads it (bfloat16 copy under mixed
+--                                   precision); _on_type(dtype), _on_device(dev): after type()/cuda()
+-- Standalone, a layer runs through Layer:forward / Layer:backward; in a model, through the executor.
+--
+-- HOW TO ADD A LAYER:
+--   1. the class in its family's file in flower/nn/layers/ (a new family: a new file there and its
+--      name in the list at the end of this file), with new(opts) rejecting unknown options
+--      (util.new_layer), build / output_shape / _forward / _backward / needs, and the hooks above
+--      that it can honour; its options, weight names and order as Keras's;
+--   2. the Keras converter: an entry in `converters` in flower/keras.lua (config keys -> options),
+--      so that keras.load_model and model_from_config rebuild it;
+--   3. tests: a Keras reference case in tests/reference/gen_layers.py (outputs and gradients; the
+--      class in the list of tests/lua/test_nn_layers.lua 'reference covers every layer type'),
+--      finite differences in float64 in tests/lua/test_nn_grad.lua, and, if it fuses or writes in
+--      place, fused-vs-unfused equality in tests/lua/test_nn_model.lua; a GPU kernel is compared
+--      with the CPU in tests/lua/test_cuda.lua;
+--   4. the LAYERS list above and, for a new family, README's Layout.
 local flower = require 'flower'
 local core = require 'flower.core'
 local C = core._nn
@@ -81,7 +144,7 @@ nn.fusion = true      -- fuse Conv -> BatchNorm -> ReLU where no gradient flows 
 nn.inplace = true     -- where no backward follows, Add/BN/ReLU may write over an input no one else needs
 nn.reuse = true       -- free each activation after its last reader (false: leave them to the collector)
 
--- Mixed precision (model:mixed_precision, flower/nn/model.lua): the compute dtype of the model that
+-- Mixed precision (model:mixed_precision, flower/nn/model/mixed_precision.lua): the compute dtype of the model that
 -- is running ('bfloat16', 'float32' or nil outside any model; Preprocess reads it), and a counter
 -- that every top-level forward advances, after which the bfloat16 copies of kernels are remade
 -- from their float32 masters (Layer:_kernel).
