@@ -595,9 +595,37 @@ local function shapes_of(x)
   return r
 end
 
--- Torch7-style standalone use: forward keeps what backward needs.
+local function what_is(v)
+  if is_tensor(v) then return string.format('a %s tensor of shape %s', v:dtype(), table.concat(v:size(), 'x')) end
+  return type(v)
+end
+
+-- raises unless x is a batch: a tensor (N, ...) with a batch dim, or (multi) a non-empty list of them
+function nn._check_batch(x, verb, multi)
+  local function batch(t) return is_tensor(t) and t:dim() >= 2 end
+  if is_tensor(x) or not multi then
+    if multi then error(string.format('%s expects a list of tensors (N, ...), got %s', verb, what_is(x)), 0) end
+    if not batch(x) then
+      error(string.format('%s expects a tensor (N, ...) with a batch dim, got %s', verb, what_is(x)), 0)
+    end
+    return
+  end
+  if type(x) ~= 'table' or #x == 0 then
+    error(string.format('%s expects a list of tensors (N, ...), got %s', verb, type(x) == 'table' and 'an empty list' or type(x)), 0)
+  end
+  for i = 1, #x do
+    if not batch(x[i]) then
+      error(string.format('%s: input %d must be a tensor (N, ...) with a batch dim, got %s', verb, i, what_is(x[i])), 0)
+    end
+  end
+end
+
+-- Torch7-style standalone use: forward keeps what backward needs. The input is checked against the
+-- layer (its shape and channels through output_shape) before anything runs.
 function Layer:forward(x)
-  if not self.built then self:_infer(shapes_of(x)) end
+  local ok, err = pcall(nn._check_batch, x, 'forward', self.multi)
+  if not ok then error(wrap_err(self, err), 2) end
+  self:_infer(shapes_of(x))
   nn._kernel_gen = nn._kernel_gen + 1
   local ok, y = pcall(self._forward, self, x, true)
   if not ok then error(wrap_err(self, y), 0) end
@@ -606,6 +634,12 @@ function Layer:forward(x)
 end
 
 function Layer:backward(x, gy)
+  local y = self.output
+  if y == nil then error(self:owner() .. ': backward needs a forward first', 2) end
+  if not is_tensor(gy) or table.concat(gy:size(), 'x') ~= table.concat(y:size(), 'x') then
+    error(string.format("%s: backward: gradOutput must be a tensor of the output's shape %s, got %s", self:owner(),
+      table.concat(y:size(), 'x'), what_is(gy)), 2)
+  end
   local ok, gx = pcall(self._backward, self, x, self.output, gy, true, self:has_trainable())
   if not ok then error(wrap_err(self, gx), 0) end
   self.gradInput = gx

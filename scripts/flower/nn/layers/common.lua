@@ -138,6 +138,6 @@ end
 
 return {check_opts = check_opts, set = set, new_layer = new_layer, check_padding = check_padding,
         want_rank = want_rank, dims = dims, check_reg = check_reg, activations = activations,
-        get_activation = get_activation, activate = activate, activation_backward = activation_backward, window_of = window_of, spatial_out = spatial_out,
-        weighted_needs = weighted_needs}
+        get_activation = get_activation, activate = activate, activation_backward = activation_backward,
+        window_of = window_of, spatial_out = spatial_out, weighted_needs = weighted_needs}
 end

@@ -6,7 +6,8 @@ return function(nn, util)
 local C = nn.C
 local Layer, class = nn.Layer, nn.class
 local pair, check_int = nn.pair, nn._check_int
-local new_layer, set, check_padding, want_rank, dims = util.new_layer, util.set, util.check_padding, util.want_rank, util.dims
+local new_layer, set, check_padding = util.new_layer, util.set, util.check_padding
+local want_rank, dims = util.want_rank, util.dims
 local check_reg, get_activation = util.check_reg, util.get_activation
 local activate, activation_backward = util.activate, util.activation_backward
 local window_of, spatial_out = util.window_of, util.spatial_out

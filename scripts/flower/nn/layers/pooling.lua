@@ -5,7 +5,8 @@ return function(nn, util)
 local C = nn.C
 local Layer, class = nn.Layer, nn.class
 local pair = nn.pair
-local new_layer, set, check_padding, want_rank, dims = util.new_layer, util.set, util.check_padding, util.want_rank, util.dims
+local new_layer, set, check_padding = util.new_layer, util.set, util.check_padding
+local want_rank, dims = util.want_rank, util.dims
 local window_of, spatial_out = util.window_of, util.spatial_out
 
 -- ---------------------------------------------------------------- pooling

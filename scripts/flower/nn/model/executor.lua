@@ -8,6 +8,124 @@ local C = nn.C
 local Model, is_node = nn.Model, nn.is_node
 local wrap_err = nn._wrap_err
 
+-------------------------------------------------------------------------------- checks at the door
+
+local float_dtypes = {float32 = true, float64 = true, bfloat16 = true}
+
+local function size_str(t) return table.concat(t:size(), 'x') end
+-- an input node's shape as the caller gives it: Nx8x8x3, unknown sizes as ?
+local function input_str(n) return (('Nx' .. table.concat(n.shape, 'x')):gsub('%-1', '?')) end
+
+-- what forward takes, for messages: "a tensor Nx8x8x3" or "a list of 2 tensors {Nx4, Nx4}"
+local function inputs_str(self)
+  if #self.inputs == 1 then return 'a tensor ' .. input_str(self.inputs[1]) end
+  local r = {}
+  for i, n in ipairs(self.inputs) do r[i] = input_str(n) end
+  return string.format('a list of %d tensors {%s}', #self.inputs, table.concat(r, ', '))
+end
+
+-- the highest integer key of a list (its length even with holes: {t, nil, t})
+local function list_len(xs)
+  local n = 0
+  for k in pairs(xs) do if math.type(k) == 'integer' and k > n then n = k end end
+  return n
+end
+
+-- input tensor t for input node n (number i) against its shape, the batch of input 1 and the dtypes
+-- the model computes with
+local function check_input(self, i, n, t, batch)
+  local name, want = n.layer.name, n.shape
+  if not flower.is_tensor(t) then
+    error(string.format("input %d ('%s') must be a tensor %s, got %s", i, name, input_str(n), type(t)), 0)
+  end
+  if t:dim() ~= #want + 1 then
+    error(string.format("input %d ('%s') must have %d dims (batch, %s), got %d (shape %s)", i, name, #want + 1,
+      nn.shape_str(want, false):sub(2, -2), t:dim(), size_str(t)), 0)
+  end
+  for k = 1, #want do
+    if want[k] >= 0 and t:size(k + 1) ~= want[k] then
+      if k == #want and #want == 3 then   -- an image: say it in channels
+        error(string.format("input %d ('%s') has %d channels, the model expects %d (shape %s, expected %s)", i, name,
+          t:size(k + 1), want[k], size_str(t), input_str(n)), 0)
+      end
+      error(string.format("input %d ('%s') has shape %s, the model expects %s", i, name, size_str(t), input_str(n)), 0)
+    end
+  end
+  if batch and t:size(1) ~= batch then
+    error(string.format("input %d ('%s') has batch size %d, input 1 has %d", i, name, t:size(1), batch), 0)
+  end
+  local dt = t:dtype()
+  if (dt == 'float32' or dt == 'float64') and dt ~= self.dtype then
+    error(string.format("input %d is %s, the model is %s (convert one of them: x:type(...) or model:type(...))",
+      i, dt, self.dtype), 0)
+  end
+  if not float_dtypes[dt] and not self._own_cast[n] then   -- integer images go through Preprocess
+    error(string.format("input %d ('%s') is %s, the layers reading it compute in %s (convert it with x:type('%s'), "
+      .. 'or put a Preprocess layer first)', i, name, dt, self.dtype, self.dtype), 0)
+  end
+end
+
+-- Checks what forward (verb) is given before anything runs: a tensor, or a list of one tensor per
+-- model input, each of the input's rank, sizes and channels, one batch size, and a dtype the model
+-- computes with. Returns the tensors as a list.
+function Model:_check_inputs(x, verb)
+  if is_node(x) then error(verb .. ' expects tensors; call the model on nodes to build a graph', 0) end
+  local xs
+  if flower.is_tensor(x) then xs = {x}
+  elseif type(x) == 'table' and getmetatable(x) == nil then xs = x
+  else error(string.format('%s expects %s, got %s', verb, inputs_str(self), type(x)), 0) end
+  local n = list_len(xs)
+  if n ~= #self.inputs then
+    error(string.format('%s expects %d input tensor(s) (%s), got %d', verb, #self.inputs, inputs_str(self), n), 0)
+  end
+  for i, node in ipairs(self.inputs) do check_input(self, i, node, xs[i], i > 1 and xs[1]:size(1) or nil) end
+  return xs
+end
+
+-- Checks gradOutput against the outputs of the forward that backward follows: a tensor (a list for
+-- several outputs, nil entries for outputs without a gradient) of each output's shape and a float
+-- dtype of the output's width.
+function Model:_check_grad_output(gy)
+  local st = self._state
+  if not st or not st.plan.keep then
+    error('backward needs a forward in training mode (model:training()) or with model.grad_enabled = true', 0)
+  end
+  local outs = self._single_output and {self.output} or self.output
+  local gys
+  if self._single_output then
+    gys = {gy}
+    if not flower.is_tensor(gy) then
+      error(string.format('backward: gradOutput must be a tensor of the output\'s shape %s, got %s', size_str(outs[1]),
+        type(gy)), 0)
+    end
+  else
+    if type(gy) ~= 'table' or getmetatable(gy) ~= nil then
+      error(string.format('backward: gradOutput must be a list of %d tensors (one per output; nil for none), got %s',
+        #outs, type(gy)), 0)
+    end
+    gys = gy
+    if list_len(gy) > #outs then
+      error(string.format('backward: gradOutput has %d entries, the model has %d outputs', list_len(gy), #outs), 0)
+    end
+  end
+  for i, o in ipairs(outs) do
+    local g = gys[i]
+    if g ~= nil then
+      if not flower.is_tensor(g) then
+        error(string.format('backward: gradOutput %d must be a tensor, got %s', i, type(g)), 0)
+      end
+      if size_str(g) ~= size_str(o) then
+        error(string.format('backward: gradOutput %d has shape %s, output %d has %s', i, size_str(g), i,
+          size_str(o)), 0)
+      end
+      local dt, odt = g:dtype(), o:dtype()
+      if not float_dtypes[dt] or ((dt == 'float64' or odt == 'float64') and dt ~= odt) then
+        error(string.format('backward: gradOutput %d is %s, output %d is %s', i, dt, i, odt), 0)
+      end
+    end
+  end
+end
+
 -------------------------------------------------------------------------------- the executor
 
 -- Tensors are freed as soon as nothing needs them (Lua's collector does not see their size), and the
@@ -53,35 +171,12 @@ function Model:_run(x, keep)
   local prof = nn.profile
   self:_release()
   local plan = self:_plan(keep)
-  local xs = x
-  if is_node(x) then error('forward expects tensors; call the model on nodes to build a graph', 0) end
-  if flower.is_tensor(x) then xs = {x} end
-  if #xs ~= #self.inputs then
-    error(string.format('expects %d input tensor(s), got %d', #self.inputs, #xs), 0)
-  end
+  local xs = flower.is_tensor(x) and {x} or x   -- checked by Model:_forward (check_inputs)
   local tr = tracker()
   local values, remaining = {}, {}
   for i, n in ipairs(self.inputs) do
-    local t = xs[i]
-    if not flower.is_tensor(t) then error(string.format('input %d must be a tensor, got %s', i, type(t)), 0) end
-    local want = n.shape
-    if t:dim() ~= #want + 1 then
-      error(string.format("input %d ('%s') must have %d dims (batch, %s), got %d", i, n.layer.name, #want + 1,
-        nn.shape_str(want, false):sub(2, -2), t:dim()), 0)
-    end
-    for k = 1, #want do
-      if want[k] >= 0 and t:size(k + 1) ~= want[k] then
-        error(string.format("input %d ('%s') has shape %s, the model expects %s", i, n.layer.name,
-          table.concat(t:size(), 'x'), 'Nx' .. table.concat(want, 'x'):gsub('%-1', '?')), 0)
-      end
-    end
-    local dt = t:dtype()
-    if (dt == 'float32' or dt == 'float64') and dt ~= self.dtype then
-      error(string.format("input %d is %s, the model is %s (convert one of them: x:type(...) or model:type(...))",
-        i, dt, self.dtype), 0)
-    end
-    values[n] = t
-    tr:protect(t)
+    values[n] = xs[i]
+    tr:protect(xs[i])
   end
   for _, n in ipairs(self.nodes) do
     remaining[n] = #self._consumers[n]
@@ -261,23 +356,39 @@ function Model:forward(input)
 end
 
 function Model:backward(input, gradOutput)
-  local ok, gx = pcall(self._backward, self, input, self.output, gradOutput, self._need_gin)
+  local ok, gx = pcall(function()
+    self:_check_inputs(input, 'backward')
+    self:_check_grad_output(gradOutput)
+    return self:_backward(input, self.output, gradOutput, self._need_gin)
+  end)
   if not ok then error(wrap_err(self, gx), 0) end
   self.gradInput = gx
   return gx
 end
 
 -- predict(x [, batch_size]): inference in evaluate mode, batch by batch, results concatenated
+-- x: a tensor, or a list of tensors for a model with several inputs (sliced alike)
 function Model:predict(x, batch_size)
+  local ok, err = pcall(function()
+    if self.built then self:_check_inputs(x, 'predict') else nn._check_batch(x, 'predict') end
+  end)
+  if not ok then error(wrap_err(self, err), 2) end
+  if batch_size ~= nil and (math.type(batch_size) ~= 'integer' or batch_size < 1) then
+    error(string.format('%s: predict: batch_size must be an integer >= 1, got %s', self:owner(),
+      tostring(batch_size)), 2)
+  end
+  local xs = flower.is_tensor(x) and {x} or x
+  local n = xs[1]:size(1)
+  batch_size = batch_size or math.max(n, 1)
   local was = self.train
   self:evaluate()
-  local n = x:size(1)
-  batch_size = batch_size or n
   local parts = {}
-  local ok, err = pcall(function()
+  ok, err = pcall(function()
     for s = 1, n, batch_size do
       local len = math.min(batch_size, n - s + 1)
-      parts[#parts + 1] = self:forward(x:narrow(1, s, len))
+      local slice = {}
+      for i, t in ipairs(xs) do slice[i] = t:narrow(1, s, len) end
+      parts[#parts + 1] = self:forward(flower.is_tensor(x) and slice[1] or slice)
     end
   end)
   if was then self:training() end

@@ -363,8 +363,11 @@ end
 function Sequential:forward(input)
   if not self.built then
     if #self._pending == 0 then error(self:owner() .. ': has no layers', 2) end
-    local ok, err = pcall(self._build_from, self, nn._tensor_shape(input))
-    if not ok then error(err, 0) end
+    local ok, err = pcall(function()
+      nn._check_batch(input, 'forward')
+      self:_build_from(nn._tensor_shape(input))
+    end)
+    if not ok then error(nn._wrap_err(self, err), 2) end
     if self.dtype ~= 'float32' then self:type(self.dtype) end
     if not self.train then self:evaluate() end
   end

@@ -71,6 +71,7 @@ local function is_float(dt) return dt == 'float32' or dt == 'bfloat16' end
 -- an enclosing model (outputs leave in that model's compute dtype, nn._compute).
 -- A model without mixed precision whose inputs come in its dtype casts nothing: _run as before.
 function Model:_forward(x, keep, top)
+  self:_check_inputs(x, 'forward')
   self:_mp_release()
   local cd = self._mp or self.dtype
   local out_dt = (not top and nn._compute) or self.dtype

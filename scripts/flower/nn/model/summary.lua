@@ -51,10 +51,25 @@ local function type_name(l)
   return l.class_name
 end
 
--- Keras's model.summary() (tf-keras 2.x layout). Prints with print_fn (default print) and returns
--- the text.
+-- Keras's model.summary() (tf-keras 2.x layout). Does one thing, as Keras does: prints the table
+-- (with print_fn, default print) and returns nothing, so the REPL shows it once. With
+-- print_fn = false it prints nothing and returns the text instead.
 function Model:summary(opts)
   opts = opts or {}
+  if type(opts) ~= 'table' then
+    error(string.format('%s: summary: expected a table of options {print_fn=, line_length=}, got %s', self:owner(),
+      type(opts)), 2)
+  end
+  local pf = opts.print_fn
+  if pf == nil then pf = print end
+  if pf ~= false and type(pf) ~= 'function' then
+    error(string.format('%s: summary: print_fn must be a function or false (return the text), got %s', self:owner(),
+      type(pf)), 2)
+  end
+  local ll = opts.line_length
+  if ll ~= nil and (math.type(ll) ~= 'integer' or ll < 20) then
+    error(string.format('%s: summary: line_length must be an integer >= 20, got %s', self:owner(), tostring(ll)), 2)
+  end
   self:_refresh()
   local layers = self:keras_layers()
   local seq = self.class_name == 'Sequential'
@@ -111,10 +126,8 @@ function Model:summary(opts)
     readable_size((total - trainable) * bytes))
   out[#out + 1] = string.rep('_', line_length)
   local text = table.concat(out, '\n')
-  local pf = opts.print_fn
-  if pf == nil then pf = print end
-  if pf then pf(text) end
-  return text
+  if pf == false then return text end
+  pf(text)
 end
 
 end
