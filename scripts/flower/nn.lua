@@ -611,7 +611,8 @@ function nn._check_batch(x, verb, multi)
     return
   end
   if type(x) ~= 'table' or #x == 0 then
-    error(string.format('%s expects a list of tensors (N, ...), got %s', verb, type(x) == 'table' and 'an empty list' or type(x)), 0)
+    local got = type(x) == 'table' and 'an empty list' or type(x)
+    error(string.format('%s expects a list of tensors (N, ...), got %s', verb, got), 0)
   end
   for i = 1, #x do
     if not batch(x[i]) then
@@ -622,29 +623,33 @@ end
 
 -- Torch7-style standalone use: forward keeps what backward needs. The input is checked against the
 -- layer (its shape and channels through output_shape) before anything runs.
-function Layer:forward(x)
-  local ok, err = pcall(nn._check_batch, x, 'forward', self.multi)
-  if not ok then error(wrap_err(self, err), 2) end
-  self:_infer(shapes_of(x))
-  nn._kernel_gen = nn._kernel_gen + 1
-  local ok, y = pcall(self._forward, self, x, true)
-  if not ok then error(wrap_err(self, y), 0) end
-  self.output = y
-  return y
+-- fn(layer, ...) with its errors prefixed by the layer's name; the result is kept as layer[field]
+-- (output, gradInput) and returned
+function nn._run_as(layer, field, fn, ...)
+  local ok, r = pcall(fn, layer, ...)
+  if not ok then error(wrap_err(layer, r), 0) end
+  layer[field] = r
+  return r
 end
 
-function Layer:backward(x, gy)
-  local y = self.output
-  if y == nil then error(self:owner() .. ': backward needs a forward first', 2) end
-  if not is_tensor(gy) or table.concat(gy:size(), 'x') ~= table.concat(y:size(), 'x') then
-    error(string.format("%s: backward: gradOutput must be a tensor of the output's shape %s, got %s", self:owner(),
-      table.concat(y:size(), 'x'), what_is(gy)), 2)
-  end
-  local ok, gx = pcall(self._backward, self, x, self.output, gy, true, self:has_trainable())
-  if not ok then error(wrap_err(self, gx), 0) end
-  self.gradInput = gx
-  return gx
+local function checked_forward(self, x)
+  nn._check_batch(x, 'forward', self.multi)
+  self:_infer(shapes_of(x))
+  nn._kernel_gen = nn._kernel_gen + 1
+  return self:_forward(x, true)
 end
+function Layer:forward(x) return nn._run_as(self, 'output', checked_forward, x) end
+
+local function checked_backward(self, x, gy)
+  local y = self.output
+  if y == nil then error('backward needs a forward first', 0) end
+  if not is_tensor(gy) or table.concat(gy:size(), 'x') ~= table.concat(y:size(), 'x') then
+    error(string.format("backward: gradOutput must be a tensor of the output's shape %s, got %s",
+      table.concat(y:size(), 'x'), what_is(gy)), 0)
+  end
+  return self:_backward(x, y, gy, true, self:has_trainable())
+end
+function Layer:backward(x, gy) return nn._run_as(self, 'gradInput', checked_backward, x, gy) end
 Layer.updateOutput = Layer.forward
 
 -------------------------------------------------------------------------------- graph nodes

@@ -155,6 +155,25 @@ T.test('summary does one thing: prints, or returns the text', function()
   T.raises(function() m:summary{line_length = 0} end, 'line_length must be an integer >= 20, got 0')
 end)
 
+-- an error in a layer's options points at the line that made the layer (it pointed at its caller,
+-- or nowhere)
+T.test('a bad option raises at the line that made the layer', function()
+  local line
+  local function make(opts)
+    line = debug.getinfo(1, 'l').currentline + 1
+    local layer = nn.Conv2D(opts)
+    return layer
+  end
+  for _, opts in ipairs {{filters = 2}, {filters = 2, kernel_size = 3, padding = 'full'},
+      {filters = 2, kernel_size = 3, paddin = 'same'}, {filters = 2, kernel_size = 3, activation = 'swoosh'}} do
+    local err = T.raises(function() make(opts) end)
+    T.check(err:find('test_nn_model.lua:' .. line .. ':', 1, true), 'no position of the call in: ' .. err)
+  end
+  local function drop() local d = nn.Dropout(2); return d end
+  T.check(T.raises(drop, 'rate must be a number'):find('test_nn_model.lua:' .. debug.getinfo(drop, 'S').linedefined),
+    'Dropout error without the position of the call')
+end)
+
 T.test('layers, keras_layers order, layer(), output_of()', function()
   nn.reset_names()
   local x = nn.Input{6, 6, 2}

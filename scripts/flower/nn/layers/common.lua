@@ -31,12 +31,37 @@ local function new_layer(cls, opts, allowed)
   local self = setmetatable({}, cls)
   Layer.init(self, opts, cls)
   if opts.data_format and opts.data_format ~= 'channels_last' then
-    error(cls.class_name .. ": only data_format='channels_last' is supported", 4)
+    error(cls.class_name .. ": only data_format='channels_last' is supported", 3)
   end
   return self, opts
 end
 
 -- level: where the error points (default 4: the caller of X.new that called this)
+-- layer_class(name, parent, options, init [, shorthand]): a layer class, registered as nn[name].
+-- Its new(opts) takes a table of options -- or, with a shorthand, a bare value of that option
+-- (nn.Dropout(0.5)) -- rejects any it does not know (options: their names, and 1 where a first
+-- positional entry is allowed), runs Layer.init (name, trainable, dtype, ...) and then
+-- init(self, opts, owner), where owner names the layer for messages. An error init raises at
+-- level 3 points at the caller of new.
+local function layer_class(name, parent, options, init, shorthand)
+  local cls = nn.class(name, parent or Layer)
+  nn[name] = cls
+  local allowed = set(table.unpack(options))
+  function cls.new(opts)
+    if shorthand and opts ~= nil and type(opts) ~= 'table' then opts = {[shorthand] = opts} end
+    local self, o = new_layer(cls, opts, allowed)
+    if init then init(self, o, self:owner()) end
+    return self
+  end
+  return cls
+end
+
+-- init of a layer whose one option is a required number `scale` (Scale, ScaledAdd)
+local function scale_option(self, opts, owner)
+  if type(opts.scale) ~= 'number' then error(owner .. ': scale (a number) is required', 3) end
+  self.scale = opts.scale
+end
+
 local function check_padding(p, owner, level)
   if p ~= 'valid' and p ~= 'same' then
     error(string.format("%s: padding must be 'valid' or 'same', got %s", owner, tostring(p)), level or 4)
@@ -53,10 +78,10 @@ end
 local function dims(x) return x:size() end
 
 -- a regularizer option: nn.l2(l) or {l2 = l}
-local function check_reg(r, what, owner)
+local function check_reg(r, what, owner, level)
   if r == nil then return nil end
   if type(r) ~= 'table' or type(r.l2) ~= 'number' or r.l2 < 0 then
-    error(string.format('%s: %s must be nn.l2(l) (a table {l2 = l})', owner, what), 4)
+    error(string.format('%s: %s must be nn.l2(l) (a table {l2 = l})', owner, what), level or 4)
   end
   return {kind = 'l2', l2 = r.l2}
 end
@@ -136,7 +161,7 @@ local function weighted_needs(self, need_gin, need_params)
   return need_params, self.activation ~= nil
 end
 
-return {check_opts = check_opts, set = set, new_layer = new_layer, check_padding = check_padding,
+return {layer_class = layer_class, scale_option = scale_option, check_padding = check_padding,
         want_rank = want_rank, dims = dims, check_reg = check_reg, activations = activations,
         get_activation = get_activation, activate = activate, activation_backward = activation_backward,
         window_of = window_of, spatial_out = spatial_out, weighted_needs = weighted_needs}

@@ -4,19 +4,24 @@
 
 return function(nn, util)
 local C = nn.C
-local Layer, class = nn.Layer, nn.class
+local Layer = nn.Layer
 local pair, check_int = nn.pair, nn._check_int
-local new_layer, set, check_padding = util.new_layer, util.set, util.check_padding
+local layer_class, check_padding = util.layer_class, util.check_padding
 local want_rank, dims = util.want_rank, util.dims
 local check_reg, get_activation = util.check_reg, util.get_activation
 local activate, activation_backward = util.activate, util.activation_backward
 local window_of, spatial_out = util.window_of, util.spatial_out
 
--- The options every convolution shares: the window, padding, activation and bias. Raises at
--- the caller of X.new (level 5: this, X.new, the class's __call, the caller).
+-- The options every convolution shares: the window, padding, activation and bias; with_options(...)
+-- adds a layer's own names to theirs.
+local shared_options = {'kernel_size', 'strides', 'padding', 'dilation_rate', 'activation', 'use_bias',
+  'bias_initializer', 'bias_regularizer', 'data_format'}
+local function with_options(...) return table.move(shared_options, 1, #shared_options, select('#', ...) + 1, {...}) end
+
+-- reads them (from a layer's init: errors at level 4 point at the caller of new)
 local function window_options(self, opts)
   local o = self:owner()
-  if opts.kernel_size == nil then error(o .. ': kernel_size is required', 5) end
+  if opts.kernel_size == nil then error(o .. ': kernel_size is required', 4) end
   self.kh, self.kw = pair(opts.kernel_size, 'kernel_size', o)
   self.sh, self.sw = pair(opts.strides or 1, 'strides', o)
   self.dh, self.dw = pair(opts.dilation_rate or 1, 'dilation_rate', o)
@@ -24,7 +29,19 @@ local function window_options(self, opts)
   self.activation = get_activation(opts.activation, o, 5)
   self.use_bias = opts.use_bias ~= false
   self.bias_initializer = nn._get_init(opts.bias_initializer or 'zeros', o)
+  self.regularizers = {bias = check_reg(opts.bias_regularizer, 'bias_regularizer', o, 5)}
   return o
+end
+
+-- the initializer and regularizer options of each kernel weight: prefix 'depthwise' reads
+-- depthwise_initializer (kept as self.depthwise_initializer) and depthwise_regularizer for the
+-- weight `prefix .. '_kernel'` (Conv2D's prefix 'kernel' names the weight 'kernel')
+local function kernel_options(self, opts, o, ...)
+  for _, prefix in ipairs {...} do
+    local weight = prefix == 'kernel' and 'kernel' or prefix .. '_kernel'
+    self[prefix .. '_initializer'] = nn._get_init(opts[prefix .. '_initializer'] or 'glorot_uniform', o)
+    self.regularizers[weight] = check_reg(opts[prefix .. '_regularizer'], prefix .. '_regularizer', o, 5)
+  end
 end
 
 -- build and output_shape of an image layer: (H, W, C) with C known, and C matching the kernel
@@ -36,32 +53,30 @@ local function check_image(self, s, kernel)
   end
 end
 
+-- output_shape: the input checked against the kernel that reads it, then the window's H, W and
+-- `channels` out
+local function image_out(self, s, kernel, channels)
+  check_image(self, s, kernel)
+  local oh, ow = spatial_out(self, s)
+  return {oh, ow, channels}
+end
+
 -- hooks of the layer protocol (flower/nn.lua): a convolution without its own activation takes a
 -- following inference BatchNormalization (and ReLU) into its output
 local function folds_affine(self) return not self.activation end
 
 -- ---------------------------------------------------------------- Conv2D
 
-local Conv2D = class('Conv2D', Layer)
-nn.Conv2D = Conv2D
-
-local conv_opts = set('filters', 'kernel_size', 'strides', 'padding', 'dilation_rate', 'activation', 'use_bias',
-  'kernel_initializer', 'bias_initializer', 'kernel_regularizer', 'bias_regularizer', 'data_format', 'groups')
-
-function Conv2D.new(opts)
-  local self
-  self, opts = new_layer(Conv2D, opts, conv_opts)
+local Conv2D = layer_class('Conv2D', Layer, with_options('filters', 'kernel_initializer', 'kernel_regularizer',
+  'groups'), function(self, opts)
   local o = window_options(self, opts)
   self.filters = check_int(opts.filters, 'filters', o)
   if (self.sh > 1 or self.sw > 1) and (self.dh > 1 or self.dw > 1) then
     error(o .. ': strides > 1 together with dilation_rate > 1 is not supported (as in Keras)', 3)
   end
   if opts.groups and opts.groups ~= 1 then error(o .. ': groups other than 1 are not supported', 3) end
-  self.kernel_initializer = nn._get_init(opts.kernel_initializer or 'glorot_uniform', o)
-  self.regularizers = {kernel = check_reg(opts.kernel_regularizer, 'kernel_regularizer', o),
-                       bias = check_reg(opts.bias_regularizer, 'bias_regularizer', o)}
-  return self
-end
+  kernel_options(self, opts, o, 'kernel')
+end)
 
 function Conv2D:build(s)
   check_image(self, s)
@@ -69,11 +84,7 @@ function Conv2D:build(s)
   if self.use_bias then self:add_weight('bias', self.bias_initializer({self.filters}, self.dtype)) end
 end
 
-function Conv2D:output_shape(s)
-  check_image(self, s, self.kernel)
-  local oh, ow = spatial_out(self, s)
-  return {oh, ow, self.filters}
-end
+function Conv2D:output_shape(s) return image_out(self, s, self.kernel, self.filters) end
 
 Conv2D.needs = util.weighted_needs
 Conv2D.folds_affine = folds_affine
@@ -124,33 +135,29 @@ local function conv_param_grads(self, kernel_name, x, gy, win, filter_fn)
   filter_fn(x, gy, win, gw, nil, b1)
 end
 
-function Conv2D:_backward(x, y, gy, need_gin, need_params)
+-- backward of a one-kernel convolution: kernel `name`, and the C kernels giving its gradient
+-- (filter_fn) and the input's (data_fn)
+local function kernel_backward(self, name, filter_fn, data_fn, x, y, gy, need_gin, need_params)
   gy = activation_backward(self, gy, y)
   local d = self._xshape
   local win = window_of(self, d[2], d[3])
-  if need_params then conv_param_grads(self, 'kernel', x, gy, win, C.conv2d_backward_filter) end
-  if need_gin then return C.conv2d_backward_data(gy, self:_kernel('kernel', gy:dtype()), d, win) end
+  if need_params then conv_param_grads(self, name, x, gy, win, filter_fn) end
+  if need_gin then return data_fn(gy, self:_kernel(name, gy:dtype()), d, win) end
+end
+
+function Conv2D:_backward(x, y, gy, need_gin, need_params)
+  return kernel_backward(self, 'kernel', C.conv2d_backward_filter, C.conv2d_backward_data, x, y, gy, need_gin,
+    need_params)
 end
 
 -- ---------------------------------------------------------------- DepthwiseConv2D
 
-local DepthwiseConv2D = class('DepthwiseConv2D', Layer)
-nn.DepthwiseConv2D = DepthwiseConv2D
-
-local dw_opts = set('kernel_size', 'strides', 'padding', 'dilation_rate', 'depth_multiplier', 'activation',
-  'use_bias', 'depthwise_initializer', 'bias_initializer', 'depthwise_regularizer', 'bias_regularizer',
-  'data_format')
-
-function DepthwiseConv2D.new(opts)
-  local self
-  self, opts = new_layer(DepthwiseConv2D, opts, dw_opts)
+local DepthwiseConv2D = layer_class('DepthwiseConv2D', Layer, with_options('depth_multiplier',
+  'depthwise_initializer', 'depthwise_regularizer'), function(self, opts)
   local o = window_options(self, opts)
   self.depth_multiplier = check_int(opts.depth_multiplier or 1, 'depth_multiplier', o)
-  self.depthwise_initializer = nn._get_init(opts.depthwise_initializer or 'glorot_uniform', o)
-  self.regularizers = {depthwise_kernel = check_reg(opts.depthwise_regularizer, 'depthwise_regularizer', o),
-                       bias = check_reg(opts.bias_regularizer, 'bias_regularizer', o)}
-  return self
-end
+  kernel_options(self, opts, o, 'depthwise')
+end)
 
 function DepthwiseConv2D:build(s)
   check_image(self, s)
@@ -160,9 +167,7 @@ function DepthwiseConv2D:build(s)
 end
 
 function DepthwiseConv2D:output_shape(s)
-  check_image(self, s, self.depthwise_kernel)
-  local oh, ow = spatial_out(self, s)
-  return {oh, ow, s[3] * self.depth_multiplier}
+  return image_out(self, s, self.depthwise_kernel, s[3] * self.depth_multiplier)
 end
 
 DepthwiseConv2D.needs = util.weighted_needs
@@ -183,36 +188,21 @@ function DepthwiseConv2D:_forward_fused(x, scale, shift, relu)
 end
 
 function DepthwiseConv2D:_backward(x, y, gy, need_gin, need_params)
-  gy = activation_backward(self, gy, y)
-  local d = self._xshape
-  local win = window_of(self, d[2], d[3])
-  if need_params then conv_param_grads(self, 'depthwise_kernel', x, gy, win, C.depthwise_backward_filter) end
-  if need_gin then return C.depthwise_backward_data(gy, self:_kernel('depthwise_kernel', gy:dtype()), d, win) end
+  return kernel_backward(self, 'depthwise_kernel', C.depthwise_backward_filter, C.depthwise_backward_data, x, y, gy,
+    need_gin, need_params)
 end
 
 -- ---------------------------------------------------------------- SeparableConv2D
 
-local SeparableConv2D = class('SeparableConv2D', Layer)
-nn.SeparableConv2D = SeparableConv2D
-
-local sep_opts = set('filters', 'kernel_size', 'strides', 'padding', 'dilation_rate', 'depth_multiplier',
-  'activation', 'use_bias', 'depthwise_initializer', 'pointwise_initializer', 'bias_initializer',
-  'depthwise_regularizer', 'pointwise_regularizer', 'bias_regularizer', 'data_format')
-
-function SeparableConv2D.new(opts)
-  local self
-  self, opts = new_layer(SeparableConv2D, opts, sep_opts)
+local SeparableConv2D = layer_class('SeparableConv2D', Layer, with_options('filters', 'depth_multiplier',
+  'depthwise_initializer', 'pointwise_initializer', 'depthwise_regularizer', 'pointwise_regularizer'),
+  function(self, opts)
   local o = window_options(self, opts)
   self.filters = check_int(opts.filters, 'filters', o)
   self.depth_multiplier = check_int(opts.depth_multiplier or 1, 'depth_multiplier', o)
-  self.depthwise_initializer = nn._get_init(opts.depthwise_initializer or 'glorot_uniform', o)
-  self.pointwise_initializer = nn._get_init(opts.pointwise_initializer or 'glorot_uniform', o)
-  self.regularizers = {depthwise_kernel = check_reg(opts.depthwise_regularizer, 'depthwise_regularizer', o),
-                       pointwise_kernel = check_reg(opts.pointwise_regularizer, 'pointwise_regularizer', o),
-                       bias = check_reg(opts.bias_regularizer, 'bias_regularizer', o)}
+  kernel_options(self, opts, o, 'depthwise', 'pointwise')
   self._pwin = {kh = 1, kw = 1}
-  return self
-end
+end)
 
 function SeparableConv2D:build(s)
   check_image(self, s)
@@ -222,11 +212,7 @@ function SeparableConv2D:build(s)
   if self.use_bias then self:add_weight('bias', self.bias_initializer({self.filters}, self.dtype)) end
 end
 
-function SeparableConv2D:output_shape(s)
-  check_image(self, s, self.depthwise_kernel)
-  local oh, ow = spatial_out(self, s)
-  return {oh, ow, self.filters}
-end
+function SeparableConv2D:output_shape(s) return image_out(self, s, self.depthwise_kernel, self.filters) end
 
 SeparableConv2D.needs = util.weighted_needs
 SeparableConv2D.folds_affine = folds_affine

@@ -4,21 +4,15 @@
 
 return function(nn, util)
 local C = nn.C
-local Layer, class = nn.Layer, nn.class
+local Layer = nn.Layer
 local copy_shape, pair, check_int = nn._copy_shape, nn.pair, nn._check_int
-local new_layer, set, want_rank, check_reg = util.new_layer, util.set, util.want_rank, util.check_reg
+local layer_class, want_rank, check_reg = util.layer_class, util.want_rank, util.check_reg
 local activations, get_activation, activate = util.activations, util.get_activation, util.activate
 
 -- ---------------------------------------------------------------- Dense
 
-local Dense = class('Dense', Layer)
-nn.Dense = Dense
-
-function Dense.new(opts)
-  local self
-  self, opts = new_layer(Dense, opts, set('units', 'activation', 'use_bias', 'kernel_initializer',
-    'bias_initializer', 'kernel_regularizer', 'bias_regularizer'))
-  local o = self:owner()
+local Dense = layer_class('Dense', Layer, {'units', 'activation', 'use_bias', 'kernel_initializer',
+  'bias_initializer', 'kernel_regularizer', 'bias_regularizer'}, function(self, opts, o)
   self.units = check_int(opts.units, 'units', o)
   self.activation = get_activation(opts.activation, o)
   self.use_bias = opts.use_bias ~= false
@@ -26,8 +20,7 @@ function Dense.new(opts)
   self.bias_initializer = nn._get_init(opts.bias_initializer or 'zeros', o)
   self.regularizers = {kernel = check_reg(opts.kernel_regularizer, 'kernel_regularizer', o),
                        bias = check_reg(opts.bias_regularizer, 'bias_regularizer', o)}
-  return self
-end
+end)
 
 function Dense:build(s)
   local d = s[#s]
@@ -92,20 +85,13 @@ end
 
 -- ---------------------------------------------------------------- Activation / ReLU / Softmax
 
-local Activation = class('Activation', Layer)
-nn.Activation = Activation
-
 -- nn.Activation('relu'), nn.Activation{'relu', name='act1'} or nn.Activation{activation='relu'}
-function Activation.new(opts)
-  if type(opts) == 'string' then opts = {activation = opts} end
-  local self
-  self, opts = new_layer(Activation, opts, set('activation', 1))
+local Activation = layer_class('Activation', Layer, {'activation', 1}, function(self, opts, o)
   local a = opts.activation or opts[1]
-  if a == nil then error(self:owner() .. ': activation is required', 3) end
+  if a == nil then error(o .. ': activation is required', 3) end
   self.act = a
-  get_activation(a, self:owner())
-  return self
-end
+  get_activation(a, o)
+end, 'activation')
 
 function Activation:needs() return false, self.act ~= 'linear' end
 
@@ -129,52 +115,31 @@ function Activation:_backward(x, y, gy, need_gin)
   return C.act_backward(activations[self.act].bwd, gy, y)
 end
 
-local ReLU = class('ReLU', Activation)
-nn.ReLU = ReLU
-
-function ReLU.new(opts)
-  local self
-  self, opts = new_layer(ReLU, opts, set('max_value', 'negative_slope', 'threshold'))
+layer_class('ReLU', Activation, {'max_value', 'negative_slope', 'threshold'}, function(self, opts, o)
   if (opts.max_value ~= nil) or (opts.negative_slope or 0) ~= 0 or (opts.threshold or 0) ~= 0 then
-    error(self:owner() .. ': only the plain ReLU is supported (no max_value, negative_slope or threshold)', 3)
+    error(o .. ': only the plain ReLU is supported (no max_value, negative_slope or threshold)', 3)
   end
   self.act = 'relu'
-  return self
-end
+end)
 
-local Softmax = class('Softmax', Activation)
-nn.Softmax = Softmax
-
-function Softmax.new(opts)
-  local self
-  self, opts = new_layer(Softmax, opts, set('axis'))
-  if (opts.axis or -1) ~= -1 then error(self:owner() .. ': only axis=-1 is supported', 3) end
+layer_class('Softmax', Activation, {'axis'}, function(self, opts, o)
+  if (opts.axis or -1) ~= -1 then error(o .. ': only axis=-1 is supported', 3) end
   self.act = 'softmax'
-  return self
-end
+end)
 
 -- ---------------------------------------------------------------- Dropout
-
-local Dropout = class('Dropout', Layer)
-nn.Dropout = Dropout
 
 -- Inverted dropout: in training, keeps each element with probability 1-rate and scales it by
 -- 1/(1-rate). With `seed`, masks come from the layer's own Philox stream (reproducible, independent
 -- of the global generator); without, from the global generator (flower.manual_seed).
-function Dropout.new(opts)
-  if type(opts) == 'number' then opts = {rate = opts} end
-  local self
-  self, opts = new_layer(Dropout, opts, set('rate', 'seed', 'noise_shape', 1))
+local Dropout = layer_class('Dropout', Layer, {'rate', 'seed', 'noise_shape', 1}, function(self, opts, o)
   local rate = opts.rate or opts[1]
-  if type(rate) ~= 'number' or rate < 0 or rate >= 1 then
-    error(self:owner() .. ': rate must be a number in [0, 1)', 3)
-  end
-  if opts.noise_shape then error(self:owner() .. ': noise_shape is not supported', 3) end
+  if type(rate) ~= 'number' or rate < 0 or rate >= 1 then error(o .. ': rate must be a number in [0, 1)', 3) end
+  if opts.noise_shape then error(o .. ': noise_shape is not supported', 3) end
   self.rate = rate
   self.seed = opts.seed
   self._offset = 0
-  return self
-end
+end, 'rate')
 
 function Dropout:_forward(x, keep)
   self._mask = nil
@@ -202,13 +167,7 @@ end
 
 -- ---------------------------------------------------------------- shape layers
 
-local Flatten = class('Flatten', Layer)
-nn.Flatten = Flatten
-
-function Flatten.new(opts)
-  local self = new_layer(Flatten, opts, set('data_format'))
-  return self
-end
+local Flatten = layer_class('Flatten', Layer, {'data_format'})
 
 function Flatten:output_shape(s)
   local n = 1
@@ -228,20 +187,14 @@ function Flatten:_backward(x, y, gy, need_gin)
   if need_gin then return gy:reshape(self._xshape) end
 end
 
-local Reshape = class('Reshape', Layer)
-nn.Reshape = Reshape
-
-function Reshape.new(opts)
-  local self
-  self, opts = new_layer(Reshape, opts, set('target_shape'))
-  if type(opts.target_shape) ~= 'table' then error(self:owner() .. ': target_shape is required (a list)', 3) end
+local Reshape = layer_class('Reshape', Layer, {'target_shape'}, function(self, opts, o)
+  if type(opts.target_shape) ~= 'table' then error(o .. ': target_shape is required (a list)', 3) end
   self.target_shape = {}
   for i, v in ipairs(opts.target_shape) do
-    self.target_shape[i] = check_int(v, 'target_shape', self:owner(), -1)
-    if v == 0 then error(self:owner() .. ': target_shape entries must be positive or -1', 3) end
+    self.target_shape[i] = check_int(v, 'target_shape', o, -1)
+    if v == 0 then error(o .. ': target_shape entries must be positive or -1', 3) end
   end
-  return self
-end
+end)
 
 function Reshape:output_shape(s)
   local n, m, unknown = 1, 1, 0
@@ -271,29 +224,14 @@ end
 Reshape._backward = Flatten._backward
 
 -- y = scale * x (a constant; Keras would use a Lambda)
-local Scale = class('Scale', Layer)
-nn.Scale = Scale
-
-function Scale.new(opts)
-  local self
-  self, opts = new_layer(Scale, opts, set('scale'))
-  if type(opts.scale) ~= 'number' then error(self:owner() .. ': scale (a number) is required', 3) end
-  self.scale = opts.scale
-  return self
-end
+local Scale = layer_class('Scale', Layer, {'scale'}, util.scale_option)
 
 function Scale:_forward(x) return x * self.scale end
 function Scale:_backward(x, y, gy, need_gin) if need_gin then return gy * self.scale end end
 
-
-local ZeroPadding2D = class('ZeroPadding2D', Layer)
-nn.ZeroPadding2D = ZeroPadding2D
-
 -- padding: n, {ph, pw} or {{top, bottom}, {left, right}} (Keras's forms)
-function ZeroPadding2D.new(opts)
-  local self
-  self, opts = new_layer(ZeroPadding2D, opts, set('padding', 'data_format'))
-  local p, o = opts.padding or 1, self:owner()
+local ZeroPadding2D = layer_class('ZeroPadding2D', Layer, {'padding', 'data_format'}, function(self, opts, o)
+  local p = opts.padding or 1
   if type(p) == 'table' and type(p[1]) == 'table' then
     self.pt, self.pb = pair(p[1], 'padding', o, 0)
     self.pl, self.pr = pair(p[2], 'padding', o, 0)
@@ -301,8 +239,7 @@ function ZeroPadding2D.new(opts)
     local a, b = pair(p, 'padding', o, 0)
     self.pt, self.pb, self.pl, self.pr = a, a, b, b
   end
-  return self
-end
+end)
 
 -- {top, bottom, left, right}: a convolution after it may take the padding into its window
 -- (Model:_plan's 'pad' fusion)

@@ -4,9 +4,9 @@ local flower = require 'flower'
 
 return function(nn, util)
 local C = nn.C
-local Layer, class = nn.Layer, nn.class
+local Layer = nn.Layer
 local copy_shape = nn._copy_shape
-local new_layer, set = util.new_layer, util.set
+local layer_class = util.layer_class
 
 -- Keras axis (0 = batch, negative from the end) -> 1-based tensor dim for a rank-r tensor (with batch)
 local function keras_axis(axis, r, owner)
@@ -15,17 +15,11 @@ local function keras_axis(axis, r, owner)
   return d
 end
 
-local Concatenate = class('Concatenate', Layer)
-nn.Concatenate = Concatenate
-
-function Concatenate.new(opts)
-  local self
-  self, opts = new_layer(Concatenate, opts, set('axis'))
+local Concatenate = layer_class('Concatenate', Layer, {'axis'}, function(self, opts, o)
   self.axis = math.tointeger(opts.axis or -1)
-  if not self.axis then error(self:owner() .. ': axis must be an integer', 3) end
-  self.multi = true
-  return self
-end
+  if not self.axis then error(o .. ': axis must be an integer', 3) end
+end)
+Concatenate.multi = true
 
 function Concatenate:output_shape(ss)
   if #ss < 1 then error('needs at least one input', 0) end
@@ -78,14 +72,8 @@ local function same_shapes(self, ss)
   return copy_shape(ss[1])
 end
 
-local Add = class('Add', Layer)
-nn.Add = Add
-
-function Add.new(opts)
-  local self = new_layer(Add, opts, {})
-  self.multi = true
-  return self
-end
+local Add = layer_class('Add', Layer, {})
+Add.multi = true
 
 Add.output_shape = same_shapes
 Add.fuses_relu = true
@@ -122,17 +110,8 @@ end
 
 -- y = a + scale * b: InceptionResNetV2's scaled residual (Keras: a Lambda, CustomScaleLayer in
 -- Keras 3). Inputs in Keras's order {x, up}.
-local ScaledAdd = class('ScaledAdd', Layer)
-nn.ScaledAdd = ScaledAdd
-
-function ScaledAdd.new(opts)
-  local self
-  self, opts = new_layer(ScaledAdd, opts, set('scale'))
-  if type(opts.scale) ~= 'number' then error(self:owner() .. ': scale (a number) is required', 3) end
-  self.scale = opts.scale
-  self.multi = true
-  return self
-end
+local ScaledAdd = layer_class('ScaledAdd', Layer, {'scale'}, util.scale_option)
+ScaledAdd.multi = true
 
 function ScaledAdd:output_shape(ss)
   if #ss ~= 2 then error('expects exactly two inputs {x, residual}, got ' .. #ss, 0) end

@@ -3,22 +3,15 @@
 
 return function(nn, util)
 local C = nn.C
-local Layer, class = nn.Layer, nn.class
+local Layer = nn.Layer
 local copy_shape = nn._copy_shape
-local new_layer, set = util.new_layer, util.set
+local layer_class = util.layer_class
 
 -- ---------------------------------------------------------------- BatchNormalization
 
-local BatchNormalization = class('BatchNormalization', Layer)
-nn.BatchNormalization = BatchNormalization
-
-local bn_opts = set('axis', 'momentum', 'epsilon', 'center', 'scale', 'beta_initializer', 'gamma_initializer',
-  'moving_mean_initializer', 'moving_variance_initializer')
-
-function BatchNormalization.new(opts)
-  local self
-  self, opts = new_layer(BatchNormalization, opts, bn_opts)
-  local o = self:owner()
+local BatchNormalization = layer_class('BatchNormalization', Layer, {'axis', 'momentum', 'epsilon', 'center',
+  'scale', 'beta_initializer', 'gamma_initializer', 'moving_mean_initializer', 'moving_variance_initializer'},
+  function(self, opts, o)
   local axis = opts.axis or -1
   if type(axis) == 'table' then
     if #axis ~= 1 then error(o .. ': only one normalisation axis is supported', 3) end
@@ -41,8 +34,7 @@ function BatchNormalization.new(opts)
     moving_mean = nn._get_init(opts.moving_mean_initializer or 'zeros', o),
     moving_variance = nn._get_init(opts.moving_variance_initializer or 'ones', o),
   }
-  return self
-end
+end)
 
 function BatchNormalization:build(s)
   -- Keras's axis counts the batch dim as 0: the last one is -1 or #s

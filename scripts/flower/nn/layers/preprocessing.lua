@@ -4,9 +4,7 @@ local flower = require 'flower'
 
 return function(nn, util)
 local C = nn.C
-local Layer, class = nn.Layer, nn.class
-local copy_shape = nn._copy_shape
-local new_layer, set = util.new_layer, util.set
+local layer_class, copy_shape = util.layer_class, nn._copy_shape
 
 -- ---------------------------------------------------------------- Preprocess
 
@@ -19,21 +17,14 @@ local new_layer, set = util.new_layer, util.set
 --   caffe: RGB -> BGR, then subtract the ImageNet means [103.939, 116.779, 123.68] (B, G, R)
 --   tf:    x / 127.5 - 1
 --   torch: x / 255, then (x - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225] per RGB channel
-local Preprocess = class('Preprocess', Layer)
-nn.Preprocess = Preprocess
-
-function Preprocess.new(opts)
-  if type(opts) == 'string' then opts = {mode = opts} end
-  local self
-  self, opts = new_layer(Preprocess, opts, set('mode'))
+local Preprocess = layer_class('Preprocess', nn.Layer, {'mode'}, function(self, opts, o)
   local m = opts.mode or 'caffe'
   if m ~= 'caffe' and m ~= 'tf' and m ~= 'torch' then
-    error(self:owner() .. ": mode must be 'caffe', 'tf' or 'torch', got " .. tostring(m), 3)
+    error(o .. ": mode must be 'caffe', 'tf' or 'torch', got " .. tostring(m), 3)
   end
   self.mode = m
   self.out_dtype = self.dtype
-  return self
-end
+end, 'mode')
 
 function Preprocess:output_shape(s)
   if s[#s] ~= 3 then error('expects RGB images with 3 channels, got shape ' .. nn.shape_str(s), 0) end

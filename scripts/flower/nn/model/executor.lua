@@ -349,22 +349,15 @@ function Model:forward(input)
   local keep = (self.train or self.grad_enabled) and true or false
   self._need_gin = self.input_grad and true or false
   self:_refresh()
-  local ok, y = pcall(self._forward, self, input, keep, true)
-  if not ok then error(wrap_err(self, y), 0) end
-  self.output = y
-  return y
+  return nn._run_as(self, 'output', self._forward, input, keep, true)
 end
 
-function Model:backward(input, gradOutput)
-  local ok, gx = pcall(function()
-    self:_check_inputs(input, 'backward')
-    self:_check_grad_output(gradOutput)
-    return self:_backward(input, self.output, gradOutput, self._need_gin)
-  end)
-  if not ok then error(wrap_err(self, gx), 0) end
-  self.gradInput = gx
-  return gx
+local function checked_backward(self, input, gradOutput)
+  self:_check_inputs(input, 'backward')
+  self:_check_grad_output(gradOutput)
+  return self:_backward(input, self.output, gradOutput, self._need_gin)
 end
+function Model:backward(input, gradOutput) return nn._run_as(self, 'gradInput', checked_backward, input, gradOutput) end
 
 -- predict(x [, batch_size]): inference in evaluate mode, batch by batch, results concatenated
 -- x: a tensor, or a list of tensors for a model with several inputs (sliced alike)
