@@ -54,22 +54,26 @@ end
 -- Keras's model.summary() (tf-keras 2.x layout). Does one thing, as Keras does: prints the table
 -- (with print_fn, default print) and returns nothing, so the REPL shows it once. With
 -- print_fn = false it prints nothing and returns the text instead.
-function Model:summary(opts)
+-- summary's options, checked (errors at the caller of summary) -> opts, print_fn
+local function summary_options(self, opts)
   opts = opts or {}
-  if type(opts) ~= 'table' then
-    error(string.format('%s: summary: expected a table of options {print_fn=, line_length=}, got %s', self:owner(),
-      type(opts)), 2)
-  end
+  local function bad(what, ...) error(string.format('%s: summary: ' .. what, self:owner(), ...), 4) end
+  if type(opts) ~= 'table' then bad('expected a table of options {print_fn=, line_length=}, got %s', type(opts)) end
   local pf = opts.print_fn
   if pf == nil then pf = print end
   if pf ~= false and type(pf) ~= 'function' then
-    error(string.format('%s: summary: print_fn must be a function or false (return the text), got %s', self:owner(),
-      type(pf)), 2)
+    bad('print_fn must be a function or false (return the text), got %s', type(pf))
   end
   local ll = opts.line_length
   if ll ~= nil and (math.type(ll) ~= 'integer' or ll < 20) then
-    error(string.format('%s: summary: line_length must be an integer >= 20, got %s', self:owner(), tostring(ll)), 2)
+    bad('line_length must be an integer >= 20, got %s', tostring(ll))
   end
+  return opts, pf
+end
+
+function Model:summary(opts)
+  local pf
+  opts, pf = summary_options(self, opts)
   self:_refresh()
   local layers = self:keras_layers()
   local seq = self.class_name == 'Sequential'
