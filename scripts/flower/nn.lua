@@ -80,9 +80,11 @@
 -- their class names); executor.lua runs forward and backward in construction order and frees each
 -- value after its last reader; mixed_precision.lua casts at a model's boundary; summary.lua.
 --
--- THE LAYER PROTOCOL. A layer is a class made by nn.class(name, nn.Layer) whose `new(opts)` calls
--- Layer.init (common options: name, trainable, dtype, type_name) and declares its weights with
--- self:add_weight(name, tensor [, trainable]) in Keras's order. Required:
+-- THE LAYER PROTOCOL. A layer is a class made by util.layer_class(name, parent, options, init)
+-- (flower/nn/layers/common.lua): registered as nn[name], its new(opts) rejects options it does not
+-- list, runs Layer.init (common options: name, trainable, dtype, type_name) and then init(self,
+-- opts, owner). Weights are declared in build with self:add_weight(name, tensor [, trainable]) in
+-- Keras's order. Required:
 --   build(input_shape)              creates the weights from the input shape (batch dim excluded;
 --                                   a list of shapes for several inputs); raise plain messages --
 --                                   the caller prefixes "layer 'name' (Class): "
@@ -123,9 +125,9 @@
 --
 -- HOW TO ADD A LAYER:
 --   1. the class in its family's file in flower/nn/layers/ (a new family: a new file there and its
---      name in the list at the end of this file), with new(opts) rejecting unknown options
---      (util.new_layer), build / output_shape / _forward / _backward / needs, and the hooks above
---      that it can honour; its options, weight names and order as Keras's;
+--      name in the list at the end of this file), made by util.layer_class with its options and
+--      init, with build / output_shape / _forward / _backward / needs and the hooks above that it
+--      can honour; its options, weight names and order as Keras's;
 --   2. the Keras converter: an entry in `converters` in flower/keras.lua (config keys -> options),
 --      so that keras.load_model and model_from_config rebuild it;
 --   3. tests: a Keras reference case in tests/reference/gen_layers.py (outputs and gradients; the
