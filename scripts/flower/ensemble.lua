@@ -533,7 +533,7 @@ function ensemble.fit(feats, o)
     epochs = o.epochs or 40, callbacks = cbs, progress = o.progress, log = o.log or function() end,
     label = o.label or 'ensemble', device = o.device ~= nil and (dev or 'cpu') or nil,
     checkpoint_dir = o.checkpoint_dir, resume = o.resume,
-    save_best = o.checkpoint_dir and (vl and 'val_loss' or 'loss') or false })
+    save_best = o.checkpoint_dir and (vl and 'val_loss' or 'loss') or false, distributed = o.distributed })
   local self = setmetatable({ model = model, mean = mean, std = std, history = hist, columns = o.columns,
                               device = dev }, Classifier)
   if hist.stopped == 'interrupted' then self.interrupted = hist.interrupted; return self end

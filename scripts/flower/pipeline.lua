@@ -31,6 +31,12 @@ local train = require 'flower.train'
 
 local pipeline = {}
 
+-- dist: under several ranks (flower.dist) every rank runs the pipeline's collectives (training,
+-- evaluation and export split across ranks); only rank 0 writes files
+local function writes() return flower.dist.is_main() end
+-- --no-distributed turns it off; otherwise it is on exactly when launched as several ranks
+local function dist_opt(cfg) if cfg.distributed == false then return false end return nil end
+
 local function recipe_copy(t)
   if type(t) ~= 'table' then return t end
   local c = {}
@@ -115,7 +121,7 @@ local function write_submission(cfg, path, row_ids, categories, probs, k)
   for i, l in ipairs(top) do pred[i] = categories[l]; ids[i] = tostring(row_ids[i]) end
   local sample = files.join(cfg.data, 'sample_submission.csv')
   sample = files.exists(sample) and sample or nil
-  predict.write_csv(path, { ids = ids, predicted = pred, sample = sample })
+  if writes() then predict.write_csv(path, { ids = ids, predicted = pred, sample = sample }) end
   if k and k > 1 then
     local topk = {}
     for i, t in ipairs(predict.topk_rows(probs:totable(), k)) do
@@ -123,7 +129,7 @@ local function write_submission(cfg, path, row_ids, categories, probs, k)
       for j, l in ipairs(t) do r[j] = categories[l] end
       topk[i] = r
     end
-    predict.write_topk(predict.topk_path(path, k), { ids = ids, topk = topk, sample = sample })
+    if writes() then predict.write_topk(predict.topk_path(path, k), { ids = ids, topk = topk, sample = sample }) end
   end
   return path, pred, ids
 end
@@ -212,9 +218,11 @@ function pipeline.finetune(cfg, run, ds, spec, name)
     hist = pipeline.fit(cfg, run, model, stages, tl, vl, loss, name, dev)
     record_skipped(run, name .. ' train', tl:skipped())
     if hist.stopped == 'interrupted' then return { interrupted = hist.interrupted } end
-    save_model(model, weights, ds, name, size)
-    files.json_write(finished, { history = hist.rows, stopped = hist.stopped })
-    if cfg.keep_checkpoints ~= 'all' then drop_checkpoints(files.join(dir, 'checkpoints'), #stages) end
+    if writes() then
+      save_model(model, weights, ds, name, size)
+      files.json_write(finished, { history = hist.rows, stopped = hist.stopped })
+      if cfg.keep_checkpoints ~= 'all' then drop_checkpoints(files.join(dir, 'checkpoints'), #stages) end
+    end
     files.killpoint('pipeline.model_finished')
   end
   return pipeline.evaluate(cfg, run, ds, name, model, size, hist, vl, loss)
@@ -226,7 +234,7 @@ function pipeline.fit(cfg, run, model, stages, tl, vl, loss, name, dev)
   return train.fit_stages(model, stages, {
     train = tl, valid = vl, loss = loss, label = name, log = function(m) run:log('%s', m) end,
     checkpoint_dir = files.join(dir, 'checkpoints'), resume = cfg.resume ~= nil, device = dev or 'cpu',
-    mixed_precision = cfg.mixed_precision,
+    mixed_precision = cfg.mixed_precision, distributed = dist_opt(cfg),
     history_csv = files.join(dir, 'history.csv'), save_best = false,
     metrics = pipeline.topk_metrics(model.outputs[1].shape[1]),
     -- a stage with schedule = 'cosine' decays its learning rate to 0 over its epochs; the live
@@ -237,7 +245,7 @@ function pipeline.fit(cfg, run, model, stages, tl, vl, loss, name, dev)
         local optim = require 'flower.optim'
         cbs[#cbs + 1] = train.LearningRateScheduler(optim.cosine { lr = st.lr or cfg.lr, decay_steps = math.max(1, st.epochs) })
       end
-      if (cfg.tensorboard or '') ~= '' then
+      if (cfg.tensorboard or '') ~= '' and writes() then   -- dist: rank 0's event files
         cbs[#cbs + 1] = require('flower.tensorboard').callback { log_dir = files.join(cfg.tensorboard, name) }
       end
       return cbs
@@ -255,6 +263,7 @@ function pipeline.topk_metrics(K) return K > 5 and { 'top5' } or {} end
 -- report.html rewritten (atomically) after every epoch while models train: the finished models'
 -- curves and the one training now, so a browser refresh shows the run's progress.
 function pipeline.live_report(cfg, run, name, logs)
+  if not writes() then return end   -- dist: rank 0's report
   run._live = run._live or {}
   local live = run._live
   if not live[name] then live[#live + 1] = name; live[name] = {} end
@@ -296,7 +305,7 @@ function pipeline.evaluate(cfg, run, ds, name, model, size, hist, vl, loss)
   local ks = {}
   for _, m in ipairs(pipeline.topk_metrics(ds.classes)) do ks[#ks + 1] = tonumber(m:match('%d+')) end
   local ev = train.evaluate(model, vl, { loss = loss, collect = true, softmax = loss == 'logits', progress = false,
-                                         topk = ks })
+                                         topk = ks, distributed = dist_opt(cfg) })
   record_skipped(run, name .. ' valid', vl:skipped())
   local dev = pipeline.device(cfg)
   local use_tta = (cfg.tta or 'none') ~= 'none'
@@ -325,7 +334,8 @@ function pipeline.evaluate(cfg, run, ds, name, model, size, hist, vl, loss)
       record_skipped(run, name .. ' test', et.skipped)
     else
       local tel = eval_loader(cfg, ds.test, size)
-      et = train.evaluate(model, tel, { loss = loss, collect = true, softmax = loss == 'logits', progress = false })
+      et = train.evaluate(model, tel, { loss = loss, collect = true, softmax = loss == 'logits', progress = false,
+                                              distributed = dist_opt(cfg) })
       record_skipped(run, name .. ' test', tel:skipped())
     end
     local row_ids = {}
@@ -348,7 +358,7 @@ function pipeline.export(cfg, run, ds, spec, m)
   local splits = { { 'train', ds.train }, { 'valid', ds.valid } }
   if ds.test then splits[#splits + 1] = { 'test', ds.test } end
   local path = run:path('features', m.name .. '.h5')
-  local r = export.features(m.model, { path = path, splits = splits, resume = cfg.resume ~= nil,
+  local r = export.features(m.model, { path = path, splits = splits, resume = cfg.resume ~= nil, distributed = dist_opt(cfg),
     loader = function(d) return eval_loader(cfg, d, m.size) end,
     attrs = { model = m.name, image_size = m.size, preprocessing = desc.preprocessing or '',
               weights = desc.weights or run:path('models', m.name, 'model.h5') } })
@@ -415,11 +425,11 @@ function pipeline.ensemble(cfg, run, ds, paths, finetuned)
     patience = cfg.ensemble_patience, restore_best = cfg.ensemble_restore_best, device = pipeline.device(cfg) or 'cpu',
     batch_size = cfg.ensemble_batch_size or 64, seed = cfg.seed, progress = false,
     checkpoint_dir = run:path('ensemble', 'checkpoints'), resume = cfg.resume ~= nil,
-    log = function(m) run:log('%s', m) end, label = 'ensemble' })
+    log = function(m) run:log('%s', m) end, label = 'ensemble', distributed = dist_opt(cfg) })
   if clf.interrupted then return { interrupted = clf.interrupted } end
   local secs = files.now() - t0
   run:time('ensemble: train on concatenated features', (#clf.history.rows) * feats.n.train, secs)
-  train.write_history_csv(run:path('ensemble', 'history.csv'), clf.history)
+  if writes() then train.write_history_csv(run:path('ensemble', 'history.csv'), clf.history) end
   memory.stage(run, 'ensemble: train')
   local results = {}
   for i, m in ipairs(finetuned) do
@@ -501,7 +511,7 @@ function pipeline.run(cfg, run, spec)
   end
   local header = { 'model' }
   for j, c in ipairs(train.HISTORY_COLUMNS) do header[j + 1] = c end
-  files.csv_write(run:path('history.csv'), header, rows)
+  if writes() then files.csv_write(run:path('history.csv'), header, rows) end
   local seconds = files.now() - run.started   -- the whole run (data generation included), as the timing table
   local file_list = { { 'config.json', 'the resolved options (what --resume RUNDIR continues with)' },
     { 'log.txt', 'the log' }, { 'history.csv', 'per-epoch loss and accuracy of every model' } }
@@ -529,7 +539,7 @@ function pipeline.run(cfg, run, spec)
     notes[1] = string.format('%s started from random weights, not pretrained ones (no weights file was given).',
       table.concat(random, ', '))
   end
-  report.write(run:path('report.html'), {
+  if writes() then report.write(run:path('report.html'), {
     title = string.format('%s — %s', run.name, cfg.data),
     subtitle = string.format('%s, %d classes, %d train / %d valid images; %.0f s in all', os.date('%Y-%m-%d %H:%M'),
       ds.classes, #ds.train, #ds.valid, seconds),
@@ -541,7 +551,7 @@ function pipeline.run(cfg, run, spec)
       c.stages_resolved = pipeline.stages(cfg)
       return c
     end)(),
-  })
+  }) end
   run:write_results()
   if run.skipped and #run.skipped > 0 then
     run:log('%d unreadable image(s) skipped everywhere (named above, in results.json and the report)', #run.skipped)
