@@ -411,17 +411,22 @@ function ensemble.average(feats, split, which)
 end
 
 -- Accuracy of the averaged probabilities and the predicted labels (1-based), streamed.
+-- accuracy, predicted labels and top-5 accuracy (nil with 5 classes or fewer) of the averaged
+-- probabilities, block by block
 function ensemble.average_accuracy(feats, split, which)
   feats = as_features(feats)
   local labels = feats.label[split]
   if not labels then fail("average_accuracy: the '%s' split has no labels", split) end
-  local right, pred = 0, {}
+  local right, right5, pred = 0, 0, {}
   each_prob_block(feats, split, which, function(first, count, p)
     local top = p:argmax(2):view(-1)
-    right = right + top:eq(labels:narrow(1, first, count):type(top:dtype())):sum():item()
+    local y = labels:narrow(1, first, count)
+    right = right + top:eq(y:type(top:dtype())):sum():item()
+    if p:size(2) > 5 then right5 = right5 + require('flower.nn').top_k_accuracy(p, y, 5) * count end
     for i, v in ipairs(top:totable()) do pred[first + i - 1] = v end
   end)
-  return right / feats.n[split], pred
+  local n = feats.n[split]
+  return right / n, pred, (feats.classes or 0) > 5 and right5 / n or nil
 end
 
 ---------------------------------------------------------------------------------------------------
@@ -468,15 +473,20 @@ end
 function Classifier:evaluate(feats, split)
   self.model:evaluate()
   feats = as_features(feats)
-  local pred, right, labels = {}, 0, feats.label[split]
+  local pred, right, right5, labels = {}, 0, 0, feats.label[split]
+  local top5 = (feats.classes or 0) > 5
   for b in ensemble.loader(feats, split, { batch_size = 1024, columns = self.columns, mean = self.mean, std = self.std }):epoch(1) do
     local p = batch_probs(self, b.x)
     local top = p:argmax(2):view(-1)
-    if labels then right = right + top:eq(b.y:type(top:dtype())):sum():item() end
+    if labels then
+      right = right + top:eq(b.y:type(top:dtype())):sum():item()
+      if top5 then right5 = right5 + require('flower.nn').top_k_accuracy(p, b.y, 5) * b.n end
+    end
     for i, v in ipairs(top:totable()) do pred[b.index[i]] = v end
     p:free()
   end
-  return pred, labels and right / feats.n[split] or nil
+  local n = feats.n[split]
+  return pred, labels and right / n or nil, (labels and top5) and right5 / n or nil
 end
 
 -- Trains Dropout(dropout) + Dense(classes) on the train split, validating on valid.
@@ -544,7 +554,7 @@ function ensemble.fit(feats, o)
       nn.load_checkpoint(files.join(o.checkpoint_dir, 'best.h5'), model)
     end
   end
-  if vl then self.valid_pred, self.val_acc = self:evaluate(feats, 'valid') end
+  if vl then self.valid_pred, self.val_acc, self.val_top5 = self:evaluate(feats, 'valid') end
   return self
 end
 

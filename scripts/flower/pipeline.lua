@@ -438,13 +438,14 @@ function pipeline.ensemble(cfg, run, ds, paths, finetuned)
       note = string.format('fine-tuned from %s (%d features)',
         m.weights and files.basename(m.weights) or 'random initial weights', feats.dims[i]) }
   end
-  local avg_acc = ensemble.average_accuracy(feats, 'valid')
+  local avg_acc, _, avg_top5 = ensemble.average_accuracy(feats, 'valid')
   local conf = report.confusion(feats.label.valid:totable(), clf.valid_pred, ds.classes)
   local out = { classifier = clf, confusion = conf, dims = feats.dims, D = feats.D, resident = feats.resident }
-  local concat = { name = 'ensemble: concatenated features', val_acc = clf.val_acc,
+  local concat = { name = 'ensemble: concatenated features', val_acc = clf.val_acc, val_topk = clf.val_top5,
     note = string.format('Dropout(%g) + Dense(%d) on %d features, %d epochs', cfg.ensemble_dropout, ds.classes,
       feats.D, #clf.history.rows) }
-  local averaged = { name = 'ensemble: averaged probabilities', val_acc = avg_acc, note = 'mean of the models\' probabilities' }
+  local averaged = { name = 'ensemble: averaged probabilities', val_acc = avg_acc, val_topk = avg_top5,
+    note = 'mean of the models\' probabilities' }
   if ds.test and feats.n.test then
     local t1 = files.now()
     local probs = clf:predict(feats, 'test')
