@@ -111,8 +111,42 @@ pipeline.eval_loader = eval_loader
 -- The submission for predictions whose row i is image row_ids[i]: category ids from labels, the
 -- sample's order if any; with k > 1 the k best categories per image go to predict-...-top<k>.csv
 -- beside it. (Rows are the images that could be read: an unreadable one has no row.)
-local function write_submission(cfg, path, row_ids, categories, probs, k)
+-- Test images that could not be read have no prediction. With --unreadable-test most-frequent they
+-- are predicted as the training set's most frequent categories (the k most frequent for top-k),
+-- and the log, results.json and the report say how many; by default (omit) they have no row, which
+-- a sample submission (every id must have one) turns into an error saying what to do.
+local function fallback_rows(cfg, ds, ids, k, sample)
+  local have, missing = {}, {}
+  for _, id in ipairs(ids) do have[id] = true end
+  for _, id in ipairs(ds.test.ids) do
+    if not have[tostring(id)] then missing[#missing + 1] = tostring(id) end
+  end
+  if #missing == 0 or (cfg.unreadable_test ~= 'most-frequent' and not sample) then return {}, {} end
+  if cfg.unreadable_test ~= 'most-frequent' then
+    require('flower.recipe').fail('%d test image(s) could not be read (first: id %s; the log names each file), so the '
+      .. 'submission would lack rows that %s asks for. Rerun with --resume RUNDIR --unreadable-test most-frequent to '
+      .. 'predict them as the most frequent training category.', #missing, missing[1], sample)
+  end
+  local count = {}
+  for _, l in ipairs(ds.train.labels) do count[l] = (count[l] or 0) + 1 end
+  local order = {}
+  for l = 1, ds.classes do order[l] = l end
+  table.sort(order, function(a, b)
+    if (count[a] or 0) ~= (count[b] or 0) then return (count[a] or 0) > (count[b] or 0) end
+    return a < b
+  end)
+  local top = {}
+  for j = 1, math.min(k or 1, #order) do top[j] = ds.all.categories[order[j]] end
+  return missing, top
+end
+
+-- The submission for predictions whose row i is image row_ids[i]: category ids from labels, the
+-- sample's order if any; with k > 1 the k best categories per image go to predict-...-top<k>.csv
+-- beside it. (Rows are the images that could be read; see fallback_rows for the others.) Returns
+-- the path, the predictions and ids (read images only) and the number of fallback rows.
+local function write_submission(cfg, ds, path, row_ids, probs, k)
   local predict = require 'flower.predict'
+  local categories = ds.all.categories
   local top = probs:argmax(2):view(-1):totable()
   if #row_ids ~= #top then
     error(string.format('pipeline: %s: %d predictions for %d ids', path, #top, #row_ids), 0)
@@ -121,7 +155,13 @@ local function write_submission(cfg, path, row_ids, categories, probs, k)
   for i, l in ipairs(top) do pred[i] = categories[l]; ids[i] = tostring(row_ids[i]) end
   local sample = files.join(cfg.data, 'sample_submission.csv')
   sample = files.exists(sample) and sample or nil
-  if writes() then predict.write_csv(path, { ids = ids, predicted = pred, sample = sample }) end
+  local missing, fallback = fallback_rows(cfg, ds, ids, k, sample)
+  local all_ids, all_pred = ids, pred
+  if #missing > 0 then
+    all_ids, all_pred = { table.unpack(ids) }, { table.unpack(pred) }
+    for _, id in ipairs(missing) do all_ids[#all_ids + 1] = id; all_pred[#all_pred + 1] = fallback[1] end
+  end
+  if writes() then predict.write_csv(path, { ids = all_ids, predicted = all_pred, sample = sample }) end
   if k and k > 1 then
     local topk = {}
     for i, t in ipairs(predict.topk_rows(probs:totable(), k)) do
@@ -129,9 +169,10 @@ local function write_submission(cfg, path, row_ids, categories, probs, k)
       for j, l in ipairs(t) do r[j] = categories[l] end
       topk[i] = r
     end
-    if writes() then predict.write_topk(predict.topk_path(path, k), { ids = ids, topk = topk, sample = sample }) end
+    for i = #ids + 1, #all_ids do topk[i] = fallback end
+    if writes() then predict.write_topk(predict.topk_path(path, k), { ids = all_ids, topk = topk, sample = sample }) end
   end
-  return path, pred, ids
+  return path, pred, ids, #missing
 end
 
 -- Accuracy of a submission against the synthetic set's answer key (test_labels.csv), if present.
@@ -340,7 +381,8 @@ function pipeline.evaluate(cfg, run, ds, name, model, size, hist, vl, loss)
     end
     local row_ids = {}
     for i, k in ipairs(et.index) do row_ids[i] = ds.test.ids[k] end
-    local path, pred, ids = write_submission(cfg, run:path('predict-' .. name .. '.csv'), row_ids, ds.all.categories, et.probs, cfg.topk)
+    local path, pred, ids, fb = write_submission(cfg, ds, run:path('predict-' .. name .. '.csv'), row_ids, et.probs, cfg.topk)
+    run.fallback_rows = fb
     out.test_acc = score_submission(cfg, ids, pred)
     out.predict = path
     run:time(name .. ': predict test', #ds.test, files.now() - t0)
@@ -450,10 +492,11 @@ function pipeline.ensemble(cfg, run, ds, paths, finetuned)
     local t1 = files.now()
     local probs = clf:predict(feats, 'test')
     -- the ids come from the feature files, checked above against test.json
-    local path, p, ids = write_submission(cfg, run:path('predict.csv'), feats.ids.test, ds.all.categories, probs, cfg.topk)
+    local path, p, ids, fb = write_submission(cfg, ds, run:path('predict.csv'), feats.ids.test, probs, cfg.topk)
+    run.fallback_rows = fb
     concat.test_acc = score_submission(cfg, ids, p)
     out.predict = path
-    local _, pa, ida = write_submission(cfg, run:path('predict-averaged.csv'), feats.ids.test, ds.all.categories,
+    local _, pa, ida = write_submission(cfg, ds, run:path('predict-averaged.csv'), feats.ids.test,
       ensemble.average(feats, 'test'), cfg.topk)
     averaged.test_acc = score_submission(cfg, ida, pa)
     run:time('ensemble: predict test', feats.n.test, files.now() - t1)
@@ -536,8 +579,13 @@ function pipeline.run(cfg, run, spec)
     if not m.weights then random[#random + 1] = m.name end
   end
   local notes = {}
+  if (run.fallback_rows or 0) > 0 then
+    notes[#notes + 1] = string.format('%d test image(s) could not be read and were predicted as the most frequent '
+      .. 'training category (--unreadable-test most-frequent); they are listed under Skipped images.', run.fallback_rows)
+    run:log('%s', notes[#notes])
+  end
   if #random > 0 then
-    notes[1] = string.format('%s started from random weights, not pretrained ones (no weights file was given).',
+    notes[#notes + 1] = string.format('%s started from random weights, not pretrained ones (no weights file was given).',
       table.concat(random, ', '))
   end
   if writes() then report.write(run:path('report.html'), {

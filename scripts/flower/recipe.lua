@@ -93,6 +93,9 @@ local PIPELINE = {
     help = 'also write predict-top<k>.csv (id, the k best categories) beside each submission (0 or 1: none)' },
   { name = 'workers', type = 'int', default = 2, min = 1, help = 'image decoding threads' },
   { name = 'seed', type = 'int', default = 1, min = 0, help = 'seed of the weights, shuffling, augmentation and dropout' },
+  { name = 'unreadable_test', type = 'string', default = 'omit', choices = { 'omit', 'most-frequent' },
+    help = 'test images that cannot be read: omit (no row; an error when sample_submission.csv asks for every id) '
+      .. 'or most-frequent (predict the most frequent training category; the log and report say how many)' },
   { name = 'tta', type = 'string', default = 'none', choices = { 'none', 'flip', 'crops', 'crops+flip' },
     help = 'test-time augmentation of each fine-tuned model\'s validation and test predictions (the report shows '
       .. 'validation accuracy with and without it)' },
@@ -312,7 +315,7 @@ end
 function Run:write_results()
   if not self.main then return end
   files.json_write(self:path('results.json'), { results = self.results, timing = self.timing,
-    skipped = self.skipped or {}, seconds = files.now() - self.started })
+    skipped = self.skipped or {}, unreadable_test_predicted = self.fallback_rows, seconds = files.now() - self.started })
 end
 
 -- Makes (or resumes) the run directory for a resolved config and calls the run function.
