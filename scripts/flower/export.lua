@@ -393,28 +393,23 @@ end
 function Reader:probs_rows(split, first, count)
   return self:has_probs(split) and self.file:read_slice(dataset(self, split, '_probs'), first, count) or nil
 end
-function Reader:labels(split)
-  local ds = dataset(self, split, '_label')
+-- a 0-based int dataset of the split as 1-based int64 (labels, image indices); nil when absent
+local function one_based(self, split, suffix)
+  local ds = dataset(self, split, suffix)
   if not self.file:exists(ds) then return nil end
   local raw = self.file:read(ds)
-  local lab = raw:type('int64') + 1
+  local t = raw:type('int64') + 1
   raw:free()
-  return lab
+  return t
 end
+function Reader:labels(split) return one_based(self, split, '_label') end
 function Reader:ids(split) return self.file:read(dataset(self, split, '_ids')) end
 function Reader:images(split) return self.file:read(dataset(self, split, '_images')) end
 function Reader:skipped(split)
   local ds = dataset(self, split, '_skipped_images')
   return self.file:exists(ds) and self.file:read(ds) or {}
 end
-function Reader:index(split)
-  local ds = dataset(self, split, '_index')
-  if not self.file:exists(ds) then return nil end
-  local raw = self.file:read(ds)
-  local idx = raw:type('int64') + 1
-  raw:free()
-  return idx
-end
+function Reader:index(split) return one_based(self, split, '_index') end
 function Reader:close() if self.file then self.file:close(); self.file = nil end end
 
 -- Reads an exported file whole: {x = {train =, valid =, test =}, label = {...} (1-based int64),
