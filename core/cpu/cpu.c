@@ -2,6 +2,7 @@
  * Kernels live in elementwise.c, reduce.c, blas.c and random.c. */
 #include "cpu.h"
 #include "../ops.h"
+#include "../nn.h"
 
 #include <cblas.h>
 #include <omp.h>
@@ -543,9 +544,6 @@ int cpu_fill(fl_tensor *t, double value) {
 }
 
 /* ---------------------------------------------------------------- the table */
-
-/* The NN owner defines fl_cpu_nn_ops in core/cpu/nn_*.c; until then the weak reference is NULL. */
-extern const struct fl_nn_ops fl_cpu_nn_ops __attribute__((weak));
 
 const fl_backend fl_cpu_backend = {
   .name = "cpu",

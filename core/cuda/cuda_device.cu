@@ -529,6 +529,8 @@ static fl_backend make_backend(void) {
   fl_backend b;
   memset(&b, 0, sizeof b);
   b.name = "cuda";
+  b.device_count = fl_cuda_device_count;
+  b.unavailable_reason = fl_cuda_unavailable_reason;
   b.alloc = backend_alloc;
   b.free = backend_free;
   b.copy = cu_backend_copy;

@@ -12,6 +12,7 @@
 --   ensemble.accuracy(avg, feats.label.valid)
 local flower = require 'flower'
 local files = require 'flower.files'
+local device = require 'flower.device'
 
 local ensemble = {}
 
@@ -100,10 +101,8 @@ function Classifier:predict(x)
   if self.columns then x = x:narrow(2, self.columns[1], self.columns[2]) end
   self.model:evaluate()
   x = self.transform(x)
-  if self.device ~= nil then x = x:cuda(self.device) end
-  local p = self.model:predict(x, 1024):softmax(2)
-  if self.device ~= nil then p = p:cpu() end
-  return p
+  x = device.move(x, self.device)
+  return device.move(self.model:predict(x, 1024):softmax(2), nil)
 end
 
 -- Trains Dropout(dropout) + Dense(classes) on feats.x.train, validating on feats.x.valid.
@@ -114,7 +113,7 @@ end
 function ensemble.fit(feats, o)
   o = o or {}
   local nn, optim, data, train = require 'flower.nn', require 'flower.optim', require 'flower.data', require 'flower.train'
-  local dev = train.resolve_device(o.device, 'ensemble.fit')
+  local dev = device.resolve(o.device, 'ensemble.fit')
   local xt, xv = feats.x.train, feats.x.valid
   if not xt or not feats.label.train then fail('fit: the features have no labelled train split') end
   if o.columns then

@@ -187,7 +187,7 @@ function export.features(model, o)
   if exists and not o.resume then os.remove(o.path); exists = false end
   files.mkdir(files.dirname(o.path))
   local fmodel, with_probs = two_headed(model, layer)
-  if o._device ~= nil and fmodel.cuda then fmodel:cuda(o._device) end   -- the shared layers are there already
+  if o._device ~= nil then require('flower.device').move(fmodel, o._device) end   -- the shared layers are there already
   local was = model.train
   model:evaluate()
   fmodel:evaluate()
