@@ -94,6 +94,9 @@ typedef int (*case_fn)(env *e, fl_dtype dt, int k, fl_tensor *out);
 
 static int view(fl_tensor *out, const fl_tensor *t) { fl_tensor_init_view(out, t); return 0; }
 
+/* mixed precision: bfloat16 activations go with float32 parameters, statistics and gradients */
+static fl_dtype param_dt(fl_dtype dt) { return dt == FL_BF16 ? FL_F32 : dt; }
+
 static int c_copy(env *e, fl_dtype dt, int k, fl_tensor *out) {
   fl_tensor *a = in(e, dt, SH(3, 4, 5), -50, 50);
   TRY(a);
@@ -107,6 +110,23 @@ static int c_copy(env *e, fl_dtype dt, int k, fl_tensor *out) {
   TRY(empty);
   RUN(fl_cast(&out[2], empty, to[k]));
   return 3;
+}
+
+/* the rounding cases of conversions: ties to even into bfloat16 (1 + 2^-8 -> 1, 1 + 3*2^-8 ->
+ * 1 + 2^-6), overflow to infinity, NaN, signed zero, subnormals, and into integers saturation and
+ * NaN to 0; k picks the target dtype */
+static int c_special(env *e, fl_dtype dt, int k, fl_tensor *out) {
+  static const double v[] = {1, 1 + 0x1p-8, 1 + 3 * 0x1p-8, -2.75, 257, 3.4e38, 1e39, -INFINITY, NAN, -0.0,
+                             1e-40, 3.5, -3.5, 1e10, -1e10, 300, -5};
+  int64_t n = (int64_t)(sizeof v / sizeof v[0]);
+  fl_tensor *h64 = slot(e), *h = slot(e);
+  RUN(fl_tensor_init(h64, &fl_cpu_backend, 0, FL_F64, 1, &n));
+  for (int64_t i = 0; i < n; i++) fl_tensor_set(h64, &i, v[i]);
+  RUN(fl_cast(h, h64, dt));
+  fl_tensor *a = on_device(e, h);
+  TRY(a);
+  static const fl_dtype to[] = {FL_F32, FL_F64, FL_I32, FL_I64, FL_U8, FL_BF16};
+  return fl_cast(&out[0], a, to[k]) ? -1 : 1;
 }
 
 /* k: 0 a value every dtype holds, 1 one that saturates the integers */
@@ -196,12 +216,20 @@ static int c_where(env *e, fl_dtype dt, int k, fl_tensor *out) {
 }
 
 /* k: batched by a shared matrix, a transposed (strided) operand, vector @ matrix, matrix @ vector,
- * broadcast batch dims, a large product, and gemm with both operands transposed, alpha and beta */
+ * broadcast batch dims, a large product, gemm with both operands transposed, alpha and beta, and
+ * gemm accumulating x^T g into float32 for bfloat16 operands (mixed precision's master gradients) */
 static int c_matmul(env *e, fl_dtype dt, int k, fl_tensor *out) {
   static const struct { int na, nb; int64_t a[4], b[4]; } mm[] = {
     {3, 2, {3, 17, 40}, {40, 23}}, {3, 3, {3, 40, 17}, {3, 40, 23}}, {1, 2, {7}, {7, 4}}, {2, 1, {4, 7}, {7}},
     {4, 3, {3, 1, 4, 6}, {2, 6, 5}}, {2, 2, {130, 257}, {257, 65}},
   };
+  if (k == 7) {
+    fl_tensor *x = in(e, dt, SH(130, 257), -1, 1), *g = in(e, dt, SH(130, 65), -1, 1);
+    fl_tensor *acc = in(e, param_dt(dt), SH(257, 65), -1, 1);
+    TRY(x && g && acc);
+    RUN(fl_gemm(acc, x, g, 1, 0, 1, 1));
+    return view(&out[0], acc) ? -1 : 1;
+  }
   if (k == 6) {
     fl_tensor *a = in(e, dt, SH(9, 6), -1, 1), *b = in(e, dt, SH(5, 9), -1, 1), *o = in(e, dt, SH(6, 5), -1, 1);
     TRY(a && b && o);
@@ -248,7 +276,6 @@ static int window_for(int k, fl_window *win, int64_t *oh, int64_t *ow) {
                         convs[k].s, convs[k].d, convs[k].d, convs[k].pad, oh, ow);
 }
 
-static fl_dtype param_dt(fl_dtype dt) { return dt == FL_BF16 ? FL_F32 : dt; }
 
 static int c_conv(env *e, fl_dtype dt, int k, fl_tensor *out, int depthwise) {
   fl_window win;
@@ -263,15 +290,15 @@ static int c_conv(env *e, fl_dtype dt, int k, fl_tensor *out, int depthwise) {
   TRY(x && w && sc && sh && gy);
   fl_tensor *gw = zeros(e, param_dt(dt), w->ndim, w->shape), *gb = zeros(e, param_dt(dt), SH(F));
   TRY(gw && gb);
-  RUN(fl_fill(gw, 0.25));               /* beta 1 accumulates onto it */
+  RUN(fl_fill(gw, 0.25));               /* beta 0.5 scales it and adds */
   if (depthwise) {
     RUN(fl_depthwise_forward(&out[0], x, w, sc, sh, k % 2, &win));
     RUN(fl_depthwise_backward_data(&out[1], gy, w, x->shape, &win));
-    RUN(fl_depthwise_backward_filter_into(gw, gb, x, gy, &win, 1));
+    RUN(fl_depthwise_backward_filter_into(gw, gb, x, gy, &win, 0.5));
   } else {
     RUN(fl_conv2d_forward(&out[0], x, w, sc, sh, k % 2, &win));
     RUN(fl_conv2d_backward_data(&out[1], gy, w, x->shape, &win));
-    RUN(fl_conv2d_backward_filter_into(gw, gb, x, gy, &win, 1));
+    RUN(fl_conv2d_backward_filter_into(gw, gb, x, gy, &win, 0.5));
   }
   view(&out[2], gw);
   view(&out[3], gb);
@@ -392,12 +419,13 @@ static const struct {
 } cases[] = {
   {"copy and convert, strided", c_copy, 6, EXACT, ALL, 6},
   {"fill a view", c_fill, 2, EXACT, ALL, 6},
+  {"conversions: rounding, overflow, NaN, signed zero, saturation", c_special, 6, EXACT, FLOATS, 3},
   {"binary ops, broadcast", c_binary, 13, ELEM, ALL, 6},
   {"unary ops", c_unary, 11, ELEM, ALL, 6},
   {"reductions", c_reduce, 8, STAT, ALL, 6},
   {"arg/max/min with NaN and ties", c_reduce_nan, 4, EXACT, FLOATS, 3},
   {"where", c_where, 1, EXACT, ALL, 6},
-  {"matmul and gemm", c_matmul, 7, GEMM, FLOATS, 3},
+  {"matmul and gemm", c_matmul, 8, GEMM, FLOATS, 3},
   {"softmax, log-softmax", c_softmax, 2, STAT, FLOATS, 3},
   {"uniform, normal, integer draws", c_rng, 3, STAT, ALL, 6},
   {"conv2d forward, backward data and filter", c_conv2d, 7, GEMM, FLOATS, 3},
@@ -453,9 +481,10 @@ static const char *compare(const fl_tensor *g, const fl_tensor *c, tol_kind kind
   why[0] = '\0';
   for (int64_t i = 0; i < len && !why[0]; i++) {
     if (isnan(a[i]) && isnan(b[i])) continue;
-    if (a[i] == b[i]) continue;
+    if (a[i] == b[i] && signbit(a[i]) == signbit(b[i])) continue;
     double err = fabs(a[i] - b[i]);
     double lim = kind == GEMM ? tol * big : tol * (fabs(b[i]) + mean);
+    if (a[i] == b[i]) lim = 0;             /* zeros of opposite signs: EXACT tells them apart */
     if (!(err <= lim))
       snprintf(why, n, "element %lld: %.9g, the CPU's %.9g (|diff| %.3g > %.3g)", (long long)i, a[i], b[i], err, lim);
   }
