@@ -113,12 +113,10 @@ struct fl_nn_ops {
                    double beta2, double eps);
 };
 
-/* The CPU backend's table (core/cpu/nn_cpu.c). */
-extern const struct fl_nn_ops fl_cpu_nn_ops;
 /* Elements of the CPU convolutions' im2col chunk (default 2^20; <= 0 restores it). For tests. */
 void fl_nn_cpu_set_chunk(int64_t elements);
 /* Which code runs the CPU's float32 convolutions: FL_CONV_AUTO (the default) picks per operation
- * and kernel shape what measured faster (see core/cpu/nn_cpu.c); FL_CONV_OWN forces our GEMM
+ * and kernel shape what measured faster (see core/cpu/nn_conv.c); FL_CONV_OWN forces our GEMM
  * kernels, FL_CONV_ONEDNN oneDNN wherever it accepts the case. float64 always uses our kernels. */
 typedef enum { FL_CONV_AUTO, FL_CONV_OWN, FL_CONV_ONEDNN } fl_conv_engine;
 void fl_nn_cpu_set_conv_engine(fl_conv_engine e);

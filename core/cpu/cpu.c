@@ -1,8 +1,8 @@
 /* The CPU backend: host memory, the strided iterator every kernel uses, copy/convert and fill.
- * Kernels live in elementwise.c, reduce.c, blas.c and random.c. */
+ * Kernels live in elementwise.c, reduce.c, blas.c and random.c, the nn kernels in nn_*.c by family;
+ * the tables at the end gather them. */
 #include "cpu.h"
 #include "../ops.h"
-#include "../nn.h"
 
 #include <cblas.h>
 #include <omp.h>
@@ -545,6 +545,27 @@ int cpu_fill(fl_tensor *t, double value) {
 
 /* ---------------------------------------------------------------- the table */
 
+static const struct fl_nn_ops cpu_nn = {
+  .conv2d_forward = cpu_conv2d_forward,
+  .conv2d_backward_data = cpu_conv2d_backward_data,
+  .conv2d_backward_filter = cpu_conv2d_backward_filter,
+  .depthwise_forward = cpu_depthwise_forward,
+  .depthwise_backward_data = cpu_depthwise_backward_data,
+  .depthwise_backward_filter = cpu_depthwise_backward_filter,
+  .pool2d_forward = cpu_pool2d_forward,
+  .pool2d_backward = cpu_pool2d_backward,
+  .batchnorm_forward_train = cpu_batchnorm_forward_train,
+  .batchnorm_backward = cpu_batchnorm_backward,
+  .channel_affine = cpu_channel_affine,
+  .act_backward = cpu_act_backward,
+  .softmax_xent = cpu_softmax_xent,
+  .add_act = cpu_add_act,
+  .axpby = cpu_axpby,
+  .sumsq = cpu_sumsq,
+  .sgd_step = cpu_sgd_step,
+  .adam_step = cpu_adam_step,
+};
+
 const fl_backend fl_cpu_backend = {
   .name = "cpu",
   .alloc = cpu_alloc,
@@ -558,5 +579,5 @@ const fl_backend fl_cpu_backend = {
   .matmul = cpu_matmul,
   .softmax = cpu_softmax,
   .rng = cpu_rng,
-  .nn = &fl_cpu_nn_ops,
+  .nn = &cpu_nn,
 };
