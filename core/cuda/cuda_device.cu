@@ -524,7 +524,31 @@ int cu_backend_matmul(fl_tensor *out, const fl_tensor *a, const fl_tensor *b, do
 int cu_backend_softmax(fl_tensor *out, const fl_tensor *a, int dim, int log);
 int cu_backend_rng(fl_tensor *out, fl_rngkind kind, uint64_t seed, uint64_t offset, double p0, double p1);
 
-/* Filled by field name so a reordered or extended fl_backend still builds correctly. */
+/* Filled by field name so a reordered or extended table still builds correctly. */
+static struct fl_nn_ops make_nn(void) {
+  struct fl_nn_ops t;
+  memset(&t, 0, sizeof t);
+  t.conv2d_forward = nn_conv2d_forward;
+  t.conv2d_backward_data = nn_conv2d_backward_data;
+  t.conv2d_backward_filter = nn_conv2d_backward_filter;
+  t.depthwise_forward = nn_depthwise_forward;
+  t.depthwise_backward_data = nn_depthwise_backward_data;
+  t.depthwise_backward_filter = nn_depthwise_backward_filter;
+  t.pool2d_forward = nn_pool2d_forward;
+  t.pool2d_backward = nn_pool2d_backward;
+  t.batchnorm_forward_train = nn_batchnorm_forward_train;
+  t.batchnorm_backward = nn_batchnorm_backward;
+  t.channel_affine = nn_channel_affine;
+  t.act_backward = nn_act_backward;
+  t.softmax_xent = nn_softmax_xent;
+  t.add_act = nn_add_act;
+  t.axpby = nn_axpby;
+  t.sumsq = nn_sumsq;
+  t.sgd_step = nn_sgd_step;
+  t.adam_step = nn_adam_step;
+  return t;
+}
+
 static fl_backend make_backend(void) {
   fl_backend b;
   memset(&b, 0, sizeof b);
@@ -542,7 +566,8 @@ static fl_backend make_backend(void) {
   b.matmul = cu_backend_matmul;
   b.softmax = cu_backend_softmax;
   b.rng = cu_backend_rng;
-  b.nn = cu_nn_table();
+  static const struct fl_nn_ops nn = make_nn();
+  b.nn = &nn;
   b.host_alloc = host_alloc;
   b.host_free = host_free;
   b.host_wait = host_wait;
