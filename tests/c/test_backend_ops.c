@@ -112,6 +112,18 @@ static int c_copy(env *e, fl_dtype dt, int k, fl_tensor *out) {
   return 3;
 }
 
+/* cat along each dim with a strided and a promoted part, and stack */
+static int c_cat(env *e, fl_dtype dt, int k, fl_tensor *out) {
+  fl_tensor *a = in(e, dt, SH(2, 3, 4), -9, 9), *b = in(e, FL_I32, SH(2, 3, 8), -9, 9);
+  TRY(a && b);
+  fl_tensor bt = *b;
+  RUN(fl_view_narrow(&bt, 2, 2, 4));      /* (2,3,4) with the strides of (2,3,8) */
+  const fl_tensor *ts[3] = {a, &bt, a};
+  RUN(fl_cat(&out[0], ts, 3, k, 0));
+  RUN(fl_cat(&out[1], ts, 3, k, 1));
+  return 2;
+}
+
 /* the rounding cases of conversions: ties to even into bfloat16 (1 + 2^-8 -> 1, 1 + 3*2^-8 ->
  * 1 + 2^-6), overflow to infinity, NaN, signed zero, subnormals, and into integers saturation and
  * NaN to 0; k picks the target dtype */
@@ -425,6 +437,7 @@ static const struct {
   {"reductions", c_reduce, 8, STAT, ALL, 6},
   {"arg/max/min with NaN and ties", c_reduce_nan, 4, EXACT, FLOATS, 3},
   {"where", c_where, 1, EXACT, ALL, 6},
+  {"cat and stack", c_cat, 3, EXACT, ALL, 6},
   {"matmul and gemm", c_matmul, 8, GEMM, FLOATS, 3},
   {"softmax, log-softmax", c_softmax, 2, STAT, FLOATS, 3},
   {"uniform, normal, integer draws", c_rng, 3, STAT, ALL, 6},
