@@ -113,6 +113,14 @@ struct fl_nn_ops {
                    double beta2, double eps);
 };
 
+/* Every kernel of struct fl_nn_ops by name, for backends to declare and gather theirs: X(name) for
+ * each, in the struct's order. */
+#define FL_NN_KERNELS(X)                                                                            \
+  X(conv2d_forward) X(conv2d_backward_data) X(conv2d_backward_filter) X(depthwise_forward)          \
+  X(depthwise_backward_data) X(depthwise_backward_filter) X(pool2d_forward) X(pool2d_backward)      \
+  X(batchnorm_forward_train) X(batchnorm_backward) X(channel_affine) X(act_backward) X(softmax_xent) \
+  X(add_act) X(axpby) X(sumsq) X(sgd_step) X(adam_step)
+
 /* Elements of the CPU convolutions' im2col chunk (default 2^20; <= 0 restores it). For tests. */
 void fl_nn_cpu_set_chunk(int64_t elements);
 /* Which code runs the CPU's float32 convolutions: FL_CONV_AUTO (the default) picks per operation

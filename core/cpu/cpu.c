@@ -310,40 +310,7 @@ void cpu_iter_init(cpu_iter *it, int nop, const fl_tensor *const *t) {
     it->base[k] = fl_tensor_data(t[k]);
     it->esz[k] = (int64_t)fl_dtype_size(t[k]->dtype);
   }
-  /* drop size-1 dims */
-  int nd = 0;
-  for (int i = 0; i < t0->ndim; i++) {
-    if (t0->shape[i] == 1) continue;
-    it->shape[nd] = t0->shape[i];
-    for (int k = 0; k < nop; k++) it->st[k][nd] = t[k]->stride[i];
-    nd++;
-  }
-  if (nd == 0) {   /* a single element */
-    it->shape[0] = 1;
-    for (int k = 0; k < nop; k++) it->st[k][0] = 0;
-    nd = 1;
-  }
-  /* merge dim i into i+1 when every operand steps through them as one: right to left */
-  int out = nd - 1;
-  for (int i = nd - 2; i >= 0; i--) {
-    int ok = 1;
-    for (int k = 0; k < nop; k++)
-      if (it->st[k][i] != it->st[k][out] * it->shape[out]) { ok = 0; break; }
-    if (ok) {
-      it->shape[out] *= it->shape[i];
-    } else {
-      out--;
-      it->shape[out] = it->shape[i];
-      for (int k = 0; k < nop; k++) it->st[k][out] = it->st[k][i];
-    }
-  }
-  /* shift the merged dims [out, nd) down to [0, nd - out) */
-  int m = nd - out;
-  for (int i = 0; i < m; i++) {
-    it->shape[i] = it->shape[out + i];
-    for (int k = 0; k < nop; k++) it->st[k][i] = it->st[k][out + i];
-  }
-  it->nd = m;
+  it->nd = fl_iter_shape(nop, t, it->shape, it->st);
 }
 
 void cpu_iter_range(const cpu_iter *it, int64_t start, int64_t end, cpu_rowfn fn, void *ctx) {
@@ -545,26 +512,8 @@ int cpu_fill(fl_tensor *t, double value) {
 
 /* ---------------------------------------------------------------- the table */
 
-static const struct fl_nn_ops cpu_nn = {
-  .conv2d_forward = cpu_conv2d_forward,
-  .conv2d_backward_data = cpu_conv2d_backward_data,
-  .conv2d_backward_filter = cpu_conv2d_backward_filter,
-  .depthwise_forward = cpu_depthwise_forward,
-  .depthwise_backward_data = cpu_depthwise_backward_data,
-  .depthwise_backward_filter = cpu_depthwise_backward_filter,
-  .pool2d_forward = cpu_pool2d_forward,
-  .pool2d_backward = cpu_pool2d_backward,
-  .batchnorm_forward_train = cpu_batchnorm_forward_train,
-  .batchnorm_backward = cpu_batchnorm_backward,
-  .channel_affine = cpu_channel_affine,
-  .act_backward = cpu_act_backward,
-  .softmax_xent = cpu_softmax_xent,
-  .add_act = cpu_add_act,
-  .axpby = cpu_axpby,
-  .sumsq = cpu_sumsq,
-  .sgd_step = cpu_sgd_step,
-  .adam_step = cpu_adam_step,
-};
+#define CPU_NN_SLOT(name) .name = cpu_##name,
+static const struct fl_nn_ops cpu_nn = {FL_NN_KERNELS(CPU_NN_SLOT)};
 
 const fl_backend fl_cpu_backend = {
   .name = "cpu",

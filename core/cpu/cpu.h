@@ -104,35 +104,8 @@ int cpu_dnnl_conv_backward_filter(fl_tensor *gw, const fl_tensor *x, const fl_te
                                   const fl_window *win, double beta, int depthwise);
 
 /* The nn kernels (struct fl_nn_ops of core/nn.h, gathered in cpu.c), by family: nn_conv.c, nn_pool.c,
- * nn_norm.c, nn_act.c, nn_loss.c, nn_optim.c. */
-int cpu_conv2d_forward(fl_tensor *y, const fl_tensor *x, const fl_tensor *w, const fl_tensor *scale,
-                       const fl_tensor *shift, int relu, const fl_window *win);
-int cpu_conv2d_backward_data(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *w, const fl_window *win);
-int cpu_conv2d_backward_filter(fl_tensor *gw, fl_tensor *gb, const fl_tensor *x, const fl_tensor *gy,
-                               const fl_window *win, double beta);
-int cpu_depthwise_forward(fl_tensor *y, const fl_tensor *x, const fl_tensor *w, const fl_tensor *scale,
-                          const fl_tensor *shift, int relu, const fl_window *win);
-int cpu_depthwise_backward_data(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *w, const fl_window *win);
-int cpu_depthwise_backward_filter(fl_tensor *gw, fl_tensor *gb, const fl_tensor *x, const fl_tensor *gy,
-                                  const fl_window *win, double beta);
-int cpu_pool2d_forward(fl_tensor *y, fl_tensor *argmax, const fl_tensor *x, fl_pool_kind kind, const fl_window *win);
-int cpu_pool2d_backward(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *x, const fl_tensor *argmax,
-                        fl_pool_kind kind, const fl_window *win);
-int cpu_batchnorm_forward_train(fl_tensor *y, fl_tensor *mean, fl_tensor *invstd, const fl_tensor *x,
-                                const fl_tensor *gamma, const fl_tensor *beta, fl_tensor *rm, fl_tensor *rv,
-                                double momentum, double eps, int unbiased, int relu);
-int cpu_batchnorm_backward(fl_tensor *gx, fl_tensor *ggamma, fl_tensor *gbeta, const fl_tensor *x,
-                           const fl_tensor *gy, const fl_tensor *mean, const fl_tensor *invstd,
-                           const fl_tensor *gamma, int training, double beta_acc, const fl_tensor *relu_y);
-int cpu_channel_affine(fl_tensor *y, const fl_tensor *x, const fl_tensor *scale, const fl_tensor *shift, int relu);
-int cpu_act_backward(fl_act_kind act, fl_tensor *gx, const fl_tensor *gy, const fl_tensor *y);
-int cpu_add_act(fl_tensor *y, const fl_tensor *a, const fl_tensor *b, double scale, int relu);
-int cpu_softmax_xent(fl_tensor *loss, fl_tensor *grad, const fl_tensor *logits, const fl_tensor *target,
-                     double smoothing, double grad_scale);
-int cpu_axpby(fl_tensor *y, double a, const fl_tensor *x, double b);
-int cpu_sumsq(const fl_tensor *x, double *out);
-int cpu_sgd_step(fl_tensor *w, const fl_tensor *g, fl_tensor *m, double lr, double momentum, int nesterov);
-int cpu_adam_step(fl_tensor *w, const fl_tensor *g, fl_tensor *m, fl_tensor *v, double alpha, double beta1,
-                  double beta2, double eps);
+ * nn_norm.c, nn_act.c, nn_loss.c, nn_optim.c. cpu_<name> has the type of the table's slot <name>. */
+#define CPU_NN_DECLARE(name) __typeof__(*((struct fl_nn_ops *)0)->name) cpu_##name;
+FL_NN_KERNELS(CPU_NN_DECLARE)
 
 #endif

@@ -111,84 +111,74 @@ static int bias_grad(fl_tensor *gb, const fl_tensor *gy, double beta) {
 
 /* ---- the entries of struct fl_nn_ops (cpu.c's table) ---- */
 
-int cpu_conv2d_forward(fl_tensor *y, const fl_tensor *x, const fl_tensor *w, const fl_tensor *scale,
-                       const fl_tensor *shift, int relu, const fl_window *win) {
+/* Conv2D (dw = 0) and DepthwiseConv2D (dw = 1) share their entries: bfloat16 through float32
+ * stand-ins, then oneDNN or our float32 / float64 kernels. */
+static int forward(int dw, fl_tensor *y, const fl_tensor *x, const fl_tensor *w, const fl_tensor *scale,
+                   const fl_tensor *shift, int relu, const fl_window *win) {
   if (x->dtype == FL_BF16) {
     BF16_BEGIN;
     fl_tensor *y2 = OUT(y), *x2 = IN(x), *w2 = IN(w);
-    BF16_END(cpu_conv2d_forward(y2, x2, w2, scale, shift, relu, win));
+    BF16_END(forward(dw, y2, x2, w2, scale, shift, relu, win));
   }
-  if (conv_by_dnnl(CONV_FWD, 0, x, y, w))
-    ROUTE(cpu_dnnl_conv_forward(y, x, w, scale, shift, relu, win, 0),
-          conv2d_forward_f32(y, x, w, scale, shift, relu, win));
+  if (conv_by_dnnl(CONV_FWD, dw, x, y, w))
+    ROUTE(cpu_dnnl_conv_forward(y, x, w, scale, shift, relu, win, dw),
+          (dw ? depthwise_forward_f32 : conv2d_forward_f32)(y, x, w, scale, shift, relu, win));
+  if (dw) return PICK(x, depthwise_forward, y, x, w, scale, shift, relu, win);
   return PICK(x, conv2d_forward, y, x, w, scale, shift, relu, win);
 }
-int cpu_conv2d_backward_data(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *w, const fl_window *win) {
+
+static int backward_data(int dw, fl_tensor *gx, const fl_tensor *gy, const fl_tensor *w, const fl_window *win) {
   if (gy->dtype == FL_BF16) {
     BF16_BEGIN;
     fl_tensor *gx2 = OUT(gx), *gy2 = IN(gy), *w2 = IN(w);
-    BF16_END(cpu_conv2d_backward_data(gx2, gy2, w2, win));
+    BF16_END(backward_data(dw, gx2, gy2, w2, win));
   }
-  if (conv_by_dnnl(CONV_BWD_DATA, 0, gx, gy, w))
-    ROUTE(cpu_dnnl_conv_backward_data(gx, gy, w, win, 0), conv2d_backward_data_f32(gx, gy, w, win));
+  if (conv_by_dnnl(CONV_BWD_DATA, dw, gx, gy, w))
+    ROUTE(cpu_dnnl_conv_backward_data(gx, gy, w, win, dw),
+          (dw ? depthwise_backward_data_f32 : conv2d_backward_data_f32)(gx, gy, w, win));
+  if (dw) return PICK(gy, depthwise_backward_data, gx, gy, w, win);
   return PICK(gy, conv2d_backward_data, gx, gy, w, win);
 }
-typedef int (*filter_fn)(fl_tensor *, fl_tensor *, const fl_tensor *, const fl_tensor *, const fl_window *, double);
 
-/* oneDNN's weight gradient with our bias column sum (its fused one measured slower); `own` when
- * oneDNN declines the problem (rc > 0) */
-static int dnnl_backward_filter(int depthwise, filter_fn own, fl_tensor *gw, fl_tensor *gb, const fl_tensor *x,
-                                const fl_tensor *gy, const fl_window *win, double beta) {
-  int rc = cpu_dnnl_conv_backward_filter(gw, x, gy, win, beta, depthwise);
-  if (rc == 0 && gb) rc = bias_grad(gb, gy, beta);
-  if (rc <= 0) return rc;
-  return own(gw, gb, x, gy, win, beta);
-}
-
-int cpu_conv2d_backward_filter(fl_tensor *gw, fl_tensor *gb, const fl_tensor *x, const fl_tensor *gy,
-                               const fl_window *win, double beta) {
+/* oneDNN's weight gradient with our bias column sum (its fused one measured slower); our kernel
+ * when oneDNN declines the problem (rc > 0) */
+static int backward_filter(int dw, fl_tensor *gw, fl_tensor *gb, const fl_tensor *x, const fl_tensor *gy,
+                           const fl_window *win, double beta) {
   if (x->dtype == FL_BF16) {
     BF16_BEGIN;
     fl_tensor *gw2 = cpu_bf16_arg(&c, gw, beta != 0, 1), *x2 = IN(x), *gy2 = IN(gy);
-    BF16_END(cpu_conv2d_backward_filter(gw2, gb, x2, gy2, win, beta));
+    BF16_END(backward_filter(dw, gw2, gb, x2, gy2, win, beta));
   }
-  if (conv_by_dnnl(CONV_BWD_FILTER, 0, x, gy, gw))
-    return dnnl_backward_filter(0, conv2d_backward_filter_f32, gw, gb, x, gy, win, beta);
+  if (conv_by_dnnl(CONV_BWD_FILTER, dw, x, gy, gw)) {
+    int rc = cpu_dnnl_conv_backward_filter(gw, x, gy, win, beta, dw);
+    if (rc == 0 && gb) rc = bias_grad(gb, gy, beta);
+    if (rc <= 0) return rc;
+  }
+  if (dw) return PICK(x, depthwise_backward_filter, gw, gb, x, gy, win, beta);
   return PICK(x, conv2d_backward_filter, gw, gb, x, gy, win, beta);
+}
+
+int cpu_conv2d_forward(fl_tensor *y, const fl_tensor *x, const fl_tensor *w, const fl_tensor *scale,
+                       const fl_tensor *shift, int relu, const fl_window *win) {
+  return forward(0, y, x, w, scale, shift, relu, win);
 }
 int cpu_depthwise_forward(fl_tensor *y, const fl_tensor *x, const fl_tensor *w, const fl_tensor *scale,
                           const fl_tensor *shift, int relu, const fl_window *win) {
-  if (x->dtype == FL_BF16) {
-    BF16_BEGIN;
-    fl_tensor *y2 = OUT(y), *x2 = IN(x), *w2 = IN(w);
-    BF16_END(cpu_depthwise_forward(y2, x2, w2, scale, shift, relu, win));
-  }
-  if (conv_by_dnnl(CONV_FWD, 1, x, y, w))
-    ROUTE(cpu_dnnl_conv_forward(y, x, w, scale, shift, relu, win, 1),
-          depthwise_forward_f32(y, x, w, scale, shift, relu, win));
-  return PICK(x, depthwise_forward, y, x, w, scale, shift, relu, win);
+  return forward(1, y, x, w, scale, shift, relu, win);
 }
-int cpu_depthwise_backward_data(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *w,
-                                const fl_window *win) {
-  if (gy->dtype == FL_BF16) {
-    BF16_BEGIN;
-    fl_tensor *gx2 = OUT(gx), *gy2 = IN(gy), *w2 = IN(w);
-    BF16_END(cpu_depthwise_backward_data(gx2, gy2, w2, win));
-  }
-  if (conv_by_dnnl(CONV_BWD_DATA, 1, gx, gy, w))
-    ROUTE(cpu_dnnl_conv_backward_data(gx, gy, w, win, 1), depthwise_backward_data_f32(gx, gy, w, win));
-  return PICK(gy, depthwise_backward_data, gx, gy, w, win);
+int cpu_conv2d_backward_data(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *w, const fl_window *win) {
+  return backward_data(0, gx, gy, w, win);
+}
+int cpu_depthwise_backward_data(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *w, const fl_window *win) {
+  return backward_data(1, gx, gy, w, win);
+}
+int cpu_conv2d_backward_filter(fl_tensor *gw, fl_tensor *gb, const fl_tensor *x, const fl_tensor *gy,
+                               const fl_window *win, double beta) {
+  return backward_filter(0, gw, gb, x, gy, win, beta);
 }
 int cpu_depthwise_backward_filter(fl_tensor *gw, fl_tensor *gb, const fl_tensor *x, const fl_tensor *gy,
                                   const fl_window *win, double beta) {
-  if (x->dtype == FL_BF16) {
-    BF16_BEGIN;
-    fl_tensor *gw2 = cpu_bf16_arg(&c, gw, beta != 0, 1), *x2 = IN(x), *gy2 = IN(gy);
-    BF16_END(cpu_depthwise_backward_filter(gw2, gb, x2, gy2, win, beta));
-  }
-  if (conv_by_dnnl(CONV_BWD_FILTER, 1, x, gy, gw))
-    return dnnl_backward_filter(1, depthwise_backward_filter_f32, gw, gb, x, gy, win, beta);
-  return PICK(x, depthwise_backward_filter, gw, gb, x, gy, win, beta);
+  return backward_filter(1, gw, gb, x, gy, win, beta);
 }
 
 #else   /* ---- the generic part: compiled for float (real, NN(name) = name_f32) and double ---- */
@@ -518,20 +508,14 @@ static int NN(depthwise_forward)(fl_tensor *y, const fl_tensor *x, const fl_tens
     for (int64_t ow = 0; ow < OW; ow++) {
       real *out = Y + (r * OW + ow) * CM;
       SIMD for (int64_t c = 0; c < CM; c++) out[c] = 0;
-      for (int i = 0; i < win->kh; i++) {
-        int64_t ih = oh * win->sh - win->pt + (int64_t)i * win->dh;
-        if (ih < 0 || ih >= H) continue;
-        for (int j = 0; j < win->kw; j++) {
-          int64_t iw = ow * win->sw - win->pl + (int64_t)j * win->dw;
-          if (iw < 0 || iw >= W) continue;
-          const real *xp = X + ((n * H + ih) * W + iw) * C;
-          const real *wp = Wt + ((int64_t)i * win->kw + j) * CM;
-          if (M == 1) {
-            SIMD for (int64_t c = 0; c < C; c++) out[c] += xp[c] * wp[c];
-          } else {
-            for (int64_t c = 0; c < C; c++)
-              for (int64_t m = 0; m < M; m++) out[c * M + m] += xp[c] * wp[c * M + m];
-          }
+      FOR_TAPS(win, oh, ow, H, W) {
+        const real *xp = X + ((n * H + ih) * W + iw) * C;
+        const real *wp = Wt + ((int64_t)i * win->kw + j) * CM;
+        if (M == 1) {
+          SIMD for (int64_t c = 0; c < C; c++) out[c] += xp[c] * wp[c];
+        } else {
+          for (int64_t c = 0; c < C; c++)
+            for (int64_t m = 0; m < M; m++) out[c * M + m] += xp[c] * wp[c * M + m];
         }
       }
     }
@@ -601,20 +585,14 @@ static int NN(depthwise_backward_filter)(fl_tensor *gw, fl_tensor *gb, const fl_
       int64_t n = r / OH, oh = r % OH;
       for (int64_t ow = 0; ow < OW; ow++) {
         const real *g = GY + (r * OW + ow) * CM;
-        for (int i = 0; i < win->kh; i++) {
-          int64_t ih = oh * win->sh - win->pt + (int64_t)i * win->dh;
-          if (ih < 0 || ih >= H) continue;
-          for (int j = 0; j < win->kw; j++) {
-            int64_t iw = ow * win->sw - win->pl + (int64_t)j * win->dw;
-            if (iw < 0 || iw >= W) continue;
-            const real *xp = X + ((n * H + ih) * W + iw) * C;
-            real *gp = p + ((int64_t)i * win->kw + j) * CM;
-            if (M == 1) {
-              SIMD for (int64_t c = 0; c < C; c++) gp[c] += xp[c] * g[c];
-            } else {
-              for (int64_t c = 0; c < C; c++)
-                for (int64_t m = 0; m < M; m++) gp[c * M + m] += xp[c] * g[c * M + m];
-            }
+        FOR_TAPS(win, oh, ow, H, W) {
+          const real *xp = X + ((n * H + ih) * W + iw) * C;
+          real *gp = p + ((int64_t)i * win->kw + j) * CM;
+          if (M == 1) {
+            SIMD for (int64_t c = 0; c < C; c++) gp[c] += xp[c] * g[c];
+          } else {
+            for (int64_t c = 0; c < C; c++)
+              for (int64_t m = 0; m < M; m++) gp[c * M + m] += xp[c] * g[c * M + m];
           }
         }
       }

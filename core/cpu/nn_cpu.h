@@ -21,6 +21,15 @@
  * for lack of a proof that outputs and inputs do not alias) */
 #define SIMD _Pragma("omp simd")
 
+/* For each tap (i, j) of the window at output position (oh, ow) that lands inside the H x W input,
+ * with (ih, iw) its input position: FOR_TAPS(win, oh, ow, H, W) { ... }. The inner `for`s over ih and
+ * iw run at most once (the bounds check); `continue` goes on to the next tap. */
+#define FOR_TAPS(win, oh, ow, H, W)                                                                     \
+  for (int i = 0; i < (win)->kh; i++)                                                                   \
+    for (int64_t ih = (oh) * (win)->sh - (win)->pt + (int64_t)i * (win)->dh; ih >= 0 && ih < (H); ih = -1) \
+      for (int j = 0; j < (win)->kw; j++)                                                               \
+        for (int64_t iw = (ow) * (win)->sw - (win)->pl + (int64_t)j * (win)->dw; iw >= 0 && iw < (W); iw = -1)
+
 /* an optional tensor's elements (NULL stays NULL), in the generic part */
 #define OPT(t) ((t) ? (const real *)fl_tensor_data(t) : NULL)
 

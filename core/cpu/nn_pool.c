@@ -46,23 +46,17 @@ static int NN(pool2d_forward)(fl_tensor *y, fl_tensor *argmax, const fl_tensor *
         real *out = Y + (r * OW + ow) * C;
         int32_t *ai = A + (r * OW + ow) * C;
         int first = 1;
-        for (int i = 0; i < win->kh; i++) {
-          int64_t ih = oh * win->sh - win->pt + (int64_t)i * win->dh;
-          if (ih < 0 || ih >= H) continue;
-          for (int j = 0; j < win->kw; j++) {
-            int64_t iw = ow * win->sw - win->pl + (int64_t)j * win->dw;
-            if (iw < 0 || iw >= W) continue;
-            const real *xp = X + ((n * H + ih) * W + iw) * C;
-            const int32_t base = (int32_t)((ih * W + iw) * C);
-            if (first) {
-              SIMD for (int64_t c = 0; c < C; c++) { out[c] = xp[c]; ai[c] = base + (int32_t)c; }
-              first = 0;
-            } else {
-              SIMD for (int64_t c = 0; c < C; c++) {   /* arithmetic select: vectorises */
-                int32_t gt = xp[c] > out[c];
-                ai[c] += gt * (base + (int32_t)c - ai[c]);
-                out[c] = xp[c] > out[c] ? xp[c] : out[c];
-              }
+        FOR_TAPS(win, oh, ow, H, W) {
+          const real *xp = X + ((n * H + ih) * W + iw) * C;
+          const int32_t base = (int32_t)((ih * W + iw) * C);
+          if (first) {
+            SIMD for (int64_t c = 0; c < C; c++) { out[c] = xp[c]; ai[c] = base + (int32_t)c; }
+            first = 0;
+          } else {
+            SIMD for (int64_t c = 0; c < C; c++) {   /* arithmetic select: vectorises */
+              int32_t gt = xp[c] > out[c];
+              ai[c] += gt * (base + (int32_t)c - ai[c]);
+              out[c] = xp[c] > out[c] ? xp[c] : out[c];
             }
           }
         }
@@ -78,19 +72,13 @@ static int NN(pool2d_forward)(fl_tensor *y, fl_tensor *argmax, const fl_tensor *
       int count = 0;
       const real init = kind == FL_POOL_MAX ? -(real)INFINITY : 0;
       SIMD for (int64_t c = 0; c < C; c++) out[c] = init;
-      for (int i = 0; i < win->kh; i++) {
-        int64_t ih = oh * win->sh - win->pt + (int64_t)i * win->dh;
-        if (ih < 0 || ih >= H) continue;
-        for (int j = 0; j < win->kw; j++) {
-          int64_t iw = ow * win->sw - win->pl + (int64_t)j * win->dw;
-          if (iw < 0 || iw >= W) continue;
-          const real *xp = X + ((n * H + ih) * W + iw) * C;
-          count++;
-          if (kind == FL_POOL_MAX) {
-            SIMD for (int64_t c = 0; c < C; c++) out[c] = xp[c] > out[c] ? xp[c] : out[c];
-          } else {
-            SIMD for (int64_t c = 0; c < C; c++) out[c] += xp[c];
-          }
+      FOR_TAPS(win, oh, ow, H, W) {
+        const real *xp = X + ((n * H + ih) * W + iw) * C;
+        count++;
+        if (kind == FL_POOL_MAX) {
+          SIMD for (int64_t c = 0; c < C; c++) out[c] = xp[c] > out[c] ? xp[c] : out[c];
+        } else {
+          SIMD for (int64_t c = 0; c < C; c++) out[c] += xp[c];
         }
       }
       if (kind == FL_POOL_AVG) {
@@ -140,54 +128,33 @@ static int NN(pool2d_backward)(fl_tensor *gx, const fl_tensor *gy, const fl_tens
         int count = 0;
         if (kind == FL_POOL_MAX)
           for (int64_t c = 0; c < C; c++) { bv[c] = -(real)INFINITY; bi[c] = -1; }
-        for (int i = 0; kind == FL_POOL_MAX && i < win->kh; i++) {
-          int64_t ih = oh * win->sh - win->pt + (int64_t)i * win->dh;
-          if (ih < 0 || ih >= H) continue;
-          for (int j = 0; j < win->kw; j++) {
-            int64_t iw = ow * win->sw - win->pl + (int64_t)j * win->dw;
-            if (iw < 0 || iw >= W) continue;
+        if (kind == FL_POOL_MAX)
+          FOR_TAPS(win, oh, ow, H, W) {
             int64_t off = ((n * H + ih) * W + iw) * C;
-            count++;
-            if (kind == FL_POOL_MAX) {
-              const real *xp = X + off;
-              if (count == 1) {   /* the window's first element inside the input */
-                SIMD for (int64_t c = 0; c < C; c++) { bv[c] = xp[c]; bi[c] = off + c; }
-              } else {
-                SIMD for (int64_t c = 0; c < C; c++) {
-                  int gt = xp[c] > bv[c];
-                  bv[c] = gt ? xp[c] : bv[c];
-                  bi[c] = gt ? off + c : bi[c];
-                }
+            const real *xp = X + off;
+            if (++count == 1) {   /* the window's first element inside the input */
+              SIMD for (int64_t c = 0; c < C; c++) { bv[c] = xp[c]; bi[c] = off + c; }
+            } else {
+              SIMD for (int64_t c = 0; c < C; c++) {
+                int gt = xp[c] > bv[c];
+                bv[c] = gt ? xp[c] : bv[c];
+                bi[c] = gt ? off + c : bi[c];
               }
             }
           }
-        }
         if (kind == FL_POOL_MAX) {
           for (int64_t c = 0; c < C; c++)
             if (bi[c] >= 0) GX[bi[c]] += g[c];
         } else {
           /* average: the window's elements inside the input, counted first; g*inv once per output
            * (bv as scratch), then added to each of them (the same products as before, row order) */
-          for (int i = 0; i < win->kh; i++) {
-            int64_t ih = oh * win->sh - win->pt + (int64_t)i * win->dh;
-            if (ih < 0 || ih >= H) continue;
-            for (int j = 0; j < win->kw; j++) {
-              int64_t iw = ow * win->sw - win->pl + (int64_t)j * win->dw;
-              if (iw >= 0 && iw < W) count++;
-            }
-          }
+          FOR_TAPS(win, oh, ow, H, W) count++;
           if (count == 0) continue;
           real inv = (real)1 / (real)count;
           SIMD for (int64_t c = 0; c < C; c++) bv[c] = g[c] * inv;
-          for (int i = 0; i < win->kh; i++) {
-            int64_t ih = oh * win->sh - win->pt + (int64_t)i * win->dh;
-            if (ih < 0 || ih >= H) continue;
-            for (int j = 0; j < win->kw; j++) {
-              int64_t iw = ow * win->sw - win->pl + (int64_t)j * win->dw;
-              if (iw < 0 || iw >= W) continue;
-              real *dst = GX + ((n * H + ih) * W + iw) * C;
-              SIMD for (int64_t c = 0; c < C; c++) dst[c] += bv[c];
-            }
+          FOR_TAPS(win, oh, ow, H, W) {
+            real *dst = GX + ((n * H + ih) * W + iw) * C;
+            SIMD for (int64_t c = 0; c < C; c++) dst[c] += bv[c];
           }
         }
       }

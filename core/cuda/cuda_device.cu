@@ -528,24 +528,9 @@ int cu_backend_rng(fl_tensor *out, fl_rngkind kind, uint64_t seed, uint64_t offs
 static struct fl_nn_ops make_nn(void) {
   struct fl_nn_ops t;
   memset(&t, 0, sizeof t);
-  t.conv2d_forward = nn_conv2d_forward;
-  t.conv2d_backward_data = nn_conv2d_backward_data;
-  t.conv2d_backward_filter = nn_conv2d_backward_filter;
-  t.depthwise_forward = nn_depthwise_forward;
-  t.depthwise_backward_data = nn_depthwise_backward_data;
-  t.depthwise_backward_filter = nn_depthwise_backward_filter;
-  t.pool2d_forward = nn_pool2d_forward;
-  t.pool2d_backward = nn_pool2d_backward;
-  t.batchnorm_forward_train = nn_batchnorm_forward_train;
-  t.batchnorm_backward = nn_batchnorm_backward;
-  t.channel_affine = nn_channel_affine;
-  t.act_backward = nn_act_backward;
-  t.softmax_xent = nn_softmax_xent;
-  t.add_act = nn_add_act;
-  t.axpby = nn_axpby;
-  t.sumsq = nn_sumsq;
-  t.sgd_step = nn_sgd_step;
-  t.adam_step = nn_adam_step;
+#define CU_NN_SLOT(name) t.name = nn_##name;
+  FL_NN_KERNELS(CU_NN_SLOT)
+#undef CU_NN_SLOT
   return t;
 }
 

@@ -10,6 +10,15 @@ typedef struct {
 } pool_dims;
 
 /* x: the input or anything of its shape (gx for the backward pass) */
+/* For each tap (a, b) of the window of p at output (oh, ow) that lands inside the H x W input, with
+ * (ih, iw) its input position of index type I: CU_FOR_TAPS(...) { ... }, as core/cpu/nn_cpu.h's
+ * FOR_TAPS. The inner `for`s over ih and iw run at most once (the bounds check). */
+#define CU_FOR_TAPS(p, I, oh, ow, H, W, ih, iw)                                         \
+  for (int a = 0; a < (p).kh; a++)                                                       \
+    for (I ih = (oh) * (p).sh - (p).pt + a * (p).dh; ih >= 0 && ih < (H); ih = -1)      \
+      for (int b = 0; b < (p).kw; b++)                                                   \
+        for (I iw = (ow) * (p).sw - (p).pl + b * (p).dw; iw >= 0 && iw < (W); iw = -1)
+
 static pool_dims pool_dims_of(const fl_tensor *x, const fl_tensor *y, const fl_window *win) {
   pool_dims p = {x->shape[0], x->shape[1], x->shape[2], x->shape[3], y->shape[1], y->shape[2],
                  win->kh, win->kw, win->sh, win->sw, win->dh, win->dw, win->pt, win->pl};
@@ -28,19 +37,13 @@ template <class T, class I> __global__ void pool_fwd_kernel(T *y, int32_t *amax,
     A acc = is_max ? -(A)INFINITY : (A)0;
     int count = 0;
     I best = -1;
-    for (int a = 0; a < p.kh; a++) {
-      I ih = oh * p.sh - p.pt + a * p.dh;
-      if (ih < 0 || ih >= H) continue;
-      for (int b = 0; b < p.kw; b++) {
-        I iw = ow * p.sw - p.pl + b * p.dw;
-        if (iw < 0 || iw >= W) continue;
-        A v = cu_load(x[((n * H + ih) * W + iw) * C + c]);
-        count++;
-        if (is_max) {
-          if (v > acc || best < 0) { acc = v > acc ? v : acc; best = (ih * W + iw) * C + c; }
-        } else {
-          acc = add_rn(acc, v);
-        }
+    CU_FOR_TAPS(p, I, oh, ow, H, W, ih, iw) {
+      A v = cu_load(x[((n * H + ih) * W + iw) * C + c]);
+      count++;
+      if (is_max) {
+        if (v > acc || best < 0) { acc = v > acc ? v : acc; best = (ih * W + iw) * C + c; }
+      } else {
+        acc = add_rn(acc, v);
       }
     }
     if (!is_max) acc = mul_rn(acc, (A)1 / (A)(count > 0 ? count : 1));
@@ -85,27 +88,14 @@ template <class T, class I> __global__ void pool_bwd_kernel(T *gx, const T *gy, 
           /* first maximum of this window: the first in-bounds element, replaced only by a greater one */
           I best = -1;
           A bv = -(A)INFINITY;
-          for (int a = 0; a < p.kh; a++) {
-            I h2 = oh * p.sh - p.pt + a * p.dh;
-            if (h2 < 0 || h2 >= H) continue;
-            for (int b = 0; b < p.kw; b++) {
-              I w2 = ow * p.sw - p.pl + b * p.dw;
-              if (w2 < 0 || w2 >= W) continue;
-              A v = cu_load(x[((n * H + h2) * W + w2) * C + c]);
-              if (v > bv || best < 0) { bv = v; best = h2 * W + w2; }
-            }
+          CU_FOR_TAPS(p, I, oh, ow, H, W, h2, w2) {
+            A v = cu_load(x[((n * H + h2) * W + w2) * C + c]);
+            if (v > bv || best < 0) { bv = v; best = h2 * W + w2; }
           }
           if (best == ih * W + iw) acc = add_rn(acc, g);
         } else {
           int count = 0;
-          for (int a = 0; a < p.kh; a++) {
-            I h2 = oh * p.sh - p.pt + a * p.dh;
-            if (h2 < 0 || h2 >= H) continue;
-            for (int b = 0; b < p.kw; b++) {
-              I w2 = ow * p.sw - p.pl + b * p.dw;
-              if (w2 >= 0 && w2 < W) count++;
-            }
-          }
+          CU_FOR_TAPS(p, I, oh, ow, H, W, h2, w2) count++;
           if (count > 0) acc = add_rn(acc, mul_rn(g, (A)1 / (A)count));
         }
       }
