@@ -146,7 +146,8 @@ function ensemble.fit(feats, o)
   if vl and o.patience ~= 0 then cbs[#cbs + 1] = train.EarlyStopping { monitor = 'val_loss', patience = o.patience or 8 } end
   local hist = train.fit(model, { train = tl, valid = vl, optimizer = optim.Adam { lr = o.lr or 1e-3 },
     epochs = o.epochs or 40, callbacks = cbs, progress = o.progress, log = o.log or function() end,
-    label = o.label or 'ensemble', save_best = false, device = o.device ~= nil and (dev or 'cpu') or nil })
+    label = o.label or 'ensemble', save_best = false, device = o.device ~= nil and (dev or 'cpu') or nil,
+    distributed = o.distributed })
   if best_w and o.restore_best ~= false then
     for i, w in ipairs(model:weights()) do w.tensor:copy(best_w[i]) end
   end

@@ -9,6 +9,8 @@
 --     attrs = {model = 'resnet_tiny', weights = 'path/to/weights.h5', image_size = 64, preprocessing = 'tf'},
 --     resume = true,               -- continue an interrupted export of the same image lists
 --     device = 'cuda',             -- as train.fit's (default: where the model is); rows come back to the host
+--     distributed = true,          -- split the batches across the job's ranks (flower.dist; nil: on
+--                                  -- with several ranks); rank 0 alone writes, the same file as one process
 --   })
 --
 -- File layout (the seed's names, plus what makes the file self-describing):
@@ -113,7 +115,10 @@ local function export_split(f, name, ds, o, fmodel, with_probs)
     f:set_attr('/', name .. '_complete', 0)
     f:flush()
   end
-  if f:attr('/', name .. '_complete') == 1 then return 0, {} end
+  local D = o._dist                      -- dist: nil, or the job's context (rank 0 writes)
+  local complete = f:attr('/', name .. '_complete') == 1
+  if D then complete = D:from_main(complete) end
+  if complete then return 0, {} end
   local done = rows_of(f, xname)
   if rows_of(f, pre .. '_index') ~= done or (with_probs and done > 0 and rows_of(f, pre .. '_probs') ~= done) then
     fail("%s: '%s' has %d rows but '%s_index' %d and '%s_probs' %d: the file is damaged; remove it", o.path, xname,
@@ -121,13 +126,15 @@ local function export_split(f, name, ds, o, fmodel, with_probs)
   end
   -- continue after the last image written or skipped (0-based positions in the image list)
   local start = math.max(last_of(f, pre .. '_index'), last_of(f, pre .. '_skipped')) + 1
+  if D then start = D:from_main(start) end   -- dist: rank 0's file says where to continue
   local rest = {}
   for i = start + 1, n do rest[#rest + 1] = i end
   local written, skipped_now = 0, {}
   if #rest > 0 then
     local loader = o.loader(ds:subset(rest, (ds.name or name) .. ':export'))
-    local bar = progress.new { total = #loader, label = string.format('export %s %s', o.attrs.model or '', name),
-                               silent = o.progress == false }
+    local bar = progress.new { total = D and D:steps(loader) or #loader,
+                               label = string.format('export %s %s', o.attrs.model or '', name),
+                               silent = o.progress == false or (D and not D.main) }
     local nskipped = 0
     -- images the loader could not read since the last call: recorded with the rows, never as rows
     local function record_skipped()
@@ -141,12 +148,28 @@ local function export_split(f, name, ds, o, fmodel, with_probs)
       f:append_rows(pre .. '_skipped', pos)
       nskipped = #sk
     end
+    -- dist: every rank's skipped positions of this step go to rank 0's file, in order
+    local function record_skipped_dist()
+      local sk = loader.skipped and loader:skipped() or {}
+      local pos = flower.zeros(#sk - nskipped):long()
+      for j = nskipped + 1, #sk do
+        pos[j - nskipped] = rest[sk[j].index] - 1
+        skipped_now[#skipped_now + 1] = { path = ds.paths[rest[sk[j].index]], reason = sk[j].reason }
+      end
+      nskipped = #sk
+      local all = require('flower.core')._dist.all_gather(pos):totable()
+      table.sort(all)
+      if #all > 0 then f:append_rows(pre .. '_skipped', flower.tensor(all, 'int64')) end
+    end
     local step = 0
     local train = require 'flower.train'
-    for hbatch in loader:epoch(1) do
+    local nsteps = D and D:steps(loader) or #loader
+    for hbatch in (D and D:epoch(loader, 1) or loader:epoch(1)) do
+     local feats, probs, idx
+     if hbatch.n ~= 0 then     -- dist: a rank may have no batch at the last step
       local batch = train.batch_to_device(hbatch, o._device)
       local out = fmodel:forward(batch.x)
-      local feats, probs = out, nil
+      feats = out
       if type(out) == 'table' and not flower.is_tensor(out) then
         feats, probs = out[1], o._softmax and out[2]:softmax(2) or out[2]
       end
@@ -154,27 +177,36 @@ local function export_split(f, name, ds, o, fmodel, with_probs)
         feats = feats:cpu()
         probs = probs and probs:cpu()
       end
+      idx = {}
+      for j, k in ipairs(batch.index) do idx[j] = rest[k] end
+     end
+     -- dist: every rank's rows of this step, in the loader's order (batch b was rank (b-1) % size's)
+     if D then feats, probs, idx = D:gather_batches(feats, probs, idx) end
+     if feats then
       -- the batch's rows are the images the loader decoded, in order; each row's position in the
       -- image list goes to <split>_index with it
-      local pos = flower.empty({ #batch.index }, 'int64')
-      for j, k in ipairs(batch.index) do pos[j] = rest[k] - 1 end
+      local pos = flower.empty({ #idx }, 'int64')
+      for j, k in ipairs(idx) do pos[j] = k - 1 end
       f:append_rows(xname, feats:contiguous())
       if with_probs and probs then f:append_rows(pre .. '_probs', probs:contiguous()) end
       f:append_rows(pre .. '_index', pos)
-      record_skipped()
+      written = written + #idx
+     end
+      if D then record_skipped_dist() else record_skipped() end
       f:flush()
-      written = written + #batch.index
       step = step + 1
       bar:update(step)
       local why = train.interrupted()
-      if why and batch.index[#batch.index] < #rest then
+      if D then why = D:any(why) end   -- dist: every rank stops at the same step
+      if why and step < nsteps then
         bar:finish()
         return nil, why
       end
     end
-    record_skipped()
+    if not D then record_skipped() end
     bar:finish()
   end
+  if D and not D.main then return written, skipped_now end   -- dist: rank 0 completes the file
   -- complete: the per-row lists, for the rows there are
   local index = rows_of(f, pre .. '_index') > 0 and f:read(pre .. '_index'):totable() or {}
   if #index == 0 then fail("no image of split '%s' could be read (%d images)", name, n) end
@@ -213,9 +245,12 @@ function export.features(model, o)
   -- the device first: a missing GPU fails before the file is touched
   o._device = require('flower.train').run_device(model, o.device, 'export.features')
   local h5 = require 'flower.h5'
-  local exists = files.exists(o.path)
+  -- dist: the batches are split across ranks and rank 0 alone writes; the others write to nothing
+  o._dist = require('flower.dist').fit_context(model, o, o._device)
+  local writes = not o._dist or o._dist.main
+  local exists = writes and files.exists(o.path)
   if exists and not o.resume then os.remove(o.path); exists = false end
-  files.mkdir(files.dirname(o.path))
+  if writes then files.mkdir(files.dirname(o.path)) end
   local fmodel, with_probs = two_headed(model, layer)
   o._softmax = not ends_in_softmax(model)   -- logits get a softmax; probabilities are kept as they are
   if o._device ~= nil then require('flower.device').move(fmodel, o._device) end   -- the shared layers are there already
@@ -228,7 +263,7 @@ function export.features(model, o)
   local t0 = files.now()
   local result = { path = o.path, rows = {}, skipped = {} }
   local ok, err = pcall(function()
-    local f <close> = h5.open(o.path, 'a')
+    local f <close> = writes and h5.open(o.path, 'a') or require('flower.dist').null_file()
     if not exists then
       local a = o.attrs
       local ds1 = o.splits[1][2]
@@ -271,6 +306,7 @@ function export.features(model, o)
   if u then u.catch_signals(prev) end
   if was then model:training() end
   if not ok then error(err, 0) end
+  if o._dist then o._dist:barrier() end   -- dist: the file is closed and complete before any rank reads it
   result.seconds = files.now() - t0
   result.images_per_s = result.images and result.seconds > 0 and result.images / result.seconds or nil
   return result
