@@ -80,7 +80,7 @@ $(BUILD)/%.o: %.c $(wildcard core/*.h core/*/*.h bindings/*.h bindings/host/*.h)
 
 # the nn kernels take square roots of values they know are >= 0 (Adam's v): without errno to set,
 # sqrt is one instruction and those loops vectorise (results unchanged: sqrt is exactly rounded)
-$(BUILD)/core/cpu/nn_cpu.o: CFLAGS += -fno-math-errno
+$(BUILD)/core/cpu/nn_%.o: CFLAGS += -fno-math-errno
 
 $(BUILD)/%.o: %.cu $(wildcard core/*.h core/cuda/*.h)
 	@mkdir -p $(dir $@)

@@ -9,6 +9,7 @@ int luaopen_flower_core(lua_State *L) {
   fl_lua_open_nn(L);
   fl_lua_open_data(L);
   fl_lua_open_h5(L);
+  fl_lua_open_device(L);
   fl_lua_open_cuda(L);
   fl_lua_open_util(L);
   fl_lua_open_dist(L);

@@ -1,6 +1,8 @@
-/* flower.cuda: the CUDA backend from Lua, and the tensor methods t:cuda() / t:cpu().
- * This is the only file with #ifdef FLOWER_CUDA: in a CPU-only build the same functions exist and
- * say so (available() is false, t:cuda() raises an error naming the fix, t:cpu() is the identity).
+/* flower.cuda: what is particular to the CUDA backend from Lua (memory statistics, cuDNN settings,
+ * fused optimizer steps, asynchronous uploads), and the tensor methods t:cuda() / t:is_cuda().
+ * Moving tensors between devices in general is l_device.c's t:to() / t:cpu(); the registry
+ * (core/backend.c) is where the CUDA backend joins the build. In a CPU-only build the functions
+ * here exist and say so (available() is false, t:cuda() raises an error naming the fix).
  *
  *   flower.cuda.built()                  true when flowerlua was built with `make CUDA=1`
  *   flower.cuda.available()              built and at least one device present
@@ -44,28 +46,11 @@
 
 /* ---------------------------------------------------------------- tensor methods */
 
-#ifdef FLOWER_CUDA
-static int is_cuda_tensor(const fl_tensor *t) { return t->storage->backend == fl_cuda_backend(); }
-#else
-static int is_cuda_tensor(const fl_tensor *t) { (void)t; return 0; }
-#endif
+/* the CUDA backend's table from the registry; NULL in a CPU-only build */
+static const fl_backend *cuda_backend(void) { return fl_backend_find("cuda"); }
+static int cuda_devices(void) { return cuda_backend() ? fl_backend_devices(cuda_backend()) : 0; }
 
-/* A new contiguous tensor like src on (be, device), holding src's values. Device memory is invisible
- * to Lua's collector: on out-of-memory, collect garbage (unreferenced tensors return their blocks to
- * the cache) and try once more. */
-static int push_copy_to(lua_State *L, const fl_tensor *src, const fl_backend *be, int device, const char *fname) {
-  fl_tensor *t = fl_lua_newtensor(L);
-  if (fl_tensor_init(t, be, device, src->dtype, src->ndim, src->shape)) {
-    if (!fl_last_failure_was_oom()) return luaL_error(L, "%s: %s", fname, fl_errmsg());
-    lua_gc(L, LUA_GCCOLLECT);
-    if (fl_tensor_init(t, be, device, src->dtype, src->ndim, src->shape))
-      return luaL_error(L, "%s: %s", fname, fl_errmsg());
-  }
-  /* the device side's backend runs a cross-backend copy (backend.h) */
-  const fl_backend *runner = be != &fl_cpu_backend ? be : src->storage->backend;
-  if (runner->copy(t, src)) return luaL_error(L, "%s: %s", fname, fl_errmsg());
-  return 1;
-}
+static int is_cuda_tensor(const fl_tensor *t) { return t->storage->backend == cuda_backend(); }
 
 static int opt_device(lua_State *L, int arg, const char *fname) {
   lua_Integer d = luaL_optinteger(L, arg, 0);
@@ -73,12 +58,13 @@ static int opt_device(lua_State *L, int arg, const char *fname) {
   return (int)d;
 }
 
-/* The backend whose page-locked host memory the loader's batches use (l_data.c, pin_memory):
- * CUDA when built with it and a device is present, else NULL (batches in plain memory). */
+/* The backend whose page-locked host memory the loader's batches use (l_data.c, pin_memory): the
+ * first registered one that gives such memory and has a device present, else NULL (plain memory). */
 const fl_backend *fl_lua_pinned_provider(void) {
-#ifdef FLOWER_CUDA
-  if (fl_cuda_device_count() > 0) return fl_cuda_backend();
-#endif
+  for (int i = 0, n = fl_backend_count(); i < n; i++) {
+    const fl_backend *be = fl_backend_at(i);
+    if (be->host_alloc && fl_backend_devices(be) > 0) return be;
+  }
   return NULL;
 }
 
@@ -89,7 +75,7 @@ static int push_async_to(lua_State *L, int src_idx, int dev, const char *fname) 
   if (fl_cuda_check_device(fname, dev)) return fl_lua_error(L);
   if (is_cuda_tensor(src)) {
     if (src->storage->device == dev) { lua_pushvalue(L, src_idx); return 1; }
-    return push_copy_to(L, src, fl_cuda_backend(), dev, fname);
+    return fl_lua_push_copy_to(L, src, fl_cuda_backend(), dev, fname);
   }
   fl_tensor *t = fl_lua_newtensor(L);
   src = fl_lua_checktensor(L, src_idx);   /* newtensor may have run a collection: reread */
@@ -127,7 +113,7 @@ static int t_cuda(lua_State *L) {
     return 1;
   }
   if (non_blocking) return push_async_to(L, 1, dev, "cuda");
-  return push_copy_to(L, t, fl_cuda_backend(), dev, "cuda");
+  return fl_lua_push_copy_to(L, t, fl_cuda_backend(), dev, "cuda");
 #else
   (void)t; (void)dev; (void)non_blocking;
   return luaL_error(L, "cuda: %s", NO_CUDA);
@@ -170,16 +156,6 @@ static int t_is_pinned(lua_State *L) {
   return 1;
 }
 
-/* t:cpu(): t itself for a CPU tensor */
-static int t_cpu(lua_State *L) {
-  fl_tensor *t = fl_lua_checktensor(L, 1);
-  if (t->storage->backend == &fl_cpu_backend) {
-    lua_settop(L, 1);
-    return 1;
-  }
-  return push_copy_to(L, t, &fl_cpu_backend, 0, "cpu");
-}
-
 static int t_is_cuda(lua_State *L) {
   fl_tensor *t = fl_lua_checktensor(L, 1);
   lua_pushboolean(L, is_cuda_tensor(t));
@@ -196,39 +172,23 @@ static int t_get_device(lua_State *L) {
 /* ---------------------------------------------------------------- module functions */
 
 static int l_built(lua_State *L) {
-#ifdef FLOWER_CUDA
-  lua_pushboolean(L, 1);
-#else
-  lua_pushboolean(L, 0);
-#endif
+  lua_pushboolean(L, cuda_backend() != NULL);
   return 1;
 }
 
 static int l_device_count(lua_State *L) {
-#ifdef FLOWER_CUDA
-  lua_pushinteger(L, fl_cuda_device_count());
-#else
-  lua_pushinteger(L, 0);
-#endif
+  lua_pushinteger(L, cuda_devices());
   return 1;
 }
 
 static int l_available(lua_State *L) {
-#ifdef FLOWER_CUDA
-  lua_pushboolean(L, fl_cuda_device_count() > 0);
-#else
-  lua_pushboolean(L, 0);
-#endif
+  lua_pushboolean(L, cuda_devices() > 0);
   return 1;
 }
 
 static int l_unavailable_reason(lua_State *L) {
-#ifdef FLOWER_CUDA
-  if (fl_cuda_device_count() > 0) lua_pushnil(L);
-  else lua_pushstring(L, fl_cuda_unavailable_reason());
-#else
-  lua_pushstring(L, NO_CUDA);
-#endif
+  if (cuda_devices() > 0) lua_pushnil(L);
+  else lua_pushstring(L, cuda_backend() ? cuda_backend()->unavailable_reason() : NO_CUDA);
   return 1;
 }
 
@@ -409,7 +369,7 @@ static const char *const device_funcs[] = {
 #endif
 
 static const luaL_Reg tensor_methods[] = {
-  {"cuda", t_cuda}, {"cpu", t_cpu}, {"is_cuda", t_is_cuda}, {"get_device", t_get_device},
+  {"cuda", t_cuda}, {"is_cuda", t_is_cuda}, {"get_device", t_get_device},
   {"pin_memory", t_pin_memory}, {"is_pinned", t_is_pinned},
   {NULL, NULL},
 };

@@ -968,69 +968,24 @@ static int t_newindex(lua_State *L) {
 
 /* ---------------------------------------------------------------- cat / stack */
 
-/* cat({t1, t2, ...} [, dim = 1]): joined along an existing dim; dtypes promoted */
+/* cat({t1, t2, ...} [, dim = 1]) / stack(...): fl_cat over the list (the table keeps its tensors alive) */
 static int cat_impl(lua_State *L, int stack) {
   const char *fname = stack ? "stack" : "cat";
   luaL_checktype(L, 1, LUA_TTABLE);
-  int n = (int)luaL_len(L, 1);
+  lua_settop(L, 2);                                     /* the scratch below goes above the arguments */
+  lua_Integer n = luaL_len(L, 1);
   if (n == 0) return luaL_error(L, "%s: expected a non-empty list of tensors", fname);
-  fl_tensor first;
-  lua_rawgeti(L, 1, 1);
-  fl_tensor *f = fl_lua_totensor(L, -1);
-  if (!f) return luaL_error(L, "%s: element 1 is not a tensor (%s)", fname, luaL_typename(L, -1));
-  first = *f;
-  lua_pop(L, 1);
-  int ndim = first.ndim + (stack ? 1 : 0);
-  int d = lua_isnoneornil(L, 2) ? 0 : fl_lua_checkdim(L, 2, first.ndim, stack, fname);
-  if (!stack && first.ndim == 0) return luaL_error(L, "cat: cannot concatenate 0-d tensors (use stack)");
-  int64_t shape[FL_MAXDIM];
-  if (ndim > FL_MAXDIM) return luaL_error(L, "stack: result would have more than %d dims", FL_MAXDIM);
-  fl_dtype dt = first.dtype;
-  int64_t total = 0;
+  if (n > 1 << 24) return luaL_error(L, "%s: %I tensors are too many", fname, n);
+  const fl_tensor **ts = lua_newuserdatauv(L, sizeof *ts * (size_t)n, 0);   /* freed by the collector */
   for (int i = 1; i <= n; i++) {
     lua_rawgeti(L, 1, i);
-    fl_tensor *t = fl_lua_totensor(L, -1);
-    if (!t) return luaL_error(L, "%s: element %d is not a tensor (%s)", fname, i, luaL_typename(L, -1));
-    int ok = t->ndim == first.ndim;
-    for (int k = 0; ok && k < t->ndim; k++)
-      if ((stack || k != d) && t->shape[k] != first.shape[k]) ok = 0;
-    if (!ok) {
-      char s1[200], s2[200];
-      fl_shape_str(s1, sizeof s1, first.ndim, first.shape);
-      fl_shape_str(s2, sizeof s2, t->ndim, t->shape);
-      return luaL_error(L, "%s: element %d has size %s, incompatible with element 1's %s (dim %d)", fname, i, s2, s1, d + 1);
-    }
-    if (t->storage->backend != first.storage->backend || t->storage->device != first.storage->device) {
-      char d1[80], d2[80];
-      fl_device_str(d1, sizeof d1, &first);
-      fl_device_str(d2, sizeof d2, t);
-      return luaL_error(L, "%s: element %d is on %s, element 1 on %s", fname, i, d2, d1);
-    }
-    dt = fl_promote(dt, t->dtype);
-    total += stack ? 1 : t->shape[d];
+    ts[i - 1] = fl_lua_totensor(L, -1);
+    if (!ts[i - 1]) return luaL_error(L, "%s: element %d is not a tensor (%s)", fname, i, luaL_typename(L, -1));
     lua_pop(L, 1);
   }
-  for (int k = 0, j = 0; k < ndim; k++) {
-    if (k == d) shape[k] = total;
-    else shape[k] = first.shape[j];
-    if (!stack || k != d) j++;
-  }
-  if (!stack) shape[d] = total;
+  int d = lua_isnoneornil(L, 2) ? 0 : fl_lua_checkdim(L, 2, ts[0]->ndim, stack, fname);
   fl_tensor *r = fl_lua_newtensor(L);
-  FL_TRY(L, fl_tensor_init(r, first.storage->backend, first.storage->device, dt, ndim, shape) ? fl_fail_prefix(fname) : 0);
-  int64_t pos = 0;
-  for (int i = 1; i <= n; i++) {
-    lua_rawgeti(L, 1, i);
-    fl_tensor *t = fl_lua_totensor(L, -1);
-    fl_tensor part = *r;
-    int64_t len = stack ? 1 : t->shape[d];
-    fl_view_narrow(&part, d, pos, len);
-    fl_tensor src = *t;
-    if (stack) fl_view_unsqueeze(&src, d);
-    if (fl_copy_into(&part, &src)) return fl_lua_error(L);
-    pos += len;
-    lua_pop(L, 1);
-  }
+  FL_TRY(L, fl_cat(r, ts, (int)n, d, stack));
   return 1;
 }
 

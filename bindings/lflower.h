@@ -34,11 +34,18 @@ const fl_tensor *fl_lua_tohost(lua_State *L, const fl_tensor *t, const char *fna
  * present), or NULL: then fl_storage_new_pinned gives plain memory. */
 const struct fl_backend *fl_lua_pinned_provider(void);
 
+/* l_device.c: a new contiguous tensor like src on (be, device), holding src's values. Device memory
+ * is invisible to Lua's collector: on out-of-memory it collects garbage (unreferenced tensors return
+ * their blocks to the cache) and tries once more. Raises with fname on failure. */
+int fl_lua_push_copy_to(lua_State *L, const fl_tensor *src, const struct fl_backend *be, int device,
+                        const char *fname);
+
 /* Each binding file registers its functions into the module table at the top of the stack. */
 void fl_lua_open_tensor(lua_State *L);
 void fl_lua_open_nn(lua_State *L);
 void fl_lua_open_data(lua_State *L);
 void fl_lua_open_h5(lua_State *L);
+void fl_lua_open_device(lua_State *L);
 void fl_lua_open_cuda(lua_State *L);
 void fl_lua_open_util(lua_State *L);
 void fl_lua_open_dist(lua_State *L);

@@ -1,7 +1,13 @@
-/* The backend interface: one front API (ops.h), backends behind a table of function pointers.
+/* The backend interface: one front API (ops.h, nn.h), backends behind a table of function pointers.
  * The front checks arguments, resolves broadcasting and dtypes, allocates outputs, and then calls
- * the backend of the tensors involved; a backend only computes. The CPU backend lives in core/cpu/,
- * the CUDA one in core/cuda/ (.cu files only). All tensors given to one call share a backend. */
+ * the backend of the tensors involved; a backend only computes. All tensors given to one call share
+ * a backend. The CPU backend lives in core/cpu/, the CUDA one in core/cuda/ (.cu files only).
+ *
+ * Backends register themselves in one list (core/backend.c): the bindings find them by name
+ * ("cuda:1" -> the "cuda" table, device 1), and tests/c/test_backend_ops.c compares every op and nn
+ * kernel of each one against the CPU's. Adding a backend: its own folder core/<name>/ with a table
+ * (ops, `nn` kernels, device_count), one registration line in core/backend.c, and its sources in the
+ * Makefile's build; nothing else changes. */
 #ifndef FLOWER_BACKEND_H
 #define FLOWER_BACKEND_H
 
@@ -29,7 +35,11 @@ typedef enum { FL_RNG_UNIFORM, FL_RNG_NORMAL, FL_RNG_INT } fl_rngkind;
  * nn.h; it is computed in float32 and each result rounded once, so backends agree within one
  * rounding. Reductions of bfloat16: SUM, MAX, MIN give bfloat16, MEAN/VAR/STD float32. */
 struct fl_backend {
-  const char *name;                                  /* "cpu", "cuda" */
+  const char *name;                                  /* "cpu", "cuda": devices are "name:<n>" */
+  /* Devices present (0 when none: no driver, no hardware). NULL: exactly one, device 0 (the CPU). */
+  int (*device_count)(void);
+  /* Why device_count() is 0, in a sentence (NULL: the backend never lacks a device). */
+  const char *(*unavailable_reason)(void);
   /* NULL on failure. The allocator may record why with fl_fail_oom / fl_fail (the front keeps that
    * message and adds the tensor's size); if it records nothing the front says "out of memory". */
   void *(*alloc)(int device, size_t nbytes);
@@ -66,8 +76,8 @@ struct fl_backend {
   /* Philox4x32-10 streams: element i of the output gets counter (offset + i) with key `seed`;
    * see core/rng.h. For FL_RNG_INT p0..p1 is [lo, hi). NORMAL: mean p0, std p1. UNIFORM: [p0, p1). */
   int (*rng)(fl_tensor *out, fl_rngkind kind, uint64_t seed, uint64_t offset, double p0, double p1);
-  /* neural-network kernels (convolution, pooling, batch norm, ...): declared in core/nn.h.
-   * For the CPU this points at `fl_cpu_nn_ops`, a weak reference: NULL until a file defines it. */
+  /* neural-network kernels (convolution, pooling, batch norm, ...): declared in core/nn.h. A kernel
+   * a backend leaves NULL fails naming itself and the backend (and the cross-backend test says so). */
   const struct fl_nn_ops *nn;
 
   /* ---- the host side of a device backend (NULL in the CPU's table and where not provided) ----
@@ -88,6 +98,22 @@ struct fl_backend {
 };
 
 extern const fl_backend fl_cpu_backend;
+
+/* ---- the registry ----
+ * The built-in backends (the CPU's first, then those the build includes) and any registered since.
+ * fl_backend_register adds one (tests add their fake device backend): -1 with a message when the
+ * name is taken or the list is full. fl_backend_at(i) for 0 <= i < fl_backend_count(), else NULL. */
+#define FL_MAX_BACKENDS 8
+int fl_backend_register(const fl_backend *be);
+int fl_backend_count(void);
+const fl_backend *fl_backend_at(int i);
+const fl_backend *fl_backend_find(const char *name);      /* NULL when none has that name */
+/* Devices of a backend present now (device_count(), or 1 for a backend without devices). */
+int fl_backend_devices(const fl_backend *be);
+/* A device name: "cpu", "<backend>" (device 0) or "<backend>:<n>" -> its backend and index.
+ * -1 with a message naming `op` for a malformed name, a backend that is not built in (naming those
+ * that are), a backend without devices (its reason) or an index past its devices. */
+int fl_device_parse(const char *op, const char *spec, const fl_backend **be, int *device);
 /* The CPU backend keeps a few freed large blocks for reuse (core/cpu/cpu.c); this returns them. */
 void fl_cpu_release_cache(void);
 /* Host bytes in blocks in use, in the cache, and the peak of the two together since the start or

@@ -49,9 +49,6 @@ int fl_window_init(fl_window *win, const char *op, int64_t H, int64_t W, int kh,
 static const struct fl_nn_ops *nn_ops(const char *op, const fl_tensor *t) {
   if (!t->storage) { fl_fail("%s: tensor is empty (freed)", op); return NULL; }
   const struct fl_nn_ops *ops = t->storage->backend->nn;
-  /* The CPU table is referenced weakly by core/cpu/cpu.c; naming it here makes the linker take it
-   * out of libflower.a whenever the nn front is used. */
-  if (!ops && t->storage->backend == &fl_cpu_backend) ops = &fl_cpu_nn_ops;
   if (!ops) fl_fail("%s: backend '%s' has no nn kernels", op, t->storage->backend->name);
   return ops;
 }

@@ -113,12 +113,18 @@ struct fl_nn_ops {
                    double beta2, double eps);
 };
 
-/* The CPU backend's table (core/cpu/nn_cpu.c). */
-extern const struct fl_nn_ops fl_cpu_nn_ops;
+/* Every kernel of struct fl_nn_ops by name, for backends to declare and gather theirs: X(name) for
+ * each, in the struct's order. */
+#define FL_NN_KERNELS(X)                                                                            \
+  X(conv2d_forward) X(conv2d_backward_data) X(conv2d_backward_filter) X(depthwise_forward)          \
+  X(depthwise_backward_data) X(depthwise_backward_filter) X(pool2d_forward) X(pool2d_backward)      \
+  X(batchnorm_forward_train) X(batchnorm_backward) X(channel_affine) X(act_backward) X(softmax_xent) \
+  X(add_act) X(axpby) X(sumsq) X(sgd_step) X(adam_step)
+
 /* Elements of the CPU convolutions' im2col chunk (default 2^20; <= 0 restores it). For tests. */
 void fl_nn_cpu_set_chunk(int64_t elements);
 /* Which code runs the CPU's float32 convolutions: FL_CONV_AUTO (the default) picks per operation
- * and kernel shape what measured faster (see core/cpu/nn_cpu.c); FL_CONV_OWN forces our GEMM
+ * and kernel shape what measured faster (see core/cpu/nn_conv.c); FL_CONV_OWN forces our GEMM
  * kernels, FL_CONV_ONEDNN oneDNN wherever it accepts the case. float64 always uses our kernels. */
 typedef enum { FL_CONV_AUTO, FL_CONV_OWN, FL_CONV_ONEDNN } fl_conv_engine;
 void fl_nn_cpu_set_conv_engine(fl_conv_engine e);

@@ -109,6 +109,69 @@ int fl_clone(fl_tensor *out, const fl_tensor *a) {
   return 0;
 }
 
+/* the result's shape and dtype; -1 with a message naming op for tensors that do not join */
+static int cat_shape(const char *op, const fl_tensor *const *ts, int n, int dim, int stack, int64_t *shape,
+                     fl_dtype *dt) {
+  const fl_tensor *first = ts[0];
+  int ndim = first->ndim + (stack ? 1 : 0);
+  if (!stack && first->ndim == 0) return fl_fail("cat: cannot concatenate 0-d tensors (use stack)");
+  if (ndim > FL_MAXDIM) return fl_fail("stack: result would have more than %d dims", FL_MAXDIM);
+  if (dim < 0 || dim >= ndim) return fl_fail("%s: dim %d out of range for a %d-d result", op, dim + 1, ndim);
+  *dt = first->dtype;
+  int64_t total = 0;
+  for (int i = 0; i < n; i++) {
+    const fl_tensor *t = ts[i];
+    if (check_live(op, t)) return -1;
+    int ok = t->ndim == first->ndim;
+    for (int k = 0; ok && k < t->ndim; k++)
+      if ((stack || k != dim) && t->shape[k] != first->shape[k]) ok = 0;
+    if (!ok) {
+      char s1[200], s2[200];
+      fl_shape_str(s1, sizeof s1, first->ndim, first->shape);
+      fl_shape_str(s2, sizeof s2, t->ndim, t->shape);
+      return fl_fail("%s: element %d has size %s, incompatible with element 1's %s (dim %d)", op, i + 1, s2, s1,
+                     dim + 1);
+    }
+    if (t->storage->backend != first->storage->backend || t->storage->device != first->storage->device) {
+      char d1[80], d2[80];
+      fl_device_str(d1, sizeof d1, first);
+      fl_device_str(d2, sizeof d2, t);
+      return fl_fail("%s: element %d is on %s, element 1 on %s", op, i + 1, d2, d1);
+    }
+    *dt = fl_promote(*dt, t->dtype);
+    total += stack ? 1 : t->shape[dim];
+  }
+  for (int k = 0, j = 0; k < ndim; k++) {
+    shape[k] = k == dim ? total : first->shape[j];
+    if (!stack || k != dim) j++;
+  }
+  return 0;
+}
+
+int fl_cat(fl_tensor *out, const fl_tensor *const *ts, int n, int dim, int stack) {
+  const char *op = stack ? "stack" : "cat";
+  memset(out, 0, sizeof *out);
+  if (n < 1) return fl_fail("%s: expected a non-empty list of tensors", op);
+  if (check_live(op, ts[0])) return -1;
+  int64_t shape[FL_MAXDIM];
+  fl_dtype dt = ts[0]->dtype;
+  if (cat_shape(op, ts, n, dim, stack, shape, &dt)) return -1;
+  int ndim = ts[0]->ndim + (stack ? 1 : 0);
+  if (fl_tensor_init(out, ts[0]->storage->backend, ts[0]->storage->device, dt, ndim, shape))
+    return fl_fail_prefix(op);
+  /* each part is copied (and converted) into its slice of the result */
+  int64_t pos = 0;
+  for (int i = 0; i < n; i++) {
+    fl_tensor part = *out, src = *ts[i];
+    int64_t len = stack ? 1 : src.shape[dim];
+    fl_view_narrow(&part, dim, pos, len);
+    if (stack) fl_view_unsqueeze(&src, dim);
+    if (fl_copy_into(&part, &src)) { fl_tensor_free(out); return -1; }
+    pos += len;
+  }
+  return 0;
+}
+
 int fl_cast(fl_tensor *out, const fl_tensor *a, fl_dtype dt) {
   memset(out, 0, sizeof *out);
   if (check_live("type", a)) return -1;

@@ -11,6 +11,9 @@ int fl_fill(fl_tensor *t, double value);
 int fl_contiguous(fl_tensor *out, const fl_tensor *a);    /* view if already contiguous, else a copy */
 int fl_clone(fl_tensor *out, const fl_tensor *a);
 int fl_cast(fl_tensor *out, const fl_tensor *a, fl_dtype dt);  /* a view of a when dt is a's dtype */
+/* ts[0..n-1] joined along dim (cat: an existing dim, sizes may differ there) or along a new dim
+ * (stack: equal shapes); dtypes promoted; all on one backend and device. dim is 0-based. */
+int fl_cat(fl_tensor *out, const fl_tensor *const *ts, int n, int dim, int stack);
 
 /* Result dtype of a binary op between a and b (float64 > float32 > int64 > int32 > uint8). */
 fl_dtype fl_promote(fl_dtype a, fl_dtype b);

@@ -19,25 +19,17 @@ static _Thread_local unsigned fail_seq;
 
 const char *fl_errmsg(void) { return errbuf[0] ? errbuf : "unknown error"; }
 
-int fl_fail(const char *fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
+static int vfail(int oom, const char *fmt, va_list ap) {
   vsnprintf(errbuf, sizeof errbuf, fmt, ap);
-  va_end(ap);
-  err_oom = 0;
+  err_oom = oom;
   fail_seq++;
   return -1;
 }
 
-int fl_fail_oom(const char *fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(errbuf, sizeof errbuf, fmt, ap);
-  va_end(ap);
-  err_oom = 1;
-  fail_seq++;
-  return -1;
-}
+#define FAIL(oom) va_list ap; va_start(ap, fmt); int rc = vfail(oom, fmt, ap); va_end(ap); return rc
+int fl_fail(const char *fmt, ...) { FAIL(0); }
+int fl_fail_oom(const char *fmt, ...) { FAIL(1); }
+#undef FAIL
 
 int fl_last_failure_was_oom(void) { return err_oom; }
 
@@ -144,6 +136,43 @@ void fl_storage_release(fl_storage *s) {
 }
 
 /* ---------------------------------------------------------------- tensors */
+
+int fl_iter_shape(int nop, const fl_tensor *const *t, int64_t *shape, int64_t (*st)[FL_MAXDIM]) {
+  const fl_tensor *t0 = t[0];
+  int nd = 0;
+  for (int i = 0; i < t0->ndim; i++) {   /* drop size-1 dims */
+    if (t0->shape[i] == 1) continue;
+    shape[nd] = t0->shape[i];
+    for (int k = 0; k < nop; k++) st[k][nd] = t[k]->stride[i];
+    nd++;
+  }
+  if (nd == 0) {   /* a single element */
+    shape[0] = 1;
+    for (int k = 0; k < nop; k++) st[k][0] = 1;
+    return 1;
+  }
+  /* merge dim i into i+1 when every operand steps through them as one: right to left */
+  int out = nd - 1;
+  for (int i = nd - 2; i >= 0; i--) {
+    int ok = 1;
+    for (int k = 0; k < nop; k++)
+      if (st[k][i] != st[k][out] * shape[out]) { ok = 0; break; }
+    if (ok) {
+      shape[out] *= shape[i];
+    } else {
+      out--;
+      shape[out] = shape[i];
+      for (int k = 0; k < nop; k++) st[k][out] = st[k][i];
+    }
+  }
+  /* shift the merged dims [out, nd) down to [0, nd - out) */
+  int m = nd - out;
+  for (int i = 0; i < m; i++) {
+    shape[i] = shape[out + i];
+    for (int k = 0; k < nop; k++) st[k][i] = st[k][out + i];
+  }
+  return m;
+}
 
 void fl_contiguous_strides(int ndim, const int64_t *shape, int64_t *stride) {
   int64_t s = 1;

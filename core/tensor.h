@@ -109,6 +109,11 @@ int fl_tensor_require_host(const char *op, const fl_tensor *t);
 void fl_device_str(char *buf, size_t n, const fl_tensor *t);
 void fl_shape_str(char *buf, size_t n, int ndim, const int64_t *shape); /* "[2,3,4]" */
 void fl_contiguous_strides(int ndim, const int64_t *shape, int64_t *stride);
+/* The iteration space of nop tensors of t[0]'s shape, for kernels that walk them together: size-1
+ * dims dropped, and neighbouring dims that every operand steps through as one merged (right to
+ * left), so contiguous operands give one dim. Fills shape[0..nd) and st[k][0..nd) (operand k's
+ * strides, in elements) and returns nd >= 1 (a single element: one dim of size 1, stride 1). */
+int fl_iter_shape(int nop, const fl_tensor *const *t, int64_t *shape, int64_t (*st)[FL_MAXDIM]);
 /* 1 if some element of t is reachable through two different indices (a dim of size > 1 and stride 0,
  * or other overlapping strides); writing into such a view is ambiguous. */
 int fl_tensor_has_internal_overlap(const fl_tensor *t);

@@ -13,7 +13,7 @@
  *
  * Threads: the Debian build runs on OpenMP (libgomp, the one OpenBLAS and our kernels use), and
  * takes omp_get_max_threads() of the calling thread, which fl_set_num_threads sets; idle threads
- * follow OMP_WAIT_POLICY like ours. nn_cpu.c decides which convolutions come here (see there). */
+ * follow OMP_WAIT_POLICY like ours. nn_conv.c decides which convolutions come here (see there). */
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>

@@ -1,5 +1,6 @@
 /* The CPU backend: host memory, the strided iterator every kernel uses, copy/convert and fill.
- * Kernels live in elementwise.c, reduce.c, blas.c and random.c. */
+ * Kernels live in elementwise.c, reduce.c, blas.c and random.c, the nn kernels in nn_*.c by family;
+ * the tables at the end gather them. */
 #include "cpu.h"
 #include "../ops.h"
 
@@ -313,40 +314,7 @@ void cpu_iter_init(cpu_iter *it, int nop, const fl_tensor *const *t) {
     it->base[k] = fl_tensor_data(t[k]);
     it->esz[k] = (int64_t)fl_dtype_size(t[k]->dtype);
   }
-  /* drop size-1 dims */
-  int nd = 0;
-  for (int i = 0; i < t0->ndim; i++) {
-    if (t0->shape[i] == 1) continue;
-    it->shape[nd] = t0->shape[i];
-    for (int k = 0; k < nop; k++) it->st[k][nd] = t[k]->stride[i];
-    nd++;
-  }
-  if (nd == 0) {   /* a single element */
-    it->shape[0] = 1;
-    for (int k = 0; k < nop; k++) it->st[k][0] = 0;
-    nd = 1;
-  }
-  /* merge dim i into i+1 when every operand steps through them as one: right to left */
-  int out = nd - 1;
-  for (int i = nd - 2; i >= 0; i--) {
-    int ok = 1;
-    for (int k = 0; k < nop; k++)
-      if (it->st[k][i] != it->st[k][out] * it->shape[out]) { ok = 0; break; }
-    if (ok) {
-      it->shape[out] *= it->shape[i];
-    } else {
-      out--;
-      it->shape[out] = it->shape[i];
-      for (int k = 0; k < nop; k++) it->st[k][out] = it->st[k][i];
-    }
-  }
-  /* shift the merged dims [out, nd) down to [0, nd - out) */
-  int m = nd - out;
-  for (int i = 0; i < m; i++) {
-    it->shape[i] = it->shape[out + i];
-    for (int k = 0; k < nop; k++) it->st[k][i] = it->st[k][out + i];
-  }
-  it->nd = m;
+  it->nd = fl_iter_shape(nop, t, it->shape, it->st);
 }
 
 void cpu_iter_range(const cpu_iter *it, int64_t start, int64_t end, cpu_rowfn fn, void *ctx) {
@@ -548,8 +516,8 @@ int cpu_fill(fl_tensor *t, double value) {
 
 /* ---------------------------------------------------------------- the table */
 
-/* The NN owner defines fl_cpu_nn_ops in core/cpu/nn_*.c; until then the weak reference is NULL. */
-extern const struct fl_nn_ops fl_cpu_nn_ops __attribute__((weak));
+#define CPU_NN_SLOT(name) .name = cpu_##name,
+static const struct fl_nn_ops cpu_nn = {FL_NN_KERNELS(CPU_NN_SLOT)};
 
 const fl_backend fl_cpu_backend = {
   .name = "cpu",
@@ -564,5 +532,5 @@ const fl_backend fl_cpu_backend = {
   .matmul = cpu_matmul,
   .softmax = cpu_softmax,
   .rng = cpu_rng,
-  .nn = &fl_cpu_nn_ops,
+  .nn = &cpu_nn,
 };

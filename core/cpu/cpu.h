@@ -2,7 +2,7 @@
 #ifndef FLOWER_CPU_H
 #define FLOWER_CPU_H
 
-#include "../backend.h"
+#include "../nn.h"
 
 /* Elements below which a loop stays on one thread (an OpenMP fork costs a few microseconds). */
 #define CPU_GRAIN 32768
@@ -94,14 +94,18 @@ int cpu_vecmath_level(int level);
 /* float32 convolutions through oneDNN (core/cpu/conv_dnnl.c), on the same tensors as the fl_nn_ops
  * kernels; depthwise: w is (KH,KW,C,M). 0 done, -1 failed (message set), 1 when oneDNN cannot do
  * this one (the caller falls back to its own kernel). */
-struct fl_window;
 int cpu_dnnl_conv_forward(fl_tensor *y, const fl_tensor *x, const fl_tensor *w, const fl_tensor *scale,
-                          const fl_tensor *shift, int relu, const struct fl_window *win, int depthwise);
+                          const fl_tensor *shift, int relu, const fl_window *win, int depthwise);
 int cpu_dnnl_conv_backward_data(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *w,
-                                const struct fl_window *win, int depthwise);
+                                const fl_window *win, int depthwise);
 /* gw = beta*gw + dL/dw only: the bias gradient is the caller's (a column sum of gy, which measured
  * faster than oneDNN's fused one) */
 int cpu_dnnl_conv_backward_filter(fl_tensor *gw, const fl_tensor *x, const fl_tensor *gy,
-                                  const struct fl_window *win, double beta, int depthwise);
+                                  const fl_window *win, double beta, int depthwise);
+
+/* The nn kernels (struct fl_nn_ops of core/nn.h, gathered in cpu.c), by family: nn_conv.c, nn_pool.c,
+ * nn_norm.c, nn_act.c, nn_loss.c, nn_optim.c. cpu_<name> has the type of the table's slot <name>. */
+#define CPU_NN_DECLARE(name) __typeof__(*((struct fl_nn_ops *)0)->name) cpu_##name;
+FL_NN_KERNELS(CPU_NN_DECLARE)
 
 #endif

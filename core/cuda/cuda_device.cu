@@ -524,11 +524,22 @@ int cu_backend_matmul(fl_tensor *out, const fl_tensor *a, const fl_tensor *b, do
 int cu_backend_softmax(fl_tensor *out, const fl_tensor *a, int dim, int log);
 int cu_backend_rng(fl_tensor *out, fl_rngkind kind, uint64_t seed, uint64_t offset, double p0, double p1);
 
-/* Filled by field name so a reordered or extended fl_backend still builds correctly. */
+/* Filled by field name so a reordered or extended table still builds correctly. */
+static struct fl_nn_ops make_nn(void) {
+  struct fl_nn_ops t;
+  memset(&t, 0, sizeof t);
+#define CU_NN_SLOT(name) t.name = nn_##name;
+  FL_NN_KERNELS(CU_NN_SLOT)
+#undef CU_NN_SLOT
+  return t;
+}
+
 static fl_backend make_backend(void) {
   fl_backend b;
   memset(&b, 0, sizeof b);
   b.name = "cuda";
+  b.device_count = fl_cuda_device_count;
+  b.unavailable_reason = fl_cuda_unavailable_reason;
   b.alloc = backend_alloc;
   b.free = backend_free;
   b.copy = cu_backend_copy;
@@ -540,7 +551,8 @@ static fl_backend make_backend(void) {
   b.matmul = cu_backend_matmul;
   b.softmax = cu_backend_softmax;
   b.rng = cu_backend_rng;
-  b.nn = cu_nn_table();
+  static const struct fl_nn_ops nn = make_nn();
+  b.nn = &nn;
   b.host_alloc = host_alloc;
   b.host_free = host_free;
   b.host_wait = host_wait;

@@ -243,37 +243,7 @@ template <int NOP> struct cu_iter {
 template <int NOP> static void cu_iter_init(cu_iter<NOP> *it, const fl_tensor *const *t) {
   const fl_tensor *t0 = t[0];
   it->numel = fl_tensor_numel(t0);
-  int nd = 0;
-  for (int i = 0; i < t0->ndim; i++) {
-    if (t0->shape[i] == 1) continue;
-    it->shape[nd] = t0->shape[i];
-    for (int k = 0; k < NOP; k++) it->st[k][nd] = t[k]->stride[i];
-    nd++;
-  }
-  if (nd == 0) {
-    it->shape[0] = 1;
-    for (int k = 0; k < NOP; k++) it->st[k][0] = 1;
-    nd = 1;
-  }
-  int out = nd - 1;
-  for (int i = nd - 2; i >= 0; i--) {
-    int ok = 1;
-    for (int k = 0; k < NOP; k++)
-      if (it->st[k][i] != it->st[k][out] * it->shape[out]) { ok = 0; break; }
-    if (ok) {
-      it->shape[out] *= it->shape[i];
-    } else {
-      out--;
-      it->shape[out] = it->shape[i];
-      for (int k = 0; k < NOP; k++) it->st[k][out] = it->st[k][i];
-    }
-  }
-  int m = nd - out;
-  for (int i = 0; i < m; i++) {
-    it->shape[i] = it->shape[out + i];
-    for (int k = 0; k < NOP; k++) it->st[k][i] = it->st[k][out + i];
-  }
-  it->nd = m;
+  int m = it->nd = fl_iter_shape(NOP, t, it->shape, it->st);
   it->contig = m == 1;
   for (int k = 0; k < NOP; k++)
     if (it->st[k][0] != 1) it->contig = 0;
@@ -348,9 +318,12 @@ int cu_axpby(const char *op, fl_tensor *out, double alpha, const fl_tensor *src,
 int cu_copy_dev(const char *op, fl_tensor *dst, const fl_tensor *src);
 int cu_fill_dev(const char *op, fl_tensor *t, double v);
 
-/* The nn kernel table (cuda_nn.cu) */
-const struct fl_nn_ops *cu_nn_table(void);
-/* cuDNN convolutions (cuda_conv.cu): groups 1 for conv2d, C for depthwise. w_krsc is the filter in
+/* The nn kernels (struct fl_nn_ops of core/nn.h, gathered in cuda_device.cu), by family: nn_conv.cu,
+ * nn_pool.cu, nn_norm.cu, nn_act.cu, nn_loss.cu, nn_optim.cu (shared helpers: nn_cuda.h).
+ * nn_<name> has the type of the table's slot <name>. */
+#define CU_NN_DECLARE(name) std::remove_pointer<decltype(fl_nn_ops::name)>::type nn_##name;
+FL_NN_KERNELS(CU_NN_DECLARE)
+/* cuDNN convolutions (conv_cudnn.cu): groups 1 for conv2d, C for depthwise. w_krsc is the filter in
  * cuDNN's KRSC order (K, R, S, C/groups) contiguous. */
 int cu_conv_forward(const char *op, fl_tensor *y, const fl_tensor *x, const fl_tensor *w_krsc, int groups,
                     const fl_window *win);

@@ -344,8 +344,9 @@ end
 -- One process gives exactly the ordinary layer's numbers (up to rounding).
 
 -- the per-channel sums travel through the host (a few numbers per layer: MPI, not NCCL)
-local function to_host(t) return t:is_cuda() and t:cpu() or t end
-local function like(t, x) return x:is_cuda() and t:cuda(x:get_device()) or t end
+local device = require 'flower.device'
+local function to_host(t) return device.move(t, nil) end
+local function like(t, x) return device.move(t, device.of(x)) end
 
 local function sync_forward(self, x, keep, relu)
   if not self:uses_batch_stats() then return self._plain_forward(self, x, keep, relu) end

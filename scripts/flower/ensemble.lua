@@ -23,6 +23,7 @@
 -- is asked for: its tensors are then freed (not left to Lua's collector).
 local flower = require 'flower'
 local files = require 'flower.files'
+local device = require 'flower.device'
 
 local ensemble = {}
 
@@ -437,10 +438,7 @@ Classifier.__index = Classifier
 
 -- probabilities of one batch of standardised rows (host in, host out)
 local function batch_probs(self, x)
-  if self.device ~= nil then x = x:cuda(self.device) end
-  local p = self.model:forward(x):softmax(2)
-  if self.device ~= nil then p = p:cpu() end
-  return p
+  return device.move(self.model:forward(device.move(x, self.device)):softmax(2), nil)
 end
 
 -- clf:predict(x) for feature rows (N, D) tensor, or clf:predict(feats, split) streamed from a
@@ -503,7 +501,7 @@ function ensemble.fit(feats, o)
   o = o or {}
   feats = as_features(feats)
   local nn, optim, train = require 'flower.nn', require 'flower.optim', require 'flower.train'
-  local dev = train.resolve_device(o.device, 'ensemble.fit')
+  local dev = device.resolve(o.device, 'ensemble.fit')
   if not feats.n.train or not feats.label.train then fail('fit: the features have no labelled train split') end
   local D = o.columns and o.columns[2] or feats.D
   local K = feats.classes

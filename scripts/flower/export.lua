@@ -253,7 +253,7 @@ function export.features(model, o)
   if writes then files.mkdir(files.dirname(o.path)) end
   local fmodel, with_probs = two_headed(model, layer)
   o._softmax = not ends_in_softmax(model)   -- logits get a softmax; probabilities are kept as they are
-  if o._device ~= nil and fmodel.cuda then fmodel:cuda(o._device) end   -- the shared layers are there already
+  if o._device ~= nil then require('flower.device').move(fmodel, o._device) end   -- the shared layers are there already
   local was = model.train
   model:evaluate()
   fmodel:evaluate()

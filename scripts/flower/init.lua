@@ -8,7 +8,7 @@ for k, v in pairs(core) do flower[k] = v end
 local submodules = {
   nn = true, optim = true, data = true, models = true, keras = true, train = true,
   cli = true, h5 = true, test = true, report = true, ensemble = true, progress = true,
-  files = true, predict = true, recipe = true, export = true, pipeline = true, smallnets = true,
+  files = true, predict = true, device = true, recipe = true, export = true, pipeline = true, smallnets = true,
   tensorboard = true, dist = true,
 }
 

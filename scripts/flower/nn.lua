@@ -256,18 +256,11 @@ local function zeros(shape, dtype) return flower.zeros(shape, dtype or 'float32'
 -- that raise, to prove that nothing else allocates without a reference tensor.
 local new_tensor = core.tensor
 
--- nil for a host tensor, the CUDA device index otherwise (t.is_cuda is always bound; guarded anyway)
-local function device_of(t)
-  if t.is_cuda and t:is_cuda() then return t:get_device() end
-  return nil
-end
+-- nil for a host tensor, the device index otherwise; t on device dev (nil: the host), t itself when
+-- it is there already (flower.device)
+local device_of = require('flower.device').of
 nn.device_of = device_of
-
--- t on device dev (nil: the host); t itself when it is there already
-local function to_device(t, dev)
-  if dev == nil then return t:cpu() end
-  return t:cuda(dev)
-end
+local to_device = require('flower.device').move
 nn.to_device = to_device
 
 -- nn.like(ref, shape [, dtype [, fill]]): a new tensor on ref's device, of dtype (ref's by default).
@@ -279,9 +272,7 @@ local function like(ref, shape, dtype, fill)
   if fill == 'empty' then return ref:new_empty(shape, dtype) end
   if type(fill) == 'number' then return ref:new_full(shape, fill, dtype) end
   local t = new_tensor(fill, dtype)
-  local dev = device_of(ref)
-  if dev ~= nil then t = t:cuda(dev) end
-  return t
+  return to_device(t, device_of(ref))
 end
 nn.like = like
 

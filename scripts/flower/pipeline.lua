@@ -86,7 +86,7 @@ end
 
 -- The CUDA device of cfg.device (nil: the host); raises at once when it is not there.
 function pipeline.device(cfg)
-  return train.resolve_device(cfg.device, 'pipeline: --device')
+  return require('flower.device').resolve(cfg.device, 'pipeline: --device')
 end
 
 local function train_loader(cfg, ds, size)
@@ -515,7 +515,7 @@ end
 -- The whole pipeline. Returns the summary, or {interrupted = why}.
 function pipeline.run(cfg, run, spec)
   local dev = pipeline.device(cfg)   -- a missing GPU fails here, before any work
-  if dev ~= nil then run:log('device: cuda:%d, %s', dev, flower.cuda.device_name(dev)) end
+  if dev ~= nil then run:log('device: %s', require('flower.device').describe(dev)) end
   local memory = require 'flower.memory'
   memory.budget(cfg.memory_budget, 'pipeline: --memory-budget')   -- a bad size fails before any work
   memory.reset_peak()

@@ -328,7 +328,7 @@ function Recipe:check_device(cfg, given)
     local saved = files.join(cfg.resume, 'config.json')
     if files.exists(saved) then device = files.json_read(saved).device or device end
   end
-  if device ~= nil then require('flower.train').resolve_device(device, self.name .. ': --device') end
+  if device ~= nil then require('flower.device').resolve(device, self.name .. ': --device') end
 end
 
 -- The options given again on a resumed run's command line that change a saved value, as

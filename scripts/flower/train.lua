@@ -63,6 +63,7 @@
 local flower = require 'flower'
 local files = require 'flower.files'
 local progress = require 'flower.progress'
+local device = require 'flower.device'
 
 local train = {}
 
@@ -96,63 +97,29 @@ train.clear_interrupt = clear_interrupt
 ---------------------------------------------------------------------------------------------------
 -- Devices
 
--- train.resolve_device(spec [, who]) -> nil (the host) or a CUDA device index (0, 1, ...).
--- spec: nil, false or 'cpu' (the host); 'cuda' (device 0), 'cuda:<n>' or an integer n; 'auto'
--- (device 0 when flower.cuda.available(), else the host). A device that is not there raises here,
--- "<who>: device 'cuda': <flower.cuda.unavailable_reason()>", so that a run fails before it starts.
-function train.resolve_device(spec, who)
-  who = who or 'device'
-  if spec == nil or spec == false or spec == 'cpu' then return nil end
-  local cuda = flower.cuda
-  if spec == 'auto' then return cuda.available() and 0 or nil end
-  local dev
-  if math.type(spec) == 'integer' then dev = spec
-  elseif type(spec) == 'string' then
-    if spec == 'cuda' then dev = 0 else dev = math.tointeger(tonumber(spec:match('^cuda:(%d+)$'))) end
-  end
-  if dev == nil or dev < 0 then
-    error(string.format("%s: device must be 'cpu', 'cuda', 'cuda:<n>' or 'auto', got %s", who,
-      type(spec) == 'string' and ("'" .. spec .. "'") or tostring(spec)), 0)
-  end
-  if not cuda.available() then
-    error(string.format("%s: device '%s': %s", who, tostring(spec), cuda.unavailable_reason()), 0)
-  end
-  if dev >= cuda.device_count() then
-    error(string.format("%s: device '%s': there %s %d CUDA device%s (0..%d)", who, tostring(spec),
-      cuda.device_count() == 1 and 'is' or 'are', cuda.device_count(), cuda.device_count() == 1 and '' or 's',
-      cuda.device_count() - 1), 0)
-  end
-  return dev
-end
-
-local function model_device(model)
-  local d = model.get_device and model:get_device() or -1
-  if d ~= nil and d >= 0 then return d end
-  return nil
-end
+-- train.resolve_device(spec [, who]) -> nil (the host) or a device index: flower.device.resolve.
+train.resolve_device = device.resolve
 
 -- The device a run uses, with the model moved there: the one asked for (resolved as above), else
 -- the model's own (nil: the host). A model already there is left alone.
 local function run_device(model, spec, who)
-  local dev = model_device(model)
+  local dev = device.of(model)
   if spec == nil then return dev end
-  local want = train.resolve_device(spec, who)
-  if want ~= dev then
-    if want == nil then model:cpu() else model:cuda(want) end
-  end
+  local want = device.resolve(spec, who)
+  if want ~= dev then device.move(model, want) end
   return want
 end
 train.run_device = run_device
 
 -- A batch {x, y, n, index} with x and y on device dev (the batch itself for the host): x without
--- waiting for the copy (flower.cuda.to_device_async), y (a few labels) with an ordinary copy.
+-- waiting for the copy (device.upload), y (a few labels) with an ordinary copy.
 function train.batch_to_device(batch, dev)
   if dev == nil then return batch end
   local b = {}
   for k, v in pairs(batch) do b[k] = v end
   b.n = batch.n or batch.x:size(1)
-  b.x = flower.cuda.to_device_async(batch.x, dev)
-  if batch.y ~= nil then b.y = batch.y:cuda(dev) end
+  b.x = device.upload(batch.x, dev)
+  if batch.y ~= nil then b.y = device.move(batch.y, dev) end
   return b
 end
 

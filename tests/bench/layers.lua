@@ -2,7 +2,7 @@
 -- (Debian's python3-torch, oneDNN) and TensorFlow (the .venv's tensorflow-cpu) on the same shapes,
 -- in the same run, with ratios (peer time / our time: > 1 means we are faster). "ours" is the
 -- default (float32 convolutions on oneDNN or our GEMM kernels, whichever measured faster, see
--- core/cpu/nn_cpu.c); the "own GEMM" column forces our GEMM kernels for every operation.
+-- core/cpu/nn_conv.c); the "own GEMM" column forces our GEMM kernels for every operation.
 -- Optionally (`rss`): peak resident memory of a ResNet50 training step and of inference, each in
 -- its own process, ours (flower.models.resnet50) beside torchvision's resnet50.
 --

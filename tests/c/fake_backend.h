@@ -10,7 +10,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include "backend.h"
+#include "nn.h"
 
 #define FAKE_MAXBLOCKS 4096
 static struct { void *p; size_t len; } fake_blocks[FAKE_MAXBLOCKS];
@@ -85,10 +85,91 @@ static int fake_rng(fl_tensor *o, fl_rngkind k, uint64_t seed, uint64_t off, dou
   FAKE_RUN(fl_cpu_backend.rng(o, k, seed, off, p0, p1));
 }
 
+/* the nn kernels: the CPU's, each run with the pages opened */
+#define CPU_NN fl_cpu_backend.nn
+static int fake_conv2d_forward(fl_tensor *y, const fl_tensor *x, const fl_tensor *w, const fl_tensor *scale,
+                               const fl_tensor *shift, int relu, const fl_window *win) {
+  FAKE_RUN(CPU_NN->conv2d_forward(y, x, w, scale, shift, relu, win));
+}
+static int fake_conv2d_backward_data(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *w, const fl_window *win) {
+  FAKE_RUN(CPU_NN->conv2d_backward_data(gx, gy, w, win));
+}
+static int fake_conv2d_backward_filter(fl_tensor *gw, fl_tensor *gb, const fl_tensor *x, const fl_tensor *gy,
+                                       const fl_window *win, double beta) {
+  FAKE_RUN(CPU_NN->conv2d_backward_filter(gw, gb, x, gy, win, beta));
+}
+static int fake_depthwise_forward(fl_tensor *y, const fl_tensor *x, const fl_tensor *w, const fl_tensor *scale,
+                                  const fl_tensor *shift, int relu, const fl_window *win) {
+  FAKE_RUN(CPU_NN->depthwise_forward(y, x, w, scale, shift, relu, win));
+}
+static int fake_depthwise_backward_data(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *w, const fl_window *win) {
+  FAKE_RUN(CPU_NN->depthwise_backward_data(gx, gy, w, win));
+}
+static int fake_depthwise_backward_filter(fl_tensor *gw, fl_tensor *gb, const fl_tensor *x, const fl_tensor *gy,
+                                          const fl_window *win, double beta) {
+  FAKE_RUN(CPU_NN->depthwise_backward_filter(gw, gb, x, gy, win, beta));
+}
+static int fake_pool2d_forward(fl_tensor *y, fl_tensor *argmax, const fl_tensor *x, fl_pool_kind kind,
+                               const fl_window *win) {
+  FAKE_RUN(CPU_NN->pool2d_forward(y, argmax, x, kind, win));
+}
+static int fake_pool2d_backward(fl_tensor *gx, const fl_tensor *gy, const fl_tensor *x, const fl_tensor *argmax,
+                                fl_pool_kind kind, const fl_window *win) {
+  FAKE_RUN(CPU_NN->pool2d_backward(gx, gy, x, argmax, kind, win));
+}
+static int fake_batchnorm_forward_train(fl_tensor *y, fl_tensor *mean, fl_tensor *invstd, const fl_tensor *x,
+                                        const fl_tensor *gamma, const fl_tensor *beta, fl_tensor *rm,
+                                        fl_tensor *rv, double momentum, double eps, int unbiased, int relu) {
+  FAKE_RUN(CPU_NN->batchnorm_forward_train(y, mean, invstd, x, gamma, beta, rm, rv, momentum, eps, unbiased, relu));
+}
+static int fake_batchnorm_backward(fl_tensor *gx, fl_tensor *ggamma, fl_tensor *gbeta, const fl_tensor *x,
+                                   const fl_tensor *gy, const fl_tensor *mean, const fl_tensor *invstd,
+                                   const fl_tensor *gamma, int training, double beta_acc, const fl_tensor *relu_y) {
+  FAKE_RUN(CPU_NN->batchnorm_backward(gx, ggamma, gbeta, x, gy, mean, invstd, gamma, training, beta_acc, relu_y));
+}
+static int fake_channel_affine(fl_tensor *y, const fl_tensor *x, const fl_tensor *scale, const fl_tensor *shift,
+                               int relu) {
+  FAKE_RUN(CPU_NN->channel_affine(y, x, scale, shift, relu));
+}
+static int fake_act_backward(fl_act_kind act, fl_tensor *gx, const fl_tensor *gy, const fl_tensor *y) {
+  FAKE_RUN(CPU_NN->act_backward(act, gx, gy, y));
+}
+static int fake_softmax_xent(fl_tensor *loss, fl_tensor *grad, const fl_tensor *logits, const fl_tensor *target,
+                             double smoothing, double grad_scale) {
+  FAKE_RUN(CPU_NN->softmax_xent(loss, grad, logits, target, smoothing, grad_scale));
+}
+static int fake_add_act(fl_tensor *y, const fl_tensor *a, const fl_tensor *b, double scale, int relu) {
+  FAKE_RUN(CPU_NN->add_act(y, a, b, scale, relu));
+}
+static int fake_axpby(fl_tensor *y, double a, const fl_tensor *x, double b) { FAKE_RUN(CPU_NN->axpby(y, a, x, b)); }
+static int fake_sumsq(const fl_tensor *x, double *out) { FAKE_RUN(CPU_NN->sumsq(x, out)); }
+static int fake_sgd_step(fl_tensor *w, const fl_tensor *g, fl_tensor *m, double lr, double momentum, int nesterov) {
+  FAKE_RUN(CPU_NN->sgd_step(w, g, m, lr, momentum, nesterov));
+}
+static int fake_adam_step(fl_tensor *w, const fl_tensor *g, fl_tensor *m, fl_tensor *v, double alpha, double beta1,
+                          double beta2, double eps) {
+  FAKE_RUN(CPU_NN->adam_step(w, g, m, v, alpha, beta1, beta2, eps));
+}
+#undef CPU_NN
+
+/* not const: a test may take a kernel out to see that the cross-backend test reports it */
+static struct fl_nn_ops fake_nn_ops = {
+  .conv2d_forward = fake_conv2d_forward, .conv2d_backward_data = fake_conv2d_backward_data,
+  .conv2d_backward_filter = fake_conv2d_backward_filter, .depthwise_forward = fake_depthwise_forward,
+  .depthwise_backward_data = fake_depthwise_backward_data,
+  .depthwise_backward_filter = fake_depthwise_backward_filter, .pool2d_forward = fake_pool2d_forward,
+  .pool2d_backward = fake_pool2d_backward, .batchnorm_forward_train = fake_batchnorm_forward_train,
+  .batchnorm_backward = fake_batchnorm_backward, .channel_affine = fake_channel_affine,
+  .act_backward = fake_act_backward, .softmax_xent = fake_softmax_xent, .add_act = fake_add_act,
+  .axpby = fake_axpby, .sumsq = fake_sumsq, .sgd_step = fake_sgd_step, .adam_step = fake_adam_step,
+};
+
+static int fake_device_count(void) { return 2; }   /* fake:0 and fake:1 */
+
 static const fl_backend fake_backend = {
-  .name = "fake", .alloc = fake_alloc, .free = fake_free, .copy = fake_copy, .fill = fake_fill,
+  .name = "fake", .device_count = fake_device_count, .alloc = fake_alloc, .free = fake_free, .copy = fake_copy, .fill = fake_fill,
   .binary = fake_binary, .unary = fake_unary, .reduce = fake_reduce, .where = fake_where,
-  .matmul = fake_matmul, .softmax = fake_softmax, .rng = fake_rng, .nn = NULL,
+  .matmul = fake_matmul, .softmax = fake_softmax, .rng = fake_rng, .nn = &fake_nn_ops,
 };
 
 #endif

@@ -587,5 +587,54 @@ int main(void) {
     fl_tensor_free(&f);
   }
 
+  TEST("cat and stack: joined along a dim, dtypes promoted, strided parts, errors name the op") {
+    int64_t s23[2] = {2, 3}, s33[2] = {3, 3}, s24[2] = {2, 4};
+    fl_tensor a, b, c, r, t;
+    CHECK(mk(&a, FL_I32, 2, s23) == 0 && mk(&b, FL_F32, 2, s33) == 0 && mk(&c, FL_F64, 2, s24) == 0);
+    iota(&a);
+    iota(&b);
+    iota(&c);
+    const fl_tensor *ab[2] = {&a, &b};
+    CHECK(fl_cat(&r, ab, 2, 0, 0) == 0);                 /* (2,3) ++ (3,3) along dim 0 -> (5,3) float32 */
+    CHECK(r.ndim == 2 && r.shape[0] == 5 && r.shape[1] == 3 && r.dtype == FL_F32);
+    CHECK(at2(&r, 1, 2) == 5 && at2(&r, 2, 0) == 0 && at2(&r, 4, 2) == 8);
+    fl_tensor_free(&r);
+    fl_tensor at = a;                                    /* a strided part: a^T (3,2) beside b^T (3,3) */
+    fl_view_transpose(&at, 0, 1);
+    fl_tensor bt = b;
+    fl_view_transpose(&bt, 0, 1);
+    const fl_tensor *tt[2] = {&at, &bt};
+    CHECK(fl_cat(&r, tt, 2, 1, 0) == 0);
+    CHECK(r.shape[0] == 3 && r.shape[1] == 5 && at2(&r, 2, 1) == 5 && at2(&r, 0, 4) == 6);
+    fl_tensor_free(&r);
+    const fl_tensor *aa[3] = {&a, &a, &a};
+    CHECK(fl_cat(&r, aa, 3, 1, 1) == 0);                 /* stack along a new middle dim: (2,3,3) */
+    CHECK(r.ndim == 3 && r.shape[0] == 2 && r.shape[1] == 3 && r.shape[2] == 3 && r.dtype == FL_I32);
+    int64_t i3[3] = {1, 2, 0};
+    CHECK(fl_tensor_get(&r, i3) == 3);
+    fl_tensor_free(&r);
+    const fl_tensor *ac[2] = {&a, &c};
+    CHECK(fl_cat(&r, ac, 2, 0, 0) == -1 && has("cat: element 2 has size [2,4], incompatible with element 1's [2,3] (dim 1)"));
+    CHECK(fl_cat(&r, ac, 2, 0, 1) == -1 && has("stack: element 2 has size [2,4]"));
+    CHECK(fl_cat(&r, ac, 2, 1, 0) == 0 && r.dtype == FL_F64 && r.shape[1] == 7);   /* along dim 1 they join */
+    fl_tensor_free(&r);
+    CHECK(fl_cat(&r, ab, 0, 0, 0) == -1 && has("cat: expected a non-empty list of tensors"));
+    CHECK(fl_cat(&r, ab, 2, 2, 0) == -1 && has("cat: dim 3 out of range for a 2-d result"));
+    CHECK(fl_tensor_init_scalar(&t, cpu, 0, FL_F32, 1) == 0);
+    const fl_tensor *s0[1] = {&t};
+    CHECK(fl_cat(&r, s0, 1, 0, 0) == -1 && has("cat: cannot concatenate 0-d tensors (use stack)"));
+    CHECK(fl_cat(&r, s0, 1, 0, 1) == 0 && r.ndim == 1 && r.shape[0] == 1);
+    fl_tensor_free(&r);
+    fl_tensor f;                                         /* parts on two devices */
+    CHECK(fl_tensor_init(&f, &fake_backend, 1, FL_F32, 2, s33) == 0);
+    const fl_tensor *af[2] = {&a, &f};
+    CHECK(fl_cat(&r, af, 2, 0, 0) == -1 && has("cat: element 2 is on fake:1, element 1 on cpu"));
+    fl_tensor_free(&f);
+    fl_tensor_free(&t);
+    fl_tensor_free(&a);
+    fl_tensor_free(&b);
+    fl_tensor_free(&c);
+  }
+
   return check_exit();
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The prepared device check of the CUDA backend (issue 7): in one call, get a CUDA build of
-# flowerlua, run the GPU tests (tests/lua/test_cuda.lua, the GPU test of test_mixed_precision.lua), then the GPU benchmark beside PyTorch
+# flowerlua, run the GPU tests (tests/c/test_backend_ops.c: every op and nn kernel against the CPU's;
+# tests/lua/test_cuda.lua, the GPU test of test_mixed_precision.lua), then the GPU benchmark beside PyTorch
 # (tests/bench/gpu.lua) and the quickstart on the GPU and on the CPUs, and print the test counts,
 # the benchmark table and the quickstart's accuracies. Logs go to $OUT (the device tool's folder)
 # when set, else to build-cuda/gpu-check/.
@@ -31,11 +32,11 @@ make_cuda() {
 
 if [ "${1:-}" = "--bundle" ]; then
   set -e
-  make_cuda build-cuda/flowerlua
+  make_cuda build-cuda/flowerlua build-cuda/tests/test_backend_ops
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
   mkdir -p "$tmp/gpubin/lib"
-  cp build-cuda/flowerlua "$tmp/gpubin/"
+  cp build-cuda/flowerlua build-cuda/tests/test_backend_ops "$tmp/gpubin/"
   # every resolved library except the C library family, the GCC runtime (the machine's newer one
   # must serve cuDNN too) and CUDA's own
   ldd build-cuda/flowerlua | awk '$3 ~ /^\// {print $1, $3}' | while read -r name path; do
@@ -70,18 +71,20 @@ if [ -f "$BUNDLE" ]; then
   UNPACK=$(mktemp -d /tmp/flowerlua-gpu.XXXXXX)
   tar -C "$UNPACK" -xJf "$BUNDLE" || { echo "FAILED: cannot unpack $BUNDLE"; exit 1; }
   FLOWERLUA=$UNPACK/gpubin/flowerlua
+  BACKEND_OPS=$UNPACK/gpubin/test_backend_ops
   LIBS=$UNPACK/gpubin/lib
   export FLOWERLUA_PATH=$ROOT/scripts          # the Lua library of this checkout
   export LUA_CPATH="$UNPACK/gpubin/lua/?.so;;"
   echo "binary: $BUNDLE (built elsewhere), unpacked in $UNPACK"
 else
   echo "no $BUNDLE: building here"
-  if ! make_cuda build-cuda/flowerlua > "$LOGS/build.log" 2>&1; then
+  if ! make_cuda build-cuda/flowerlua build-cuda/tests/test_backend_ops > "$LOGS/build.log" 2>&1; then
     tail -20 "$LOGS/build.log"
     echo "FAILED: no bundle and no build (make a bundle with: bash tests/gpu/check.sh --bundle)"
     exit 1
   fi
   FLOWERLUA=$ROOT/build-cuda/flowerlua
+  BACKEND_OPS=$ROOT/build-cuda/tests/test_backend_ops
   LIBS=
 fi
 
@@ -99,7 +102,15 @@ if [ -n "$missing" ]; then
 fi
 ldd "$FLOWERLUA" | grep -E 'cudnn|cublas|cudart' | sed 's/^/lib: /'
 
-# ---- GPU tests: every op against the CPU backend
+# ---- GPU tests: every op and nn kernel of the CUDA backend against the CPU's (every dtype)
+echo "== tests/c/test_backend_ops.c"
+"$BACKEND_OPS" > "$LOGS/test_backend_ops.log" 2>&1
+orc=$?
+grep -v '^ok - ' "$LOGS/test_backend_ops.log" | head -60
+grep -c '^ok - cuda' "$LOGS/test_backend_ops.log" | sed 's/^/cuda cases passed: /'
+grep '^ok - cuda.*# SKIP' "$LOGS/test_backend_ops.log" || true
+
+# ---- the GPU-only tests (allocator, streams, uploads, settings, a model and a run on the GPU)
 echo "== tests/lua/test_cuda.lua"
 "$FLOWERLUA" tests/lua/test_cuda.lua > "$LOGS/test_cuda.log" 2>&1
 rc=$?
@@ -107,6 +118,9 @@ cat "$LOGS/test_cuda.log"
 pass=$(grep -c '^ok - ' "$LOGS/test_cuda.log"); skip=$(grep -c '^ok - .*# SKIP' "$LOGS/test_cuda.log")
 fail=$(grep -c '^not ok - ' "$LOGS/test_cuda.log")
 [ $rc -ne 0 ] && [ "$fail" -eq 0 ] && fail=1
+pass=$((pass + $(grep -c '^ok - ' "$LOGS/test_backend_ops.log"))); skip=$((skip + $(grep -c '^ok - .*# SKIP' "$LOGS/test_backend_ops.log")))
+fail=$((fail + $(grep -c '^not ok - ' "$LOGS/test_backend_ops.log")))
+[ $orc -ne 0 ] && [ "$fail" -eq 0 ] && fail=1
 
 # ---- mixed precision on the GPU against the CPU's (its other tests run everywhere)
 echo "== tests/lua/test_mixed_precision.lua"

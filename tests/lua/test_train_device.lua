@@ -38,6 +38,33 @@ end
 -- the message a missing device gives (CPU build: "built without CUDA"; CUDA build: the driver's reason)
 local REASON = cuda.unavailable_reason()
 
+T.test('flower.device and t:to: names, moves on the host, the backends of this build', function()
+  local device = flower.device
+  T.eq(device.name(nil), 'cpu')
+  T.eq(device.name(2), 'cuda:2')
+  T.eq(device.describe(nil), 'cpu')
+  local t = flower.tensor({1, 2, 3})
+  T.eq(device.of(t), nil)
+  T.check(rawequal(device.move(t, nil), t), 'a host tensor moved to the host is itself')
+  T.check(rawequal(t:to('cpu'), t), "t:to('cpu') of a host tensor is itself")
+  T.check(rawequal(device.upload(t, nil), t), 'upload to the host is the tensor')
+  local m = make_model()
+  T.eq(device.of(m), nil)
+  T.check(rawequal(device.move(m, nil), m), 'a model moved to the host is itself')
+  local names = {}
+  for _, b in ipairs(flower.backends()) do names[#names + 1] = b.name end
+  T.eq(names[1], 'cpu')
+  T.eq(flower.backends()[1].devices, 1)
+  T.eq(cuda.built(), names[2] == 'cuda')
+  local ok, why = device.available()
+  T.eq(ok, cuda.available())
+  if not ok then T.eq(why, REASON) end
+  T.raises(function() t:to('tpu') end, "to: device 'tpu': no backend 'tpu' in this build (it has: cpu")
+  T.raises(function() t:to('cpu:1') end, "to: device 'cpu:1': there is 1 cpu device (0..0)")
+  T.raises(function() t:to('cpu:x') end, "the index after ':' must be an integer >= 0")
+  if not cuda.available() then T.raises(function() t:to('cuda') end, "to: device 'cuda'") end
+end)
+
 T.test('resolve_device: cpu, auto, cuda specs and bad ones', function()
   T.eq(train.resolve_device(nil), nil)
   T.eq(train.resolve_device('cpu'), nil)

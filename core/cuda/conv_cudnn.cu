@@ -1,6 +1,6 @@
 /* Convolutions through cuDNN's v9 graph ("backend") API: forward, backward-data and backward-filter
  * of NHWC activations with KRSC filters (K output channels, R x S window, C/groups input channels,
- * C fastest), grouped convolution for depthwise. cuda_nn.cu turns Keras's HWIO / (KH,KW,C,M)
+ * C fastest), grouped convolution for depthwise. nn_conv.cu turns Keras's HWIO / (KH,KW,C,M)
  * kernels into KRSC and back.
  *
  * Each distinct call (direction, dtype, shapes, window, groups, pointer alignment, TF32 and
