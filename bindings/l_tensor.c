@@ -989,6 +989,53 @@ static int cat_impl(lua_State *L, int stack) {
   return 1;
 }
 
+/* t:index_select(dim, idx): the slices idx (1-based: a Lua list or a 1-d integer tensor) of t along
+ * dim, as a new tensor on t's device */
+static int t_index_select(lua_State *L) {
+  fl_tensor *t = fl_lua_checktensor(L, 1);
+  int d = fl_lua_checkdim(L, 2, t->ndim, 0, "index_select");
+  lua_settop(L, 3);
+  int64_t n, *idx;
+  const fl_tensor *it = fl_lua_totensor(L, 3);
+  if (it) {
+    if (fl_dtype_is_float(it->dtype) || it->ndim != 1)
+      return luaL_error(L, "index_select: indices must be a 1-d integer tensor, got a %d-d %s tensor", it->ndim,
+                        fl_dtype_name(it->dtype));
+    const fl_tensor *h = fl_lua_tohost(L, it, "index_select");
+    n = h->shape[0];
+    idx = lua_newuserdatauv(L, sizeof *idx * (size_t)(n > 0 ? n : 1), 0);   /* freed by the collector */
+    fl_tensor l = {0};
+    FL_TRY(L, fl_cast(&l, h, FL_I64));
+    const int64_t *src = fl_tensor_data(&l);
+    for (int64_t i = 0; i < n; i++) idx[i] = src[i * l.stride[0]];
+    fl_tensor_free(&l);
+  } else {
+    if (!lua_istable(L, 3))
+      return luaL_error(L, "index_select: expected indices (a list or an integer tensor) at argument 3, got %s",
+                        luaL_typename(L, 3));
+    n = (int64_t)luaL_len(L, 3);
+    idx = lua_newuserdatauv(L, sizeof *idx * (size_t)(n > 0 ? n : 1), 0);
+    for (int64_t i = 0; i < n; i++) {
+      lua_rawgeti(L, 3, (lua_Integer)i + 1);
+      int ok;
+      lua_Integer v = lua_tointegerx(L, -1, &ok);
+      if (!ok) return luaL_error(L, "index_select: index %I is %s, expected an integer", (lua_Integer)i + 1, luaL_typename(L, -1));
+      idx[i] = (int64_t)v;
+      lua_pop(L, 1);
+    }
+  }
+  for (int64_t i = 0; i < n; i++) {
+    if (idx[i] < 0) idx[i] += t->shape[d] + 1;   /* negative counts from the end, as elsewhere */
+    if (idx[i] < 1 || idx[i] > t->shape[d])
+      return luaL_error(L, "index_select: index %I (position %I) is outside 1..%I of dim %d", (lua_Integer)idx[i],
+                        (lua_Integer)i + 1, (lua_Integer)t->shape[d], d + 1);
+    idx[i] -= 1;
+  }
+  fl_tensor *r = fl_lua_newtensor(L);
+  FL_TRY(L, fl_index_select(r, t, d, idx, n));
+  return 1;
+}
+
 static int l_cat(lua_State *L) { return cat_impl(L, 0); }
 static int l_stack(lua_State *L) { return cat_impl(L, 1); }
 
@@ -1019,7 +1066,7 @@ static const luaL_Reg tensor_methods[] = {
   {"is_shared", t_is_shared},
   {"storage_offset", t_storage_offset}, {"item", t_item}, {"totable", t_totable}, {"equal", t_equal},
   {"view", t_view}, {"reshape", t_reshape}, {"transpose", t_transpose}, {"t", t_t}, {"permute", t_permute},
-  {"narrow", t_narrow}, {"select", t_select}, {"expand", t_expand}, {"unsqueeze", t_unsqueeze},
+  {"narrow", t_narrow}, {"select", t_select}, {"index_select", t_index_select}, {"expand", t_expand}, {"unsqueeze", t_unsqueeze},
   {"squeeze", t_squeeze}, {"contiguous", t_contiguous}, {"clone", t_clone}, {"copy", t_copy},
   {"new_zeros", t_new_zeros}, {"new_empty", t_new_empty}, {"new_full", t_new_full},
   {"fill", t_fill}, {"fill_", t_fill}, {"zero", t_zero}, {"zero_", t_zero},

@@ -172,6 +172,31 @@ int fl_cat(fl_tensor *out, const fl_tensor *const *ts, int n, int dim, int stack
   return 0;
 }
 
+int fl_index_select(fl_tensor *out, const fl_tensor *a, int dim, const int64_t *idx, int64_t n) {
+  memset(out, 0, sizeof *out);
+  if (check_live("index_select", a)) return -1;
+  if (dim < 0 || dim >= a->ndim) return fl_fail("index_select: dim %d is outside [0, %d)", dim, a->ndim);
+  if (n < 0) return fl_fail("index_select: negative index count %lld", (long long)n);
+  for (int64_t i = 0; i < n; i++)
+    if (idx[i] < 0 || idx[i] >= a->shape[dim])
+      return fl_fail("index_select: index %lld at position %lld is outside [0, %lld) of dim %d", (long long)idx[i],
+                     (long long)i, (long long)a->shape[dim], dim);
+  int64_t shape[FL_MAXDIM];
+  memcpy(shape, a->shape, sizeof(int64_t) * (size_t)a->ndim);
+  shape[dim] = n;
+  if (new_like(out, a, a->dtype, a->ndim, shape)) return fl_fail_prefix("index_select");
+  for (int64_t i = 0; i < n;) {
+    int64_t run = 1;
+    while (i + run < n && idx[i + run] == idx[i] + run) run++;
+    fl_tensor dst = *out, src = *a;
+    fl_view_narrow(&dst, dim, i, run);
+    fl_view_narrow(&src, dim, idx[i], run);
+    if (fl_copy_into(&dst, &src)) { fl_tensor_free(out); return -1; }
+    i += run;
+  }
+  return 0;
+}
+
 int fl_cast(fl_tensor *out, const fl_tensor *a, fl_dtype dt) {
   memset(out, 0, sizeof *out);
   if (check_live("type", a)) return -1;

@@ -14,6 +14,9 @@ int fl_cast(fl_tensor *out, const fl_tensor *a, fl_dtype dt);  /* a view of a wh
 /* ts[0..n-1] joined along dim (cat: an existing dim, sizes may differ there) or along a new dim
  * (stack: equal shapes); dtypes promoted; all on one backend and device. dim is 0-based. */
 int fl_cat(fl_tensor *out, const fl_tensor *const *ts, int n, int dim, int stack);
+/* the slices idx[0..n-1] (0-based, each checked) of a along dim, in that order; runs of
+ * consecutive indices are copied as one slice, so a sorted selection costs about one copy */
+int fl_index_select(fl_tensor *out, const fl_tensor *a, int dim, const int64_t *idx, int64_t n);
 
 /* Result dtype of a binary op between a and b (float64 > float32 > int64 > int32 > uint8). */
 fl_dtype fl_promote(fl_dtype a, fl_dtype b);

@@ -632,4 +632,24 @@ T.test('t:new_zeros / new_empty / new_full follow t\'s dtype and device', functi
   T.raises(function() flower.full({2}) end, 'full: expected a fill value after the size')
 end)
 
+T.test('index_select: rows or columns by 1-based indices (a list or an integer tensor), in order, repeats allowed', function()
+  local t = flower.arange(1, 25):view(4, 3, 2)
+  for _, case in ipairs({ { 1, { 4, 1, 2, 3, 3 } }, { 2, { 3, 1 } }, { 3, { 2, 2, 1 } }, { 1, { -1, 2 } } }) do
+    local d, idx = case[1], case[2]
+    local parts = {}
+    for i, k in ipairs(idx) do parts[i] = t:narrow(d, k < 0 and t:size(d) + k + 1 or k, 1) end
+    local want = flower.cat(parts, d)
+    T.check(t:index_select(d, idx):equal(want), 'list, dim ' .. d)
+    T.check(t:index_select(d, flower.tensor(idx):long()):equal(want), 'int64 tensor, dim ' .. d)
+    T.check(t:index_select(d, flower.tensor(idx):int()):equal(want), 'int32 tensor, dim ' .. d)
+  end
+  T.eq(table.concat(t:index_select(1, {}):size(), 'x'), '0x3x2')
+  local v = t:transpose(1, 3)   -- a non-contiguous source
+  T.check(v:index_select(2, { 3, 1 }):equal(flower.cat({ v:narrow(2, 3, 1), v:narrow(2, 1, 1) }, 2)), 'strided source')
+  T.raises(function() t:index_select(1, { 5 }) end, 'index 5 (position 1) is outside 1..4 of dim 1')
+  T.raises(function() t:index_select(1, { 1.5 }) end, 'index 1 is number, expected an integer')
+  T.raises(function() t:index_select(1, flower.tensor({ 1 })) end, 'indices must be a 1-d integer tensor, got a 1-d float32 tensor')
+  T.raises(function() t:index_select(4, { 1 }) end, 'index_select')
+end)
+
 T.done()
