@@ -2,7 +2,7 @@
  * The Lua module flower.h5 (scripts/flower/h5.lua) wraps these and adds write_atomic.
  * Indices seen from Lua are 1-based (read_slice's start row). */
 #include "lflower.h"
-#include "h5.h"
+#include "io/h5.h"
 
 #include <stdlib.h>
 #include <string.h>

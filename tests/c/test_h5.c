@@ -1,4 +1,4 @@
-/* C tests of core/h5: round trips of every dtype and rank, row slices, extendible datasets,
+/* C tests of core/io/h5: round trips of every dtype and rank, row slices, extendible datasets,
  * strings, attributes of every kind, listing order, and the error paths (missing file/object,
  * wrong kinds, read-only, truncated and garbage files) — each must fail with a message, never
  * crash. Files go to $TMPDIR (or /tmp) and are removed. */
@@ -7,7 +7,7 @@
 #include <string.h>
 #include <unistd.h>
 #include "check.h"
-#include "h5.h"
+#include "io/h5.h"
 #include "ops.h"
 
 static char dir[256];
