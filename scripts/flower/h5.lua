@@ -12,6 +12,8 @@
 --   f:set_attr('/', 'layer_names', {'conv1', 'bn1'}) -- string lists are fixed-length, as Keras's
 --   f:create_group('/a/b')  f:remove(p)  f:flush()  f:close()
 --
+--   local w <close> = h5.open_untrusted('downloaded.h5')  -- a file flowerlua did not write (below)
+--
 -- Datasets read: float16/float32 -> float32, float64 -> float64, uint8/bool -> uint8, other
 -- integers up to 32 bits -> int32, wider -> int64. String datasets read as Lua lists.
 -- Children list in creation order for groups that track it (all groups this module creates),
@@ -23,6 +25,19 @@ local h5 = {}
 
 h5.open = C.open
 h5.fsync = C.fsync
+
+-- Opens a file flowerlua did not write (weights from the internet), read-only: libhdf5 parses it
+-- in a child process under memory, CPU-time and per-answer time limits, and this process gets
+-- only checked names, shapes, attributes and array bytes back (core/io/h5_sandbox.c). A crash or
+-- hang in libhdf5 fails the call with a message and leaves flowerlua running; the handle then
+-- fails every call. Same methods as h5.open's files (writes fail). opts: timeout (seconds one
+-- answer may take, default 60), memory (bytes the reader may allocate, default 2 GiB), cpu
+-- (its CPU seconds, default 3600). keras.load_weights / load_model / inspect open files this way.
+function h5.open_untrusted(path, opts)
+  local o = {untrusted = true}
+  for k, v in pairs(opts or {}) do o[k] = v end
+  return C.open(path, 'r', o)
+end
 
 -- Writes a file atomically: fn(f) fills a temporary `path .. '.tmp-<pid>'` opened for writing;
 -- on success it is closed, synced to disk and renamed over `path`, so readers see either the old
