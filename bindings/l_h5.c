@@ -214,6 +214,15 @@ static int l_append_rows(lua_State *L) {
   return 1;
 }
 
+/* f:truncate_rows(path, rows): keeps the first `rows` rows of an extendible dataset */
+static int l_truncate_rows(lua_State *L) {
+  lh5 *u = checkfile(L, "truncate_rows");
+  const char *path = luaL_checkstring(L, 2);
+  lua_Integer rows = luaL_checkinteger(L, 3);
+  if (fl_h5_truncate_rows(u->f, path, (int64_t)rows) < 0) return raise(L);
+  return 0;
+}
+
 static int l_exists(lua_State *L) {
   lh5 *u = checkfile(L, "exists");
   int k = fl_h5_kind(u->f, luaL_checkstring(L, 2));
@@ -406,7 +415,7 @@ static int l_getpid(lua_State *L) {
 
 static const luaL_Reg file_methods[] = {
   {"read", l_read}, {"read_slice", l_read_slice}, {"write", l_write},
-  {"append_rows", l_append_rows}, {"exists", l_exists}, {"kind", l_kind}, {"list", l_list},
+  {"append_rows", l_append_rows}, {"truncate_rows", l_truncate_rows}, {"exists", l_exists}, {"kind", l_kind}, {"list", l_list},
   {"remove", l_remove}, {"create_group", l_create_group}, {"shape", l_shape}, {"dtype", l_dtype}, {"attr", l_attr},
   {"set_attr", l_set_attr}, {"attrs", l_attrs}, {"flush", l_flush}, {"close", l_close},
   {"filename", l_filename}, {"isopen", l_isopen}, {"mode", l_mode}, {"untrusted", l_untrusted},

@@ -13,6 +13,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -97,6 +98,17 @@ static void close_id(hid_t id) {
   case H5I_GENPROP_LST: H5Pclose(id); break;
   default: H5Oclose(id); break;
   }
+}
+
+/* The C side of files.killpoint (scripts/flower/files.lua), for crash-safety tests: with
+ * FLOWER_KILLPOINT='<name>[:n]' the n-th arrival at `name` SIGKILLs the process, here between
+ * HDF5 calls that Lua cannot come between. */
+static void killpoint(const char *name) {
+  static int hits;
+  const char *v = getenv("FLOWER_KILLPOINT");
+  size_t n = strlen(name);
+  if (!v || strncmp(v, name, n) != 0 || (v[n] != 0 && v[n] != ':')) return;
+  if (++hits == (v[n] == ':' ? atoi(v + n + 1) : 1)) kill(getpid(), SIGKILL);
 }
 
 /* ---------------------------------------------------------------- files */
@@ -198,6 +210,7 @@ int fl_h5_close(fl_h5 *f) {
 int fl_h5_flush(fl_h5 *f) {
   if (f->sb) return 0;          /* read-only in another process: nothing to flush */
   if (H5Fflush(f->fid, H5F_SCOPE_GLOBAL) < 0) return hfail(f, "flush", NULL, "flushing failed");
+  killpoint("h5.flushed");
   return 0;
 }
 
@@ -658,6 +671,7 @@ int fl_h5_write(fl_h5 *f, const char *path, const fl_tensor *t, const fl_h5_writ
     hfail(f, "write", path, "writing failed");
     goto done;
   }
+  killpoint("h5.write.done");
   r = 0;
 done:
   close_id(d); close_id(dcpl); close_id(space);
@@ -734,6 +748,7 @@ int fl_h5_append_rows(fl_h5 *f, const char *path, const fl_tensor *t, int64_t *t
     if (host_contiguous(&h, t) < 0) { fl_fail_prefix("h5.append_rows"); goto done; }
     dims[0] = old + (hsize_t)t->shape[0];
     if (H5Dset_extent(d, dims) < 0) { hfail(f, op, path, "cannot extend the dataset"); goto done; }
+    killpoint("h5.append.extended");
     close_id(space);
     space = H5Dget_space(d);
     for (int i = 0; i < nd; i++) cnt[i] = (hsize_t)t->shape[i];
@@ -747,12 +762,37 @@ int fl_h5_append_rows(fl_h5 *f, const char *path, const fl_tensor *t, int64_t *t
       hfail(f, op, path, "writing rows failed");
       goto done;
     }
+    killpoint("h5.append.written");
   }
   if (total) *total = (int64_t)dims[0];
   r = 0;
 done:
   fl_tensor_free(&h);
   close_id(mspace); close_id(mt); close_id(type); close_id(space); close_id(d);
+  return r;
+}
+
+int fl_h5_truncate_rows(fl_h5 *f, const char *path, int64_t rows) {
+  path = norm(path);
+  const char *op = "truncate_rows";
+  if (!f->writable) return efail(f, op, path, "file is open read-only");
+  hid_t d = open_dataset(f, op, path), space = -1;
+  if (d < 0) return -1;
+  int r = -1, nd;
+  hsize_t dims[H5S_MAX_RANK], maxd[H5S_MAX_RANK];
+  space = H5Dget_space(d);
+  if (space < 0) { hfail(f, op, path, "cannot read the dataspace"); goto done; }
+  if (space_dims(f, op, path, space, &nd, dims, maxd) < 0) goto done;
+  if (nd < 1 || maxd[0] != H5S_UNLIMITED) { efail(f, op, path, "dataset is not extendible (not created by append_rows)"); goto done; }
+  if (rows < 0 || (hsize_t)rows > dims[0]) {
+    efail(f, op, path, "cannot keep %lld rows of %lld", (long long)rows, (long long)dims[0]);
+    goto done;
+  }
+  dims[0] = (hsize_t)rows;
+  if (H5Dset_extent(d, dims) < 0) { hfail(f, op, path, "cannot shrink the dataset"); goto done; }
+  r = 0;
+done:
+  close_id(space); close_id(d);
   return r;
 }
 
@@ -844,6 +884,7 @@ int fl_h5_write_strings(fl_h5 *f, const char *path, const char *const *s, int64_
     hfail(f, "write", path, "writing strings failed");
     goto done;
   }
+  killpoint("h5.write.done");
   r = 0;
 done:
   close_id(d); close_id(space); close_id(t);
@@ -988,6 +1029,7 @@ int fl_h5_attr_set(fl_h5 *f, const char *path, const char *name, const fl_h5_att
     hid_t mt = type == H5T_STD_I64LE ? H5T_NATIVE_INT64 : type == H5T_IEEE_F64LE ? H5T_NATIVE_DOUBLE : type;
     if (H5Awrite(at, mt, buf) < 0) { hfail(f, "set_attr", lab, "writing failed"); goto done; }
   }
+  killpoint("h5.attr.set");
   r = 0;
 done:
   close_id(at); close_id(space);

@@ -73,6 +73,10 @@ int fl_h5_write(fl_h5 *f, const char *path, const fl_tensor *t, const fl_h5_writ
  * first use; trailing dims and dtype must match. *total gets the row count afterwards. */
 int fl_h5_append_rows(fl_h5 *f, const char *path, const fl_tensor *t, int64_t *total);
 
+/* Keeps the first `rows` rows of an extendible dataset (rows <= its row count): a resumed append
+ * drops rows written after its last commit. */
+int fl_h5_truncate_rows(fl_h5 *f, const char *path, int64_t rows);
+
 /* String datasets (1-D; fixed- or variable-length on read, variable-length UTF-8 on write). */
 int fl_h5_read_strings(fl_h5 *f, const char *path, char ***out, int64_t *n);
 int fl_h5_write_strings(fl_h5 *f, const char *path, const char *const *s, int64_t n);

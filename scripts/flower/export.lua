@@ -37,6 +37,7 @@ local progress = require 'flower.progress'
 local export = {}
 
 local function fail(fmt, ...) error('export.features: ' .. string.format(fmt, ...), 3) end
+local check_resumable
 
 -- sha256 of a file (coreutils' sha256sum; weights files are large and Lua would be slow).
 function export.sha256(path)
@@ -73,33 +74,62 @@ local function same_list(a, b)
   return true
 end
 
+-- A split's image paths (relative to the data root) and ids, in row order.
+local function split_lists(ds, name)
+  local images, ids = {}, {}
+  for i, p in ipairs(ds.paths) do images[i] = rel_path(ds.root, p) end
+  for i = 1, #ds.paths do ids[i] = tostring(ds.ids and ds.ids[i] or i) end
+  return images, ids
+end
+
+-- What a split holds before its first row: image list, ids, labels, the row count expected, and the
+-- progress attributes (<split>_committed: rows known complete; <split>_complete).
+local function write_split_header(f, name, ds)
+  local images, ids = split_lists(ds, name)
+  local n = #images
+  f:write('/' .. name .. '_images', images)
+  f:write('/' .. name .. '_ids', ids)
+  if ds.labels then
+    local lab = flower.empty({ n }, 'int64')
+    for i = 1, n do lab[i] = ds.labels[i] - 1 end
+    f:write('/' .. name .. '_label', lab)
+  end
+  f:set_attr('/', name .. '_rows', n)
+  f:set_attr('/', name .. '_complete', 0)
+  f:set_attr('/', name .. '_committed', 0)
+end
+
 -- Exports one split into the open file f. Returns rows written now, or nil + reason if interrupted.
+-- Crash consistency: rows are appended a batch at a time, flushed, and only then counted in
+-- <split>_committed (flushed again); a resume drops rows past the count (a batch a kill cut short).
 local function export_split(f, name, ds, o, fmodel, with_probs)
   local xname = name == 'test' and 'test' or (name .. '_x')
-  local n = #ds.paths
-  local images = {}
-  for i, p in ipairs(ds.paths) do images[i] = rel_path(ds.root, p) end
-  local ids = {}
-  for i = 1, n do ids[i] = tostring(ds.ids and ds.ids[i] or i) end
+  local images = split_lists(ds, name)
+  local n = #images
   if f:exists('/' .. name .. '_images') then
     if not same_list(f:read('/' .. name .. '_images'), images) then
       fail("%s: the file lists other images for '%s' than this data set (%d rows); remove it or write elsewhere",
         o.path, name, n)
     end
   else
-    f:write('/' .. name .. '_images', images)
-    f:write('/' .. name .. '_ids', ids)
-    if ds.labels then
-      local lab = flower.empty({ n }, 'int64')
-      for i = 1, n do lab[i] = ds.labels[i] - 1 end
-      f:write('/' .. name .. '_label', lab)
-    end
-    f:set_attr('/', name .. '_rows', n)
-    f:set_attr('/', name .. '_complete', 0)
+    write_split_header(f, name, ds)
     f:flush()
   end
   if f:attr('/', name .. '_complete') == 1 then return 0 end
   local done = f:exists('/' .. xname) and f:shape('/' .. xname)[1] or 0
+  local committed = f:attr('/', name .. '_committed')
+  if committed and done > committed then          -- a kill cut a batch short: drop its rows
+    f:truncate_rows('/' .. xname, committed)
+    if f:exists('/' .. name .. '_missing') then
+      local kept = 0
+      for _, r in ipairs(f:read('/' .. name .. '_missing'):totable()) do if r < committed then kept = kept + 1 end end
+      f:truncate_rows('/' .. name .. '_missing', kept)
+    end
+    done = committed
+  end
+  if with_probs and f:exists('/' .. name .. '_probs') and f:shape('/' .. name .. '_probs')[1] > done then
+    f:truncate_rows('/' .. name .. '_probs', done)
+  end
   if with_probs and done > 0 and f:exists('/' .. name .. '_probs') and f:shape('/' .. name .. '_probs')[1] ~= done then
     fail("%s: '%s' has %d rows but '%s_probs' %d: the file is damaged; remove it", o.path, xname, done, name,
       f:shape('/' .. name .. '_probs')[1])
@@ -156,6 +186,10 @@ local function export_split(f, name, ds, o, fmodel, with_probs)
     end
     step = step + 1
     f:flush()
+    files.killpoint('export.batch_flushed')
+    f:set_attr('/', name .. '_committed', done + next_row - 1)
+    f:flush()
+    files.killpoint('export.batch_committed')
     bar:update(step)
     local why = require('flower.train').interrupted()
     if why and next_row <= #rest then
@@ -167,9 +201,70 @@ local function export_split(f, name, ds, o, fmodel, with_probs)
     fail("no image of split '%s' could be read (%d rows)", name, #rest)
   end
   bar:finish()
+  f:set_attr('/', name .. '_committed', done + #rest)
+  f:flush()
+  files.killpoint('export.split_committed')
   f:set_attr('/', name .. '_complete', 1)
   f:flush()
   return #rest
+end
+
+-- The root attributes and every split's header, for a new file.
+local function write_header(f, o, model, layer)
+  local a = o.attrs
+  local ds1 = o.splits[1][2]
+  f:set_attr('/', 'model', a.model or model.name or '')
+  f:set_attr('/', 'feature_layer', layer)
+  f:set_attr('/', 'image_size', a.image_size or 0)
+  f:set_attr('/', 'preprocessing', a.preprocessing or '')
+  f:set_attr('/', 'weights', a.weights and files.basename(a.weights) or '')
+  f:set_attr('/', 'weights_sha256', a.weights and export.sha256(a.weights) or '')
+  f:set_attr('/', 'created', os.date('!%Y-%m-%dT%H:%M:%SZ'))
+  f:set_attr('/', 'flowerlua', flower.version or '')
+  f:set_attr('/', 'label_base', 0)
+  f:set_attr('/', 'classes', ds1.num_classes or 0)
+  local cats = {}
+  for i, c in ipairs(ds1.categories or {}) do cats[i] = tostring(c) end
+  if #cats > 0 then f:set_attr('/', 'categories', cats) end
+  local s = {}
+  for i, sp in ipairs(o.splits) do s[i] = sp[1] end
+  f:set_attr('/', 'splits', s)
+  for _, sp in ipairs(o.splits) do
+    if sp[1] == 'train' or sp[1] == 'valid' or sp[1] == 'test' then write_split_header(f, sp[1], sp[2]) end
+  end
+end
+
+-- Raises unless the file at `path` is an export a resume can continue: a kill during an HDF5 flush
+-- can leave a file libhdf5 cannot open, or opens with damaged structures. It is read in the
+-- untrusted reader process (flower.h5.open_untrusted), so a damaged file cannot crash this one.
+function check_resumable(path, splits)
+  local h5 = require 'flower.h5'
+  local f <close> = h5.open_untrusted(path)
+  if f:attr('/', 'feature_layer') == nil then error('no feature_layer attribute', 0) end
+  for _, sp in ipairs(splits) do
+    local name = sp[1]
+    local xname = name == 'test' and 'test' or (name .. '_x')
+    if f:kind('/' .. name .. '_images') then
+      for _, d in ipairs({ '_images', '_ids' }) do
+        if f:kind('/' .. name .. d) ~= 'dataset' then error('no dataset ' .. name .. d, 0) end
+        f:shape('/' .. name .. d)
+      end
+      if f:attr('/', name .. '_rows') == nil or f:attr('/', name .. '_complete') == nil then
+        error('split ' .. name .. ' lacks its row count', 0)
+      end
+      local committed = f:attr('/', name .. '_committed')
+      local x = f:kind('/' .. xname) and f:shape('/' .. xname)[1] or 0
+      committed = committed or x
+      if x < committed then error(string.format('%s has %d rows, %d were committed', xname, x, committed), 0) end
+      local p = '/' .. name .. '_probs'
+      if f:kind(p) and f:shape(p)[1] < committed then error(string.format('%s has fewer rows than committed', p), 0) end
+      if committed > 0 then                       -- the committed rows are readable
+        f:read_slice('/' .. xname, committed, 1)
+        if f:kind(p) then f:read_slice(p, committed, 1) end
+      end
+      if f:kind('/' .. name .. '_missing') then f:read('/' .. name .. '_missing') end
+    end
+  end
 end
 
 -- Returns {path, rows = {split = n}, seconds, images_per_s, interrupted = reason or nil}.
@@ -183,8 +278,17 @@ function export.features(model, o)
   -- the device first: a missing GPU fails before the file is touched
   o._device = require('flower.train').run_device(model, o.device, 'export.features')
   local h5 = require 'flower.h5'
+  h5.remove_stale_tmp(o.path)            -- temporaries of killed writes
   local exists = files.exists(o.path)
   if exists and not o.resume then os.remove(o.path); exists = false end
+  if exists then
+    local ok, why = pcall(check_resumable, o.path, o.splits)
+    if not ok then
+      io.stderr:write(string.format('export.features: %s cannot be resumed (%s); exporting it again\n', o.path, why))
+      os.remove(o.path)
+      exists = false
+    end
+  end
   files.mkdir(files.dirname(o.path))
   local fmodel, with_probs = two_headed(model, layer)
   if o._device ~= nil and fmodel.cuda then fmodel:cuda(o._device) end   -- the shared layers are there already
@@ -197,29 +301,10 @@ function export.features(model, o)
   local t0 = files.now()
   local result = { path = o.path, rows = {} }
   local ok, err = pcall(function()
+    -- the file appears whole (attributes, every split's image lists) or not at all
+    if not exists then h5.write_atomic(o.path, function(f) write_header(f, o, model, layer) end) end
     local f <close> = h5.open(o.path, 'a')
-    if not exists then
-      local a = o.attrs
-      local ds1 = o.splits[1][2]
-      f:set_attr('/', 'model', a.model or model.name or '')
-      f:set_attr('/', 'feature_layer', layer)
-      f:set_attr('/', 'image_size', a.image_size or 0)
-      f:set_attr('/', 'preprocessing', a.preprocessing or '')
-      f:set_attr('/', 'weights', a.weights and files.basename(a.weights) or '')
-      f:set_attr('/', 'weights_sha256', a.weights and export.sha256(a.weights) or '')
-      f:set_attr('/', 'created', os.date('!%Y-%m-%dT%H:%M:%SZ'))
-      f:set_attr('/', 'flowerlua', flower.version or '')
-      f:set_attr('/', 'label_base', 0)
-      f:set_attr('/', 'classes', ds1.num_classes or 0)
-      local cats = {}
-      for i, c in ipairs(ds1.categories or {}) do cats[i] = tostring(c) end
-      if #cats > 0 then f:set_attr('/', 'categories', cats) end
-      f:set_attr('/', 'splits', (function()
-        local s = {}
-        for i, sp in ipairs(o.splits) do s[i] = sp[1] end
-        return s
-      end)())
-    elseif f:attr('/', 'feature_layer') ~= layer or (o.attrs.model and f:attr('/', 'model') ~= o.attrs.model) then
+    if f:attr('/', 'feature_layer') ~= layer or (o.attrs.model and f:attr('/', 'model') ~= o.attrs.model) then
       fail("%s was written by model '%s' at layer '%s'; this is '%s' at '%s'", o.path, tostring(f:attr('/', 'model')),
         tostring(f:attr('/', 'feature_layer')), tostring(o.attrs.model), layer)
     end
