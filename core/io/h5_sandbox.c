@@ -158,7 +158,11 @@ static void serve_rows(int sock, wbuf *b, fl_h5 *f, const char *op, const char *
   if (count < 0) start = 0;
   int64_t per = row >= BLOCK_BYTES ? 1 : (int64_t)(BLOCK_BYTES / (row ? row : 1));
   buf = malloc((size_t)(per < rows ? per : rows) * row + 1);
-  if (!buf) { fl_fail_oom("h5.%s: the reader process is out of memory", op); goto fail; }
+  if (!buf) {
+    fl_fail_oom("h5.%s: %s: '%s': the reader process is out of memory (raise its memory limit)", op,
+                fl_h5_filename(f), path);
+    goto fail;
+  }
   for (int64_t r0 = 0; r0 < rows && row > 0; r0 += per) {
     int64_t rc = rows - r0 < per ? rows - r0 : per;
     size_t nb = (size_t)rc * row;
