@@ -25,7 +25,8 @@ int fl_h5_open(fl_h5 **out, const char *path, char mode);
  * libhdf5 ends that child and fails the call with a message; the handle then fails every call.
  * Every read function below works on such a handle; writes fail ("open read-only"). */
 typedef struct fl_h5_limits {
-  double timeout_s;           /* the longest one answer may take (a hang); <= 0: 60 */
+  double timeout_s;           /* the longest one answer may take (a hang); <= 0: 60, or
+                               * $FLOWER_H5_UNTRUSTED_TIMEOUT */
   int64_t memory;             /* address space the child may add, in bytes; <= 0: 2 GiB */
   double cpu_s;               /* CPU seconds for the child's whole life; <= 0: 3600 */
 } fl_h5_limits;

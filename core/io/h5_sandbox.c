@@ -556,7 +556,9 @@ int fl_h5sb_start(fl_h5_sandbox **out, const char *path, const fl_h5_limits *lim
   *out = NULL;
   fl_h5_sandbox *sb = calloc(1, sizeof *sb);
   if (!sb || !(sb->path = strdup(path))) { free(sb); return fl_fail_oom("h5.open: %s: out of memory", path); }
-  sb->timeout_s = lim && lim->timeout_s > 0 ? lim->timeout_s : 60;
+  const char *env = getenv("FLOWER_H5_UNTRUSTED_TIMEOUT");    /* a default for every caller */
+  double dflt = env && atof(env) > 0 ? atof(env) : 60;
+  sb->timeout_s = lim && lim->timeout_s > 0 ? lim->timeout_s : dflt;
   sb->cpu_s = lim && lim->cpu_s > 0 ? lim->cpu_s : 3600;
   int64_t memory = lim && lim->memory > 0 ? lim->memory : (int64_t)2 << 30;
   int sv[2];
