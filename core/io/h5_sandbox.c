@@ -568,6 +568,9 @@ int fl_h5sb_start(fl_h5_sandbox **out, const char *path, const fl_h5_limits *lim
     free(sb);
     return fl_fail("h5.open: %s: cannot make a socket for the reader process: %s", path, strerror(e));
   }
+  int bufsize = 4 << 20;                  /* fewer round trips for array bytes (the kernel may cap it) */
+  setsockopt(sv[0], SOL_SOCKET, SO_RCVBUF, &bufsize, sizeof bufsize);
+  setsockopt(sv[1], SOL_SOCKET, SO_SNDBUF, &bufsize, sizeof bufsize);
   size_t vm = vm_size();
   pid_t pid = fork();
   if (pid == 0) {
