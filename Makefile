@@ -23,7 +23,7 @@ ifeq ($(SAN),1)
   LDLIBS  += -fsanitize=address,undefined
 endif
 
-CORE_SRC := $(wildcard core/*.c core/cpu/*.c core/io/*.c)
+CORE_SRC := $(wildcard core/*.c core/cpu/*.c core/io/*.c core/data/*.c)
 BIND_SRC := $(wildcard bindings/*.c)
 HOST_SRC := $(wildcard bindings/host/*.c)
 

@@ -1,5 +1,5 @@
 /* Lua bindings for the data area: flower.core._data = { image_load, image_decode, image_info,
- * image_encode, image_resize, image_raw, image_from_raw, loader, permutation, pixel_stats, flowers_draw, flowers_write,
+ * image_encode, image_resize, image_raw, image_from_raw, loader, permutation, random_state, pixel_stats, flowers_draw, flowers_write,
  * flowers_class, flowers_grid, listdir, gather_rows, epoch_seed, sample_seed, now }. scripts/flower/data.lua wraps them as flower.data.
  *
  * Conventions: data set indices and the labels handed in are Lua's (1-based); the loader passes
@@ -11,9 +11,9 @@
  * the threads never see a lua_State. Batch buffers are tensor storages allocated by the consumer,
  * handed to the returned tensor without a copy. __gc and __close stop the threads. */
 #include "lflower.h"
-#include "loader.h"
-#include "flowers.h"
-#include "image.h"
+#include "data/loader.h"
+#include "data/flowers.h"
+#include "data/image.h"
 #include "backend.h"
 
 #include <dirent.h>
@@ -140,8 +140,7 @@ static void read_transform(lua_State *L, int t, fl_transform *tf, int def_mode, 
   lua_Integer e = opt_integer(L, t, "eighths", 0, fname);
   if (e < 0 || e > 8) luaL_error(L, "%s: option 'eighths' must be 1..8 (decode at eighths/8 of full size), got %d", fname, (int)e);
   tf->none_scale = (int)e;
-  char err[256];
-  if (fl_transform_check(tf, err, sizeof err)) luaL_error(L, "%s: %s", fname, err);
+  if (fl_transform_check(tf)) luaL_error(L, "%s: %s", fname, fl_errmsg());
 }
 
 /* ---------------------------------------------------------------- images */
@@ -193,7 +192,7 @@ static int decode_push(lua_State *L, decoder_ud *u, const uint8_t *buf, size_t l
     luaL_error(L, "%s: preprocess '%s' needs dtype 'float32'", fname, pres[pre]);
   uint64_t rng = (uint64_t)opt_integer(L, opt, "seed", 0, fname);
   int s = fl_decoder_transform(u->d, buf, len, &tf, &rng, &u->img);
-  if (s) return luaL_error(L, "%s: %s: %s (%s)", fname, what, fl_decoder_message(u->d), fl_img_status_name(s));
+  if (s) return luaL_error(L, "%s: %s: %s (%s)", fname, what, fl_errmsg(), fl_img_status_name(s));
   int64_t shape[3] = { u->img.h, u->img.w, 3 };
   fl_tensor *t = push_tensor(L, dtype == FL_OUT_F32 ? FL_F32 : FL_U8, 3, shape);
   fl_pixels_convert(u->img.data, (size_t)u->img.w * u->img.h, fl_tensor_data(t), dtype, pre);
@@ -216,7 +215,7 @@ static int l_image_load(lua_State *L) {
   const uint8_t *buf;
   size_t len;
   int s = fl_decoder_read_file(u->d, path, &buf, &len);
-  if (s) return luaL_error(L, "image_load: %s: %s (%s)", path, fl_decoder_message(u->d), fl_img_status_name(s));
+  if (s) return luaL_error(L, "image_load: %s: %s (%s)", path, fl_errmsg(), fl_img_status_name(s));
   return decode_push(L, u, buf, len, opt, "image_load", path);
 }
 
@@ -237,7 +236,7 @@ static int l_image_info(lua_State *L) {
   decoder_ud *u = push_decoder(L);
   fl_jpeg_info info;
   int s = fl_decoder_info(u->d, (const uint8_t *)bytes, len, &info);
-  if (s) return luaL_error(L, "image_info: %s (%s)", fl_decoder_message(u->d), fl_img_status_name(s));
+  if (s) return luaL_error(L, "image_info: %s (%s)", fl_errmsg(), fl_img_status_name(s));
   lua_createtable(L, 0, 7);
   lua_pushinteger(L, info.width); lua_setfield(L, -2, "width");
   lua_pushinteger(L, info.height); lua_setfield(L, -2, "height");
@@ -295,9 +294,8 @@ static int l_image_encode(lua_State *L) {
   if (q < 1 || q > 100) return luaL_error(L, "image_encode: quality must be 1..100, got %d", (int)q);
   unsigned char *out = NULL;
   size_t len = 0;
-  char err[256];
-  if (fl_jpeg_encode(fl_tensor_data(t), (int)t->shape[1], (int)t->shape[0], c, (int)q, prog, sub, &out, &len, err, sizeof err))
-    return luaL_error(L, "%s", err);
+  if (fl_jpeg_encode(fl_tensor_data(t), (int)t->shape[1], (int)t->shape[0], c, (int)q, prog, sub, &out, &len))
+    return luaL_error(L, "%s", fl_errmsg());
   void **box = push_box(L, out);  /* frees `out` if pushing the string raises */
   lua_pushlstring(L, (const char *)out, len);
   free(out);
@@ -496,9 +494,8 @@ static int l_loader(lua_State *L) {
     if (!u->labels) return luaL_error(L, "%s: out of memory", fname);
     memcpy(u->labels, labels, sizeof(int64_t) * (size_t)n);
   }
-  char err[256];
-  u->ld = fl_loader_new(&cfg, err, sizeof err);
-  if (!u->ld) return luaL_error(L, "%s", err);
+  u->ld = fl_loader_new(&cfg);
+  if (!u->ld) return luaL_error(L, "%s", fl_errmsg());
   u->n = n;
   u->batch_bytes = (size_t)cfg.batch_size * fl_loader_sample_bytes(u->ld);
   /* the batch being used, the one before it (until the collector frees it) and two spare;
@@ -515,8 +512,7 @@ static int l_loader(lua_State *L) {
 static int loader_start(lua_State *L) {
   loader_ud *u = check_loader(L, 1, "Loader:start");
   lua_Integer e = luaL_checkinteger(L, 2);
-  char err[256];
-  if (fl_loader_start(u->ld, e, err, sizeof err)) return luaL_error(L, "Loader:start: %s", err);
+  if (fl_loader_start(u->ld, e)) return luaL_error(L, "Loader:start: %s", fl_errmsg());
   return 0;
 }
 
@@ -527,9 +523,8 @@ static int loader_next(lua_State *L) {
   /* everything Lua allocates comes before the batch, so no raise can lose its buffer */
   fl_tensor *x = fl_lua_newtensor(L);
   fl_loader_batch b;
-  char err[256];
-  int r = fl_loader_next(u->ld, &b, err, sizeof err);
-  if (r < 0) return luaL_error(L, "Loader:next: %s", err);
+  int r = fl_loader_next(u->ld, &b);
+  if (r < 0) return luaL_error(L, "Loader:next: %s", fl_errmsg());
   if (r == 0) return 0;
   x->storage = b.handle;
   pool_add(u, b.handle);
@@ -613,18 +608,55 @@ static const luaL_Reg loader_methods[] = {
 
 /* ---------------------------------------------------------------- permutations, statistics */
 
-/* permutation(n, seed) -> {1-based indices}: numpy.random.RandomState(seed).permutation(n) + 1 */
-static int l_permutation(lua_State *L) {
-  lua_Integer n = luaL_checkinteger(L, 1), seed = luaL_checkinteger(L, 2);
-  if (n < 0 || n > 0xFFFFFFFFll) return luaL_error(L, "permutation: n must be 0..2^32-1, got %d", (int)n);
-  if (seed < 0 || seed > 0xFFFFFFFFll) return luaL_error(L, "permutation: seed must be 0..2^32-1 (as numpy's RandomState), got %I", seed);
-  int64_t *p = lua_newuserdatauv(L, sizeof(int64_t) * (size_t)(n ? n : 1), 0);
-  if (fl_permutation(p, n, (uint32_t)seed)) return luaL_error(L, "permutation: out of memory");
+static lua_Integer check_count(lua_State *L, int arg, const char *fname) {
+  lua_Integer n = luaL_checkinteger(L, arg);
+  if (n < 0 || n > 0xFFFFFFFFll) luaL_error(L, "%s: n must be 0..2^32-1, got %I", fname, n);
+  return n;
+}
+
+static uint32_t check_seed(lua_State *L, int arg, const char *fname) {
+  lua_Integer seed = luaL_checkinteger(L, arg);
+  if (seed < 0 || seed > 0xFFFFFFFFll) luaL_error(L, "%s: seed must be 0..2^32-1 (as numpy's RandomState), got %I", fname, seed);
+  return (uint32_t)seed;
+}
+
+/* Pushes {p[0] + 1, ..., p[n-1] + 1}. */
+static void push_indices(lua_State *L, const int64_t *p, lua_Integer n) {
   lua_createtable(L, (int)n, 0);
   for (lua_Integer i = 0; i < n; i++) {
     lua_pushinteger(L, p[i] + 1);
     lua_rawseti(L, -2, i + 1);
   }
+}
+
+/* permutation(n, seed) -> {1-based indices}: numpy.random.RandomState(seed).permutation(n) + 1 */
+static int l_permutation(lua_State *L) {
+  lua_Integer n = check_count(L, 1, "permutation");
+  uint32_t seed = check_seed(L, 2, "permutation");
+  int64_t *p = lua_newuserdatauv(L, sizeof(int64_t) * (size_t)(n ? n : 1), 0);
+  if (fl_permutation(p, n, seed)) return luaL_error(L, "%s", fl_errmsg());
+  push_indices(L, p, n);
+  return 1;
+}
+
+#define RANDOM_STATE_MT "flower.RandomState"
+
+/* random_state(seed) -> a stream rs, numpy.random.RandomState(seed): rs:permutation(n) -> {1-based
+ * indices}, each call continuing where the last one stopped */
+static int l_random_state(lua_State *L) {
+  uint32_t seed = check_seed(L, 1, "random_state");
+  fl_mt19937 *s = lua_newuserdatauv(L, sizeof *s, 0);
+  fl_mt19937_seed(s, seed);
+  luaL_setmetatable(L, RANDOM_STATE_MT);
+  return 1;
+}
+
+static int random_state_permutation(lua_State *L) {
+  fl_mt19937 *s = luaL_checkudata(L, 1, RANDOM_STATE_MT);
+  lua_Integer n = check_count(L, 2, "RandomState:permutation");
+  int64_t *p = lua_newuserdatauv(L, sizeof(int64_t) * (size_t)(n ? n : 1), 0);
+  if (fl_mt19937_permutation(s, p, n)) return luaL_error(L, "%s", fl_errmsg());
+  push_indices(L, p, n);
   return 1;
 }
 
@@ -713,9 +745,8 @@ static int l_flowers_draw(lua_State *L) {
   if (w < 16 || h < 16 || w > 8192 || h > 8192) return luaL_error(L, "flowers_draw: size must be 16..8192, got %Ix%I", w, h);
   int64_t shape[3] = { h, w, 3 };
   fl_tensor *t = push_tensor(L, FL_U8, 3, shape);
-  char err[256];
-  if (fl_flowers_draw(fl_tensor_data(t), (int)w, (int)h, (int)c, (int)K, (uint64_t)seed, err, sizeof err))
-    return luaL_error(L, "%s", err);
+  if (fl_flowers_draw(fl_tensor_data(t), (int)w, (int)h, (int)c, (int)K, (uint64_t)seed))
+    return luaL_error(L, "%s", fl_errmsg());
   return 1;
 }
 
@@ -747,8 +778,7 @@ static int l_flowers_write(lua_State *L) {
     jobs[i - 1].seed = (uint64_t)opt_integer(L, j, "seed", 0, "flowers_write");
     lua_pop(L, 1);
   }
-  char err[512];
-  if (fl_flowers_write(jobs, (int)n, (int)K, workers, err, sizeof err)) return luaL_error(L, "%s", err);
+  if (fl_flowers_write(jobs, (int)n, (int)K, workers)) return luaL_error(L, "%s", fl_errmsg());
   return 0;
 }
 
@@ -864,6 +894,7 @@ static const luaL_Reg data_funcs[] = {
   {"image_from_raw", l_image_from_raw},
   {"loader", l_loader},
   {"permutation", l_permutation},
+  {"random_state", l_random_state},
   {"pixel_stats", l_pixel_stats},
   {"flowers_class", l_flowers_class},
   {"flowers_grid", l_flowers_grid},
@@ -880,6 +911,13 @@ void fl_lua_open_data(lua_State *L) {
     lua_setfield(L, -2, "__gc");
     lua_pushcfunction(L, loader_gc);
     lua_setfield(L, -2, "__close");
+  }
+  lua_pop(L, 1);
+  if (luaL_newmetatable(L, RANDOM_STATE_MT)) {
+    lua_createtable(L, 0, 1);
+    lua_pushcfunction(L, random_state_permutation);
+    lua_setfield(L, -2, "permutation");
+    lua_setfield(L, -2, "__index");
   }
   lua_pop(L, 1);
   luaL_newlib(L, data_funcs);

@@ -231,6 +231,9 @@ static int create(lua_State *L, const char *fname, const fl_tensor *like, int ar
                   int fill, double value) {
   int64_t shape[FL_MAXDIM];
   int next;
+  /* an explicit nil is a mistake (an unset variable), not the empty size of a 0-d tensor */
+  if (lua_isnil(L, arg) && !lua_isnone(L, arg))
+    return luaL_error(L, "%s: expected a size (integers or a table of them), got nil", fname);
   int n = fl_lua_checksize(L, arg, shape, &next, fname);
   if (has_value) {
     if (lua_type(L, next) != LUA_TNUMBER)

@@ -15,7 +15,7 @@
 --   xception_weights_tf_dim_ordering_tf_kernels_notop.h5             (299x299, 2048)
 --   inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5  (299x299, 1536; the seed adds
 --       Dropout(0.5) + Dense(2048, relu) + Dropout(0.5) so that it gives 2048 features too)
--- Without --weights the models start from random weights (a warning says so).
+-- Without --weights the models start from random weights (the log and report.html say so).
 -- The schedule is the seed's: stage 1 trains only the new softmax head (Adam, lr 1e-3, 1 epoch),
 -- stage 2 every layer (--epochs, --lr). Each model's own preprocessing runs inside the model.
 -- Expect hours per epoch per model on a CPU at 700k images; every step checkpoints, so Ctrl-C and
@@ -29,32 +29,48 @@ local WEIGHT_FILES = {
   xception = 'xception_weights_tf_dim_ordering_tf_kernels_notop.h5',
   inception_resnet_v2 = 'inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5',
 }
-local SIZES = { resnet50 = 224, inception_v3 = 299, xception = 299, inception_resnet_v2 = 299 }
+local MODELS = { 'resnet50', 'inception_v3', 'xception', 'inception_resnet_v2' }
 
 local R = recipe.new {
   name = 'fgvcx_flowers',
   description = 'The seed\'s recipe: ResNet50, InceptionV3, Xception and InceptionResNetV2 from Keras ImageNet '
     .. 'weights, head then all layers, feature export, ensemble, submission.',
-  options = {
-    { name = 'data', type = 'string', required = true, help = 'the Kaggle FGVCx Flowers directory' },
-    { name = 'weights', type = 'string', help = 'directory with the Keras notop weight files' },
-    { name = 'models', type = 'list', default = { 'resnet50', 'inception_v3', 'xception', 'inception_resnet_v2' },
-      choices = { 'resnet50', 'inception_v3', 'xception', 'inception_resnet_v2' }, help = 'models to fine-tune' },
-    { name = 'size', type = 'int', min = 32, help = 'input size for every model (default: each model\'s own, 224 or 299)' },
-    { name = 'head_epochs', type = 'int', default = 1, min = 0, help = 'epochs of the head-only stage' },
-    { name = 'head_lr', type = 'number', default = 1e-3, min = 0, help = 'learning rate of the head-only stage (Adam)' },
-    { name = 'epochs', type = 'int', default = 3, min = 0, help = 'epochs of the all-layers stage' },
-    { name = 'lr', type = 'number', default = 1e-4, min = 0, help = 'learning rate of the all-layers stage (Adam)' },
-    { name = 'batch_size', type = 'int', default = 32, min = 1, help = 'batch size' },
-    { name = 'augment', type = 'bool', default = true, help = 'random flips (and crops, see --crop-scale) while training' },
-    { name = 'crop_scale', type = 'number', default = 0.35, min = 0, max = 1, help = 'random crops covering this fraction of the image or more (0: no crops)' },
-    { name = 'ensemble_epochs', type = 'int', default = 50, min = 1, help = 'epochs of the ensemble classifier' },
-    { name = 'ensemble_lr', type = 'number', default = 1e-3, min = 0, help = 'learning rate of the ensemble classifier' },
-    { name = 'ensemble_dropout', type = 'number', default = 0.5, min = 0, max = 0.95, help = 'dropout of the ensemble' },
-    { name = 'topk', type = 'int', default = 0, min = 0, help = 'add a top-k column to predict.csv (0: none)' },
-    { name = 'workers', type = 'int', default = 2, min = 1, help = 'image decoding threads' },
-    { name = 'seed', type = 'int', default = 1, min = 0, help = 'seed of the heads, shuffling, augmentation and dropout' },
+  options = recipe.pipeline_options {
+    data = { required = true, help = 'the Kaggle FGVCx Flowers directory (train.json, train/, test.json, test/)' },
+    models = { default = MODELS, choices = MODELS, help = 'models to fine-tune' },
+    size = { min = 1, help = 'input size for every model (default: each model\'s own, 224 or 299; at least '
+      .. '32 for resnet50, 75 for inception_v3 and inception_resnet_v2, 71 for xception)' },
+    weights = { help = 'directory with the Keras notop weight files (scripts/fetch_weights.sh --dir DIR)' },
+    head_lr = { default = 1e-3 },
+    epochs = { default = 3 },
+    lr = { default = 1e-4 },
+    batch_size = { default = 32 },
+    crop_scale = { default = 0.35 },
+    ensemble_epochs = { default = 50 },
   },
+  -- before the run directory is made: the data set, every weights file and every model's input size
+  check = function(cfg)
+    local models = require 'flower.models'
+    if not files.isdir(cfg.data) then recipe.fail('fgvcx_flowers: --data %s: no such directory', cfg.data) end
+    if not files.exists(files.join(cfg.data, 'train.json')) then
+      recipe.fail('fgvcx_flowers: --data %s: no train.json there (expected the Kaggle FGVCx layout: train.json, '
+        .. 'train/category_<id>/..., test.json, test/...)', cfg.data)
+    end
+    for _, name in ipairs(cfg.models) do
+      local s, min = cfg.size or models.default_size(name), models.min_size(name)
+      if s < min then
+        recipe.fail('fgvcx_flowers: --size %d: %s takes images of at least %dx%d (give --size %d or more, or leave '
+          .. 'it out for each model\'s own size)', s, name, min, min, min)
+      end
+      if cfg.weights then
+        local path = files.join(cfg.weights, WEIGHT_FILES[name])
+        if not files.exists(path) then
+          recipe.fail('fgvcx_flowers: --weights %s: %s: no weights file %s (scripts/fetch_weights.sh --dir %s '
+            .. 'downloads it)', cfg.weights, name, path, cfg.weights)
+        end
+      end
+    end
+  end,
   settings = {
     stages = {
       { epochs = 'head_epochs', train = 'head', lr = 'head_lr' },
@@ -67,16 +83,14 @@ local R = recipe.new {
     if not cfg.weights then
       run:log('warning: no --weights: the models start from random weights, not ImageNet (see scripts/fetch_weights.sh)')
     end
-    local function size_of(name) return cfg.size or SIZES[name] end
+    local function size_of(name) return cfg.size or models.default_size(name) end
     local summary = pipeline.run(cfg, run, {
       build = function(name, classes)
         local wpath = cfg.weights and files.join(cfg.weights, WEIGHT_FILES[name]) or nil
-        if wpath and not files.exists(wpath) then
-          error(string.format('fgvcx_flowers: %s: no weights file %s', name, wpath), 0)
-        end
         local s = size_of(name)
-        local base = models.build(name, { include_top = false, pooling = 'avg', weights = wpath, preprocess = true,
-                                          input_shape = { s, s, 3 } })
+        -- a weights file that does not fit the model is the user's error, not the program's
+        local base = recipe.as_user_error(models.build, name, { include_top = false, pooling = 'avg', weights = wpath,
+                                                               input_shape = { s, s, 3 } })
         local m
         if name == 'inception_resnet_v2' then
           m = models.inception_resnet_v2_head(base, { classes = classes, seed = cfg.seed })

@@ -23,32 +23,35 @@ local R = recipe.new {
   name = 'quickstart',
   description = 'The seed\'s pipeline (fine-tune, export features, ensemble, predict.csv, report) on the '
     .. 'synthetic flowers set; generates the data set first if it is absent.',
-  options = {
-    { name = 'data', type = 'string', default = 'data/flowers-quickstart', help = 'data set directory (Kaggle layout)' },
-    { name = 'classes', type = 'int', default = 6, min = 2, help = 'classes when generating the data set' },
-    { name = 'train_per_class', type = 'int', default = 100, min = 2, help = 'training photos per class when generating' },
-    { name = 'test', type = 'int', default = 60, min = 0, help = 'test photos when generating' },
-    { name = 'models', type = 'list', default = { 'vgg_tiny', 'inception_tiny' },
-      choices = { 'resnet_tiny', 'inception_tiny', 'vgg_tiny' }, help = 'models to fine-tune and ensemble' },
-    { name = 'size', type = 'int', default = 48, min = 16, help = 'input size in pixels' },
-    { name = 'width', type = 'int', default = 16, min = 2, help = 'channels of the first stage of each model' },
-    { name = 'dropout', type = 'number', default = 0, min = 0, max = 0.95, help = 'dropout before each model\'s classifier' },
-    { name = 'head_epochs', type = 'int', default = 1, min = 0, help = 'epochs of the head-only stage' },
-    { name = 'head_lr', type = 'number', default = 3e-3, min = 0, help = 'learning rate of the head-only stage' },
-    { name = 'epochs', type = 'int', default = 11, min = 0, help = 'epochs of the all-layers stage (cosine learning-rate decay)' },
-    { name = 'lr', type = 'number', default = 2e-3, min = 0, help = 'learning rate of the all-layers stage (Adam)' },
-    { name = 'batch_size', type = 'int', default = 16, min = 1, help = 'batch size' },
-    { name = 'augment', type = 'bool', default = true, help = 'random flips (and crops, see --crop-scale) while training' },
-    { name = 'crop_scale', type = 'number', default = 0, min = 0, max = 1, help = 'random crops covering this fraction of the image or more (0: no crops)' },
-    { name = 'ensemble_epochs', type = 'int', default = 60, min = 1, help = 'epochs of the ensemble classifier' },
-    { name = 'ensemble_lr', type = 'number', default = 1e-3, min = 0, help = 'learning rate of the ensemble classifier' },
-    { name = 'ensemble_dropout', type = 'number', default = 0.5, min = 0, max = 0.95, help = 'dropout of the ensemble classifier' },
-    { name = 'topk', type = 'int', default = 3, min = 0, help = 'add a top-k column to predict.csv (0 or 1: none)' },
-    { name = 'weights', type = 'string', help = 'directory of <model>.h5 weights to start from (by layer name)' },
-    { name = 'workers', type = 'int', default = 2, min = 1, help = 'image decoding threads' },
-    { name = 'seed', type = 'int', default = 1, min = 0, help = 'seed of weights, shuffling, augmentation and dropout' },
-    { name = 'tiny', type = 'bool', help = 'a tiny run in seconds (4 classes, 32 px, 1+1 epochs) for tests' },
+  options = recipe.pipeline_options {
+    data = { default = 'data/flowers-quickstart', help = 'data set directory (Kaggle layout; generated if absent)' },
+    models = { default = { 'vgg_tiny', 'inception_tiny' }, choices = { 'resnet_tiny', 'inception_tiny', 'vgg_tiny' } },
+    size = { default = 48, min = 16 },
+    weights = { help = 'directory of <model>.h5 weights to start from (by layer name)' },
+    head_lr = { default = 3e-3 },
+    epochs = { default = 11, help = 'epochs of the all-layers stage (cosine learning-rate decay)' },
+    lr = { default = 2e-3 },
+    batch_size = { default = 16 },
+    crop_scale = { default = 0 },
+    ensemble_epochs = { default = 60 },
+    topk = { default = 3 },
+    extra = {
+      { name = 'classes', type = 'int', default = 6, min = 2, help = 'classes when generating the data set' },
+      { name = 'train_per_class', type = 'int', default = 100, min = 2, help = 'training photos per class when generating' },
+      { name = 'test', type = 'int', default = 60, min = 0, help = 'test photos when generating' },
+      { name = 'width', type = 'int', default = 16, min = 2, help = 'channels of the first stage of each model' },
+      { name = 'dropout', type = 'number', default = 0, min = 0, max = 0.95, help = 'dropout before each model\'s classifier' },
+      { name = 'tiny', type = 'bool', help = 'a tiny run in seconds (4 classes, 32 px, 1+1 epochs) for tests' },
+    },
   },
+  -- before the run directory is made: every weights file --weights names must be there
+  check = function(cfg)
+    if not cfg.weights then return end
+    for _, name in ipairs(cfg.models) do
+      local path = files.join(cfg.weights, name .. '.h5')
+      if not files.exists(path) then recipe.fail('quickstart: --weights %s: %s: no weights file %s', cfg.weights, name, path) end
+    end
+  end,
   settings = {
     -- the freeze/unfreeze schedule; string values name options (so --epochs and --lr apply)
     stages = {
@@ -83,7 +86,7 @@ local R = recipe.new {
         if cfg.weights then
           local keras = require 'flower.keras'
           local path = files.join(cfg.weights, name .. '.h5')
-          keras.load_weights(m, path, { by_name = true, skip_mismatch = true })
+          recipe.as_user_error(keras.load_weights, m, path, { by_name = true, skip_mismatch = true })
           run:log('%s: weights from %s (by name; the classifier is new)', name, path)
         end
         return m

@@ -4,6 +4,7 @@
 # flowerlua never needs these files to build or test; they are for users with internet access.
 #
 #   scripts/fetch_weights.sh [--dir DIR] [--top] [MODEL ...]
+#   scripts/fetch_weights.sh DIR [MODEL ...]     (a path argument is the directory)
 #
 # MODEL: resnet50 (the tf.keras file, names conv1_conv...), resnet50_keras1 (the original Keras 1
 # file, names conv1/bn_conv1...), inception_v3, xception, inception_resnet_v2; default: all five
@@ -20,9 +21,10 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dir) dir=${2:?--dir needs a directory}; shift 2 ;;
     --top) top=1; shift ;;
-    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "fetch_weights: unknown option $1 (see --help)" >&2; exit 2 ;;
-    *) models+=("$1"); shift ;;
+    */*|.*|~*) dir=$1; shift ;;   # a path, not a model name: the directory
+    *) if [ -d "$1" ]; then dir=$1; else models+=("$1"); fi; shift ;;
   esac
 done
 [ ${#models[@]} -eq 0 ] && models=(resnet50 resnet50_keras1 inception_v3 xception inception_resnet_v2)
@@ -71,7 +73,7 @@ download() {  # url out
 mkdir -p "$dir" || { echo "fetch_weights: cannot create $dir"; exit 1; }
 status=0
 for m in "${models[@]}"; do
-  e=$(entry "$m" "$top") || { echo "fetch_weights: unknown model '$m' (resnet50, resnet50_keras1, inception_v3, xception, inception_resnet_v2)"; status=1; continue; }
+  e=$(entry "$m" "$top") || { echo "fetch_weights: unknown model '$m' (resnet50, resnet50_keras1, inception_v3, xception, inception_resnet_v2; a directory is --dir DIR or a path)"; status=1; continue; }
   url=${e% *}; md5=${e#* }
   out="$dir/$(local_name "$m" "$url")"
   if [ -f "$out" ] && [ "$(md5_of "$out")" = "$md5" ]; then

@@ -12,7 +12,7 @@
 --   sample_submission.csv   id,predicted (one row per test image, predicted = 0)
 --   test_labels.csv         id,category_id -- the answer key (Kaggle keeps it secret; here it lets
 --                           a newcomer score a submission)
--- A class (category) is a petal count, a petal shape and a colour palette (core/flowers.h); each
+-- A class (category) is a petal count, a petal shape and a colour palette (core/data/flowers.h); each
 -- photo varies position, size, rotation, tilt, background, lighting, blur and noise. The set is a
 -- pure function of the options: the same command writes the same files.
 local flower = require 'flower'

@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 build_pkgs=(build-essential pkg-config lua5.4 liblua5.4-dev lua-cjson libjpeg62-turbo-dev
             libhdf5-dev libopenblas-dev libdnnl-dev libreadline-dev)
-test_pkgs=(python3 python3-venv python3-numpy python3-torch python3-torchvision tmux libturbojpeg0)
+test_pkgs=(python3 python3-venv python3-numpy python3-torch python3-torchvision tmux libturbojpeg0
+           dataset-fashion-mnist)
 
 want_test=0
 [ "${1:-}" = "--test" ] && want_test=1
@@ -42,3 +43,10 @@ if [ ! -f "$stamp" ]; then
     "numpy<2" tensorflow-cpu tf-keras keras h5py pillow opencv-python-headless "PyTurboJPEG<2"
   touch "$stamp"
 fi
+# Added after the stamp, so existing environments get them too: scikit-learn (the split tests
+# compare ds:split with its train_test_split), tensorboard (its own reader checks our event files).
+for mod_pkg in sklearn:scikit-learn tensorboard:tensorboard; do
+  if ! "$venv/bin/python" -c "import ${mod_pkg%%:*}" 2>/dev/null; then
+    "$venv/bin/pip" install -q --disable-pip-version-check "numpy<2" "${mod_pkg#*:}"
+  fi
+done

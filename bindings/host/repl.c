@@ -355,6 +355,8 @@ static void load_flower(lua_State *L) {
   lua_pushliteral(L, "flower");
   if (host_docall(L, 1, 1) == LUA_OK) {
     lua_setglobal(L, "flower");
+    /* help(x) prints the documentation of a function, module or layer (flower.help) */
+    if (luaL_dostring(L, "help = flower.help") != LUA_OK) host_report(L, LUA_ERRRUN, 0);
   } else {
     fprintf(stderr, "%s: warning: could not load the flower library (set FLOWERLUA_PATH?):\n",
             host_progname);

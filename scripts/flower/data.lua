@@ -12,16 +12,24 @@
 --   end
 --   print(loader:stats().skipped)
 --
--- Data sets. A data set is a table {paths, labels, ids, categories, num_classes, root, name} with
--- methods split, subset and #ds. `labels[i]` is a class index 1..num_classes (Lua's and the tensor
--- library's 1-based convention: argmax returns 1-based indices, so predictions compare directly);
--- `categories[label]` is the original category: the Kaggle category_id, or the folder name.
---   data.kaggle(root)       the Kaggle FGVCx Flowers training set: root/train.json holds
+-- Data sets. A data set is a table {paths, labels, ids, categories, category_names, num_classes,
+-- root, name} with methods split, subset and #ds. `labels[i]` is a class index 1..num_classes (Lua's
+-- and the tensor library's 1-based convention: argmax returns 1-based indices, so predictions
+-- compare directly); `categories[label]` is the original category: the Kaggle category_id, or the
+-- folder name; `category_names[label]` its name (COCO's categories[].name, else the id or folder).
+--   data.kaggle(root)       the Kaggle FGVCx Flowers training set, COCO-style root/train.json:
 --                           `annotations` = [{image_id, category_id}, ...]; the image of an annotation
---                           is root/train/category_<category_id + 1>/<image_id>.jpg. The classes are
---                           the distinct category_ids present, in increasing order.
+--                           is its `images` entry's file_name ({id, file_name}, joined by image id; an
+--                           annotation whose image is not listed is an error naming the id), below
+--                           root/train/ (or root/ when file_name starts with 'train/'); without
+--                           `images`, the seed's root/train/category_<category_id + 1>/<image_id>.jpg.
+--                           The classes are the distinct category_ids present, in increasing order;
+--                           `categories` = [{id, name, genus, family}] give category_names and
+--                           category_info[label] = {id, name, genus, family}.
 --   data.kaggle_test(root)  root/test.json `images` = [{file_name, id}, ...] -> root/test/<file_name>;
 --                           no labels; ids[i] is the image id (for the submission's `id` column).
+--   Paths from JSON are checked first: a file_name or image_id with a NUL byte, an absolute path or
+--   a '..' segment (or an image_id with a '/') is an error naming the file and the record.
 --   data.folder(root)       root/<class>/<image>.jpg: one directory per class, sorted by name.
 --
 -- Splits. ds:split{test_size = 0.2, seed = 42} cuts the data set as scikit-learn's
@@ -30,9 +38,10 @@
 -- from the last element down, each swap partner drawn by masked rejection from 32-bit outputs),
 -- n_test = ceil(test_size * n) (test_size < 1; an integer >= 1 is a count), valid = p[1..n_test],
 -- train = p[n_test+1..n], both in that order. Integer arithmetic only, so every machine gets the
--- same split. With stratify = true: walk the same permutation p and send each class's first
--- round(test_size * n_c) members (at least 1 and at most n_c - 1 when the class has 2 or more) to
--- valid, the rest to train, both in p's order -- every class is then represented in proportion.
+-- same split. With stratify = true: scikit-learn's train_test_split(..., stratify=labels), index
+-- for index (its StratifiedShuffleSplit: per-class counts by _approximate_mode, ties and orders drawn
+-- from one RandomState(seed) stream); like scikit-learn it refuses a class with a single member.
+-- Both are tested against scikit-learn itself (tests/lua/test_data.lua), with rare classes and 100k ids.
 --
 -- Loaders. data.Loader{ds, batch_size = 32, shuffle = false, seed = 0, workers = 2, prefetch,
 -- drop_last = false, transform = 'eval', size = 224, dtype = 'float32', preprocess = 'none',
@@ -58,9 +67,10 @@
 -- uint8 with dtype = 'uint8') and the model's own preprocessing layer normalises. preprocess =
 -- 'caffe' | 'tf' | 'torch' applies Keras's preprocess_input modes in the loader instead (float32
 -- only) -- then build the model without its preprocessing layer.
--- Bad files (missing, empty, not a JPEG, truncated, corrupt): by default the sample is dropped
--- from its batch with one warning line per file, naming the file and the reason, and counted in
--- loader:stats(); strict = true raises a Lua error instead.
+-- Bad files (missing, empty, not a JPEG, truncated, corrupt, not a regular file): by default the
+-- sample is dropped from its batch -- never a zero row -- with one warning line per file, naming the
+-- file and the reason, counted in loader:stats() and listed by loader:skipped() (path and reason,
+-- for logs and reports); strict = true raises a Lua error instead.
 --
 -- data.FeatureLoader{x = (N, D) tensor, y = (N) tensor or nil, batch_size, shuffle, seed,
 -- drop_last} batches pre-extracted features the same way (the ensemble stage).
@@ -98,8 +108,10 @@ function Dataset:subset(indices, name)
     if labels then labels[i] = self.labels[k] end
     ids[i] = self.ids[k]
   end
-  return new_dataset{ paths = paths, labels = labels, ids = ids, categories = self.categories,
-                      num_classes = self.num_classes, root = self.root, name = name or self.name }
+  local t = { paths = paths, labels = labels, ids = ids }
+  for k, v in pairs(self) do if t[k] == nil and k ~= 'labels' then t[k] = v end end  -- categories, names, root
+  t.name = name or self.name
+  return new_dataset(t)
 end
 
 -- n_test as scikit-learn's _validate_shuffle_split computes it
@@ -116,6 +128,88 @@ local function test_count(test_size, n, fname)
   return math.tointeger(k)
 end
 
+-- scikit-learn's _approximate_mode(counts, n_draws, rng): how many of n_draws draws each class
+-- gets -- the floor of its proportional share, plus one for the largest remainders until the
+-- total is n_draws, ties among equal remainders broken by rs as numpy's RandomState.choice(inds,
+-- k, replace=False) breaks them (the first k of a permutation of inds). Same float operations,
+-- same order, so the same counts.
+local function approximate_mode(counts, n_draws, rs)
+  local total = 0
+  for _, c in ipairs(counts) do total = total + c end
+  local out, rem, need = {}, {}, n_draws
+  for i, c in ipairs(counts) do
+    local share = c / total * n_draws
+    out[i] = math.floor(share)
+    rem[i] = share - out[i]
+    need = need - out[i]
+  end
+  if need <= 0 then return out end
+  local values, seen = {}, {}
+  for _, r in ipairs(rem) do
+    if not seen[r] then seen[r] = true; values[#values + 1] = r end
+  end
+  table.sort(values, function(x, y) return x > y end)
+  for _, v in ipairs(values) do
+    local inds = {}
+    for i, r in ipairs(rem) do if r == v then inds[#inds + 1] = i end end
+    local k = math.min(#inds, need)
+    local p = rs:permutation(#inds)
+    for j = 1, k do out[inds[p[j]]] = out[inds[p[j]]] + 1 end
+    need = need - k
+    if need == 0 then break end
+  end
+  return out
+end
+
+-- scikit-learn's StratifiedShuffleSplit (as train_test_split(stratify=y) calls it): classes in
+-- increasing order, each class's members in index order; from one RandomState(seed): the train
+-- counts, then the valid counts from what is left, then per class a permutation of its members
+-- (the first n_train[c] to train, the next n_valid[c] to valid), then a permutation of each part.
+local function stratified_split(labels, n, n_train, n_test, seed)
+  local members, classes = {}, {}
+  for i = 1, n do
+    local c = labels[i]
+    local m = members[c]
+    if not m then m = {}; members[c] = m; classes[#classes + 1] = c end
+    m[#m + 1] = i
+  end
+  table.sort(classes)
+  local counts, rare = {}, {}
+  for k, c in ipairs(classes) do
+    counts[k] = #members[c]
+    if counts[k] < 2 then rare[#rare + 1] = tostring(c) end
+  end
+  local fname = 'Dataset:split{stratify = true}'
+  if #rare > 0 then
+    error(string.format('%s: class%s %s ha%s only 1 member; a stratified split needs at least 2 in every class '
+      .. '(scikit-learn refuses it too); merge or drop %s, or split without stratify', fname,
+      #rare > 1 and 'es' or '', table.concat(rare, ', ', 1, math.min(#rare, 20)) .. (#rare > 20 and ', ...' or ''),
+      #rare > 1 and 've' or 's', #rare > 1 and 'them' or 'it'), 3)
+  end
+  if n_train < #classes or n_test < #classes then
+    error(string.format('%s: %d train and %d valid samples for %d classes; each part needs at least one per class',
+      fname, n_train, n_test, #classes), 3)
+  end
+  local rs = C.random_state(seed)
+  local n_i = approximate_mode(counts, n_train, rs)
+  local left = {}
+  for k, c in ipairs(counts) do left[k] = c - n_i[k] end
+  local t_i = approximate_mode(left, n_test, rs)
+  local train, test = {}, {}
+  for k, c in ipairs(classes) do
+    local m, p = members[c], rs:permutation(counts[k])
+    for j = 1, n_i[k] do train[#train + 1] = m[p[j]] end
+    for j = n_i[k] + 1, n_i[k] + t_i[k] do test[#test + 1] = m[p[j]] end
+  end
+  local function shuffled(t)
+    local p, out = rs:permutation(#t), {}
+    for j = 1, #t do out[j] = t[p[j]] end
+    return out
+  end
+  train = shuffled(train)
+  return train, shuffled(test)
+end
+
 -- ds:split{test_size = 0.2, seed = 42, stratify = false} -> train, valid (see the top of the file)
 function Dataset:split(opts)
   opts = opts or {}
@@ -126,26 +220,14 @@ function Dataset:split(opts)
   end
   local test_size = opts.test_size or 0.2
   local n_test = test_count(test_size, n, 'Dataset:split')
-  local p = C.permutation(n, seed)
   local tr, va = {}, {}
   if not opts.stratify then
+    local p = C.permutation(n, seed)
     for i = 1, n_test do va[i] = p[i] end
     for i = n_test + 1, n do tr[#tr + 1] = p[i] end
   else
     if not self.labels then error('Dataset:split: stratify needs labels', 2) end
-    local frac = math.type(test_size) == 'integer' and test_size / n or test_size
-    local count, quota, taken = {}, {}, {}
-    for i = 1, n do local c = self.labels[i]; count[c] = (count[c] or 0) + 1 end
-    for c, nc in pairs(count) do
-      local q = math.floor(frac * nc + 0.5)
-      if nc >= 2 then q = math.max(1, math.min(nc - 1, q)) end
-      quota[c], taken[c] = q, 0
-    end
-    for i = 1, n do
-      local k = p[i]
-      local c = self.labels[k]
-      if taken[c] < quota[c] then taken[c] = taken[c] + 1; va[#va + 1] = k else tr[#tr + 1] = k end
-    end
+    tr, va = stratified_split(self.labels, n, n - n_test, n_test, seed)
   end
   local base = self.name or 'data'
   return self:subset(tr, base .. ':train'), self:subset(va, base .. ':valid')
@@ -196,6 +278,80 @@ local function id_string(v)
   return tostring(v)
 end
 
+-- A path from a JSON record, checked before it is used: a relative path below the data root (no
+-- NUL byte, which would cut the name short in C; not absolute; no '..' segment). `name_only`: a
+-- single file name (an image_id that becomes one). Errors name the file and the record.
+local function safe_path(v, fname, path, where, key, name_only)
+  local function bad(why)
+    error(string.format("%s: %s: %s has %s '%s' %q: %s", fname, path, where, type(v), key, v, why), 4)
+  end
+  if v:find('\0', 1, true) then bad('it holds a NUL byte') end
+  if v == '' then bad('it is empty') end
+  if name_only and v:find('/', 1, true) then bad("it holds a '/', expected a file name") end
+  if v:sub(1, 1) == '/' then bad('an absolute path; expected a path below the data root') end
+  if v:find('..', 1, true) then   -- (the segment walk only where one could be)
+    for seg in v:gmatch('[^/]+') do
+      if seg == '..' then bad("a '..' segment would reach outside the data root") end
+    end
+  end
+  return v
+end
+
+-- A file_name of `images` under the data root: below root/<dir>, as the seed's test/<file_name>,
+-- or below root when it already starts with '<dir>/'. (Plain concatenation: 700k records.)
+local function image_path(root, dir, file_name)
+  if file_name:sub(1, #dir + 1) == dir .. '/' then return root .. '/' .. file_name end
+  return root .. '/' .. dir .. '/' .. file_name
+end
+
+-- An image id (integer or string) of a record's `key`.
+local function json_id(rec, key, where, fname, path)
+  local v = rec[key]
+  if type(v) == 'number' then return json_int(rec, key, where, fname, path) end
+  if type(v) ~= 'string' then
+    error(string.format("%s: %s: %s has no '%s' (expected a number or string)", fname, path, where, key), 3)
+  end
+  return safe_path(v, fname, path, where, key, true)
+end
+
+-- `images` = [{id, file_name}, ...] as a map id -> file_name (nil when the file has no `images`).
+local function image_files(v, fname, path)
+  if v.images == nil then return nil end
+  local imgs = json_list(v, 'images', fname, path, '{id, file_name}')
+  local by_id = {}
+  for i, r in ipairs(imgs) do
+    local where = string.format('images[%d]', i)
+    if type(r) ~= 'table' then error(string.format('%s: %s: %s is a %s, expected an object', fname, path, where, type(r)), 3) end
+    local id = json_id(r, 'id', where, fname, path)
+    if type(r.file_name) ~= 'string' then
+      error(string.format("%s: %s: %s has no 'file_name' string", fname, path, where), 3)
+    end
+    if by_id[id] then error(string.format('%s: %s: %s repeats image id %s', fname, path, where, id_string(id)), 3) end
+    by_id[id] = safe_path(r.file_name, fname, path, where, 'file_name')
+  end
+  return by_id
+end
+
+-- `categories` = [{id, name, genus, family}, ...] as a map id -> {id, name, genus, family}.
+local function category_table(v, fname, path)
+  local out = {}
+  if v.categories == nil then return out end
+  for i, r in ipairs(json_list(v, 'categories', fname, path, '{id, name}')) do
+    local where = string.format('categories[%d]', i)
+    if type(r) ~= 'table' then error(string.format('%s: %s: %s is a %s, expected an object', fname, path, where, type(r)), 3) end
+    local id = json_int(r, 'id', where, fname, path)
+    local info = { id = id }
+    for _, k in ipairs({ 'name', 'genus', 'family' }) do
+      if r[k] ~= nil and type(r[k]) ~= 'string' then
+        error(string.format("%s: %s: %s has a %s '%s', expected a string", fname, path, where, type(r[k]), k), 3)
+      end
+      info[k] = r[k]
+    end
+    out[id] = info
+  end
+  return out
+end
+
 -- data.kaggle(root [, opts]) -> the training set of the Kaggle FGVCx Flowers layout.
 -- opts.json (default root/train.json), opts.name.
 function data.kaggle(root, opts)
@@ -205,34 +361,42 @@ function data.kaggle(root, opts)
   local path = opts.json or files.join(root, 'train.json')
   local v = read_json(path, fname)
   local ann = json_list(v, 'annotations', fname, path, '{image_id, category_id}')
+  local file_of = image_files(v, fname, path)
   local cats, seen = {}, {}
   local recs = {}
   for i, a in ipairs(ann) do
     if type(a) ~= 'table' then error(string.format('%s: %s: annotations[%d] is a %s, expected an object', fname, path, i, type(a)), 2) end
     local where = string.format('annotations[%d]', i)
-    local img = a.image_id
-    if type(img) ~= 'number' and type(img) ~= 'string' then
-      error(string.format("%s: %s: %s has no 'image_id' (expected a number or string)", fname, path, where), 2)
-    end
-    if type(img) == 'number' then img = json_int(a, 'image_id', where, fname, path) end
+    local img = json_id(a, 'image_id', where, fname, path)
     local cat = json_int(a, 'category_id', where, fname, path)
     if cat < 0 then error(string.format('%s: %s: %s has category_id %d, expected >= 0', fname, path, where, cat), 2) end
+    if file_of and not file_of[img] then
+      error(string.format("%s: %s: %s has image_id %s, which 'images' does not list", fname, path, where, id_string(img)), 2)
+    end
     recs[i] = { img, cat }
     if not seen[cat] then seen[cat] = true; cats[#cats + 1] = cat end
   end
   if #recs == 0 then error(string.format("%s: %s: 'annotations' is empty", fname, path), 2) end
   table.sort(cats)
-  local label_of = {}
-  for l, c in ipairs(cats) do label_of[c] = l end
+  local info = category_table(v, fname, path)
+  local label_of, names, meta = {}, {}, {}
+  for l, c in ipairs(cats) do
+    label_of[c] = l
+    meta[l] = info[c] or { id = c }
+    names[l] = meta[l].name or tostring(c)
+  end
   local paths, labels, ids = {}, {}, {}
+  local top = files.join(root)
   local base = files.join(root, 'train')  -- (string.format per record: 700k records load in a second)
   for i, r in ipairs(recs) do
-    paths[i] = string.format('%s/category_%d/%s.jpg', base, r[2] + 1, id_string(r[1]))
+    -- COCO's images[].file_name when the file lists images; else the seed's convention
+    paths[i] = file_of and image_path(top, 'train', file_of[r[1]])
+      or string.format('%s/category_%d/%s.jpg', base, r[2] + 1, id_string(r[1]))
     labels[i] = label_of[r[2]]
     ids[i] = r[1]
   end
   return new_dataset{ paths = paths, labels = labels, ids = ids, categories = cats, num_classes = #cats,
-                      root = root, name = opts.name or 'kaggle' }
+                      category_names = names, category_info = meta, root = root, name = opts.name or 'kaggle' }
 end
 
 -- data.kaggle_test(root [, opts]) -> the unlabelled test set (ids for the submission).
@@ -243,7 +407,7 @@ function data.kaggle_test(root, opts)
   local path = opts.json or files.join(root, 'test.json')
   local v = read_json(path, fname)
   local imgs = json_list(v, 'images', fname, path, '{file_name, id}')
-  local paths, ids = {}, {}
+  local paths, ids, top = {}, {}, files.join(root)
   for i, r in ipairs(imgs) do
     local where = string.format('images[%d]', i)
     if type(r) ~= 'table' then error(string.format('%s: %s: %s is a %s, expected an object', fname, path, where, type(r)), 2) end
@@ -253,7 +417,7 @@ function data.kaggle_test(root, opts)
     local id = r.id
     if type(id) == 'number' then id = json_int(r, 'id', where, fname, path)
     elseif type(id) ~= 'string' then error(string.format("%s: %s: %s has no 'id'", fname, path, where), 2) end
-    paths[i] = files.join(root, 'test', r.file_name)
+    paths[i] = image_path(top, 'test', safe_path(r.file_name, fname, path, where, 'file_name'))
     ids[i] = id
   end
   if #paths == 0 then error(string.format("%s: %s: 'images' is empty", fname, path), 2) end
@@ -350,7 +514,7 @@ function data.Loader(opts)
   local self = setmetatable({
     dataset = ds, batch_size = opts.batch_size or 32, strict = opts.strict or false,
     warn = opts.warn == nil and io.stderr or opts.warn, transform = tf,
-    _warned = {}, _stats = { batches = 0, samples = 0, skipped = 0, reasons = {} },
+    _skipped = {}, _skipped_at = {}, _stats = { batches = 0, samples = 0, skipped = 0, reasons = {} },
   }, Loader)
   local ok, c = pcall(C.loader, {
     paths = ds.paths, labels = ds.labels, batch_size = opts.batch_size or 32,
@@ -371,12 +535,22 @@ function Loader:_failure(f)
   local s = self._stats
   s.skipped = s.skipped + 1
   s.reasons[f.status] = (s.reasons[f.status] or 0) + 1
-  if not self._warned[f.index] then
-    self._warned[f.index] = true
+  if not self._skipped_at[f.index] then
+    local rec = { index = f.index, path = path, reason = string.format('%s (%s)', f.message, f.status), status = f.status }
+    self._skipped_at[f.index] = true
+    self._skipped[#self._skipped + 1] = rec
     if self.warn then
-      self.warn:write(string.format('warning: data.Loader: skipping %s: %s (%s)\n', path, f.message, f.status))
+      self.warn:write(string.format('warning: data.Loader: skipping %s: %s\n', path, rec.reason))
     end
   end
+end
+
+-- The images this loader could not read, once each, in the order met: {{index (in its data set),
+-- path, reason = "<message> (<status>)", status}, ...}. They are in no batch.
+function Loader:skipped()
+  local out = {}
+  for i, r in ipairs(self._skipped) do out[i] = { index = r.index, path = r.path, reason = r.reason, status = r.status } end
+  return out
 end
 
 -- for batch in loader:epoch(e) do ... end: batch = {x = (N,H,W,3), y = (N) int64 or nil,
@@ -415,6 +589,9 @@ function Loader:close() if self._c then self._c:close() end end
 
 ---------------------------------------------------------------------------------------------------
 -- Feature loader
+
+-- data.idx(path): an idx(.gz) file (MNIST, Fashion-MNIST) as a tensor; see flower.npy.
+function data.idx(path) return require('flower.npy').load_idx(path) end
 
 local FeatureLoader = {}
 FeatureLoader.__index = FeatureLoader

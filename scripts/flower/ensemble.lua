@@ -108,7 +108,7 @@ end
 
 -- Trains Dropout(dropout) + Dense(classes) on feats.x.train, validating on feats.x.valid.
 -- o: dropout (0.5), epochs (40), lr (1e-3), batch_size (64), seed (1), patience (early stopping on
--- val_loss, 8; restores the best epoch's weights), columns ({first, count}: a slice of the
+-- val_loss, 8; 0: none), restore_best (true: end with the weights of the epoch of lowest val_loss), columns ({first, count}: a slice of the
 -- features, e.g. one model's), log, progress, standardize (true), device (train.fit's: 'cpu' by
 -- default, 'cuda', 'auto'; features stay on the host, batches go up one at a time).
 function ensemble.fit(feats, o)
@@ -144,11 +144,11 @@ function ensemble.fit(feats, o)
     end
   end }
   local cbs = { keep }
-  if vl then cbs[#cbs + 1] = train.EarlyStopping { monitor = 'val_loss', patience = o.patience or 8 } end
+  if vl and o.patience ~= 0 then cbs[#cbs + 1] = train.EarlyStopping { monitor = 'val_loss', patience = o.patience or 8 } end
   local hist = train.fit(model, { train = tl, valid = vl, optimizer = optim.Adam { lr = o.lr or 1e-3 },
     epochs = o.epochs or 40, callbacks = cbs, progress = o.progress, log = o.log or function() end,
     label = o.label or 'ensemble', save_best = false, device = o.device ~= nil and (dev or 'cpu') or nil })
-  if best_w then
+  if best_w and o.restore_best ~= false then
     for i, w in ipairs(model:weights()) do w.tensor:copy(best_w[i]) end
   end
   local self = setmetatable({ model = model, transform = transform, history = hist, columns = o.columns,

@@ -14,22 +14,32 @@
 -- File layout (the seed's names, plus what makes the file self-describing):
 --   train_x (N, D) float32, train_label (N) int64, valid_x, valid_label, test (M, D)  -- the seed's
 --   <split>_probs (N, K) float32   the model's own class probabilities (valid and test), for
---                                  probability-averaging ensembles
+--                                  probability-averaging ensembles: its output as it is when it
+--                                  ends in a softmax, softmax(output) when it ends in logits
 --   <split>_images                 image paths relative to the data root, in row order
---   <split>_ids                    image ids (the submission's `id` column), in row order
---   <split>_missing                0-based rows whose image could not be read (their features are 0)
+--   <split>_ids                    image ids (the submission's `id` column), in row order: readers
+--                                  join by id
+--   <split>_requested              every image asked for (relative paths): what a resume must match
+--   <split>_index                  each row's 0-based position in <split>_requested
+--   <split>_skipped, _skipped_images  positions and paths of the images that could not be read:
+--                                  they have no row (never a zero row)
 -- Labels are 0-based class indices (numpy's and Keras's convention; root attribute label_base = 0);
 -- root attribute `categories` maps index -> the data set's category id.
 -- Root attributes: model, feature_layer, feature_dim, classes, image_size, preprocessing, weights
 -- (file name) and weights_sha256, created, flowerlua version, label_base, categories, and per split
 -- `<split>_rows` (the row count expected) and `<split>_complete` (1 once every row is written).
 --
--- Order: row i of <split>_x is image i of the data set given for that split, always: the loader runs
--- without shuffling, each batch's rows are placed by the data set indices the loader reports, and
--- an unreadable image gets a zero row (listed in <split>_missing) instead of shifting the others.
--- Resume: rows are appended batch by batch and flushed; an interrupted export (Ctrl-C, SIGTERM, a
--- crash between batches) continues from the rows already in the file, after checking that the file
--- lists the same images.
+-- Order: rows are the data set's images in order, those that could be decoded: the loader runs
+-- without shuffling and drops what it cannot read, and <split>_index / <split>_ids say which image
+-- each row is. <split>_images, _ids and _label are written when the split completes.
+-- Resume: rows are appended batch by batch with their positions and flushed; an interrupted export
+-- (Ctrl-C, SIGTERM, a crash between batches) continues after the last image written or skipped,
+-- after checking that the file lists the same images.
+-- Crash consistency (kill -9 anywhere): a new file appears whole (root attributes and every split's
+-- image list, through h5.write_atomic); after each batch's appends and a flush, the rows and skipped
+-- positions are counted in <split>_committed / <split>_committed_skipped (flushed again), and a
+-- resume drops whatever lies past those counts. A file a kill left unreadable or inconsistent
+-- (checked in the untrusted reader, so a damaged file cannot crash this process) is exported again.
 local flower = require 'flower'
 local files = require 'flower.files'
 local progress = require 'flower.progress'
@@ -53,6 +63,15 @@ local function rel_path(root, p)
   return p
 end
 
+-- Whether a model's output is already probabilities: its last layer is a softmax (Softmax, an
+-- Activation('softmax'), or a layer with activation = 'softmax'; a nested model is looked into).
+local function ends_in_softmax(model)
+  local l = model.outputs[1].layer
+  while l._is_model do l = l.outputs[1].layer end
+  return l.class_name == 'Softmax' or l.act == 'softmax' or l.activation == 'softmax'
+end
+export.ends_in_softmax = ends_in_softmax
+
 -- A model giving (features, outputs) in one pass, sharing the layers of `model`; or just features.
 local function two_headed(model, layer)
   local nn = require 'flower.nn'
@@ -74,139 +93,151 @@ local function same_list(a, b)
   return true
 end
 
--- A split's image paths (relative to the data root) and ids, in row order.
-local function split_lists(ds, name)
-  local images, ids = {}, {}
-  for i, p in ipairs(ds.paths) do images[i] = rel_path(ds.root, p) end
-  for i = 1, #ds.paths do ids[i] = tostring(ds.ids and ds.ids[i] or i) end
-  return images, ids
+-- Rows of a dataset (0 when absent) and its last value (-1 when empty).
+local function rows_of(f, d) return f:exists(d) and f:shape(d)[1] or 0 end
+local function last_of(f, d)
+  local k = rows_of(f, d)
+  return k > 0 and f:read_slice(d, k, 1):totable()[1] or -1
 end
 
--- What a split holds before its first row: image list, ids, labels, the row count expected, and the
--- progress attributes (<split>_committed: rows known complete; <split>_complete).
-local function write_split_header(f, name, ds)
-  local images, ids = split_lists(ds, name)
-  local n = #images
-  f:write('/' .. name .. '_images', images)
-  f:write('/' .. name .. '_ids', ids)
-  if ds.labels then
-    local lab = flower.empty({ n }, 'int64')
-    for i = 1, n do lab[i] = ds.labels[i] - 1 end
-    f:write('/' .. name .. '_label', lab)
-  end
-  f:set_attr('/', name .. '_rows', n)
+-- What a split holds before its first row: the images asked for, the row count expected, and the
+-- progress attributes.
+local function write_split_header(f, name, images)
+  f:write('/' .. name .. '_requested', images)
+  f:set_attr('/', name .. '_rows', #images)
   f:set_attr('/', name .. '_complete', 0)
   f:set_attr('/', name .. '_committed', 0)
+  f:set_attr('/', name .. '_committed_skipped', 0)
 end
 
--- Exports one split into the open file f. Returns rows written now, or nil + reason if interrupted.
--- Crash consistency: rows are appended a batch at a time, flushed, and only then counted in
--- <split>_committed (flushed again); a resume drops rows past the count (a batch a kill cut short).
+-- Counts what the file holds now as complete (after flushing it), so that a resume keeps it.
+local function commit(f, name, xname)
+  f:flush()
+  files.killpoint('export.batch_flushed')
+  f:set_attr('/', name .. '_committed', rows_of(f, xname))
+  f:set_attr('/', name .. '_committed_skipped', rows_of(f, '/' .. name .. '_skipped'))
+  f:flush()
+  files.killpoint('export.batch_committed')
+end
+
+-- Drops rows appended after the last commit (a batch a kill cut short).
+local function roll_back(f, name, xname)
+  local pre = '/' .. name
+  local c, cs = f:attr('/', name .. '_committed'), f:attr('/', name .. '_committed_skipped')
+  if c == nil then return end                    -- written before commits were counted
+  for _, d in ipairs({ xname, pre .. '_probs', pre .. '_index' }) do
+    if rows_of(f, d) > c then f:truncate_rows(d, c) end
+  end
+  if rows_of(f, pre .. '_skipped') > (cs or 0) then f:truncate_rows(pre .. '_skipped', cs or 0) end
+end
+
+-- Exports one split into the open file f. Returns rows written now and the images skipped now
+-- ({{path, reason}}), or nil + reason if interrupted.
 local function export_split(f, name, ds, o, fmodel, with_probs)
-  local xname = name == 'test' and 'test' or (name .. '_x')
-  local images = split_lists(ds, name)
-  local n = #images
-  if f:exists('/' .. name .. '_images') then
-    if not same_list(f:read('/' .. name .. '_images'), images) then
+  local xname = '/' .. (name == 'test' and 'test' or (name .. '_x'))
+  local pre = '/' .. name
+  local n = #ds.paths
+  local images = {}
+  for i, p in ipairs(ds.paths) do images[i] = rel_path(ds.root, p) end
+  if f:exists(pre .. '_requested') then
+    if not same_list(f:read(pre .. '_requested'), images) then
       fail("%s: the file lists other images for '%s' than this data set (%d rows); remove it or write elsewhere",
         o.path, name, n)
     end
   else
-    write_split_header(f, name, ds)
+    write_split_header(f, name, images)
     f:flush()
   end
-  if f:attr('/', name .. '_complete') == 1 then return 0 end
-  local done = f:exists('/' .. xname) and f:shape('/' .. xname)[1] or 0
-  local committed = f:attr('/', name .. '_committed')
-  if committed and done > committed then          -- a kill cut a batch short: drop its rows
-    f:truncate_rows('/' .. xname, committed)
-    if f:exists('/' .. name .. '_missing') then
-      local kept = 0
-      for _, r in ipairs(f:read('/' .. name .. '_missing'):totable()) do if r < committed then kept = kept + 1 end end
-      f:truncate_rows('/' .. name .. '_missing', kept)
-    end
-    done = committed
+  if f:attr('/', name .. '_complete') == 1 then return 0, {} end
+  roll_back(f, name, xname)
+  local done = rows_of(f, xname)
+  if rows_of(f, pre .. '_index') ~= done or (with_probs and done > 0 and rows_of(f, pre .. '_probs') ~= done) then
+    fail("%s: '%s' has %d rows but '%s_index' %d and '%s_probs' %d: the file is damaged; remove it", o.path, xname,
+      done, name, rows_of(f, pre .. '_index'), name, rows_of(f, pre .. '_probs'))
   end
-  if with_probs and f:exists('/' .. name .. '_probs') and f:shape('/' .. name .. '_probs')[1] > done then
-    f:truncate_rows('/' .. name .. '_probs', done)
-  end
-  if with_probs and done > 0 and f:exists('/' .. name .. '_probs') and f:shape('/' .. name .. '_probs')[1] ~= done then
-    fail("%s: '%s' has %d rows but '%s_probs' %d: the file is damaged; remove it", o.path, xname, done, name,
-      f:shape('/' .. name .. '_probs')[1])
-  end
-  if done >= n then f:set_attr('/', name .. '_complete', 1); return 0 end
+  -- continue after the last image written or skipped (0-based positions in the image list)
+  local start = math.max(last_of(f, pre .. '_index'), last_of(f, pre .. '_skipped')) + 1
   local rest = {}
-  for i = done + 1, n do rest[#rest + 1] = i end
-  local sub = ds:subset(rest, (ds.name or name) .. ':export')
-  local loader = o.loader(sub)
-  local bar = progress.new { total = #loader, label = string.format('export %s %s', o.attrs.model or '', name),
-                             silent = o.progress == false }
-  local next_row = 1                     -- next row of `sub` to write (1-based)
-  local D, K
-  local function zeros_rows(count, cols) return flower.zeros({ count, cols }, 'float32') end
-  local function append(x, p)
-    f:append_rows('/' .. xname, x)
-    if with_probs and p then f:append_rows('/' .. name .. '_probs', p) end
-  end
-  local function fill_missing(upto)      -- zero rows for sub rows next_row..upto
-    if upto < next_row then return end
-    local count = upto - next_row + 1
-    append(zeros_rows(count, D), K and zeros_rows(count, K) or nil)
-    local miss = flower.empty({ count }, 'int64')
-    for i = 1, count do miss[i] = done + next_row + i - 2 end
-    f:append_rows('/' .. name .. '_missing', miss)
-    next_row = upto + 1
-  end
-  local step = 0
-  local train = require 'flower.train'
-  for hbatch in loader:epoch(1) do
-    local batch = train.batch_to_device(hbatch, o._device)
-    local out = fmodel:forward(batch.x)
-    local feats, probs = out, nil
-    if type(out) == 'table' and not flower.is_tensor(out) then feats, probs = out[1], out[2]:softmax(2) end
-    if o._device ~= nil then
-      feats = feats:cpu()
-      probs = probs and probs:cpu()
+  for i = start + 1, n do rest[#rest + 1] = i end
+  local written, skipped_now = 0, {}
+  if #rest > 0 then
+    local loader = o.loader(ds:subset(rest, (ds.name or name) .. ':export'))
+    local bar = progress.new { total = #loader, label = string.format('export %s %s', o.attrs.model or '', name),
+                               silent = o.progress == false }
+    local nskipped = 0
+    -- images the loader could not read since the last call: recorded with the rows, never as rows
+    local function record_skipped()
+      local sk = loader.skipped and loader:skipped() or {}
+      if #sk == nskipped then return end
+      local pos = flower.empty({ #sk - nskipped }, 'int64')
+      for j = nskipped + 1, #sk do
+        pos[j - nskipped] = rest[sk[j].index] - 1
+        skipped_now[#skipped_now + 1] = { path = ds.paths[rest[sk[j].index]], reason = sk[j].reason }
+      end
+      f:append_rows(pre .. '_skipped', pos)
+      nskipped = #sk
     end
-    D = feats:size(2)
-    K = probs and probs:size(2) or nil
-    local idx = batch.index
-    -- rows of this batch in order, written a run of consecutive rows at a time; a gap (an unreadable
-    -- image the loader dropped) becomes zero rows
-    local j = 1
-    while j <= #idx do
-      local k = idx[j]
-      if k < next_row then fail('the loader returned row %d after row %d (rows must come in order)', k, next_row - 1) end
-      fill_missing(k - 1)
-      local last = j
-      while idx[last + 1] == idx[last] + 1 do last = last + 1 end
-      append(feats:narrow(1, j, last - j + 1):contiguous(), probs and probs:narrow(1, j, last - j + 1):contiguous())
-      next_row = idx[last] + 1
-      j = last + 1
+    local step = 0
+    local train = require 'flower.train'
+    for hbatch in loader:epoch(1) do
+      local batch = train.batch_to_device(hbatch, o._device)
+      local out = fmodel:forward(batch.x)
+      local feats, probs = out, nil
+      if type(out) == 'table' and not flower.is_tensor(out) then
+        feats, probs = out[1], o._softmax and out[2]:softmax(2) or out[2]
+      end
+      if o._device ~= nil then
+        feats = feats:cpu()
+        probs = probs and probs:cpu()
+      end
+      -- the batch's rows are the images the loader decoded, in order; each row's position in the
+      -- image list goes to <split>_index with it
+      local pos = flower.empty({ #batch.index }, 'int64')
+      for j, k in ipairs(batch.index) do pos[j] = rest[k] - 1 end
+      f:append_rows(xname, feats:contiguous())
+      if with_probs and probs then f:append_rows(pre .. '_probs', probs:contiguous()) end
+      f:append_rows(pre .. '_index', pos)
+      record_skipped()
+      commit(f, name, xname)
+      written = written + #batch.index
+      step = step + 1
+      bar:update(step)
+      local why = train.interrupted()
+      if why and batch.index[#batch.index] < #rest then
+        bar:finish()
+        return nil, why
+      end
     end
-    step = step + 1
-    f:flush()
-    files.killpoint('export.batch_flushed')
-    f:set_attr('/', name .. '_committed', done + next_row - 1)
-    f:flush()
-    files.killpoint('export.batch_committed')
-    bar:update(step)
-    local why = require('flower.train').interrupted()
-    if why and next_row <= #rest then
-      bar:finish()
-      return nil, why
-    end
+    record_skipped()
+    commit(f, name, xname)
+    bar:finish()
   end
-  if D then fill_missing(#rest) elseif next_row <= #rest then
-    fail("no image of split '%s' could be read (%d rows)", name, #rest)
+  -- complete: the per-row lists, for the rows there are
+  local index = rows_of(f, pre .. '_index') > 0 and f:read(pre .. '_index'):totable() or {}
+  if #index == 0 then fail("no image of split '%s' could be read (%d images)", name, n) end
+  local imgs, ids = {}, {}
+  for j, p in ipairs(index) do
+    imgs[j] = images[p + 1]
+    ids[j] = tostring(ds.ids and ds.ids[p + 1] or p + 1)
   end
-  bar:finish()
-  f:set_attr('/', name .. '_committed', done + #rest)
+  f:write(pre .. '_images', imgs)
+  f:write(pre .. '_ids', ids)
+  if ds.labels then
+    local lab = flower.empty({ #index }, 'int64')
+    for j, p in ipairs(index) do lab[j] = ds.labels[p + 1] - 1 end
+    f:write(pre .. '_label', lab)
+  end
+  local sk = rows_of(f, pre .. '_skipped') > 0 and f:read(pre .. '_skipped'):totable() or {}
+  if #sk > 0 then
+    local list = {}
+    for j, p in ipairs(sk) do list[j] = images[p + 1] end
+    f:write(pre .. '_skipped_images', list)
+  end
   f:flush()
-  files.killpoint('export.split_committed')
+  files.killpoint('export.split_listed')
   f:set_attr('/', name .. '_complete', 1)
   f:flush()
-  return #rest
+  return written, skipped_now
 end
 
 -- The root attributes and every split's header, for a new file.
@@ -230,7 +261,12 @@ local function write_header(f, o, model, layer)
   for i, sp in ipairs(o.splits) do s[i] = sp[1] end
   f:set_attr('/', 'splits', s)
   for _, sp in ipairs(o.splits) do
-    if sp[1] == 'train' or sp[1] == 'valid' or sp[1] == 'test' then write_split_header(f, sp[1], sp[2]) end
+    local name, ds = sp[1], sp[2]
+    if name == 'train' or name == 'valid' or name == 'test' then
+      local images = {}
+      for i, p in ipairs(ds.paths) do images[i] = rel_path(ds.root, p) end
+      write_split_header(f, name, images)
+    end
   end
 end
 
@@ -242,32 +278,29 @@ function check_resumable(path, splits)
   local f <close> = h5.open_untrusted(path)
   if f:attr('/', 'feature_layer') == nil then error('no feature_layer attribute', 0) end
   for _, sp in ipairs(splits) do
-    local name = sp[1]
-    local xname = name == 'test' and 'test' or (name .. '_x')
-    if f:kind('/' .. name .. '_images') then
-      for _, d in ipairs({ '_images', '_ids' }) do
-        if f:kind('/' .. name .. d) ~= 'dataset' then error('no dataset ' .. name .. d, 0) end
-        f:shape('/' .. name .. d)
+    local pre = '/' .. sp[1]
+    local xname = sp[1] == 'test' and '/test' or (pre .. '_x')
+    if f:kind(pre .. '_requested') then
+      f:shape(pre .. '_requested')
+      if f:attr('/', sp[1] .. '_rows') == nil or f:attr('/', sp[1] .. '_complete') == nil then
+        error('split ' .. sp[1] .. ' lacks its row count', 0)
       end
-      if f:attr('/', name .. '_rows') == nil or f:attr('/', name .. '_complete') == nil then
-        error('split ' .. name .. ' lacks its row count', 0)
+      local c = f:attr('/', sp[1] .. '_committed') or rows_of(f, xname)
+      local cs = f:attr('/', sp[1] .. '_committed_skipped') or rows_of(f, pre .. '_skipped')
+      for _, d in ipairs({ xname, pre .. '_index', pre .. '_probs' }) do
+        local k = f:kind(d) and f:shape(d)[1]
+        if k and k < c then error(string.format('%s has %d rows, %d were committed', d, k, c), 0) end
+        if k and c > 0 then f:read_slice(d, c, 1) end      -- the committed rows are readable
       end
-      local committed = f:attr('/', name .. '_committed')
-      local x = f:kind('/' .. xname) and f:shape('/' .. xname)[1] or 0
-      committed = committed or x
-      if x < committed then error(string.format('%s has %d rows, %d were committed', xname, x, committed), 0) end
-      local p = '/' .. name .. '_probs'
-      if f:kind(p) and f:shape(p)[1] < committed then error(string.format('%s has fewer rows than committed', p), 0) end
-      if committed > 0 then                       -- the committed rows are readable
-        f:read_slice('/' .. xname, committed, 1)
-        if f:kind(p) then f:read_slice(p, committed, 1) end
-      end
-      if f:kind('/' .. name .. '_missing') then f:read('/' .. name .. '_missing') end
+      if rows_of(f, xname) < c or rows_of(f, pre .. '_index') < c then error('committed rows are missing', 0) end
+      if rows_of(f, pre .. '_skipped') < cs then error('committed skipped positions are missing', 0) end
+      if cs > 0 then f:read(pre .. '_skipped') end
     end
   end
 end
 
--- Returns {path, rows = {split = n}, seconds, images_per_s, interrupted = reason or nil}.
+-- Returns {path, rows = {split = rows written now}, skipped = {split = {{path, reason}, ...} skipped
+-- now}, seconds, images_per_s, interrupted = reason or nil}.
 function export.features(model, o)
   if type(o) ~= 'table' or type(o.path) ~= 'string' then fail('expected options with path') end
   if type(o.splits) ~= 'table' or #o.splits == 0 then fail('expected splits = {{name, dataset}, ...}') end
@@ -282,8 +315,8 @@ function export.features(model, o)
   local exists = files.exists(o.path)
   if exists and not o.resume then os.remove(o.path); exists = false end
   if exists then
-    local ok, why = pcall(check_resumable, o.path, o.splits)
-    if not ok then
+    local okr, why = pcall(check_resumable, o.path, o.splits)
+    if not okr then
       io.stderr:write(string.format('export.features: %s cannot be resumed (%s); exporting it again\n', o.path, why))
       os.remove(o.path)
       exists = false
@@ -291,6 +324,7 @@ function export.features(model, o)
   end
   files.mkdir(files.dirname(o.path))
   local fmodel, with_probs = two_headed(model, layer)
+  o._softmax = not ends_in_softmax(model)   -- logits get a softmax; probabilities are kept as they are
   if o._device ~= nil and fmodel.cuda then fmodel:cuda(o._device) end   -- the shared layers are there already
   local was = model.train
   model:evaluate()
@@ -299,9 +333,9 @@ function export.features(model, o)
   local prev = u and u.catch_signals(true)
   require('flower.train').clear_interrupt()
   local t0 = files.now()
-  local result = { path = o.path, rows = {} }
+  local result = { path = o.path, rows = {}, skipped = {} }
   local ok, err = pcall(function()
-    -- the file appears whole (attributes, every split's image lists) or not at all
+    -- the file appears whole (attributes, every split's image list) or not at all
     if not exists then h5.write_atomic(o.path, function(f) write_header(f, o, model, layer) end) end
     local f <close> = h5.open(o.path, 'a')
     if f:attr('/', 'feature_layer') ~= layer or (o.attrs.model and f:attr('/', 'model') ~= o.attrs.model) then
@@ -315,6 +349,7 @@ function export.features(model, o)
       local rows, why = export_split(f, name, ds, o, fmodel, with_probs and name ~= 'train')
       if rows == nil then result.interrupted = why; return end
       result.rows[name] = rows
+      result.skipped[name] = why
       total = total + rows
     end
     result.images = total
@@ -330,11 +365,12 @@ function export.features(model, o)
 end
 
 -- Reads an exported file: {x = {train =, valid =, test =}, label = {...} (1-based int64), probs = {...},
--- images = {...}, ids = {...}, attrs = {...}}. Refuses an incomplete export.
+-- images = {...}, ids = {...}, skipped = {split = {image paths}}, attrs = {...}}. Refuses an incomplete
+-- export.
 function export.read(path)
   local h5 = require 'flower.h5'
   local f <close> = h5.open(path, 'r')
-  local r = { path = path, x = {}, label = {}, probs = {}, images = {}, ids = {}, missing = {}, attrs = {} }
+  local r = { path = path, x = {}, label = {}, probs = {}, images = {}, ids = {}, skipped = {}, attrs = {} }
   for _, a in ipairs(f:attrs('/')) do r.attrs[a] = f:attr('/', a) end
   local splits = f:attr('/', 'splits') or { 'train', 'valid', 'test' }
   if type(splits) == 'string' then splits = { splits } end
@@ -349,7 +385,7 @@ function export.read(path)
     if f:exists('/' .. name .. '_probs') then r.probs[name] = f:read('/' .. name .. '_probs') end
     r.images[name] = f:read('/' .. name .. '_images')
     r.ids[name] = f:read('/' .. name .. '_ids')
-    if f:exists('/' .. name .. '_missing') then r.missing[name] = f:read('/' .. name .. '_missing'):totable() end
+    r.skipped[name] = f:exists('/' .. name .. '_skipped_images') and f:read('/' .. name .. '_skipped_images') or {}
   end
   return r
 end

@@ -16,20 +16,29 @@ function files.tmpname(path)
   return string.format('%s.tmp-%x-%d', path, math.random(0, 0x7fffffff), tmp_counter)
 end
 
--- Test hook for crash-safety tests: with FLOWER_KILLPOINT='<name>' or '<name>:<n>' in the
--- environment, the n-th arrival (default 1) at the write point `name` sends SIGKILL to this process,
--- so a test can kill a run at an exact place and check that a resume loses nothing. Write paths call
+-- Test hook for crash-safety tests: with FLOWER_KILLPOINT='<name>', '<name>:<n>' or
+-- '<name>:<n>:<signal>' in the environment, the n-th arrival (default 1) at the write point `name`
+-- sends SIGKILL (or INT or TERM, to test the graceful paths at an exact place) to this process, so a
+-- test can stop a run at an exact place and check that a resume loses nothing. Write paths call
 -- files.killpoint('checkpoint.before_rename') and the like; without the variable it does nothing.
-local killpoint_name, killpoint_n = (os.getenv('FLOWER_KILLPOINT') or ''):match('^([^:]+):?(%d*)$')
+local killpoint_name, killpoint_n, killpoint_sig =
+  (os.getenv('FLOWER_KILLPOINT') or ''):match('^([^:]+):?(%d*):?(%u*)$')
 local killpoint_hits = 0
 function files.killpoint(name)
   if name ~= killpoint_name then return end
   killpoint_hits = killpoint_hits + 1
   if killpoint_hits ~= (tonumber(killpoint_n) or 1) then return end
+  local sig = killpoint_sig ~= '' and killpoint_sig or 'KILL'
+  if sig ~= 'KILL' and sig ~= 'INT' and sig ~= 'TERM' then
+    error("FLOWER_KILLPOINT: the signal must be KILL, INT or TERM, got '" .. sig .. "'", 2)
+  end
   io.stdout:flush(); io.stderr:flush()
   local stat = io.open('/proc/self/stat', 'r')
   local pid = stat:read('n'); stat:close()
-  os.execute('kill -KILL ' .. math.tointeger(pid))
+  -- through popen: os.execute's system() ignores SIGINT while it waits, and would drop it; a
+  -- signal has arrived when close returns
+  local p = io.popen('kill -' .. sig .. ' ' .. math.tointeger(pid))
+  p:close()
 end
 
 function files.exists(path)

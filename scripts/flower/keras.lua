@@ -19,7 +19,14 @@
 -- the Xception file with auto names and the TF-slim-named InceptionResNetV2 file all load. By name
 -- (by_name=true): a layer takes the group of its name; groups and layers without a partner are
 -- reported (Keras ignores them silently); with skip_mismatch=true a layer whose tensor count or
--- shapes differ is skipped and reported instead of failing (a new classifier head).
+-- shapes differ is skipped and reported instead of failing (a new classifier head), every one of
+-- them named on stderr.
+-- AUTOMATIC NAMES. Unnamed layers are numbered per class prefix: tf.keras, Keras 3 and flowerlua
+-- name them conv2d, conv2d_1, conv2d_2 ...; standalone Keras 1.x/2.x, which wrote the standard
+-- ImageNet files, conv2d_1, conv2d_2 ... By name, the file's scheme is read off the names present,
+-- per prefix: where one side has the bare prefix and the other starts at `_1`, the k-th layer of
+-- that prefix pairs with the file's k-th (conv2d <-> conv2d_1, conv2d_5 <-> conv2d_6), never with
+-- its neighbour; the report lists these pairs (renamed) and the file's keras_version.
 -- Either way it is all-or-nothing: every tensor is read and checked into temporaries first, and the
 -- model's tensors are only overwritten (in place) once all of them fit. Errors name the model's
 -- layer, the file's group and both shapes.
@@ -35,6 +42,14 @@ local keras = {}
 local HEADER_LIMIT = 64512
 
 local function shape_str(t) return table.concat(t, 'x') end
+
+-- Re-raises err from the public function `op` with the message starting `op: ` (without a location
+-- inside this library, e.g. from h5.open), at the caller's level.
+local function rethrow(op, err)
+  local msg = tostring(err):gsub('^[^%s]-%.lua:%d+: ', '', 1)
+  if msg:sub(1, #op + 1) ~= op .. ':' then msg = op .. ': ' .. msg end
+  error(msg, 3)
+end
 
 -- a name list attribute, plain or chunked; nil when absent
 local function read_names(f, path, name)
@@ -212,43 +227,143 @@ local function commit(pairs_)
   end
 end
 
+-- the shapes of a layer's weights and of a group's datasets, as '3x3x3x32,32'
+local function layer_shapes(l)
+  local r = {}
+  for i, w in ipairs(layer_weights(l)) do r[i] = shape_str(w.tensor:size()) end
+  return table.concat(r, ',')
+end
+local function group_shapes(f, g)
+  local r = {}
+  for i, w in ipairs(g.weight_names) do
+    local ok, sh = pcall(f.shape, f, g.path .. '/' .. w)
+    r[i] = ok and shape_str(sh) or '?'
+  end
+  return table.concat(r, ',')
+end
+
+-- Which layers lack a partner when the model and the file have different counts: by name when the
+-- names mostly agree, else the first place where walking both lists in order finds other shapes.
+local function unpaired(f, ml, fl)
+  local fnames, mnames = {}, {}
+  for _, g in ipairs(fl) do fnames[g.name] = true end
+  for _, l in ipairs(ml) do mnames[l.name] = true end
+  local lacking, extra, common = {}, {}, 0
+  for _, l in ipairs(ml) do if fnames[l.name] then common = common + 1 else lacking[#lacking + 1] = l.name end end
+  for _, g in ipairs(fl) do if not mnames[g.name] then extra[#extra + 1] = g.name end end
+  local function list(t) return table.concat(t, "', '", 1, math.min(#t, 8)) .. (#t > 8 and "', ..." or "'") end
+  if common >= math.min(#ml, #fl) / 2 and (#lacking > 0 or #extra > 0) then
+    local parts = {}
+    if #lacking > 0 then parts[#parts + 1] = string.format("the file has no weights for the model's layer(s) '%s", list(lacking)) end
+    if #extra > 0 then parts[#parts + 1] = string.format("the model has no layer for the file's group(s) '%s", list(extra)) end
+    return ' (' .. table.concat(parts, '; ') .. ')'
+  end
+  for i = 1, math.min(#ml, #fl) do
+    local a, b = layer_shapes(ml[i]), group_shapes(f, fl[i])
+    if a ~= b then
+      return string.format(" (walking both in order, the first that differ are the model's layer %d '%s' (%s) and " ..
+        "the file's group %d '%s' (%s))", i, ml[i].name, a, i, fl[i].name, b)
+    end
+  end
+  local first = math.min(#ml, #fl)
+  if #ml > #fl then return string.format(" (the model's layer %d, '%s', has no counterpart)", first + 1, ml[first + 1].name) end
+  return string.format(" (the file's group %d, '%s', has no counterpart)", first + 1, fl[first + 1].name)
+end
+
+-- A hint when a ResNet50 file of the other Keras generation meets the model: the Keras 1 file names
+-- its layers conv1, bn_conv1, res2a_branch2a...; tf.keras conv1_conv, conv1_bn...
+local function variant_hint(model, fl)
+  local first = fl[1] and fl[1].name
+  local has = function(n) return (pcall(model.layer, model, n)) end
+  if first == 'conv1' and has('conv1_conv') then
+    return "; the file is the Keras 1 ResNet50 (conv1, bn_conv1, ...): build the model with variant='keras1', or " ..
+      "pass the file as weights= to flower.models.resnet50, which detects it"
+  elseif first == 'conv1_conv' and has('bn_conv1') then
+    return "; the file is the tf.keras ResNet50 (conv1_conv, conv1_bn, ...): build the model with variant='keras2'"
+  end
+  return ''
+end
+
 local function load_by_order(f, path, model, groups, op)
   local fl = weighted(groups)
   local ml = {}
   for _, l in ipairs(model_layers(model)) do if #layer_weights(l) > 0 then ml[#ml + 1] = l end end
   if #ml ~= #fl then
-    local first = math.min(#ml, #fl)
-    local hint = ''
-    if #ml > #fl then hint = string.format(" (the model's layer %d, '%s', has no counterpart)", first + 1, ml[first + 1].name)
-    else hint = string.format(" (the file's group %d, '%s', has no counterpart)", first + 1, fl[first + 1].name) end
     error(string.format('%s: %s: the model %s has %d layers with weights, the file %d%s; layers are matched by ' ..
-      'order (pass by_name=true to match names); nothing was loaded', op, path, model.name, #ml, #fl, hint), 0)
+      'order (pass by_name=true to match names)%s; nothing was loaded', op, path, model.name, #ml, #fl,
+      unpaired(f, ml, fl), variant_hint(model, fl)), 0)
   end
   local plan = {}
   for i, l in ipairs(ml) do
     local where = string.format(' (matched by order: layer %d of %d)', i, #ml)
     local tensors, err = read_group(f, path, l, fl[i], where)
-    if not tensors then error(string.format('%s: %s: %s; nothing was loaded', op, path, err), 0) end
+    if not tensors then error(string.format('%s: %s: %s%s; nothing was loaded', op, path, err, variant_hint(model, fl)), 0) end
     plan[i] = {layer = l, tensors = tensors, group = fl[i].name}
   end
   commit(plan)
-  return {matched = 'order', loaded = #plan, skipped = {}, missing_in_file = {}, unused_in_file = {}}
+  return {matched = 'order', loaded = #plan, skipped = {}, missing_in_file = {}, unused_in_file = {}, renamed = {}}
 end
+
+-- A name's automatic-numbering parts: 'conv2d_5' -> 'conv2d', 5; 'conv2d' -> 'conv2d', 0.
+local function numbered(name)
+  local p, k = name:match('^(.-)_(%d+)$')
+  if p and p ~= '' then return p, tonumber(k) end
+  return name, 0
+end
+
+-- The file-group name for each model layer name whose automatic numbering differs from the file's
+-- (see AUTOMATIC NAMES above): {[model name] = file name}. A prefix counts as zero-based on a side
+-- that has it bare, one-based on a side that has `<prefix>_1` but not the bare prefix.
+local function scheme_map(model_names, file_names)
+  local function bases(names)
+    local has, b = {}, {}
+    for _, n in ipairs(names) do has[n] = true end
+    for _, n in ipairs(names) do
+      local p, k = numbered(n)
+      if k == 0 then b[p] = 0 elseif k == 1 and not has[p] then b[p] = 1 end
+    end
+    return b
+  end
+  local mb, fb = bases(model_names), bases(file_names)
+  local map = {}
+  for _, n in ipairs(model_names) do
+    local p, k = numbered(n)
+    local shift = (mb[p] ~= nil and fb[p] ~= nil) and (fb[p] - mb[p]) or 0
+    if shift ~= 0 then
+      local j = k + shift
+      map[n] = j == 0 and p or (p .. '_' .. j)
+    end
+  end
+  return map
+end
+keras.scheme_map = scheme_map
 
 local function load_by_name(f, path, model, groups, op, skip_mismatch)
   local by_name, order = {}, {}
   for _, l in ipairs(model_layers(model)) do
-    if #layer_weights(l) > 0 then by_name[l.name] = l; order[#order + 1] = l end
+    if #layer_weights(l) > 0 then order[#order + 1] = l end
   end
-  local report = {matched = 'name', loaded = 0, skipped = {}, missing_in_file = {}, unused_in_file = {}}
+  local fl = weighted(groups)
+  local mnames, fnames = {}, {}
+  for i, l in ipairs(order) do mnames[i] = l.name end
+  for i, g in ipairs(fl) do fnames[i] = g.name end
+  local map = scheme_map(mnames, fnames)
+  local report = {matched = 'name', loaded = 0, skipped = {}, missing_in_file = {}, unused_in_file = {}, renamed = {},
+                  keras_version = f:attr('/', 'keras_version')}
+  for _, l in ipairs(order) do
+    local fname = map[l.name] or l.name
+    by_name[fname] = l
+    if map[l.name] then report.renamed[#report.renamed + 1] = {layer = l.name, group = fname} end
+  end
   local plan, seen = {}, {}
-  for _, g in ipairs(weighted(groups)) do
+  for _, g in ipairs(fl) do
     local l = by_name[g.name]
     if not l then
       report.unused_in_file[#report.unused_in_file + 1] = g.name
     else
       seen[l] = true
-      local tensors, err = read_group(f, path, l, g, '')
+      local tensors, err = read_group(f, path, l, g, map[l.name] and
+        string.format(" (the file numbers unnamed layers from _1: its '%s' is the model's '%s')", g.name, l.name) or '')
       if tensors then
         plan[#plan + 1] = {layer = l, tensors = tensors, group = g.name}
       elseif skip_mismatch then
@@ -265,9 +380,23 @@ local function load_by_name(f, path, model, groups, op, skip_mismatch)
   return report
 end
 
+-- What a by-name load did, for people: the counts, then every skipped layer with its reason, every
+-- layer the file has no weights for, and the renaming of automatic names if any.
+function keras.print_report(res, path, out)
+  out = out or io.stdout
+  out:write(string.format('keras.load_weights: %s: loaded %d layers by name; %d skipped (mismatch), %d not in the file%s\n',
+    path, res.loaded, #res.skipped, #res.missing_in_file,
+    #res.renamed > 0 and string.format('; %d automatic names matched across numbering schemes (%s -> %s, ...)',
+      #res.renamed, res.renamed[1].layer, res.renamed[1].group) or ''))
+  for _, s in ipairs(res.skipped) do out:write(string.format('  skipped %s: %s\n', s.layer, s.reason)) end
+  for _, n in ipairs(res.missing_in_file) do out:write(string.format('  not in the file: %s\n', n)) end
+end
+
 -- keras.load_weights(model, path [, {by_name=false, skip_mismatch=false, quiet=false}]) -> report
 -- report: {matched='order'|'name', loaded=<layers>, skipped={{layer, reason}}, missing_in_file={names},
--- unused_in_file={names}}; by name, anything not loaded is also summarised on stderr unless quiet.
+-- unused_in_file={names}, renamed={{layer, group}} (automatic names paired across numbering schemes),
+-- keras_version}; by name, anything not loaded (each skipped layer with its reason, each layer
+-- missing from the file) is also printed on stderr unless quiet.
 function keras.load_weights(model, path, opts)
   local op = 'keras.load_weights'
   opts = opts or {}
@@ -282,25 +411,18 @@ function keras.load_weights(model, path, opts)
     if opts.by_name then return load_by_name(f, path, model, groups, op, opts.skip_mismatch) end
     return load_by_order(f, path, model, groups, op)
   end)
-  if not ok then
-    local msg = tostring(res)
-    if not msg:find(op, 1, true) then msg = op .. ': ' .. msg end
-    error(msg, 2)
-  end
-  if opts.by_name and not opts.quiet and (#res.skipped > 0 or #res.missing_in_file > 0) then
-    io.stderr:write(string.format('%s: %s: loaded %d layers by name; %d skipped (mismatch), %d not in the file%s\n',
-      op, path, res.loaded, #res.skipped, #res.missing_in_file,
-      #res.missing_in_file > 0 and (': ' .. table.concat(res.missing_in_file, ', ', 1, math.min(5, #res.missing_in_file)) ..
-        (#res.missing_in_file > 5 and ', ...' or '')) or ''))
+  if not ok then rethrow(op, res) end
+  if opts.by_name and not opts.quiet and (#res.skipped > 0 or #res.missing_in_file > 0 or #res.renamed > 0) then
+    keras.print_report(res, path, io.stderr)
   end
   return res
 end
 
 -------------------------------------------------------------------------------- saving
 
--- Writes the weights group of `model` under `root` of an open file (Keras 2 layout).
-local function write_weights(f, root, model)
-  local layers = model_layers(model)
+-- Writes the weights group of `layers` (a model's model_layers) under `root` of an open file
+-- (Keras 2 layout).
+local function write_weights(f, root, layers)
   local names = {}
   for i, l in ipairs(layers) do names[i] = l.name end
   local r = root == '' and '/' or root
@@ -331,15 +453,11 @@ function keras.save_weights(model, path)
   local ok, err = pcall(function()
     model_layers(model)
     h5.write_atomic(path, function(f)
-      write_weights(f, '', model)
+      write_weights(f, '', model_layers(model))
       f:set_attr('/', 'flowerlua_version', flower.version or '?')
     end)
   end)
-  if not ok then
-    local msg = tostring(err)
-    if not msg:find('keras.save_weights', 1, true) then msg = 'keras.save_weights: ' .. msg end
-    error(msg, 2)
-  end
+  if not ok then rethrow('keras.save_weights', err) end
 end
 
 -------------------------------------------------------------------------------- whole models
@@ -489,6 +607,15 @@ converters.ZeroPadding2D = {keys = {'padding', 'data_format'}, build = function(
 end}
 converters.CustomScaleLayer = {keys = {'scale'}, build = function(c, n)
   return nn.ScaledAdd{scale = c.scale, name = n, type_name = 'CustomScaleLayer'}
+end}
+
+converters.FlowerPreprocess = {keys = {'mode'}, build = function(c, n) return nn.Preprocess{mode = c.mode, name = n} end}
+converters.Rescaling = {keys = {'scale', 'offset'}, build = function(c, n)
+  want(c, 'offset', {0}, n, 'Rescaling')
+  if type(c.scale) ~= 'number' then
+    error(string.format("keras.load_model: layer '%s' (Rescaling): only a single number scale is supported", n), 0)
+  end
+  return nn.Scale{scale = c.scale, name = n}
 end}
 
 local function layer_from_config(spec)
@@ -681,15 +808,175 @@ function keras.load_model(path)
     local groups = file_layers(f, path, 'keras.load_model')
     load_by_order(f, path, model, groups, 'keras.load_model')
     model.keras_version = f:attr('/', 'keras_version')
+    local meta = f:attr('/', 'flowerlua_metadata')
+    if type(meta) == 'string' then
+      local mok, m = pcall(cjson.decode, meta)
+      if not mok or type(m) ~= 'table' then
+        error('keras.load_model: ' .. path .. ': flowerlua_metadata is not a JSON object', 0)
+      end
+      model.metadata = m
+    end
     model:evaluate()
     return model
   end)
+  if not ok then rethrow('keras.load_model', res) end
+  return res
+end
+
+-------------------------------------------------------------------------------- saving whole models
+
+-- flowerlua layer -> Keras class name and config (tf.keras 2.x's get_config keys). Layers Keras has
+-- no built-in class for are registered custom layers, defined for Keras users in
+-- scripts/flowerlua_keras.py: FlowerPreprocess (Keras Applications' preprocess_input as a layer)
+-- and CustomScaleLayer (InceptionResNetV2's scaled residual; Keras 3's applications name it so).
+-- A Keras Lambda was the other way: it holds marshalled Python bytecode that only the same Python
+-- version can load and that Keras 3's safe mode refuses; a registered layer is plain JSON.
+local function pair_of(a, b) return {a, b} end
+local function conv_config(l)
+  return {kernel_size = pair_of(l.kh, l.kw), strides = pair_of(l.sh, l.sw), padding = l.padding,
+          data_format = 'channels_last', dilation_rate = pair_of(l.dh or 1, l.dw or 1),
+          activation = l.activation or 'linear', use_bias = l.use_bias}
+end
+local writers = {}
+writers.Conv2D = function(l) local c = conv_config(l); c.filters = l.filters; c.groups = 1; return 'Conv2D', c end
+writers.DepthwiseConv2D = function(l)
+  local c = conv_config(l); c.depth_multiplier = l.depth_multiplier; return 'DepthwiseConv2D', c
+end
+writers.SeparableConv2D = function(l)
+  local c = conv_config(l); c.filters, c.depth_multiplier = l.filters, l.depth_multiplier; return 'SeparableConv2D', c
+end
+writers.BatchNormalization = function(l)
+  return 'BatchNormalization', {axis = l.axis, momentum = l.momentum, epsilon = l.epsilon, center = l.center,
+                                scale = l.scale}
+end
+writers.Activation = function(l) return 'Activation', {activation = l.act} end
+writers.ReLU = function() return 'ReLU', {max_value = null, negative_slope = 0, threshold = 0} end
+writers.Softmax = function() return 'Softmax', {axis = -1} end
+for _, cls in ipairs({'MaxPooling2D', 'AveragePooling2D'}) do
+  writers[cls] = function(l)
+    return cls, {pool_size = pair_of(l.kh, l.kw), strides = pair_of(l.sh, l.sw), padding = l.padding,
+                 data_format = 'channels_last'}
+  end
+end
+for _, cls in ipairs({'GlobalAveragePooling2D', 'GlobalMaxPooling2D'}) do
+  writers[cls] = function(l) return cls, {data_format = 'channels_last', keepdims = l.keepdims} end
+end
+writers.Dense = function(l) return 'Dense', {units = l.units, activation = l.activation or 'linear', use_bias = l.use_bias ~= false} end
+writers.Dropout = function(l) return 'Dropout', {rate = l.rate, noise_shape = null, seed = l.seed or null} end
+writers.Flatten = function() return 'Flatten', {data_format = 'channels_last'} end
+writers.Reshape = function(l) return 'Reshape', {target_shape = l.target_shape} end
+writers.Concatenate = function(l) return 'Concatenate', {axis = l.axis} end
+writers.Add = function() return 'Add', {} end
+writers.ScaledAdd = function(l) return 'CustomScaleLayer', {scale = l.scale} end
+writers.Scale = function(l) return 'Rescaling', {scale = l.scale, offset = 0} end
+writers.ZeroPadding2D = function(l)
+  return 'ZeroPadding2D', {padding = {{l.pt, l.pb}, {l.pl, l.pr}}, data_format = 'channels_last'}
+end
+writers.Preprocess = function(l) return 'FlowerPreprocess', {mode = l.mode} end
+
+local function layer_config(l, frozen)
+  local w = writers[l.class_name]
+  if not w then
+    error(string.format("layer '%s' has type %s, which has no Keras equivalent to save", l.name, l.class_name), 0)
+  end
+  local cls, cfg = w(l)
+  cfg.name, cfg.trainable, cfg.dtype = l.name, l.trainable ~= false and not frozen, 'float32'
+  return {class_name = cls, config = cfg}
+end
+
+local function input_config(l)
+  local shape = {null}
+  for _, d in ipairs(l.shape) do shape[#shape + 1] = d >= 0 and d or null end
+  return {class_name = 'InputLayer', config = {batch_input_shape = shape, dtype = l.input_dtype or 'float32',
+                                                sparse = false, ragged = false, name = l.name}}
+end
+
+-- Keras's Functional config, with nested models inlined: tf.keras refers to a nested model's call
+-- as its node 1 and Keras 3 as its node 0, so neither loads the other's nested files; a flat graph
+-- of the same layers (same names, weights and outputs) loads in both. A frozen nested model's
+-- layers are saved with trainable = false. Returns the config and the leaf layers in its order
+-- (the weight groups).
+local function model_config(model)
+  local specs, leaves = {}, {}
+  -- emits model's layers; `bound` maps a nested model's input nodes to the references feeding them
+  local function emit(m, bound, frozen)
+    local node_of, ref_of = {}, {}
+    for _, n in ipairs(m.nodes) do node_of[n.layer] = n end
+    for _, l in ipairs(m:keras_layers()) do
+      local n = node_of[l]
+      if getmetatable(l) == nn.InputLayer then
+        if bound then
+          ref_of[n] = bound[n]
+        else
+          local spec = input_config(l)
+          spec.name, spec.inbound_nodes = l.name, {}
+          specs[#specs + 1] = spec
+          ref_of[n] = {l.name, 0, 0}
+        end
+      elseif l._is_model then
+        if #l.outputs ~= 1 then error(string.format("nested model '%s' has several outputs", l.name), 0) end
+        local inner = {}
+        for i, inode in ipairs(l.inputs) do inner[inode] = ref_of[n.inputs[i]] end
+        ref_of[n] = emit(l, inner, frozen or l.trainable == false)[1]
+      else
+        local spec = layer_config(l, frozen)
+        local refs = {}
+        for i, p in ipairs(n.inputs) do local r = ref_of[p]; refs[i] = {r[1], r[2], r[3], {}} end
+        spec.name, spec.inbound_nodes = l.name, {refs}
+        specs[#specs + 1] = spec
+        leaves[#leaves + 1] = l
+        ref_of[n] = {l.name, 0, 0}
+      end
+    end
+    local outs = {}
+    for i, o in ipairs(m.outputs) do outs[i] = ref_of[o] end
+    return outs, ref_of
+  end
+  local outs, ref_of = emit(model, nil, false)
+  local ins = {}
+  for i, n in ipairs(model.inputs) do ins[i] = ref_of[n] end
+  local names = {}
+  for _, spec in ipairs(specs) do
+    if names[spec.name] then
+      error(string.format("the layer name '%s' is used twice once nested models are inlined; rename one", spec.name), 0)
+    end
+    names[spec.name] = true
+  end
+  return {class_name = 'Functional', config = {name = model.name, layers = specs, input_layers = ins,
+                                                output_layers = outs}}, leaves
+end
+
+-- keras.save_model(model, path): a whole-model file as tf.keras's model.save('x.h5') writes it
+-- (model_config + model_weights), atomically. keras.load_model reads it back; so do tf.keras and
+-- Keras 3 (keras.models.load_model), with custom_objects from scripts/flowerlua_keras.py when the
+-- model has a Preprocess or ScaledAdd layer. Sequential models are saved as Functional ones, and
+-- nested models inlined (see model_config). opts.metadata (a table: the class ids and names of the
+-- outputs, the image size, ...) is kept as JSON in the attribute `flowerlua_metadata`, which Keras
+-- ignores; keras.load_model gives it back as model.metadata.
+function keras.save_model(model, path, opts)
+  if type(path) ~= 'string' then error('keras.save_model: path must be a string', 2) end
+  local meta = opts and opts.metadata
+  if meta ~= nil and type(meta) ~= 'table' then error('keras.save_model: metadata must be a table', 2) end
+  if not cjson_ok then error('keras.save_model: lua-cjson is not installed', 2) end
+  local ok, err = pcall(function()
+    model_layers(model)
+    local cfg, leaves = model_config(model)
+    local json = cjson.encode(cfg)
+    h5.write_atomic(path, function(f)
+      f:set_attr('/', 'model_config', json)
+      f:set_attr('/', 'keras_version', keras.layout_version)
+      f:set_attr('/', 'backend', 'tensorflow')
+      f:set_attr('/', 'flowerlua_version', flower.version or '?')
+      if meta then f:set_attr('/', 'flowerlua_metadata', cjson.encode(meta)) end
+      write_weights(f, '/model_weights', leaves)
+    end)
+  end)
   if not ok then
-    local msg = tostring(res)
-    if not msg:find('keras.', 1, true) then msg = 'keras.load_model: ' .. msg end
+    local msg = tostring(err)
+    if not msg:find('keras.save_model', 1, true) then msg = 'keras.save_model: ' .. msg end
     error(msg, 2)
   end
-  return res
+  return path
 end
 
 return keras

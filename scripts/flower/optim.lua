@@ -1,4 +1,4 @@
--- flower.optim: optimizers with Keras's update rules, learning-rate schedules, ReduceLROnPlateau.
+-- flower.optim: optimizers with Keras's update rules and learning-rate schedules.
 --
 --   local optim = require 'flower.optim'
 --   local opt = optim.Adam{lr = 1e-3}                      -- Keras defaults: beta_1 .9, beta_2 .999, eps 1e-7
@@ -7,7 +7,9 @@
 --   --   decay_exclude = {'bias', 'gamma', 'beta'} (weight names kept out of weight decay),
 --   --   clipnorm (per weight, tf.clip_by_norm), global_clipnorm (tf.clip_by_global_norm),
 --   --   lr_mult = {conv1 = 0.1, ...} (per layer name) or function(record) -> multiplier,
---   --   lr = a number or a schedule (optim.cosine{...}, optim.step_decay{...}, optim.piecewise{...})
+--   --   lr = a number or a schedule (optim.cosine{...}, optim.step_decay{...}, optim.piecewise{...}),
+--   a function of the optimizer's step; a schedule by epoch is train.LearningRateScheduler(schedule),
+--   and ReduceLROnPlateau is train.ReduceLROnPlateau (Keras's callbacks)
 --   model:zero_grad(); ...forward/backward...; opt:step(model)   -- or opt:step(list of weight records)
 --
 -- step() works on model:trainable_weights(): frozen layers are not in that list, so nothing here
@@ -38,14 +40,15 @@ Schedule.__call = function(self, step) return self.fn(step) end
 local function schedule(kind, cfg, fn) return setmetatable({kind = kind, config = cfg, fn = fn}, Schedule) end
 optim.is_schedule = function(v) return getmetatable(v) == Schedule end
 
--- Keras CosineDecay(initial, decay_steps, alpha): lr*((1-alpha)*0.5*(1+cos(pi*min(step,T)/T)) + alpha)
+-- Keras CosineDecay(initial, decay_steps, alpha = 0): lr*((1-alpha)*0.5*(1+cos(pi*f)) + alpha) with
+-- f = min(step, T)/T (the fraction first, as Keras computes it), so lr*alpha from step T on
 function optim.cosine(cfg)
   local lr = check_num(cfg.lr, 'lr', 'optim.cosine', 0)
   local T = check_num(cfg.decay_steps, 'decay_steps', 'optim.cosine', 1)
   local alpha = check_num(cfg.alpha or 0, 'alpha', 'optim.cosine', 0, 1)
   return schedule('cosine', cfg, function(step)
-    local s = math.min(step, T)
-    return lr * ((1 - alpha) * 0.5 * (1 + math.cos(math.pi * s / T)) + alpha)
+    local f = math.min(step, T) / T
+    return lr * ((1 - alpha) * 0.5 * (1 + math.cos(math.pi * f)) + alpha)
   end)
 end
 
@@ -73,60 +76,6 @@ function optim.piecewise(cfg)
     return v[#v]
   end)
 end
-
--- Keras's ReduceLROnPlateau callback: rop:update(metric) once per epoch lowers opt.lr by `factor`
--- after `patience` epochs without improvement (by more than min_delta), then waits `cooldown`.
-local Plateau = {}
-Plateau.__index = Plateau
-function optim.ReduceLROnPlateau(opt, cfg)
-  cfg = cfg or {}
-  if type(opt) ~= 'table' or not opt.get_lr then error('ReduceLROnPlateau: first argument must be an optimizer', 2) end
-  if optim.is_schedule(opt.lr) then error('ReduceLROnPlateau: the optimizer lr must be a number, not a schedule', 2) end
-  local self = setmetatable({opt = opt}, Plateau)
-  self.factor = check_num(cfg.factor or 0.1, 'factor', 'ReduceLROnPlateau', 0, 1)
-  if self.factor >= 1 then error('ReduceLROnPlateau: factor must be < 1', 2) end
-  self.patience = cfg.patience or 10
-  self.min_delta = cfg.min_delta or 1e-4
-  self.mode = cfg.mode or 'min'
-  if self.mode ~= 'min' and self.mode ~= 'max' then error("ReduceLROnPlateau: mode must be 'min' or 'max'", 2) end
-  self.cooldown = cfg.cooldown or 0
-  self.min_lr = cfg.min_lr or 0
-  self.verbose = cfg.verbose
-  self.wait, self.cooldown_counter = 0, 0
-  self.best = self.mode == 'min' and math.huge or -math.huge
-  return self
-end
-
-function Plateau:update(current)
-  check_num(current, 'metric', 'ReduceLROnPlateau:update')
-  local better
-  if self.mode == 'min' then better = current < self.best - self.min_delta
-  else better = current > self.best + self.min_delta end
-  if self.cooldown_counter > 0 then
-    self.cooldown_counter = self.cooldown_counter - 1
-    self.wait = 0
-  end
-  if better then
-    self.best = current
-    self.wait = 0
-  elseif self.cooldown_counter == 0 then     -- re-read after the decrement, as Keras does
-    self.wait = self.wait + 1
-    if self.wait >= self.patience then
-      local old = self.opt.lr
-      if old > self.min_lr then
-        local new = math.max(old * self.factor, self.min_lr)
-        self.opt.lr = new
-        if self.verbose then print(string.format('ReduceLROnPlateau: reducing learning rate to %g', new)) end
-        self.cooldown_counter = self.cooldown
-        self.wait = 0
-      end
-    end
-  end
-  return self.opt.lr
-end
-
-function Plateau:state() return {wait = self.wait, cooldown_counter = self.cooldown_counter, best = self.best} end
-function Plateau:load_state(s) self.wait, self.cooldown_counter, self.best = s.wait, s.cooldown_counter, s.best end
 
 -------------------------------------------------------------------------------- optimizers
 
@@ -197,6 +146,16 @@ end
 function Optimizer:get_lr()
   if optim.is_schedule(self.lr) then return self.lr(self.iterations) end
   return self.lr
+end
+
+-- sets a number learning rate (callbacks: ReduceLROnPlateau, LearningRateScheduler); a schedule
+-- owns the rate, so setting one over it is an error rather than a silent replacement
+function Optimizer:set_lr(lr)
+  if optim.is_schedule(self.lr) then
+    error(string.format('optim.%s: the learning rate is a schedule (%s); it cannot also be set to %s '
+      .. '(use a number lr with callbacks that change it)', self.kind, self.lr.kind, tostring(lr)), 2)
+  end
+  self.lr = check_num(lr, 'lr', 'optim.' .. self.kind .. ':set_lr', 0)
 end
 
 local function mult_for(self, rec)

@@ -11,7 +11,11 @@
 --   })
 -- cfg (resolved recipe config): data, models (list), stages (list of {epochs, train, lr}, where a
 -- string value names a config key, e.g. epochs = 'epochs'), batch_size, workers, seed, augment, crop_scale,
--- ensemble_epochs, ensemble_lr, ensemble_dropout, topk, split_seed, valid_fraction, resume, device
+-- ensemble_epochs, ensemble_lr, ensemble_dropout, ensemble_patience (0: no early stopping),
+-- ensemble_restore_best, topk (k > 1: predict-top<k>.csv files beside the submissions),
+-- keep_checkpoints ('resume': a model's stage checkpoints go once its weights.h5 and finished.json
+-- are written, which is all --resume needs of a finished model; 'all': kept), split_seed,
+-- valid_fraction, resume, device
 -- ('cpu', 'cuda', 'cuda:<n>' or 'auto': where fine-tuning, export, evaluation and the ensemble run;
 -- with a GPU the loaders hand out page-locked batches, uploaded while the next ones decode),
 -- mixed_precision ('float32' or 'bfloat16': how the fine-tuned models train, evaluate and export;
@@ -52,27 +56,21 @@ function pipeline.stages(cfg, model)
   return out
 end
 
--- Data sets: train/valid from train.json (stratified seeded split), test from test.json if present.
+-- Data sets: train/valid from train.json by the seed's split (scikit-learn's train_test_split(
+-- test_size=0.2, random_state=42), unstratified; cfg.stratify = true: its stratified split), test
+-- from test.json if present.
 function pipeline.datasets(cfg)
   local data = require 'flower.data'
   local all = data.kaggle(cfg.data)
-  local tr, va = all:split { test_size = cfg.valid_fraction or 0.2, seed = cfg.split_seed or 42, stratify = true }
+  local tr, va = all:split { test_size = cfg.valid_fraction or 0.2, seed = cfg.split_seed or 42,
+                            stratify = cfg.stratify == true }
   local te
   if files.exists(files.join(cfg.data, 'test.json')) then te = data.kaggle_test(cfg.data) end
-  -- class names: the synthetic set's train.json has readable category names
+  -- class names: "<category id> (<name>)" where train.json's categories name them
   local names = {}
-  for i, c in ipairs(all.categories or {}) do names[i] = tostring(c) end
-  local tj = files.join(cfg.data, 'train.json')
-  local f = io.open(tj, 'rb')
-  local size = f and f:seek('end') or 0
-  if f then f:close() end
-  if size < 8e6 then
-    local doc = files.json_read(tj)
-    local byid = {}
-    for _, c in ipairs(doc.categories or {}) do byid[tostring(c.id)] = c.name end
-    for i, c in ipairs(all.categories or {}) do
-      if byid[tostring(c)] then names[i] = string.format('%s (%s)', tostring(c), byid[tostring(c)]) end
-    end
+  for i, c in ipairs(all.categories or {}) do
+    local name = all.category_info and all.category_info[i].name
+    names[i] = name and string.format('%s (%s)', tostring(c), name) or tostring(c)
   end
   return { all = all, train = tr, valid = va, test = te, classes = all.num_classes, names = names }
 end
@@ -101,23 +99,26 @@ local function eval_loader(cfg, ds, size)
 end
 pipeline.eval_loader = eval_loader
 
--- The submission for a split's predictions: category ids from labels, the sample's order if any.
-local function write_submission(cfg, path, ds, categories, probs, k)
+-- The submission for predictions whose row i is image row_ids[i]: category ids from labels, the
+-- sample's order if any; with k > 1 the k best categories per image go to predict-...-top<k>.csv
+-- beside it. (Rows are the images that could be read: an unreadable one has no row.)
+local function write_submission(cfg, path, row_ids, categories, probs, k)
   local predict = require 'flower.predict'
   local top = probs:argmax(2):view(-1):totable()
   local pred, ids = {}, {}
-  for i, l in ipairs(top) do pred[i] = categories[l]; ids[i] = tostring(ds.ids[i]) end
-  local topk
+  for i, l in ipairs(top) do pred[i] = categories[l]; ids[i] = tostring(row_ids[i]) end
+  local sample = files.join(cfg.data, 'sample_submission.csv')
+  sample = files.exists(sample) and sample or nil
+  predict.write_csv(path, { ids = ids, predicted = pred, sample = sample })
   if k and k > 1 then
-    topk = {}
+    local topk = {}
     for i, t in ipairs(predict.topk_rows(probs:totable(), k)) do
       local r = {}
       for j, l in ipairs(t) do r[j] = categories[l] end
       topk[i] = r
     end
+    predict.write_topk(predict.topk_path(path, k), { ids = ids, topk = topk, sample = sample })
   end
-  local sample = files.join(cfg.data, 'sample_submission.csv')
-  predict.write_csv(path, { ids = ids, predicted = pred, topk = topk, sample = files.exists(sample) and sample or nil })
   return path, pred, ids
 end
 
@@ -145,11 +146,39 @@ local function save_weights(model, path)
     keras.save_weights(model, tmp)
     os.rename(tmp, path)
   else
-    train.save_checkpoint(path, model, nil, {})
+    require('flower.nn').save_checkpoint(path, model)
   end
 end
 
--- Fine-tunes one model through the stages; returns its summary.
+-- Records the images a loader (or an export) could not read on the run, once per file: a log line
+-- each, and run.skipped = {{path, reason, stage}} for results.json and the report.
+local function record_skipped(run, stage, list)
+  run.skipped = run.skipped or {}
+  run._skipped_seen = run._skipped_seen or {}
+  for _, sk in ipairs(list or {}) do
+    if not run._skipped_seen[sk.path] then
+      run._skipped_seen[sk.path] = true
+      run.skipped[#run.skipped + 1] = { path = sk.path, reason = sk.reason, stage = stage }
+      run:log('%s: skipped unreadable image %s: %s', stage, sk.path, sk.reason)
+    end
+  end
+end
+pipeline.record_skipped = record_skipped
+
+-- Removes a finished model's stage checkpoints (stage<i>/last.h5 and best.h5, then the folders):
+-- weights.h5 and finished.json hold all that --resume needs of it.
+local function drop_checkpoints(dir, nstages)
+  for i = 1, nstages do
+    local sd = files.join(dir, 'stage' .. i)
+    os.remove(files.join(sd, 'last.h5'))
+    os.remove(files.join(sd, 'best.h5'))
+    os.remove(sd)
+  end
+  os.remove(dir)
+end
+
+-- Fine-tunes one model through the stages; returns its summary. A model whose finished.json is
+-- there (a resumed run) is rebuilt from its weights.h5 instead of walking its stages' checkpoints.
 function pipeline.finetune(cfg, run, ds, spec, name)
   local dev = pipeline.device(cfg)
   local size = spec.size(name, cfg)
@@ -161,14 +190,43 @@ function pipeline.finetune(cfg, run, ds, spec, name)
   local total = model:count_params()
   run:log('%s: %d parameters, input %dx%d, %d train / %d valid images%s', name, total, size, size, #ds.train,
     #ds.valid, cfg.mixed_precision == 'bfloat16' and ', bfloat16 mixed precision' or '')
-  local hist = train.fit_stages(model, pipeline.stages(cfg, name), {
+  local finished = files.join(dir, 'finished.json')
+  local weights = files.join(dir, 'weights.h5')
+  local stages = pipeline.stages(cfg, name)
+  local hist
+  if cfg.resume ~= nil and files.exists(finished) and files.exists(weights) then
+    require('flower.keras').load_weights(model, weights)
+    train.run_device(model, dev or 'cpu', 'pipeline')
+    if cfg.mixed_precision == 'bfloat16' then model:mixed_precision('bfloat16') end
+    local f = files.json_read(finished)
+    hist = { rows = f.history or {}, stopped = f.stopped }
+    run:log('%s: already finished (%s); weights from %s', name, finished, weights)
+  else
+    hist = pipeline.fit(cfg, run, model, stages, tl, vl, loss, name, dev)
+    record_skipped(run, name .. ' train', tl:skipped())
+    if hist.stopped == 'interrupted' then return { interrupted = hist.interrupted } end
+    save_weights(model, weights)
+    files.json_write(finished, { history = hist.rows, stopped = hist.stopped })
+    if cfg.keep_checkpoints ~= 'all' then drop_checkpoints(files.join(dir, 'checkpoints'), #stages) end
+    files.killpoint('pipeline.model_finished')
+  end
+  return pipeline.evaluate(cfg, run, ds, name, model, size, hist, vl, loss)
+end
+
+-- The freeze/unfreeze stages of one model (train.fit_stages with the recipe's schedule).
+function pipeline.fit(cfg, run, model, stages, tl, vl, loss, name, dev)
+  local dir = run:path('models', name)
+  return train.fit_stages(model, stages, {
     train = tl, valid = vl, loss = loss, label = name, log = function(m) run:log('%s', m) end,
     checkpoint_dir = files.join(dir, 'checkpoints'), resume = cfg.resume ~= nil, device = dev or 'cpu',
     mixed_precision = cfg.mixed_precision,
     history_csv = files.join(dir, 'history.csv'), save_best = false,
     -- a stage with schedule = 'cosine' decays its learning rate to 0 over its epochs
     callbacks = function(st)
-      if st.schedule == 'cosine' then return { train.CosineDecay { lr = st.lr or cfg.lr, epochs = st.epochs } } end
+      if st.schedule == 'cosine' then
+        local optim = require 'flower.optim'
+        return { train.LearningRateScheduler(optim.cosine { lr = st.lr or cfg.lr, decay_steps = math.max(1, st.epochs) }) }
+      end
       return {}
     end,
     make_optimizer = function(st)
@@ -176,11 +234,13 @@ function pipeline.finetune(cfg, run, ds, spec, name)
       return optim.Adam { lr = st.lr or cfg.lr }
     end,
   })
-  if hist.stopped == 'interrupted' then return { interrupted = hist.interrupted } end
-  save_weights(model, files.join(dir, 'weights.h5'))
-  -- validation predictions, confusion matrix, and a submission straight from the model
+end
+
+-- Validation numbers, confusion matrix and a submission straight from a fine-tuned model.
+function pipeline.evaluate(cfg, run, ds, name, model, size, hist, vl, loss)
   local report = require 'flower.report'
   local ev = train.evaluate(model, vl, { loss = loss, collect = true, softmax = loss == 'logits', progress = false })
+  record_skipped(run, name .. ' valid', vl:skipped())
   local conf = report.confusion(ev.labels, ev.pred, ds.classes)
   local out = { name = name, model = model, size = size, history = hist, val_acc = ev.acc, val_loss = ev.loss,
                 confusion = conf, loss = loss }
@@ -199,9 +259,12 @@ function pipeline.finetune(cfg, run, ds, spec, name)
   end
   if ds.test then
     local t0 = files.now()
-    local et = train.evaluate(model, eval_loader(cfg, ds.test, size), { loss = loss, collect = true,
-      softmax = loss == 'logits', progress = false })
-    local path, pred, ids = write_submission(cfg, run:path('predict-' .. name .. '.csv'), ds.test, ds.all.categories, et.probs, cfg.topk)
+    local tel = eval_loader(cfg, ds.test, size)
+    local et = train.evaluate(model, tel, { loss = loss, collect = true, softmax = loss == 'logits', progress = false })
+    record_skipped(run, name .. ' test', tel:skipped())
+    local row_ids = {}
+    for i, k in ipairs(et.index) do row_ids[i] = ds.test.ids[k] end
+    local path, pred, ids = write_submission(cfg, run:path('predict-' .. name .. '.csv'), row_ids, ds.all.categories, et.probs, cfg.topk)
     out.test_acc = score_submission(cfg, ids, pred)
     out.predict = path
     run:time(name .. ': predict test', #ds.test, files.now() - t0)
@@ -222,6 +285,7 @@ function pipeline.export(cfg, run, ds, spec, m)
     loader = function(d) return eval_loader(cfg, d, m.size) end,
     attrs = { model = m.name, image_size = m.size, preprocessing = desc.preprocessing or '',
               weights = desc.weights or run:path('models', m.name, 'weights.h5') } })
+  for _, sp in ipairs(splits) do record_skipped(run, m.name .. ' export ' .. sp[1], r.skipped[sp[1]]) end
   if r.interrupted then return nil, r.interrupted end
   run:time(m.name .. ': feature export', r.images, r.seconds)
   run:log('%s: features exported to %s (%d images, %.1f images/s)', m.name, path, r.images or 0, r.images_per_s or 0)
@@ -235,7 +299,7 @@ function pipeline.ensemble(cfg, run, ds, paths, finetuned)
   local feats = ensemble.load(paths)
   local t0 = files.now()
   local clf = ensemble.fit(feats, { dropout = cfg.ensemble_dropout, epochs = cfg.ensemble_epochs, lr = cfg.ensemble_lr,
-    device = pipeline.device(cfg) or 'cpu',
+    patience = cfg.ensemble_patience, restore_best = cfg.ensemble_restore_best, device = pipeline.device(cfg) or 'cpu',
     batch_size = cfg.ensemble_batch_size or 64, seed = cfg.seed, progress = false,
     log = function(m) run:log('%s', m) end, label = 'ensemble' })
   local secs = files.now() - t0
@@ -244,7 +308,8 @@ function pipeline.ensemble(cfg, run, ds, paths, finetuned)
   local results = {}
   for i, m in ipairs(finetuned) do
     results[#results + 1] = { name = m.name, val_acc = m.val_acc, test_acc = m.test_acc,
-      note = string.format('fine-tuned (%d features)', feats.dims[i]) }
+      note = string.format('fine-tuned from %s (%d features)',
+        m.weights and files.basename(m.weights) or 'random initial weights', feats.dims[i]) }
   end
   local avg = ensemble.average(feats, 'valid')
   local avg_acc = ensemble.accuracy(avg, feats.label.valid)
@@ -254,13 +319,13 @@ function pipeline.ensemble(cfg, run, ds, paths, finetuned)
   local concat = { name = 'ensemble: concatenated features', val_acc = clf.val_acc,
     note = string.format('Dropout(%g) + Dense(%d) on %d features, %d epochs', cfg.ensemble_dropout, ds.classes,
       feats.x.train:size(2), #clf.history.rows) }
-  local averaged = { name = 'ensemble: averaged probabilities', val_acc = avg_acc, note = 'mean of the models\' softmax outputs' }
+  local averaged = { name = 'ensemble: averaged probabilities', val_acc = avg_acc, note = 'mean of the models\' probabilities' }
   if ds.test and feats.x.test then
     local probs = clf:predict(feats.x.test)
-    local path, p, ids = write_submission(cfg, run:path('predict.csv'), ds.test, ds.all.categories, probs, cfg.topk)
+    local path, p, ids = write_submission(cfg, run:path('predict.csv'), feats.ids.test, ds.all.categories, probs, cfg.topk)
     concat.test_acc = score_submission(cfg, ids, p)
     out.predict = path
-    local _, pa, ida = write_submission(cfg, run:path('predict-averaged.csv'), ds.test, ds.all.categories, ensemble.average(feats, 'test'), cfg.topk)
+    local _, pa, ida = write_submission(cfg, run:path('predict-averaged.csv'), feats.ids.test, ds.all.categories, ensemble.average(feats, 'test'), cfg.topk)
     averaged.test_acc = score_submission(cfg, ida, pa)
   end
   results[#results + 1] = concat
@@ -277,14 +342,15 @@ end
 function pipeline.run(cfg, run, spec)
   local dev = pipeline.device(cfg)   -- a missing GPU fails here, before any work
   if dev ~= nil then run:log('device: cuda:%d, %s', dev, flower.cuda.device_name(dev)) end
-  local t_start = files.now()
-  local ds = pipeline.datasets(cfg)
+  -- the data set is the user's: what is wrong with it is printed as a message, not a traceback
+  local ds = require('flower.recipe').as_user_error(pipeline.datasets, cfg)
   run:log('data: %s, %d classes, %d train / %d valid / %d test images', cfg.data, ds.classes, #ds.train, #ds.valid,
     ds.test and #ds.test or 0)
   local finetuned, paths = {}, {}
   for _, name in ipairs(cfg.models) do
     local m = pipeline.finetune(cfg, run, ds, spec, name)
     if m.interrupted then return m end
+    m.weights = (spec.describe and spec.describe(name, cfg) or {}).weights
     finetuned[#finetuned + 1] = m
   end
   for _, m in ipairs(finetuned) do
@@ -309,21 +375,39 @@ function pipeline.run(cfg, run, spec)
   local header = { 'model' }
   for j, c in ipairs(train.HISTORY_COLUMNS) do header[j + 1] = c end
   files.csv_write(run:path('history.csv'), header, rows)
-  local seconds = files.now() - t_start
-  local file_list = { { 'config.json', 'the resolved configuration' }, { 'log.txt', 'the log' },
-    { 'history.csv', 'per-epoch loss and accuracy of every model' } }
-  if ens.predict then file_list[#file_list + 1] = { 'predict.csv', 'the submission (ensemble of concatenated features)' } end
+  local seconds = files.now() - run.started   -- the whole run (data generation included), as the timing table
+  local file_list = { { 'config.json', 'the resolved options (what --resume RUNDIR continues with)' },
+    { 'log.txt', 'the log' }, { 'history.csv', 'per-epoch loss and accuracy of every model' } }
+  local function submission(path, what)
+    file_list[#file_list + 1] = { path, what }
+    if cfg.topk and cfg.topk > 1 then
+      file_list[#file_list + 1] = { require('flower.predict').topk_path(path, cfg.topk),
+        string.format('the %d most likely categories per image (%s)', cfg.topk, path) }
+    end
+  end
+  if ens.predict then
+    submission('predict.csv', 'the submission (ensemble of concatenated features)')
+    submission('predict-averaged.csv', 'submission from the models\' averaged probabilities')
+  end
+  local random = {}
   for _, m in ipairs(finetuned) do
-    if m.predict then file_list[#file_list + 1] = { 'predict-' .. m.name .. '.csv', 'submission straight from ' .. m.name } end
+    if m.predict then submission('predict-' .. m.name .. '.csv', 'submission straight from ' .. m.name) end
     file_list[#file_list + 1] = { 'models/' .. m.name .. '/weights.h5', m.name .. ' fine-tuned weights (Keras layout)' }
     file_list[#file_list + 1] = { 'features/' .. m.name .. '.h5', m.name .. ' exported features' }
+    if not m.weights then random[#random + 1] = m.name end
+  end
+  local notes = {}
+  if #random > 0 then
+    notes[1] = string.format('%s started from random weights, not pretrained ones (no weights file was given).',
+      table.concat(random, ', '))
   end
   report.write(run:path('report.html'), {
     title = string.format('%s — %s', run.name, cfg.data),
     subtitle = string.format('%s, %d classes, %d train / %d valid images; %.0f s in all', os.date('%Y-%m-%d %H:%M'),
       ds.classes, #ds.train, #ds.valid, seconds),
-    results = ens.results, models = models, classes = ds.names, confusion = ens.confusion,
-    confusion_of = 'ensemble: concatenated features, validation set', timing = run.timing, files = file_list,
+    notes = notes, results = ens.results, models = models, classes = ds.names, confusion = ens.confusion,
+    confusion_of = 'ensemble: concatenated features, validation set', timing = run.timing, seconds = seconds,
+    files = file_list, skipped = run.skipped,
     config = (function()
       local c = recipe_copy(cfg)
       c.stages_resolved = pipeline.stages(cfg)
@@ -331,6 +415,9 @@ function pipeline.run(cfg, run, spec)
     end)(),
   })
   run:write_results()
+  if run.skipped and #run.skipped > 0 then
+    run:log('%d unreadable image(s) skipped everywhere (named above, in results.json and the report)', #run.skipped)
+  end
   run:log('report: %s (%.0f s in all)', run:path('report.html'), seconds)
   return { results = ens.results, predict = ens.predict, seconds = seconds, finetuned = finetuned, ensemble = ens,
            dir = run.dir }

@@ -3,16 +3,17 @@
 --   predict.write_csv('runs/x/predict.csv', {
 --     ids = {'0', '1', ...},            -- test image ids, in the order of `predicted`
 --     predicted = {12, 7, ...},         -- predicted labels (category ids, not indices)
---     topk = {{12, 3, 9}, ...},         -- optional: the k best labels per image, best first
 --     sample = 'data/sample_submission.csv',  -- optional: copy its header and row order
 --   })
+--   predict.write_topk('runs/x/predict-top3.csv', {ids = ..., topk = {{12, 3, 9}, ...}, sample = ...})
 --
 -- With a sample submission: its header is kept, its first column names the ids and its second the
 -- prediction, and the rows come out in the sample's order. Every id of the sample must have a
 -- prediction and every prediction an id in the sample; otherwise it is an error naming how many are
 -- missing and an example (a submission for another test set must not be written silently).
--- Without one: header `id,predicted`, rows in the given order. A top-k column, when asked for,
--- is appended as `top<k>` with the labels separated by spaces.
+-- Without one: header `id,predicted`, rows in the given order. The submission never has more
+-- columns than the sample (a scorer refuses extra ones): the k best labels per image go to their
+-- own file beside it, `<id column>,top<k>` with the labels separated by spaces, in the same order.
 local files = require 'flower.files'
 
 local predict = {}
@@ -55,67 +56,85 @@ function predict.read_sample(path)
   return header, ids
 end
 
--- Returns the header and rows that write_csv writes (for tests and callers that want them).
-function predict.rows(opts)
-  local ids, pred = opts.ids, opts.predicted
-  if type(ids) ~= 'table' or type(pred) ~= 'table' then fail('expected ids and predicted lists') end
-  if #ids ~= #pred then fail('%d ids but %d predictions', #ids, #pred) end
-  if opts.topk and #opts.topk ~= #ids then fail('%d ids but %d top-k rows', #ids, #opts.topk) end
+-- The submission's header and the row order: the sample's (its two columns, its ids in its order)
+-- or `id,predicted` in the given order. Checks that ids and sample ids are the same set.
+local function layout(opts, n_rows, what)
+  local ids = opts.ids
+  if type(ids) ~= 'table' then fail('expected an ids list') end
+  if n_rows ~= #ids then fail('%d ids but %d %s', #ids, n_rows, what) end
   local index = {}
   for i, id in ipairs(ids) do
     id = tostring(id)
     if index[id] then fail("id '%s' appears twice (positions %d and %d)", id, index[id], i) end
     index[id] = i
   end
-  local header, order
-  if opts.sample then
-    local sids
-    header, sids = predict.read_sample(opts.sample)
-    header = { header[1], header[2] }
-    local missing, first = 0, nil
-    for _, id in ipairs(sids) do
-      if not index[id] then missing = missing + 1; first = first or id end
-    end
-    if missing > 0 then
-      fail("%s lists %d id(s) without a prediction (first: '%s'); predicted %d images",
-        opts.sample, missing, first, #ids)
-    end
-    if #sids ~= #ids then
-      local inset = {}
-      for _, id in ipairs(sids) do inset[id] = true end
-      local extra, ex = 0, nil
-      for _, id in ipairs(ids) do if not inset[tostring(id)] then extra = extra + 1; ex = ex or id end end
-      fail("%d predicted id(s) are not in %s (first: '%s')", extra, opts.sample, tostring(ex))
-    end
-    order = {}
-    for i, id in ipairs(sids) do order[i] = index[id] end
-  else
-    header = { opts.id_column or 'id', opts.column or 'predicted' }
-    order = {}
+  if not opts.sample then
+    local order = {}
     for i = 1, #ids do order[i] = i end
+    return { opts.id_column or 'id', opts.column or 'predicted' }, order
   end
-  local k
-  if opts.topk then
-    k = 0
-    for _, t in ipairs(opts.topk) do k = math.max(k, #t) end
-    header[#header + 1] = 'top' .. k
+  local header, sids = predict.read_sample(opts.sample)
+  if #header ~= 2 then
+    fail('%s has %d columns (%s); a submission here is an id and one prediction column', opts.sample, #header,
+      table.concat(header, ','))
   end
+  local missing, first = 0, nil
+  for _, id in ipairs(sids) do
+    if not index[id] then missing = missing + 1; first = first or id end
+  end
+  if missing > 0 then
+    fail("%s lists %d id(s) without a prediction (first: '%s'); predicted %d images", opts.sample, missing, first, #ids)
+  end
+  if #sids ~= #ids then
+    local inset = {}
+    for _, id in ipairs(sids) do inset[id] = true end
+    local extra, ex = 0, nil
+    for _, id in ipairs(ids) do if not inset[tostring(id)] then extra = extra + 1; ex = ex or id end end
+    fail("%d predicted id(s) are not in %s (first: '%s')", extra, opts.sample, tostring(ex))
+  end
+  local order = {}
+  for i, id in ipairs(sids) do order[i] = index[id] end
+  return { header[1], header[2] }, order
+end
+
+-- Returns the header and rows that write_csv writes (for tests and callers that want them): the
+-- sample submission's two columns, nothing else.
+function predict.rows(opts)
+  if type(opts.predicted) ~= 'table' then fail('expected ids and predicted lists') end
+  local header, order = layout(opts, #opts.predicted, 'predictions')
   local rows = {}
-  for r, i in ipairs(order) do
-    local row = { tostring(ids[i]), pred[i] }
-    if k then
-      local t = {}
-      for j, v in ipairs(opts.topk[i]) do t[j] = tostring(v) end
-      row[3] = table.concat(t, ' ')
-    end
-    rows[r] = row
-  end
+  for r, i in ipairs(order) do rows[r] = { tostring(opts.ids[i]), opts.predicted[i] } end
   return header, rows
 end
 
 -- Writes predict.csv atomically; returns the path.
 function predict.write_csv(path, opts)
   local header, rows = predict.rows(opts)
+  return files.csv_write(path, header, rows)
+end
+
+-- The path of a submission's top-k file: predict.csv -> predict-top3.csv.
+function predict.topk_path(path, k) return (path:gsub('%.csv$', '')) .. '-top' .. k .. '.csv' end
+
+-- Header and rows of a top-k file: `<id column>,top<k>`, the k best labels (space-separated, best
+-- first) per id, in the submission's row order. opts: ids, topk = {{label, ...}, ...}, sample.
+function predict.topk_table(opts)
+  if type(opts.topk) ~= 'table' then fail('expected a topk list') end
+  local header, order = layout(opts, #opts.topk, 'top-k rows')
+  local k = 0
+  for _, t in ipairs(opts.topk) do k = math.max(k, #t) end
+  local rows = {}
+  for r, i in ipairs(order) do
+    local t = {}
+    for j, v in ipairs(opts.topk[i]) do t[j] = tostring(v) end
+    rows[r] = { tostring(opts.ids[i]), table.concat(t, ' ') }
+  end
+  return { header[1], 'top' .. k }, rows
+end
+
+-- Writes the top-k file atomically; returns the path.
+function predict.write_topk(path, opts)
+  local header, rows = predict.topk_table(opts)
   return files.csv_write(path, header, rows)
 end
 

@@ -8,9 +8,13 @@
 --     name = 'finetune', description = '...',
 --     options = {{name = 'epochs', type = 'int', default = 3, help = '...'}, ...},
 --     settings = {stages = {{epochs = 1, train = 'head', lr = 1e-3}, {epochs = 4, train = 'all', lr = 1e-4}}},
+--     check = function(cfg) ... end,          -- optional: recipe.fail on bad input, before any run directory
 --     run = function(cfg, run) ... end,       -- cfg: options + settings; run: the Run below
 --   }
 --   return R:main(arg)
+-- Recipes that run flower.pipeline declare `options = recipe.pipeline_options{...}`: the shared
+-- declarations (data, models, size, stages' epochs and rates, ensemble, top-k, checkpoints, ...)
+-- with this recipe's defaults laid over them, plus its own options.
 --
 -- A variant is another file that loads a recipe and changes defaults or settings:
 --   local base = recipe.load('quickstart.lua')            -- relative to the calling file
@@ -22,6 +26,15 @@
 -- directory is made, so a missing GPU fails at once with flower.cuda's reason) and
 -- --mixed-precision float32|bfloat16 (cfg.mixed_precision: train.fit's mixed_precision, i.e.
 -- model:mixed_precision; bfloat16 activations with float32 master weights, for GPUs).
+-- `--resume RUNDIR` alone continues a run: the run directory's config.json (the resolved options,
+-- written atomically when the run starts) supplies every option; options given again override
+-- theirs, and the log says which.
+--
+-- User errors (a bad --data, a missing weights file, a size a model cannot take) are raised with
+-- recipe.fail: the error is a table whose __tostring is the message, so the host prints it without
+-- a Lua traceback and exits with status 1. A recipe's `check(cfg)` runs before the run directory is
+-- made, so these errors leave no run directory behind; a fresh run directory that a user error
+-- leaves holding nothing but config.json and log.txt is removed.
 local cli = require 'flower.cli'
 local files = require 'flower.files'
 
@@ -41,6 +54,39 @@ local COMMON = {
     help = 'bfloat16: bf16 activations and kernel copies, float32 master weights and optimizer state (for GPUs)' },
 }
 
+-- The options of the seed's pipeline (flower.pipeline), shared by the recipes that run it
+-- (quickstart.lua, fgvcx_flowers.lua): recipe.pipeline_options{<name> = {field = value}, ...,
+-- extra = {options of this recipe only}} gives this list with the recipe's fields (default, help,
+-- choices, min, required, ...) laid over each declaration; `<name> = false` leaves one out.
+local PIPELINE = {
+  { name = 'data', type = 'string', help = 'data set directory (Kaggle FGVCx layout)' },
+  { name = 'models', type = 'list', help = 'models to fine-tune and ensemble' },
+  { name = 'size', type = 'int', help = 'input size in pixels' },
+  { name = 'weights', type = 'string', help = 'directory of weight files to start from' },
+  { name = 'head_epochs', type = 'int', default = 1, min = 0, help = 'epochs of the head-only stage' },
+  { name = 'head_lr', type = 'number', min = 0, help = 'learning rate of the head-only stage (Adam)' },
+  { name = 'epochs', type = 'int', min = 0, help = 'epochs of the all-layers stage' },
+  { name = 'lr', type = 'number', min = 0, help = 'learning rate of the all-layers stage (Adam)' },
+  { name = 'batch_size', type = 'int', min = 1, help = 'batch size' },
+  { name = 'augment', type = 'bool', default = true, help = 'random flips (and crops, see --crop-scale) while training' },
+  { name = 'crop_scale', type = 'number', min = 0, max = 1,
+    help = 'random crops covering this fraction of the image or more (0: no crops)' },
+  { name = 'keep_checkpoints', type = 'string', default = 'resume', choices = { 'resume', 'all' },
+    help = 'resume: delete a model\'s stage checkpoints (weights and optimizer state) once its weights.h5 is '
+      .. 'written, keeping what --resume needs; all: keep every stage\'s last checkpoint' },
+  { name = 'ensemble_epochs', type = 'int', min = 1, help = 'epochs of the ensemble classifier' },
+  { name = 'ensemble_lr', type = 'number', default = 1e-3, min = 0, help = 'learning rate of the ensemble classifier' },
+  { name = 'ensemble_dropout', type = 'number', default = 0.5, min = 0, max = 0.95, help = 'dropout of the ensemble classifier' },
+  { name = 'ensemble_patience', type = 'int', default = 8, min = 0,
+    help = 'stop the ensemble after this many epochs without a lower validation loss (0: never stop early)' },
+  { name = 'ensemble_restore_best', type = 'bool', default = true,
+    help = 'end the ensemble with the weights of its epoch of lowest validation loss (else the last epoch\'s)' },
+  { name = 'topk', type = 'int', default = 0, min = 0,
+    help = 'also write predict-top<k>.csv (id, the k best categories) beside each submission (0 or 1: none)' },
+  { name = 'workers', type = 'int', default = 2, min = 1, help = 'image decoding threads' },
+  { name = 'seed', type = 'int', default = 1, min = 0, help = 'seed of the weights, shuffling, augmentation and dropout' },
+}
+
 local function deep_copy(v)
   if type(v) ~= 'table' then return v end
   local c = {}
@@ -49,6 +95,57 @@ local function deep_copy(v)
 end
 recipe.deep_copy = deep_copy
 
+function recipe.pipeline_options(over)
+  over = over or {}
+  local out, known = {}, {}
+  for _, o in ipairs(PIPELINE) do
+    known[o.name] = true
+    local mine = over[o.name]
+    if mine ~= false then
+      local d = deep_copy(o)
+      for k, v in pairs(mine or {}) do d[k] = deep_copy(v) end
+      out[#out + 1] = d
+    end
+  end
+  for k in pairs(over) do
+    if k ~= 'extra' and not known[k] then error(string.format("recipe.pipeline_options: no shared option '%s'", k), 2) end
+  end
+  for _, o in ipairs(over.extra or {}) do out[#out + 1] = deep_copy(o) end
+  return out
+end
+
+---------------------------------------------------------------------------------------------------
+-- User errors: printed as the message alone (no traceback), exit status 1
+
+local UserError = { __tostring = function(e) return e.msg end }
+
+local last_user_error   -- the message of the last one raised
+
+-- Raises a user error: recipe.fail('fgvcx_flowers: --data %s: no train.json there', dir)
+function recipe.fail(fmt, ...)
+  local msg = select('#', ...) > 0 and string.format(fmt, ...) or tostring(fmt)
+  last_user_error = msg
+  error(setmetatable({ msg = msg, user = true }, UserError), 0)
+end
+
+function recipe.is_user_error(e) return getmetatable(e) == UserError end
+
+-- Whether an error seen while unwinding is a user error. Under the host the message handler has
+-- already turned the table into its message (Lua closes to-be-closed variables with the handler's
+-- result), so the message itself counts too.
+local function user_error_seen(e)
+  return recipe.is_user_error(e) or (last_user_error ~= nil and e == last_user_error)
+end
+
+-- Runs fn(...) and turns any error it raises into a user error (for library calls whose failure is
+-- the user's input, such as loading a given weights file); the message loses a `file:line:` prefix.
+function recipe.as_user_error(fn, ...)
+  local res = table.pack(pcall(fn, ...))
+  if res[1] then return table.unpack(res, 2, res.n) end
+  if recipe.is_user_error(res[2]) then error(res[2], 0) end
+  recipe.fail((tostring(res[2]):gsub('^[^:\n]+%.lua:%d+: ', '')))
+end
+
 function recipe.new(def)
   if type(def) ~= 'table' or type(def.name) ~= 'string' or type(def.run) ~= 'function' then
     error('recipe.new: expected a table with name (string) and run (function)', 2)
@@ -56,7 +153,7 @@ function recipe.new(def)
   local self = setmetatable({
     name = def.name, description = def.description, epilog = def.epilog,
     options = deep_copy(def.options or {}), settings = deep_copy(def.settings or {}), run = def.run,
-    source = def.source or debug.getinfo(2, 'S').short_src,
+    check = def.check, source = def.source or debug.getinfo(2, 'S').short_src,
   }, Recipe)
   return self
 end
@@ -73,7 +170,7 @@ end
 function Recipe:derive(d)
   local r = recipe.new {
     name = d.name or self.name, description = d.description or self.description, epilog = d.epilog or self.epilog,
-    options = self.options, settings = self.settings, run = d.run or self.run,
+    options = self.options, settings = self.settings, run = d.run or self.run, check = d.check or self.check,
     source = d.source or debug.getinfo(2, 'S').short_src,
   }
   for k, v in pairs(d.defaults or {}) do
@@ -107,13 +204,27 @@ function recipe.load(path)
   return r
 end
 
--- Options (parsed from argv) merged with settings into one config table.
+-- A required option still missing from cfg is an error, worded as flower.cli words it.
+local function check_required(spec, cfg)
+  for _, o in ipairs(spec.options) do
+    if o.required and cfg[o.name] == nil then
+      error(string.format('%s: option --%s is required (see --help)', spec.name, (o.name:gsub('_', '-'))), 0)
+    end
+  end
+end
+
+-- Options (parsed from argv) merged with settings into one config table. With --resume the
+-- required options may come from the run directory's config.json instead (checked in start).
 function Recipe:config(argv)
-  local opts, help = cli.parse(self:spec(), argv)
+  local spec = self:spec()
+  local loose = deep_copy(spec)
+  for _, o in ipairs(loose.options) do o.required = nil end
+  local opts, help = cli.parse(loose, argv)
   if opts == nil then return nil, help end
   local cfg = deep_copy(self.settings)
-  for k, v in pairs(cli.values(self:spec(), opts)) do cfg[k] = v end
+  for k, v in pairs(cli.values(spec, opts)) do cfg[k] = v end
   cfg.recipe = self.name
+  if cfg.resume == nil then check_required(spec, cfg) end
   return cfg, nil, opts._given
 end
 
@@ -184,7 +295,7 @@ end
 -- Writes results.json (machine-readable summary: results and timing).
 function Run:write_results()
   files.json_write(self:path('results.json'), { results = self.results, timing = self.timing,
-    seconds = files.now() - self.started })
+    skipped = self.skipped or {}, seconds = files.now() - self.started })
 end
 
 -- Makes (or resumes) the run directory for a resolved config and calls the run function.
@@ -200,14 +311,42 @@ function Recipe:check_device(cfg, given)
   if device ~= nil then require('flower.train').resolve_device(device, self.name .. ': --device') end
 end
 
+-- The options given again on a resumed run's command line that change a saved value, as
+-- "--epochs 5 (was 3)".
+local function overrides(saved, cfg, given)
+  local out = {}
+  for k in pairs(given or {}) do
+    if k ~= 'resume' and saved[k] ~= nil and files.json_encode(saved[k]) ~= files.json_encode(cfg[k]) then
+      out[#out + 1] = string.format('--%s %s (was %s)', (k:gsub('_', '-')), files.json_encode(cfg[k]),
+        files.json_encode(saved[k]))
+    end
+  end
+  table.sort(out)
+  return out
+end
+
+-- Removes a run directory this run made if it holds nothing but config.json, log.txt and empty
+-- folders (what a run that failed on the user's input leaves).
+local function remove_if_empty(dir)
+  local p = io.popen('find ' .. files.shell_quote(dir) .. ' -type f 2>/dev/null')
+  local list = p:read('a')
+  p:close()
+  for f in list:gmatch('[^\n]+') do
+    local rel = f:sub(#dir + 2)
+    if rel ~= 'config.json' and rel ~= 'log.txt' then return false end
+  end
+  os.execute('rm -rf ' .. files.shell_quote(dir))
+  return true
+end
+
 function Recipe:start(cfg, given)
   self:check_device(cfg, given)   -- before the run directory: a missing GPU fails at once
-  local dir
+  local dir, changed
   if cfg.resume then
     dir = cfg.resume
     local saved_path = files.join(dir, 'config.json')
     if not files.exists(saved_path) then
-      error(self.name .. ': --resume ' .. dir .. ': no config.json there (not a run directory)', 0)
+      recipe.fail('%s: --resume %s: no config.json there (not a run directory)', self.name, dir)
     end
     -- the saved config wins, except for options given again on this command line
     local saved = files.json_read(saved_path)
@@ -215,7 +354,13 @@ function Recipe:start(cfg, given)
       if not (given and given[k]) then cfg[k] = v end
     end
     cfg.resume = dir
-  else
+    changed = overrides(saved, cfg, given)
+    local ok, err = pcall(check_required, self:spec(), cfg)
+    if not ok then recipe.fail('%s (%s holds no value for it)', err, saved_path) end
+  end
+  if self.check then self.check(cfg) end   -- user errors before any directory is made
+  local fresh = not cfg.resume
+  if fresh then
     local base = cfg.run_name or (self.name .. '-' .. os.date('%Y%m%d-%H%M%S'))
     files.mkdir(cfg.runs)
     dir = unique_dir(cfg.runs, base)
@@ -224,8 +369,15 @@ function Recipe:start(cfg, given)
   run.resuming = cfg.resume ~= nil
   run.given = given or {}
   run.source = self.source
+  -- a user error in a fresh run that wrote nothing yet takes its run directory with it
+  local guard <close> = setmetatable({}, { __close = function(_, err)
+    if fresh and err ~= nil and user_error_seen(err) then remove_if_empty(dir) end
+  end })
   run:write_config()
   run:log('%s: run directory %s%s', self.name, dir, run.resuming and ' (resuming)' or '')
+  if changed and #changed > 0 then
+    run:log('%s: options given again override the saved ones: %s', self.name, table.concat(changed, ', '))
+  end
   return self.run(cfg, run)
 end
 

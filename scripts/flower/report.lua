@@ -10,6 +10,8 @@
 --     confusion = {{..}, ..},            -- K x K counts: confusion[true][predicted] (1-based)
 --     confusion_of = 'ensemble',         -- which classifier the confusion matrix describes
 --     timing = {{stage = 'cnn_a: head', images = 1200, seconds = 3.1}, ...},
+--     seconds = 42.5,                    -- the run's wall time: the timing table's total
+--     notes = {'vgg_tiny started from random weights ...'},   -- shown under the title
 --     files = {{'predict.csv', 'the submission'}, ...},
 --   })
 local files = require 'flower.files'
@@ -39,10 +41,18 @@ local function ticks(lo, hi, n)
 end
 report.ticks = ticks
 
-local function num(v)
-  if v == math.floor(v) and math.abs(v) < 1e6 then return string.format('%d', v) end
-  return string.format('%.3g', v)
+-- A tick label with as many decimals as the tick step needs, so that distinct ticks never print
+-- alike (0.6931 and 0.6932 both read '0.693' with 3 significant digits).
+local function tick_label(v, step)
+  local decimals = 0
+  while decimals < 12 and math.abs(step * 10 ^ decimals - math.floor(step * 10 ^ decimals + 0.5)) > 1e-9 * 10 ^ decimals do
+    decimals = decimals + 1
+  end
+  local s = string.format('%.' .. decimals .. 'f', v)
+  if s:match('^%-0%.?0*$') then s = s:sub(2) end   -- no '-0'
+  return s
 end
+report.tick_label = tick_label
 
 -- An SVG line chart. spec: {title, xlabel, ylabel, width, height, ymin, ymax,
 --   series = {{name, points = {{x, y}, ...}, dashed}}, vlines = {{x, label}}}
@@ -65,7 +75,7 @@ function report.svg_lines(spec)
   if spec.ymin then ymin = math.min(ymin, spec.ymin) end
   if spec.ymax then ymax = math.max(ymax, spec.ymax) end
   if xmax == xmin then xmin, xmax = xmin - 0.5, xmax + 0.5 end
-  local yt = ticks(ymin, ymax, 5)
+  local yt, ystep = ticks(ymin, ymax, 5)
   ymin, ymax = math.min(ymin, yt[1]), math.max(ymax, yt[#yt])
   if ymax == ymin then ymax = ymin + 1 end
   local function X(x) return ml + (x - xmin) / (xmax - xmin) * pw end
@@ -79,14 +89,14 @@ function report.svg_lines(spec)
   for _, v in ipairs(yt) do
     if v >= ymin - 1e-12 and v <= ymax + 1e-12 then
       o[#o + 1] = string.format('<line x1="%d" x2="%d" y1="%.1f" y2="%.1f" stroke="#e5e5e5"/>', ml, ml + pw, Y(v), Y(v))
-      o[#o + 1] = string.format('<text x="%d" y="%.1f" font-size="10" text-anchor="end">%s</text>', ml - 4, Y(v) + 3, num(v))
+      o[#o + 1] = string.format('<text x="%d" y="%.1f" font-size="10" text-anchor="end">%s</text>', ml - 4, Y(v) + 3, tick_label(v, ystep))
     end
   end
   -- x ticks: integers (epochs) when the range is small
-  local xt = ticks(xmin, xmax, math.min(8, math.max(1, math.floor(xmax - xmin))))
+  local xt, xstep = ticks(xmin, xmax, math.min(8, math.max(1, math.floor(xmax - xmin))))
   for _, v in ipairs(xt) do
     if v >= xmin - 1e-9 and v <= xmax + 1e-9 then
-      o[#o + 1] = string.format('<text x="%.1f" y="%d" font-size="10" text-anchor="middle">%s</text>', X(v), mt + ph + 14, num(v))
+      o[#o + 1] = string.format('<text x="%.1f" y="%d" font-size="10" text-anchor="middle">%s</text>', X(v), mt + ph + 14, tick_label(v, xstep))
     end
   end
   o[#o + 1] = string.format('<rect x="%d" y="%d" width="%d" height="%d" fill="none" stroke="#888"/>', ml, mt, pw, ph)
@@ -214,7 +224,7 @@ end
 local CSS = [[
 body{font-family:-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1000px;color:#222;padding:0 16px}
 h1{font-size:22px;margin-bottom:4px} h2{font-size:17px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:28px}
-.sub{color:#666;font-size:13px} table{border-collapse:collapse;font-size:13px;margin:8px 0}
+.sub{color:#666;font-size:13px} .note{background:#fff4e0;border-left:3px solid #f0a030;padding:4px 8px;font-size:13px} table{border-collapse:collapse;font-size:13px;margin:8px 0}
 td,th{border:1px solid #ddd;padding:4px 10px;text-align:left} th{background:#f5f5f5}
 td.n{text-align:right;font-variant-numeric:tabular-nums} .charts{display:flex;flex-wrap:wrap;gap:12px}
 tr.best td{font-weight:bold;background:#f0f8f0} pre{background:#f7f7f7;padding:8px;font-size:12px;overflow:auto;max-height:320px}
@@ -276,11 +286,18 @@ local function results_table(results)
   return table.concat(o, '\n')
 end
 
-local function timing_table(timing)
+-- The stages' times, and with the run's wall time `seconds` a row for the rest (validation, data
+-- loading, writing files), so that the total is the run's time, as the header says.
+local function timing_table(timing, seconds)
   local o = { '<table><tr><th>stage</th><th>images</th><th>seconds</th><th>images/s</th></tr>' }
   local total = 0
-  for _, t in ipairs(timing) do
-    total = total + (t.seconds or 0)
+  local rows = {}
+  for i, t in ipairs(timing) do rows[i] = t; total = total + (t.seconds or 0) end
+  if seconds and seconds > total then
+    rows[#rows + 1] = { stage = 'everything else (validation, data loading, writing files)', seconds = seconds - total }
+    total = seconds
+  end
+  for _, t in ipairs(rows) do
     local rate = (t.images and t.seconds and t.seconds > 0) and string.format('%.1f', t.images / t.seconds) or '–'
     o[#o + 1] = string.format('<tr><td>%s</td><td class="n">%s</td><td class="n">%.1f</td><td class="n">%s</td></tr>',
       esc(t.stage), t.images and tostring(t.images) or '–', t.seconds or 0, rate)
@@ -329,8 +346,19 @@ function report.html(data)
   o[#o + 1] = '<title>' .. esc(title) .. '</title><style>' .. CSS .. '</style></head><body>'
   o[#o + 1] = '<h1>' .. esc(title) .. '</h1>'
   o[#o + 1] = '<div class="sub">' .. esc(data.subtitle or ('written ' .. os.date('%Y-%m-%d %H:%M:%S'))) .. '</div>'
+  for _, n in ipairs(data.notes or {}) do o[#o + 1] = '<p class="note">' .. esc(n) .. '</p>' end
   if data.results and #data.results > 0 then
     o[#o + 1] = '<h2>Results</h2>' .. results_table(data.results)
+  end
+  if data.skipped and #data.skipped > 0 then
+    -- images no stage could read: left out of training, evaluation, export and predictions
+    o[#o + 1] = string.format('<h2>Skipped images (%d)</h2><p>These files could not be read; they are in no '
+      .. 'training batch, evaluation, feature file or prediction.</p><table><tr><th>file</th><th>reason</th>'
+      .. '<th>first met in</th></tr>', #data.skipped)
+    for _, sk in ipairs(data.skipped) do
+      o[#o + 1] = string.format('<tr><td>%s</td><td>%s</td><td>%s</td></tr>', esc(sk.path), esc(sk.reason), esc(sk.stage or ''))
+    end
+    o[#o + 1] = '</table>'
   end
   if data.models and #data.models > 0 then
     o[#o + 1] = '<h2>Training curves</h2>'
@@ -341,7 +369,7 @@ function report.html(data)
     o[#o + 1] = per_class_section(data)
   end
   if data.timing and #data.timing > 0 then
-    o[#o + 1] = '<h2>Timing</h2>' .. timing_table(data.timing)
+    o[#o + 1] = '<h2>Timing</h2>' .. timing_table(data.timing, data.seconds)
   end
   if data.files and #data.files > 0 then
     o[#o + 1] = '<h2>Files</h2><table>'

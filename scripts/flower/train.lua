@@ -3,6 +3,9 @@
 --   local train = require 'flower.train'
 --   local hist = train.fit(model, {
 --     train = loader, valid = vloader,        -- loaders: loader:epoch(e) yields {x, y, n}; #loader
+--                                             -- or, as Keras's fit(x, y), tensors in memory:
+--                                             -- x = X, y = Y, batch_size = 32, shuffle = true,
+--                                             -- seed = 0, validation_data = {Xv, Yv}
 --     optimizer = optim.Adam{lr = 1e-3},      -- flower.optim optimizer
 --     loss = 'logits',                        -- fused softmax cross-entropy on logits (default);
 --                                             -- 'categorical_crossentropy' on softmax outputs; or an
@@ -10,13 +13,16 @@
 --     epochs = 5,                             -- the last epoch (absolute, like Keras's `epochs`)
 --     initial_epoch = 0,                      -- epochs already done (a later stage starts later)
 --     metrics = {'acc', 'top5'},              -- accuracy always; 'top<k>' adds top<k> and val_top<k>
---     callbacks = {train.EarlyStopping{patience = 2}, train.ReduceLROnPlateau{}},
+--                                             -- (progress line, history, history.csv)
+--     callbacks = {train.EarlyStopping{patience = 2}, train.ReduceLROnPlateau{patience = 2},
+--                  train.LearningRateScheduler(optim.cosine{lr = 1e-3, decay_steps = 5})},
 --     checkpoint_dir = 'runs/x/ckpt/cnn',     -- last.h5 every epoch (and on interrupt); best.h5
 --     save_best = 'val_acc',                  -- with the best `val_acc` so far (false: none)
 --     resume = true,                          -- continue from checkpoint_dir/last.h5 if present
 --     history = hist,                         -- rows are appended (several stages, one history)
 --     history_csv = 'runs/x/history.csv',     -- rewritten atomically after every epoch
 --     stage = 1, label = 'cnn head',          -- recorded in the history / shown in the bar
+--     progress = false,                       -- no bar (or {out =, tty =, interval =}: its options)
 --     device = 'cuda',                        -- 'cpu' (default), 'cuda', 'cuda:<n>' or 'auto'
 --     mixed_precision = 'bfloat16',           -- model:mixed_precision(...) before training: bf16
 --                                             -- activations, float32 weights and optimizer state
@@ -25,15 +31,20 @@
 --   -- hist.rows = {{stage, epoch, loss, acc, val_loss, val_acc, lr, seconds, images_per_s}, ...}
 --   -- hist.stopped = nil | 'early_stopping' | 'interrupted'; hist.interrupted = 'SIGINT' | ...
 --
--- Exactness of resume: a checkpoint holds the weights (BatchNorm moving statistics included), the
--- optimizer's state, the epoch and the step within it, the global RNG state and every seeded
--- Dropout's stream offset, the callbacks' state, the running sums of the epoch and the history.
--- Loaders give batches as a function of (seed, epoch) only, so a resumed run sees the same
--- batches, and its weights are bit-identical to an uninterrupted run's.
+-- Exactness of resume: a checkpoint (nn.save_checkpoint's format) holds the weights (BatchNorm
+-- moving statistics included), the optimizer's state, the epoch and the step within it, the global
+-- RNG state and every seeded Dropout's stream offset, every callback's state, the learning rate, the
+-- best monitored value, the running sums of the epoch and the history. Loaders give batches as a
+-- function of (seed, epoch) only, so a resumed run sees the same batches, and its weights, history
+-- and best checkpoint are bit-identical to an uninterrupted run's, wherever it stopped
+-- (tests/lua/test_train_resume.lua: SIGINT after every step, SIGKILL at every checkpoint write).
+-- Crash tests: FLOWER_KILLPOINT='train.step:<n>' kills the process after its n-th optimizer step.
 --
 -- Interrupts: while fit runs, SIGINT and SIGTERM (through flower.core._util) only raise a flag;
 -- the current step finishes, a checkpoint is written and fit returns with hist.stopped =
--- 'interrupted' (a second Ctrl-C kills at once). Without _util, the host's Ctrl-C error is caught:
+-- 'interrupted' (a second Ctrl-C kills at once). One that comes in the last epoch is reported too
+-- (the epoch completes and is saved), so that fit_stages or a pipeline stops instead of going on;
+-- a reported interrupt is cleared. Without _util, the host's Ctrl-C error is caught:
 -- the interrupted epoch is lost and the run continues from the last epoch's checkpoint.
 -- A NaN or infinite loss raises an error naming the epoch and the step; the last checkpoint on disk
 -- is the last good one (nothing is written after a bad step).
@@ -203,6 +214,13 @@ end
 
 -- One training step on a batch: returns loss, accuracy and top-k accuracies (fractions over the batch).
 function train.step(model, batch, lossfn, optimizer, ks)
+  if type(batch) ~= 'table' or batch.x == nil then
+    error('train.step: argument 2 must be a batch {x = inputs, y = targets}, got ' .. type(batch), 2)
+  end
+  if type(lossfn) ~= 'function' then
+    error(string.format("train.step: argument 3 must be a loss function(output, target) -> loss, grad, got %s %s; "
+      .. "make one with train.make_loss('logits')", type(lossfn), tostring(lossfn)), 2)
+  end
   model:zero_grad()
   local out = model:forward(batch.x)
   local l, g = lossfn(out, batch.y)
@@ -210,6 +228,7 @@ function train.step(model, batch, lossfn, optimizer, ks)
   local tops = topk_of(out, batch.y, ks)
   if not finite(l) then return l, acc, tops end
   model:backward(batch.x, g)
+  -- the gradients of this batch are complete here, before the optimizer's update
   optimizer_step(optimizer, model)
   return l, acc, tops
 end
@@ -273,110 +292,31 @@ end
 ---------------------------------------------------------------------------------------------------
 -- RNG state: the global generator and every seeded Dropout's stream offset.
 
-local function leaves(model)
-  local out = {}
-  local function walk(m)
-    local list = m.layers and m:layers() or m.modules or {}
-    for _, l in ipairs(list) do
-      if l._is_model then walk(l) else out[#out + 1] = l end
-    end
-  end
-  if model._is_model or model.layers then walk(model) else out[1] = model end
-  return out
+-- The leaf layers of a model and their path prefixes (flower.nn's one walker, Model._leaves), or the
+-- object itself when it is a single layer. order: nil or 'keras' (see Model._leaves).
+local function leaves(model, order)
+  if model._is_model then return nn().Model._leaves(model, order) end
+  return { model }, { '' }
 end
-train.leaves = leaves
 
+-- {global = the generator's state, layers = {[layer path] = stream offset}}
 function train.rng_state(model)
   local s = { global = flower.get_rng_state(), layers = {} }
-  for _, l in ipairs(leaves(model)) do
-    if l._offset ~= nil then s.layers[l.name] = l._offset end
+  local ls, prefixes = leaves(model)
+  for i, l in ipairs(ls) do
+    if l._offset ~= nil then s.layers[prefixes[i] .. l.name] = l._offset end
   end
   return s
 end
 
 function train.set_rng_state(model, s)
   if s.global then flower.set_rng_state(s.global) end
-  for _, l in ipairs(leaves(model)) do
-    if s.layers and s.layers[l.name] ~= nil then l._offset = s.layers[l.name] end
+  local ls, prefixes = leaves(model)
+  for i, l in ipairs(ls) do
+    local v = s.layers and s.layers[prefixes[i] .. l.name]
+    if v == nil and s.layers then v = s.layers[l.name] end   -- files before format 2 keyed by name
+    if v ~= nil then l._offset = v end
   end
-end
-
----------------------------------------------------------------------------------------------------
--- Checkpoints. One HDF5 file, written atomically (flower.h5.write_atomic):
---   /weights/<layer>/<weight>            every weight of the model (trainable or not: BatchNorm's
---                                        moving statistics too), as model:weights() lists them
---   /optimizer/slots/<layer>/<weight>/<slot>   the optimizer's per-weight state (Adam's m and v)
---   attributes of /optimizer: kind, iterations, lr
---   attribute `flower_train` of /: the training metadata as JSON (epoch, step, RNG, callbacks...)
--- Loading checks every weight's presence and shape before copying anything, so a mismatched file
--- leaves the model as it was.
-
-local function weight_records(model)
-  if model.weights then return model:weights() end
-  error('train: the model has no weights() method', 3)
-end
-
-function train.save_checkpoint(path, model, optimizer, meta)
-  local h5 = require 'flower.h5'
-  files.mkdir(files.dirname(path))
-  h5.write_atomic(path, function(f)
-    for _, w in ipairs(weight_records(model)) do f:write('/weights/' .. w.path, w.tensor) end
-    if optimizer and optimizer.state then
-      local st = optimizer:state()
-      f:create_group('/optimizer')
-      for wpath, slots in pairs(st.slots or {}) do
-        for name, t in pairs(slots) do f:write('/optimizer/slots/' .. wpath .. '/' .. name, t) end
-      end
-      f:set_attr('/optimizer', 'kind', st.kind or '')
-      f:set_attr('/optimizer', 'iterations', st.iterations or 0)
-      if st.lr then f:set_attr('/optimizer', 'lr', st.lr) end
-    end
-    f:set_attr('/', 'flower_train', files.json_encode(meta or {}))
-  end)
-  return path
-end
-
--- Loads a checkpoint into model (and optimizer); returns its metadata table.
-function train.load_checkpoint(path, model, optimizer)
-  local h5 = require 'flower.h5'
-  local f <close> = h5.open(path, 'r')
-  local meta = f:attr('/', 'flower_train')
-  if type(meta) ~= 'string' then
-    error('train.load_checkpoint: ' .. path .. ': no training metadata (not written by flower.train)', 2)
-  end
-  -- read everything first; copy only when all of it fits
-  local loaded = {}
-  for _, w in ipairs(weight_records(model)) do
-    local p = '/weights/' .. w.path
-    if not f:exists(p) then
-      error(string.format("train.load_checkpoint: %s has no weight '%s' (a checkpoint of another model?)", path, w.path), 2)
-    end
-    local t = f:read(p)
-    local want, got = table.concat(w.tensor:size(), 'x'), table.concat(t:size(), 'x')
-    if want ~= got then
-      error(string.format("train.load_checkpoint: %s: weight '%s' has shape %s, the model's is %s", path, w.path, got, want), 2)
-    end
-    loaded[#loaded + 1] = { w.tensor, t }
-  end
-  local ostate
-  if optimizer and optimizer.load_state and f:exists('/optimizer') then
-    ostate = { kind = f:attr('/optimizer', 'kind'), iterations = f:attr('/optimizer', 'iterations'),
-               lr = f:attr('/optimizer', 'lr'), slots = {} }
-    local function walk(group, rel)
-      for _, name in ipairs(f:list(group)) do
-        local child = group .. '/' .. name
-        if f:kind(child) == 'group' then walk(child, rel and (rel .. '/' .. name) or name)
-        else
-          ostate.slots[rel] = ostate.slots[rel] or {}
-          ostate.slots[rel][name] = f:read(child)
-        end
-      end
-    end
-    if f:exists('/optimizer/slots') then walk('/optimizer/slots', nil) end
-  end
-  for _, pair in ipairs(loaded) do pair[1]:copy(pair[2]) end
-  if ostate then optimizer:load_state(ostate) end
-  return files.json_decode(meta, path)
 end
 
 ---------------------------------------------------------------------------------------------------
@@ -414,9 +354,14 @@ end
 
 ---------------------------------------------------------------------------------------------------
 -- Callbacks. Each is a table with any of on_train_begin(ctx), on_epoch_begin(ctx, epoch),
--- on_epoch_end(ctx, epoch, logs), on_train_end(ctx), and state() / load_state(s) for checkpoints.
--- ctx = {model, optimizer, history, stop (set to stop after this epoch), lr (get/set via
--- train.get_lr / train.set_lr)}.
+-- on_batch_end(ctx, epoch, step, {loss, acc, global_step}) (flower.tensorboard's callback uses it),
+-- on_epoch_end(ctx, epoch, logs), on_train_end(ctx), and state() / load_state(s): whatever a
+-- callback changes as it goes must be in its state(), which every checkpoint saves and a resumed
+-- fit restores (after on_train_begin), so that a resumed run equals an uninterrupted one.
+-- ctx = {model, optimizer, history, log, device, initial_epoch, stop (set it to stop after this
+-- epoch)}; the learning rate through train.get_lr / train.set_lr. epoch counts from 1.
+-- A run resumed in the middle of an epoch does not call on_epoch_begin again for that epoch: the
+-- callbacks' states and the learning rate are restored as they were when it stopped.
 
 function train.get_lr(opt)
   if opt.get_lr then return opt:get_lr() end
@@ -427,24 +372,41 @@ function train.set_lr(opt, lr)
   if opt.set_lr then opt:set_lr(lr) else opt.lr = lr end
 end
 
+local function is_schedule(lr) return require('flower.optim').is_schedule(lr) end
+
 local function better(mode, a, b, delta)
   if b == nil then return true end
   if mode == 'max' then return a > b + delta end
   return a < b - delta
 end
 
-local function resolve_mode(monitor, mode)
-  if mode and mode ~= 'auto' then return mode end
-  if monitor:find('acc') then return 'max' end
+-- 'auto' (Keras's MonitorCallback): accuracies and top-k accuracies should rise, the rest fall
+local function resolve_mode(monitor, mode, who)
+  if mode == 'min' or mode == 'max' then return mode end
+  if mode ~= nil and mode ~= 'auto' then
+    error(string.format("%s: mode must be 'auto', 'min' or 'max', got %s", who or 'train', tostring(mode)), 3)
+  end
+  if monitor:find('acc') or monitor:find('top_?%d') then return 'max' end
   return 'min'
 end
 
--- Stops when `monitor` has not improved for `patience` epochs.
+local function check_opt(v, name, who, lo, hi, int)
+  if type(v) ~= 'number' or v ~= v or v < lo or (hi and v >= hi) or (int and math.tointeger(v) == nil) then
+    error(string.format('%s: %s must be %s >= %g%s, got %s', who, name, int and 'an integer' or 'a number', lo,
+      hi and string.format(' and < %g', hi) or '', tostring(v)), 3)
+  end
+  return int and math.tointeger(v) or v
+end
+
+-- Keras's EarlyStopping (its defaults: monitor 'val_loss', min_delta 0, patience 0): stops when
+-- `monitor` has not improved by more than min_delta for `patience` epochs in a row.
 function train.EarlyStopping(o)
   o = o or {}
-  local cb = { name = 'early_stopping', monitor = o.monitor or 'val_loss', patience = o.patience or 3,
-               min_delta = o.min_delta or 0, wait = 0, best = nil }
-  cb.mode = resolve_mode(cb.monitor, o.mode)
+  local who = 'train.EarlyStopping'
+  local cb = { name = 'early_stopping', monitor = o.monitor or 'val_loss',
+               patience = check_opt(o.patience or 0, 'patience', who, 0, nil, true),
+               min_delta = math.abs(check_opt(o.min_delta or 0, 'min_delta', who, -math.huge)), wait = 0 }
+  cb.mode = resolve_mode(cb.monitor, o.mode, who)
   function cb:on_epoch_end(ctx, epoch, logs)
     local v = logs[self.monitor]
     if v == nil then return end
@@ -455,7 +417,7 @@ function train.EarlyStopping(o)
       if self.wait >= self.patience then
         ctx.stop = 'early_stopping'
         ctx.log(string.format('early stopping: %s has not improved for %d epochs (best %.4f at epoch %d)',
-          self.monitor, self.patience, self.best, self.best_epoch or 0))
+          self.monitor, self.wait, self.best, self.best_epoch or 0))
       end
     end
   end
@@ -464,64 +426,75 @@ function train.EarlyStopping(o)
   return cb
 end
 
--- Sets the learning rate at the start of each epoch: fn(epoch, lr) -> lr (Keras's
--- LearningRateScheduler). epoch counts from 1.
-function train.LearningRateScheduler(fn)
+-- Keras's LearningRateScheduler: sets the learning rate at the start of each epoch from
+--   a flower.optim schedule, called with the epoch's index in this fit counted from 0 (a stage's
+--     schedule starts with the stage): train.LearningRateScheduler(optim.cosine{lr = 1e-3,
+--     decay_steps = epochs}) is Keras's CosineDecay by epoch; optim.step_decay, optim.piecewise too;
+--   or fn(epoch, lr) -> lr, epoch the absolute epoch counted from 1.
+-- The rate is a function of the epoch (and of the rate, which checkpoints hold): no state of its own.
+function train.LearningRateScheduler(schedule)
+  local sched = is_schedule(schedule)
+  if not sched and type(schedule) ~= 'function' then
+    error('train.LearningRateScheduler: expected a flower.optim schedule or a function(epoch, lr), got '
+      .. type(schedule), 2)
+  end
   local cb = { name = 'lr_scheduler' }
   function cb:on_epoch_begin(ctx, epoch)
-    train.set_lr(ctx.optimizer, fn(epoch, train.get_lr(ctx.optimizer)))
+    local lr
+    if sched then lr = schedule(epoch - (ctx.initial_epoch or 0) - 1)
+    else lr = schedule(epoch, train.get_lr(ctx.optimizer)) end
+    train.set_lr(ctx.optimizer, lr)
   end
   return cb
 end
 
--- lr * gamma^floor((epoch - first) / step_size), counted from the stage's first epoch.
-function train.StepDecay(o)
-  local base, first
-  return train.LearningRateScheduler(function(epoch, lr)
-    if base == nil then base, first = o.lr or lr, epoch end
-    return base * (o.gamma or 0.1) ^ ((epoch - first) // (o.step_size or 10))
-  end)
-end
-
--- Cosine decay from lr to min_lr over `epochs` epochs (counted from the stage's first epoch).
-function train.CosineDecay(o)
-  local base, first
-  return train.LearningRateScheduler(function(epoch, lr)
-    if base == nil then base, first = o.lr or lr, epoch end
-    local t = math.min(1, (epoch - first) / math.max(1, o.epochs))
-    local lo = o.min_lr or 0
-    return lo + (base - lo) * 0.5 * (1 + math.cos(math.pi * t))
-  end)
-end
-
--- Multiplies the learning rate by `factor` when `monitor` has not improved for `patience` epochs.
+-- Keras's ReduceLROnPlateau and its defaults (monitor 'val_loss', factor 0.1, patience 10,
+-- min_delta 1e-4, cooldown 0, min_lr 0, mode 'auto'): after `patience` epochs without an
+-- improvement by more than min_delta, the rate is multiplied by `factor` (not below min_lr), then
+-- `cooldown` epochs pass before epochs count again. cb:update(value, optimizer) applies one epoch's
+-- value outside fit and returns the rate.
 function train.ReduceLROnPlateau(o)
   o = o or {}
-  local cb = { name = 'reduce_lr', monitor = o.monitor or 'val_loss', factor = o.factor or 0.1,
-               patience = o.patience or 2, min_lr = o.min_lr or 0, min_delta = o.min_delta or 1e-4,
-               cooldown = o.cooldown or 0, wait = 0, cool = 0 }
-  cb.mode = resolve_mode(cb.monitor, o.mode)
+  local who = 'train.ReduceLROnPlateau'
+  local cb = { name = 'reduce_lr', monitor = o.monitor or 'val_loss',
+               factor = check_opt(o.factor or 0.1, 'factor', who, 0, 1),
+               patience = check_opt(o.patience or 10, 'patience', who, 0, nil, true),
+               min_delta = math.abs(check_opt(o.min_delta or 1e-4, 'min_delta', who, -math.huge)),
+               cooldown = check_opt(o.cooldown or 0, 'cooldown', who, 0, nil, true),
+               min_lr = check_opt(o.min_lr or 0, 'min_lr', who, 0),
+               wait = 0, cooldown_counter = 0 }
+  cb.mode = resolve_mode(cb.monitor, o.mode, who)
+  -- Keras's order: the cooldown counts down first; an improvement resets the wait; otherwise (out
+  -- of cooldown, the counter read after the decrement) the wait grows and may reduce the rate
+  function cb:update(value, opt)
+    if is_schedule(opt.lr) then
+      error(who .. ': the optimizer\'s learning rate is a schedule; ReduceLROnPlateau needs a number', 2)
+    end
+    if self.cooldown_counter > 0 then self.cooldown_counter, self.wait = self.cooldown_counter - 1, 0 end
+    if better(self.mode, value, self.best, self.min_delta) then
+      self.best, self.wait = value, 0
+    elseif self.cooldown_counter == 0 then
+      self.wait = self.wait + 1
+      local lr = train.get_lr(opt)
+      if self.wait >= self.patience and lr > self.min_lr then
+        train.set_lr(opt, math.max(lr * self.factor, self.min_lr))
+        self.cooldown_counter, self.wait = self.cooldown, 0
+      end
+    end
+    return train.get_lr(opt)
+  end
   function cb:on_epoch_end(ctx, epoch, logs)
     local v = logs[self.monitor]
     if v == nil then return end
-    if self.cool > 0 then self.cool = self.cool - 1; self.wait = 0 end
-    if better(self.mode, v, self.best, self.min_delta) then
-      self.best, self.wait = v, 0
-    elseif self.cool == 0 then
-      self.wait = self.wait + 1
-      if self.wait >= self.patience then
-        local lr = train.get_lr(ctx.optimizer)
-        local new = math.max(lr * self.factor, self.min_lr)
-        if new < lr then
-          train.set_lr(ctx.optimizer, new)
-          ctx.log(string.format('epoch %d: reducing the learning rate to %.3g', epoch, new))
-        end
-        self.cool, self.wait = self.cooldown, 0
-      end
-    end
+    local before = train.get_lr(ctx.optimizer)
+    local after = self:update(v, ctx.optimizer)
+    if after ~= before then ctx.log(string.format('epoch %d: reducing the learning rate to %.3g', epoch, after)) end
   end
-  function cb:state() return { wait = self.wait, best = self.best, cool = self.cool } end
-  function cb:load_state(s) self.wait, self.best, self.cool = s.wait, s.best, s.cool end
+  function cb:state() return { wait = self.wait, best = self.best, cooldown_counter = self.cooldown_counter } end
+  function cb:load_state(s)
+    self.wait, self.best = s.wait, s.best
+    self.cooldown_counter = s.cooldown_counter or s.cool or 0   -- 'cool': files before format 2
+  end
   return cb
 end
 
@@ -537,6 +510,13 @@ local function cb_states(cbs)
   return s
 end
 
+local function load_cb_states(cbs, states)
+  for i, s in pairs(states or {}) do
+    local cb = cbs[tonumber(i)]
+    if cb and cb.load_state then cb:load_state(s) end
+  end
+end
+
 ---------------------------------------------------------------------------------------------------
 -- fit
 
@@ -548,9 +528,108 @@ end
 
 local function default_log(msg) io.stdout:write(msg, '\n'); io.stdout:flush() end
 
+-- Keras's fit(x, y): tensors in memory instead of loaders. x (N, ...) samples, y (N) labels,
+-- batch_size (32), shuffle (true; the order of epoch e is a function of (seed, e), seed 0 unless
+-- given), validation_data = {x_valid, y_valid} (batched in order). Returns the two loaders
+-- (flower.data.FeatureLoader) fit then uses.
+local function tensor_loaders(o)
+  if o.train ~= nil then fail('give either train (a loader) or x and y (tensors), not both') end
+  if not flower.is_tensor(o.x) then fail('x must be a tensor of samples, got %s', type(o.x)) end
+  if not flower.is_tensor(o.y) then fail('y must be a tensor of labels (one per sample of x), got %s', type(o.y)) end
+  if o.y:size(1) ~= o.x:size(1) then fail('x has %d samples, y %d labels', o.x:size(1), o.y:size(1)) end
+  local bs = o.batch_size or 32
+  if math.type(bs) ~= 'integer' or bs < 1 then fail('batch_size must be a positive integer, got %s', tostring(bs)) end
+  local data = require 'flower.data'
+  local tl = data.FeatureLoader { x = o.x, y = o.y, batch_size = bs, shuffle = o.shuffle ~= false, seed = o.seed or 0 }
+  local vd, vl = o.validation_data, nil
+  if vd ~= nil then
+    if type(vd) ~= 'table' or not flower.is_tensor(vd[1]) or not flower.is_tensor(vd[2]) then
+      fail('validation_data must be {x_valid, y_valid} (two tensors)')
+    end
+    if vd[2]:size(1) ~= vd[1]:size(1) then
+      fail('validation_data has %d samples and %d labels', vd[1]:size(1), vd[2]:size(1))
+    end
+    vl = data.FeatureLoader { x = vd[1], y = vd[2], batch_size = bs }
+  end
+  return tl, vl
+end
+
+-- The progress line's metrics: loss, acc and the top-k asked for (then their validation twins).
+local function bar_order(ks)
+  local order = { 'loss', 'acc' }
+  for _, k in ipairs(ks) do order[#order + 1] = 'top' .. k end
+  order[#order + 1] = 'val_loss'
+  order[#order + 1] = 'val_acc'
+  for _, k in ipairs(ks) do order[#order + 1] = 'val_top' .. k end
+  return order
+end
+
+-- The training state a checkpoint holds besides the weights and the optimizer (nn.save_checkpoint's
+-- meta): where the run is (epoch, and the step within it with the epoch's running sums when it
+-- stopped mid-epoch), the RNG, the callbacks' states, the learning rate (a number one; a schedule
+-- follows the optimizer's iterations), the history, the best monitored value and why it stopped.
+local function train_state(run, epoch, step, sums, stopped)
+  local opt = run.optimizer
+  return { epoch = epoch, step = step, sums = sums, stage = run.stage, rng = train.rng_state(run.model),
+           callbacks = cb_states(run.callbacks), lr = not is_schedule(opt.lr) and train.get_lr(opt) or nil,
+           history = run.history.rows, best = run.best, stopped = stopped }
+end
+
+local function save(path, run, meta)
+  nn().save_checkpoint(path, run.model, { optimizer = run.optimizer, meta = meta })
+end
+
+-- A write killed before its rename leaves its temporary (last.h5.tmp-<pid>); no other process
+-- writes this run's checkpoints, so a resume removes them.
+local function remove_stale_temporaries(dir)
+  local ok, names = pcall(require('flower.core')._data.listdir, dir)
+  if not ok then return end
+  for _, n in ipairs(names) do
+    if n:match('^last%.h5%.tmp%-') or n:match('^best%.h5%.tmp%-') then os.remove(files.join(dir, n)) end
+  end
+end
+
+-- Loads checkpoint_dir/last.h5 into the model and the optimizer, and the run's state from it; returns
+-- the epoch to start at, the steps of it already done and their running sums, and the meta (whose
+-- callback states are restored once on_train_begin has run).
+local function resume(run, last_path, log)
+  local meta = nn().load_checkpoint(last_path, run.model, { optimizer = run.optimizer })
+  if meta.stage ~= nil and run.stage ~= nil and tostring(meta.stage) ~= tostring(run.stage) then
+    fail('%s belongs to stage %s, this is stage %s', last_path, tostring(meta.stage), tostring(run.stage))
+  end
+  train.set_rng_state(run.model, meta.rng or {})
+  -- an optimizer with state has its rate back from it (typed, from the HDF5 attribute); a plain
+  -- object with an lr field from the meta
+  local opt = run.optimizer
+  if meta.lr ~= nil and not opt.load_state and not is_schedule(opt.lr) then train.set_lr(opt, meta.lr) end
+  -- the history up to the checkpoint replaces what the caller passed for this stage
+  if meta.history then run.history.rows = meta.history end
+  run.best = meta.best
+  log(string.format('%s: resumed from %s (epoch %d, step %d)', run.label, last_path, meta.epoch, meta.step or 0))
+  if meta.step and meta.step > 0 then return meta.epoch, meta.step, meta.sums, meta end
+  return meta.epoch + 1, 0, nil, meta
+end
+
+-- Reports an interrupt (once: the flag is cleared, so that the caller's next fit starts afresh).
+local function stop_interrupted(hist, why, log, msg)
+  log(msg)
+  hist.stopped, hist.interrupted = 'interrupted', why
+  clear_interrupt()
+end
+
 function train.fit(model, o)
   if type(model) ~= 'table' or type(model.forward) ~= 'function' then fail('expected a model, got %s', type(model)) end
   if type(o) ~= 'table' then fail('expected a table of options') end
+  if o.x ~= nil or o.y ~= nil then
+    if o.valid ~= nil and o.validation_data ~= nil then fail('give either valid (a loader) or validation_data, not both') end
+    local tl, vl = tensor_loaders(o)
+    local oo = {}
+    for k, v in pairs(o) do oo[k] = v end
+    oo.train, oo.valid, oo.x, oo.y, oo.validation_data = tl, o.valid or vl, nil, nil, nil
+    o = oo
+  elseif o.validation_data ~= nil then
+    fail('validation_data goes with x and y; with a train loader, give valid (a loader)')
+  end
   check_loader(o.train, 'train')
   if o.valid ~= nil then check_loader(o.valid, 'valid') end
   if o.optimizer == nil then fail('optimizer is required') end
@@ -562,7 +641,6 @@ function train.fit(model, o)
   local log = o.log or default_log
   local cbs = o.callbacks or {}
   local hist = o.history or train.History()
-  local stage = o.stage
   local label = o.label or 'train'
   local dir = o.checkpoint_dir
   local last_path = dir and files.join(dir, 'last.h5')
@@ -578,42 +656,20 @@ function train.fit(model, o)
   -- the device before anything else: a missing GPU fails here, not half-way
   local dev = run_device(model, o.device, 'train.fit')
   if mp ~= nil then model:mixed_precision(mp) end
-  local ctx = { model = model, optimizer = o.optimizer, history = hist, log = log, device = dev }
+  local ctx = { model = model, optimizer = o.optimizer, history = hist, log = log, device = dev, initial_epoch = initial }
+  -- what a checkpoint holds of this run
+  local run = { model = model, optimizer = o.optimizer, callbacks = cbs, history = hist, stage = o.stage,
+                label = label, best = nil }
 
-  -- resume
-  local start_epoch, skip, sums = initial + 1, 0, nil
-  local best
+  local start_epoch, skip, sums, resumed = initial + 1, 0, nil, nil
+  if o.resume and dir then remove_stale_temporaries(dir) end
   if o.resume and last_path and files.exists(last_path) then
-    local meta = train.load_checkpoint(last_path, model, o.optimizer)
-    if meta.stage ~= nil and stage ~= nil and tostring(meta.stage) ~= tostring(stage) then
-      fail('%s belongs to stage %s, this is stage %s', last_path, tostring(meta.stage), tostring(stage))
-    end
-    train.set_rng_state(model, meta.rng)
-    for i, s in pairs(meta.callbacks or {}) do
-      local cb = cbs[tonumber(i)]
-      if cb and cb.load_state then cb:load_state(s) end
-    end
-    if meta.lr then train.set_lr(o.optimizer, meta.lr) end
-    -- the history up to the checkpoint replaces what the caller passed for this stage
-    if meta.history then hist.rows = meta.history end
-    best = meta.best
-    if meta.step and meta.step > 0 then
-      start_epoch, skip, sums = meta.epoch, meta.step, meta.sums
-    else
-      start_epoch = meta.epoch + 1
-    end
-    log(string.format('%s: resumed from %s (epoch %d, step %d)', label, last_path, meta.epoch, meta.step or 0))
-    if meta.stopped then
-      log(string.format('%s: already finished (%s)', label, meta.stopped))
-      hist.stopped = meta.stopped
+    start_epoch, skip, sums, resumed = resume(run, last_path, log)
+    if resumed.stopped then
+      log(string.format('%s: already finished (%s)', label, resumed.stopped))
+      hist.stopped, hist.best = resumed.stopped, run.best
       return hist
     end
-  end
-
-  local function meta_for(epoch, step, s, stopped)
-    return { epoch = epoch, step = step, sums = s, stage = stage, rng = train.rng_state(model),
-             callbacks = cb_states(cbs), lr = train.get_lr(o.optimizer), history = hist.rows, best = best,
-             stopped = stopped }
   end
 
   local u = files.util()
@@ -621,20 +677,27 @@ function train.fit(model, o)
   clear_interrupt()
   local ok, err = pcall(function()
     call_cbs(cbs, 'on_train_begin', ctx)
+    if resumed then load_cb_states(cbs, resumed.callbacks) end
     for epoch = start_epoch, epochs do
-      call_cbs(cbs, 'on_epoch_begin', ctx, epoch)
+      -- a run resumed mid-epoch has had this epoch's on_epoch_begin (its effects are in the state)
+      if skip == 0 then call_cbs(cbs, 'on_epoch_begin', ctx, epoch) end
       model:training()
+      local popts = type(o.progress) == 'table' and o.progress or {}
       local bar = progress.new { total = nsteps, label = string.format('%s epoch %d/%d', label, epoch, epochs),
-                                 silent = o.progress == false }
+                                 silent = o.progress == false, order = bar_order(ks), out = popts.out,
+                                 tty = popts.tty, interval = popts.interval }
       local t0 = files.now()
       local s = sums or { loss = 0, correct = 0, n = 0, top = {} }
       s.top = s.top or {}
       sums = nil
       local step, images = 0, 0
+      -- batches: a function of (loader seed, epoch), so a resumed epoch skips the ones done
       for batch in o.train:epoch(epoch) do
         step = step + 1
         if step > skip then
+          -- forward, backward (the gradients complete) and the optimizer's update
           local l, acc, tops = train.step(model, train.batch_to_device(batch, dev), lossfn, o.optimizer, ks)
+          files.killpoint('train.step')   -- crash tests: FLOWER_KILLPOINT='train.step:<n>'
           local bn = batch.n or batch.x:size(1)
           if not finite(l) then
             error(string.format('train.fit: %s: the loss became %s at epoch %d, step %d of %d; stopping '
@@ -644,21 +707,24 @@ function train.fit(model, o)
           s.loss, s.correct, s.n = s.loss + l * bn, s.correct + acc * bn, s.n + bn
           for k, v in pairs(tops) do s.top[tostring(k)] = (s.top[tostring(k)] or 0) + v * bn end
           images = images + bn
-          bar:update(step, { loss = s.loss / s.n, acc = s.correct / s.n })
+          local shown = { loss = s.loss / s.n, acc = s.correct / s.n }
+          for _, k in ipairs(ks) do shown['top' .. k] = (s.top[tostring(k)] or 0) / s.n end
+          bar:update(step, shown)
+          call_cbs(cbs, 'on_batch_end', ctx, epoch, step, { loss = l, acc = acc, global_step = (epoch - 1) * nsteps + step })
           local why = train.interrupted()
           if why and step < nsteps then
-            if last_path then train.save_checkpoint(last_path, model, o.optimizer, meta_for(epoch, step, s)) end
+            -- a mid-epoch checkpoint: the epoch goes on from the next step when resumed
+            if last_path then save(last_path, run, train_state(run, epoch, step, s)) end
             bar:finish()
-            log(string.format('%s: %s at epoch %d, step %d/%d: %s', label, why, epoch, step, nsteps,
-              last_path and ('checkpoint written to ' .. last_path) or 'no checkpoint_dir, nothing saved'))
-            hist.stopped, hist.interrupted = 'interrupted', why
+            stop_interrupted(hist, why, log, string.format('%s: %s at epoch %d, step %d/%d: %s', label, why, epoch,
+              step, nsteps, last_path and ('checkpoint written to ' .. last_path) or 'no checkpoint_dir, nothing saved'))
             return
           end
         end
       end
       skip = 0
       local train_seconds = files.now() - t0
-      local logs = { stage = stage, epoch = epoch, loss = s.n > 0 and s.loss / s.n or nil,
+      local logs = { stage = run.stage, epoch = epoch, loss = s.n > 0 and s.loss / s.n or nil,
                      acc = s.n > 0 and s.correct / s.n or nil, lr = train.get_lr(o.optimizer) }
       for _, k in ipairs(ks) do
         if s.n > 0 then logs['top' .. k] = (s.top[tostring(k)] or 0) / s.n end
@@ -670,31 +736,41 @@ function train.fit(model, o)
       end
       logs.seconds = files.now() - t0
       logs.images_per_s = train_seconds > 0 and images / train_seconds or nil
-      bar:finish { val_loss = logs.val_loss, val_acc = logs.val_acc }
+      local shown = { val_loss = logs.val_loss, val_acc = logs.val_acc }
+      for _, k in ipairs(ks) do shown['val_top' .. k] = logs['val_top' .. k] end
+      bar:finish(shown)
       hist.rows[#hist.rows + 1] = logs
       call_cbs(cbs, 'on_epoch_end', ctx, epoch, logs)
       if o.history_csv then train.write_history_csv(o.history_csv, hist) end
       local improved = false
       if save_best and logs[save_best] ~= nil then
-        local mode = resolve_mode(save_best)
-        if better(mode, logs[save_best], best and best.value, 0) then
-          best = { value = logs[save_best], epoch = epoch, monitor = save_best }
+        if better(resolve_mode(save_best), logs[save_best], run.best and run.best.value, 0) then
+          run.best = { value = logs[save_best], epoch = epoch, monitor = save_best }
           improved = true
         end
       end
+      -- the epoch's checkpoints: best.h5 before last.h5, so that a crash between the two redoes the
+      -- epoch (last.h5 still the previous one) and writes best.h5 again
       if last_path then
-        train.save_checkpoint(last_path, model, o.optimizer, meta_for(epoch, 0, nil, ctx.stop))
-        if improved then train.save_checkpoint(best_path, model, o.optimizer, meta_for(epoch, 0, nil, 'best')) end
+        if improved then save(best_path, run, train_state(run, epoch, 0, nil, 'best')) end
+        save(last_path, run, train_state(run, epoch, 0, nil, ctx.stop))
       end
       if ctx.stop then hist.stopped = ctx.stop; break end
       local why = train.interrupted()
       if why and epoch < epochs then
-        log(string.format('%s: %s after epoch %d: checkpoint written to %s', label, why, epoch, last_path or '(none)'))
-        hist.stopped, hist.interrupted = 'interrupted', why
+        stop_interrupted(hist, why, log, string.format('%s: %s after epoch %d: checkpoint written to %s', label, why,
+          epoch, last_path or '(none)'))
         return
       end
     end
     call_cbs(cbs, 'on_train_end', ctx)
+    -- an interrupt in the last epoch: this fit is complete (and its checkpoint says so), but the
+    -- caller (the next stage, the next step of a pipeline) must stop, so it is reported, not dropped
+    local why = train.interrupted()
+    if why then
+      stop_interrupted(hist, why, log, string.format('%s: %s in the last epoch: finished%s; stopping', label, why,
+        last_path and (', checkpoint written to ' .. last_path) or ''))
+    end
   end)
   if u then u.catch_signals(prev_catch) end
   if not ok then
@@ -708,26 +784,12 @@ function train.fit(model, o)
     end
     error(err, 0)
   end
-  hist.best = best
+  hist.best = run.best
   return hist
 end
 
 ---------------------------------------------------------------------------------------------------
 -- Freeze / unfreeze stages
-
--- The leaf layers of a model in order (Keras's order for the top level when it has one).
-local function ordered_leaves(model)
-  local out = {}
-  local function walk(m)
-    local list = m.keras_layers and m:keras_layers() or m:layers()
-    for _, l in ipairs(list) do
-      if l._is_model then walk(l) else out[#out + 1] = l end
-    end
-  end
-  walk(model)
-  return out
-end
-train.ordered_leaves = ordered_leaves
 
 local function has_weights(l) return l._wnames and #l._wnames > 0 end
 
@@ -748,7 +810,7 @@ end
 --   'none'          nothing (feature extraction)
 function train.set_trainable(model, spec, opts)
   opts = opts or {}
-  local layers = ordered_leaves(model)
+  local layers = leaves(model, 'keras')
   set_models_trainable(model)
   local from
   if spec == 'all' then

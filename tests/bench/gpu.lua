@@ -78,7 +78,7 @@ local function child_model(batch, steps, dry)
   local nn = require 'flower.nn'
   local optim = require 'flower.optim'
   local size = dry and 64 or 224
-  local m = models.resnet50{include_top = true, classifier_activation = false, input_shape = {size, size, 3}}
+  local m = models.resnet50{include_top = true, classifier_activation = false, input_shape = {size, size, 3}, preprocess = false}
   if type(m.cuda) ~= 'function' then
     error('flower.nn models have no :cuda() yet: the model-level benchmark needs Model:cuda()', 0)
   end
@@ -155,7 +155,7 @@ local function child_fit(batch)
   local workers = tonumber(os.getenv('FLOWER_BENCH_WORKERS')) or 12
   for _, pin in ipairs {true, false} do
     local m = models.resnet50{include_top = true, classes = 8, classifier_activation = false,
-                              input_shape = {224, 224, 3}}
+                              input_shape = {224, 224, 3}, preprocess = false}
     local loader = data.Loader{ds, batch_size = batch, shuffle = true, seed = 1, workers = workers,
                                transform = 'train', size = 224, pin_memory = pin}
     local h = train.fit(m, {train = loader, optimizer = optim.SGD{lr = 0.01, momentum = 0.9}, epochs = 4,

@@ -26,7 +26,7 @@ if args[1] == '--rss-child' then
   local mode, batch = args[2], tonumber(args[3])
   flower.setnumthreads(tonumber(args[4]) or 2)
   local models = require 'flower.models'
-  local m = models.resnet50{include_top = true, input_shape = {224, 224, 3}}
+  local m = models.resnet50{include_top = true, input_shape = {224, 224, 3}, preprocess = false}
   local x = flower.randn(batch, 224, 224, 3)
   local t0 = C.now()
   if mode == 'train' then

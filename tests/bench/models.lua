@@ -28,7 +28,7 @@ if args[1] == '--child' then
   local nn = require 'flower.nn'
   local models = require 'flower.models'
   local now = nn.C.now
-  local m = models[name]{include_top = true}
+  local m = models[name]{include_top = true, preprocess = false}
   local s = m.default_size
   flower.manual_seed(0)
   local x = flower.randn(batch, s, s, 3)

@@ -126,7 +126,7 @@ def main():
             model.compile(optimizer=opt, loss=loss, metrics=['accuracy'])
             secs = []
             for i in range(st['epochs']):
-                if st.get('schedule') == 'cosine':   # as flower.train.CosineDecay: lr at the stage's i-th epoch
+                if st.get('schedule') == 'cosine':   # as the pipeline's LearningRateScheduler(optim.cosine): lr at the stage's i-th epoch
                     keras.backend.set_value(opt.learning_rate, st['lr'] * 0.5 * (1 + np.cos(np.pi * i / max(1, st['epochs']))))
                 # random horizontal flips, as the quickstart's training transform (centre crop + flip)
                 flip = np.random.rand(len(xt)) < 0.5

@@ -3,21 +3,23 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "check.h"
-#include "flowers.h"
-#include "image.h"
-#include "loader.h"
+#include "data/flowers.h"
+#include "data/image.h"
+#include "data/loader.h"
+#include "tensor.h"
 
 static char tmpdir[256];
 
 static unsigned char *make_jpeg(int w, int h, int cls, uint64_t seed, int quality, int progressive, size_t *len) {
   uint8_t *pix = malloc((size_t)w * h * 3);
-  char err[256];
-  if (fl_flowers_draw(pix, w, h, cls, 20, seed, err, sizeof err)) { printf("# %s\n", err); exit(1); }
+  if (fl_flowers_draw(pix, w, h, cls, 20, seed)) { printf("# %s\n", fl_errmsg()); exit(1); }
   unsigned char *jpg = NULL;
-  if (fl_jpeg_encode(pix, w, h, 3, quality, progressive, 1, &jpg, len, err, sizeof err)) { printf("# %s\n", err); exit(1); }
+  if (fl_jpeg_encode(pix, w, h, 3, quality, progressive, 1, &jpg, len)) { printf("# %s\n", fl_errmsg()); exit(1); }
   free(pix);
   return jpg;
 }
@@ -157,10 +159,9 @@ static void test_decode(void) {
         p[1] = (uint8_t)(y * 255 / 239);
         p[2] = (uint8_t)(128 + 100 * ((x + y) % 64 < 32 ? (x + y) % 32 : 32 - (x + y) % 32) / 32);
       }
-    char err[200];
     unsigned char *j444;
     size_t l444;
-    CHECK(fl_jpeg_encode(pix, 320, 240, 3, 95, 0, 0, &j444, &l444, err, sizeof err) == 0);
+    CHECK(fl_jpeg_encode(pix, 320, 240, 3, 95, 0, 0, &j444, &l444) == 0);
     fl_transform_defaults(&t);
     t.mode = FL_TF_NONE;
     CHECK(fl_decoder_transform(d, j444, l444, &t, &rng, &img) == 0);
@@ -170,7 +171,7 @@ static void test_decode(void) {
     CHECK(sum / (320 * 240 * 3) < 1.5);
     free(j444);
     /* the drawn photo has sensor noise, which quality 95 does not keep exactly */
-    fl_flowers_draw(pix, 320, 240, 4, 20, 11, err, sizeof err);
+    fl_flowers_draw(pix, 320, 240, 4, 20, 11);
     CHECK(fl_decoder_transform(d, jpg, len, &t, &rng, &img) == 0);
     sum = 0;
     for (int i = 0; i < 320 * 240 * 3; i++) sum += abs((int)img.data[i] - (int)pix[i]);
@@ -256,7 +257,7 @@ static void test_decode(void) {
     CHECK(fl_decoder_transform(d, jpg, 0, &t, &rng, &img) == FL_IMG_EMPTY);
     const unsigned char png[16] = { 0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n', 0, 0, 0, 13, 'I', 'H', 'D', 'R' };
     CHECK(fl_decoder_transform(d, png, sizeof png, &t, &rng, &img) == FL_IMG_NOT_JPEG);
-    CHECK(strstr(fl_decoder_message(d), "PNG") != NULL);
+    CHECK(strstr(fl_errmsg(), "PNG") != NULL);
     CHECK(fl_decoder_transform(d, jpg, len * 6 / 10, &t, &rng, &img) == FL_IMG_TRUNCATED);
     CHECK(fl_decoder_transform(d, jpg, 40, &t, &rng, &img) == FL_IMG_TRUNCATED);
     unsigned char *bad = malloc(len);
@@ -265,7 +266,7 @@ static void test_decode(void) {
     for (size_t i = 2; i + 9 < len; i++)
       if (bad[i] == 0xFF && bad[i + 1] == 0xC0) { memset(bad + i + 5, 0, 4); break; }
     CHECK(fl_decoder_transform(d, bad, len, &t, &rng, &img) == FL_IMG_CORRUPT);
-    CHECK(fl_decoder_message(d)[0] != 0);
+    CHECK(fl_errmsg()[0] != 0);
     /* garbage over the middle of the entropy-coded data, including marker bytes */
     memcpy(bad, jpg, len);
     for (size_t i = len / 2; i < len / 2 + 200; i++) bad[i] = (i & 1) ? 0xFF : (uint8_t)(0xD0 + (i % 7));
@@ -281,17 +282,49 @@ static void test_decode(void) {
   TEST("bad input: transform parameters are checked") {
     fl_transform_defaults(&t);
     t.crop_frac = 0;
-    char err[200];
-    CHECK(fl_transform_check(&t, err, sizeof err) == FL_IMG_BAD_ARG && strstr(err, "crop_frac"));
+    CHECK(fl_transform_check(&t) == FL_IMG_BAD_ARG && strstr(fl_errmsg(), "crop_frac"));
     CHECK(fl_decoder_transform(d, jpg, len, &t, &rng, &img) == FL_IMG_BAD_ARG);
+  }
+  TEST("bad files: FIFO, directory, 2-byte FF D8, a large non-JPEG and an oversized JPEG are refused unread") {
+    const uint8_t *buf;
+    size_t l;
+    char p[400];
+    fl_transform_defaults(&t);
+    /* a FIFO with no writer: opening it for reading would block; it must be refused at once */
+    snprintf(p, sizeof p, "%s/fifo.jpg", tmpdir);
+    CHECK(mkfifo(p, 0600) == 0);
+    CHECK(fl_decoder_read_file(d, p, &buf, &l) == FL_IMG_NOT_FILE && strstr(fl_errmsg(), "FIFO"));
+    CHECK(fl_decoder_read_file(d, tmpdir, &buf, &l) == FL_IMG_NOT_FILE && strstr(fl_errmsg(), "directory"));
+    CHECK(fl_decoder_read_file(d, "/dev/zero", &buf, &l) == FL_IMG_NOT_FILE && strstr(fl_errmsg(), "device"));
+    snprintf(p, sizeof p, "%s/two.jpg", tmpdir);
+    write_file(p, "\xFF\xD8", 2);
+    CHECK(fl_decoder_read_file(d, p, &buf, &l) == FL_IMG_TRUNCATED && strstr(fl_errmsg(), "2 bytes"));
+    CHECK(fl_decoder_transform(d, (const uint8_t *)"\xFF\xD8", 2, &t, &rng, &img) == FL_IMG_TRUNCATED);
+    /* 1 GiB (sparse) that is not a JPEG, and 300 MiB that claims to be: neither is read whole */
+    struct rusage ru0, ru1;
+    getrusage(RUSAGE_SELF, &ru0);
+    snprintf(p, sizeof p, "%s/big.jpg", tmpdir);
+    write_file(p, "\x89PNG\r\n\x1a\n", 8);
+    CHECK(truncate(p, (off_t)1 << 30) == 0);
+    CHECK(fl_decoder_read_file(d, p, &buf, &l) == FL_IMG_NOT_JPEG && strstr(fl_errmsg(), "PNG"));
+    write_file(p, "\xFF\xD8\xFF\xE0", 4);
+    CHECK(truncate(p, (off_t)300 << 20) == 0);
+    CHECK(fl_decoder_read_file(d, p, &buf, &l) == FL_IMG_TOO_LARGE && strstr(fl_errmsg(), "314572800 bytes"));
+    getrusage(RUSAGE_SELF, &ru1);
+    CHECK(ru1.ru_maxrss - ru0.ru_maxrss < 64 * 1024);  /* KiB: nothing near the file's size */
+    remove(p);
+    /* an ordinary file still reads */
+    snprintf(p, sizeof p, "%s/ok.jpg", tmpdir);
+    write_file(p, jpg, len);
+    CHECK(fl_decoder_read_file(d, p, &buf, &l) == 0 && l == len && memcmp(buf, jpg, len) == 0);
+    remove(p);
   }
   TEST("encode: gray and 4:4:4 round trips") {
     uint8_t g[64 * 48];
     for (int i = 0; i < 64 * 48; i++) g[i] = (uint8_t)(i % 64 * 4);
     unsigned char *out;
     size_t ol;
-    char err[200];
-    CHECK(fl_jpeg_encode(g, 64, 48, 1, 95, 0, 0, &out, &ol, err, sizeof err) == 0);
+    CHECK(fl_jpeg_encode(g, 64, 48, 1, 95, 0, 0, &out, &ol) == 0);
     fl_jpeg_info info;
     CHECK(fl_decoder_info(d, out, ol, &info) == 0 && info.components == 1);
     fl_transform_defaults(&t);
@@ -305,7 +338,7 @@ static void test_decode(void) {
       }
     CHECK(maxd <= 8);
     free(out);
-    CHECK(fl_jpeg_encode(g, 0, 48, 1, 95, 0, 0, &out, &ol, err, sizeof err) == -1);
+    CHECK(fl_jpeg_encode(g, 0, 48, 1, 95, 0, 0, &out, &ol) == -1);
   }
   fl_image_free(&img);
   free(jpg);
@@ -332,18 +365,17 @@ static int run_epoch(const char *const *paths, int n, int workers, int64_t epoch
   cfg.tf.hflip = 1;
   cfg.dtype = FL_OUT_U8;
   cfg.alloc = (fl_batch_alloc){ m_alloc, m_release, NULL };
-  char err[256];
-  fl_loader *ld = fl_loader_new(&cfg, err, sizeof err);
-  if (!ld) { printf("# %s\n", err); return -1; }
+  fl_loader *ld = fl_loader_new(&cfg);
+  if (!ld) { printf("# %s\n", fl_errmsg()); return -1; }
   memset(o, 0, sizeof *o);
   /* start a different epoch first and abandon it midway: must not disturb the next one */
-  fl_loader_start(ld, epoch + 100, err, sizeof err);
+  fl_loader_start(ld, epoch + 100);
   fl_loader_batch b;
-  fl_loader_next(ld, &b, err, sizeof err);
+  fl_loader_next(ld, &b);
   free(b.handle);
-  if (fl_loader_start(ld, epoch, err, sizeof err)) { printf("# %s\n", err); return -1; }
+  if (fl_loader_start(ld, epoch)) { printf("# %s\n", fl_errmsg()); return -1; }
   int r;
-  while ((r = fl_loader_next(ld, &b, err, sizeof err)) == 1) {
+  while ((r = fl_loader_next(ld, &b)) == 1) {
     o->n[o->nb] = b.n;
     memcpy(o->idx[o->nb], b.index, sizeof(int64_t) * b.n);
     o->data[o->nb] = b.data;
@@ -428,12 +460,11 @@ static void test_loader(void) {
     cfg.batch_size = 0;
     fl_transform_defaults(&cfg.tf);
     cfg.alloc = (fl_batch_alloc){ m_alloc, m_release, NULL };
-    char err[256];
-    CHECK(fl_loader_new(&cfg, err, sizeof err) == NULL && strstr(err, "batch_size"));
+    CHECK(fl_loader_new(&cfg) == NULL && strstr(fl_errmsg(), "batch_size"));
     cfg.batch_size = 2;
     cfg.dtype = FL_OUT_U8;
     cfg.preprocess = FL_PRE_CAFFE;
-    CHECK(fl_loader_new(&cfg, err, sizeof err) == NULL && strstr(err, "float32"));
+    CHECK(fl_loader_new(&cfg) == NULL && strstr(fl_errmsg(), "float32"));
   }
   TEST("pixel stats: exact sums, failures flagged") {
     fl_pixel_sums acc = { 0 };
@@ -471,13 +502,12 @@ static void test_flowers(void) {
   }
   TEST("flowers: same seed same pixels, other seed other pixels") {
     uint8_t *a = malloc(200 * 150 * 3), *b = malloc(200 * 150 * 3);
-    char err[100];
-    CHECK(fl_flowers_draw(a, 200, 150, 3, 20, 99, err, sizeof err) == 0);
-    CHECK(fl_flowers_draw(b, 200, 150, 3, 20, 99, err, sizeof err) == 0);
+    CHECK(fl_flowers_draw(a, 200, 150, 3, 20, 99) == 0);
+    CHECK(fl_flowers_draw(b, 200, 150, 3, 20, 99) == 0);
     CHECK(memcmp(a, b, 200 * 150 * 3) == 0);
-    CHECK(fl_flowers_draw(b, 200, 150, 3, 20, 100, err, sizeof err) == 0);
+    CHECK(fl_flowers_draw(b, 200, 150, 3, 20, 100) == 0);
     CHECK(memcmp(a, b, 200 * 150 * 3) != 0);
-    CHECK(fl_flowers_draw(b, 200, 150, 25, 20, 100, err, sizeof err) == -1 && strstr(err, "class"));
+    CHECK(fl_flowers_draw(b, 200, 150, 25, 20, 100) == -1 && strstr(fl_errmsg(), "class"));
     free(a);
     free(b);
   }
@@ -486,10 +516,9 @@ static void test_flowers(void) {
     snprintf(p1, sizeof p1, "%s/f1.jpg", tmpdir);
     snprintf(p2, sizeof p2, "%s/nodir/f2.jpg", tmpdir);
     fl_flowers_job jobs[2] = { { p1, 1, 120, 90, 90, 5 }, { p2, 2, 120, 90, 90, 6 } };
-    char err[300];
-    CHECK(fl_flowers_write(jobs, 1, 20, 2, err, sizeof err) == 0);
+    CHECK(fl_flowers_write(jobs, 1, 20, 2) == 0);
     CHECK(access(p1, R_OK) == 0);
-    CHECK(fl_flowers_write(jobs + 1, 1, 20, 1, err, sizeof err) == -1 && strstr(err, "nodir"));
+    CHECK(fl_flowers_write(jobs + 1, 1, 20, 1) == -1 && strstr(fl_errmsg(), "nodir"));
     remove(p1);
   }
 }

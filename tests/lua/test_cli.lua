@@ -110,4 +110,25 @@ T.test('values() gives a plain table of declared options', function()
   T.eq(getmetatable(v), nil); T.eq(v.tiny, true); T.eq(v._given, nil)
 end)
 
+T.test('the two pipeline recipes extend one shared option declaration', function()
+  local recipe = require 'flower.recipe'
+  local shared = recipe.pipeline_options {}
+  local qs, fg = recipe.load('experiments/quickstart.lua'), recipe.load('experiments/fgvcx_flowers.lua')
+  for _, r in ipairs({ qs, fg }) do
+    local by = {}
+    for _, o in ipairs(r.options) do by[o.name] = o end
+    for _, o in ipairs(shared) do
+      T.check(by[o.name], r.name .. ' lacks the shared option ' .. o.name)
+      T.eq(by[o.name].type, o.type, r.name .. ' ' .. o.name .. ' type')
+    end
+  end
+  -- each recipe's own values laid over the shared declaration
+  T.eq(qs:config({}).ensemble_epochs, 60); T.eq(fg:config({ '--data', 'x' }).ensemble_epochs, 50)
+  T.eq(qs:config({}).ensemble_patience, 8); T.eq(fg:config({ '--data', 'x' }).keep_checkpoints, 'resume')
+  T.raises(function() recipe.pipeline_options { nope = {} } end, "no shared option 'nope'")
+  -- --data is required by fgvcx_flowers, except with --resume (the run directory has it)
+  T.raises(function() fg:config({}) end, 'option --data is required')
+  T.eq(fg:config({ '--resume', 'runs/x' }).resume, 'runs/x')
+end)
+
 T.done()

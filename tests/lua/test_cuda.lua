@@ -683,7 +683,7 @@ gpu("train.fit{device = 'cuda'} follows the CPU run; its checkpoint loads on the
   -- the GPU run's checkpoint (host data) loads into a host model: exactly the GPU weights
   require('flower.nn').reset_names()
   local back = nets.build('resnet_tiny', {classes = 3, input_size = 32, width = 4, dropout = 0.2, seed = 9})
-  train.load_checkpoint(dir .. '/cuda/last.h5', back, optim.Adam{lr = 3e-3})
+  require('flower.nn').load_checkpoint(dir .. '/cuda/last.h5', back, {optimizer = optim.Adam{lr = 3e-3}})
   local wb = back:weights()
   for i = 1, #wb do
     T.check(not wb[i].tensor:is_cuda(), 'loaded on the host')

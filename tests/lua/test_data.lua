@@ -140,6 +140,69 @@ T.test('kaggle: malformed, incomplete and empty JSON, missing files and keys are
   T.raises(function() data.kaggle_test(dir) end, 'test.json is not valid JSON')
 end)
 
+T.test("kaggle: COCO images[].file_name joined by id, category names kept; the seed's layout as fallback", function()
+  local dir = TMP .. '/coco'
+  files.mkdir(dir)
+  write(dir .. '/train.json', [[{"images": [{"id": 5, "file_name": "photos/b.jpg"}, {"id": "k1", "file_name": "train/x/a.jpg"}],
+    "annotations": [{"image_id": "k1", "category_id": 2}, {"image_id": 5, "category_id": 0}],
+    "categories": [{"id": 0, "name": "rose", "genus": "Rosa", "family": "Rosaceae"}, {"id": 2, "name": "tulip"}]}]])
+  local ds = data.kaggle(dir)
+  T.eq(ds.paths[1], dir .. '/train/x/a.jpg')
+  T.eq(ds.paths[2], dir .. '/train/photos/b.jpg')
+  T.eq(table.concat(ds.category_names, ','), 'rose,tulip')
+  T.eq(ds.category_info[1].genus, 'Rosa')
+  T.eq(ds.category_info[1].family, 'Rosaceae')
+  -- names travel with subsets and splits
+  T.eq(ds:subset({ 2 }).category_names[2], 'tulip')
+  -- no images: the seed's convention; no categories: the ids stand for names
+  write(dir .. '/train.json', '{"annotations": [{"image_id": 4, "category_id": 6}]}')
+  ds = data.kaggle(dir)
+  T.eq(ds.paths[1], dir .. '/train/category_7/4.jpg')
+  T.eq(ds.category_names[1], '6')
+  local names = require('flower.pipeline').datasets{ data = ROOT }.names
+  T.check(names[1]:find('^0 %(.*petal'), names[1])
+end)
+
+T.test('kaggle: paths from JSON (NUL, absolute, ..), unlisted images and repeated ids are errors naming the record', function()
+  local dir = TMP .. '/hostile'
+  files.mkdir(dir)
+  local j = dir .. '/train.json'
+  local cases = {
+    { '{"annotations": [{"image_id": "a\\u0000b", "category_id": 1}]}', "annotations[1] has string 'image_id' \"a\\0b\": it holds a NUL byte" },
+    { '{"annotations": [{"image_id": "../../etc/passwd", "category_id": 1}]}', "annotations[1] has string 'image_id'" },
+    { '{"annotations": [{"image_id": "..", "category_id": 1}]}', "'..' segment would reach outside the data root" },
+    { '{"images": [{"id": 1, "file_name": "/etc/passwd"}], "annotations": [{"image_id": 1, "category_id": 1}]}',
+      "images[1] has string 'file_name' \"/etc/passwd\": an absolute path" },
+    { '{"images": [{"id": 1, "file_name": "train/../../x.jpg"}], "annotations": [{"image_id": 1, "category_id": 1}]}',
+      "images[1] has string 'file_name' \"train/../../x.jpg\": a '..' segment" },
+    { '{"images": [{"id": 1, "file_name": "a.jpg\\u0000.png"}], "annotations": [{"image_id": 1, "category_id": 1}]}',
+      'it holds a NUL byte' },
+    { '{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 2, "category_id": 1}]}',
+      "annotations[1] has image_id 2, which 'images' does not list" },
+    { '{"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 1, "file_name": "b.jpg"}], "annotations": []}',
+      'images[2] repeats image id 1' },
+    { '{"images": [{"id": 1}], "annotations": [{"image_id": 1, "category_id": 1}]}', "images[1] has no 'file_name' string" },
+    { '{"annotations": [{"image_id": 1, "category_id": 1}], "categories": [{"id": 1, "name": 7}]}',
+      "categories[1] has a number 'name', expected a string" },
+  }
+  for _, c in ipairs(cases) do
+    write(j, c[1])
+    local err = T.raises(function() data.kaggle(dir) end, c[2], c[1])
+    T.check(tostring(err):find(j, 1, true), 'message does not name the file: ' .. tostring(err))
+  end
+  local t = dir .. '/test.json'
+  write(t, '{"images": [{"id": 1, "file_name": "/etc/passwd"}]}')
+  T.raises(function() data.kaggle_test(dir) end, "images[1] has string 'file_name' \"/etc/passwd\": an absolute path")
+  write(t, '{"images": [{"id": 1, "file_name": "../train.json"}]}')
+  T.raises(function() data.kaggle_test(dir) end, "'..' segment")
+  write(t, '{"images": [{"id": 1, "file_name": "x\\u0000.jpg"}]}')
+  T.raises(function() data.kaggle_test(dir) end, 'NUL byte')
+  write(t, '{"images": [{"id": 1, "file_name": "test/a.jpg"}, {"id": 2, "file_name": "b.jpg"}]}')
+  local te = data.kaggle_test(dir)
+  T.eq(te.paths[1], dir .. '/test/a.jpg')
+  T.eq(te.paths[2], dir .. '/test/b.jpg')
+end)
+
 T.test('folder: one directory per class, sorted; other files and hidden folders ignored', function()
   local dir = TMP .. '/folders'
   files.mkdir(dir .. '/tulip')
@@ -190,22 +253,112 @@ print(' '.join(str(i + 1) for i in p[:k])); print(' '.join(str(i + 1) for i in p
   T.eq(table.concat(perm, ' '), want)
 end)
 
-T.test('split: stratified keeps every class in both parts; bad arguments', function()
-  local ds = data.kaggle(ROOT)
-  local tr, va = ds:split{ test_size = 0.25, seed = 1, stratify = true }
-  local ct, cv = tr:class_counts(), va:class_counts()
-  for c = 1, 4 do
-    T.eq(cv[c], 2)  -- round(0.25 * 6)
-    T.eq(ct[c], 4)
+-- scikit-learn's own answer: train_test_split(arange(n), test_size=, random_state=, stratify=labels)
+-- for each case {labels, test_size, seed, stratify}; returns per case {train = 'i j ...', valid = ...}
+-- (1-based) or {error = message}
+local function sklearn_splits(cases)
+  local inp, out = TMP .. '/split_cases.txt', TMP .. '/split_answers.txt'
+  local f = assert(io.open(inp, 'wb'))
+  for _, c in ipairs(cases) do
+    f:write(string.format('%s %s %d %d\n', math.type(c.test_size) == 'integer' and 'int' or 'float',
+      string.format('%.17g', c.test_size), c.seed, c.stratify and 1 or 0))
+    f:write(table.concat(c.labels, ' '), '\n')
   end
-  local tr2 = ds:split{ test_size = 0.25, seed = 1, stratify = true }
-  T.eq(table.concat(tr2.paths, ','), table.concat(tr.paths, ','))
-  local seen = {}
-  for _, p in ipairs(tr.paths) do seen[p] = 1 end
-  for _, p in ipairs(va.paths) do T.check(not seen[p], 'overlap') seen[p] = 1 end
-  local n = 0
-  for _ in pairs(seen) do n = n + 1 end
-  T.eq(n, 24)
+  f:close()
+  T.check(sh(PY .. [[ -c "
+import sys, numpy as np
+from sklearn.model_selection import train_test_split
+lines = open(sys.argv[1]).read().split('\n')
+out = open(sys.argv[2], 'w')
+for k in range(0, len(lines) - 1, 2):
+    kind, ts, seed, strat = lines[k].split()
+    y = np.array([int(v) for v in lines[k + 1].split()])
+    ts = int(ts) if kind == 'int' else float(ts)
+    try:
+        tr, va = train_test_split(np.arange(len(y)), test_size=ts, random_state=int(seed), stratify=y if strat == '1' else None)
+        out.write(' '.join(str(i + 1) for i in tr) + '\n' + ' '.join(str(i + 1) for i in va) + '\n')
+    except ValueError as e:
+        out.write('error\n' + str(e).replace('\n', ' ') + '\n')
+" ]] .. inp .. ' ' .. out), 'scikit-learn did not answer (run make deps)')
+  local lines = {}
+  for l in io.lines(out) do lines[#lines + 1] = l end
+  local r = {}
+  for k = 1, #cases do
+    local a, b = lines[2 * k - 1], lines[2 * k]
+    r[k] = a == 'error' and { error = b } or { train = a, valid = b }
+  end
+  return r
+end
+
+-- our split of a label list, as 1-based index strings
+local function our_split(c)
+  local n = #c.labels
+  local paths = {}
+  for i = 1, n do paths[i] = tostring(i) end
+  local ds = data.new_dataset{ paths = paths, labels = c.labels, num_classes = 0 }
+  local ok, tr, va = pcall(ds.split, ds, { test_size = c.test_size, seed = c.seed, stratify = c.stratify })
+  if not ok then return { error = tostring(tr) } end
+  return { train = table.concat(tr.paths, ' '), valid = table.concat(va.paths, ' ') }
+end
+
+T.test('split: stratified and not, identical to scikit-learn on rare classes and on 100k ids', function()
+  local cases = {}
+  -- rare classes: 2 and 3 members among larger ones, ties in the shares, several sizes and seeds
+  local rare = {}
+  for c, k in ipairs({ 2, 3, 2, 7, 3, 12, 2, 5, 3, 9 }) do for _ = 1, k do rare[#rare + 1] = c end end
+  -- members of a class scattered, not contiguous
+  local scattered = {}
+  for i = 1, #rare do scattered[i] = rare[(i * 17) % #rare + 1] end
+  for _, labels in ipairs({ rare, scattered }) do
+    for _, ts in ipairs({ 0.2, 0.25, 0.5, 12 }) do
+      for _, seed in ipairs({ 42, 0, 7 }) do
+        cases[#cases + 1] = { labels = labels, test_size = ts, seed = seed, stratify = true }
+      end
+    end
+  end
+  -- 100k ids over 997 classes of skewed sizes (1..~400 members, a few with 2 or 3)
+  local big = {}
+  local x = 12345
+  for _ = 1, 100000 do
+    x = (x * 1103515245 + 12345) % 2147483648
+    local u = (x % 1000003) / 1000003
+    big[#big + 1] = math.floor(997 * u * u * u) + 1
+  end
+  for c = 1, 997 do big[#big + 1] = c; big[#big + 1] = c end   -- every class has 2 or more
+  cases[#cases + 1] = { labels = big, test_size = 0.2, seed = 42, stratify = true }
+  cases[#cases + 1] = { labels = big, test_size = 0.2, seed = 42, stratify = false }
+  local want = sklearn_splits(cases)
+  for k, c in ipairs(cases) do
+    local got = our_split(c)
+    T.check(want[k].error == nil, 'scikit-learn refused case ' .. k .. ': ' .. tostring(want[k].error))
+    T.check(got.error == nil, 'we refused case ' .. k .. ': ' .. tostring(got.error))
+    T.check(got.train == want[k].train and got.valid == want[k].valid,
+      string.format('case %d (n %d, test_size %s, seed %d, stratify %s) differs from scikit-learn', k, #c.labels,
+        tostring(c.test_size), c.seed, tostring(c.stratify)))
+  end
+  T.eq(#want, #cases)
+end)
+
+T.test("split: the pipeline's default is the seed's (unstratified train_test_split, 0.2, 42)", function()
+  local ds = require('flower.pipeline').datasets{ data = ROOT }
+  local tr, va = data.kaggle(ROOT):split{ test_size = 0.2, seed = 42 }
+  T.eq(table.concat(ds.train.paths, ','), table.concat(tr.paths, ','))
+  T.eq(table.concat(ds.valid.paths, ','), table.concat(va.paths, ','))
+end)
+
+T.test('split: refusals as scikit-learn refuses (a class of 1, fewer samples than classes); bad arguments', function()
+  local one = { 1, 1, 2, 3, 3, 3, 4, 4 }   -- class 2 has a single member
+  local few = { 1, 1, 2, 2, 3, 3, 4, 4, 5, 5 } -- 20% = 2 valid samples for 5 classes
+  local cases = { { labels = one, test_size = 0.25, seed = 42, stratify = true },
+                  { labels = few, test_size = 0.2, seed = 42, stratify = true } }
+  local want = sklearn_splits(cases)
+  T.check(want[1].error and want[1].error:find('only 1 member'), 'scikit-learn should refuse a class of 1')
+  T.check(want[2].error and want[2].error:find('greater or equal to the number of classes'), 'scikit-learn should refuse')
+  local got = our_split(cases[1])
+  T.check(got.error and got.error:find('class 2 has only 1 member') and got.error:find('scikit%-learn'), got.error)
+  got = our_split(cases[2])
+  T.check(got.error and got.error:find('2 valid samples for 5 classes'), got.error)
+  local ds = data.kaggle(ROOT)
   local a, b = ds:split{ test_size = 3, seed = 5 }
   T.eq(#b, 3)
   T.eq(#a, 21)
@@ -213,6 +366,13 @@ T.test('split: stratified keeps every class in both parts; bad arguments', funct
   T.raises(function() ds:split{ test_size = 24 } end, 'must be smaller than the 24 samples')
   T.raises(function() ds:split{ seed = -1 } end, 'seed must be an integer')
   T.raises(function() data.kaggle_test(ROOT):split{ stratify = true } end, 'stratify needs labels')
+  -- the stream keeps going: two permutations in a row from one RandomState, as numpy draws them
+  local rs = D.random_state(3)
+  local p1, p2 = rs:permutation(5), rs:permutation(7)
+  local f = io.popen(PY .. [[ -c "import numpy as np; r = np.random.RandomState(3); print(' '.join(str(i + 1) for i in list(r.permutation(5)) + list(r.permutation(7))))"]])
+  local w = f:read('l')
+  f:close()
+  T.eq(table.concat(p1, ' ') .. ' ' .. table.concat(p2, ' '), w)
 end)
 
 -- collects warning lines
@@ -353,6 +513,32 @@ T.test('Loader: bad files are skipped with one warning each and counted; strict 
   -- strict: the first bad sample raises, naming file and reason
   local s = data.Loader{ ds, batch_size = 4, size = 24, strict = true }
   T.raises(function() epoch_batches(s, 1) end, ds.paths[2] .. ': Premature end of JPEG file (truncated)')
+end)
+
+T.test('Loader: a FIFO and a directory named .jpg are skipped without hanging; loader:skipped() names each once', function()
+  local ds = bad_dataset()
+  local dir = TMP .. '/bad'
+  T.check(sh('mkfifo ' .. dir .. '/fifo.jpg'), 'mkfifo failed')
+  files.mkdir(dir .. '/dir.jpg')
+  ds = data.new_dataset{ paths = { ds.paths[1], dir .. '/fifo.jpg', dir .. '/dir.jpg', ds.paths[5], ds.paths[7] },
+                         labels = { 1, 2, 3, 4, 5 }, num_classes = 5 }
+  local l = data.Loader{ ds, batch_size = 2, size = 16, workers = 2, warn = false }
+  for e = 1, 2 do
+    local n = 0
+    for b in l:epoch(e) do n = n + b.n end
+    T.eq(n, 2)
+  end
+  local sk = l:skipped()
+  T.eq(#sk, 3)
+  T.eq(sk[1].path, dir .. '/fifo.jpg'); T.eq(sk[1].index, 2)
+  T.check(sk[1].reason:find('a FIFO, not an image file (not_file)', 1, true), sk[1].reason)
+  T.check(sk[2].reason:find('a directory', 1, true), sk[2].reason)
+  T.check(sk[3].reason:find('PNG', 1, true), sk[3].reason)
+  T.eq(l:stats().skipped, 6)
+  os.remove(dir .. '/fifo.jpg')
+  -- a 2-byte file holding the JPEG start marker says it is truncated, not that it lacks the marker
+  write(dir .. '/two.jpg', '\255\216')
+  T.raises(function() data.load_image(dir .. '/two.jpg') end, 'truncated: 2 bytes')
 end)
 
 T.test('Loader: a batch whose every sample failed is left out', function()

@@ -1,5 +1,5 @@
 -- flower.export: features in the seed's HDF5 layout, in a fixed order (row i = image i, labels
--- aligned), unreadable images as zero rows, interrupted exports resumed to the same file.
+-- aligned), unreadable images left out (no row) and named, interrupted exports resumed to the same file.
 local T = require 'flower.test'
 local flower = require 'flower'
 local data = require 'flower.data'
@@ -111,20 +111,91 @@ T.test('an interrupted export resumes to the same file contents', function()
   end, "lists other images for 'train'")
 end)
 
-T.test('an unreadable image becomes a zero row and the others stay aligned', function()
+T.test('an unreadable image has no row: rows, ids and labels are the decoded images, the skipped one is named', function()
   local dir = files.join(TMP, 'bad')
   os.execute(string.format('cp -r %s %s', files.shell_quote(root), files.shell_quote(dir)))
   local ds = data.kaggle(dir)
   local sub = ds:subset({ 1, 2, 3, 4, 5, 6, 7 })
   files.write_atomic(sub.paths[3], 'not a jpeg')
+  os.remove(sub.paths[7])
   local r = export.features(model, { path = files.join(TMP, 'bad.h5'), splits = { { 'train', sub } }, loader = loader,
     progress = false, attrs = { model = 'vgg_tiny' } })
-  T.eq(r.rows.train, 7)
+  T.eq(r.rows.train, 5)
+  T.eq(#r.skipped.train, 2)
+  T.eq(r.skipped.train[1].path, sub.paths[3])
+  T.check(r.skipped.train[1].reason:find('not a JPEG', 1, true), r.skipped.train[1].reason)
+  T.eq(r.skipped.train[2].path, sub.paths[7])
   local e = export.read(r.path)
-  T.eq(e.x.train:size(1), 7)
-  T.eq(table.concat(e.missing.train, ','), '2')
-  T.eq(e.x.train:narrow(1, 3, 1):abs():sum():item(), 0)
-  for _, i in ipairs({ 1, 2, 4, 7 }) do T.allclose(e.x.train:narrow(1, i, 1), feature_of(sub, i), 1e-5, 1e-6, 'row ' .. i) end
+  T.eq(e.x.train:size(1), 5)
+  T.eq(#e.ids.train, 5)
+  T.eq(e.label.train:size(1), 5)
+  T.eq(table.concat(e.skipped.train, ','), files.join('train', sub.paths[3]:match('(category_%d+/[^/]+)$')) .. ','
+    .. files.join('train', sub.paths[7]:match('(category_%d+/[^/]+)$')))
+  -- every row is its image: join by id
+  for j, i in ipairs({ 1, 2, 4, 5, 6 }) do
+    T.eq(e.ids.train[j], tostring(sub.ids[i]))
+    T.eq(e.label.train[j], sub.labels[i])
+    T.allclose(e.x.train:narrow(1, j, 1), feature_of(sub, i), 1e-5, 1e-6, 'row ' .. j)
+  end
+  -- interrupted right after the batch that met the bad file, resumed: the same file contents
+  local path2 = files.join(TMP, 'bad_resumed.h5')
+  local function stop_after_first(ds2)
+    local l = loader(ds2)
+    return setmetatable({}, { __len = function() return #l end, __index = {
+      skipped = function() return l:skipped() end,
+      epoch = function(_, ep)
+        local it, k = l:epoch(ep), 0
+        return function()
+          k = k + 1
+          if k == 1 then train.request_interrupt('test') end
+          return it()
+        end
+      end } })
+  end
+  T.eq(export.features(model, { path = path2, splits = { { 'train', sub } }, loader = stop_after_first, progress = false,
+    attrs = { model = 'vgg_tiny' } }).interrupted, 'test')
+  local r2 = export.features(model, { path = path2, splits = { { 'train', sub } }, loader = loader, progress = false,
+    resume = true, attrs = { model = 'vgg_tiny' } })
+  T.eq(r2.rows.train, 1)
+  T.eq(#r2.skipped.train, 1)
+  local e2 = export.read(path2)
+  T.eq((e2.x.train - e.x.train):abs():max():item(), 0)
+  T.eq(table.concat(e2.ids.train, ','), table.concat(e.ids.train, ','))
+  T.eq(table.concat(e2.skipped.train, ','), table.concat(e.skipped.train, ','))
+end)
+
+T.test('a recipe run on a set with unreadable images leaves them out everywhere and names them (log, results.json, report)', function()
+  local dir = files.join(TMP, 'badrun')
+  os.execute(string.format('cp -r %s %s', files.shell_quote(root), files.shell_quote(dir)))
+  os.remove(files.join(dir, 'sample_submission.csv'))   -- with a sample, a missing prediction is an error
+  local ds = require('flower.pipeline').datasets{ data = dir }
+  local bad = { ds.train.paths[2], ds.valid.paths[1], ds.test.paths[3] }
+  files.write_atomic(bad[1], 'not a jpeg')
+  files.write_atomic(bad[2], '\255\216')
+  os.remove(bad[3])
+  local quickstart = require('flower.recipe').load('experiments/quickstart.lua')
+  local s = quickstart:call { '--tiny', '--data', dir, '--models', 'vgg_tiny', '--runs', files.join(TMP, 'runs'),
+    '--run-name', 'bad' }
+  local rd = files.join(TMP, 'runs', 'bad')
+  local log = files.read(files.join(rd, 'log.txt'))
+  local res = files.json_read(files.join(rd, 'results.json'))
+  local html = files.read(files.join(rd, 'report.html'))
+  T.eq(#res.skipped, 3)
+  for _, p in ipairs(bad) do
+    T.check(log:find('skipped unreadable image ' .. p, 1, true), 'log does not name ' .. p)
+    T.check(html:find(p, 1, true), 'report does not name ' .. p)
+  end
+  T.check(html:find('Skipped images (3)', 1, true), 'report has no skipped section')
+  -- the feature files hold no row for them, and predict.csv predicts only the readable test images
+  local e = export.read(files.join(rd, 'features', 'vgg_tiny.h5'))
+  T.eq(e.x.train:size(1), #ds.train - 1); T.eq(e.x.valid:size(1), #ds.valid - 1); T.eq(e.x.test:size(1), #ds.test - 1)
+  T.eq(#e.skipped.test, 1)
+  local pred = files.csv_read(files.join(rd, 'predict.csv'))
+  T.eq(#pred, #ds.test)   -- header + the readable ones
+  local listed = {}
+  for i = 2, #pred do listed[pred[i][1]] = true end
+  T.check(not listed[tostring(ds.test.ids[3])], 'the unreadable test image has a prediction')
+  T.check(s.results ~= nil)
 end)
 
 T.test('bad options are errors', function()
@@ -132,6 +203,41 @@ T.test('bad options are errors', function()
   T.raises(function() export.features(model, { path = 'x.h5', splits = {}, loader = loader }) end, 'expected splits')
   T.raises(function() export.features(model, { path = files.join(TMP, 'z.h5'), splits = { { 'extra', tr } }, loader = loader,
     progress = false }) end, "split names are train, valid and test, got 'extra'")
+end)
+
+T.test('valid_probs/test_probs hold the model\'s probabilities, whether it ends in logits or in a softmax', function()
+  local nn = require 'flower.nn'
+  local function probs_of(m, path)
+    export.features(m, { path = path, splits = { { 'valid', va }, { 'test', te } }, loader = loader, layer = 'avg_pool',
+      attrs = { model = 'p' }, progress = false })
+    m:evaluate()
+    local outs = {}
+    for b in loader(te):epoch(1) do outs[#outs + 1] = m:forward(b.x) end
+    return h5.read(path, '/test_probs'), flower.cat(outs, 1)
+  end
+  -- logits: the file holds softmax(logits)
+  local logits = nets.build('vgg_tiny', { classes = all.num_classes, input_size = 32, width = 4, seed = 3 })
+  T.check(not export.ends_in_softmax(logits), 'vgg_tiny ends in logits')
+  local got, out = probs_of(logits, files.join(TMP, 'logits.h5'))
+  T.allclose(got, out:softmax(2), 1e-5, 1e-7, 'softmax of the logits')
+  -- the same network ending in Dense(softmax) (the recipe's Keras models) and in an Activation / Softmax layer:
+  -- the file holds the model's output itself, not softmax(softmax(x))
+  local feats = logits:output_of('avg_pool')
+  for _, ending in ipairs({ 'dense', 'activation', 'softmax_layer' }) do
+    local y = feats.outputs[1]
+    if ending == 'dense' then
+      y = nn.Dense { units = all.num_classes, activation = 'softmax', name = 'pred_' .. ending }(y)
+    else
+      y = nn.Dense { units = all.num_classes, name = 'pred_' .. ending }(y)
+      y = ending == 'activation' and nn.Activation('softmax')(y) or nn.Softmax {}(y)
+    end
+    local m = nn.Model(feats.inputs[1], y)
+    T.check(export.ends_in_softmax(m), ending .. ' ends in a softmax')
+    local p, o = probs_of(m, files.join(TMP, ending .. '.h5'))
+    T.allclose(p, o, 1e-6, 1e-7, ending .. ': the model\'s probabilities')
+    T.allclose(p:sum(2), flower.ones(p:size(1)), 1e-5, 0, ending .. ': rows sum to 1')
+    T.check((p - o:softmax(2)):abs():max():item() > 1e-3, ending .. ': differs from a second softmax')
+  end
 end)
 
 F.rmdir(TMP)

@@ -61,7 +61,7 @@ local points = {
   'h5.write.done:1', 'h5.write.done:2', 'h5.attr.set:3', 'h5.attr.set:14', 'h5.attr.set:28', 'h5.attr.set:34',
   'h5.write_atomic.before_rename', 'h5.append.extended:1', 'h5.append.extended:4', 'h5.append.written:2',
   'h5.append.written:7', 'h5.flushed:1', 'h5.flushed:4', 'h5.flushed:11', 'export.batch_flushed:1',
-  'export.batch_flushed:5', 'export.batch_committed:2', 'export.split_committed:1', 'export.split_committed:3',
+  'export.batch_flushed:5', 'export.batch_committed:2', 'export.split_listed:1', 'export.split_listed:3', 'h5.write.done:5', 'h5.write.done:9',
 }
 for i, kp in ipairs(points) do
   T.test('killed at ' .. kp .. ', resumed: the same file', function()

@@ -35,15 +35,83 @@ T.test('fgvcx_flowers with ResNet50 notop weights from --weights', function()
   T.eq(e.x.train:size(2), 2048, 'pooled ResNet50 features')
   T.eq(e.attrs.weights, 'resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5')
   T.eq(e.attrs.weights_sha256, export.sha256(wfile))
+  -- the model ends in a softmax: the file holds its probabilities, not softmax(softmax(x))
+  local pipeline, train = require 'flower.pipeline', require 'flower.train'
+  local cfg = files.json_read(files.join(dir, 'config.json'))
+  local ds = pipeline.datasets(cfg)
+  local ev = train.evaluate(s.finetuned[1].model, pipeline.eval_loader(cfg, ds.valid, 32),
+    { loss = 'categorical_crossentropy', collect = true, progress = false })
+  T.allclose(e.probs.valid, ev.probs, 1e-5, 1e-7, 'valid_probs = the model\'s probabilities')
   local sub = files.csv_read(files.join(dir, 'predict.csv'))
   T.eq(table.concat(sub[1], ','), 'id,predicted')
   T.eq(#sub, 1 + 5)
 end)
 
-T.test('a missing weights file is an error naming it', function()
-  T.raises(function()
+local FL = os.getenv('FLOWERLUA') or './flowerlua'
+local function sh(cmd)
+  local p = io.popen(cmd .. ' 2>&1; echo "rc=$?"')
+  local out = p:read('a')
+  p:close()
+  return out, tonumber(out:match('rc=(%d+)%s*$'))
+end
+local function entries(dir)
+  local p = io.popen('ls -A ' .. files.shell_quote(dir) .. ' 2>/dev/null')
+  local out = p:read('a')
+  p:close()
+  return out
+end
+
+-- user errors: the message alone (no Lua traceback), exit status 1, and no run directory left behind
+local function user_error(args, want)
+  local runs = files.join(TMP, 'bad-runs')
+  local out, rc = sh(FL .. ' experiments/fgvcx_flowers.lua ' .. args .. ' --runs ' .. runs)
+  T.eq(rc, 1, out)
+  T.check(out:find(want, 1, true), 'expected ' .. want .. ' in: ' .. out)
+  T.check(not out:find('traceback', 1, true), 'a traceback: ' .. out)
+  T.eq(entries(runs), '', 'run directories left behind')
+end
+
+T.test('input sizes are checked for every model before anything runs', function()
+  user_error('--data ' .. root .. ' --models resnet50,inception_v3 --size 32',
+    'fgvcx_flowers: --size 32: inception_v3 takes images of at least 75x75')
+  user_error('--data ' .. root .. ' --models xception --size 70', 'xception takes images of at least 71x71')
+end)
+
+T.test('a bad --data, a missing or unfit weights file: a message, no traceback, no run directory', function()
+  user_error('--data ' .. files.join(TMP, 'nowhere'), '--data ' .. files.join(TMP, 'nowhere') .. ': no such directory')
+  user_error('--data ' .. TMP, 'no train.json there')
+  user_error('--data ' .. root .. ' --weights ' .. files.join(TMP, 'none') .. ' --models xception',
+    'xception: no weights file ' .. files.join(TMP, 'none', 'xception_weights_tf_dim_ordering_tf_kernels_notop.h5'))
+  -- a weights file of another model: found when the model is built, still the user's error
+  local wdir = files.join(TMP, 'wrong')
+  files.mkdir(wdir)
+  os.execute(string.format('cp %s %s', files.shell_quote(files.join(TMP, 'weights', 'resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5')),
+    files.shell_quote(files.join(wdir, 'xception_weights_tf_dim_ordering_tf_kernels_notop.h5'))))
+  user_error('--data ' .. root .. ' --weights ' .. wdir .. ' --models xception --size 71',
+    'keras.load_weights: ' .. files.join(wdir, 'xception_weights_tf_dim_ordering_tf_kernels_notop.h5'))
+  -- from Lua too: an error whose message is the text
+  local e = T.raises(function()
     fg:call { '--data', root, '--weights', files.join(TMP, 'none'), '--models', 'xception', '--runs', files.join(TMP, 'runs') }
   end, 'xception: no weights file ' .. files.join(TMP, 'none', 'xception_weights_tf_dim_ordering_tf_kernels_notop.h5'))
+  T.check(recipe.is_user_error(e), 'a recipe user error')
+end)
+
+T.test('`--resume RUNDIR` alone continues a run (the options come from its config.json)', function()
+  local runs = files.join(TMP, 'runs')
+  local out, rc = sh(FL .. ' experiments/fgvcx_flowers.lua --data ' .. root .. ' --models resnet50 --size 32 --epochs 0 ' ..
+    '--batch-size 8 --ensemble-epochs 2 --workers 1 --runs ' .. runs .. ' --run-name again')
+  T.eq(rc, 0, out)
+  local dir = files.join(runs, 'again')
+  local before = files.read(files.join(dir, 'predict.csv'))
+  out, rc = sh(FL .. ' experiments/fgvcx_flowers.lua --resume ' .. dir)
+  T.eq(rc, 0, out)
+  T.check(not out:find('is required', 1, true), out)
+  T.eq(files.read(files.join(dir, 'predict.csv')), before, 'the same submission')
+  local html = files.read(files.join(dir, 'report.html'))
+  T.check(html:find('resnet50 started from random weights', 1, true), 'the report says the weights were random')
+  T.check(html:find('predict-averaged.csv', 1, true), 'the Files table lists predict-averaged.csv')
+  out, rc = sh(FL .. ' experiments/fgvcx_flowers.lua --resume ' .. files.join(TMP, 'weights'))
+  T.eq(rc, 1, out); T.check(out:find('no config.json there', 1, true) and not out:find('traceback', 1, true), out)
 end)
 
 F.rmdir(TMP)

@@ -128,6 +128,85 @@ T.test('skip_mismatch loads all but a new head, and says so', function()
   T.check(b:layer('conv').kernel:equal(a:layer('conv').kernel), 'the rest is loaded')
 end)
 
+-- A chain of unnamed layers, so that flowerlua numbers them as tf.keras does (conv2d, conv2d_1,
+-- conv2d_2, batch_normalization, ...); conv2d_1 and conv2d_2 have the same shapes, so a load that
+-- pairs a layer with its neighbour would pass every shape check.
+local function auto_net(units)
+  nn.reset_names()
+  local x = nn.Input{shape = {8, 8, 3}}
+  local y = nn.Conv2D{filters = 4, kernel_size = 3, padding = 'same'}(x)
+  y = nn.Activation('relu')(nn.BatchNormalization{}(y))
+  y = nn.Conv2D{filters = 4, kernel_size = 3, padding = 'same'}(y)
+  y = nn.Conv2D{filters = 4, kernel_size = 3, padding = 'same'}(y)
+  y = nn.BatchNormalization{}(y)
+  y = nn.Dense{units = units or 2}(nn.GlobalAveragePooling2D{}(y))
+  return nn.Model(x, y)
+end
+
+T.test('automatic names: the numbering scheme of each prefix is read off the names present', function()
+  local map = keras.scheme_map({'conv2d', 'conv2d_1', 'conv2d_2', 'block1_conv1', 'dense'},
+                               {'conv2d_1', 'conv2d_2', 'conv2d_3', 'block1_conv1', 'dense'})
+  T.eq(map.conv2d, 'conv2d_1'); T.eq(map.conv2d_1, 'conv2d_2'); T.eq(map.conv2d_2, 'conv2d_3')
+  T.eq(map.block1_conv1, nil, 'explicit names stay'); T.eq(map.dense, nil, 'a prefix both sides have bare stays')
+  -- the other way round: a one-based model (built from a standalone Keras config) and a tf.keras file
+  local back = keras.scheme_map({'conv2d_1', 'conv2d_2'}, {'conv2d', 'conv2d_1'})
+  T.eq(back.conv2d_1, 'conv2d'); T.eq(back.conv2d_2, 'conv2d_1')
+  T.eq(next(keras.scheme_map({'conv2d', 'conv2d_1'}, {'conv2d', 'conv2d_1'})), nil, 'same scheme: nothing renamed')
+end)
+
+T.test('by name on a standalone Keras 2.2 file (conv2d_1 ...): every layer gets its own weights, never a neighbour\'s', function()
+  local a = auto_net()
+  randomize(a, 21)
+  local ours, theirs = TMP .. '/auto.h5', TMP .. '/auto_keras22.h5'
+  keras.save_weights(a, ours)
+  assert(sh(string.format('%s tests/reference/keras22_names.py %s %s', PY, ours, theirs)), 'keras22_names.py failed')
+  T.eq(keras.inspect(theirs).keras_version, '2.2.4')
+  local b = auto_net()
+  local rep = keras.load_weights(b, theirs, {by_name = true, quiet = true})
+  T.eq(rep.loaded, 6); T.eq(#rep.missing_in_file, 0); T.eq(#rep.unused_in_file, 0); T.eq(#rep.skipped, 0)
+  T.eq(#rep.renamed, 6); T.eq(rep.renamed[1].layer, 'conv2d'); T.eq(rep.renamed[1].group, 'conv2d_1')
+  same_weights(a, b)
+  -- with skip_mismatch (a new head): the same pairs, the head skipped and named, nothing in a neighbour
+  local c = auto_net(5)
+  rep = keras.load_weights(c, theirs, {by_name = true, skip_mismatch = true, quiet = true})
+  T.eq(rep.loaded, 5); T.eq(#rep.skipped, 1); T.eq(rep.skipped[1].layer, 'dense')
+  for _, n in ipairs({'conv2d', 'conv2d_1', 'conv2d_2', 'batch_normalization', 'batch_normalization_1'}) do
+    T.check(c:layer(n).kernel == nil or c:layer(n).kernel:equal(a:layer(n).kernel), n .. ': its own weights')
+  end
+  T.check(c:layer('batch_normalization_1').moving_mean:equal(a:layer('batch_normalization_1').moving_mean), 'bn_1')
+  -- the report names every skipped layer with its reason (stderr unless quiet)
+  local out = TMP .. '/report.txt'
+  local f = io.open(out, 'w')
+  keras.print_report(rep, theirs, f)
+  f:close()
+  local text = io.open(out):read('a')
+  T.check(text:find("  skipped dense: layer 'dense' (Dense) weight 'kernel' has shape 4x5", 1, true), text)
+  T.check(text:find('6 automatic names matched across numbering schemes (conv2d -> conv2d_1', 1, true), text)
+end)
+
+T.test('a file without one layer\'s weights says which layer; load_model errors start with keras.load_model', function()
+  local a = auto_net()
+  local p = TMP .. '/missing.h5'
+  keras.save_weights(a, p)
+  do   -- drop conv2d_1 from the file, as a truncated export would
+    local f <close> = h5.open(p, 'a')
+    local names = f:attr('/', 'layer_names')
+    local keep = {}
+    for _, n in ipairs(names) do if n ~= 'conv2d_1' then keep[#keep + 1] = n end end
+    f:set_attr('/', 'layer_names', keep)
+  end
+  T.raises(function() keras.load_weights(auto_net(), p) end,
+    "the model model has 6 layers with weights, the file 5 (the file has no weights for the model's layer(s) 'conv2d_1')")
+  local junk = TMP .. '/junk.h5'
+  local g = io.open(junk, 'w'); g:write('not an HDF5 file\n'); g:close()
+  for _, fn in ipairs({function() keras.load_model(junk) end, function() keras.load_weights(a, junk) end}) do
+    local err = T.raises(fn, 'junk.h5')
+    T.check(not tostring(err):find('flower/keras.lua:', 1, true), 'an internal location: ' .. tostring(err))
+    T.check(tostring(err):find('^[^ ]*test_keras.lua:%d+: keras%.load_') or tostring(err):find('^keras%.load_'),
+      'starts with the function: ' .. tostring(err))
+  end
+end)
+
 T.test('loading is all or nothing: a bad last layer leaves every weight untouched', function()
   local a = net()
   randomize(a, 4)

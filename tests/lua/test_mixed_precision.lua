@@ -320,19 +320,19 @@ T.test('train.fit{mixed_precision = "bfloat16"} reaches the float32 loss; checkp
   -- float32 model that then evaluates as the mixed one does (within bfloat16's rounding)
   local path = files.join(dir, 'last.h5')
   for _, w in ipairs(m:weights()) do
-    local t = h5.read(path, '/weights/' .. w.path)
+    local t = h5.read(path, '/model/' .. w.path)
     T.eq(t:dtype(), 'float32', w.path)
     T.check(t:equal(w.tensor), w.path .. ' is not the master')
   end
   for wpath, slots in pairs(opt.slots) do
     for name, t in pairs(slots) do
-      local s = h5.read(path, '/optimizer/slots/' .. wpath .. '/' .. name)
+      local s = h5.read(path, '/optimizer/' .. wpath .. '/' .. name)
       T.eq(s:dtype(), 'float32')
       T.check(s:equal(t), wpath .. ' ' .. name)
     end
   end
   local f = mlp()
-  train.load_checkpoint(path, f)
+  nn.load_checkpoint(path, f)
   T.same_weights(f, m)
   local vl = data.FeatureLoader{x = XV, y = YV, batch_size = 48}
   local e32 = train.evaluate(f, vl, {progress = false})

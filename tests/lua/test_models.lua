@@ -6,6 +6,7 @@ local T = require 'flower.test'
 local flower = require 'flower'
 local models = require 'flower.models'
 local nn = require 'flower.nn'
+local keras = require 'flower.keras'
 
 -- keras.io totals; weighted layers of the notop files (../shared/specs/keras_applications.md §1)
 local KERAS = {
@@ -196,6 +197,27 @@ T.test('preprocess_input: caffe and tf modes as Keras computes them', function()
   T.eq(m.preprocess_mode, 'caffe')
   T.eq(select(1, m:count_params()), KERAS.resnet50.notop)
   T.check(nn)
+end)
+
+T.test('the zoo takes what the loaders hand out (RGB 0..255) by default; preprocess=false is Keras\'s bare graph', function()
+  local images = flower.rand(2, 32, 32, 3) * 255
+  for _, name in ipairs({'resnet50', 'xception'}) do
+    local size = models.min_size(name) < 32 and 32 or models.min_size(name)
+    local shape = {size, size, 3}
+    local x = name == 'resnet50' and images or flower.rand(2, size, size, 3) * 255
+    local m = models[name]{include_top = false, pooling = 'avg', input_shape = shape}
+    T.eq(m:keras_layers()[2].name, 'preprocess', name .. ': preprocessing is the first layer by default')
+    local bare = models[name]{include_top = false, pooling = 'avg', input_shape = shape, preprocess = false}
+    T.check(not pcall(bare.layer, bare, 'preprocess'), name .. ': preprocess=false has no preprocessing layer')
+    local w = os.tmpname()
+    keras.save_weights(m, w)
+    keras.load_weights(bare, w)
+    os.remove(w)
+    m:evaluate(); bare:evaluate()
+    T.allclose(m:forward(x), bare:forward(models.preprocess_input(x, m.preprocess_mode)), 1e-4, 1e-5,
+      name .. ': raw images in = preprocessed images into the bare graph')
+  end
+  T.eq(models.min_size('inception_v3'), 75); T.eq(models.default_size('xception'), 299)
 end)
 
 T.done()

@@ -43,7 +43,9 @@ local function ref(name)
 end
 
 local function build(name, r, weights, extra)
-  local opts = {include_top = false, pooling = 'avg', input_shape = {r.size, r.size, 3}, weights = weights}
+  -- Keras's bare graph (preprocess = false): the references feed preprocessed inputs
+  local opts = {include_top = false, pooling = 'avg', input_shape = {r.size, r.size, 3}, weights = weights,
+                preprocess = false}
   for k, v in pairs(extra or {}) do opts[k] = v end
   local m = models[name](opts)
   m:evaluate()
@@ -122,11 +124,16 @@ for _, name in ipairs(models.names) do
     T.allclose(models.preprocess_input(r.images, r.preprocess), r.inputs, 1e-6, 0, 'preprocess_input')
     local path = REF .. '/' .. derived[name].file
     if name == 'inception_v3' then
-      -- Keras 2.0 numbered from 1: conv2d_1 in that file is our conv2d; by name the shapes clash
-      T.raises(function() keras.load_weights(p, path, {by_name = true}) end,
-        "layer 'conv2d_1' (Conv2D) weight 'kernel' has shape 3x3x32x32, but the file's group 'conv2d_1' has " ..
-        "'conv2d_1/kernel:0' of shape 3x3x3x32")
-      same_weights(p, m)                     -- untouched by the failed load
+      -- Keras 2.0 numbered from 1: that file's conv2d_1 is our conv2d, and by name each layer gets its own
+      -- weights (before, the shapes clashed; with skip_mismatch 53 layers took a neighbour's weights)
+      local q = build(name, r, nil, {preprocess = true})
+      local rep1 = keras.load_weights(q, path, {by_name = true})
+      T.eq(rep1.loaded, #r.weighted); T.eq(#rep1.missing_in_file, 0); T.eq(rep1.renamed[1].group, 'conv2d_1')
+      same_weights(q, m)
+      local s = build(name, r, nil, {preprocess = true})
+      local rep2 = keras.load_weights(s, path, {by_name = true, skip_mismatch = true, quiet = true})
+      T.eq(rep2.loaded, #r.weighted); T.eq(#rep2.skipped, 0)
+      same_weights(s, m)
     elseif name ~= 'resnet50' then
       -- auto / TF-slim names: by name almost nothing matches (why Keras loads these by order)
       local rep2 = keras.load_weights(p, path, {by_name = true, quiet = true})
@@ -142,20 +149,43 @@ T.test('xception with its classifier: a with-top Keras file loads and predicts a
   local r = ref('xception')
   local f <close> = h5.open(REF .. '/xception_ref.h5', 'r')
   local want = f:read('/predictions_top5')
-  local m = models.xception{classes = 5, input_shape = {r.size, r.size, 3}, weights = REF .. '/xception_top5.h5'}
+  local m = models.xception{classes = 5, input_shape = {r.size, r.size, 3}, weights = REF .. '/xception_top5.h5',
+                            preprocess = false}
   m:evaluate()
   T.allclose(m:forward(r.inputs), want, RTOL, 0, 'predictions')
   -- the notop file does not fit a model with a top, and says why
   T.raises(function() keras.load_weights(m, REF .. '/xception_notop.h5') end,
-    "the model xception has 81 layers with weights, the file 80 (the model's layer 81, 'predictions', has no counterpart)")
+    "the model xception has 81 layers with weights, the file 80 (the file has no weights for the model's layer(s) 'predictions')")
   -- the seed's way: the notop base by order, then a new head
   local base = models.xception{include_top = false, pooling = 'avg', input_shape = {r.size, r.size, 3},
-                               weights = REF .. '/xception_notop.h5'}
+                               weights = REF .. '/xception_notop.h5', preprocess = false}
   local clf = models.classifier(base, {classes = 5})
   local rep = keras.load_weights(clf, REF .. '/xception_top5.h5', {by_name = true, skip_mismatch = true, quiet = true})
   T.eq(rep.loaded, 81)
   clf:evaluate()
   T.allclose(clf:forward(r.inputs), want, RTOL, 0, 'by name into base + new head')
+end)
+
+T.test('xception: a standalone Keras 2.2 file (residual convs conv2d_1 ... conv2d_4) loads by name, each layer its own', function()
+  local r = ref('xception')
+  local ours = build('xception', r, REF .. '/xception_notop.h5')
+  local k22 = os.tmpname()
+  assert(sh(string.format('%s tests/reference/keras22_names.py %s %s', PY, REF .. '/xception_notop.h5', k22)),
+    'keras22_names.py failed')
+  local m = build('xception', r, nil)
+  local rep = keras.load_weights(m, k22, {by_name = true, skip_mismatch = true, quiet = true})
+  T.eq(rep.loaded, #r.weighted); T.eq(#rep.skipped, 0); T.eq(#rep.missing_in_file, 0)
+  T.eq(#rep.renamed, 8, 'four residual convs and their BatchNorms')
+  same_weights(m, ours)
+  T.allclose(m:forward(r.inputs), r.features, RTOL, 0, 'Keras\'s features')
+  os.remove(k22)
+end)
+
+T.test('resnet50: the Keras 1 file into a tf.keras-named model suggests variant=\'keras1\'', function()
+  local r = ref('resnet50')
+  local m = build('resnet50', r, nil)
+  T.raises(function() keras.load_weights(m, REF .. '/resnet50_keras1_notop.h5') end,
+    "the file is the Keras 1 ResNet50 (conv1, bn_conv1, ...): build the model with variant='keras1'")
 end)
 
 T.test('resnet50: a wrong model\'s file is refused, nothing loaded', function()

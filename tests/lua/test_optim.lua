@@ -1,4 +1,4 @@
--- Optimizers, schedules and ReduceLROnPlateau against Keras (tests/reference/gen_layers.py), plus
+-- Optimizers, schedules and (flower.train's) ReduceLROnPlateau against Keras (tests/reference/gen_layers.py), plus
 -- per-layer learning rates, frozen weights, regularizers and state save/restore.
 package.path = 'tests/lua/?.lua;' .. package.path
 local flower = require 'flower'
@@ -51,11 +51,20 @@ T.test('schedule drives the optimizer lr by iteration', function()
   T.near(w[1], 1 - (0.1 + 0.1 + 0.05 + 0.05 + 0.025), 1e-6)
 end)
 
-T.test('ReduceLROnPlateau matches Keras (patience, min_delta, cooldown, min_lr)', function()
+T.test('train.ReduceLROnPlateau matches Keras (patience, min_delta, cooldown, min_lr)', function()
+  local train = require 'flower.train'
   local p = M.plateau
   local opt = optim.SGD{lr = 1.0}
-  local rop = optim.ReduceLROnPlateau(opt, p.config)
-  for i, m in ipairs(p.metrics) do T.near(rop:update(m), p.lr[i], 1e-6, 0, 'epoch ' .. i) end
+  local cfg = {monitor = 'val_loss'}
+  for k, v in pairs(p.config) do cfg[k] = v end
+  local rop = train.ReduceLROnPlateau(cfg)
+  for i, m in ipairs(p.metrics) do T.near(rop:update(m, opt), p.lr[i], 1e-6, 0, 'epoch ' .. i) end
+  -- and as a callback of fit, from the logs
+  local opt2, cb = optim.SGD{lr = 1.0}, train.ReduceLROnPlateau(cfg)
+  for i, m in ipairs(p.metrics) do
+    cb:on_epoch_end({optimizer = opt2, log = function() end}, i, {val_loss = m})
+    T.near(opt2.lr, p.lr[i], 1e-6, 0, 'callback, epoch ' .. i)
+  end
 end)
 
 -- a two-layer model: one frozen Dense, one trainable Dense with L2

@@ -35,10 +35,21 @@ T.test('sample submission: header and row order copied', function()
   for i = 1, #want do T.eq(got[i][1], want[i][1], 'row ' .. i) end
 end)
 
-T.test('default format id,predicted with a top-k column', function()
+T.test('default format id,predicted; top-k goes to its own file, never into the submission', function()
   local out = path('p2.csv')
   predict.write_csv(out, { ids = { 5, 6 }, predicted = { 1, 2 }, topk = { { 1, 4, 3 }, { 2, 1, 0 } } })
-  T.eq(files.read(out), 'id,predicted,top3\n5,1,1 4 3\n6,2,2 1 0\n')
+  T.eq(files.read(out), 'id,predicted\n5,1\n6,2\n')
+  T.eq(predict.topk_path(out, 3), path('p2-top3.csv'))
+  predict.write_topk(predict.topk_path(out, 3), { ids = { 5, 6 }, topk = { { 1, 4, 3 }, { 2, 1, 0 } } })
+  T.eq(files.read(path('p2-top3.csv')), 'id,top3\n5,1 4 3\n6,2 1 0\n')
+  -- with a sample: its id column name and its row order
+  predict.write_topk(path('t.csv'), { ids = { '1', '2', '3', '10' }, topk = { { 1 }, { 2 }, { 3 }, { 4 } },
+    sample = path('sample.csv') })
+  T.eq(files.read(path('t.csv')), 'Id,top1\n3,3\n1,1\n2,2\n10,4\n')
+  -- a sample with more columns than a submission can fill is refused, not half-followed
+  files.write_atomic(path('wide.csv'), 'id,predicted,extra\n1,0,0\n')
+  T.raises(function() predict.rows { ids = { '1' }, predicted = { 1 }, sample = path('wide.csv') } end,
+    'has 3 columns (id,predicted,extra)')
 end)
 
 T.test('mismatched id sets are errors naming an example', function()

@@ -25,11 +25,15 @@ T.test('quickstart --tiny runs the whole pipeline', function()
   summary = quickstart:call { '--tiny', '--runs', files.join(TMP, 'runs'), '--data', DATA, '--run-name', 'tiny' }
   dir = files.join(TMP, 'runs', 'tiny')
   for _, f in ipairs({ 'config.json', 'log.txt', 'history.csv', 'predict.csv', 'predict-averaged.csv',
-    'predict-vgg_tiny.csv', 'predict-inception_tiny.csv', 'report.html', 'results.json',
-    'features/vgg_tiny.h5', 'features/inception_tiny.h5', 'models/vgg_tiny/weights.h5',
-    'models/vgg_tiny/history.csv', 'models/inception_tiny/checkpoints/stage2/last.h5', 'ensemble/history.csv' }) do
+    'predict-vgg_tiny.csv', 'predict-inception_tiny.csv', 'report.html', 'results.json', 'predict-top3.csv',
+    'predict-averaged-top3.csv', 'predict-vgg_tiny-top3.csv',
+    'features/vgg_tiny.h5', 'features/inception_tiny.h5', 'models/vgg_tiny/weights.h5', 'models/vgg_tiny/finished.json',
+    'models/vgg_tiny/history.csv', 'ensemble/history.csv' }) do
     T.check(files.exists(files.join(dir, f)), 'missing ' .. f)
   end
+  -- a finished model keeps no stage checkpoints (weights and Adam state): weights.h5 and finished.json
+  -- are what --resume needs
+  T.check(not files.exists(files.join(dir, 'models/inception_tiny/checkpoints')), 'checkpoints of a finished model kept')
   T.eq(#summary.results, 4)
   for _, r in ipairs(summary.results) do
     T.check(type(r.val_acc) == 'number' and r.val_acc >= 0 and r.val_acc <= 1, r.name .. ' has an accuracy')
@@ -43,18 +47,22 @@ T.test('the data set was generated, and the config records the tiny settings', f
   T.eq(cfg.models[1], 'vgg_tiny'); T.eq(cfg.stages[2].schedule, 'cosine')
 end)
 
-T.test('predict.csv follows the sample submission: header, row order, category ids', function()
+T.test('predict.csv has exactly the sample submission\'s columns and rows; top-k is beside it', function()
   local got = files.csv_read(files.join(dir, 'predict.csv'))
   local want = files.csv_read(files.join(DATA, 'sample_submission.csv'))
   T.eq(#got, #want)
-  T.eq(got[1][1], want[1][1]); T.eq(got[1][2], want[1][2]); T.eq(got[1][3], 'top3')
+  T.eq(table.concat(got[1], ','), table.concat(want[1], ','), 'the header is the sample\'s')
+  local topk = files.csv_read(files.join(dir, 'predict-top3.csv'))
+  T.eq(table.concat(topk[1], ','), want[1][1] .. ',top3')
   local cats = {}
   for _, c in ipairs(files.json_read(files.join(DATA, 'train.json')).categories) do cats[tostring(c.id)] = true end
   for i = 2, #want do
+    T.eq(#got[i], 2, 'row ' .. i .. ': two columns')
     T.eq(got[i][1], want[i][1], 'row ' .. i .. ' id')
     T.check(cats[got[i][2]], 'row ' .. i .. ': ' .. tostring(got[i][2]) .. ' is a category id')
+    T.eq(topk[i][1], want[i][1], 'top-k row ' .. i .. ' id')
     local top = {}
-    for c in got[i][3]:gmatch('%S+') do top[#top + 1] = c end
+    for c in topk[i][2]:gmatch('%S+') do top[#top + 1] = c end
     T.eq(#top, 3); T.eq(top[1], got[i][2], 'top-1 of the top-k column is the prediction')
   end
 end)
@@ -88,6 +96,43 @@ T.test('--resume of a finished run trains nothing again and gives the same resul
   local log = files.read(files.join(dir, 'log.txt'))
   T.check(log:find('(resuming)', 1, true), 'resume logged')
   T.check(log:find('already finished', 1, true) or log:find('resumed from', 1, true), 'checkpoints reused')
+end)
+
+T.test('killed after its first model, `--resume RUNDIR` alone finishes the run with the same predict.csv', function()
+  local runs = files.join(TMP, 'runs')
+  local args = ' --tiny --data ' .. DATA .. ' --runs ' .. runs .. ' --workers 1'
+  local out, rc = sh(FL .. ' experiments/quickstart.lua' .. args .. ' --run-name whole')
+  T.eq(rc, 0, out)
+  out, rc = sh('FLOWER_KILLPOINT=pipeline.model_finished:1 ' .. FL .. ' experiments/quickstart.lua' .. args .. ' --run-name cut')
+  T.check(rc ~= 0, 'the run should have been killed: ' .. out)
+  local cut = files.join(runs, 'cut')
+  T.check(files.exists(files.join(cut, 'models/vgg_tiny/finished.json')) and not files.exists(files.join(cut, 'predict.csv')),
+    'killed between the models')
+  out, rc = sh(FL .. ' experiments/quickstart.lua --resume ' .. cut)
+  T.eq(rc, 0, out)
+  T.eq(files.read(files.join(cut, 'predict.csv')), files.read(files.join(runs, 'whole', 'predict.csv')), 'predict.csv')
+  T.eq(files.read(files.join(cut, 'predict-averaged.csv')), files.read(files.join(runs, 'whole', 'predict-averaged.csv')))
+  -- options given again override the saved ones, and the log says which
+  out, rc = sh(FL .. ' experiments/quickstart.lua --resume ' .. cut .. ' --ensemble-epochs 2 --topk 3')
+  T.eq(rc, 0, out)
+  T.check(out:find('options given again override the saved ones: --ensemble-epochs 2 (was 5)', 1, true), out)
+  T.eq(files.json_read(files.join(cut, 'config.json')).ensemble_epochs, 2, 'the resolved options record the override')
+end)
+
+T.test('--keep-checkpoints all keeps every stage\'s checkpoint; --help lists the ensemble options', function()
+  quickstart:call { '--tiny', '--runs', files.join(TMP, 'runs'), '--data', DATA, '--run-name', 'keep', '--keep-checkpoints',
+    'all', '--models', 'vgg_tiny', '--ensemble-patience', '0', '--no-ensemble-restore-best' }
+  local d = files.join(TMP, 'runs', 'keep')
+  T.check(files.exists(files.join(d, 'models/vgg_tiny/checkpoints/stage1/last.h5')), 'stage 1 checkpoint')
+  T.check(files.exists(files.join(d, 'models/vgg_tiny/checkpoints/stage2/last.h5')), 'stage 2 checkpoint')
+  local cfg = files.json_read(files.join(d, 'config.json'))
+  T.eq(cfg.ensemble_patience, 0); T.eq(cfg.ensemble_restore_best, false)
+  T.eq(#files.csv_read(files.join(d, 'ensemble/history.csv')) - 1, 5, 'no early stopping: every ensemble epoch ran')
+  local out = sh(FL .. ' experiments/quickstart.lua --help')
+  for _, o in ipairs({ '--keep-checkpoints resume|all', '--ensemble-patience N', '--ensemble-restore-best',
+    '--topk N' }) do
+    T.check(out:find(o, 1, true), 'help lacks ' .. o)
+  end
 end)
 
 T.test('variants are files that load the quickstart and change it', function()

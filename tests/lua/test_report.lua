@@ -66,6 +66,28 @@ T.test('report.html has every section and is well formed', function()
   os.remove(dir)
 end)
 
+T.test('tick labels never repeat, whatever the range', function()
+  for _, r in ipairs({ { 0.69310, 0.69316 }, { 0, 1 }, { 1, 2 }, { 0.37, 2.31 }, { 1e-4, 3e-4 }, { -0.05, 0.05 }, { 1, 40 } }) do
+    local svg = report.svg_lines { series = { { name = 's', points = { { 1, r[1] }, { 2, r[2] } } } } }
+    local seen = {}
+    for y, label in svg:gmatch('<text x="%d+" y="([%d.]+)" font%-size="10" text%-anchor="end">([^<]*)</text>') do
+      T.check(not seen[label], string.format('y tick label %s repeats over [%g, %g]', label, r[1], r[2]))
+      seen[label] = y
+    end
+    T.check(next(seen), 'y ticks drawn')
+  end
+  T.eq(report.tick_label(0.6932, 0.0001), '0.6932'); T.eq(report.tick_label(2, 0.5), '2.0'); T.eq(report.tick_label(3, 1), '3')
+end)
+
+T.test('the timing total is the run\'s wall time; notes are shown', function()
+  local html = report.html { timing = { { stage = 'a: head', images = 100, seconds = 2 }, { stage = 'ensemble', seconds = 0.5 } },
+    seconds = 10, notes = { 'a started from random weights' } }
+  T.check(html:find('<th>total</th><th></th><th class="n">10.0</th>', 1, true), 'total = wall time')
+  T.check(html:find('everything else (validation, data loading, writing files)</td><td class="n">–</td><td class="n">7.5<', 1, true),
+    'the rest has its row')
+  T.check(html:find('<p class="note">a started from random weights</p>', 1, true), 'note')
+end)
+
 T.test('many classes: only the worst 30 are charted', function()
   local labels, preds = {}, {}
   for i = 1, 50 do labels[#labels + 1] = i; preds[#preds + 1] = i end

@@ -134,7 +134,7 @@ T.test('best-only checkpoint keeps the best epoch', function()
   for i, r in ipairs(h.rows) do if r.val_acc > h.rows[besti].val_acc then besti = i end end
   T.eq(h.best.epoch, besti)
   local m2 = make_model()
-  local meta = train.load_checkpoint(tmp('best', 'best.h5'), m2)
+  local meta = nn.load_checkpoint(tmp('best', 'best.h5'), m2)
   T.eq(meta.epoch, besti)
   local ev = train.evaluate(m2, vl, { progress = false })
   T.near(ev.acc, h.rows[besti].val_acc, 1e-9)
@@ -148,10 +148,21 @@ T.test('a checkpoint of another model is refused and leaves the model untouched'
   local x = nn.Input { 10 }
   local other = nn.Model(x, nn.Dense { units = 3, name = 'fc1' }(x))
   local before = other:weights()[1].tensor:clone()
-  T.raises(function() train.load_checkpoint(tmp('cm', 'last.h5'), other) end, "weight 'fc1/kernel' has shape 10x16, the model's is 10x3")
+  T.raises(function() nn.load_checkpoint(tmp('cm', 'last.h5'), other) end, "the file's layer 'bn1' is not in the model")
+  local x2 = nn.Input { 10 }
+  local h2 = nn.Dense { units = 3, name = 'fc1' }(x2)
+  h2 = nn.BatchNormalization { name = 'bn1' }(h2)
+  h2 = nn.Dense { units = 16, activation = 'relu', name = 'fc2' }(h2)
+  local narrow = nn.Model(x2, nn.Dense { units = 4, name = 'head' }(h2))
+  T.raises(function() nn.load_checkpoint(tmp('cm', 'last.h5'), narrow) end,
+    "layer 'fc1' weight 'kernel' has shape 10x3 in the model, 10x16 in the file")
   T.eq((other:weights()[1].tensor - before):abs():max():item(), 0)
   local f = io.open(tmp('notckpt.h5'), 'w'); f:write('junk'); f:close()
-  T.raises(function() train.load_checkpoint(tmp('notckpt.h5'), other) end, 'notckpt.h5')
+  T.raises(function() nn.load_checkpoint(tmp('notckpt.h5'), other) end, 'notckpt.h5')
+  -- resuming into another model names the file and changes nothing
+  T.raises(function() train.fit(other, { train = tl, optimizer = optim.Adam {}, epochs = 2, progress = false, log = quiet,
+    checkpoint_dir = tmp('cm'), resume = true }) end, 'last.h5')
+  T.eq((other:weights()[1].tensor - before):abs():max():item(), 0)
 end)
 
 T.test('a NaN loss stops naming the step; the last good checkpoint stays', function()
@@ -185,21 +196,44 @@ T.test('early stopping and learning-rate callbacks', function()
     progress = false, log = quiet, callbacks = { sched, es } })
   T.eq(h.stopped, 'early_stopping'); T.eq(#h.rows, 2)
   T.near(h.rows[2].lr, 0.05)
+  -- a flower.optim schedule by epoch, counted from the fit's first epoch (a stage's start)
   local opt = optim.SGD { lr = 1 }
-  local cos = train.CosineDecay { lr = 1, epochs = 4, min_lr = 0 }
+  local cos = train.LearningRateScheduler(optim.cosine { lr = 1, decay_steps = 4 })
   local seen = {}
-  local ctx = { optimizer = opt }
+  local ctx = { optimizer = opt, initial_epoch = 2 }
   for e = 3, 7 do cos:on_epoch_begin(ctx, e); seen[#seen + 1] = opt.lr end
-  T.near(seen[1], 1); T.near(seen[3], 0.5, 1e-12); T.near(seen[5], 0, 0, 1e-12)
-  local step = train.StepDecay { lr = 1, gamma = 0.5, step_size = 2 }
+  T.eq(seen[1], 1); T.eq(seen[3], 0.5); T.eq(seen[5], 0)
+  local step = train.LearningRateScheduler(optim.step_decay { lr = 1, decay_rate = 0.5, decay_steps = 2 })
   local st = {}
+  ctx.initial_epoch = 0
   for e = 1, 5 do step:on_epoch_begin(ctx, e); st[#st + 1] = opt.lr end
   T.eq(table.concat(st, ','), '1.0,1.0,0.5,0.5,0.25')
+  T.raises(function() train.LearningRateScheduler(0.1) end, 'expected a flower.optim schedule or a function')
   local rop = train.ReduceLROnPlateau { monitor = 'val_loss', patience = 2, factor = 0.5 }
   opt.lr = 1
   local c2 = { optimizer = opt, log = quiet }
   for _, v in ipairs({ 1.0, 0.9, 0.95, 0.96, 0.97, 0.98 }) do rop:on_epoch_end(c2, 1, { val_loss = v }) end
   T.near(opt.lr, 0.25)
+  -- a schedule owns the rate: a callback setting it is an error, not a silent replacement
+  local sched_opt = optim.Adam { lr = optim.cosine { lr = 1, decay_steps = 4 } }
+  T.raises(function() rop:on_epoch_end({ optimizer = sched_opt, log = quiet }, 1, { val_loss = 2 }) end,
+    'the optimizer\'s learning rate is a schedule')
+  T.raises(function() cos:on_epoch_begin({ optimizer = sched_opt, initial_epoch = 0 }, 1) end, 'the learning rate is a schedule')
+end)
+
+T.test("callbacks take Keras's defaults, and bad options are errors naming them", function()
+  local rop = train.ReduceLROnPlateau()
+  T.eq(rop.monitor, 'val_loss'); T.eq(rop.factor, 0.1); T.eq(rop.patience, 10); T.eq(rop.min_delta, 1e-4)
+  T.eq(rop.cooldown, 0); T.eq(rop.min_lr, 0); T.eq(rop.mode, 'min')
+  T.eq(train.ReduceLROnPlateau { monitor = 'val_top5' }.mode, 'max')
+  local es = train.EarlyStopping()
+  T.eq(es.monitor, 'val_loss'); T.eq(es.patience, 0); T.eq(es.min_delta, 0); T.eq(es.mode, 'min')
+  T.eq(train.EarlyStopping { monitor = 'val_acc' }.mode, 'max')
+  T.raises(function() train.ReduceLROnPlateau { factor = 1 } end, 'train.ReduceLROnPlateau: factor must be a number >= 0 and < 1, got 1')
+  T.raises(function() train.ReduceLROnPlateau { patience = 1.5 } end, 'patience must be an integer >= 0')
+  T.raises(function() train.EarlyStopping { mode = 'up' } end, "mode must be 'auto', 'min' or 'max', got up")
+  local cos = optim.cosine { lr = 0.1, decay_steps = 10 }
+  T.eq(cos.config.alpha, nil); T.eq(cos(10), 0); T.eq(cos(20), 0)   -- alpha = 0: down to 0, as Keras
 end)
 
 T.test('stages: head only, then from a layer, then all; frozen layers untouched', function()
@@ -251,6 +285,58 @@ T.test('top-k metrics in the history and history.csv', function()
   local csv = files.csv_read(tmp('topk', 'history.csv'))
   T.eq(csv[1][10], 'top2'); T.eq(csv[1][11], 'val_top2')
   T.raises(function() train.fit(m, { train = tl, optimizer = optim.Adam {}, metrics = { 'f1' } }) end, "unknown metric 'f1'")
+end)
+
+T.test('top-k in the progress line, beside loss and accuracy, and its validation twin at the end', function()
+  local tl, vl = loaders()
+  local m = make_model()
+  local path = tmp('bar.txt')
+  files.mkdir(TMP)
+  local f = assert(io.open(path, 'w'))
+  train.fit(m, { train = tl, valid = vl, optimizer = optim.Adam { lr = 0.01 }, epochs = 1, metrics = { 'top2' }, log = quiet,
+    progress = { out = f, tty = false, interval = 0 } })
+  f:close()
+  local text = files.read(path)
+  local last = text:match('([^\n]*)\n$')
+  T.check(text:find('train epoch 1/1 +1/8 %(12%%%) .* %- loss [%d.]+ %- acc [%d.]+ %- top2 [%d.]+\n'), text)
+  T.check(last:find(' %- loss [%d.]+ %- acc [%d.]+ %- top2 [%d.]+ %- val_loss [%d.]+ %- val_acc [%d.]+ %- val_top2 [%d.]+$'), last)
+end)
+
+T.test("fit(x, y) on tensors in memory, as Keras's: the same run as with the equivalent loaders", function()
+  local a = make_model()
+  local ha = train.fit(a, { x = XT, y = YT, batch_size = 32, seed = 7, validation_data = { XV, YV }, optimizer = optim.Adam { lr = 0.01 },
+    epochs = 3, metrics = { 'top2' }, progress = false, log = quiet })
+  local b = make_model()
+  local hb = train.fit(b, { train = data.FeatureLoader { x = XT, y = YT, batch_size = 32, shuffle = true, seed = 7 },
+    valid = data.FeatureLoader { x = XV, y = YV, batch_size = 32 }, optimizer = optim.Adam { lr = 0.01 }, epochs = 3,
+    metrics = { 'top2' }, progress = false, log = quiet })
+  weights_equal(a, b)
+  for e = 1, 3 do
+    for _, k in ipairs({ 'loss', 'acc', 'top2', 'val_loss', 'val_acc', 'val_top2' }) do T.eq(ha.rows[e][k], hb.rows[e][k], k) end
+  end
+  -- shuffle = false keeps the order; Keras's default batch size is 32
+  local c = make_model()
+  local hc = train.fit(c, { x = XT, y = YT, shuffle = false, optimizer = optim.SGD { lr = 0.01 }, epochs = 1, progress = false, log = quiet })
+  local d = make_model()
+  train.fit(d, { train = data.FeatureLoader { x = XT, y = YT, batch_size = 32 }, optimizer = optim.SGD { lr = 0.01 }, epochs = 1,
+    progress = false, log = quiet })
+  weights_equal(c, d)
+  T.eq(hc.rows[1].val_loss, nil)
+  local m = make_model()
+  local function fit(o)
+    o.optimizer, o.progress, o.log = optim.Adam {}, false, quiet
+    return train.fit(m, o)
+  end
+  T.raises(function() fit { x = XT, y = YT, train = data.FeatureLoader { x = XT, y = YT } } end,
+    'train.fit: give either train (a loader) or x and y (tensors), not both')
+  T.raises(function() fit { x = XT } end, 'y must be a tensor of labels (one per sample of x), got nil')
+  T.raises(function() fit { x = { 1, 2 }, y = YT } end, 'x must be a tensor of samples, got table')
+  T.raises(function() fit { x = XT, y = YV } end, 'x has 256 samples, y 96 labels')
+  T.raises(function() fit { x = XT, y = YT, batch_size = 0 } end, 'batch_size must be a positive integer, got 0')
+  T.raises(function() fit { x = XT, y = YT, validation_data = XV } end, 'validation_data must be {x_valid, y_valid} (two tensors)')
+  T.raises(function() fit { x = XT, y = YT, validation_data = { XV, YT } } end, 'validation_data has 96 samples and 256 labels')
+  T.raises(function() fit { train = data.FeatureLoader { x = XT, y = YT }, validation_data = { XV, YV } } end,
+    'validation_data goes with x and y')
 end)
 
 T.test('bad arguments are errors naming what is wrong', function()

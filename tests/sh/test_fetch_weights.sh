@@ -19,6 +19,12 @@ if [ $rc -eq 1 ] && grep -q "unknown model 'vgg16'" <<<"$out" && [ "$(wc -l <<<"
   ok "fetch_weights: an unknown model is one clear line"
 else notok "fetch_weights: an unknown model is one clear line" "rc=$rc" "$out"; fi
 
+# `fetch_weights.sh DIR` as README shows it: the path is the directory, not a model name
+out=$(timeout 60 bash "$S" "$tmp/pos" xception 2>&1); rc=$?
+if [ -d "$tmp/pos" ] && ! grep -q 'unknown model' <<<"$out" && [ ! -e "$tmp/pos/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5.part" ]; then
+  ok "fetch_weights DIR: a path argument is the directory"
+else notok "fetch_weights DIR: a path argument is the directory" "rc=$rc" "$out"; fi
+
 out=$(bash "$S" --bogus 2>&1); rc=$?
 if [ $rc -eq 2 ] && grep -q 'unknown option --bogus' <<<"$out"; then ok "fetch_weights: unknown option"
 else notok "fetch_weights: unknown option" "rc=$rc" "$out"; fi

@@ -2,6 +2,9 @@
 # SIGINT and SIGTERM during flower.train.fit: the current step finishes, a checkpoint is written,
 # the process exits cleanly (the script's own status 130 / 143), and resuming from the checkpoint
 # gives weights identical to an uninterrupted run. A second SIGINT kills at once.
+# Then the quickstart (--tiny, 3 epochs of cosine decay): stopped by SIGKILL, SIGINT or SIGTERM at
+# chosen steps and checkpoint writes (FLOWER_KILLPOINT) and resumed with --resume, it writes a
+# predict.csv (and histories) byte-identical to an uninterrupted run's.
 set -u
 cd "$(dirname "$0")/../.."
 FL=${FLOWERLUA:-./flowerlua}
@@ -104,3 +107,35 @@ wait "$pid"
 rc=$?
 if [ "$rc" = 130 ] && ! grep -q INTERRUPTED "$d/out"; then ok "a second SIGINT kills the process at once"
 else notok "second SIGINT: status $rc, out: $(cat "$d/out")"; fi
+
+# --- the quickstart, interrupted and resumed ---------------------------------------------------
+# (3 steps an epoch, 1 head epoch + 3 cosine epochs per model: 12 steps per model, then the
+# ensemble's own fit)
+qs() { "$FL" experiments/quickstart.lua --tiny --epochs 3 --data "$tmp/qdata" --runs "$tmp/qruns" "$@"; }
+if ! qs --run-name full >"$tmp/qfull.log" 2>&1; then
+  notok "quickstart --tiny: $(tail -3 "$tmp/qfull.log" | tr '\n' ' ')"
+  exit 1
+fi
+histories() { (cd "$1" && for h in $(find . -name history.csv | sort); do echo "$h"; cut -d, -f1-7 "$h"; done); }
+for kp in train.step:2 train.step:5 train.step:16 train.step:27 checkpoint.before_rename:3 checkpoint.after_rename:4 \
+          checkpoint.before_rename:7 train.step:6:INT train.step:13:TERM train.step:4:INT; do
+  name=$(echo "$kp" | tr ':.' '__')
+  run="$tmp/qruns/$name"
+  FLOWER_KILLPOINT=$kp qs --run-name "$name" >"$tmp/q$name.log" 2>&1
+  rc=$?
+  case "$kp" in *:INT) want=130 ;; *:TERM) want=143 ;; *) want=137 ;; esac
+  if [ "$rc" != "$want" ]; then
+    notok "quickstart stopped at $kp: status $rc, want $want: $(tail -3 "$tmp/q$name.log" | tr '\n' ' ')"
+    continue
+  fi
+  if [ -f "$run/predict.csv" ]; then notok "quickstart stopped at $kp: predict.csv written before the stop"; continue; fi
+  if ! "$FL" experiments/quickstart.lua --resume "$run" >>"$tmp/q$name.log" 2>&1; then
+    notok "quickstart resumed after $kp: $(tail -3 "$tmp/q$name.log" | tr '\n' ' ')"
+    continue
+  fi
+  if cmp -s "$run/predict.csv" "$tmp/qruns/full/predict.csv" && [ "$(histories "$run")" = "$(histories "$tmp/qruns/full")" ]; then
+    ok "quickstart stopped at $kp and resumed: predict.csv and histories byte-identical to the uninterrupted run"
+  else
+    notok "quickstart stopped at $kp and resumed differs: $(diff "$run/predict.csv" "$tmp/qruns/full/predict.csv" | head -4 | tr '\n' ' ') $(diff <(histories "$run") <(histories "$tmp/qruns/full") | head -4 | tr '\n' ' ')"
+  fi
+done

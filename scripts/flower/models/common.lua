@@ -23,9 +23,19 @@ local function fail(fname, fmt, ...) error(fname .. ': ' .. string.format(fmt, .
 local known = {include_top = true, weights = true, input_shape = true, pooling = true, classes = true,
                classifier_activation = true, preprocess = true, name = true, variant = true}
 
--- Keras's obtain_input_shape: channels_last (H, W, 3); sizes >= min_size; with the classifier
--- and the ImageNet weights the size must be the default.
-function M.options(fname, opts, default_size, min_size)
+-- Each model's default input size and the smallest it takes (Keras's obtain_input_shape).
+M.sizes = {
+  resnet50 = {default = 224, min = 32},
+  inception_v3 = {default = 299, min = 75},
+  xception = {default = 299, min = 71},
+  inception_resnet_v2 = {default = 299, min = 75},
+}
+
+-- Keras's obtain_input_shape: channels_last (H, W, 3); sizes >= the model's minimum; with the
+-- classifier and the ImageNet weights the size must be the default. preprocess defaults to true:
+-- the data path (flower.data's loaders) hands out raw RGB 0..255, and the model normalises it.
+function M.options(fname, opts)
+  local default_size, min_size = M.sizes[fname].default, M.sizes[fname].min
   opts = opts or {}
   if type(opts) ~= 'table' then fail(fname, 'expected a table of options, got %s', type(opts)) end
   for k in pairs(opts) do
@@ -36,7 +46,7 @@ function M.options(fname, opts, default_size, min_size)
   o.classes = opts.classes or 1000
   o.pooling = opts.pooling
   o.weights = opts.weights
-  o.preprocess = opts.preprocess
+  o.preprocess = opts.preprocess ~= false
   o.name = opts.name
   o.variant = opts.variant
   o.classifier_activation = opts.classifier_activation
@@ -103,8 +113,9 @@ function M.maker(o)
   return o.L
 end
 
--- The input node, and (when opts.preprocess) Keras's preprocess_input as a first layer, so that
--- the model takes RGB images in [0, 255] (uint8 or float).
+-- The input node, and (unless preprocess = false) Keras's preprocess_input as a first layer, so
+-- that the model takes RGB images in [0, 255] (uint8 or float); preprocess = false gives Keras's
+-- bare graph, which takes preprocessed input.
 function M.input(o, mode)
   local img = nn.Input{shape = o.input_shape, name = 'input_1'}
   local x = img

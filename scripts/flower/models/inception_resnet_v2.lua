@@ -6,12 +6,12 @@
 -- x + scale * up (Keras's CustomScaleLayer, here nn.ScaledAdd with the same inputs {x, up}) ->
 -- ReLU (<block>_ac). Ends with conv_7b (1536 channels). Input 299 (at least 75). Preprocessing: tf.
 --   flower.models.inception_resnet_v2{include_top=true, weights=nil|'imagenet'|path,
---       input_shape={299,299,3}, pooling=nil|'avg'|'max', classes=1000, preprocess=false}
+--       input_shape={299,299,3}, pooling=nil|'avg'|'max', classes=1000, preprocess=true}
 local nn = require 'flower.nn'
 local common = require 'flower.models.common'
 
 local function inception_resnet_v2(opts)
-  local o = common.options('inception_resnet_v2', opts, 299, 75)
+  local o = common.options('inception_resnet_v2', opts)
   local L = o.L
   local name = common.namer()
   -- conv2d_bn(x, filters, kernel [, strides, padding, activation, use_bias, name])

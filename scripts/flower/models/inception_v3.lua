@@ -4,12 +4,12 @@
 -- TF2) in Keras's creation order; the concatenations are mixed0..mixed10 and mixed9_0/mixed9_1.
 -- Input 299 (at least 75). Preprocessing: tf (x/127.5 - 1).
 --   flower.models.inception_v3{include_top=true, weights=nil|'imagenet'|path, input_shape={299,299,3},
---                              pooling=nil|'avg'|'max', classes=1000, preprocess=false}
+--                              pooling=nil|'avg'|'max', classes=1000, preprocess=true}
 local nn = require 'flower.nn'
 local common = require 'flower.models.common'
 
 local function inception_v3(opts)
-  local o = common.options('inception_v3', opts, 299, 75)
+  local o = common.options('inception_v3', opts)
   local L = o.L
   local name = common.namer()
   -- conv2d_bn(x, filters, rows, cols [, padding [, strides]])

@@ -4,13 +4,16 @@
 --
 --   local models = require 'flower.models'
 --   local m = models.resnet50{include_top=false, pooling='avg', weights='resnet50_notop.h5'}
---   m:evaluate(); local f = m:forward(models.preprocess_input(images, m.preprocess_mode))
+--   m:evaluate(); local f = m:forward(images)      -- RGB in [0, 255], as flower.data's loaders give
+--   local bare = models.resnet50{include_top=false, pooling='avg', preprocess=false}
+--   bare:forward(models.preprocess_input(images, bare.preprocess_mode))   -- Keras's graph as it is
 --
 -- Builders: resnet50, inception_v3, xception, inception_resnet_v2, each taking Keras's options
 -- include_top (default true), weights (nil, 'imagenet' = the standard file from
 -- scripts/fetch_weights.sh, or a path), input_shape ({H, W, 3}; -1 for an unknown size without the
 -- top), pooling (nil, 'avg', 'max'), classes (1000), classifier_activation ('softmax'), plus
--- preprocess=true (put Keras's preprocess_input inside the model, so it takes RGB in [0, 255]) and
+-- preprocess (default true: Keras's preprocess_input is the model's first layer, so it takes RGB in
+-- [0, 255] as the loaders hand it out; false: Keras's bare graph, fed preprocessed input) and
 -- name. Every model records model.preprocess_mode ('caffe' or 'tf'), model.default_size and
 -- model.feature_dim.
 local nn = require 'flower.nn'
@@ -23,6 +26,12 @@ models.xception = require 'flower.models.xception'
 models.inception_resnet_v2 = require 'flower.models.inception_resnet_v2'
 
 models.names = {'resnet50', 'inception_v3', 'xception', 'inception_resnet_v2'}
+
+local common = require 'flower.models.common'
+
+-- The smallest input size (pixels, square) a model takes, and its default.
+function models.min_size(name) return common.sizes[name] and common.sizes[name].min end
+function models.default_size(name) return common.sizes[name] and common.sizes[name].default end
 
 -- Keras's parameter counts (keras.io/api/applications), with and without the classifier.
 models.keras_params = {

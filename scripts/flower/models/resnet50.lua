@@ -9,7 +9,7 @@
 -- With weights=<file> and no variant, the variant is read off the file's group names (conv1 versus
 -- conv1_conv). Preprocessing: caffe (RGB->BGR, minus the ImageNet means).
 --   flower.models.resnet50{include_top=true, weights=nil|'imagenet'|path, input_shape={224,224,3},
---                          pooling=nil|'avg'|'max', classes=1000, preprocess=false, variant=nil}
+--                          pooling=nil|'avg'|'max', classes=1000, preprocess=true, variant=nil}
 local nn = require 'flower.nn'
 local common = require 'flower.models.common'
 
@@ -68,7 +68,7 @@ local function detect_variant(path)
 end
 
 local function resnet50(opts)
-  local o = common.options('resnet50', opts, 224, 32)
+  local o = common.options('resnet50', opts)
   L = o.L
   local variant = o.variant
   if variant == nil then

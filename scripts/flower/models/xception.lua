@@ -4,12 +4,12 @@
 -- Keras: conv2d, batch_normalization ...) to a max pool 3x3/2 'same' (asymmetric TF padding).
 -- Input 299 (at least 71). Preprocessing: tf.
 --   flower.models.xception{include_top=true, weights=nil|'imagenet'|path, input_shape={299,299,3},
---                          pooling=nil|'avg'|'max', classes=1000, preprocess=false}
+--                          pooling=nil|'avg'|'max', classes=1000, preprocess=true}
 local nn = require 'flower.nn'
 local common = require 'flower.models.common'
 
 local function xception(opts)
-  local o = common.options('xception', opts, 299, 71)
+  local o = common.options('xception', opts)
   local L = o.L
   local name = common.namer()
   local function sep(x, filters, n)

@@ -27,6 +27,9 @@ local function check_pair(fname, output, target)
     if target:dim() ~= 1 or target:size(1) ~= n then
       error(string.format('%s: labels must have shape (%d), got (%s)', fname, n, table.concat(target:size(), ',')), 3)
     end
+  elseif target:dim() == 1 then
+    error(string.format('%s: labels must be an integer tensor (int64 or int32) of classes 1..%d, got %s; convert '
+      .. "them with :type('int64')", fname, k, target:dtype()), 3)
   elseif target:dim() ~= 2 or target:size(1) ~= n or target:size(2) ~= k then
     error(string.format('%s: target must be labels (%d) or probabilities (%d, %d), got (%s)', fname, n, n, k,
       table.concat(target:size(), ',')), 3)
@@ -58,7 +61,16 @@ function nn.softmax_cross_entropy(logits, target, opts)
   local scale = red == 'mean' and 1 / n or 1
   local tgt = target
   if is_label(target) then tgt = target - 1 end      -- the C kernel counts classes from 0
-  local loss, grad = C.softmax_xent(logits, tgt, opts.label_smoothing or 0, scale, opts.grad ~= false)
+  local ok, loss, grad = pcall(C.softmax_xent, logits, tgt, opts.label_smoothing or 0, scale, opts.grad ~= false)
+  if not ok then
+    -- the kernel's classes count from 0, the caller's from 1: say it in the caller's terms
+    local l, row, k = tostring(loss):match('label (%-?%d+) of row (%d+) is outside %[0, (%d+)%)')
+    if l then
+      error(string.format('softmax_cross_entropy: label %d of row %s is outside 1..%s (labels count classes from 1)',
+        math.tointeger(l) + 1, row, k), 2)
+    end
+    error(loss, 0)
+  end
   if red == 'none' then return loss, grad end
   local s = loss:sum():item()
   return red == 'mean' and s / n or s, grad

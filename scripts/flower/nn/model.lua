@@ -117,6 +117,9 @@ function Model:layers()
 end
 Model.named_layers = Model.layers
 
+-- model:save(path): a whole-model Keras .h5 file (flower.keras.save_model)
+function Model:save(path) return require('flower.keras').save_model(self, path) end
+
 -- Keras's model.layers order (_map_graph_network): depth-first from the outputs, visiting inputs in
 -- order; depth = longest path to an output; sorted by depth descending, ties by first visit.
 -- Order-based weight loading of Keras files needs exactly this order.
@@ -189,13 +192,14 @@ function Model:has_trainable()
   return any
 end
 
--- leaf layers (nested models expanded), and each one's path prefix: '' at the top level,
--- 'inner_model/' inside a nested model (so two backbones with equal layer names stay apart)
-local function leaves(self)
+-- The one walker over a model's leaf layers (nested models expanded): the layers and each one's
+-- path prefix, '' at the top level, 'inner_model/' inside a nested model (so two backbones with
+-- equal layer names stay apart). order: nil (graph construction order) or 'keras' (Keras's
+-- model.layers order at every level, as model:keras_layers(); freeze specs like 'from:<name>').
+local function leaves(self, order)
   local r, prefixes = {}, {}
   local function walk(m, prefix)
-    for _, n in ipairs(m.nodes) do
-      local l = n.layer
+    for _, l in ipairs(order == 'keras' and m:keras_layers() or m:layers()) do
       if l._is_model then walk(l, prefix .. l.name .. '/')
       else r[#r + 1] = l; prefixes[#r] = prefix end
     end

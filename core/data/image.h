@@ -28,6 +28,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "tensor.h"   /* fl_errmsg(): the message of the last failure on this thread */
+
 /* Why a sample could not be decoded. Stable numbers: the loader reports them per sample. */
 typedef enum {
   FL_IMG_OK = 0,
@@ -40,12 +42,18 @@ typedef enum {
   FL_IMG_TOO_LARGE,    /* more pixels than FL_IMG_MAX_PIXELS */
   FL_IMG_NOMEM,
   FL_IMG_BAD_ARG,      /* invalid transform parameters */
+  FL_IMG_NOT_FILE,     /* a directory, FIFO, device or socket: never opened for reading */
   FL_IMG_NSTATUS
 } fl_img_status;
 
-#define FL_IMG_MAX_PIXELS ((int64_t)1 << 28)  /* 268 megapixels decoded */
+#define FL_IMG_MAX_PIXELS ((int64_t)1 << 28)      /* 268 megapixels decoded */
+#define FL_IMG_MAX_FILE_BYTES ((int64_t)1 << 28)  /* 256 MiB read: no real photo comes close */
 
-/* "missing", "io", "empty", "not_jpeg", "truncated", "corrupt", "too_large", "nomem", "bad_arg" */
+/* Errors: every function here that fails records its reason the way the rest of core does
+ * (fl_fail, tensor.h: read it with fl_errmsg(), per thread) and returns a status or -1. */
+
+/* "missing", "io", "empty", "not_jpeg", "truncated", "corrupt", "too_large", "nomem", "bad_arg",
+ * "not_file" */
 const char *fl_img_status_name(int status);
 
 typedef enum {
@@ -107,15 +115,14 @@ typedef struct fl_transform {
 /* Fills t with the defaults: FL_TF_CENTER, 224x224, crop_frac 0.875, scale 0.08..1, ratio 3/4..4/3,
  * no flip, no jitter, bilinear, DCT scaling on, exact DCT. */
 void fl_transform_defaults(fl_transform *t);
-/* 0, or FL_IMG_BAD_ARG with a message in err naming the bad field. */
-int fl_transform_check(const fl_transform *t, char *err, size_t errlen);
+/* 0, or FL_IMG_BAD_ARG with a message naming the bad field. */
+int fl_transform_check(const fl_transform *t);
 
 /* ---- decoder (one per thread) ---- */
 
 typedef struct fl_decoder fl_decoder;
 fl_decoder *fl_decoder_new(void);                  /* NULL if out of memory */
 void fl_decoder_free(fl_decoder *d);
-const char *fl_decoder_message(const fl_decoder *d); /* reason of the last failure */
 
 typedef struct fl_jpeg_info {
   int width, height;         /* displayed size (after EXIF orientation) */
@@ -126,7 +133,9 @@ typedef struct fl_jpeg_info {
 } fl_jpeg_info;
 
 /* Reads the whole file path into the decoder's buffer; *buf and *len point into it (valid until the
- * next call). Returns FL_IMG_OK or MISSING / IO / EMPTY / NOMEM with a message. */
+ * next call). Returns FL_IMG_OK or MISSING / IO / EMPTY / NOMEM / NOT_FILE (not a regular file:
+ * refused without blocking) / NOT_JPEG / TRUNCATED (checked on the first bytes, before the rest is
+ * read) / TOO_LARGE (over FL_IMG_MAX_FILE_BYTES), with a message. */
 int fl_decoder_read_file(fl_decoder *d, const char *path, const uint8_t **buf, size_t *len);
 
 int fl_decoder_info(fl_decoder *d, const uint8_t *buf, size_t len, fl_jpeg_info *info);
@@ -149,9 +158,9 @@ void fl_image_orient(const uint8_t *src, int sw, int sh, int o, uint8_t *dst, in
 /* ---- encoding ---- */
 /* Encodes RGB (channels 3) or gray (channels 1) as a baseline or progressive JPEG; for RGB,
  * `subsample` 1 gives 4:2:0 chroma (what cameras write), 0 gives 4:4:4.
- * *out is malloc'ed (free it); returns 0 or -1 with a message in err. */
+ * *out is malloc'ed (free it); returns 0 or -1 with a message. */
 int fl_jpeg_encode(const uint8_t *pixels, int w, int h, int channels, int quality, int progressive,
-                   int subsample, unsigned char **out, size_t *outlen, char *err, size_t errlen);
+                   int subsample, unsigned char **out, size_t *outlen);
 
 /* ---- random numbers ---- */
 /* splitmix64 (Steele, Lea, Flood 2014): state += 0x9E3779B97F4A7C15, then the output mix. Fixed

@@ -7,17 +7,22 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <jpeglib.h>
 #include <jerror.h>
 
 #include "image.h"
+#include "tensor.h"
 
 /* Hot loops: let GCC vectorise them even at -O2. */
 #define FL_HOT __attribute__((optimize("O3")))
 
 static const char *status_names[FL_IMG_NSTATUS] = {
   "ok", "missing", "io", "empty", "not_jpeg", "truncated", "corrupt", "too_large", "nomem", "bad_arg",
+  "not_file",
 };
 
 const char *fl_img_status_name(int s) {
@@ -34,12 +39,18 @@ int fl_filter_from_name(const char *name) {
   return -1;
 }
 
-static void msgf(char *buf, size_t n, const char *fmt, ...) {
-  if (!buf || n == 0) return;
+/* Records the reason of a failure the way the rest of core does (fl_fail: a thread-local message,
+ * so loader workers fail without racing; fl_fail_oom when out of memory) and returns `status`. */
+static int fail(int status, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int fail(int status, const char *fmt, ...) {
+  char buf[400];
   va_list ap;
   va_start(ap, fmt);
-  vsnprintf(buf, n, fmt, ap);
+  vsnprintf(buf, sizeof buf, fmt, ap);
   va_end(ap);
+  if (status == FL_IMG_NOMEM) fl_fail_oom("%s", buf);
+  else fl_fail("%s", buf);
+  return status;
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -414,39 +425,32 @@ void fl_transform_defaults(fl_transform *t) {
   t->dct_scaling = 1;
 }
 
-int fl_transform_check(const fl_transform *t, char *err, size_t errlen) {
+int fl_transform_check(const fl_transform *t) {
   if (t->mode < 0 || t->mode >= FL_NTF) {
-    msgf(err, errlen, "unknown transform mode %d", t->mode);
-    return FL_IMG_BAD_ARG;
+    return fail(FL_IMG_BAD_ARG, "unknown transform mode %d", t->mode);
   }
   if (t->mode != FL_TF_NONE && (t->out_w < 1 || t->out_h < 1 || t->out_w > 65535 || t->out_h > 65535)) {
-    msgf(err, errlen, "output size must be 1..65535, got %dx%d", t->out_w, t->out_h);
-    return FL_IMG_BAD_ARG;
+    return fail(FL_IMG_BAD_ARG, "output size must be 1..65535, got %dx%d", t->out_w, t->out_h);
   }
   if (t->mode == FL_TF_CENTER && !(t->crop_frac > 0 && t->crop_frac <= 1)) {
-    msgf(err, errlen, "crop_frac must be in (0, 1], got %g", t->crop_frac);
-    return FL_IMG_BAD_ARG;
+    return fail(FL_IMG_BAD_ARG, "crop_frac must be in (0, 1], got %g", t->crop_frac);
   }
   if (t->mode == FL_TF_RANDOM_RESIZED &&
       !(t->scale_lo > 0 && t->scale_lo <= t->scale_hi && t->scale_hi <= 1 && t->ratio_lo > 0 &&
         t->ratio_lo <= t->ratio_hi)) {
-    msgf(err, errlen, "random-resized crop needs 0 < scale_lo <= scale_hi <= 1 and 0 < ratio_lo <= ratio_hi, "
+    return fail(FL_IMG_BAD_ARG, "random-resized crop needs 0 < scale_lo <= scale_hi <= 1 and 0 < ratio_lo <= ratio_hi, "
          "got scale %g..%g ratio %g..%g", t->scale_lo, t->scale_hi, t->ratio_lo, t->ratio_hi);
-    return FL_IMG_BAD_ARG;
   }
   if (!(t->brightness >= 0 && t->brightness < 1 && t->contrast >= 0 && t->contrast < 1 &&
         t->saturation >= 0 && t->saturation <= 1)) {
-    msgf(err, errlen, "jitter must be brightness, contrast in [0, 1) and saturation in [0, 1], got %g, %g, %g",
+    return fail(FL_IMG_BAD_ARG, "jitter must be brightness, contrast in [0, 1) and saturation in [0, 1], got %g, %g, %g",
          t->brightness, t->contrast, t->saturation);
-    return FL_IMG_BAD_ARG;
   }
   if (t->filter < 0 || t->filter >= FL_NFILTERS) {
-    msgf(err, errlen, "unknown filter %d", t->filter);
-    return FL_IMG_BAD_ARG;
+    return fail(FL_IMG_BAD_ARG, "unknown filter %d", t->filter);
   }
   if (t->none_scale < 0 || t->none_scale > 8) {
-    msgf(err, errlen, "scale must be 1..8 (eighths), got %d", t->none_scale);
-    return FL_IMG_BAD_ARG;
+    return fail(FL_IMG_BAD_ARG, "scale must be 1..8 (eighths), got %d", t->none_scale);
   }
   return 0;
 }
@@ -458,14 +462,11 @@ struct fl_jerr {
   struct jpeg_error_mgr pub;
   jmp_buf jb;
   int status;
-  char *msg;       /* the decoder's message buffer */
-  size_t msglen;
 };
 
 struct fl_decoder {
   struct jpeg_decompress_struct cinfo;
   struct fl_jerr jerr;
-  char msg[256];
   uint8_t *file; size_t filecap;
   fl_image raw;        /* decoded pixels in stored orientation (possibly a window) */
   fl_image oriented;   /* after EXIF orientation */
@@ -478,8 +479,7 @@ static void jerr_fail(j_common_ptr c, int status) {
   struct fl_jerr *e = (struct fl_jerr *)c->err;
   char buf[JMSG_LENGTH_MAX];
   (*c->err->format_message)(c, buf);
-  e->status = status;
-  snprintf(e->msg, e->msglen, "%s", buf);
+  e->status = fail(status, "%s", buf);
   longjmp(e->jb, 1);
 }
 
@@ -530,8 +530,6 @@ fl_decoder *fl_decoder_new(void) {
   d->jerr.pub.error_exit = jerr_exit;
   d->jerr.pub.emit_message = jerr_emit;
   d->jerr.pub.output_message = jerr_output;
-  d->jerr.msg = d->msg;
-  d->jerr.msglen = sizeof d->msg;
   return decoder_create(d) ? d : NULL;
 }
 
@@ -546,40 +544,6 @@ void fl_decoder_free(fl_decoder *d) {
   free(d);
 }
 
-const char *fl_decoder_message(const fl_decoder *d) { return d->msg; }
-
-static int fail(fl_decoder *d, int status, const char *fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(d->msg, sizeof d->msg, fmt, ap);
-  va_end(ap);
-  return status;
-}
-
-int fl_decoder_read_file(fl_decoder *d, const char *path, const uint8_t **buf, size_t *len) {
-  FILE *f = fopen(path, "rb");
-  if (!f) return fail(d, errno == ENOENT || errno == ENOTDIR ? FL_IMG_MISSING : FL_IMG_IO, "%s", strerror(errno));
-  size_t n = 0;
-  for (;;) {
-    if (n == d->filecap) {
-      size_t cap = d->filecap ? d->filecap * 2 : 1 << 18;
-      uint8_t *p = realloc(d->file, cap);
-      if (!p) { fclose(f); return fail(d, FL_IMG_NOMEM, "out of memory reading the file"); }
-      d->file = p;
-      d->filecap = cap;
-    }
-    size_t got = fread(d->file + n, 1, d->filecap - n, f);
-    n += got;
-    if (got == 0) break;
-  }
-  int bad = ferror(f);
-  fclose(f);
-  if (bad) return fail(d, FL_IMG_IO, "read error");
-  if (n == 0) return fail(d, FL_IMG_EMPTY, "empty file (0 bytes)");
-  *buf = d->file;
-  *len = n;
-  return FL_IMG_OK;
-}
 
 /* EXIF orientation from the APP1 markers that libjpeg saved: "Exif\0\0", then a TIFF header
  * ("II" little- or "MM" big-endian, 42, offset of IFD0), then IFD0's 12-byte entries; tag 0x0112
@@ -614,20 +578,87 @@ static int exif_orientation(j_decompress_ptr cinfo) {
   return 1;
 }
 
-static int check_soi(fl_decoder *d, const uint8_t *buf, size_t len) {
-  if (len == 0) return fail(d, FL_IMG_EMPTY, "empty file (0 bytes)");
-  if (len < 3 || buf[0] != 0xFF || buf[1] != 0xD8) {
-    const char *kind = "";
-    if (len >= 8 && memcmp(buf, "\x89PNG\r\n\x1a\n", 8) == 0) kind = " (it is a PNG)";
-    else if (len >= 6 && (memcmp(buf, "GIF87a", 6) == 0 || memcmp(buf, "GIF89a", 6) == 0)) kind = " (it is a GIF)";
-    else if (len >= 2 && buf[0] == 'B' && buf[1] == 'M') kind = " (it is a BMP)";
-    else if (len >= 12 && memcmp(buf, "RIFF", 4) == 0 && memcmp(buf + 8, "WEBP", 4) == 0) kind = " (it is a WebP)";
-    if (len >= 2)
-      return fail(d, FL_IMG_NOT_JPEG, "not a JPEG file: starts with bytes %02X %02X, expected FF D8%s",
-                  buf[0], buf[1], kind);
-    return fail(d, FL_IMG_NOT_JPEG, "not a JPEG file: only %zu byte", len);
+static int check_soi(const uint8_t *buf, size_t len) {
+  if (len == 0) return fail(FL_IMG_EMPTY, "empty file (0 bytes)");
+  if (len >= 2 && buf[0] == 0xFF && buf[1] == 0xD8) {
+    if (len < 3) return fail(FL_IMG_TRUNCATED, "truncated: 2 bytes, the JPEG start marker and nothing after it");
+    return 0;
   }
-  return 0;
+  const char *kind = "";
+  if (len >= 8 && memcmp(buf, "\x89PNG\r\n\x1a\n", 8) == 0) kind = " (it is a PNG)";
+  else if (len >= 6 && (memcmp(buf, "GIF87a", 6) == 0 || memcmp(buf, "GIF89a", 6) == 0)) kind = " (it is a GIF)";
+  else if (len >= 2 && buf[0] == 'B' && buf[1] == 'M') kind = " (it is a BMP)";
+  else if (len >= 12 && memcmp(buf, "RIFF", 4) == 0 && memcmp(buf + 8, "WEBP", 4) == 0) kind = " (it is a WebP)";
+  if (len >= 2)
+    return fail(FL_IMG_NOT_JPEG, "not a JPEG file: starts with bytes %02X %02X, expected FF D8%s", buf[0], buf[1], kind);
+  return fail(FL_IMG_NOT_JPEG, "not a JPEG file: only 1 byte (%02X)", buf[0]);
+}
+
+static const char *file_kind(mode_t m) {
+  if (S_ISDIR(m)) return "a directory";
+  if (S_ISFIFO(m)) return "a FIFO";
+  if (S_ISCHR(m)) return "a character device";
+  if (S_ISBLK(m)) return "a block device";
+  if (S_ISSOCK(m)) return "a socket";
+  return "not a regular file";
+}
+
+static int open_failed(int err) {
+  return fail(err == ENOENT || err == ENOTDIR ? FL_IMG_MISSING : FL_IMG_IO, "%s", strerror(err));
+}
+
+/* read(2) until n bytes or the end of the file; -1 on an error */
+static ssize_t read_full(int fd, uint8_t *p, size_t n) {
+  size_t got = 0;
+  while (got < n) {
+    ssize_t r = read(fd, p + got, n - got);
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) return -1;
+    if (r == 0) break;
+    got += (size_t)r;
+  }
+  return (ssize_t)got;
+}
+
+/* What is not a regular file is refused before it is opened (a FIFO blocks, a device never ends);
+ * the open is non-blocking and the type is checked again on the descriptor (a file swapped for a
+ * FIFO in between cannot block either). The first bytes and the size are checked before the rest
+ * is read, so a large file of another kind costs no memory. */
+int fl_decoder_read_file(fl_decoder *d, const char *path, const uint8_t **buf, size_t *len) {
+  struct stat st;
+  if (stat(path, &st) != 0) return open_failed(errno);
+  if (!S_ISREG(st.st_mode)) return fail(FL_IMG_NOT_FILE, "%s, not an image file", file_kind(st.st_mode));
+  int fd = open(path, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+  if (fd < 0) return open_failed(errno);
+  uint8_t head[16];
+  ssize_t nhead = 0, nrest = 0;
+  int s = 0;
+  if (fstat(fd, &st) != 0) s = open_failed(errno);
+  else if (!S_ISREG(st.st_mode)) s = fail(FL_IMG_NOT_FILE, "%s, not an image file", file_kind(st.st_mode));
+  else if ((nhead = read_full(fd, head, sizeof head)) < 0) s = fail(FL_IMG_IO, "read error: %s", strerror(errno));
+  else if ((s = check_soi(head, (size_t)nhead))) {}
+  else if (st.st_size > FL_IMG_MAX_FILE_BYTES)
+    s = fail(FL_IMG_TOO_LARGE, "the file is %lld bytes, more than %lld", (long long)st.st_size,
+             (long long)FL_IMG_MAX_FILE_BYTES);
+  /* room for the whole file plus one byte, which tells whether it grew since fstat */
+  size_t want = (size_t)(st.st_size > nhead ? st.st_size : nhead) + 1;
+  if (!s && want > d->filecap) {
+    uint8_t *p = malloc(want);
+    if (!p) s = fail(FL_IMG_NOMEM, "out of memory for a file of %zu bytes", want - 1);
+    else { free(d->file); d->file = p; d->filecap = want; }
+  }
+  if (!s) {
+    memcpy(d->file, head, (size_t)nhead);
+    nrest = read_full(fd, d->file + nhead, want - (size_t)nhead);
+    if (nrest < 0) s = fail(FL_IMG_IO, "read error: %s", strerror(errno));
+  }
+  close(fd);
+  if (s) return s;
+  size_t n = (size_t)nhead + (size_t)nrest;
+  if (n == want) return fail(FL_IMG_IO, "the file grew while it was read (more than %zu bytes)", want - 1);
+  *buf = d->file;
+  *len = n;
+  return FL_IMG_OK;
 }
 
 /* Reads the header of buf into d->cinfo. Must run under the caller's setjmp. */
@@ -638,7 +669,7 @@ static void read_header(fl_decoder *d, const uint8_t *buf, size_t len) {
 }
 
 int fl_decoder_info(fl_decoder *d, const uint8_t *buf, size_t len, fl_jpeg_info *info) {
-  int s = check_soi(d, buf, len);
+  int s = check_soi(buf, len);
   if (s) return s;
   d->jerr.status = 0;
   if (setjmp(d->jerr.jb)) {
@@ -705,12 +736,12 @@ static int decode_rows(fl_decoder *d, int x0, int x1, int y0, int y1, int *wx) {
   int w = (int)c->output_width, rows = y1 - y0;
   if (fl_image_reserve(&d->raw, w, rows)) {
     jpeg_abort_decompress(c);
-    return fail(d, FL_IMG_NOMEM, "out of memory for a %dx%d image", w, rows);
+    return fail(FL_IMG_NOMEM, "out of memory for a %dx%d image", w, rows);
   }
   int cmyk = c->out_color_space == JCS_CMYK;
   if (cmyk && grow((void **)&d->row4, &d->row4cap, (size_t)w * 4 * 16)) {
     jpeg_abort_decompress(c);
-    return fail(d, FL_IMG_NOMEM, "out of memory for a %dx%d image", w, rows);
+    return fail(FL_IMG_NOMEM, "out of memory for a %dx%d image", w, rows);
   }
   if (y0 > 0) jpeg_skip_scanlines(c, (JDIMENSION)y0);
   int y = 0;
@@ -738,7 +769,7 @@ static int decode_rows(fl_decoder *d, int x0, int x1, int y0, int y1, int *wx) {
     }
     if (got <= 0) {  /* a memory source never suspends: no rows means the data ran out */
       jpeg_abort_decompress(c);
-      return fail(d, FL_IMG_TRUNCATED, "the decoder returned no rows at row %d of %d", y, rows);
+      return fail(FL_IMG_TRUNCATED, "the decoder returned no rows at row %d of %d", y, rows);
     }
     y += got;
   }
@@ -766,7 +797,7 @@ static int decode_transform(fl_decoder *d, const uint8_t *buf, size_t len, const
   int sw0 = (int)c->image_width, sh0 = (int)c->image_height;
   if ((int64_t)sw0 * sh0 > FL_IMG_MAX_PIXELS) {
     jpeg_abort_decompress(c);
-    return fail(d, FL_IMG_TOO_LARGE, "image is %dx%d, more than %lld pixels", sw0, sh0,
+    return fail(FL_IMG_TOO_LARGE, "image is %dx%d, more than %lld pixels", sw0, sh0,
                 (long long)FL_IMG_MAX_PIXELS);
   }
   int W = o >= 5 ? sh0 : sw0, H = o >= 5 ? sw0 : sh0;  /* displayed */
@@ -807,16 +838,16 @@ static int decode_transform(fl_decoder *d, const uint8_t *buf, size_t len, const
     int wx, s = decode_rows(d, 0, sw, 0, sh, &wx);
     if (s) return s;
     if (o == 1) {
-      if (fl_image_reserve(out, sw, sh)) return fail(d, FL_IMG_NOMEM, "out of memory");
+      if (fl_image_reserve(out, sw, sh)) return fail(FL_IMG_NOMEM, "out of memory");
       memcpy(out->data, d->raw.data, (size_t)sw * sh * 3);
     } else {
-      if (fl_image_reserve(out, vw, vh)) return fail(d, FL_IMG_NOMEM, "out of memory");
+      if (fl_image_reserve(out, vw, vh)) return fail(FL_IMG_NOMEM, "out of memory");
       fl_image_orient(d->raw.data, sw, sh, o, out->data, &out->w, &out->h);
     }
     return 0;
   }
 
-  if (fl_image_reserve(out, t->out_w, t->out_h)) return fail(d, FL_IMG_NOMEM, "out of memory");
+  if (fl_image_reserve(out, t->out_w, t->out_h)) return fail(FL_IMG_NOMEM, "out of memory");
   int s;
   if (o == 1 && !t->full_decode) {
     /* decode only the window the filter taps read */
@@ -839,22 +870,21 @@ static int decode_transform(fl_decoder *d, const uint8_t *buf, size_t len, const
     int wx;
     s = decode_rows(d, 0, sw, 0, sh, &wx);
     if (s) return s;
-    if (fl_image_reserve(&d->oriented, vw, vh)) return fail(d, FL_IMG_NOMEM, "out of memory");
+    if (fl_image_reserve(&d->oriented, vw, vh)) return fail(FL_IMG_NOMEM, "out of memory");
     fl_image_orient(d->raw.data, sw, sh, o, d->oriented.data, &d->oriented.w, &d->oriented.h);
     s = fl_resize(d->ws, d->oriented.data, vw, vh, (size_t)vw * 3, sbox, out->data, t->out_w, t->out_h,
                   (size_t)t->out_w * 3, t->filter);
   }
-  if (s) return fail(d, s, "resampling failed (%s)", fl_img_status_name(s));
+  if (s) return fail(s, "resampling failed (%s)", fl_img_status_name(s));
   return 0;
 }
 
 int fl_decoder_transform(fl_decoder *d, const uint8_t *buf, size_t len, const fl_transform *t,
                          uint64_t *rng, fl_image *out) {
-  int s = fl_transform_check(t, d->msg, sizeof d->msg);
+  int s = fl_transform_check(t);
   if (s) return s;
-  if ((s = check_soi(d, buf, len))) return s;
+  if ((s = check_soi(buf, len))) return s;
   d->jerr.status = 0;
-  d->msg[0] = 0;
   if (setjmp(d->jerr.jb)) {
     jpeg_abort_decompress(&d->cinfo);
     return d->jerr.status;
@@ -887,12 +917,10 @@ static void enc_exit(j_common_ptr c) {
 }
 
 int fl_jpeg_encode(const uint8_t *pixels, int w, int h, int channels, int quality, int progressive,
-                   int subsample, unsigned char **out, size_t *outlen, char *err, size_t errlen) {
-  if (w < 1 || h < 1 || w > 65500 || h > 65500 || (channels != 1 && channels != 3) || quality < 1 || quality > 100) {
-    msgf(err, errlen, "jpeg_encode: expected 1..65500 pixels per side, 1 or 3 channels, quality 1..100; "
-         "got %dx%dx%d, quality %d", w, h, channels, quality);
-    return -1;
-  }
+                   int subsample, unsigned char **out, size_t *outlen) {
+  if (w < 1 || h < 1 || w > 65500 || h > 65500 || (channels != 1 && channels != 3) || quality < 1 || quality > 100)
+    return fl_fail("jpeg_encode: expected 1..65500 pixels per side, 1 or 3 channels, quality 1..100; "
+                   "got %dx%dx%d, quality %d", w, h, channels, quality);
   struct jpeg_compress_struct c;
   struct enc_err e;
   /* volatile: read after a longjmp */
@@ -904,8 +932,7 @@ int fl_jpeg_encode(const uint8_t *pixels, int w, int h, int channels, int qualit
   if (setjmp(e.jb)) {
     jpeg_destroy_compress(&c);
     free(buf);
-    msgf(err, errlen, "jpeg_encode: %s", e.msg);
-    return -1;
+    return fl_fail("jpeg_encode: %s", e.msg);
   }
   jpeg_create_compress(&c);
   jpeg_mem_dest(&c, (unsigned char **)&buf, (unsigned long *)&size);

@@ -65,8 +65,10 @@ typedef struct fl_loader_config {
 
 typedef struct fl_loader fl_loader;
 
-/* NULL with a message in err if the configuration is invalid or memory runs out. */
-fl_loader *fl_loader_new(const fl_loader_config *cfg, char *err, size_t errlen);
+/* Errors: recorded with fl_fail (tensor.h), as everywhere in core. */
+
+/* NULL with a message if the configuration is invalid or memory runs out. */
+fl_loader *fl_loader_new(const fl_loader_config *cfg);
 /* Stops and joins the workers, gives back every buffer. Tolerates NULL. */
 void fl_loader_free(fl_loader *ld);
 
@@ -75,7 +77,7 @@ int64_t fl_loader_size(const fl_loader *ld);       /* samples */
 size_t fl_loader_sample_bytes(const fl_loader *ld);/* bytes of one output row */
 
 /* Starts (or restarts) epoch `epoch`: abandons whatever the previous epoch had in flight. */
-int fl_loader_start(fl_loader *ld, int64_t epoch, char *err, size_t errlen);
+int fl_loader_start(fl_loader *ld, int64_t epoch);
 
 typedef struct fl_loader_failure {
   int64_t index;               /* data set index of the sample */
@@ -95,8 +97,8 @@ typedef struct fl_loader_batch {
 } fl_loader_batch;
 
 /* Waits for the next batch of the current epoch. Returns 1 with *b filled, 0 when the epoch is
- * over, -1 with a message in err (no epoch started, out of memory). */
-int fl_loader_next(fl_loader *ld, fl_loader_batch *b, char *err, size_t errlen);
+ * over, -1 with a message (no epoch started, out of memory). */
+int fl_loader_next(fl_loader *ld, fl_loader_batch *b);
 
 /* ---- permutations ---- */
 /* perm[0..n) = a permutation of 0..n-1 drawn as numpy.random.RandomState(seed).permutation(n)
@@ -104,6 +106,12 @@ int fl_loader_next(fl_loader *ld, fl_loader_batch *b, char *err, size_t errlen);
  * bounded integers use masked rejection on 32-bit outputs), so the split matches scikit-learn's
  * train_test_split(random_state=seed) and is identical on every machine. seed < 2^32, n < 2^32. */
 int fl_permutation(int64_t *perm, int64_t n, uint32_t seed);
+/* The generator behind it, kept between calls as numpy's RandomState keeps it: scikit-learn's
+ * stratified split draws several permutations in a row from one stream. */
+typedef struct fl_mt19937 { uint32_t mt[624]; int pos; } fl_mt19937;
+void fl_mt19937_seed(fl_mt19937 *s, uint32_t seed);
+/* perm[0..n) = RandomState.permutation(n), continuing the stream; -1 (fl_fail) if n >= 2^32 */
+int fl_mt19937_permutation(fl_mt19937 *s, int64_t *perm, int64_t n);
 /* The 32-bit seed of epoch `epoch`'s shuffle for a loader seeded with `seed`. */
 uint32_t fl_epoch_seed(uint64_t seed, int64_t epoch);
 

@@ -5,7 +5,6 @@
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,16 +12,9 @@
 
 #include "flowers.h"
 #include "image.h"
+#include "tensor.h"
 
 #define TWO_PI 6.283185307179586
-
-static void msgf(char *buf, size_t n, const char *fmt, ...) {
-  if (!buf || n == 0) return;
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(buf, n, fmt, ap);
-  va_end(ap);
-}
 
 /* ---------------------------------------------------------------------------------------------
  * Classes */
@@ -498,17 +490,15 @@ static int box_blur(float *cv, int w, int h, int r) {
   return 0;
 }
 
-int fl_flowers_draw(uint8_t *out, int w, int h, int c, int K, uint64_t seed, char *err, size_t errlen) {
+int fl_flowers_draw(uint8_t *out, int w, int h, int c, int K, uint64_t seed) {
   fl_flower_class fc;
-  if (w < 16 || h < 16 || w > 8192 || h > 8192 || fl_flowers_class(c, K, &fc)) {
-    msgf(err, errlen, "flowers_draw: expected 16..8192 pixels per side and 0 <= class < classes <= %d, "
-         "got %dx%d, class %d of %d", FL_FLOWERS_MAX_CLASSES, w, h, c, K);
-    return -1;
-  }
+  if (w < 16 || h < 16 || w > 8192 || h > 8192 || fl_flowers_class(c, K, &fc))
+    return fl_fail("flowers_draw: expected 16..8192 pixels per side and 0 <= class < classes <= %d, "
+                   "got %dx%d, class %d of %d", FL_FLOWERS_MAX_CLASSES, w, h, c, K);
   float *cv = malloc(sizeof(float) * 3 * (size_t)w * h);
-  if (!cv) { msgf(err, errlen, "flowers_draw: out of memory"); return -1; }
+  if (!cv) return fl_fail_oom("flowers_draw: out of memory");
   uint64_t rng = seed;
-  if (draw_background(cv, w, h, &rng)) { free(cv); msgf(err, errlen, "flowers_draw: out of memory"); return -1; }
+  if (draw_background(cv, w, h, &rng)) { free(cv); return fl_fail_oom("flowers_draw: out of memory"); }
 
   float side = (float)(w < h ? w : h);
   float R = side * uni(&rng, 0.30f, 0.45f);
@@ -553,7 +543,7 @@ int fl_flowers_draw(uint8_t *out, int w, int h, int c, int K, uint64_t seed, cha
   float sigma = uni(&rng, 0.0f, 5.0f) / 255.0f;
   if (blur > 0)
     for (int pass = 0; pass < 2; pass++)
-      if (box_blur(cv, w, h, blur)) { free(cv); msgf(err, errlen, "flowers_draw: out of memory"); return -1; }
+      if (box_blur(cv, w, h, blur)) { free(cv); return fl_fail_oom("flowers_draw: out of memory"); }
   uint64_t nrng = fl_rng_next(&rng);
   for (int y = 0; y < h; y++) {
     float *p = cv + (size_t)y * w * 3;
@@ -583,32 +573,31 @@ typedef struct {
   atomic_int next;
   atomic_int failed;
   pthread_mutex_t lock;
-  char *err;
-  size_t errlen;
+  char first_error[512];   /* the first failing worker's message (fl_fail's are per thread) */
 } write_ctx;
 
-static int write_one(const fl_flowers_job *j, int K, uint8_t **pix, size_t *cap, char *err, size_t errlen) {
+static int write_one(const fl_flowers_job *j, int K, uint8_t **pix, size_t *cap) {
   size_t need = (size_t)j->w * j->h * 3;
   if (need > *cap) {
     uint8_t *p = realloc(*pix, need);
-    if (!p) { msgf(err, errlen, "flowers_write: %s: out of memory", j->path); return -1; }
+    if (!p) return fl_fail_oom("flowers_write: %s: out of memory", j->path);
     *pix = p;
     *cap = need;
   }
-  char e[256];
-  if (fl_flowers_draw(*pix, j->w, j->h, j->cls, K, j->seed, e, sizeof e)) {
-    msgf(err, errlen, "%s: %s", j->path, e);
-    return -1;
+  char e[400];   /* the callee's message, copied: fl_fail writes where fl_errmsg reads */
+  if (fl_flowers_draw(*pix, j->w, j->h, j->cls, K, j->seed)) {
+    snprintf(e, sizeof e, "%s", fl_errmsg());
+    return fl_fail("%s: %s", j->path, e);
   }
   unsigned char *jpg = NULL;
   size_t len = 0;
-  if (fl_jpeg_encode(*pix, j->w, j->h, 3, j->quality, 0, 1, &jpg, &len, e, sizeof e)) {
-    msgf(err, errlen, "flowers_write: %s: %s", j->path, e);
-    return -1;
+  if (fl_jpeg_encode(*pix, j->w, j->h, 3, j->quality, 0, 1, &jpg, &len)) {
+    snprintf(e, sizeof e, "%s", fl_errmsg());
+    return fl_fail("flowers_write: %s: %s", j->path, e);
   }
   size_t pl = strlen(j->path);
   char *tmp = malloc(pl + 5);
-  if (!tmp) { free(jpg); msgf(err, errlen, "flowers_write: out of memory"); return -1; }
+  if (!tmp) { free(jpg); return fl_fail_oom("flowers_write: out of memory"); }
   memcpy(tmp, j->path, pl);
   memcpy(tmp + pl, ".tmp", 5);
   FILE *f = fopen(tmp, "wb");
@@ -617,7 +606,7 @@ static int write_one(const fl_flowers_job *j, int K, uint8_t **pix, size_t *cap,
   if (f && fclose(f) != 0) ok = 0;
   if (ok) ok = rename(tmp, j->path) == 0;
   if (!ok) {
-    msgf(err, errlen, "flowers_write: cannot write %s: %s", j->path, strerror(errno));
+    fl_fail("flowers_write: cannot write %s: %s", j->path, strerror(errno));
     remove(tmp);
   }
   free(tmp);
@@ -629,13 +618,12 @@ static void *write_worker(void *arg) {
   write_ctx *c = arg;
   uint8_t *pix = NULL;
   size_t cap = 0;
-  char e[512];
   for (;;) {
     int i = atomic_fetch_add(&c->next, 1);
     if (i >= c->n || atomic_load(&c->failed)) break;
-    if (write_one(&c->jobs[i], c->K, &pix, &cap, e, sizeof e)) {
+    if (write_one(&c->jobs[i], c->K, &pix, &cap)) {
       pthread_mutex_lock(&c->lock);
-      if (!atomic_load(&c->failed)) msgf(c->err, c->errlen, "%s", e);
+      if (!atomic_load(&c->failed)) snprintf(c->first_error, sizeof c->first_error, "%s", fl_errmsg());
       atomic_store(&c->failed, 1);
       pthread_mutex_unlock(&c->lock);
       break;
@@ -645,10 +633,10 @@ static void *write_worker(void *arg) {
   return NULL;
 }
 
-int fl_flowers_write(const fl_flowers_job *jobs, int n, int K, int workers, char *err, size_t errlen) {
+int fl_flowers_write(const fl_flowers_job *jobs, int n, int K, int workers) {
   if (workers < 1) workers = 1;
   if (workers > 64) workers = 64;
-  write_ctx c = { .jobs = jobs, .n = n, .K = K, .err = err, .errlen = errlen };
+  write_ctx c = { .jobs = jobs, .n = n, .K = K };
   atomic_init(&c.next, 0);
   atomic_init(&c.failed, 0);
   pthread_mutex_init(&c.lock, NULL);
@@ -661,5 +649,5 @@ int fl_flowers_write(const fl_flowers_job *jobs, int n, int K, int workers, char
   write_worker(&c);  /* the calling thread works too */
   for (int i = 0; i < started; i++) pthread_join(th[i], NULL);
   pthread_mutex_destroy(&c.lock);
-  return atomic_load(&c.failed) ? -1 : 0;
+  return atomic_load(&c.failed) ? fl_fail("%s", c.first_error) : 0;
 }

@@ -1,20 +1,12 @@
 /* The threaded image loader (see loader.h for the design). */
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "loader.h"
-
-static void msgf(char *buf, size_t n, const char *fmt, ...) {
-  if (!buf || n == 0) return;
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(buf, n, fmt, ap);
-  va_end(ap);
-}
+#include "tensor.h"
 
 /* ------------------------------------------------------------------------------------------------
  * Pixel conversion */
@@ -61,15 +53,13 @@ void fl_pixels_convert(const uint8_t *rgb, size_t npix, void *dst, int dt, int p
 /* ------------------------------------------------------------------------------------------------
  * MT19937 and the numpy-compatible permutation */
 
-typedef struct { uint32_t mt[624]; int pos; } mt19937;
-
-static void mt_seed(mt19937 *s, uint32_t seed) {
+void fl_mt19937_seed(fl_mt19937 *s, uint32_t seed) {
   s->mt[0] = seed;
   for (int i = 1; i < 624; i++) s->mt[i] = 1812433253u * (s->mt[i - 1] ^ (s->mt[i - 1] >> 30)) + (uint32_t)i;
   s->pos = 624;
 }
 
-static uint32_t mt_next(mt19937 *s) {
+static uint32_t mt_next(fl_mt19937 *s) {
   if (s->pos >= 624) {
     for (int i = 0; i < 624; i++) {
       uint32_t y = (s->mt[i] & 0x80000000u) | (s->mt[(i + 1) % 624] & 0x7fffffffu);
@@ -86,7 +76,7 @@ static uint32_t mt_next(mt19937 *s) {
 }
 
 /* uniform in [0, max]: the smallest all-ones mask covering max, rejecting values above max */
-static uint32_t mt_interval(mt19937 *s, uint32_t max) {
+static uint32_t mt_interval(fl_mt19937 *s, uint32_t max) {
   if (max == 0) return 0;
   uint32_t mask = max;
   mask |= mask >> 1; mask |= mask >> 2; mask |= mask >> 4; mask |= mask >> 8; mask |= mask >> 16;
@@ -95,11 +85,8 @@ static uint32_t mt_interval(mt19937 *s, uint32_t max) {
   return v;
 }
 
-int fl_permutation(int64_t *perm, int64_t n, uint32_t seed) {
-  if (n < 0 || n > (int64_t)UINT32_MAX) return -1;
-  mt19937 *s = malloc(sizeof *s);
-  if (!s) return -1;
-  mt_seed(s, seed);
+int fl_mt19937_permutation(fl_mt19937 *s, int64_t *perm, int64_t n) {
+  if (n < 0 || n > (int64_t)UINT32_MAX) return fl_fail("permutation: n must be 0..2^32-1, got %lld", (long long)n);
   for (int64_t i = 0; i < n; i++) perm[i] = i;
   for (int64_t i = n - 1; i >= 1; i--) {
     int64_t j = mt_interval(s, (uint32_t)i);
@@ -107,8 +94,16 @@ int fl_permutation(int64_t *perm, int64_t n, uint32_t seed) {
     perm[i] = perm[j];
     perm[j] = t;
   }
-  free(s);
   return 0;
+}
+
+int fl_permutation(int64_t *perm, int64_t n, uint32_t seed) {
+  fl_mt19937 *s = malloc(sizeof *s);
+  if (!s) return fl_fail_oom("permutation: out of memory");
+  fl_mt19937_seed(s, seed);
+  int r = fl_mt19937_permutation(s, perm, n);
+  free(s);
+  return r;
 }
 
 uint32_t fl_epoch_seed(uint64_t seed, int64_t epoch) {
@@ -185,7 +180,7 @@ static void stats_one(void *arg, int64_t i, int w) {
   }
   c->status[i] = s;
   if (s) {
-    if (c->messages) snprintf(c->messages[i], 192, "%s", d ? fl_decoder_message(d) : "out of memory");
+    if (c->messages) snprintf(c->messages[i], 192, "%s", d ? fl_errmsg() : "out of memory");
     return;
   }
   const uint8_t *p = c->img[w].data;
@@ -299,7 +294,7 @@ static void process_sample(fl_loader *ld, worker *w, int64_t idx, int64_t epoch,
   }
   if (s == 0) fl_pixels_convert(w->img.data, (size_t)ld->tf.out_w * ld->tf.out_h, dst, ld->dtype, ld->pre);
   *status = s;
-  if (s) snprintf(message, 192, "%s", fl_decoder_message(w->dec));
+  if (s) snprintf(message, 192, "%s", fl_errmsg());
 }
 
 static void *worker_main(void *arg) {
@@ -372,24 +367,23 @@ void fl_loader_free(fl_loader *ld) {
   free(ld);
 }
 
-fl_loader *fl_loader_new(const fl_loader_config *cfg, char *err, size_t errlen) {
-  if (cfg->n < 0 || cfg->n > (int64_t)UINT32_MAX) { msgf(err, errlen, "loader: data set size %lld out of range", (long long)cfg->n); return NULL; }
-  if (cfg->batch_size < 1 || cfg->batch_size > 1 << 20) { msgf(err, errlen, "loader: batch_size must be >= 1, got %d", cfg->batch_size); return NULL; }
-  if (cfg->workers < 0 || cfg->workers > 256) { msgf(err, errlen, "loader: workers must be 0..256, got %d", cfg->workers); return NULL; }
-  if (cfg->prefetch < 0 || cfg->prefetch > 1024) { msgf(err, errlen, "loader: prefetch must be 0..1024, got %d", cfg->prefetch); return NULL; }
-  if (cfg->dtype != FL_OUT_U8 && cfg->dtype != FL_OUT_F32) { msgf(err, errlen, "loader: unknown output dtype %d", cfg->dtype); return NULL; }
-  if (cfg->preprocess < 0 || cfg->preprocess >= FL_NPRE) { msgf(err, errlen, "loader: unknown preprocessing %d", cfg->preprocess); return NULL; }
+fl_loader *fl_loader_new(const fl_loader_config *cfg) {
+  if (cfg->n < 0 || cfg->n > (int64_t)UINT32_MAX) { fl_fail("loader: data set size %lld out of range", (long long)cfg->n); return NULL; }
+  if (cfg->batch_size < 1 || cfg->batch_size > 1 << 20) { fl_fail("loader: batch_size must be >= 1, got %d", cfg->batch_size); return NULL; }
+  if (cfg->workers < 0 || cfg->workers > 256) { fl_fail("loader: workers must be 0..256, got %d", cfg->workers); return NULL; }
+  if (cfg->prefetch < 0 || cfg->prefetch > 1024) { fl_fail("loader: prefetch must be 0..1024, got %d", cfg->prefetch); return NULL; }
+  if (cfg->dtype != FL_OUT_U8 && cfg->dtype != FL_OUT_F32) { fl_fail("loader: unknown output dtype %d", cfg->dtype); return NULL; }
+  if (cfg->preprocess < 0 || cfg->preprocess >= FL_NPRE) { fl_fail("loader: unknown preprocessing %d", cfg->preprocess); return NULL; }
   if (cfg->dtype == FL_OUT_U8 && cfg->preprocess != FL_PRE_NONE) {
-    msgf(err, errlen, "loader: preprocessing '%s' needs float32 output, got uint8", fl_preprocess_name(cfg->preprocess));
+    fl_fail("loader: preprocessing '%s' needs float32 output, got uint8", fl_preprocess_name(cfg->preprocess));
     return NULL;
   }
-  if (cfg->tf.mode == FL_TF_NONE) { msgf(err, errlen, "loader: a transform with an output size is needed (batches hold one size)"); return NULL; }
-  if (!cfg->alloc.alloc || !cfg->alloc.release) { msgf(err, errlen, "loader: no batch allocator"); return NULL; }
-  char terr[200];
-  if (fl_transform_check(&cfg->tf, terr, sizeof terr)) { msgf(err, errlen, "loader: %s", terr); return NULL; }
+  if (cfg->tf.mode == FL_TF_NONE) { fl_fail("loader: a transform with an output size is needed (batches hold one size)"); return NULL; }
+  if (!cfg->alloc.alloc || !cfg->alloc.release) { fl_fail("loader: no batch allocator"); return NULL; }
+  if (fl_transform_check(&cfg->tf)) { fl_fail_prefix("loader"); return NULL; }
 
   fl_loader *ld = calloc(1, sizeof *ld);
-  if (!ld) { msgf(err, errlen, "loader: out of memory"); return NULL; }
+  if (!ld) { fl_fail_oom("loader: out of memory"); return NULL; }
   pthread_mutex_init(&ld->mu, NULL);
   pthread_cond_init(&ld->work_cv, NULL);
   pthread_cond_init(&ld->done_cv, NULL);
@@ -428,7 +422,7 @@ fl_loader *fl_loader_new(const fl_loader_config *cfg, char *err, size_t errlen) 
   if (!ok) {
     if (!ld->slots) ld->nslots = 0;
     fl_loader_free(ld);
-    msgf(err, errlen, "loader: out of memory");
+    fl_fail_oom("loader: out of memory");
     return NULL;
   }
   char *q = ld->path_store;
@@ -442,18 +436,18 @@ fl_loader *fl_loader_new(const fl_loader_config *cfg, char *err, size_t errlen) 
   ld->inline_worker.ld = ld;
   if (ld->nworkers == 0) {
     ld->inline_worker.dec = fl_decoder_new();
-    if (!ld->inline_worker.dec) { fl_loader_free(ld); msgf(err, errlen, "loader: out of memory"); return NULL; }
+    if (!ld->inline_worker.dec) { fl_loader_free(ld); fl_fail_oom("loader: out of memory"); return NULL; }
   } else {
     ld->workers = calloc((size_t)ld->nworkers, sizeof(worker));
-    if (!ld->workers) { fl_loader_free(ld); msgf(err, errlen, "loader: out of memory"); return NULL; }
+    if (!ld->workers) { fl_loader_free(ld); fl_fail_oom("loader: out of memory"); return NULL; }
     for (int i = 0; i < ld->nworkers; i++) {
       worker *w = &ld->workers[i];
       w->ld = ld;
       w->dec = fl_decoder_new();
-      if (!w->dec) { fl_loader_free(ld); msgf(err, errlen, "loader: out of memory"); return NULL; }
+      if (!w->dec) { fl_loader_free(ld); fl_fail_oom("loader: out of memory"); return NULL; }
       if (pthread_create(&w->thread, NULL, worker_main, w) != 0) {
         fl_loader_free(ld);
-        msgf(err, errlen, "loader: cannot start worker thread %d", i);
+        fl_fail("loader: cannot start worker thread %d", i);
         return NULL;
       }
       w->running = 1;
@@ -462,7 +456,7 @@ fl_loader *fl_loader_new(const fl_loader_config *cfg, char *err, size_t errlen) 
   return ld;
 }
 
-int fl_loader_start(fl_loader *ld, int64_t epoch, char *err, size_t errlen) {
+int fl_loader_start(fl_loader *ld, int64_t epoch) {
   pthread_mutex_lock(&ld->mu);
   /* stop claims and wait for in-flight samples of the old epoch: they write into our slots */
   ld->generation++;
@@ -475,7 +469,7 @@ int fl_loader_start(fl_loader *ld, int64_t epoch, char *err, size_t errlen) {
     if (fl_permutation(ld->perm, ld->n, fl_epoch_seed(ld->seed, epoch))) {
       ld->started = 0;
       pthread_mutex_unlock(&ld->mu);
-      msgf(err, errlen, "loader: out of memory");
+      fl_fail_oom("loader: out of memory");
       return -1;
     }
   } else {
@@ -494,7 +488,7 @@ int fl_loader_start(fl_loader *ld, int64_t epoch, char *err, size_t errlen) {
         ld->total_items = 0;
         ld->started = 0;
         pthread_mutex_unlock(&ld->mu);
-        msgf(err, errlen, "loader: out of memory for a batch of %d x %zu bytes", ld->batch_size, ld->sample_bytes);
+        fl_fail_oom("loader: out of memory for a batch of %d x %zu bytes", ld->batch_size, ld->sample_bytes);
         return -1;
       }
     }
@@ -506,8 +500,8 @@ int fl_loader_start(fl_loader *ld, int64_t epoch, char *err, size_t errlen) {
   return 0;
 }
 
-int fl_loader_next(fl_loader *ld, fl_loader_batch *b, char *err, size_t errlen) {
-  if (!ld->started) { msgf(err, errlen, "loader: no epoch started"); return -1; }
+int fl_loader_next(fl_loader *ld, fl_loader_batch *b) {
+  if (!ld->started) { fl_fail("loader: no epoch started"); return -1; }
   int64_t k = ld->consumer;
   if (k >= ld->nbatches) return 0;
   slot *s = &ld->slots[k % ld->nslots];
@@ -517,7 +511,7 @@ int fl_loader_next(fl_loader *ld, fl_loader_batch *b, char *err, size_t errlen) 
   void *ndata = NULL, *nhandle = NULL;
   if (k + ld->nslots < ld->nbatches) {
     ndata = ld->alloc.alloc(ld->alloc.ud, (size_t)ld->batch_size * ld->sample_bytes, &nhandle);
-    if (!ndata) { msgf(err, errlen, "loader: out of memory for a batch of %d x %zu bytes", ld->batch_size, ld->sample_bytes); return -1; }
+    if (!ndata) { fl_fail_oom("loader: out of memory for a batch of %d x %zu bytes", ld->batch_size, ld->sample_bytes); return -1; }
   }
 
   if (ld->nworkers == 0) {

@@ -18,6 +18,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "tensor.h"   /* fl_errmsg(): the message of the last failure on this thread */
+
 #define FL_FLOWERS_MAX_CLASSES 4096
 
 typedef struct fl_flower_class {
@@ -34,8 +36,8 @@ const char *fl_flowers_shape_name(int shape);      /* "oval", "pointed", ... */
 const char *fl_flowers_palette_name(int palette);  /* "red", "yellow", ... */
 
 /* Draws one w x h RGB photo of class c (of K) from `seed` into rgb (3 w h bytes).
- * Returns 0, or -1 (bad arguments / out of memory) with a message in err. */
-int fl_flowers_draw(uint8_t *rgb, int w, int h, int c, int K, uint64_t seed, char *err, size_t errlen);
+ * Returns 0, or -1 (bad arguments / out of memory) with a message (fl_fail, tensor.h). */
+int fl_flowers_draw(uint8_t *rgb, int w, int h, int c, int K, uint64_t seed);
 
 /* One file to write: a JPEG of class `cls` drawn from `seed`, at quality `quality`. */
 typedef struct fl_flowers_job {
@@ -45,7 +47,7 @@ typedef struct fl_flowers_job {
 } fl_flowers_job;
 
 /* Draws and writes every job with `workers` threads; each file is written to path + ".tmp" and
- * renamed into place. Returns 0, or -1 with a message naming the first failing file. */
-int fl_flowers_write(const fl_flowers_job *jobs, int n, int K, int workers, char *err, size_t errlen);
+ * renamed into place. Returns 0, or -1 with a message (fl_fail) naming the first failing file. */
+int fl_flowers_write(const fl_flowers_job *jobs, int n, int K, int workers);
 
 #endif
