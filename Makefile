@@ -137,7 +137,7 @@ fuzz-build:
 build-fuzz/fuzz/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/*.h build-fuzz/libflower.a
 	@mkdir -p $(dir $@)
 	clang -O1 -g -std=c11 -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
-	  -Icore -Icore/io -Icore/data -Ibindings -Itests/fuzz $(PKG_CFLAGS) -o $@ $< build-fuzz/libflower.a \
+	  -Icore -Ibindings -Itests/fuzz $(PKG_CFLAGS) -o $@ $< build-fuzz/libflower.a \
 	  $(PKG_LIBS) -ldnnl -lopenblas -ljpeg -lpthread -lm -fopenmp -llua5.4
 
 fuzz: fuzz-build

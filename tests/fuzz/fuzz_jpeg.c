@@ -3,7 +3,7 @@
  * (fl_decoder_info): decoding them is correct but slow, and the fuzzer would spend its time there. */
 #include <stdint.h>
 #include <stddef.h>
-#include "image.h"
+#include "data/image.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   static fl_decoder *d;
