@@ -10,8 +10,8 @@
  *     terminal's process group (Ctrl-C is for the parent), dies with the parent, and on Linux
  *     installs a seccomp filter: no open, no fork/exec, no kill; read, write, memory, exit;
  *   - it answers one request at a time over a socketpair with plain values: status, strings,
- *     integers, doubles, shapes, and array bytes streamed in blocks of 16 MiB (so the child
- *     never holds a whole array);
+ *     integers, doubles, shapes, and array bytes in blocks of 16 MiB through a shared mapping
+ *     (so the child never holds a whole array, and the parent copies each block out once);
  *   - the parent checks every answer's structure (counts, lengths, ranks, dtypes, sizes against
  *     what it asked for), waits at most timeout_s for each part of an answer, and when the
  *     child dies, stalls or sends something malformed, kills it and fails the call naming the
@@ -30,6 +30,7 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -52,7 +53,7 @@
 
 /* requests beyond the string lists of h5_sandbox.h */
 enum { OP_KIND = 10, OP_INFO, OP_ROWS_SHAPE, OP_ROWS_DATA, OP_ATTR };
-enum { ANS_OK = 0, ANS_ERR = 1, BLOCK_DATA = 1, BLOCK_ERR = 2 };
+enum { ANS_OK = 0, ANS_ERR = 1, BLOCK_DATA = 1, BLOCK_ERR = 2, BLOCK_SHARED = 3 };
 
 #define BLOCK_BYTES ((size_t)16 << 20)
 #define MAX_MSG 2048                    /* an error message from the child */
@@ -63,6 +64,7 @@ enum { ANS_OK = 0, ANS_ERR = 1, BLOCK_DATA = 1, BLOCK_ERR = 2 };
 struct fl_h5_sandbox {
   pid_t pid;
   int sock;
+  char *shared;                         /* BLOCK_BYTES mapped in both processes: array blocks */
   char *path;
   double timeout_s, cpu_s;
   char dead[160];                       /* why the reader stopped; "" while it runs */
@@ -145,19 +147,26 @@ static void put_strings(wbuf *b, char **s, int64_t n) {
   for (int64_t i = 0; i < n; i++) put_str(b, s[i], strlen(s[i]));
 }
 
+/* Array bytes go through the shared block (the reader fills it, says how much, and waits for the
+ * parent to copy it out): a socket would move them in 200 KiB pieces, a context switch each. A
+ * row larger than the block goes over the socket. */
+static char *shared_block;
+
 static void serve_rows(int sock, wbuf *b, fl_h5 *f, const char *op, const char *path, int64_t start,
                        int64_t count) {
   fl_dtype dt;
   int nd;
   int64_t shape[FL_MAXDIM];
   char *buf = NULL;
+  int shared = 0;
   if (fl_h5_rows_shape(f, op, path, start, count, &dt, &nd, shape) < 0) goto fail;
   size_t row = fl_dtype_size(dt);
   for (int i = 1; i < nd; i++) row *= (size_t)shape[i];
   int64_t rows = nd == 0 ? 1 : shape[0];
   if (count < 0) start = 0;
   int64_t per = row >= BLOCK_BYTES ? 1 : (int64_t)(BLOCK_BYTES / (row ? row : 1));
-  buf = malloc((size_t)(per < rows ? per : rows) * row + 1);
+  shared = shared_block && row <= BLOCK_BYTES;
+  buf = shared ? shared_block : malloc((size_t)(per < rows ? per : rows) * row + 1);
   if (!buf) {
     fl_fail_oom("h5.%s: %s: '%s': the reader process is out of memory (raise its memory limit)", op,
                 fl_h5_filename(f), path);
@@ -168,15 +177,16 @@ static void serve_rows(int sock, wbuf *b, fl_h5 *f, const char *op, const char *
     size_t nb = (size_t)rc * row;
     int r = nd == 0 ? fl_h5_read_raw(f, op, path, 0, -1, buf, nb) : fl_h5_read_raw(f, op, path, start + r0, rc, buf, nb);
     if (r < 0) goto fail;
-    put_u8(b, BLOCK_DATA);
+    put_u8(b, shared ? BLOCK_SHARED : BLOCK_DATA);
     put_i64(b, (int64_t)nb);
     reply(sock, b);
-    if (send_all(sock, buf, nb) < 0) _exit(0);
+    uint8_t ack;
+    if (shared ? recv_all_blocking(sock, &ack, 1) < 0 : send_all(sock, buf, nb) < 0) _exit(0);
   }
-  free(buf);
+  if (!shared) free(buf);
   return;
 fail:
-  free(buf);
+  if (!shared) free(buf);
   b->n = 0;
   put_u8(b, BLOCK_ERR);
   put_str(b, fl_errmsg(), strnlen(fl_errmsg(), MAX_MSG));
@@ -571,16 +581,20 @@ int fl_h5sb_start(fl_h5_sandbox **out, const char *path, const fl_h5_limits *lim
   int bufsize = 4 << 20;                  /* fewer round trips for array bytes (the kernel may cap it) */
   setsockopt(sv[0], SOL_SOCKET, SO_RCVBUF, &bufsize, sizeof bufsize);
   setsockopt(sv[1], SOL_SOCKET, SO_SNDBUF, &bufsize, sizeof bufsize);
+  void *shm = mmap(NULL, BLOCK_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  sb->shared = shm == MAP_FAILED ? NULL : shm;   /* without it, arrays go over the socket */
   size_t vm = vm_size();
   pid_t pid = fork();
   if (pid == 0) {
     close(sv[0]);
+    shared_block = sb->shared;
     child_main(sv[1], path, vm, memory, sb->cpu_s);
   }
   int e = errno;
   close(sv[1]);
   if (pid < 0) {
     close(sv[0]);
+    if (sb->shared) munmap(sb->shared, BLOCK_BYTES);
     free(sb->path);
     free(sb);
     return fl_fail("h5.open: %s: cannot start the reader process: %s", path, strerror(e));
@@ -598,6 +612,7 @@ int fl_h5sb_start(fl_h5_sandbox **out, const char *path, const fl_h5_limits *lim
 void fl_h5sb_stop(fl_h5_sandbox *sb) {
   if (!sb) return;
   end_reader(sb, 0, NULL, 0);
+  if (sb->shared) munmap(sb->shared, BLOCK_BYTES);
   free(sb->path);
   free(sb);
 }
@@ -657,11 +672,18 @@ int fl_h5sb_read_rows(fl_h5_sandbox *sb, const char *op, const char *path, int64
         if ((unsigned char)msg[i] < 0x20 || msg[i] == 0x7f) msg[i] = '?';
       return oom ? fl_fail_oom("%s", msg) : fl_fail("%s", msg);
     }
-    if (tag != BLOCK_DATA) return malformed(sb, op, path, "bad block tag");
+    if (tag != BLOCK_DATA && tag != BLOCK_SHARED) return malformed(sb, op, path, "bad block tag");
     int64_t len;
     if (rd(sb, op, path, &len, 8) < 0) return -1;
     if (len <= 0 || (size_t)len > nbytes - got) return malformed(sb, op, path, "more data than the shape holds");
-    if (rd(sb, op, path, (char *)buf + got, (size_t)len) < 0) return -1;
+    if (tag == BLOCK_SHARED) {
+      if ((size_t)len > BLOCK_BYTES || !sb->shared) return malformed(sb, op, path, "shared block too large");
+      memcpy((char *)buf + got, sb->shared, (size_t)len);
+      uint8_t ack = 1;
+      if (send_all(sb->sock, &ack, 1) < 0) return died(sb, op, path);
+    } else if (rd(sb, op, path, (char *)buf + got, (size_t)len) < 0) {
+      return -1;
+    }
     got += (size_t)len;
   }
   return 0;
