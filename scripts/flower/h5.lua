@@ -34,8 +34,12 @@ h5.fsync = C.fsync
 -- fails every call. Same methods as h5.open's files (writes fail). opts: timeout (seconds one
 -- answer may take, default 60), memory (bytes the reader may allocate, default 2 GiB), cpu
 -- (its CPU seconds, default 3600). keras.load_weights / load_model / inspect open files this way.
+-- h5.untrusted_limits: defaults for every open_untrusted (the Keras loaders' too), e.g. a test's
+-- {timeout = 3}.
+h5.untrusted_limits = {}
 function h5.open_untrusted(path, opts)
   local o = {untrusted = true}
+  for k, v in pairs(h5.untrusted_limits) do o[k] = v end
   for k, v in pairs(opts or {}) do o[k] = v end
   return C.open(path, 'r', o)
 end
