@@ -5,7 +5,8 @@
 --   ./flowerlua experiments/predict.lua --model a.h5,b.h5 --images some/folder --topk 3
 --
 -- --model takes whole-model .h5 files (model:save / flower.keras.save_model, or Keras's own
--- model.save('x.h5')); --run takes every models/*.h5 of a run directory. Several models are an
+-- model.save('x.h5')); --run takes every models/*/model.h5 of a run directory (the pipeline's
+-- fine-tuned models). Several models are an
 -- ensemble: their probabilities are averaged. --images is a JPEG, a folder (its *.jpg/*.jpeg files,
 -- subfolders included, sorted by path) or a Kaggle test.json (its `images`, ids from the file).
 -- Models always run in inference mode. Class ids and names come from the model file's metadata
@@ -21,7 +22,7 @@ local spec = {
   description = 'Top-k classes of images from saved models (whole-model .h5 files), with optional test-time augmentation.',
   options = {
     { name = 'model', type = 'list', default = {}, help = 'whole-model .h5 file(s), comma-separated (an ensemble)' },
-    { name = 'run', type = 'string', default = '', help = 'a run directory: use every models/*.h5 in it' },
+    { name = 'run', type = 'string', default = '', help = 'a run directory: use every models/*/model.h5 in it' },
     { name = 'images', type = 'string', required = true, help = 'a .jpg, a folder of them, or a Kaggle test.json' },
     { name = 'topk', type = 'int', default = 5, min = 1, help = 'classes per image' },
     { name = 'tta', type = 'string', default = 'none', choices = { 'none', 'flip', 'crops', 'crops+flip' },
@@ -69,10 +70,10 @@ function predict.model_files(o)
   for _, m in ipairs(o.model) do list[#list + 1] = m end
   if o.run ~= '' then
     local dir = files.join(o.run, 'models')
-    local p = io.popen('ls ' .. files.shell_quote(dir) .. '/*.h5 2>/dev/null | LC_ALL=C sort')
+    local p = io.popen('ls ' .. files.shell_quote(dir) .. '/*/model.h5 2>/dev/null | LC_ALL=C sort')
     for line in p:lines() do list[#list + 1] = line end
     p:close()
-    if #list == 0 then user_error('%s has no models/*.h5 (was it written by a run that saves its models?)', o.run) end
+    if #list == 0 then user_error('%s has no models/*/model.h5 (a run of an older flowerlua, or not finished?)', o.run) end
   end
   if #list == 0 then user_error('give --model FILE.h5 or --run RUNDIR') end
   return list

@@ -14,7 +14,7 @@
 -- features (and average the models' probabilities), write predict.csv in the sample submission's
 -- format and report.html. The small models start from random weights (no ImageNet here), so the head
 -- stage only warms up the classifier; --weights DIR loads DIR/<model>.h5 (Keras layout, e.g. the
--- models/<model>/weights.h5 of an earlier run) by layer name, which makes it real transfer learning.
+-- models/<model>/model.h5 of an earlier run) by layer name, which makes it real transfer learning.
 -- Everything lands in runs/quickstart-<timestamp>/.
 local recipe = require 'flower.recipe'
 local files = require 'flower.files'

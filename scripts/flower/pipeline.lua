@@ -13,7 +13,7 @@
 -- string value names a config key, e.g. epochs = 'epochs'), batch_size, workers, seed, augment, crop_scale,
 -- ensemble_epochs, ensemble_lr, ensemble_dropout, ensemble_patience (0: no early stopping),
 -- ensemble_restore_best, topk (k > 1: predict-top<k>.csv files beside the submissions),
--- keep_checkpoints ('resume': a model's stage checkpoints go once its weights.h5 and finished.json
+-- keep_checkpoints ('resume': a model's stage checkpoints go once its model.h5 and finished.json
 -- are written, which is all --resume needs of a finished model; 'all': kept), split_seed,
 -- valid_fraction, resume, device
 -- ('cpu', 'cuda', 'cuda:<n>' or 'auto': where fine-tuning, export, evaluation and the ensemble run;
@@ -139,15 +139,16 @@ local function score_submission(cfg, ids, pred)
 end
 pipeline.score_submission = score_submission
 
-local function save_weights(model, path)
-  local ok, keras = pcall(require, 'flower.keras')
-  if ok and keras.save_weights then
-    local tmp = files.tmpname(path)
-    keras.save_weights(model, tmp)
-    os.rename(tmp, path)
-  else
-    require('flower.nn').save_checkpoint(path, model)
+-- The fine-tuned model as a whole-model Keras file (flower.keras.save_model), with what prediction
+-- needs in its metadata: the category id and name of each output, the input size, the model.
+local function save_model(model, path, ds, name, size)
+  local names
+  if ds.all.category_info then
+    names = {}
+    for i, c in ipairs(ds.all.categories) do names[i] = ds.all.category_info[i].name or tostring(c) end
   end
+  require('flower.keras').save_model(model, path, { metadata = { model = name, image_size = size,
+    classes = ds.all.categories, class_names = names } })
 end
 
 -- Records the images a loader (or an export) could not read on the run, once per file: a log line
@@ -166,7 +167,7 @@ end
 pipeline.record_skipped = record_skipped
 
 -- Removes a finished model's stage checkpoints (stage<i>/last.h5 and best.h5, then the folders):
--- weights.h5 and finished.json hold all that --resume needs of it.
+-- model.h5 and finished.json hold all that --resume needs of it.
 local function drop_checkpoints(dir, nstages)
   for i = 1, nstages do
     local sd = files.join(dir, 'stage' .. i)
@@ -178,7 +179,7 @@ local function drop_checkpoints(dir, nstages)
 end
 
 -- Fine-tunes one model through the stages; returns its summary. A model whose finished.json is
--- there (a resumed run) is rebuilt from its weights.h5 instead of walking its stages' checkpoints.
+-- there (a resumed run) is rebuilt from its model.h5 instead of walking its stages' checkpoints.
 function pipeline.finetune(cfg, run, ds, spec, name)
   local dev = pipeline.device(cfg)
   local size = spec.size(name, cfg)
@@ -191,7 +192,7 @@ function pipeline.finetune(cfg, run, ds, spec, name)
   run:log('%s: %d parameters, input %dx%d, %d train / %d valid images%s', name, total, size, size, #ds.train,
     #ds.valid, cfg.mixed_precision == 'bfloat16' and ', bfloat16 mixed precision' or '')
   local finished = files.join(dir, 'finished.json')
-  local weights = files.join(dir, 'weights.h5')
+  local weights = files.join(dir, 'model.h5')
   local stages = pipeline.stages(cfg, name)
   local hist
   if cfg.resume ~= nil and files.exists(finished) and files.exists(weights) then
@@ -205,7 +206,7 @@ function pipeline.finetune(cfg, run, ds, spec, name)
     hist = pipeline.fit(cfg, run, model, stages, tl, vl, loss, name, dev)
     record_skipped(run, name .. ' train', tl:skipped())
     if hist.stopped == 'interrupted' then return { interrupted = hist.interrupted } end
-    save_weights(model, weights)
+    save_model(model, weights, ds, name, size)
     files.json_write(finished, { history = hist.rows, stopped = hist.stopped })
     if cfg.keep_checkpoints ~= 'all' then drop_checkpoints(files.join(dir, 'checkpoints'), #stages) end
     files.killpoint('pipeline.model_finished')
@@ -221,13 +222,19 @@ function pipeline.fit(cfg, run, model, stages, tl, vl, loss, name, dev)
     checkpoint_dir = files.join(dir, 'checkpoints'), resume = cfg.resume ~= nil, device = dev or 'cpu',
     mixed_precision = cfg.mixed_precision,
     history_csv = files.join(dir, 'history.csv'), save_best = false,
-    -- a stage with schedule = 'cosine' decays its learning rate to 0 over its epochs
+    metrics = pipeline.topk_metrics(model.outputs[1].shape[1]),
+    -- a stage with schedule = 'cosine' decays its learning rate to 0 over its epochs; the live
+    -- report follows every epoch, and TensorBoard with --tensorboard
     callbacks = function(st)
+      local cbs = { { on_epoch_end = function(_, _, _, logs) pipeline.live_report(cfg, run, name, logs) end } }
       if st.schedule == 'cosine' then
         local optim = require 'flower.optim'
-        return { train.LearningRateScheduler(optim.cosine { lr = st.lr or cfg.lr, decay_steps = math.max(1, st.epochs) }) }
+        cbs[#cbs + 1] = train.LearningRateScheduler(optim.cosine { lr = st.lr or cfg.lr, decay_steps = math.max(1, st.epochs) })
       end
-      return {}
+      if (cfg.tensorboard or '') ~= '' then
+        cbs[#cbs + 1] = require('flower.tensorboard').callback { log_dir = files.join(cfg.tensorboard, name) }
+      end
+      return cbs
     end,
     make_optimizer = function(st)
       local optim = require 'flower.optim'
@@ -236,14 +243,61 @@ function pipeline.fit(cfg, run, model, stages, tl, vl, loss, name, dev)
   })
 end
 
+-- The top-k accuracy the run follows besides accuracy: top-5 when there are more than 5 classes.
+function pipeline.topk_metrics(K) return K > 5 and { 'top5' } or {} end
+
+-- report.html rewritten (atomically) after every epoch while models train: the finished models'
+-- curves and the one training now, so a browser refresh shows the run's progress.
+function pipeline.live_report(cfg, run, name, logs)
+  run._live = run._live or {}
+  local live = run._live
+  if not live[name] then live[#live + 1] = name; live[name] = {} end
+  local rows = live[name]
+  rows[#rows + 1] = logs
+  local models = {}
+  for i, n in ipairs(live) do models[i] = { name = n, history = live[n] } end
+  require('flower.report').write(run:path('report.html'), {
+    title = string.format('%s — %s (running)', run.name, cfg.data),
+    subtitle = string.format('%s: %s epoch %d, %.0f s so far; the final report replaces this page', os.date('%Y-%m-%d %H:%M'),
+      name, logs.epoch or #rows, files.now() - run.started),
+    models = models, timing = run.timing,
+  })
+end
+
+-- Validation (and test) probabilities of a fine-tuned model with test-time augmentation:
+-- {acc, probs, index} over the loader of ds decoded for the TTA's views.
+local function evaluate_tta(cfg, model, ds, size, dev)
+  local tta = require 'flower.tta'
+  local spec = tta.parse(cfg.tta)
+  local loader = eval_loader(cfg, ds, tta.load_size(size, spec))
+  local parts, index, correct, n = {}, {}, 0, 0
+  for b in loader:epoch(1) do
+    local p = tta.predict(model, train.batch_to_device(b, dev).x, size, spec):cpu()
+    parts[#parts + 1] = p
+    for _, k in ipairs(b.index) do index[#index + 1] = k end
+    if b.y then
+      local pred = p:argmax(2):view(-1):totable()
+      for i, y in ipairs(b.y:totable()) do if pred[i] == y then correct = correct + 1 end end
+      n = n + #pred
+    end
+  end
+  return { acc = n > 0 and correct / n or nil, probs = flower.cat(parts, 1), index = index, skipped = loader:skipped() }
+end
+
 -- Validation numbers, confusion matrix and a submission straight from a fine-tuned model.
 function pipeline.evaluate(cfg, run, ds, name, model, size, hist, vl, loss)
   local report = require 'flower.report'
-  local ev = train.evaluate(model, vl, { loss = loss, collect = true, softmax = loss == 'logits', progress = false })
+  local ks = {}
+  for _, m in ipairs(pipeline.topk_metrics(ds.classes)) do ks[#ks + 1] = tonumber(m:match('%d+')) end
+  local ev = train.evaluate(model, vl, { loss = loss, collect = true, softmax = loss == 'logits', progress = false,
+                                         topk = ks })
   record_skipped(run, name .. ' valid', vl:skipped())
+  local dev = pipeline.device(cfg)
+  local use_tta = (cfg.tta or 'none') ~= 'none'
+  local vt = use_tta and evaluate_tta(cfg, model, ds.valid, size, dev) or nil
   local conf = report.confusion(ev.labels, ev.pred, ds.classes)
   local out = { name = name, model = model, size = size, history = hist, val_acc = ev.acc, val_loss = ev.loss,
-                confusion = conf, loss = loss }
+                val_topk = ev.top[5], val_acc_tta = vt and vt.acc, confusion = conf, loss = loss }
   -- timing per stage from the history (training throughput; validation excluded)
   local per = {}
   for _, r in ipairs(hist.rows) do
@@ -259,9 +313,15 @@ function pipeline.evaluate(cfg, run, ds, name, model, size, hist, vl, loss)
   end
   if ds.test then
     local t0 = files.now()
-    local tel = eval_loader(cfg, ds.test, size)
-    local et = train.evaluate(model, tel, { loss = loss, collect = true, softmax = loss == 'logits', progress = false })
-    record_skipped(run, name .. ' test', tel:skipped())
+    local et
+    if use_tta then
+      et = evaluate_tta(cfg, model, ds.test, size, dev)
+      record_skipped(run, name .. ' test', et.skipped)
+    else
+      local tel = eval_loader(cfg, ds.test, size)
+      et = train.evaluate(model, tel, { loss = loss, collect = true, softmax = loss == 'logits', progress = false })
+      record_skipped(run, name .. ' test', tel:skipped())
+    end
     local row_ids = {}
     for i, k in ipairs(et.index) do row_ids[i] = ds.test.ids[k] end
     local path, pred, ids = write_submission(cfg, run:path('predict-' .. name .. '.csv'), row_ids, ds.all.categories, et.probs, cfg.topk)
@@ -269,7 +329,8 @@ function pipeline.evaluate(cfg, run, ds, name, model, size, hist, vl, loss)
     out.predict = path
     run:time(name .. ': predict test', #ds.test, files.now() - t0)
   end
-  run:log('%s: validation accuracy %.4f, loss %.4f%s', name, ev.acc, ev.loss,
+  run:log('%s: validation accuracy %.4f%s, loss %.4f%s', name, ev.acc,
+    vt and string.format(' (%.4f with %s test-time augmentation)', vt.acc, cfg.tta) or '', ev.loss,
     out.test_acc and string.format(', test accuracy %.4f (answer key)', out.test_acc) or '')
   return out
 end
@@ -284,7 +345,7 @@ function pipeline.export(cfg, run, ds, spec, m)
   local r = export.features(m.model, { path = path, splits = splits, resume = cfg.resume ~= nil,
     loader = function(d) return eval_loader(cfg, d, m.size) end,
     attrs = { model = m.name, image_size = m.size, preprocessing = desc.preprocessing or '',
-              weights = desc.weights or run:path('models', m.name, 'weights.h5') } })
+              weights = desc.weights or run:path('models', m.name, 'model.h5') } })
   for _, sp in ipairs(splits) do record_skipped(run, m.name .. ' export ' .. sp[1], r.skipped[sp[1]]) end
   if r.interrupted then return nil, r.interrupted end
   run:time(m.name .. ': feature export', r.images, r.seconds)
@@ -307,7 +368,8 @@ function pipeline.ensemble(cfg, run, ds, paths, finetuned)
   train.write_history_csv(run:path('ensemble', 'history.csv'), clf.history)
   local results = {}
   for i, m in ipairs(finetuned) do
-    results[#results + 1] = { name = m.name, val_acc = m.val_acc, test_acc = m.test_acc,
+    results[#results + 1] = { name = m.name, val_acc = m.val_acc, val_topk = m.val_topk, val_acc_tta = m.val_acc_tta,
+      test_acc = m.test_acc,
       note = string.format('fine-tuned from %s (%d features)',
         m.weights and files.basename(m.weights) or 'random initial weights', feats.dims[i]) }
   end
@@ -392,7 +454,8 @@ function pipeline.run(cfg, run, spec)
   local random = {}
   for _, m in ipairs(finetuned) do
     if m.predict then submission('predict-' .. m.name .. '.csv', 'submission straight from ' .. m.name) end
-    file_list[#file_list + 1] = { 'models/' .. m.name .. '/weights.h5', m.name .. ' fine-tuned weights (Keras layout)' }
+    file_list[#file_list + 1] = { 'models/' .. m.name .. '/model.h5', m.name .. ' fine-tuned, as a whole-model Keras file '
+      .. '(experiments/predict.lua --run predicts with it; Keras loads it)' }
     file_list[#file_list + 1] = { 'features/' .. m.name .. '.h5', m.name .. ' exported features' }
     if not m.weights then random[#random + 1] = m.name end
   end

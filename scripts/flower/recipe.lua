@@ -72,7 +72,7 @@ local PIPELINE = {
   { name = 'crop_scale', type = 'number', min = 0, max = 1,
     help = 'random crops covering this fraction of the image or more (0: no crops)' },
   { name = 'keep_checkpoints', type = 'string', default = 'resume', choices = { 'resume', 'all' },
-    help = 'resume: delete a model\'s stage checkpoints (weights and optimizer state) once its weights.h5 is '
+    help = 'resume: delete a model\'s stage checkpoints (weights and optimizer state) once its model.h5 is '
       .. 'written, keeping what --resume needs; all: keep every stage\'s last checkpoint' },
   { name = 'ensemble_epochs', type = 'int', min = 1, help = 'epochs of the ensemble classifier' },
   { name = 'ensemble_lr', type = 'number', default = 1e-3, min = 0, help = 'learning rate of the ensemble classifier' },
@@ -85,6 +85,11 @@ local PIPELINE = {
     help = 'also write predict-top<k>.csv (id, the k best categories) beside each submission (0 or 1: none)' },
   { name = 'workers', type = 'int', default = 2, min = 1, help = 'image decoding threads' },
   { name = 'seed', type = 'int', default = 1, min = 0, help = 'seed of the weights, shuffling, augmentation and dropout' },
+  { name = 'tta', type = 'string', default = 'none', choices = { 'none', 'flip', 'crops', 'crops+flip' },
+    help = 'test-time augmentation of each fine-tuned model\'s validation and test predictions (the report shows '
+      .. 'validation accuracy with and without it)' },
+  { name = 'tensorboard', type = 'string', default = '',
+    help = 'write TensorBoard event files under this directory (one run per model), as training goes' },
 }
 
 local function deep_copy(v)

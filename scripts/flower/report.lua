@@ -263,17 +263,20 @@ local function results_table(results)
   for i, r in ipairs(results) do
     if r.val_acc and (not best or r.val_acc > results[best].val_acc) then best = i end
   end
-  local has_topk, has_note, has_test = false, false, false
+  local has_topk, has_note, has_test, has_tta = false, false, false, false
   for _, r in ipairs(results) do
     if r.val_topk then has_topk = true end
+    if r.val_acc_tta then has_tta = true end
     if r.note then has_note = true end
     if r.test_acc then has_test = true end
   end
-  local o = { '<table><tr><th>classifier</th><th>validation accuracy</th>' .. (has_topk and '<th>top-5</th>' or '')
+  local o = { '<table><tr><th>classifier</th><th>validation accuracy</th>'
+    .. (has_tta and '<th>with test-time augmentation</th>' or '') .. (has_topk and '<th>top-5</th>' or '')
     .. (has_test and '<th>test accuracy</th>' or '') .. (has_note and '<th>notes</th>' or '') .. '</tr>' }
   for i, r in ipairs(results) do
-    o[#o + 1] = string.format('<tr%s><td>%s</td><td class="n">%s</td>%s%s%s</tr>',
+    o[#o + 1] = string.format('<tr%s><td>%s</td><td class="n">%s</td>%s%s%s%s</tr>',
       i == best and ' class="best"' or '', esc(r.name), pct(r.val_acc),
+      has_tta and ('<td class="n">' .. pct(r.val_acc_tta) .. '</td>') or '',
       has_topk and ('<td class="n">' .. pct(r.val_topk) .. '</td>') or '',
       has_test and ('<td class="n">' .. pct(r.test_acc) .. '</td>') or '',
       has_note and ('<td>' .. esc(r.note or '') .. '</td>') or '')

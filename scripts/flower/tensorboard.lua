@@ -89,8 +89,8 @@ function tb.writer(dir)
   if type(dir) ~= 'string' or dir == '' then error('tensorboard.writer: expected a directory name', 2) end
   files.mkdir(dir)
   file_counter = file_counter + 1
-  local now = files.now()
-  local path = files.join(dir, string.format('events.out.tfevents.%d.%s.%d.flowerlua', math.floor(now),
+  local now = os.time()   -- wall-clock seconds since the epoch, as TensorBoard's wall_time
+  local path = files.join(dir, string.format('events.out.tfevents.%d.%s.%d.flowerlua', now,
     hostname(), file_counter))
   local f, err = io.open(path, 'wb')
   if not f then error('tensorboard.writer: cannot create ' .. path .. ': ' .. tostring(err), 2) end
@@ -113,7 +113,7 @@ function Writer:scalar(tag, value, step)
   if math.type(step) ~= 'integer' or step < 0 then
     error(string.format("tensorboard: step of '%s' must be a non-negative integer, got %s", tag, tostring(step)), 2)
   end
-  self:_record(event(files.now(), step, summary_scalar(tag, value)))
+  self:_record(event(os.time(), step, summary_scalar(tag, value)))
 end
 
 function Writer:close()

@@ -1,6 +1,8 @@
 -- The quickstart recipe beside the same recipe in real Keras (tf-keras on TensorFlow CPU), on the
 -- same synthetic data, split, models, schedule and ensemble: seconds per epoch of each stage,
--- feature-export throughput and validation accuracies, printed as a table with ratios.
+-- feature-export throughput, validation accuracies, and prediction throughput with and without
+-- test-time augmentation from the first model's saved model.h5 (tests/bench/predict.lua, beside
+-- Keras's model.predict on the same file), printed as tables with ratios.
 --
 --   ./flowerlua tests/bench/recipe.lua [any quickstart option, e.g. --epochs 4 --models vgg_tiny]
 --
@@ -87,3 +89,12 @@ print(string.format('recipe benchmark: %d classes, %d train / %d valid images at
   ds.classes, #ds.train, #ds.valid, cfg.size, cfg.size, cfg.batch_size, keras.keras, keras.tensorflow))
 print(table.concat(lines, '\n'))
 print(string.format('(Keras decoded every image once in %.1f s before training; flowerlua decodes inside each epoch)', keras.load_seconds))
+
+-- prediction from the first fine-tuned model's whole-model file, on the test images
+PREDICT_BENCH_LIB = true
+local predict_bench = dofile('tests/bench/predict.lua')
+local first = cfg.models[1]
+local _, plines, psize = predict_bench(files.join(run_dir, 'models', first, 'model.h5'), ds.test.paths, 2, cfg.batch_size)
+print(string.format('\npredict with %s (models/%s/model.h5), %d test images at %d', first, first, #ds.test.paths, psize))
+print(string.format('%-12s %12s %12s %8s %10s', 'tta', 'ours img/s', 'keras img/s', 'ratio', 'top-1 agree'))
+print(table.concat(plines, '\n'))

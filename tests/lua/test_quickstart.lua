@@ -27,11 +27,11 @@ T.test('quickstart --tiny runs the whole pipeline', function()
   for _, f in ipairs({ 'config.json', 'log.txt', 'history.csv', 'predict.csv', 'predict-averaged.csv',
     'predict-vgg_tiny.csv', 'predict-inception_tiny.csv', 'report.html', 'results.json', 'predict-top3.csv',
     'predict-averaged-top3.csv', 'predict-vgg_tiny-top3.csv',
-    'features/vgg_tiny.h5', 'features/inception_tiny.h5', 'models/vgg_tiny/weights.h5', 'models/vgg_tiny/finished.json',
+    'features/vgg_tiny.h5', 'features/inception_tiny.h5', 'models/vgg_tiny/model.h5', 'models/vgg_tiny/finished.json',
     'models/vgg_tiny/history.csv', 'ensemble/history.csv' }) do
     T.check(files.exists(files.join(dir, f)), 'missing ' .. f)
   end
-  -- a finished model keeps no stage checkpoints (weights and Adam state): weights.h5 and finished.json
+  -- a finished model keeps no stage checkpoints (weights and Adam state): model.h5 and finished.json
   -- are what --resume needs
   T.check(not files.exists(files.join(dir, 'models/inception_tiny/checkpoints')), 'checkpoints of a finished model kept')
   T.eq(#summary.results, 4)
@@ -108,6 +108,9 @@ T.test('killed after its first model, `--resume RUNDIR` alone finishes the run w
   local cut = files.join(runs, 'cut')
   T.check(files.exists(files.join(cut, 'models/vgg_tiny/finished.json')) and not files.exists(files.join(cut, 'predict.csv')),
     'killed between the models')
+  -- the live report, rewritten after every epoch, shows the run so far
+  local live = files.read(files.join(cut, 'report.html'))
+  T.check(live:find('(running)', 1, true) and live:find('vgg_tiny: loss', 1, true), 'no live report')
   out, rc = sh(FL .. ' experiments/quickstart.lua --resume ' .. cut)
   T.eq(rc, 0, out)
   T.eq(files.read(files.join(cut, 'predict.csv')), files.read(files.join(runs, 'whole', 'predict.csv')), 'predict.csv')
@@ -117,6 +120,28 @@ T.test('killed after its first model, `--resume RUNDIR` alone finishes the run w
   T.eq(rc, 0, out)
   T.check(out:find('options given again override the saved ones: --ensemble-epochs 2 (was 5)', 1, true), out)
   T.eq(files.json_read(files.join(cut, 'config.json')).ensemble_epochs, 2, 'the resolved options record the override')
+end)
+
+T.test('--tta and --tensorboard: accuracy with and without TTA, TensorBoard runs, models predict from the run', function()
+  local runs = files.join(TMP, 'runs')
+  local tb = files.join(TMP, 'tb')
+  local out, rc = sh(FL .. ' experiments/quickstart.lua --tiny --data ' .. DATA .. ' --runs ' .. runs
+    .. ' --run-name tta --tta crops+flip --tensorboard ' .. tb)
+  T.eq(rc, 0, out)
+  local d = files.join(runs, 'tta')
+  T.check(out:find('with crops+flip test-time augmentation', 1, true), out)
+  T.check(files.read(files.join(d, 'report.html')):find('<th>with test-time augmentation</th>', 1, true), 'report column')
+  local results = files.json_read(files.join(d, 'results.json'))
+  for _, m in ipairs({ 'vgg_tiny', 'inception_tiny' }) do
+    T.check(files.isdir(files.join(tb, m, 'train')) and files.isdir(files.join(tb, m, 'validation')), 'tensorboard ' .. m)
+    local model = require('flower.keras').load_model(files.join(d, 'models', m, 'model.h5'))
+    T.eq(#model.metadata.classes, 4, 'class ids in the model file')
+  end
+  T.check(results, 'results.json')
+  out, rc = sh(FL .. ' experiments/predict.lua --run ' .. d .. ' --images ' .. files.join(DATA, 'test.json') .. ' --csv '
+    .. files.join(d, 'top5.csv'))
+  T.eq(rc, 0, out)
+  T.eq(#files.csv_read(files.join(d, 'top5.csv')), #files.csv_read(files.join(DATA, 'sample_submission.csv')))
 end)
 
 T.test('--keep-checkpoints all keeps every stage\'s checkpoint; --help lists the ensemble options', function()
