@@ -30,6 +30,8 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <link.h>
+#include <stdint.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -314,7 +316,10 @@ static void no_new_syscalls(void) {
   };
 #undef ALLOW
   struct sock_fprog fp = {(unsigned short)(sizeof prog / sizeof prog[0]), prog};
-  if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0) prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &fp);
+  /* every thread (libraries' constructors may have started some in an exec'd reader) */
+  if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 &&
+      (syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, &fp) != 0))
+    prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &fp);
 #endif
 }
 #endif
@@ -562,6 +567,40 @@ static int rd_shape(fl_h5_sandbox *sb, const char *op, const char *obj, int *ndi
   return 0;
 }
 
+/* Re-executing the program as the reader gives it an address space of its own: a forked reader
+ * shares this process's pages copy-on-write for its whole life, and this process pays a page copy
+ * for its first write to each (3-4x on a 700 MB weight file). That works when this code is in the
+ * main executable (libflower.a linked into flowerlua, the tests, the fuzzers): its constructor
+ * below takes over before main. Elsewhere (libflower.so, the Lua C module) the reader is forked. */
+static int phdr_cb(struct dl_phdr_info *info, size_t size, void *data) {
+  (void)size;
+  uintptr_t a = *(uintptr_t *)data;
+  for (int i = 0; i < info->dlpi_phnum; i++) {
+    const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+    uintptr_t lo = info->dlpi_addr + ph->p_vaddr;
+    if (ph->p_type == PT_LOAD && a >= lo && a < lo + ph->p_memsz) *(uintptr_t *)data = 1;
+  }
+  return 1;                                /* the first object is the main program: stop */
+}
+
+static int in_main_executable(void) {
+  uintptr_t a = (uintptr_t)&in_main_executable;
+  dl_iterate_phdr(phdr_cb, &a);
+  return a == 1;
+}
+
+__attribute__((constructor))
+static void reader_entry(void) {
+  const char *path = getenv("FLOWER_H5_READER_PATH");
+  if (!path) return;
+  int64_t memory = atoll(getenv("FLOWER_H5_READER_MEMORY") ? getenv("FLOWER_H5_READER_MEMORY") : "0");
+  double cpu_s = atof(getenv("FLOWER_H5_READER_CPU") ? getenv("FLOWER_H5_READER_CPU") : "3600");
+  void *shm = mmap(NULL, BLOCK_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED, 4, 0);
+  shared_block = shm == MAP_FAILED ? NULL : shm;
+  close(4);
+  child_main(3, path, vm_size(), memory > 0 ? memory : (int64_t)2 << 30, cpu_s);
+}
+
 int fl_h5sb_start(fl_h5_sandbox **out, const char *path, const fl_h5_limits *lim) {
   *out = NULL;
   fl_h5_sandbox *sb = calloc(1, sizeof *sb);
@@ -581,17 +620,54 @@ int fl_h5sb_start(fl_h5_sandbox **out, const char *path, const fl_h5_limits *lim
   int bufsize = 4 << 20;                  /* fewer round trips for array bytes (the kernel may cap it) */
   setsockopt(sv[0], SOL_SOCKET, SO_RCVBUF, &bufsize, sizeof bufsize);
   setsockopt(sv[1], SOL_SOCKET, SO_SNDBUF, &bufsize, sizeof bufsize);
-  void *shm = mmap(NULL, BLOCK_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  int reexec = in_main_executable() && !getenv("FLOWER_H5_READER_FORK");
+  int mfd = reexec ? memfd_create("flower-h5-block", MFD_CLOEXEC) : -1;
+  if (mfd >= 0 && ftruncate(mfd, BLOCK_BYTES) < 0) { close(mfd); mfd = -1; }
+  if (reexec && mfd < 0) reexec = 0;
+  void *shm = mmap(NULL, BLOCK_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED | (mfd >= 0 ? 0 : MAP_ANONYMOUS), mfd, 0);
   sb->shared = shm == MAP_FAILED ? NULL : shm;   /* without it, arrays go over the socket */
+  /* the reader's environment: ours plus what it is to do (made before fork: no allocation after) */
+  extern char **environ;
+  size_t ne = 0;
+  while (environ[ne]) ne++;
+  char **envp = reexec ? calloc(ne + 6, sizeof *envp) : NULL;
+  char *ev[3] = {NULL, NULL, NULL};
+  /* one thread: thread pools that libraries start at load would sit outside the seccomp filter,
+   * or fail inside it */
+  static char one_blas[] = "OPENBLAS_NUM_THREADS=1", one_omp[] = "OMP_NUM_THREADS=1";
+  if (envp) {
+    if (asprintf(&ev[0], "FLOWER_H5_READER_PATH=%s", path) < 0) ev[0] = NULL;
+    if (asprintf(&ev[1], "FLOWER_H5_READER_MEMORY=%lld", (long long)memory) < 0) ev[1] = NULL;
+    if (asprintf(&ev[2], "FLOWER_H5_READER_CPU=%g", sb->cpu_s) < 0) ev[2] = NULL;
+    size_t k = 0;
+    for (size_t i = 0; i < ne; i++)
+      if (strncmp(environ[i], "FLOWER_H5_READER_", 17) != 0 && strncmp(environ[i], "OPENBLAS_NUM_THREADS=", 21) != 0 &&
+          strncmp(environ[i], "OMP_NUM_THREADS=", 16) != 0)
+        envp[k++] = environ[i];
+    for (int i = 0; i < 3; i++) envp[k++] = ev[i];
+    envp[k++] = one_blas;
+    envp[k++] = one_omp;
+    if (!ev[0] || !ev[1] || !ev[2]) reexec = 0;
+  } else {
+    reexec = 0;
+  }
   size_t vm = vm_size();
   pid_t pid = fork();
   if (pid == 0) {
     close(sv[0]);
+    if (reexec && dup2(sv[1], 3) == 3 && dup2(mfd, 4) == 4) {   /* dup2 clears close-on-exec */
+      char *argv[] = {"flowerlua-h5-reader", NULL};
+      execve("/proc/self/exe", argv, envp);
+      _exit(127);
+    }
     shared_block = sb->shared;
     child_main(sv[1], path, vm, memory, sb->cpu_s);
   }
   int e = errno;
   close(sv[1]);
+  if (mfd >= 0) close(mfd);
+  for (int i = 0; i < 3; i++) free(ev[i]);
+  free(envp);
   if (pid < 0) {
     close(sv[0]);
     if (sb->shared) munmap(sb->shared, BLOCK_BYTES);
