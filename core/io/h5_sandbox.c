@@ -4,7 +4,8 @@
  * hangs (H5T__conv_vlen on a variable-length attribute) and frees invalid pointers (H5Aiterate2)
  * on crafted files, and its state is global. No check of ours before or around the library can
  * contain that; an address space can. So a file flowerlua did not write is parsed in a child
- * forked at open, as browsers isolate image and font parsers:
+ * process started at open (the program re-executed, see reader_entry; else forked), as browsers
+ * isolate image and font parsers:
  *   - the child opens the file, then closes every other descriptor (stdio goes to /dev/null),
  *     sets RLIMIT_AS (memory), RLIMIT_CPU, RLIMIT_FSIZE = 0 and RLIMIT_CORE = 0, leaves the
  *     terminal's process group (Ctrl-C is for the parent), dies with the parent, and on Linux
