@@ -18,6 +18,20 @@ CFLAGS  += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -fPIC -fopenmp -g \
 LDLIBS  := $(PKG_LIBS) -ldnnl -lopenblas -ljpeg -lpthread -lm -fopenmp
 HOST_LIBS := -llua5.4 -lreadline
 
+# MPI (core/dist.c): Open MPI's compiler flags when its headers are there (libopenmpi-dev), unless
+# MPI=0. Linked directly rather than dlopen'ed: MPI handles are implementation-specific (Open MPI's
+# are addresses of its globals, MPICH's are integers), so a dlopen shim would mean re-declaring one
+# implementation's ABI by hand. MPI_Init runs only under a launcher, so a plain ./flowerlua needs
+# the shared library present (it comes with the package) but never starts MPI.
+ifneq ($(MPI),0)
+  MPI_CFLAGS := $(shell pkg-config --cflags ompi-c 2>/dev/null)
+  MPI_LIBS   := $(shell pkg-config --libs ompi-c 2>/dev/null)
+endif
+ifneq ($(MPI_LIBS),)
+  CFLAGS += -DFLOWER_MPI $(MPI_CFLAGS)
+  LDLIBS += $(MPI_LIBS)
+endif
+
 ifeq ($(SAN),1)
   CFLAGS  += -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
   LDLIBS  += -fsanitize=address,undefined
@@ -36,6 +50,12 @@ ifeq ($(CUDA),1)
   LDLIBS    += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudnn -lcublas -lcudart -lstdc++
   NVFLAGS   ?= -O2 -std=c++17 -Xcompiler -fPIC -Icore -arch=sm_90 \
                --expt-relaxed-constexpr -Werror all-warnings
+  # NCCL (core/cuda/dist_nccl.cu) for collectives on GPU tensors, when its header is in the CUDA tree
+  ifneq ($(wildcard $(CUDA_HOME)/include/nccl.h),)
+    CFLAGS  += -DFLOWER_NCCL
+    NVFLAGS += -DFLOWER_NCCL
+    LDLIBS  += -lnccl
+  endif
 endif
 
 LIB_OBJ  := $(CORE_SRC:%.c=$(BUILD)/%.o) $(BIND_SRC:%.c=$(BUILD)/%.o) $(CUDA_OBJ)
@@ -138,7 +158,7 @@ build-fuzz/fuzz/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/*.h build-fuzz/libflower.
 	@mkdir -p $(dir $@)
 	clang -O1 -g -std=c11 -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
 	  -Icore -Ibindings -Itests/fuzz $(PKG_CFLAGS) -o $@ $< build-fuzz/libflower.a \
-	  $(PKG_LIBS) -ldnnl -lopenblas -ljpeg -lpthread -lm -fopenmp -llua5.4
+	  $(LDLIBS) -llua5.4
 
 fuzz: fuzz-build
 	@FUZZ_SECONDS=$(FUZZ_SECONDS) bash tests/fuzz/run.sh $(FUZZ_TARGETS)

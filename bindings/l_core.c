@@ -11,6 +11,7 @@ int luaopen_flower_core(lua_State *L) {
   fl_lua_open_h5(L);
   fl_lua_open_cuda(L);
   fl_lua_open_util(L);
+  fl_lua_open_dist(L);
   lua_pushstring(L, FLOWER_VERSION);
   lua_setfield(L, -2, "version");
   return 1;

@@ -512,7 +512,11 @@ static int l_loader(lua_State *L) {
 static int loader_start(lua_State *L) {
   loader_ud *u = check_loader(L, 1, "Loader:start");
   lua_Integer e = luaL_checkinteger(L, 2);
-  if (fl_loader_start(u->ld, e)) return luaL_error(L, "Loader:start: %s", fl_errmsg());
+  /* optional shard (rank, size) of the epoch's batches: flower.dist's data parallelism */
+  lua_Integer rank = luaL_optinteger(L, 3, 0), size = luaL_optinteger(L, 4, 1);
+  if (size < 1 || size > 1 << 20 || rank < 0 || rank >= size)
+    return luaL_error(L, "Loader:start: shard rank %d of %d: expected 0 <= rank < size", (int)rank, (int)size);
+  if (fl_loader_start_shard(u->ld, e, (int)rank, (int)size)) return luaL_error(L, "Loader:start: %s", fl_errmsg());
   return 0;
 }
 

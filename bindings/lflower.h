@@ -41,5 +41,6 @@ void fl_lua_open_data(lua_State *L);
 void fl_lua_open_h5(lua_State *L);
 void fl_lua_open_cuda(lua_State *L);
 void fl_lua_open_util(lua_State *L);
+void fl_lua_open_dist(lua_State *L);
 
 #endif

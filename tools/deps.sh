@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 build_pkgs=(build-essential pkg-config lua5.4 liblua5.4-dev lua-cjson libjpeg62-turbo-dev
-            libhdf5-dev libopenblas-dev libdnnl-dev libreadline-dev)
+            libhdf5-dev libopenblas-dev libdnnl-dev libreadline-dev
+            libopenmpi-dev openmpi-bin)
 test_pkgs=(python3 python3-venv python3-numpy python3-torch python3-torchvision tmux libturbojpeg0
            dataset-fashion-mnist)
 

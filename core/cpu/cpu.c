@@ -203,9 +203,13 @@ void fl_cpu_memory_stats(size_t *used, size_t *cached, size_t *peak, int reset_p
   pthread_mutex_unlock(&mem_lock);
 }
 
+/* Gives every free resident page back and starts the headroom's peak again from what is in use:
+ * after a stage that needed much memory, the next one keeps free pages only up to its own peak,
+ * so the resident size follows live memory instead of the largest stage so far. */
 void fl_cpu_release_cache(void) {
   pthread_mutex_lock(&mem_lock);
   arena_trim(0);
+  used_peak = used_bytes;
   pthread_mutex_unlock(&mem_lock);
 }
 

@@ -252,6 +252,7 @@ struct fl_loader {
   fl_batch_alloc alloc;
   int64_t nbatches;
   size_t sample_bytes;
+  int64_t epoch_batches;    /* batches of the current epoch: nbatches, or a shard's (start_shard) */
 
   /* epoch state; perm/epoch change only while no worker holds an item */
   int64_t *perm;
@@ -457,6 +458,12 @@ fl_loader *fl_loader_new(const fl_loader_config *cfg) {
 }
 
 int fl_loader_start(fl_loader *ld, int64_t epoch) {
+  return fl_loader_start_shard(ld, epoch, 0, 1);
+}
+
+int fl_loader_start_shard(fl_loader *ld, int64_t epoch, int rank, int size) {
+  if (size < 1 || rank < 0 || rank >= size)
+    return fl_fail("loader: shard %d of %d: expected 0 <= rank < size", rank, size);
   pthread_mutex_lock(&ld->mu);
   /* stop claims and wait for in-flight samples of the old epoch: they write into our slots */
   ld->generation++;
@@ -476,9 +483,23 @@ int fl_loader_start(fl_loader *ld, int64_t epoch) {
     for (int64_t i = 0; i < ld->n; i++) ld->perm[i] = i;
   }
   ld->total_items = ld->drop_last ? ld->nbatches * ld->batch_size : ld->n;
+  ld->epoch_batches = ld->nbatches;
+  if (size > 1) {
+    /* keep this shard's batches, in order, at the front of perm (moving left never overwrites
+     * what is still to move); all are full but the epoch's last, which stays last */
+    int64_t out = 0;
+    for (int64_t b = rank; b < ld->nbatches; b += size) {
+      int64_t first = b * ld->batch_size, end = first + ld->batch_size;
+      if (end > ld->total_items) end = ld->total_items;
+      memmove(ld->perm + out, ld->perm + first, sizeof(int64_t) * (size_t)(end - first));
+      out += end - first;
+    }
+    ld->total_items = out;
+    ld->epoch_batches = (out + ld->batch_size - 1) / ld->batch_size;
+  }
   for (int i = 0; i < ld->nslots; i++) {
     slot *s = &ld->slots[i];
-    s->batch = i < ld->nbatches ? i : -1;
+    s->batch = i < ld->epoch_batches ? i : -1;
     s->count = s->batch >= 0 ? batch_rows(ld, i) : 0;
     s->done = 0;
     if (s->batch >= 0 && !s->data) {
@@ -503,13 +524,13 @@ int fl_loader_start(fl_loader *ld, int64_t epoch) {
 int fl_loader_next(fl_loader *ld, fl_loader_batch *b) {
   if (!ld->started) { fl_fail("loader: no epoch started"); return -1; }
   int64_t k = ld->consumer;
-  if (k >= ld->nbatches) return 0;
+  if (k >= ld->epoch_batches) return 0;
   slot *s = &ld->slots[k % ld->nslots];
 
   /* the buffer that replaces this one, for batch k + nslots: allocated first, so that a failure
    * leaves the batch in place for a retry */
   void *ndata = NULL, *nhandle = NULL;
-  if (k + ld->nslots < ld->nbatches) {
+  if (k + ld->nslots < ld->epoch_batches) {
     ndata = ld->alloc.alloc(ld->alloc.ud, (size_t)ld->batch_size * ld->sample_bytes, &nhandle);
     if (!ndata) { fl_fail_oom("loader: out of memory for a batch of %d x %zu bytes", ld->batch_size, ld->sample_bytes); return -1; }
   }
@@ -553,7 +574,7 @@ int fl_loader_next(fl_loader *ld, fl_loader_batch *b) {
   pthread_mutex_lock(&ld->mu);
   s->data = ndata;
   s->handle = nhandle;
-  s->batch = k + ld->nslots < ld->nbatches ? k + ld->nslots : -1;
+  s->batch = k + ld->nslots < ld->epoch_batches ? k + ld->nslots : -1;
   s->count = s->batch >= 0 ? batch_rows(ld, s->batch) : 0;
   s->done = 0;
   ld->consumer = k + 1;

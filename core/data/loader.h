@@ -78,6 +78,10 @@ size_t fl_loader_sample_bytes(const fl_loader *ld);/* bytes of one output row */
 
 /* Starts (or restarts) epoch `epoch`: abandons whatever the previous epoch had in flight. */
 int fl_loader_start(fl_loader *ld, int64_t epoch);
+/* The same epoch cut into `size` shards (data-parallel training, core/dist.h): only batches
+ * rank, rank + size, ... of the epoch's order are decoded and handed out, each exactly as the
+ * whole epoch would give it (same samples, same augmentation). size 1 is fl_loader_start. */
+int fl_loader_start_shard(fl_loader *ld, int64_t epoch, int rank, int size);
 
 typedef struct fl_loader_failure {
   int64_t index;               /* data set index of the sample */

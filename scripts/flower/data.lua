@@ -556,9 +556,15 @@ end
 -- for batch in loader:epoch(e) do ... end: batch = {x = (N,H,W,3), y = (N) int64 or nil,
 -- index = {data set indices}, n = N}. A batch whose every sample failed is left out.
 function Loader:epoch(e)
+  return self:epoch_shard(e, 0, 1)
+end
+
+-- Batches rank+1, rank+1+size, ... of epoch e only (flower.dist: each rank of a data-parallel job
+-- decodes its own share), each exactly as loader:epoch(e) gives it.
+function Loader:epoch_shard(e, rank, size)
   e = e or 1
   if math.type(e) ~= 'integer' then error('Loader:epoch: expected an integer epoch, got ' .. tostring(e), 2) end
-  self._c:start(e)
+  self._c:start(e, rank, size)
   return function()
     while true do
       local x, y, index, failures = self._c:next()
@@ -619,17 +625,20 @@ end
 
 -- for batch in fl:epoch(e): {x = rows, y = rows or nil, index = {row indices}, n}; the order is
 -- numpy's permutation seeded with epoch_seed(seed, e), as the image loader's.
-function FeatureLoader:epoch(e)
+function FeatureLoader:epoch(e) return self:epoch_shard(e, 0, 1) end
+
+-- Batches rank+1, rank+1+size, ... of epoch e only (as Loader:epoch_shard).
+function FeatureLoader:epoch_shard(e, rank, size)
   e = e or 1
   local order
   if self.shuffle then order = C.permutation(self.n, C.epoch_seed(self.seed, e))
   else order = {} for i = 1, self.n do order[i] = i end end
-  local nb, b = #self, 0
+  local nb, b = #self, rank
   return function()
     if b >= nb then return nil end
     local first = b * self.batch_size + 1
     local last = math.min(first + self.batch_size - 1, self.n)
-    b = b + 1
+    b = b + size
     local idx = table.move(order, first, last, 1, {})
     return { x = C.gather_rows(self.x, idx), y = self.y and C.gather_rows(self.y, idx) or nil, index = idx, n = #idx }
   end

@@ -9,6 +9,8 @@
 --     attrs = {model = 'resnet_tiny', weights = 'path/to/weights.h5', image_size = 64, preprocessing = 'tf'},
 --     resume = true,               -- continue an interrupted export of the same image lists
 --     device = 'cuda',             -- as train.fit's (default: where the model is); rows come back to the host
+--     distributed = true,          -- split the batches across the job's ranks (flower.dist; nil: on
+--                                  -- with several ranks); rank 0 alone writes, the same file as one process
 --   })
 --
 -- File layout (the seed's names, plus what makes the file self-describing):
@@ -148,7 +150,10 @@ local function export_split(f, name, ds, o, fmodel, with_probs)
     write_split_header(f, name, images)
     f:flush()
   end
-  if f:attr('/', name .. '_complete') == 1 then return 0, {} end
+  local D = o._dist                      -- dist: nil, or the job's context (rank 0 writes)
+  local complete = f:attr('/', name .. '_complete') == 1
+  if D then complete = D:from_main(complete) end
+  if complete then return 0, {} end
   roll_back(f, name, xname)
   local done = rows_of(f, xname)
   if rows_of(f, pre .. '_index') ~= done or (with_probs and done > 0 and rows_of(f, pre .. '_probs') ~= done) then
@@ -157,13 +162,15 @@ local function export_split(f, name, ds, o, fmodel, with_probs)
   end
   -- continue after the last image written or skipped (0-based positions in the image list)
   local start = math.max(last_of(f, pre .. '_index'), last_of(f, pre .. '_skipped')) + 1
+  if D then start = D:from_main(start) end   -- dist: rank 0's file says where to continue
   local rest = {}
   for i = start + 1, n do rest[#rest + 1] = i end
   local written, skipped_now = 0, {}
   if #rest > 0 then
     local loader = o.loader(ds:subset(rest, (ds.name or name) .. ':export'))
-    local bar = progress.new { total = #loader, label = string.format('export %s %s', o.attrs.model or '', name),
-                               silent = o.progress == false }
+    local bar = progress.new { total = D and D:steps(loader) or #loader,
+                               label = string.format('export %s %s', o.attrs.model or '', name),
+                               silent = o.progress == false or (D and not D.main) }
     local nskipped = 0
     -- images the loader could not read since the last call: recorded with the rows, never as rows
     local function record_skipped()
@@ -177,12 +184,28 @@ local function export_split(f, name, ds, o, fmodel, with_probs)
       f:append_rows(pre .. '_skipped', pos)
       nskipped = #sk
     end
+    -- dist: every rank's skipped positions of this step go to rank 0's file, in order
+    local function record_skipped_dist()
+      local sk = loader.skipped and loader:skipped() or {}
+      local pos = flower.zeros(#sk - nskipped):long()
+      for j = nskipped + 1, #sk do
+        pos[j - nskipped] = rest[sk[j].index] - 1
+        skipped_now[#skipped_now + 1] = { path = ds.paths[rest[sk[j].index]], reason = sk[j].reason }
+      end
+      nskipped = #sk
+      local all = require('flower.core')._dist.all_gather(pos):totable()
+      table.sort(all)
+      if #all > 0 then f:append_rows(pre .. '_skipped', flower.tensor(all, 'int64')) end
+    end
     local step = 0
     local train = require 'flower.train'
-    for hbatch in loader:epoch(1) do
+    local nsteps = D and D:steps(loader) or #loader
+    for hbatch in (D and D:epoch(loader, 1) or loader:epoch(1)) do
+     local feats, probs, idx
+     if hbatch.n ~= 0 then     -- dist: a rank may have no batch at the last step
       local batch = train.batch_to_device(hbatch, o._device)
       local out = fmodel:forward(batch.x)
-      local feats, probs = out, nil
+      feats = out
       if type(out) == 'table' and not flower.is_tensor(out) then
         feats, probs = out[1], o._softmax and out[2]:softmax(2) or out[2]
       end
@@ -190,28 +213,37 @@ local function export_split(f, name, ds, o, fmodel, with_probs)
         feats = feats:cpu()
         probs = probs and probs:cpu()
       end
+      idx = {}
+      for j, k in ipairs(batch.index) do idx[j] = rest[k] end
+     end
+     -- dist: every rank's rows of this step, in the loader's order (batch b was rank (b-1) % size's)
+     if D then feats, probs, idx = D:gather_batches(feats, probs, idx) end
+     if feats then
       -- the batch's rows are the images the loader decoded, in order; each row's position in the
       -- image list goes to <split>_index with it
-      local pos = flower.empty({ #batch.index }, 'int64')
-      for j, k in ipairs(batch.index) do pos[j] = rest[k] - 1 end
+      local pos = flower.empty({ #idx }, 'int64')
+      for j, k in ipairs(idx) do pos[j] = k - 1 end
       f:append_rows(xname, feats:contiguous())
       if with_probs and probs then f:append_rows(pre .. '_probs', probs:contiguous()) end
       f:append_rows(pre .. '_index', pos)
-      record_skipped()
+      written = written + #idx
+     end
+      if D then record_skipped_dist() else record_skipped() end
       commit(f, name, xname)
-      written = written + #batch.index
       step = step + 1
       bar:update(step)
       local why = train.interrupted()
-      if why and batch.index[#batch.index] < #rest then
+      if D then why = D:any(why) end   -- dist: every rank stops at the same step
+      if why and step < nsteps then
         bar:finish()
         return nil, why
       end
     end
-    record_skipped()
+    if not D then record_skipped() end
     commit(f, name, xname)
     bar:finish()
   end
+  if D and not D.main then return written, skipped_now end   -- dist: rank 0 completes the file
   -- complete: the per-row lists, for the rows there are
   local index = rows_of(f, pre .. '_index') > 0 and f:read(pre .. '_index'):totable() or {}
   if #index == 0 then fail("no image of split '%s' could be read (%d images)", name, n) end
@@ -311,8 +343,11 @@ function export.features(model, o)
   -- the device first: a missing GPU fails before the file is touched
   o._device = require('flower.train').run_device(model, o.device, 'export.features')
   local h5 = require 'flower.h5'
-  h5.remove_stale_tmp(o.path)            -- temporaries of killed writes
-  local exists = files.exists(o.path)
+  -- dist: the batches are split across ranks and rank 0 alone writes; the others write to nothing
+  o._dist = require('flower.dist').fit_context(model, o, o._device)
+  local writes = not o._dist or o._dist.main
+  if writes then h5.remove_stale_tmp(o.path) end      -- temporaries of killed writes
+  local exists = writes and files.exists(o.path)
   if exists and not o.resume then os.remove(o.path); exists = false end
   if exists then
     local okr, why = pcall(check_resumable, o.path, o.splits)
@@ -322,7 +357,7 @@ function export.features(model, o)
       exists = false
     end
   end
-  files.mkdir(files.dirname(o.path))
+  if writes then files.mkdir(files.dirname(o.path)) end
   local fmodel, with_probs = two_headed(model, layer)
   o._softmax = not ends_in_softmax(model)   -- logits get a softmax; probabilities are kept as they are
   if o._device ~= nil and fmodel.cuda then fmodel:cuda(o._device) end   -- the shared layers are there already
@@ -336,9 +371,9 @@ function export.features(model, o)
   local result = { path = o.path, rows = {}, skipped = {} }
   local ok, err = pcall(function()
     -- the file appears whole (attributes, every split's image list) or not at all
-    if not exists then h5.write_atomic(o.path, function(f) write_header(f, o, model, layer) end) end
-    local f <close> = h5.open(o.path, 'a')
-    if f:attr('/', 'feature_layer') ~= layer or (o.attrs.model and f:attr('/', 'model') ~= o.attrs.model) then
+    if writes and not exists then h5.write_atomic(o.path, function(f) write_header(f, o, model, layer) end) end
+    local f <close> = writes and h5.open(o.path, 'a') or require('flower.dist').null_file()
+    if writes and (f:attr('/', 'feature_layer') ~= layer or (o.attrs.model and f:attr('/', 'model') ~= o.attrs.model)) then
       fail("%s was written by model '%s' at layer '%s'; this is '%s' at '%s'", o.path, tostring(f:attr('/', 'model')),
         tostring(f:attr('/', 'feature_layer')), tostring(o.attrs.model), layer)
     end
@@ -359,33 +394,125 @@ function export.features(model, o)
   if u then u.catch_signals(prev) end
   if was then model:training() end
   if not ok then error(err, 0) end
+  if o._dist then o._dist:barrier() end   -- dist: the file is closed and complete before any rank reads it
   result.seconds = files.now() - t0
   result.images_per_s = result.images and result.seconds > 0 and result.images / result.seconds or nil
   return result
 end
 
--- Reads an exported file: {x = {train =, valid =, test =}, label = {...} (1-based int64), probs = {...},
--- images = {...}, ids = {...}, skipped = {split = {image paths}}, attrs = {...}}. Refuses an incomplete
--- export.
-function export.read(path)
+-- A finished export, opened for reading in pieces (the ensemble streams its features from it):
+--   local r <close> = export.open(path)
+--   r.splits = {'train', 'valid', 'test'}, r.rows = {split = n}, r.dim (feature columns), r.attrs
+--   r:x(split) / r:x_rows(split, first, count)     -- (n, dim) float32, whole or rows first..first+count-1
+--   r:probs(split) / r:probs_rows(split, first, count)   -- (n, K) or nil (the model's own probabilities)
+--   r:labels(split) (1-based int64 or nil), r:ids(split), r:images(split), r:skipped(split) (paths),
+--   r:index(split) (each row's 1-based position in the data set exported, or nil in older files)
+-- Opening checks that every split is complete and that its features, labels, probabilities,
+-- positions, image and id lists all have the split's row count (the images asked for less those
+-- skipped): a short or damaged file is an error naming the dataset, never fewer rows.
+local Reader = {}
+Reader.__index = Reader
+Reader.__close = function(self) self:close() end
+
+local function xname(split) return split == 'test' and 'test' or (split .. '_x') end
+
+local function open_fail(path, fmt, ...) error(string.format('export.open: %s: ' .. fmt, path, ...), 3) end
+
+function export.open(path)
   local h5 = require 'flower.h5'
-  local f <close> = h5.open(path, 'r')
-  local r = { path = path, x = {}, label = {}, probs = {}, images = {}, ids = {}, skipped = {}, attrs = {} }
-  for _, a in ipairs(f:attrs('/')) do r.attrs[a] = f:attr('/', a) end
-  local splits = f:attr('/', 'splits') or { 'train', 'valid', 'test' }
-  if type(splits) == 'string' then splits = { splits } end
-  for _, name in ipairs(splits) do
-    if f:attr('/', name .. '_complete') ~= 1 then
-      error(string.format("export.read: %s: split '%s' is incomplete (%d of %d rows); resume the export first", path, name,
-        f:exists('/' .. (name == 'test' and 'test' or name .. '_x')) and f:shape('/' .. (name == 'test' and 'test' or name .. '_x'))[1] or 0,
-        f:attr('/', name .. '_rows') or 0), 2)
+  if type(path) ~= 'string' then error('export.open: expected a file path, got ' .. type(path), 2) end
+  if not files.exists(path) then error(string.format('export.open: %s: no such file', path), 2) end
+  local f = h5.open(path, 'r')
+  local r = setmetatable({ path = path, file = f, attrs = {}, splits = {}, rows = {} }, Reader)
+  local ok, err = pcall(function()
+    for _, a in ipairs(f:attrs('/')) do r.attrs[a] = f:attr('/', a) end
+    local splits = r.attrs.splits or { 'train', 'valid', 'test' }
+    if type(splits) == 'string' then splits = { splits } end
+    for _, name in ipairs(splits) do
+      local xn = xname(name)
+      local have = f:exists('/' .. xn) and f:shape('/' .. xn)[1] or 0
+      local n = r.attrs[name .. '_rows']
+      if r.attrs[name .. '_complete'] ~= 1 then
+        open_fail(path, "split '%s' is incomplete (%d of %s rows); resume the export first", name, have, tostring(n or 0))
+      end
+      if math.type(n) ~= 'integer' then n = have
+      elseif f:exists('/' .. name .. '_skipped') then n = n - f:shape('/' .. name .. '_skipped')[1] end
+      local function check(ds)
+        if not f:exists('/' .. ds) then return end
+        local got = f:shape('/' .. ds)[1] or 0
+        if got ~= n then
+          open_fail(path, "'%s' has %d rows, expected %d (the %s split's row count): the file is short or damaged; export it again",
+            ds, got, n, name)
+        end
+      end
+      if not f:exists('/' .. xn) then open_fail(path, "split '%s' has no features ('%s')", name, xn) end
+      check(xn)
+      local shape = f:shape('/' .. xn)
+      if #shape ~= 2 then open_fail(path, "'%s' has %d dims, expected 2 (rows, features)", xn, #shape) end
+      if r.dim and shape[2] ~= r.dim then
+        open_fail(path, "'%s' has %d columns, the other splits %d", xn, shape[2], r.dim)
+      end
+      r.dim = shape[2]
+      for _, ds in ipairs({ name .. '_label', name .. '_probs', name .. '_index', name .. '_images', name .. '_ids' }) do
+        check(ds)
+      end
+      for _, ds in ipairs({ name .. '_images', name .. '_ids' }) do
+        if not f:exists('/' .. ds) then open_fail(path, "split '%s' has no '%s'", name, ds) end
+      end
+      r.splits[#r.splits + 1] = name
+      r.rows[name] = n
     end
-    r.x[name] = f:read('/' .. (name == 'test' and 'test' or (name .. '_x')))
-    if f:exists('/' .. name .. '_label') then r.label[name] = f:read('/' .. name .. '_label'):type('int64') + 1 end
-    if f:exists('/' .. name .. '_probs') then r.probs[name] = f:read('/' .. name .. '_probs') end
-    r.images[name] = f:read('/' .. name .. '_images')
-    r.ids[name] = f:read('/' .. name .. '_ids')
-    r.skipped[name] = f:exists('/' .. name .. '_skipped_images') and f:read('/' .. name .. '_skipped_images') or {}
+  end)
+  if not ok then f:close(); error(err, 0) end
+  return r
+end
+
+local function dataset(self, split, suffix)
+  if not self.rows[split] then error(string.format("export: %s has no '%s' split", self.path, tostring(split)), 3) end
+  return '/' .. (suffix and (split .. suffix) or xname(split))
+end
+
+function Reader:x(split) return self.file:read(dataset(self, split)) end
+function Reader:x_rows(split, first, count) return self.file:read_slice(dataset(self, split), first, count) end
+function Reader:has_probs(split) return self.file:exists(dataset(self, split, '_probs')) end
+function Reader:probs(split)
+  return self:has_probs(split) and self.file:read(dataset(self, split, '_probs')) or nil
+end
+function Reader:probs_rows(split, first, count)
+  return self:has_probs(split) and self.file:read_slice(dataset(self, split, '_probs'), first, count) or nil
+end
+-- a 0-based int dataset of the split as 1-based int64 (labels, image indices); nil when absent
+local function one_based(self, split, suffix)
+  local ds = dataset(self, split, suffix)
+  if not self.file:exists(ds) then return nil end
+  local raw = self.file:read(ds)
+  local t = raw:type('int64') + 1
+  raw:free()
+  return t
+end
+function Reader:labels(split) return one_based(self, split, '_label') end
+function Reader:ids(split) return self.file:read(dataset(self, split, '_ids')) end
+function Reader:images(split) return self.file:read(dataset(self, split, '_images')) end
+function Reader:skipped(split)
+  local ds = dataset(self, split, '_skipped_images')
+  return self.file:exists(ds) and self.file:read(ds) or {}
+end
+function Reader:index(split) return one_based(self, split, '_index') end
+function Reader:close() if self.file then self.file:close(); self.file = nil end end
+
+-- Reads an exported file whole: {x = {train =, valid =, test =}, label = {...} (1-based int64),
+-- probs = {...}, images = {...}, ids = {...}, skipped = {split = {image paths}}, attrs = {...}}; with
+-- export.open's checks.
+function export.read(path)
+  local f <close> = export.open(path)
+  local r = { path = path, x = {}, label = {}, probs = {}, images = {}, ids = {}, skipped = {}, attrs = f.attrs }
+  for _, name in ipairs(f.splits) do
+    r.x[name] = f:x(name)
+    r.label[name] = f:labels(name)
+    r.probs[name] = f:probs(name)
+    r.images[name] = f:images(name)
+    r.ids[name] = f:ids(name)
+    r.skipped[name] = f:skipped(name)
   end
   return r
 end

@@ -188,10 +188,11 @@ local function text_for(x)
   return string.format('a %s: %s', t, tostring(x))
 end
 
+-- prints the text (and returns nothing, so the REPL shows it once), or returns it with print = false
 function help.help(x, opts)
   local s = text_for(x)
-  if not (opts and opts.print == false) then print(s) end
-  return (opts and opts.print == false) and s or nil
+  if opts and opts.print == false then return s end
+  print(s)
 end
 
 return help

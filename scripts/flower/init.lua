@@ -9,7 +9,7 @@ local submodules = {
   nn = true, optim = true, data = true, models = true, keras = true, train = true,
   cli = true, h5 = true, test = true, report = true, ensemble = true, progress = true,
   files = true, predict = true, recipe = true, export = true, pipeline = true, smallnets = true,
-  tensorboard = true,
+  tensorboard = true, dist = true,
 }
 
 return setmetatable(flower, {

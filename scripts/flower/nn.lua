@@ -49,7 +49,9 @@
 -- During training, BatchNormalization / Add / ScaledAdd followed by a ReLU run as one pass too
 -- (their backward masks by the ReLU's output). nn.fusion = false turns all fusion off.
 --
--- LAYERS (Keras's names, options and weight order; layer:weights() -> {name, path, tensor, trainable}):
+-- LAYERS (Keras's names, options and weight order; layer:weights() -> {name, path, tensor, trainable}),
+-- one file per family in flower/nn/layers/: conv, normalization, pooling, core (with the shape
+-- layers), merge, preprocessing; common.lua holds the option, window and activation helpers:
 --   Conv2D{filters, kernel_size, strides, padding, dilation_rate, activation, use_bias, kernel_regularizer}
 --     weights kernel (KH,KW,Cin,F), bias;  DepthwiseConv2D{kernel_size, strides, padding, depth_multiplier,
 --     use_bias} depthwise_kernel (KH,KW,C,M), bias;  SeparableConv2D{filters, ...} depthwise_kernel,
@@ -71,6 +73,69 @@
 --
 -- Integer class labels are 1-based (as argmax returns them). Layouts are Keras's channels_last:
 -- activations (N, H, W, C), kernels (KH, KW, Cin, Cout).
+--
+-- MODELS (flower/nn/model/): graph.lua builds the graph (Model, Sequential, layers and weights,
+-- modes, types, devices); plan.lua decides, per forward, which nodes need gradients, which values
+-- backward reads and which layers run fused, asking the layers through the hooks below (never
+-- their class names); executor.lua runs forward and backward in construction order and frees each
+-- value after its last reader; mixed_precision.lua casts at a model's boundary; summary.lua.
+--
+-- THE LAYER PROTOCOL. A layer is a class made by util.layer_class(name, parent, options, init)
+-- (flower/nn/layers/common.lua): registered as nn[name], its new(opts) rejects options it does not
+-- list, runs Layer.init (common options: name, trainable, dtype, type_name) and then init(self,
+-- opts, owner). Weights are declared in build with self:add_weight(name, tensor [, trainable]) in
+-- Keras's order. Required:
+--   build(input_shape)              creates the weights from the input shape (batch dim excluded;
+--                                   a list of shapes for several inputs); raise plain messages --
+--                                   the caller prefixes "layer 'name' (Class): "
+--   output_shape(input_shape)       -> output shape (unknown sizes -1); raises if the input does not fit
+--   _forward(x, keep [, flag])      -> y, a new tensor or x itself; keep: a backward follows, so save
+--                                   what _backward reads (on self; it is called once per forward).
+--                                   flag: a fused ReLU (fuses_relu) or an omitted bias (can_omit_bias)
+--   _backward(x, y, gy, need_gin, need_params [, relu]) -> dL/dx (a list for several inputs) or nil;
+--                                   accumulates weight gradients when need_params (self:grad_beta(n)
+--                                   gives the gradient and 0 right after zero_grad, else 1)
+--   needs(need_gin, need_params)    -> needs_x, needs_y: which of x and y _backward reads, so that
+--                                   the executor keeps exactly those until backward (default: none)
+-- Optional, each with a default on nn.Layer (the planner, flower/nn/model/plan.lua, asks these):
+--   multi = true                    several inputs: x and dL/dx are lists
+--   out_dtype                       the dtype of the output node when it is not the input's
+--   converts_input = true           brings any input dtype to its compute dtype itself (Preprocess,
+--                                   a nested model): mixed precision leaves such inputs alone
+--   regularizers = {weight = nn.l2(l)}   applied by the optimizer
+--   fuses_relu = true               _forward(x, keep, relu) and _backward(..., relu) take a following
+--                                   ReLU in (backward then gets the ReLU's output as y): BN, Add
+--   is_relu()                       true when the layer is exactly max(x, 0): the ReLU above
+--   folds_affine()                  true when _forward_fused(x, scale, shift, relu [, pad]) can take
+--                                   a per-channel y*scale + shift (shift includes self.bias) and a
+--                                   ReLU into its output: convolutions without an activation
+--   is_affine(), affine()           true when the layer is now a per-channel affine (inference BN);
+--                                   affine() -> scale, shift, new tensors the caller frees
+--   zero_padding()                  {top, bottom, left, right} for a layer that only zero-pads H, W
+--   can_fold_pad(pad, h, w)         true when _forward_fused(..., pad) can take that padding into
+--                                   its window (Conv2D)
+--   can_omit_bias(), absorbs_bias() a bias the first drops is absorbed by the second (a training
+--                                   BN, which gets shift_moving_mean(bias))
+--   can_forward_into(), _forward_into(x, relu, out)   may write y into `out`, an input no one else
+--                                   reads (in-place, where no backward follows)
+--   uses_batch_stats()              BatchNormalization: batch statistics now (training, not frozen)
+--   _kernel(name, dtype, fwd)       the weight as a convolution reads it (bfloat16 copy under mixed
+--                                   precision); _on_type(dtype), _on_device(dev): after type()/cuda()
+-- Standalone, a layer runs through Layer:forward / Layer:backward; in a model, through the executor.
+--
+-- HOW TO ADD A LAYER:
+--   1. the class in its family's file in flower/nn/layers/ (a new family: a new file there and its
+--      name in the list at the end of this file), made by util.layer_class with its options and
+--      init, with build / output_shape / _forward / _backward / needs and the hooks above that it
+--      can honour; its options, weight names and order as Keras's;
+--   2. the Keras converter: an entry in `converters` in flower/keras.lua (config keys -> options),
+--      so that keras.load_model and model_from_config rebuild it;
+--   3. tests: a Keras reference case in tests/reference/gen_layers.py (outputs and gradients; the
+--      class in the list of tests/lua/test_nn_layers.lua 'reference covers every layer type'),
+--      finite differences in float64 in tests/lua/test_nn_grad.lua, and, if it fuses or writes in
+--      place, fused-vs-unfused equality in tests/lua/test_nn_model.lua; a GPU kernel is compared
+--      with the CPU in tests/lua/test_cuda.lua;
+--   4. the LAYERS list above and, for a new family, README's Layout.
 local flower = require 'flower'
 local core = require 'flower.core'
 local C = core._nn
@@ -81,7 +146,7 @@ nn.fusion = true      -- fuse Conv -> BatchNorm -> ReLU where no gradient flows 
 nn.inplace = true     -- where no backward follows, Add/BN/ReLU may write over an input no one else needs
 nn.reuse = true       -- free each activation after its last reader (false: leave them to the collector)
 
--- Mixed precision (model:mixed_precision, flower/nn/model.lua): the compute dtype of the model that
+-- Mixed precision (model:mixed_precision, flower/nn/model/mixed_precision.lua): the compute dtype of the model that
 -- is running ('bfloat16', 'float32' or nil outside any model; Preprocess reads it), and a counter
 -- that every top-level forward advances, after which the bfloat16 copies of kernels are remade
 -- from their float32 masters (Layer:_kernel).
@@ -484,19 +549,21 @@ function Layer:get_device() return self.device == nil and -1 or self.device end
 function Layer:float() return self:type('float32') end
 function Layer:double() return self:type('float64') end
 
--- Subclasses implement:
---   build(input_shape(s))            creates weights (shapes exclude the batch dim)
---   output_shape(input_shape(s))     -> shape, raising a plain message if the input does not fit
---   _forward(x, keep)                -> y; keep: save what _backward needs (training step)
---   _backward(x, y, gy, need_gin, need_params) -> gx (a list for several inputs) or nil
---   needs(need_gin, need_params)     -> needs_x, needs_y: which of x, y _backward reads
--- Multi-input layers set self.multi = true and take/return lists.
+-- The protocol's defaults (see THE LAYER PROTOCOL at the top of this file): a layer that declares
+-- nothing keeps nothing for backward, fuses with nothing and never writes over its input.
 function Layer:build() end
 function Layer:output_shape(s) return copy_shape(s) end
 function Layer:needs() return false, false end
--- true for layers that bring any input to their compute dtype themselves (Preprocess, a nested
--- model): a mixed-precision model does not cast a model input that only such layers read
 Layer.converts_input = false
+Layer.fuses_relu = false
+function Layer:is_relu() return false end
+function Layer:folds_affine() return false end
+function Layer:is_affine() return false end
+function Layer:can_fold_pad() return false end
+function Layer:zero_padding() return nil end
+function Layer:can_omit_bias() return false end
+function Layer:absorbs_bias() return false end
+function Layer:can_forward_into() return false end
 
 local function wrap_err(layer, err)
   -- drop the "file.lua:123: " position that luaL_error puts in front: the layer name says where
@@ -530,22 +597,61 @@ local function shapes_of(x)
   return r
 end
 
--- Torch7-style standalone use: forward keeps what backward needs.
-function Layer:forward(x)
-  if not self.built then self:_infer(shapes_of(x)) end
-  nn._kernel_gen = nn._kernel_gen + 1
-  local ok, y = pcall(self._forward, self, x, true)
-  if not ok then error(wrap_err(self, y), 0) end
-  self.output = y
-  return y
+local function what_is(v)
+  if is_tensor(v) then return string.format('a %s tensor of shape %s', v:dtype(), table.concat(v:size(), 'x')) end
+  return type(v)
 end
 
-function Layer:backward(x, gy)
-  local ok, gx = pcall(self._backward, self, x, self.output, gy, true, self:has_trainable())
-  if not ok then error(wrap_err(self, gx), 0) end
-  self.gradInput = gx
-  return gx
+-- raises unless x is a batch: a tensor (N, ...) with a batch dim, or (multi) a non-empty list of them
+function nn._check_batch(x, verb, multi)
+  local function batch(t) return is_tensor(t) and t:dim() >= 2 end
+  if is_tensor(x) or not multi then
+    if multi then error(string.format('%s expects a list of tensors (N, ...), got %s', verb, what_is(x)), 0) end
+    if not batch(x) then
+      error(string.format('%s expects a tensor (N, ...) with a batch dim, got %s', verb, what_is(x)), 0)
+    end
+    return
+  end
+  if type(x) ~= 'table' or #x == 0 then
+    local got = type(x) == 'table' and 'an empty list' or type(x)
+    error(string.format('%s expects a list of tensors (N, ...), got %s', verb, got), 0)
+  end
+  for i = 1, #x do
+    if not batch(x[i]) then
+      error(string.format('%s: input %d must be a tensor (N, ...) with a batch dim, got %s', verb, i, what_is(x[i])), 0)
+    end
+  end
 end
+
+-- Torch7-style standalone use: forward keeps what backward needs. The input is checked against the
+-- layer (its shape and channels through output_shape) before anything runs.
+-- fn(layer, ...) with its errors prefixed by the layer's name; the result is kept as layer[field]
+-- (output, gradInput) and returned
+function nn._run_as(layer, field, fn, ...)
+  local ok, r = pcall(fn, layer, ...)
+  if not ok then error(wrap_err(layer, r), 0) end
+  layer[field] = r
+  return r
+end
+
+local function checked_forward(self, x)
+  nn._check_batch(x, 'forward', self.multi)
+  self:_infer(shapes_of(x))
+  nn._kernel_gen = nn._kernel_gen + 1
+  return self:_forward(x, true)
+end
+function Layer:forward(x) return nn._run_as(self, 'output', checked_forward, x) end
+
+local function checked_backward(self, x, gy)
+  local y = self.output
+  if y == nil then error('backward needs a forward first', 0) end
+  if not is_tensor(gy) or table.concat(gy:size(), 'x') ~= table.concat(y:size(), 'x') then
+    error(string.format("backward: gradOutput must be a tensor of the output's shape %s, got %s",
+      table.concat(y:size(), 'x'), what_is(gy)), 0)
+  end
+  return self:_backward(x, y, gy, true, self:has_trainable())
+end
+function Layer:backward(x, gy) return nn._run_as(self, 'gradInput', checked_backward, x, gy) end
 Layer.updateOutput = Layer.forward
 
 -------------------------------------------------------------------------------- graph nodes
@@ -640,8 +746,13 @@ nn._copy_shape = copy_shape
 nn._tensor_shape = tensor_shape
 nn._get_init = get_init
 nn._check_int = check_int
-require('flower.nn.layers')(nn)
-require('flower.nn.model')(nn)
+local util = require('flower.nn.layers.common')(nn)
+for _, family in ipairs {'conv', 'normalization', 'pooling', 'core', 'merge', 'preprocessing'} do
+  require('flower.nn.layers.' .. family)(nn, util)
+end
+for _, part in ipairs {'graph', 'plan', 'executor', 'mixed_precision', 'summary'} do
+  require('flower.nn.model.' .. part)(nn)
+end
 require('flower.nn.losses')(nn)
 require('flower.nn.checkpoint')(nn)
 

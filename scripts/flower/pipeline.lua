@@ -19,7 +19,10 @@
 -- ('cpu', 'cuda', 'cuda:<n>' or 'auto': where fine-tuning, export, evaluation and the ensemble run;
 -- with a GPU the loaders hand out page-locked batches, uploaded while the next ones decode),
 -- mixed_precision ('float32' or 'bfloat16': how the fine-tuned models train, evaluate and export;
--- their weights stay float32; the ensemble's small classifier stays float32).
+-- their weights stay float32; the ensemble's small classifier stays float32), memory_budget (bytes or
+-- '8G': the ensemble reads the feature files whole when they fit, else streams them; default half
+-- of RAM). Each stage logs its peak resident memory ('memory: <stage>: peak resident ...'), and
+-- report.html lists them.
 -- Returns a summary {results = {{name, val_acc}...}, best = name, predict = path}. An interrupt
 -- (Ctrl-C, SIGTERM) during training or export writes checkpoints and returns {interrupted = why}.
 local flower = require 'flower'
@@ -27,6 +30,12 @@ local files = require 'flower.files'
 local train = require 'flower.train'
 
 local pipeline = {}
+
+-- dist: under several ranks (flower.dist) every rank runs the pipeline's collectives (training,
+-- evaluation and export split across ranks); only rank 0 writes files
+local function writes() return flower.dist.is_main() end
+-- --no-distributed turns it off; otherwise it is on exactly when launched as several ranks
+local function dist_opt(cfg) if cfg.distributed == false then return false end return nil end
 
 local function recipe_copy(t)
   if type(t) ~= 'table' then return t end
@@ -102,14 +111,57 @@ pipeline.eval_loader = eval_loader
 -- The submission for predictions whose row i is image row_ids[i]: category ids from labels, the
 -- sample's order if any; with k > 1 the k best categories per image go to predict-...-top<k>.csv
 -- beside it. (Rows are the images that could be read: an unreadable one has no row.)
-local function write_submission(cfg, path, row_ids, categories, probs, k)
+-- Test images that could not be read have no prediction. With --unreadable-test most-frequent they
+-- are predicted as the training set's most frequent categories (the k most frequent for top-k),
+-- and the log, results.json and the report say how many; by default (omit) they have no row, which
+-- a sample submission (every id must have one) turns into an error saying what to do.
+local function fallback_rows(cfg, ds, ids, k, sample)
+  local have, missing = {}, {}
+  for _, id in ipairs(ids) do have[id] = true end
+  for _, id in ipairs(ds.test.ids) do
+    if not have[tostring(id)] then missing[#missing + 1] = tostring(id) end
+  end
+  if #missing == 0 or (cfg.unreadable_test ~= 'most-frequent' and not sample) then return {}, {} end
+  if cfg.unreadable_test ~= 'most-frequent' then
+    require('flower.recipe').fail('%d test image(s) could not be read (first: id %s; the log names each file), so the '
+      .. 'submission would lack rows that %s asks for. Rerun with --resume RUNDIR --unreadable-test most-frequent to '
+      .. 'predict them as the most frequent training category.', #missing, missing[1], sample)
+  end
+  local count = {}
+  for _, l in ipairs(ds.train.labels) do count[l] = (count[l] or 0) + 1 end
+  local order = {}
+  for l = 1, ds.classes do order[l] = l end
+  table.sort(order, function(a, b)
+    if (count[a] or 0) ~= (count[b] or 0) then return (count[a] or 0) > (count[b] or 0) end
+    return a < b
+  end)
+  local top = {}
+  for j = 1, math.min(k or 1, #order) do top[j] = ds.all.categories[order[j]] end
+  return missing, top
+end
+
+-- The submission for predictions whose row i is image row_ids[i]: category ids from labels, the
+-- sample's order if any; with k > 1 the k best categories per image go to predict-...-top<k>.csv
+-- beside it. (Rows are the images that could be read; see fallback_rows for the others.) Returns
+-- the path, the predictions and ids (read images only) and the number of fallback rows.
+local function write_submission(cfg, ds, path, row_ids, probs, k)
   local predict = require 'flower.predict'
+  local categories = ds.all.categories
   local top = probs:argmax(2):view(-1):totable()
+  if #row_ids ~= #top then
+    error(string.format('pipeline: %s: %d predictions for %d ids', path, #top, #row_ids), 0)
+  end
   local pred, ids = {}, {}
   for i, l in ipairs(top) do pred[i] = categories[l]; ids[i] = tostring(row_ids[i]) end
   local sample = files.join(cfg.data, 'sample_submission.csv')
   sample = files.exists(sample) and sample or nil
-  predict.write_csv(path, { ids = ids, predicted = pred, sample = sample })
+  local missing, fallback = fallback_rows(cfg, ds, ids, k, sample)
+  local all_ids, all_pred = ids, pred
+  if #missing > 0 then
+    all_ids, all_pred = { table.unpack(ids) }, { table.unpack(pred) }
+    for _, id in ipairs(missing) do all_ids[#all_ids + 1] = id; all_pred[#all_pred + 1] = fallback[1] end
+  end
+  if writes() then predict.write_csv(path, { ids = all_ids, predicted = all_pred, sample = sample }) end
   if k and k > 1 then
     local topk = {}
     for i, t in ipairs(predict.topk_rows(probs:totable(), k)) do
@@ -117,9 +169,10 @@ local function write_submission(cfg, path, row_ids, categories, probs, k)
       for j, l in ipairs(t) do r[j] = categories[l] end
       topk[i] = r
     end
-    predict.write_topk(predict.topk_path(path, k), { ids = ids, topk = topk, sample = sample })
+    for i = #ids + 1, #all_ids do topk[i] = fallback end
+    if writes() then predict.write_topk(predict.topk_path(path, k), { ids = all_ids, topk = topk, sample = sample }) end
   end
-  return path, pred, ids
+  return path, pred, ids, #missing
 end
 
 -- Accuracy of a submission against the synthetic set's answer key (test_labels.csv), if present.
@@ -206,9 +259,11 @@ function pipeline.finetune(cfg, run, ds, spec, name)
     hist = pipeline.fit(cfg, run, model, stages, tl, vl, loss, name, dev)
     record_skipped(run, name .. ' train', tl:skipped())
     if hist.stopped == 'interrupted' then return { interrupted = hist.interrupted } end
-    save_model(model, weights, ds, name, size)
-    files.json_write(finished, { history = hist.rows, stopped = hist.stopped })
-    if cfg.keep_checkpoints ~= 'all' then drop_checkpoints(files.join(dir, 'checkpoints'), #stages) end
+    if writes() then
+      save_model(model, weights, ds, name, size)
+      files.json_write(finished, { history = hist.rows, stopped = hist.stopped })
+      if cfg.keep_checkpoints ~= 'all' then drop_checkpoints(files.join(dir, 'checkpoints'), #stages) end
+    end
     files.killpoint('pipeline.model_finished')
   end
   return pipeline.evaluate(cfg, run, ds, name, model, size, hist, vl, loss)
@@ -220,7 +275,7 @@ function pipeline.fit(cfg, run, model, stages, tl, vl, loss, name, dev)
   return train.fit_stages(model, stages, {
     train = tl, valid = vl, loss = loss, label = name, log = function(m) run:log('%s', m) end,
     checkpoint_dir = files.join(dir, 'checkpoints'), resume = cfg.resume ~= nil, device = dev or 'cpu',
-    mixed_precision = cfg.mixed_precision,
+    mixed_precision = cfg.mixed_precision, distributed = dist_opt(cfg),
     history_csv = files.join(dir, 'history.csv'), save_best = false,
     metrics = pipeline.topk_metrics(model.outputs[1].shape[1]),
     -- a stage with schedule = 'cosine' decays its learning rate to 0 over its epochs; the live
@@ -231,7 +286,7 @@ function pipeline.fit(cfg, run, model, stages, tl, vl, loss, name, dev)
         local optim = require 'flower.optim'
         cbs[#cbs + 1] = train.LearningRateScheduler(optim.cosine { lr = st.lr or cfg.lr, decay_steps = math.max(1, st.epochs) })
       end
-      if (cfg.tensorboard or '') ~= '' then
+      if (cfg.tensorboard or '') ~= '' and writes() then   -- dist: rank 0's event files
         cbs[#cbs + 1] = require('flower.tensorboard').callback { log_dir = files.join(cfg.tensorboard, name) }
       end
       return cbs
@@ -249,6 +304,7 @@ function pipeline.topk_metrics(K) return K > 5 and { 'top5' } or {} end
 -- report.html rewritten (atomically) after every epoch while models train: the finished models'
 -- curves and the one training now, so a browser refresh shows the run's progress.
 function pipeline.live_report(cfg, run, name, logs)
+  if not writes() then return end   -- dist: rank 0's report
   run._live = run._live or {}
   local live = run._live
   if not live[name] then live[#live + 1] = name; live[name] = {} end
@@ -290,7 +346,7 @@ function pipeline.evaluate(cfg, run, ds, name, model, size, hist, vl, loss)
   local ks = {}
   for _, m in ipairs(pipeline.topk_metrics(ds.classes)) do ks[#ks + 1] = tonumber(m:match('%d+')) end
   local ev = train.evaluate(model, vl, { loss = loss, collect = true, softmax = loss == 'logits', progress = false,
-                                         topk = ks })
+                                         topk = ks, distributed = dist_opt(cfg) })
   record_skipped(run, name .. ' valid', vl:skipped())
   local dev = pipeline.device(cfg)
   local use_tta = (cfg.tta or 'none') ~= 'none'
@@ -319,12 +375,14 @@ function pipeline.evaluate(cfg, run, ds, name, model, size, hist, vl, loss)
       record_skipped(run, name .. ' test', et.skipped)
     else
       local tel = eval_loader(cfg, ds.test, size)
-      et = train.evaluate(model, tel, { loss = loss, collect = true, softmax = loss == 'logits', progress = false })
+      et = train.evaluate(model, tel, { loss = loss, collect = true, softmax = loss == 'logits', progress = false,
+                                              distributed = dist_opt(cfg) })
       record_skipped(run, name .. ' test', tel:skipped())
     end
     local row_ids = {}
     for i, k in ipairs(et.index) do row_ids[i] = ds.test.ids[k] end
-    local path, pred, ids = write_submission(cfg, run:path('predict-' .. name .. '.csv'), row_ids, ds.all.categories, et.probs, cfg.topk)
+    local path, pred, ids, fb = write_submission(cfg, ds, run:path('predict-' .. name .. '.csv'), row_ids, et.probs, cfg.topk)
+    run.fallback_rows = fb
     out.test_acc = score_submission(cfg, ids, pred)
     out.predict = path
     run:time(name .. ': predict test', #ds.test, files.now() - t0)
@@ -342,7 +400,7 @@ function pipeline.export(cfg, run, ds, spec, m)
   local splits = { { 'train', ds.train }, { 'valid', ds.valid } }
   if ds.test then splits[#splits + 1] = { 'test', ds.test } end
   local path = run:path('features', m.name .. '.h5')
-  local r = export.features(m.model, { path = path, splits = splits, resume = cfg.resume ~= nil,
+  local r = export.features(m.model, { path = path, splits = splits, resume = cfg.resume ~= nil, distributed = dist_opt(cfg),
     loader = function(d) return eval_loader(cfg, d, m.size) end,
     attrs = { model = m.name, image_size = m.size, preprocessing = desc.preprocessing or '',
               weights = desc.weights or run:path('models', m.name, 'model.h5') } })
@@ -353,19 +411,68 @@ function pipeline.export(cfg, run, ds, spec, m)
   return path
 end
 
--- Trains the ensemble on the exported features; writes predict.csv.
+-- Checks that the feature files describe the pipeline's data sets row for row: row j is the image
+-- the files say (its position in the data set, where recorded: unreadable images have no row), with
+-- the data set's id and label, for train, valid and test. A mismatch (files exported against another
+-- split or another test.json, or a short file) stops with the first row that differs.
+function pipeline.check_features(feats, ds)
+  local ensemble = require 'flower.ensemble'
+  for _, split in ipairs({ 'train', 'valid', 'test' }) do
+    local d = ds[split]
+    if d then
+      if not feats.n[split] then
+        error(string.format("pipeline: the feature files have no '%s' split but the data set has %d images", split, #d), 0)
+      end
+      local index = feats.index and feats.index[split] and feats.index[split]:totable()
+      local requested = feats.requested and feats.requested[split]
+      if index and requested ~= #d then
+        error(string.format("pipeline: the feature files were exported from %s '%s' images, the data set has %d",
+          tostring(requested), split, #d), 0)
+      end
+      local n = index and #index or #d
+      local want, labels = {}, {}
+      for j = 1, n do
+        local k = index and index[j] or j
+        want[j] = tostring(d.ids[k])
+        labels[j] = d.labels and d.labels[k]
+      end
+      ensemble.check_join(string.format("pipeline: the '%s' ids", split), 'the feature files', feats.ids[split],
+        split == 'test' and 'test.json' or 'the data set', want)
+      local lab = feats.label[split]
+      if d.labels and lab then
+        local got = lab:totable()
+        for j = 1, n do
+          if got[j] ~= labels[j] then
+            error(string.format("pipeline: the '%s' labels of the feature files and the data set disagree at row %d (id %s): %d vs %d",
+              split, j, want[j], got[j] - 1, labels[j] - 1), 0)
+          end
+        end
+      end
+    end
+  end
+end
+
+-- Trains the ensemble on the exported features; writes predict.csv. Returns its summary, or
+-- {interrupted = why}.
 function pipeline.ensemble(cfg, run, ds, paths, finetuned)
   local ensemble = require 'flower.ensemble'
   local report = require 'flower.report'
-  local feats = ensemble.load(paths)
+  local memory = require 'flower.memory'
+  local feats <close> = ensemble.load(paths, { memory_budget = cfg.memory_budget })
+  pipeline.check_features(feats, ds)
+  run:log('ensemble: %d feature files, %s of features, memory budget %s: %s', #paths, memory.format(feats.bytes),
+    memory.format(feats.budget), feats.resident and 'read whole' or string.format('streamed in blocks of %d rows', feats.block_rows))
   local t0 = files.now()
   local clf = ensemble.fit(feats, { dropout = cfg.ensemble_dropout, epochs = cfg.ensemble_epochs, lr = cfg.ensemble_lr,
     patience = cfg.ensemble_patience, restore_best = cfg.ensemble_restore_best, device = pipeline.device(cfg) or 'cpu',
     batch_size = cfg.ensemble_batch_size or 64, seed = cfg.seed, progress = false,
-    log = function(m) run:log('%s', m) end, label = 'ensemble' })
+    checkpoint_dir = run:path('ensemble', 'checkpoints'), resume = cfg.resume ~= nil,
+    log = function(m) run:log('%s', m) end, label = 'ensemble', distributed = dist_opt(cfg) })
+  if clf.interrupted then return { interrupted = clf.interrupted } end
   local secs = files.now() - t0
-  run:time('ensemble: train on concatenated features', (#clf.history.rows) * feats.x.train:size(1), secs)
-  train.write_history_csv(run:path('ensemble', 'history.csv'), clf.history)
+  run:time('ensemble: train on concatenated features', (#clf.history.rows) * feats.n.train, secs)
+  if writes() then train.write_history_csv(run:path('ensemble', 'history.csv'), clf.history) end
+  memory.stage(run, 'ensemble: train')
   local results = {}
   for i, m in ipairs(finetuned) do
     results[#results + 1] = { name = m.name, val_acc = m.val_acc, val_topk = m.val_topk, val_acc_tta = m.val_acc_tta,
@@ -373,22 +480,27 @@ function pipeline.ensemble(cfg, run, ds, paths, finetuned)
       note = string.format('fine-tuned from %s (%d features)',
         m.weights and files.basename(m.weights) or 'random initial weights', feats.dims[i]) }
   end
-  local avg = ensemble.average(feats, 'valid')
-  local avg_acc = ensemble.accuracy(avg, feats.label.valid)
-  local pred = clf.valid_probs:argmax(2):view(-1):totable()
-  local conf = report.confusion(feats.label.valid:totable(), pred, ds.classes)
-  local out = { classifier = clf, feats = feats, confusion = conf }
-  local concat = { name = 'ensemble: concatenated features', val_acc = clf.val_acc,
+  local avg_acc, _, avg_top5 = ensemble.average_accuracy(feats, 'valid')
+  local conf = report.confusion(feats.label.valid:totable(), clf.valid_pred, ds.classes)
+  local out = { classifier = clf, confusion = conf, dims = feats.dims, D = feats.D, resident = feats.resident }
+  local concat = { name = 'ensemble: concatenated features', val_acc = clf.val_acc, val_topk = clf.val_top5,
     note = string.format('Dropout(%g) + Dense(%d) on %d features, %d epochs', cfg.ensemble_dropout, ds.classes,
-      feats.x.train:size(2), #clf.history.rows) }
-  local averaged = { name = 'ensemble: averaged probabilities', val_acc = avg_acc, note = 'mean of the models\' probabilities' }
-  if ds.test and feats.x.test then
-    local probs = clf:predict(feats.x.test)
-    local path, p, ids = write_submission(cfg, run:path('predict.csv'), feats.ids.test, ds.all.categories, probs, cfg.topk)
+      feats.D, #clf.history.rows) }
+  local averaged = { name = 'ensemble: averaged probabilities', val_acc = avg_acc, val_topk = avg_top5,
+    note = 'mean of the models\' probabilities' }
+  if ds.test and feats.n.test then
+    local t1 = files.now()
+    local probs = clf:predict(feats, 'test')
+    -- the ids come from the feature files, checked above against test.json
+    local path, p, ids, fb = write_submission(cfg, ds, run:path('predict.csv'), feats.ids.test, probs, cfg.topk)
+    run.fallback_rows = fb
     concat.test_acc = score_submission(cfg, ids, p)
     out.predict = path
-    local _, pa, ida = write_submission(cfg, run:path('predict-averaged.csv'), feats.ids.test, ds.all.categories, ensemble.average(feats, 'test'), cfg.topk)
+    local _, pa, ida = write_submission(cfg, ds, run:path('predict-averaged.csv'), feats.ids.test,
+      ensemble.average(feats, 'test'), cfg.topk)
     averaged.test_acc = score_submission(cfg, ida, pa)
+    run:time('ensemble: predict test', feats.n.test, files.now() - t1)
+    memory.stage(run, 'ensemble: predict')
   end
   results[#results + 1] = concat
   results[#results + 1] = averaged
@@ -404,23 +516,30 @@ end
 function pipeline.run(cfg, run, spec)
   local dev = pipeline.device(cfg)   -- a missing GPU fails here, before any work
   if dev ~= nil then run:log('device: cuda:%d, %s', dev, flower.cuda.device_name(dev)) end
+  local memory = require 'flower.memory'
+  memory.budget(cfg.memory_budget, 'pipeline: --memory-budget')   -- a bad size fails before any work
+  memory.reset_peak()
   -- the data set is the user's: what is wrong with it is printed as a message, not a traceback
   local ds = require('flower.recipe').as_user_error(pipeline.datasets, cfg)
   run:log('data: %s, %d classes, %d train / %d valid / %d test images', cfg.data, ds.classes, #ds.train, #ds.valid,
     ds.test and #ds.test or 0)
+  memory.stage(run, 'data')
   local finetuned, paths = {}, {}
   for _, name in ipairs(cfg.models) do
     local m = pipeline.finetune(cfg, run, ds, spec, name)
     if m.interrupted then return m end
     m.weights = (spec.describe and spec.describe(name, cfg) or {}).weights
     finetuned[#finetuned + 1] = m
+    memory.stage(run, name .. ': fine-tune')
   end
   for _, m in ipairs(finetuned) do
     local p, why = pipeline.export(cfg, run, ds, spec, m)
     if not p then return { interrupted = why } end
     paths[#paths + 1] = p
+    memory.stage(run, m.name .. ': export')
   end
   local ens = pipeline.ensemble(cfg, run, ds, paths, finetuned)
+  if ens.interrupted then return ens end
   run.results = ens.results
   local report = require 'flower.report'
   local models = {}
@@ -436,7 +555,7 @@ function pipeline.run(cfg, run, spec)
   end
   local header = { 'model' }
   for j, c in ipairs(train.HISTORY_COLUMNS) do header[j + 1] = c end
-  files.csv_write(run:path('history.csv'), header, rows)
+  if writes() then files.csv_write(run:path('history.csv'), header, rows) end
   local seconds = files.now() - run.started   -- the whole run (data generation included), as the timing table
   local file_list = { { 'config.json', 'the resolved options (what --resume RUNDIR continues with)' },
     { 'log.txt', 'the log' }, { 'history.csv', 'per-epoch loss and accuracy of every model' } }
@@ -460,23 +579,28 @@ function pipeline.run(cfg, run, spec)
     if not m.weights then random[#random + 1] = m.name end
   end
   local notes = {}
+  if (run.fallback_rows or 0) > 0 then
+    notes[#notes + 1] = string.format('%d test image(s) could not be read and were predicted as the most frequent '
+      .. 'training category (--unreadable-test most-frequent); they are listed under Skipped images.', run.fallback_rows)
+    run:log('%s', notes[#notes])
+  end
   if #random > 0 then
-    notes[1] = string.format('%s started from random weights, not pretrained ones (no weights file was given).',
+    notes[#notes + 1] = string.format('%s started from random weights, not pretrained ones (no weights file was given).',
       table.concat(random, ', '))
   end
-  report.write(run:path('report.html'), {
+  if writes() then report.write(run:path('report.html'), {
     title = string.format('%s — %s', run.name, cfg.data),
     subtitle = string.format('%s, %d classes, %d train / %d valid images; %.0f s in all', os.date('%Y-%m-%d %H:%M'),
       ds.classes, #ds.train, #ds.valid, seconds),
     notes = notes, results = ens.results, models = models, classes = ds.names, confusion = ens.confusion,
     confusion_of = 'ensemble: concatenated features, validation set', timing = run.timing, seconds = seconds,
-    files = file_list, skipped = run.skipped,
+    memory = run.memory, files = file_list, skipped = run.skipped,
     config = (function()
       local c = recipe_copy(cfg)
       c.stages_resolved = pipeline.stages(cfg)
       return c
     end)(),
-  })
+  }) end
   run:write_results()
   if run.skipped and #run.skipped > 0 then
     run:log('%d unreadable image(s) skipped everywhere (named above, in results.json and the report)', #run.skipped)

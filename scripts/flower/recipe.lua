@@ -25,7 +25,11 @@
 -- --device cpu|cuda|cuda:<n>|auto (where the run computes, cfg.device; checked before the run
 -- directory is made, so a missing GPU fails at once with flower.cuda's reason) and
 -- --mixed-precision float32|bfloat16 (cfg.mixed_precision: train.fit's mixed_precision, i.e.
--- model:mixed_precision; bfloat16 activations with float32 master weights, for GPUs).
+-- model:mixed_precision; bfloat16 activations with float32 master weights, for GPUs) and
+-- --memory-budget 8G (cfg.memory_budget: see flower.pipeline) and
+-- --distributed / --no-distributed (cfg.distributed: under `mpirun -np N` or `srun`, training,
+-- evaluation and export are split across the ranks and only rank 0 writes the run directory, whose
+-- name rank 0 chooses; on by default, and a no-op for a single process).
 -- `--resume RUNDIR` alone continues a run: the run directory's config.json (the resolved options,
 -- written atomically when the run starts) supplies every option; options given again override
 -- theirs, and the log says which.
@@ -52,6 +56,10 @@ local COMMON = {
     help = "where to compute: cpu, cuda (GPU 0), cuda:<n>, or auto (cuda when a GPU is available)" },
   { name = 'mixed_precision', type = 'string', default = 'float32', choices = { 'float32', 'bfloat16' },
     help = 'bfloat16: bf16 activations and kernel copies, float32 master weights and optimizer state (for GPUs)' },
+  { name = 'memory_budget', type = 'string',
+    help = 'memory the ensemble may fill with feature files read whole, e.g. 8G (default: half of RAM; above it they are streamed)' },
+  { name = 'distributed', type = 'bool', default = true,
+    help = 'data parallel over the ranks of an mpirun/srun job (flower.dist); a no-op for one process' },
 }
 
 -- The options of the seed's pipeline (flower.pipeline), shared by the recipes that run it
@@ -85,6 +93,9 @@ local PIPELINE = {
     help = 'also write predict-top<k>.csv (id, the k best categories) beside each submission (0 or 1: none)' },
   { name = 'workers', type = 'int', default = 2, min = 1, help = 'image decoding threads' },
   { name = 'seed', type = 'int', default = 1, min = 0, help = 'seed of the weights, shuffling, augmentation and dropout' },
+  { name = 'unreadable_test', type = 'string', default = 'omit', choices = { 'omit', 'most-frequent' },
+    help = 'test images that cannot be read: omit (no row; an error when sample_submission.csv asks for every id) '
+      .. 'or most-frequent (predict the most frequent training category; the log and report say how many)' },
   { name = 'tta', type = 'string', default = 'none', choices = { 'none', 'flip', 'crops', 'crops+flip' },
     help = 'test-time augmentation of each fine-tuned model\'s validation and test predictions (the report shows '
       .. 'validation accuracy with and without it)' },
@@ -253,10 +264,11 @@ end
 -- Opens a run directory (created if needed). opts: {dir, config, name, quiet, out}
 function recipe.open_run(opts)
   local dir = opts.dir
-  files.mkdir(dir)
+  local main = opts.main ~= false      -- dist: false on ranks other than 0, which write nothing
+  if main then files.mkdir(dir) end
   local self = setmetatable({
-    dir = dir, name = opts.name or files.basename(dir), config = opts.config or {},
-    quiet = opts.quiet, out = opts.out or io.stdout, started = files.now(), timing = {},
+    dir = dir, name = opts.name or files.basename(dir), config = opts.config or {}, main = main,
+    quiet = opts.quiet or not main, out = opts.out or io.stdout, started = files.now(), timing = {},
     results = {}, models = {}, notes = {},
   }, Run)
   return self
@@ -270,6 +282,7 @@ function Run:mkdir(...) return files.mkdir(self:path(...)) end
 function Run:log(fmt, ...)
   local msg = select('#', ...) > 0 and string.format(fmt, ...) or tostring(fmt)
   if not self.quiet then self.out:write(msg, '\n'); self.out:flush() end
+  if not self.main then return end
   files.append(self:path('log.txt'), os.date('%Y-%m-%d %H:%M:%S ') .. msg .. '\n')
 end
 
@@ -294,13 +307,15 @@ function Run:result(name, val_acc, extra)
 end
 
 function Run:write_config()
+  if not self.main then return end
   files.json_write(self:path('config.json'), self.config)
 end
 
 -- Writes results.json (machine-readable summary: results and timing).
 function Run:write_results()
+  if not self.main then return end
   files.json_write(self:path('results.json'), { results = self.results, timing = self.timing,
-    skipped = self.skipped or {}, seconds = files.now() - self.started })
+    skipped = self.skipped or {}, unreadable_test_predicted = self.fallback_rows, seconds = files.now() - self.started })
 end
 
 -- Makes (or resumes) the run directory for a resolved config and calls the run function.
@@ -370,13 +385,17 @@ function Recipe:start(cfg, given)
     files.mkdir(cfg.runs)
     dir = unique_dir(cfg.runs, base)
   end
-  local run = recipe.open_run { dir = dir, config = cfg, name = self.name, quiet = cfg.quiet }
+  -- dist: one run directory for the job, named by rank 0; the other ranks write nothing there
+  local dist = require('flower').dist
+  local main = true
+  if cfg.distributed ~= false and dist.size() > 1 then dir, main = dist.broadcast_string(dir), dist.is_main() end
+  local run = recipe.open_run { dir = dir, config = cfg, name = self.name, quiet = cfg.quiet, main = main }
   run.resuming = cfg.resume ~= nil
   run.given = given or {}
   run.source = self.source
   -- a user error in a fresh run that wrote nothing yet takes its run directory with it
   local guard <close> = setmetatable({}, { __close = function(_, err)
-    if fresh and err ~= nil and user_error_seen(err) then remove_if_empty(dir) end
+    if fresh and main and err ~= nil and user_error_seen(err) then remove_if_empty(dir) end
   end })
   run:write_config()
   run:log('%s: run directory %s%s', self.name, dir, run.resuming and ' (resuming)' or '')

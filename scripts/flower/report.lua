@@ -10,6 +10,7 @@
 --     confusion = {{..}, ..},            -- K x K counts: confusion[true][predicted] (1-based)
 --     confusion_of = 'ensemble',         -- which classifier the confusion matrix describes
 --     timing = {{stage = 'cnn_a: head', images = 1200, seconds = 3.1}, ...},
+--     memory = {{stage = 'data', peak = bytes}, ...},   -- peak resident memory per stage (flower.memory)
 --     seconds = 42.5,                    -- the run's wall time: the timing table's total
 --     notes = {'vgg_tiny started from random weights ...'},   -- shown under the title
 --     files = {{'predict.csv', 'the submission'}, ...},
@@ -373,6 +374,14 @@ function report.html(data)
   end
   if data.timing and #data.timing > 0 then
     o[#o + 1] = '<h2>Timing</h2>' .. timing_table(data.timing, data.seconds)
+  end
+  if data.memory and #data.memory > 0 then
+    local rows = { '<h2>Memory</h2><table><tr><th>stage</th><th>peak resident</th></tr>' }
+    for _, m in ipairs(data.memory) do
+      rows[#rows + 1] = string.format('<tr><td>%s</td><td class="n">%s</td></tr>', esc(m.stage),
+        require('flower.memory').format(m.peak))
+    end
+    o[#o + 1] = table.concat(rows, '\n') .. '</table>'
   end
   if data.files and #data.files > 0 then
     o[#o + 1] = '<h2>Files</h2><table>'

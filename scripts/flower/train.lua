@@ -27,6 +27,10 @@
 --     mixed_precision = 'bfloat16',           -- model:mixed_precision(...) before training: bf16
 --                                             -- activations, float32 weights and optimizer state
 --                                             -- ('float32' / false turns it off; nil leaves the model's)
+--     distributed = true,                     -- data parallel over the job's ranks (flower.dist);
+--                                             -- nil: on when launched as several ranks, false: off
+--     sync_batchnorm = true,                  -- with distributed: BatchNorm on the global batch's
+--                                             -- statistics (default: each rank's own)
 --   })
 --   -- hist.rows = {{stage, epoch, loss, acc, val_loss, val_acc, lr, seconds, images_per_s}, ...}
 --   -- hist.stopped = nil | 'early_stopping' | 'interrupted'; hist.interrupted = 'SIGINT' | ...
@@ -240,16 +244,23 @@ end
 function train.evaluate(model, loader, opts)
   opts = opts or {}
   local dev = run_device(model, opts.device, 'train.evaluate')
+  -- dist: each rank evaluates its share of the batches; sums are reduced below
+  local D = opts.dist
+  if D == nil then D = require('flower.dist').fit_context(model, opts, dev) end
+  D = D or nil
+  if D and opts.collect then return require('flower.dist').evaluate_collect(train, model, loader, opts, D, dev) end
   local lossfn = make_loss(opts.loss)
   local was = model.train
   model:evaluate()
   local sum, correct, n, has_y = 0, 0, 0, false
   local topsum = {}
   local pred, labels, index, parts = {}, {}, {}, {}
-  local bar = opts.progress ~= false and progress.new { total = #loader, label = opts.label or 'evaluate' } or nil
+  local bar = opts.progress ~= false and (not D or D.main)
+    and progress.new { total = D and D:steps(loader) or #loader, label = opts.label or 'evaluate' } or nil
   local step = 0
   local ok, err = pcall(function()
-    for hbatch in loader:epoch(opts.epoch or 1) do
+    for hbatch in (D and D:epoch(loader, opts.epoch or 1) or loader:epoch(opts.epoch or 1)) do
+     if hbatch.n ~= 0 then   -- dist: a rank may have no batch at the last step
       local batch = train.batch_to_device(hbatch, dev)
       local out = model:forward(batch.x)
       local bn = batch.n or out:size(1)
@@ -272,6 +283,7 @@ function train.evaluate(model, loader, opts)
         for i = 1, bn do index[#index + 1] = batch.index and batch.index[i] or #index + 1 end
         parts[#parts + 1] = opts.softmax and out:softmax(2) or out:clone()
       end
+     end
       step = step + 1
       if bar then bar:update(step) end
     end
@@ -279,6 +291,7 @@ function train.evaluate(model, loader, opts)
   if was then model:training() end
   if not ok then error(err, 0) end
   if bar then bar:finish() end
+  if D then sum, correct, n, has_y = D:reduce_sums(sum, correct, n, has_y, topsum, opts.topk) end
   local r = { loss = n > 0 and sum / n or nil, acc = n > 0 and correct / n or nil, n = n, top = {} }
   for k, v in pairs(topsum) do r.top[k] = v / n end
   if not has_y then r.loss, r.acc = nil, nil end
@@ -570,12 +583,13 @@ end
 -- follows the optimizer's iterations), the history, the best monitored value and why it stopped.
 local function train_state(run, epoch, step, sums, stopped)
   local opt = run.optimizer
-  return { epoch = epoch, step = step, sums = sums, stage = run.stage, rng = train.rng_state(run.model),
+  return { epoch = epoch, step = step, ranks = run.ranks, sums = sums, stage = run.stage, rng = train.rng_state(run.model),
            callbacks = cb_states(run.callbacks), lr = not is_schedule(opt.lr) and train.get_lr(opt) or nil,
            history = run.history.rows, best = run.best, stopped = stopped }
 end
 
 local function save(path, run, meta)
+  if not run.writes then return end   -- dist: rank 0 alone writes
   nn().save_checkpoint(path, run.model, { optimizer = run.optimizer, meta = meta })
 end
 
@@ -606,7 +620,10 @@ local function resume(run, last_path, log)
   if meta.history then run.history.rows = meta.history end
   run.best = meta.best
   log(string.format('%s: resumed from %s (epoch %d, step %d)', run.label, last_path, meta.epoch, meta.step or 0))
-  if meta.step and meta.step > 0 then return meta.epoch, meta.step, meta.sums, meta end
+  -- dist: a mid-epoch step counts steps of the run that wrote it (meta.ranks ranks)
+  if meta.step and meta.step > 0 then
+    return meta.epoch, require('flower.dist').resume_step(meta.step, meta.ranks, run.ranks, last_path), meta.sums, meta
+  end
   return meta.epoch + 1, 0, nil, meta
 end
 
@@ -656,13 +673,18 @@ function train.fit(model, o)
   -- the device before anything else: a missing GPU fails here, not half-way
   local dev = run_device(model, o.device, 'train.fit')
   if mp ~= nil then model:mixed_precision(mp) end
+  -- dist: data parallel over the job's ranks (nil when not): shards batches, averages gradients,
+  -- and only rank 0 (D.main) writes checkpoints, history and logs
+  local D = require('flower.dist').fit_context(model, o, dev)
+  local writes = not D or D.main
+  if D then log, nsteps = D:log(log), D:steps(o.train) end
   local ctx = { model = model, optimizer = o.optimizer, history = hist, log = log, device = dev, initial_epoch = initial }
   -- what a checkpoint holds of this run
   local run = { model = model, optimizer = o.optimizer, callbacks = cbs, history = hist, stage = o.stage,
-                label = label, best = nil }
+                label = label, best = nil, ranks = D and D.size or 1, writes = writes }
 
   local start_epoch, skip, sums, resumed = initial + 1, 0, nil, nil
-  if o.resume and dir then remove_stale_temporaries(dir) end
+  if o.resume and dir and writes then remove_stale_temporaries(dir) end
   if o.resume and last_path and files.exists(last_path) then
     start_epoch, skip, sums, resumed = resume(run, last_path, log)
     if resumed.stopped then
@@ -671,6 +693,7 @@ function train.fit(model, o)
       return hist
     end
   end
+  if D then D:broadcast_weights(model) end     -- dist: every rank starts from rank 0's weights
 
   local u = files.util()
   local prev_catch = u and u.catch_signals(true)
@@ -684,7 +707,7 @@ function train.fit(model, o)
       model:training()
       local popts = type(o.progress) == 'table' and o.progress or {}
       local bar = progress.new { total = nsteps, label = string.format('%s epoch %d/%d', label, epoch, epochs),
-                                 silent = o.progress == false, order = bar_order(ks), out = popts.out,
+                                 silent = o.progress == false or not writes, order = bar_order(ks), out = popts.out,
                                  tty = popts.tty, interval = popts.interval }
       local t0 = files.now()
       local s = sums or { loss = 0, correct = 0, n = 0, top = {} }
@@ -692,13 +715,18 @@ function train.fit(model, o)
       sums = nil
       local step, images = 0, 0
       -- batches: a function of (loader seed, epoch), so a resumed epoch skips the ones done
-      for batch in o.train:epoch(epoch) do
+      for batch in (D and D:epoch(o.train, epoch) or o.train:epoch(epoch)) do
         step = step + 1
         if step > skip then
           -- forward, backward (the gradients complete) and the optimizer's update
-          local l, acc, tops = train.step(model, train.batch_to_device(batch, dev), lossfn, o.optimizer, ks)
+          local l, acc, tops, bn
+          if D then   -- dist: global loss, metrics and batch size; gradients summed across ranks
+            l, acc, tops, bn = D:step(model, batch, dev, lossfn, o.optimizer, ks, train.interrupted())
+          else
+            l, acc, tops = train.step(model, train.batch_to_device(batch, dev), lossfn, o.optimizer, ks)
+            bn = batch.n or batch.x:size(1)
+          end
           files.killpoint('train.step')   -- crash tests: FLOWER_KILLPOINT='train.step:<n>'
-          local bn = batch.n or batch.x:size(1)
           if not finite(l) then
             error(string.format('train.fit: %s: the loss became %s at epoch %d, step %d of %d; stopping '
               .. '(the last good checkpoint is %s)', label, tostring(l), epoch, step, nsteps,
@@ -711,7 +739,7 @@ function train.fit(model, o)
           for _, k in ipairs(ks) do shown['top' .. k] = (s.top[tostring(k)] or 0) / s.n end
           bar:update(step, shown)
           call_cbs(cbs, 'on_batch_end', ctx, epoch, step, { loss = l, acc = acc, global_step = (epoch - 1) * nsteps + step })
-          local why = train.interrupted()
+          local why = D and D:interrupted() or (not D and train.interrupted())   -- dist: agreed by every rank
           if why and step < nsteps then
             -- a mid-epoch checkpoint: the epoch goes on from the next step when resumed
             if last_path then save(last_path, run, train_state(run, epoch, step, s)) end
@@ -730,7 +758,8 @@ function train.fit(model, o)
         if s.n > 0 then logs['top' .. k] = (s.top[tostring(k)] or 0) / s.n end
       end
       if o.valid then
-        local v = train.evaluate(model, o.valid, { loss = o.loss, progress = false, epoch = 1, topk = ks, device = dev })
+        local v = train.evaluate(model, o.valid, { loss = o.loss, progress = false, epoch = 1, topk = ks, device = dev,
+                                                   dist = D or false })
         logs.val_loss, logs.val_acc = v.loss, v.acc
         for k, t in pairs(v.top) do logs['val_top' .. k] = t end
       end
@@ -741,7 +770,7 @@ function train.fit(model, o)
       bar:finish(shown)
       hist.rows[#hist.rows + 1] = logs
       call_cbs(cbs, 'on_epoch_end', ctx, epoch, logs)
-      if o.history_csv then train.write_history_csv(o.history_csv, hist) end
+      if o.history_csv and writes then train.write_history_csv(o.history_csv, hist) end
       local improved = false
       if save_best and logs[save_best] ~= nil then
         if better(resolve_mode(save_best), logs[save_best], run.best and run.best.value, 0) then
@@ -756,7 +785,7 @@ function train.fit(model, o)
         save(last_path, run, train_state(run, epoch, 0, nil, ctx.stop))
       end
       if ctx.stop then hist.stopped = ctx.stop; break end
-      local why = train.interrupted()
+      local why = D and D:interrupted() or (not D and train.interrupted())
       if why and epoch < epochs then
         stop_interrupted(hist, why, log, string.format('%s: %s after epoch %d: checkpoint written to %s', label, why,
           epoch, last_path or '(none)'))
@@ -766,7 +795,7 @@ function train.fit(model, o)
     call_cbs(cbs, 'on_train_end', ctx)
     -- an interrupt in the last epoch: this fit is complete (and its checkpoint says so), but the
     -- caller (the next stage, the next step of a pipeline) must stop, so it is reported, not dropped
-    local why = train.interrupted()
+    local why = D and D:interrupted() or (not D and train.interrupted())
     if why then
       stop_interrupted(hist, why, log, string.format('%s: %s in the last epoch: finished%s; stopping', label, why,
         last_path and (', checkpoint written to ' .. last_path) or ''))

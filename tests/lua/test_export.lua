@@ -198,6 +198,36 @@ T.test('a recipe run on a set with unreadable images leaves them out everywhere 
   T.check(s.results ~= nil)
 end)
 
+T.test('an unreadable test image with a sample submission: a clear error, or the fallback the user chose', function()
+  local dir = files.join(TMP, 'badtest')
+  os.execute(string.format('cp -r %s %s', files.shell_quote(root), files.shell_quote(dir)))
+  local ds = require('flower.pipeline').datasets{ data = dir }
+  os.remove(ds.test.paths[2])
+  local FL = os.getenv('FLOWERLUA') or './flowerlua'
+  local args = ' experiments/quickstart.lua --tiny --models vgg_tiny --data ' .. dir .. ' --runs ' .. files.join(TMP, 'runs')
+  local p = io.popen(FL .. args .. ' --run-name badtest 2>&1; echo "rc=$?"')
+  local out = p:read('a'); p:close()
+  T.check(out:find('1 test image(s) could not be read (first: id ' .. tostring(ds.test.ids[2]), 1, true)
+    and out:find('--unreadable-test most-frequent', 1, true) and not out:find('traceback'), out)
+  T.check(not out:find('rc=0', 1, true), 'exit status 0')
+  p = io.popen(FL .. ' experiments/quickstart.lua --resume ' .. files.join(TMP, 'runs', 'badtest')
+    .. ' --unreadable-test most-frequent 2>&1; echo "rc=$?"')
+  out = p:read('a'); p:close()
+  T.check(out:find('rc=0', 1, true), out)
+  local rd = files.join(TMP, 'runs', 'badtest')
+  local pred = files.csv_read(files.join(rd, 'predict.csv'))
+  T.eq(#pred - 1, #ds.test, 'every test id has a row')
+  local count = {}
+  for _, l in ipairs(ds.train.labels) do count[l] = (count[l] or 0) + 1 end
+  local best = 1
+  for l = 2, ds.classes do if (count[l] or 0) > (count[best] or 0) then best = l end end
+  for i = 2, #pred do
+    if pred[i][1] == tostring(ds.test.ids[2]) then T.eq(pred[i][2], tostring(ds.all.categories[best])) end
+  end
+  T.eq(files.json_read(files.join(rd, 'results.json')).unreadable_test_predicted, 1)
+  T.check(files.read(files.join(rd, 'report.html')):find('predicted as the most frequent training category', 1, true))
+end)
+
 T.test('bad options are errors', function()
   T.raises(function() export.features(model, { splits = splits(), loader = loader }) end, 'expected options with path')
   T.raises(function() export.features(model, { path = 'x.h5', splits = {}, loader = loader }) end, 'expected splits')

@@ -42,6 +42,7 @@ T.test('the REPL has help as a global', function()
   local p = io.popen("printf 'help(flower.optim)\\n' | " .. (os.getenv('FLOWERLUA') or './flowerlua') .. ' -i 2>&1')
   local out = p:read('a'); p:close()
   has(out, '-- flower.optim')
+  T.check(not out:find('\nnil\n', 1, true), 'help(x) shows a nil after its text:\n' .. out)
 end)
 
 T.done()

@@ -76,6 +76,104 @@ T.test('errors name the layer and say what does not fit', function()
   T.raises(function() nn.Model(d1.layer._nodes[1].inputs[1], d2) end, 'the name "dup" is used twice')
 end)
 
+-- issue 14: wrong calls are refused at the door, naming the model and saying what was expected and
+-- what was found
+T.test('forward, backward and predict check their arguments before anything runs', function()
+  local x = nn.Input{8, 8, 3, name = 'img'}
+  local y = nn.GlobalAveragePooling2D{}(nn.Conv2D{filters = 4, kernel_size = 3}(x))
+  local m = nn.Model(x, nn.Dense{units = 2, name = 'head'}(y), {name = 'tiny'})
+  local good = flower.randn(2, 8, 8, 3)
+  T.raises(function() m:forward(nil) end, "layer 'tiny' (Model): forward expects a tensor Nx8x8x3, got nil")
+  T.raises(function() m:forward('x') end, 'forward expects a tensor Nx8x8x3, got string')
+  T.raises(function() m:forward({good, good}) end, 'forward expects 1 input tensor(s) (a tensor Nx8x8x3), got 2')
+  T.raises(function() m:forward(flower.randn(8, 8, 3)) end,
+    "input 1 ('img') must have 4 dims (batch, 8, 8, 3), got 3 (shape 8x8x3)")
+  T.raises(function() m:forward(flower.randn(2, 8, 8, 4)) end,
+    "input 1 ('img') has 4 channels, the model expects 3 (shape 2x8x8x4, expected Nx8x8x3)")
+  T.raises(function() m:forward(flower.randn(2, 9, 8, 3)) end, "has shape 2x9x8x3, the model expects Nx8x8x3")
+  T.raises(function() m:forward(flower.zeros({2, 8, 8, 3}, 'int64')) end,
+    "input 1 ('img') is int64, the layers reading it compute in float32")
+  T.raises(function() m:forward(good:double()) end, 'input 1 is float64, the model is float32')
+  -- several inputs: a list of one tensor per input, one batch size
+  local a, b = nn.Input{4, name = 'a'}, nn.Input{4, name = 'b'}
+  local two = nn.Model({a, b}, nn.Add{}{a, b}, {name = 'two'})
+  T.raises(function() two:forward(flower.randn(2, 4)) end,
+    "layer 'two' (Model): forward expects 2 input tensor(s) (a list of 2 tensors {Nx4, Nx4}), got 1")
+  T.raises(function() two:forward({nil, flower.randn(2, 4)}) end, "input 1 ('a') must be a tensor Nx4, got nil")
+  T.raises(function() two:forward({flower.randn(2, 4), flower.randn(3, 4)}) end,
+    "input 2 ('b') has batch size 3, input 1 has 2")
+  -- an integer input is fine where a Preprocess layer reads it
+  local img = nn.Input{4, 4, 3}
+  local pm = nn.Model(img, nn.Preprocess{mode = 'tf'}(img))
+  T.eq(pm:forward(flower.zeros({1, 4, 4, 3}, 'uint8')):dtype(), 'float32')
+  -- backward: gradOutput of the output's shape and width, and the input as forward took it
+  m:training()
+  m:forward(good)
+  T.raises(function() m:backward(good, nil) end,
+    "layer 'tiny' (Model): backward: gradOutput must be a tensor of the output's shape 2x2, got nil")
+  T.raises(function() m:backward(good, flower.randn(2, 3)) end,
+    'backward: gradOutput 1 has shape 2x3, output 1 has 2x2')
+  T.raises(function() m:backward(good, flower.randn(2, 2):double()) end,
+    'backward: gradOutput 1 is float64, output 1 is float32')
+  T.raises(function() m:backward(good, flower.zeros({2, 2}, 'int64')) end, 'backward: gradOutput 1 is int64')
+  T.raises(function() m:backward(nil, flower.randn(2, 2)) end, 'backward expects a tensor Nx8x8x3, got nil')
+  m:backward(good, flower.randn(2, 2))   -- the refused calls left the forward's state usable
+  T.check(m:layer('head').grads.kernel:abs():sum():item() > 0, 'no gradient after the refused calls')
+  -- predict: the input and the batch size
+  T.raises(function() m:predict(nil) end, "layer 'tiny' (Model): predict expects a tensor Nx8x8x3, got nil")
+  T.raises(function() m:predict(good, 0) end, 'predict: batch_size must be an integer >= 1, got 0')
+  T.raises(function() m:predict(flower.randn(2, 8, 8, 4)) end, 'has 4 channels, the model expects 3')
+  T.allclose(two:predict({flower.ones(3, 4), flower.ones(3, 4)}, 2), flower.full({3, 4}, 2))
+  -- standalone layers and an unbuilt Sequential
+  local d = nn.Dense{units = 2, name = 'lonely'}
+  T.raises(function() d:forward(nil) end,
+    "layer 'lonely' (Dense): forward expects a tensor (N, ...) with a batch dim, got nil")
+  T.raises(function() d:forward(flower.randn(3)) end, 'got a float32 tensor of shape 3')
+  d:forward(flower.randn(2, 3))
+  T.raises(function() d:forward(flower.randn(2, 5)) end,
+    "layer 'lonely' (Dense): input has 5 features, the kernel expects 3")
+  T.raises(function() d:backward(flower.randn(2, 3), flower.randn(2, 5)) end,
+    "gradOutput must be a tensor of the output's shape 2x2, got a float32 tensor of shape 2x5")
+  T.raises(function() nn.Add{name = 'plus'}:forward(flower.randn(2, 3)) end,
+    "layer 'plus' (Add): forward expects a list of tensors (N, ...), got a float32 tensor")
+  T.raises(function() nn.Sequential{nn.Dense{units = 2}, name = 'seq'}:forward(nil) end,
+    "layer 'seq' (Sequential): forward expects a tensor (N, ...) with a batch dim, got nil")
+end)
+
+-- issue 12: summary() prints its table once and returns nothing (Keras), so the REPL shows it once;
+-- print_fn = false returns the text instead of printing it
+T.test('summary does one thing: prints, or returns the text', function()
+  local m = nn.Sequential{nn.Input{3}, nn.Dense{units = 2}}
+  local printed = {}
+  T.eq(select('#', m:summary{print_fn = function(t) printed[#printed + 1] = t end}), 0)
+  T.eq(#printed, 1)
+  local text = m:summary{print_fn = false}
+  T.eq(text, printed[1])
+  T.check(text:find('Total params: 8 ', 1, true), 'table')
+  T.raises(function() m:summary{print_fn = 'stdout'} end, 'print_fn must be a function or false')
+  T.raises(function() m:summary('wide') end, 'expected a table of options')
+  T.raises(function() m:summary{line_length = 0} end, 'line_length must be an integer >= 20, got 0')
+end)
+
+-- an error in a layer's options points at the line that made the layer (it pointed at its caller,
+-- or nowhere)
+T.test('a bad option raises at the line that made the layer', function()
+  local line
+  local function make(opts)
+    line = debug.getinfo(1, 'l').currentline + 1
+    local layer = nn.Conv2D(opts)
+    return layer
+  end
+  for _, opts in ipairs {{filters = 2}, {filters = 2, kernel_size = 3, padding = 'full'},
+      {filters = 2, kernel_size = 3, paddin = 'same'}, {filters = 2, kernel_size = 3, activation = 'swoosh'}} do
+    local err = T.raises(function() make(opts) end)
+    T.check(err:find('test_nn_model.lua:' .. line .. ':', 1, true), 'no position of the call in: ' .. err)
+  end
+  local function drop() local d = nn.Dropout(2); return d end
+  T.check(T.raises(drop, 'rate must be a number'):find('test_nn_model.lua:' .. debug.getinfo(drop, 'S').linedefined),
+    'Dropout error without the position of the call')
+end)
+
 T.test('layers, keras_layers order, layer(), output_of()', function()
   nn.reset_names()
   local x = nn.Input{6, 6, 2}

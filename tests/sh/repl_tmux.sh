@@ -102,6 +102,15 @@ expect "Tab completes a tensor method (tt:nu -> tt:numel)" '^> tt:numel$'
 send '()'
 expect "the tensor method runs" '^4$'
 
+# a call that prints and returns nothing shows its output once (issue 12: summary printed twice)
+step 'm = flower.nn.Sequential{flower.nn.Input{3}, flower.nn.Dense{units = 2}}'
+step 'm:summary()'
+expect "model:summary() shows its table" '^Total params: 8 '
+wait_prompt
+n=$(screen | grep -c '^Total params: 8 ')
+if [ "$n" = 1 ]; then echo "ok - repl: model:summary() shows its table once"
+else echo "not ok - repl: model:summary() shows its table once"; echo "    the table appeared $n times"; fi
+
 # errors
 step 'error("boom-" .. 42)'
 expect "an error prints its message" '^stdin:1: boom-42$'

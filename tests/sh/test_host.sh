@@ -63,6 +63,8 @@ run bash -c "echo 'print(6 * 7)' | '$FL'"
 verdict "no arguments and stdin not a terminal: runs stdin" '[ $rc = 0 ] && [ "$out" = 42 ]'
 run bash -c "printf 'x = 5\nx * 2\n{1, \"a\", k = true}\n' | '$FL' -i"
 verdict "-i without a terminal reads statements and prints results" '[ $rc = 0 ] && [[ "$out" == *"> 10"* && "$out" == *"{1, \"a\", k=true}"* ]]'
+run bash -c "printf 'm = flower.nn.Sequential{flower.nn.Input{3}, flower.nn.Dense{units = 2}}\nm:summary()\n' | '$FL' -i"
+verdict "model:summary() in the REPL shows the table once" '[ $rc = 0 ] && [ "$(grep -c "^Total params: 8 " <<<"$out")" = 1 ]'
 
 # ---- errors ----
 cat >"$tmp/fail.lua" <<'EOF'
