@@ -37,7 +37,7 @@ ifeq ($(SAN),1)
   LDLIBS  += -fsanitize=address,undefined
 endif
 
-CORE_SRC := $(wildcard core/*.c core/cpu/*.c core/data/*.c)
+CORE_SRC := $(wildcard core/*.c core/cpu/*.c core/io/*.c core/data/*.c)
 BIND_SRC := $(wildcard bindings/*.c)
 HOST_SRC := $(wildcard bindings/host/*.c)
 
@@ -140,4 +140,25 @@ install: all
 	cp -r scripts/flower $(DESTDIR)$(PREFIX)/share/lua/5.4/
 
 clean:
-	rm -rf build build-san flowerlua
+	rm -rf build build-san build-fuzz flowerlua
+
+# libFuzzer harnesses (tests/fuzz/): clang with ASan + UBSan over a build of the library made for
+# them (build-fuzz/); `make fuzz` runs each for FUZZ_SECONDS on its seed corpus (tests/fuzz/run.sh).
+FUZZ_SECONDS ?= 600
+FUZZ_TARGETS := jpeg kaggle_json h5 keras
+FUZZ_BIN := $(FUZZ_TARGETS:%=build-fuzz/fuzz/fuzz_%)
+.PHONY: fuzz fuzz-build
+fuzz-build:
+	@bash tools/deps.sh --fuzz
+	@CFLAGS="-O1 -fsanitize=fuzzer-no-link -w" $(MAKE) --no-print-directory BUILD=build-fuzz \
+	  CC=clang SAN=1 build-fuzz/libflower.a
+	@$(MAKE) --no-print-directory $(FUZZ_BIN)
+
+build-fuzz/fuzz/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/*.h build-fuzz/libflower.a
+	@mkdir -p $(dir $@)
+	clang -O1 -g -std=c11 -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+	  -Icore -Ibindings -Itests/fuzz $(PKG_CFLAGS) -o $@ $< build-fuzz/libflower.a \
+	  $(LDLIBS) -llua5.4
+
+fuzz: fuzz-build
+	@FUZZ_SECONDS=$(FUZZ_SECONDS) bash tests/fuzz/run.sh $(FUZZ_TARGETS)

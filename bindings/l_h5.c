@@ -2,7 +2,7 @@
  * The Lua module flower.h5 (scripts/flower/h5.lua) wraps these and adds write_atomic.
  * Indices seen from Lua are 1-based (read_slice's start row). */
 #include "lflower.h"
-#include "h5.h"
+#include "io/h5.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -22,16 +22,42 @@ static lh5 *checkfile(lua_State *L, const char *op) {
  * by the caller (see with_retry). */
 static int raise(lua_State *L) { return fl_lua_error(L); }
 
+static double opt_number(lua_State *L, int idx, const char *key) {
+  double v = 0;
+  if (lua_getfield(L, idx, key) != LUA_TNIL) {
+    if (!lua_isnumber(L, -1) || lua_tonumber(L, -1) <= 0)
+      luaL_error(L, "h5.open: option '%s' must be a number > 0, got %s", key, luaL_tolstring(L, -1, NULL));
+    v = lua_tonumber(L, -1);
+  }
+  lua_pop(L, 1);
+  return v;
+}
+
+/* open(path [, mode [, {untrusted=true, timeout=s, memory=bytes, cpu=s}]]) */
 static int l_open(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
   const char *mode = luaL_optstring(L, 2, "r");
   if (strlen(mode) != 1 || !strchr("rwa", mode[0]))
     return luaL_error(L, "h5.open: mode must be 'r', 'w' or 'a', got '%s'", mode);
+  int untrusted = 0;
+  fl_h5_limits lim = {0};
+  if (!lua_isnoneornil(L, 3)) {
+    luaL_checktype(L, 3, LUA_TTABLE);
+    lua_getfield(L, 3, "untrusted");
+    untrusted = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    lim.timeout_s = opt_number(L, 3, "timeout");
+    lim.memory = (int64_t)opt_number(L, 3, "memory");
+    lim.cpu_s = opt_number(L, 3, "cpu");
+    if (untrusted && mode[0] != 'r')
+      return luaL_error(L, "h5.open: %s: untrusted files open read-only ('r'), got mode '%s'", path, mode);
+  }
   lh5 *u = lua_newuserdatauv(L, sizeof *u, 0);
   u->f = NULL;
   u->mode = mode[0];
   luaL_setmetatable(L, H5FILE_MT);
-  if (fl_h5_open(&u->f, path, mode[0]) < 0) return raise(L);
+  int r = untrusted ? fl_h5_open_untrusted(&u->f, path, &lim) : fl_h5_open(&u->f, path, mode[0]);
+  if (r < 0) return raise(L);
   return 1;
 }
 
@@ -54,7 +80,8 @@ static int l_gc(lua_State *L) {
 
 static int l_tostring(lua_State *L) {
   lh5 *u = luaL_checkudata(L, 1, H5FILE_MT);
-  if (u->f) lua_pushfstring(L, "flower.H5File('%s', '%c')", fl_h5_filename(u->f), u->mode);
+  if (u->f) lua_pushfstring(L, "flower.H5File('%s', '%c'%s)", fl_h5_filename(u->f), u->mode,
+                            fl_h5_untrusted(u->f) ? ", untrusted" : "");
   else lua_pushliteral(L, "flower.H5File(closed)");
   return 1;
 }
@@ -185,6 +212,15 @@ static int l_append_rows(lua_State *L) {
   if (fl_h5_append_rows(u->f, path, t, &total) < 0) return raise(L);
   lua_pushinteger(L, (lua_Integer)total);
   return 1;
+}
+
+/* f:truncate_rows(path, rows): keeps the first `rows` rows of an extendible dataset */
+static int l_truncate_rows(lua_State *L) {
+  lh5 *u = checkfile(L, "truncate_rows");
+  const char *path = luaL_checkstring(L, 2);
+  lua_Integer rows = luaL_checkinteger(L, 3);
+  if (fl_h5_truncate_rows(u->f, path, (int64_t)rows) < 0) return raise(L);
+  return 0;
 }
 
 static int l_exists(lua_State *L) {
@@ -355,6 +391,12 @@ static int l_isopen(lua_State *L) {
   return 1;
 }
 
+static int l_untrusted(lua_State *L) {
+  lh5 *u = checkfile(L, "untrusted");
+  lua_pushboolean(L, fl_h5_untrusted(u->f));
+  return 1;
+}
+
 static int l_mode(lua_State *L) {
   lh5 *u = checkfile(L, "mode");
   lua_pushlstring(L, &u->mode, 1);
@@ -373,10 +415,11 @@ static int l_getpid(lua_State *L) {
 
 static const luaL_Reg file_methods[] = {
   {"read", l_read}, {"read_slice", l_read_slice}, {"write", l_write},
-  {"append_rows", l_append_rows}, {"exists", l_exists}, {"kind", l_kind}, {"list", l_list},
+  {"append_rows", l_append_rows}, {"truncate_rows", l_truncate_rows}, {"exists", l_exists}, {"kind", l_kind}, {"list", l_list},
   {"remove", l_remove}, {"create_group", l_create_group}, {"shape", l_shape}, {"dtype", l_dtype}, {"attr", l_attr},
   {"set_attr", l_set_attr}, {"attrs", l_attrs}, {"flush", l_flush}, {"close", l_close},
-  {"filename", l_filename}, {"isopen", l_isopen}, {"mode", l_mode}, {NULL, NULL},
+  {"filename", l_filename}, {"isopen", l_isopen}, {"mode", l_mode}, {"untrusted", l_untrusted},
+  {NULL, NULL},
 };
 
 static const luaL_Reg file_meta[] = {

@@ -13,6 +13,8 @@ test_pkgs=(python3 python3-venv python3-numpy python3-torch python3-torchvision 
 
 want_test=0
 [ "${1:-}" = "--test" ] && want_test=1
+# --fuzz: the libFuzzer toolchain for `make fuzz` (clang and its runtime libraries)
+[ "${1:-}" = "--fuzz" ] && build_pkgs+=(clang libclang-rt-14-dev)
 
 pkgs=("${build_pkgs[@]}")
 [ $want_test = 1 ] && pkgs+=("${test_pkgs[@]}")

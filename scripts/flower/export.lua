@@ -37,6 +37,11 @@
 -- Resume: rows are appended batch by batch with their positions and flushed; an interrupted export
 -- (Ctrl-C, SIGTERM, a crash between batches) continues after the last image written or skipped,
 -- after checking that the file lists the same images.
+-- Crash consistency (kill -9 anywhere): a new file appears whole (root attributes and every split's
+-- image list, through h5.write_atomic); after each batch's appends and a flush, the rows and skipped
+-- positions are counted in <split>_committed / <split>_committed_skipped (flushed again), and a
+-- resume drops whatever lies past those counts. A file a kill left unreadable or inconsistent
+-- (checked in the untrusted reader, so a damaged file cannot crash this process) is exported again.
 local flower = require 'flower'
 local files = require 'flower.files'
 local progress = require 'flower.progress'
@@ -44,6 +49,7 @@ local progress = require 'flower.progress'
 local export = {}
 
 local function fail(fmt, ...) error('export.features: ' .. string.format(fmt, ...), 3) end
+local check_resumable
 
 -- sha256 of a file (coreutils' sha256sum; weights files are large and Lua would be slow).
 function export.sha256(path)
@@ -96,6 +102,37 @@ local function last_of(f, d)
   return k > 0 and f:read_slice(d, k, 1):totable()[1] or -1
 end
 
+-- What a split holds before its first row: the images asked for, the row count expected, and the
+-- progress attributes.
+local function write_split_header(f, name, images)
+  f:write('/' .. name .. '_requested', images)
+  f:set_attr('/', name .. '_rows', #images)
+  f:set_attr('/', name .. '_complete', 0)
+  f:set_attr('/', name .. '_committed', 0)
+  f:set_attr('/', name .. '_committed_skipped', 0)
+end
+
+-- Counts what the file holds now as complete (after flushing it), so that a resume keeps it.
+local function commit(f, name, xname)
+  f:flush()
+  files.killpoint('export.batch_flushed')
+  f:set_attr('/', name .. '_committed', rows_of(f, xname))
+  f:set_attr('/', name .. '_committed_skipped', rows_of(f, '/' .. name .. '_skipped'))
+  f:flush()
+  files.killpoint('export.batch_committed')
+end
+
+-- Drops rows appended after the last commit (a batch a kill cut short).
+local function roll_back(f, name, xname)
+  local pre = '/' .. name
+  local c, cs = f:attr('/', name .. '_committed'), f:attr('/', name .. '_committed_skipped')
+  if c == nil then return end                    -- written before commits were counted
+  for _, d in ipairs({ xname, pre .. '_probs', pre .. '_index' }) do
+    if rows_of(f, d) > c then f:truncate_rows(d, c) end
+  end
+  if rows_of(f, pre .. '_skipped') > (cs or 0) then f:truncate_rows(pre .. '_skipped', cs or 0) end
+end
+
 -- Exports one split into the open file f. Returns rows written now and the images skipped now
 -- ({{path, reason}}), or nil + reason if interrupted.
 local function export_split(f, name, ds, o, fmodel, with_probs)
@@ -110,15 +147,14 @@ local function export_split(f, name, ds, o, fmodel, with_probs)
         o.path, name, n)
     end
   else
-    f:write(pre .. '_requested', images)
-    f:set_attr('/', name .. '_rows', n)
-    f:set_attr('/', name .. '_complete', 0)
+    write_split_header(f, name, images)
     f:flush()
   end
   local D = o._dist                      -- dist: nil, or the job's context (rank 0 writes)
   local complete = f:attr('/', name .. '_complete') == 1
   if D then complete = D:from_main(complete) end
   if complete then return 0, {} end
+  roll_back(f, name, xname)
   local done = rows_of(f, xname)
   if rows_of(f, pre .. '_index') ~= done or (with_probs and done > 0 and rows_of(f, pre .. '_probs') ~= done) then
     fail("%s: '%s' has %d rows but '%s_index' %d and '%s_probs' %d: the file is damaged; remove it", o.path, xname,
@@ -193,7 +229,7 @@ local function export_split(f, name, ds, o, fmodel, with_probs)
       written = written + #idx
      end
       if D then record_skipped_dist() else record_skipped() end
-      f:flush()
+      commit(f, name, xname)
       step = step + 1
       bar:update(step)
       local why = train.interrupted()
@@ -204,6 +240,7 @@ local function export_split(f, name, ds, o, fmodel, with_probs)
       end
     end
     if not D then record_skipped() end
+    commit(f, name, xname)
     bar:finish()
   end
   if D and not D.main then return written, skipped_now end   -- dist: rank 0 completes the file
@@ -228,9 +265,70 @@ local function export_split(f, name, ds, o, fmodel, with_probs)
     for j, p in ipairs(sk) do list[j] = images[p + 1] end
     f:write(pre .. '_skipped_images', list)
   end
+  f:flush()
+  files.killpoint('export.split_listed')
   f:set_attr('/', name .. '_complete', 1)
   f:flush()
   return written, skipped_now
+end
+
+-- The root attributes and every split's header, for a new file.
+local function write_header(f, o, model, layer)
+  local a = o.attrs
+  local ds1 = o.splits[1][2]
+  f:set_attr('/', 'model', a.model or model.name or '')
+  f:set_attr('/', 'feature_layer', layer)
+  f:set_attr('/', 'image_size', a.image_size or 0)
+  f:set_attr('/', 'preprocessing', a.preprocessing or '')
+  f:set_attr('/', 'weights', a.weights and files.basename(a.weights) or '')
+  f:set_attr('/', 'weights_sha256', a.weights and export.sha256(a.weights) or '')
+  f:set_attr('/', 'created', os.date('!%Y-%m-%dT%H:%M:%SZ'))
+  f:set_attr('/', 'flowerlua', flower.version or '')
+  f:set_attr('/', 'label_base', 0)
+  f:set_attr('/', 'classes', ds1.num_classes or 0)
+  local cats = {}
+  for i, c in ipairs(ds1.categories or {}) do cats[i] = tostring(c) end
+  if #cats > 0 then f:set_attr('/', 'categories', cats) end
+  local s = {}
+  for i, sp in ipairs(o.splits) do s[i] = sp[1] end
+  f:set_attr('/', 'splits', s)
+  for _, sp in ipairs(o.splits) do
+    local name, ds = sp[1], sp[2]
+    if name == 'train' or name == 'valid' or name == 'test' then
+      local images = {}
+      for i, p in ipairs(ds.paths) do images[i] = rel_path(ds.root, p) end
+      write_split_header(f, name, images)
+    end
+  end
+end
+
+-- Raises unless the file at `path` is an export a resume can continue: a kill during an HDF5 flush
+-- can leave a file libhdf5 cannot open, or opens with damaged structures. It is read in the
+-- untrusted reader process (flower.h5.open_untrusted), so a damaged file cannot crash this one.
+function check_resumable(path, splits)
+  local h5 = require 'flower.h5'
+  local f <close> = h5.open_untrusted(path)
+  if f:attr('/', 'feature_layer') == nil then error('no feature_layer attribute', 0) end
+  for _, sp in ipairs(splits) do
+    local pre = '/' .. sp[1]
+    local xname = sp[1] == 'test' and '/test' or (pre .. '_x')
+    if f:kind(pre .. '_requested') then
+      f:shape(pre .. '_requested')
+      if f:attr('/', sp[1] .. '_rows') == nil or f:attr('/', sp[1] .. '_complete') == nil then
+        error('split ' .. sp[1] .. ' lacks its row count', 0)
+      end
+      local c = f:attr('/', sp[1] .. '_committed') or rows_of(f, xname)
+      local cs = f:attr('/', sp[1] .. '_committed_skipped') or rows_of(f, pre .. '_skipped')
+      for _, d in ipairs({ xname, pre .. '_index', pre .. '_probs' }) do
+        local k = f:kind(d) and f:shape(d)[1]
+        if k and k < c then error(string.format('%s has %d rows, %d were committed', d, k, c), 0) end
+        if k and c > 0 then f:read_slice(d, c, 1) end      -- the committed rows are readable
+      end
+      if rows_of(f, xname) < c or rows_of(f, pre .. '_index') < c then error('committed rows are missing', 0) end
+      if rows_of(f, pre .. '_skipped') < cs then error('committed skipped positions are missing', 0) end
+      if cs > 0 then f:read(pre .. '_skipped') end
+    end
+  end
 end
 
 -- Returns {path, rows = {split = rows written now}, skipped = {split = {{path, reason}, ...} skipped
@@ -248,8 +346,17 @@ function export.features(model, o)
   -- dist: the batches are split across ranks and rank 0 alone writes; the others write to nothing
   o._dist = require('flower.dist').fit_context(model, o, o._device)
   local writes = not o._dist or o._dist.main
+  if writes then h5.remove_stale_tmp(o.path) end      -- temporaries of killed writes
   local exists = writes and files.exists(o.path)
   if exists and not o.resume then os.remove(o.path); exists = false end
+  if exists then
+    local okr, why = pcall(check_resumable, o.path, o.splits)
+    if not okr then
+      io.stderr:write(string.format('export.features: %s cannot be resumed (%s); exporting it again\n', o.path, why))
+      os.remove(o.path)
+      exists = false
+    end
+  end
   if writes then files.mkdir(files.dirname(o.path)) end
   local fmodel, with_probs = two_headed(model, layer)
   o._softmax = not ends_in_softmax(model)   -- logits get a softmax; probabilities are kept as they are
@@ -263,29 +370,10 @@ function export.features(model, o)
   local t0 = files.now()
   local result = { path = o.path, rows = {}, skipped = {} }
   local ok, err = pcall(function()
+    -- the file appears whole (attributes, every split's image list) or not at all
+    if writes and not exists then h5.write_atomic(o.path, function(f) write_header(f, o, model, layer) end) end
     local f <close> = writes and h5.open(o.path, 'a') or require('flower.dist').null_file()
-    if not exists then
-      local a = o.attrs
-      local ds1 = o.splits[1][2]
-      f:set_attr('/', 'model', a.model or model.name or '')
-      f:set_attr('/', 'feature_layer', layer)
-      f:set_attr('/', 'image_size', a.image_size or 0)
-      f:set_attr('/', 'preprocessing', a.preprocessing or '')
-      f:set_attr('/', 'weights', a.weights and files.basename(a.weights) or '')
-      f:set_attr('/', 'weights_sha256', a.weights and export.sha256(a.weights) or '')
-      f:set_attr('/', 'created', os.date('!%Y-%m-%dT%H:%M:%SZ'))
-      f:set_attr('/', 'flowerlua', flower.version or '')
-      f:set_attr('/', 'label_base', 0)
-      f:set_attr('/', 'classes', ds1.num_classes or 0)
-      local cats = {}
-      for i, c in ipairs(ds1.categories or {}) do cats[i] = tostring(c) end
-      if #cats > 0 then f:set_attr('/', 'categories', cats) end
-      f:set_attr('/', 'splits', (function()
-        local s = {}
-        for i, sp in ipairs(o.splits) do s[i] = sp[1] end
-        return s
-      end)())
-    elseif f:attr('/', 'feature_layer') ~= layer or (o.attrs.model and f:attr('/', 'model') ~= o.attrs.model) then
+    if writes and (f:attr('/', 'feature_layer') ~= layer or (o.attrs.model and f:attr('/', 'model') ~= o.attrs.model)) then
       fail("%s was written by model '%s' at layer '%s'; this is '%s' at '%s'", o.path, tostring(f:attr('/', 'model')),
         tostring(f:attr('/', 'feature_layer')), tostring(o.attrs.model), layer)
     end

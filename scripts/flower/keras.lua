@@ -129,7 +129,7 @@ end
 
 -- keras.weighted_groups(path) -> names of the file's layer groups that hold weights, in order
 function keras.weighted_groups(path)
-  local f <close> = h5.open(path, 'r')
+  local f <close> = h5.open_untrusted(path)
   local r = {}
   for i, g in ipairs(weighted(file_layers(f, path, 'keras.weighted_groups'))) do r[i] = g.name end
   return r
@@ -138,7 +138,7 @@ end
 -- keras.inspect(path) -> {layers = {{name, weights = {{name, shape}}}}, keras_version, backend,
 -- model_config (decoded JSON or nil)} for a quick look at a file
 function keras.inspect(path)
-  local f <close> = h5.open(path, 'r')
+  local f <close> = h5.open_untrusted(path)
   local groups, root = file_layers(f, path, 'keras.inspect')
   local info = {layers = {}, root = root == '' and '/' or root}
   for _, g in ipairs(groups) do
@@ -406,7 +406,7 @@ function keras.load_weights(model, path, opts)
   end
   local ok, res = pcall(function()
     model_layers(model)
-    local f <close> = h5.open(path, 'r')
+    local f <close> = h5.open_untrusted(path)
     local groups = file_layers(f, path, op)
     if opts.by_name then return load_by_name(f, path, model, groups, op, opts.skip_mismatch) end
     return load_by_order(f, path, model, groups, op)
@@ -795,7 +795,7 @@ function keras.load_model(path)
   if type(path) ~= 'string' then error('keras.load_model: path must be a string', 2) end
   if not cjson_ok then error('keras.load_model: lua-cjson is not installed', 2) end
   local ok, res = pcall(function()
-    local f <close> = h5.open(path, 'r')
+    local f <close> = h5.open_untrusted(path)
     local cfg = f:attr('/', 'model_config')
     if cfg == nil then
       error(string.format("keras.load_model: %s has no 'model_config' attribute: it holds weights only " ..

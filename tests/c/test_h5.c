@@ -1,4 +1,4 @@
-/* C tests of core/h5: round trips of every dtype and rank, row slices, extendible datasets,
+/* C tests of core/io/h5: round trips of every dtype and rank, row slices, extendible datasets,
  * strings, attributes of every kind, listing order, and the error paths (missing file/object,
  * wrong kinds, read-only, truncated and garbage files) — each must fail with a message, never
  * crash. Files go to $TMPDIR (or /tmp) and are removed. */
@@ -7,7 +7,7 @@
 #include <string.h>
 #include <unistd.h>
 #include "check.h"
-#include "h5.h"
+#include "io/h5.h"
 #include "ops.h"
 
 static char dir[256];
@@ -232,6 +232,36 @@ int main(void) {
     CHECK(u.storage == NULL);
     fl_h5_close(f);
     fl_tensor_free(&t);
+  }
+
+  TEST("h5 untrusted: the reader process answers as in-process; a file it chokes on fails cleanly") {
+    fl_h5 *f, *g;
+    int64_t shape[2] = {3000, 1500};                 /* 18 MB: more than one shared block */
+    fl_tensor t = {0}, a = {0}, b = {0};
+    fl_tensor_init(&t, &fl_cpu_backend, 0, FL_F32, 2, shape);
+    fill_seq(&t);
+    CHECK(fl_h5_open(&f, tmp("u.h5"), 'w') == 0);
+    CHECK(fl_h5_write(f, "/g/x", &t, NULL) == 0);
+    fl_h5_close(f);
+    CHECK(fl_h5_open(&f, tmp("u.h5"), 'r') == 0);     /* open in this process too: no conflict */
+    CHECK(fl_h5_open_untrusted(&g, tmp("u.h5"), NULL) == 0 && fl_h5_untrusted(g));
+    CHECK(fl_h5_read(g, "/g/x", &a) == 0 && same_bytes(&a, &t));
+    CHECK(fl_h5_read_slice(g, "/g/x", 2990, 10, &b) == 0 && b.shape[0] == 10);
+    CHECK(fl_h5_kind(g, "/g") == FL_H5_GROUP && fl_h5_kind(g, "/none") == FL_H5_NONE);
+    CHECK(fl_h5_read(g, "/g", &b) < 0 && has(fl_errmsg(), "found a group") && has(fl_errmsg(), "u.h5"));
+    CHECK(fl_h5_write(g, "/y", &t, NULL) < 0 && has(fl_errmsg(), "read-only"));
+    CHECK(fl_h5_kind(g, "/g/x") == FL_H5_DATASET);   /* still answering after errors */
+    fl_h5_close(g);
+    fl_h5_close(f);
+    fl_tensor_free(&t); fl_tensor_free(&a); fl_tensor_free(&b);
+    fl_h5_limits lim = {.timeout_s = 3};
+    CHECK(fl_h5_open_untrusted(&g, "tests/fuzz/crashers/h5/segv_vlen_global_heap.h5", &lim) == 0);
+    fl_h5_attr at;
+    int r = fl_h5_attr_get(g, "/", "names", &at);     /* libhdf5 dies in the reader, not here */
+    if (r == 1) fl_h5_attr_free(&at);
+    CHECK(r < 0 && has(fl_errmsg(), "HDF5 reader process") && has(fl_errmsg(), "segv_vlen_global_heap.h5"));
+    CHECK(fl_h5_kind(g, "/") < 0 && has(fl_errmsg(), "stopped earlier"));
+    fl_h5_close(g);
   }
 
   char cmd[400];

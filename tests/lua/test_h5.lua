@@ -324,5 +324,100 @@ T.test('h5 big reads: many datasets, tensors freed by the collector', function()
   T.eq(s, 256 * 200 * 201 / 2)
 end)
 
+-- Issue 14 point 5: files crafted (by mutating h5py files, tests/fuzz/crashers/h5/) so that libhdf5
+-- 1.10.8 hangs in H5T__conv_vlen reading a variable-length attribute, segfaults in H5HG_read
+-- (converting a variable-length attribute), and overflows a heap buffer under H5Aiterate2
+-- (H5A__compact_build_table). Opened in-process they hang or kill flowerlua; opened untrusted
+-- every call returns or fails with a message naming the file, and this process goes on.
+local CRASHERS = 'tests/fuzz/crashers/h5/'
+
+-- every read call on every object, going on after failures; returns the messages
+local function walk(f)
+  local errs = {}
+  local function try(fn, ...)
+    local ok, r = pcall(fn, f, ...)
+    if not ok then errs[#errs + 1] = tostring(r) end
+    return ok and r
+  end
+  local function visit(path, depth)
+    for _, a in ipairs(try(f.attrs, path) or {}) do try(f.attr, path, a) end
+    if try(f.kind, path) == 'dataset' then try(f.shape, path); try(f.read, path) end
+    if depth < 4 then
+      for _, c in ipairs(try(f.list, path) or {}) do visit((path == '/' and '' or path) .. '/' .. c, depth + 1) end
+    end
+  end
+  visit('/', 0)
+  try(f.attr, '/', 'model_config')
+  return errs
+end
+
+for _, case in ipairs({ { 'hang_conv_vlen_attr.h5', 'did not answer within' },
+  { 'segv_vlen_global_heap.h5', 'the HDF5 reader process' },   -- SIGSEGV (under ASan: it exits 1)
+  { 'segv_attr_iterate.h5', nil } }) do
+  local name, want = case[1], case[2]
+  T.test('h5 untrusted: crafted ' .. name .. ' gives a clear error, flowerlua goes on', function()
+    local p = CRASHERS .. name
+    local f <close> = h5.open_untrusted(p, { timeout = 3 })
+    T.check(f:untrusted())
+    local errs = walk(f)
+    for _, e in ipairs(errs) do T.check(e:find(p, 1, true), 'an error that does not name the file: ' .. e) end
+    if want then
+      local seen = false
+      for _, e in ipairs(errs) do seen = seen or e:find(want, 1, true) ~= nil end
+      T.check(seen, 'no error saying "' .. want .. '" among: ' .. table.concat(errs, ' | '))
+      T.raises(function() return f:list('/') end, 'stopped earlier')    -- the handle stays failed
+    end
+    -- the same file through the weight loaders: a clear error, never a crash
+    local keras = require 'flower.keras'
+    h5.untrusted_limits.timeout = 3
+    local ok, err = pcall(keras.load_model, p)
+    h5.untrusted_limits.timeout = nil
+    T.check(not ok and (err:find(p, 1, true) or err:find('keras.load_model', 1, true)), tostring(err))
+  end)
+end
+
+T.test('h5 untrusted: same answers as in-process; writes refused; limits checked', function()
+  local p = TMP .. '/trusted.h5'
+  do
+    local f <close> = h5.open(p, 'w')
+    f:write('/g/x', flower.randn(70000, 33))          -- more than one 16 MiB block
+    f:write('/g/i', flower.arange(1, 10):long())
+    f:write('/s', { 'a', 'bé', '' })
+    f:write('/scalar', flower.tensor(2.5, 'float64'))
+    f:set_attr('/g', 'names', { 'conv1', 'dense' }); f:set_attr('/', 'v', 3); f:set_attr('/', 'e', {})
+  end
+  local a <close> = h5.open(p, 'r')
+  local b <close> = h5.open_untrusted(p)
+  T.check(not a:untrusted() and b:untrusted())
+  T.check(a:read('/g/x'):equal(b:read('/g/x')))
+  T.check(a:read_slice('/g/x', 69990, 11):equal(b:read_slice('/g/x', 69990, 11)))
+  T.check(a:read('/g/i'):equal(b:read('/g/i')))
+  T.eq(b:read('/scalar'):item(), 2.5)
+  T.eq(table.concat(b:read('/s'), ','), 'a,bé,')
+  T.eq(table.concat(b:list('/'), ','), table.concat(a:list('/'), ','))
+  T.eq(table.concat(b:attr('/g', 'names'), ','), 'conv1,dense')
+  T.eq(b:attr('/', 'v'), 3); T.eq(#b:attr('/', 'e'), 0); T.eq(b:attr('/', 'none'), nil)
+  T.eq(b:kind('/g'), 'group'); T.eq(b:kind('/nope'), nil); T.eq(b:dtype('/s'), 'string')
+  T.eq(table.concat(b:shape('/g/x'), 'x'), '70000x33')
+  for _, call in ipairs({ function() b:read('/nope') end, function() b:read_slice('/g/x', 70000, 2) end,
+    function() b:read('/g') end }) do
+    local okb, eb = pcall(call)
+    T.check(not okb and eb:find(p, 1, true), tostring(eb))
+  end
+  T.eq(select(2, pcall(a.read, a, '/nope')), select(2, pcall(b.read, b, '/nope')))   -- the same message
+  T.raises(function() b:write('/y', flower.zeros(2)) end, 'read-only')
+  T.raises(function() b:set_attr('/', 'w', 1) end, 'read-only')
+  T.raises(function() h5.open(p, 'a', { untrusted = true }) end, "read-only ('r')")
+  T.raises(function() h5.open_untrusted(p, { timeout = -1 }) end, "'timeout' must be a number > 0")
+  T.raises(function() h5.open_untrusted(TMP .. '/absent.h5') end, 'no such file')
+  T.raises(function() h5.open_untrusted('tests/lua/test_h5.lua') end, 'not an HDF5 file')
+  -- a memory limit too small for the reader's work: a clear error, not a crash
+  local okm, em = pcall(function()
+    local c <close> = h5.open_untrusted(p, { memory = 1 })
+    return c:read('/g/x')
+  end)
+  T.check(okm or em:find(p, 1, true), tostring(em))
+end)
+
 os.execute('rm -rf ' .. TMP)
 T.done()

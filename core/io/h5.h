@@ -15,8 +15,23 @@
 
 typedef struct fl_h5 fl_h5;                 /* an open file */
 
-/* mode: 'r' read-only, 'w' create/truncate, 'a' read-write (created if absent). */
+/* mode: 'r' read-only, 'w' create/truncate, 'a' read-write (created if absent). The file is
+ * trusted: libhdf5 parses it in this process (files flowerlua wrote). */
 int fl_h5_open(fl_h5 **out, const char *path, char mode);
+
+/* Opens a file flowerlua did not write (weights from the internet), read-only. libhdf5 parses it
+ * in a child process (core/io/h5_sandbox.c) under limits; this process receives only checked
+ * answers (names, shapes, attributes, raw array bytes). A crash, hang or runaway allocation in
+ * libhdf5 ends that child and fails the call with a message; the handle then fails every call.
+ * Every read function below works on such a handle; writes fail ("open read-only"). */
+typedef struct fl_h5_limits {
+  double timeout_s;           /* the longest one answer may take (a hang); <= 0: 60, or
+                               * $FLOWER_H5_UNTRUSTED_TIMEOUT */
+  int64_t memory;             /* address space the child may add, in bytes; <= 0: 2 GiB */
+  double cpu_s;               /* CPU seconds for the child's whole life; <= 0: 3600 */
+} fl_h5_limits;
+int fl_h5_open_untrusted(fl_h5 **out, const char *path, const fl_h5_limits *lim);   /* lim may be NULL */
+int fl_h5_untrusted(const fl_h5 *f);
 /* Closes the file and frees `f` (NULL allowed). -1 with a message if HDF5 failed to flush;
  * `f` is freed either way. */
 int fl_h5_close(fl_h5 *f);
@@ -58,6 +73,10 @@ int fl_h5_write(fl_h5 *f, const char *path, const fl_tensor *t, const fl_h5_writ
 /* Appends t's rows (dim 0) to an extendible dataset, creating it (chunked, unlimited dim 0) on
  * first use; trailing dims and dtype must match. *total gets the row count afterwards. */
 int fl_h5_append_rows(fl_h5 *f, const char *path, const fl_tensor *t, int64_t *total);
+
+/* Keeps the first `rows` rows of an extendible dataset (rows <= its row count): a resumed append
+ * drops rows written after its last commit. */
+int fl_h5_truncate_rows(fl_h5 *f, const char *path, int64_t rows);
 
 /* String datasets (1-D; fixed- or variable-length on read, variable-length UTF-8 on write). */
 int fl_h5_read_strings(fl_h5 *f, const char *path, char ***out, int64_t *n);

@@ -5,6 +5,7 @@
  * append the innermost description ("truncated file: eof = ...") to our own message, which
  * names the operation, the file and the object. */
 #include "h5.h"
+#include "h5_sandbox.h"
 #include "backend.h"
 #include "ops.h"
 
@@ -12,6 +13,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,9 +21,10 @@
 #include <unistd.h>
 
 struct fl_h5 {
-  hid_t fid;
+  hid_t fid;                  /* -1 for an untrusted file: the reader process holds it */
   int writable;
   char *path;
+  fl_h5_sandbox *sb;          /* untrusted: every read goes to the reader process */
 };
 
 /* Chunks of extendible / compressed datasets aim at this many bytes (HDF5's chunk cache is 1 MiB). */
@@ -97,17 +100,32 @@ static void close_id(hid_t id) {
   }
 }
 
+/* The C side of files.killpoint (scripts/flower/files.lua), for crash-safety tests: with
+ * FLOWER_KILLPOINT='<name>[:n]' the n-th arrival at `name` SIGKILLs the process, here between
+ * HDF5 calls that Lua cannot come between. */
+static void killpoint(const char *name) {
+  static int hits;
+  const char *v = getenv("FLOWER_KILLPOINT");
+  size_t n = strlen(name);
+  if (!v || strncmp(v, name, n) != 0 || (v[n] != 0 && v[n] != ':')) return;
+  if (++hits == (v[n] == ':' ? atoi(v + n + 1) : 1)) kill(getpid(), SIGKILL);
+}
+
 /* ---------------------------------------------------------------- files */
 
 static int file_exists(const char *path) { return access(path, F_OK) == 0; }
 
-static hid_t make_fapl(void) {
+static hid_t make_fapl(int locking) {
   hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
   if (fapl < 0) return -1;
+  /* The reader process inherits its parent's HDF5 state, whose open files were opened with the
+   * default (sec2) driver through descriptors the reader has closed. HDF5 shares a file opened
+   * twice only when the drivers match: the stdio driver keeps the reader's open its own. */
+  if (!locking) H5Pset_fapl_stdio(fapl);
   /* Closing the file closes everything in it: no id can keep a half-written file open. */
   H5Pset_fclose_degree(fapl, H5F_CLOSE_STRONG);
   /* Lock when the file system can; work on those that cannot (some container mounts). */
-  H5Pset_file_locking(fapl, 1, 1);
+  H5Pset_file_locking(fapl, locking, 1);
   return fapl;
 }
 
@@ -118,7 +136,9 @@ static hid_t make_gcpl(hid_t cls) {
   return p;
 }
 
-int fl_h5_open(fl_h5 **out, const char *path, char mode) {
+/* locking 0: the untrusted reader process (h5_sandbox.c), which only reads and must not conflict
+ * with its parent's lock on a file that parent has open */
+static int open_file(fl_h5 **out, const char *path, char mode, int locking) {
   h5_quiet();
   *out = NULL;
   if (mode != 'r' && mode != 'w' && mode != 'a')
@@ -130,7 +150,7 @@ int fl_h5_open(fl_h5 **out, const char *path, char mode) {
   if (!p) { free(f); return fl_fail_oom("h5.open: %s: out of memory", path); }
   f->path = p;
   f->fid = -1;
-  hid_t fapl = make_fapl(), fcpl = -1;
+  hid_t fapl = make_fapl(locking), fcpl = -1;
   if (mode == 'r' || (mode == 'a' && file_exists(path))) {
     htri_t is = H5Fis_hdf5(path);
     if (is == 0) { efail(f, "open", NULL, "not an HDF5 file"); goto fail; }
@@ -158,9 +178,29 @@ fail:
   return -1;
 }
 
+int fl_h5_open(fl_h5 **out, const char *path, char mode) { return open_file(out, path, mode, 1); }
+
+int fl_h5_open_reader(fl_h5 **out, const char *path) { return open_file(out, path, 'r', 0); }
+
+int fl_h5_open_untrusted(fl_h5 **out, const char *path, const fl_h5_limits *lim) {
+  *out = NULL;
+  if (!file_exists(path)) return fl_fail("h5.open: %s: no such file", path);
+  fl_h5 *f = calloc(1, sizeof *f);
+  char *p = f ? strdup(path) : NULL;
+  if (!p) { free(f); return fl_fail_oom("h5.open: %s: out of memory", path); }
+  f->path = p;
+  f->fid = -1;
+  if (fl_h5sb_start(&f->sb, path, lim) < 0) { free(p); free(f); return -1; }
+  *out = f;
+  return 0;
+}
+
+int fl_h5_untrusted(const fl_h5 *f) { return f->sb != NULL; }
+
 int fl_h5_close(fl_h5 *f) {
   if (!f) return 0;
   int r = 0;
+  fl_h5sb_stop(f->sb);
   if (f->fid >= 0 && H5Fclose(f->fid) < 0) r = hfail(f, "close", NULL, "closing failed");
   free(f->path);
   free(f);
@@ -168,7 +208,9 @@ int fl_h5_close(fl_h5 *f) {
 }
 
 int fl_h5_flush(fl_h5 *f) {
+  if (f->sb) return 0;          /* read-only in another process: nothing to flush */
   if (H5Fflush(f->fid, H5F_SCOPE_GLOBAL) < 0) return hfail(f, "flush", NULL, "flushing failed");
+  killpoint("h5.flushed");
   return 0;
 }
 
@@ -220,6 +262,7 @@ static int path_exists(hid_t fid, const char *path) {
 
 int fl_h5_kind(fl_h5 *f, const char *path) {
   path = norm(path);
+  if (f->sb) return fl_h5sb_kind(f->sb, path);
   if (!path_exists(f->fid, path)) return FL_H5_NONE;
   hid_t o = H5Oopen(f->fid, path, H5P_DEFAULT);
   if (o < 0) return hfail(f, "kind", path, "cannot open the object");
@@ -356,6 +399,7 @@ int fl_h5_list(fl_h5 *f, const char *group, char ***names, int64_t *n) {
   group = norm(group);
   *names = NULL;
   *n = 0;
+  if (f->sb) return fl_h5sb_strings(f->sb, FL_H5SB_LIST, "list", group, "", names, n);
   int k = fl_h5_kind(f, group);
   if (k < 0) return -1;
   if (k == FL_H5_NONE) return efail(f, "list", group, "no such group");
@@ -451,6 +495,7 @@ static int space_dims(fl_h5 *f, const char *op, const char *path, hid_t space, i
 int fl_h5_info(fl_h5 *f, const char *op, const char *path, int *ndim, int64_t *shape, fl_dtype *dt,
                 int *is_string) {
   path = norm(path);
+  if (f->sb) return fl_h5sb_info(f->sb, op, path, ndim, shape, dt, is_string);
   hid_t d = open_dataset(f, op, path), type = -1, space = -1, mt = -1;
   if (d < 0) return -1;
   int r = -1;
@@ -469,58 +514,80 @@ done:
 
 /* ---------------------------------------------------------------- reading datasets */
 
-/* Reads rows [start, start+count) (or everything when count < 0) into a new CPU tensor. */
-static int read_rows(fl_h5 *f, const char *op, const char *path, int64_t start, int64_t count,
-                     fl_tensor *out) {
+/* The dtype and shape that reading rows [start, start+count) (everything when count < 0) gives,
+ * after the range checks. */
+int fl_h5_rows_shape(fl_h5 *f, const char *op, const char *path, int64_t start, int64_t count,
+                     fl_dtype *dt, int *ndim, int64_t *shape) {
+  path = norm(path);
+  if (f->sb) return fl_h5sb_rows_shape(f->sb, op, path, start, count, dt, ndim, shape);
+  if (fl_h5_info(f, op, path, ndim, shape, dt, NULL) < 0) return -1;
+  if (count < 0) return 0;
+  if (*ndim == 0) return efail(f, op, path, "cannot take rows of a scalar dataset");
+  if (start < 0 || start + count > shape[0])
+    return efail(f, op, path, "rows %lld..%lld out of range: the dataset has %lld rows",
+                 (long long)start + 1, (long long)(start + count), (long long)shape[0]);
+  shape[0] = count;
+  return 0;
+}
+
+/* Reads rows [start, start+count) (everything when count < 0), converted to the dtype
+ * fl_h5_rows_shape gives, into buf of exactly nbytes. */
+int fl_h5_read_raw(fl_h5 *f, const char *op, const char *path, int64_t start, int64_t count, void *buf,
+                   size_t nbytes) {
   path = norm(path);
   hid_t d = open_dataset(f, op, path), type = -1, space = -1, mt = -1, mspace = -1;
   if (d < 0) return -1;
   int r = -1, ndim;
   fl_dtype dt;
-  hsize_t dims[H5S_MAX_RANK];
-  int64_t shape[FL_MAXDIM];
+  hsize_t dims[H5S_MAX_RANK], off[H5S_MAX_RANK] = {0};
   type = H5Dget_type(d);
   space = H5Dget_space(d);
   if (type < 0 || space < 0) { hfail(f, op, path, "cannot read the type/dataspace"); goto done; }
   if (map_type(f, op, path, type, &dt, &mt, NULL) < 0) goto done;
   if (space_dims(f, op, path, space, &ndim, dims, NULL) < 0) goto done;
-  int null_space = H5Sget_simple_extent_type(space) == H5S_NULL;
-  for (int i = 0; i < ndim; i++) shape[i] = (int64_t)dims[i];
   if (count >= 0) {
-    if (ndim == 0) { efail(f, op, path, "cannot take rows of a scalar dataset"); goto done; }
-    if (start < 0 || start + count > shape[0]) {
-      efail(f, op, path, "rows %lld..%lld out of range: the dataset has %lld rows",
-            (long long)start + 1, (long long)(start + count), (long long)shape[0]);
+    if (ndim == 0 || start < 0 || (hsize_t)(start + count) > dims[0]) {
+      efail(f, op, path, "rows %lld..%lld out of range", (long long)start + 1, (long long)(start + count));
       goto done;
     }
-    shape[0] = count;
+    off[0] = (hsize_t)start;
+    dims[0] = (hsize_t)count;
   }
-  if (fl_tensor_init(out, &fl_cpu_backend, 0, dt, ndim, shape) < 0) { fl_fail_prefix("h5.read"); goto done; }
-  if (fl_tensor_numel(out) > 0 && !null_space) {
-    herr_t w;
-    if (count >= 0) {
-      hsize_t off[H5S_MAX_RANK] = {0}, cnt[H5S_MAX_RANK];
-      for (int i = 0; i < ndim; i++) cnt[i] = (hsize_t)shape[i];
-      off[0] = (hsize_t)start;
-      mspace = H5Screate_simple(ndim, cnt, NULL);
-      if (mspace < 0 || H5Sselect_hyperslab(space, H5S_SELECT_SET, off, NULL, cnt, NULL) < 0) {
-        hfail(f, op, path, "cannot select rows");
-        fl_tensor_free(out);
-        goto done;
-      }
-      w = H5Dread(d, mt, mspace, space, H5P_DEFAULT, fl_tensor_data(out));
-    } else {
-      w = H5Dread(d, mt, H5S_ALL, H5S_ALL, H5P_DEFAULT, fl_tensor_data(out));
-    }
-    if (w < 0) {
-      hfail(f, op, path, "reading %s data failed (truncated or corrupt file?)", fl_dtype_name(dt));
-      fl_tensor_free(out);
+  size_t want = fl_dtype_size(dt);
+  for (int i = 0; i < ndim; i++) want *= (size_t)dims[i];
+  if (want != nbytes) { efail(f, op, path, "expected %zu bytes of data, the selection holds %zu", nbytes, want); goto done; }
+  if (nbytes == 0 || H5Sget_simple_extent_type(space) == H5S_NULL) { r = 0; goto done; }
+  herr_t w;
+  if (count >= 0) {
+    mspace = H5Screate_simple(ndim, dims, NULL);
+    if (mspace < 0 || H5Sselect_hyperslab(space, H5S_SELECT_SET, off, NULL, dims, NULL) < 0) {
+      hfail(f, op, path, "cannot select rows");
       goto done;
     }
+    w = H5Dread(d, mt, mspace, space, H5P_DEFAULT, buf);
+  } else {
+    w = H5Dread(d, mt, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf);
   }
+  if (w < 0) { hfail(f, op, path, "reading %s data failed (truncated or corrupt file?)", fl_dtype_name(dt)); goto done; }
   r = 0;
 done:
   close_id(mspace); close_id(mt); close_id(type); close_id(space); close_id(d);
+  return r;
+}
+
+/* Reads rows [start, start+count) (or everything when count < 0) into a new CPU tensor. */
+static int read_rows(fl_h5 *f, const char *op, const char *path, int64_t start, int64_t count,
+                     fl_tensor *out) {
+  path = norm(path);
+  int ndim;
+  fl_dtype dt;
+  int64_t shape[FL_MAXDIM];
+  if (fl_h5_rows_shape(f, op, path, start, count, &dt, &ndim, shape) < 0) return -1;
+  if (fl_tensor_init(out, &fl_cpu_backend, 0, dt, ndim, shape) < 0) return fl_fail_prefix("h5.read");
+  size_t nbytes = (size_t)fl_tensor_numel(out) * fl_dtype_size(dt);
+  int r = f->sb ? fl_h5sb_read_rows(f->sb, op, path, start, count, fl_tensor_data(out), nbytes)
+                : fl_h5_read_raw(f, op, path, start, count, fl_tensor_data(out), nbytes);
+  if (r < 0) fl_tensor_free(out);
   return r;
 }
 
@@ -604,6 +671,7 @@ int fl_h5_write(fl_h5 *f, const char *path, const fl_tensor *t, const fl_h5_writ
     hfail(f, "write", path, "writing failed");
     goto done;
   }
+  killpoint("h5.write.done");
   r = 0;
 done:
   close_id(d); close_id(dcpl); close_id(space);
@@ -680,6 +748,7 @@ int fl_h5_append_rows(fl_h5 *f, const char *path, const fl_tensor *t, int64_t *t
     if (host_contiguous(&h, t) < 0) { fl_fail_prefix("h5.append_rows"); goto done; }
     dims[0] = old + (hsize_t)t->shape[0];
     if (H5Dset_extent(d, dims) < 0) { hfail(f, op, path, "cannot extend the dataset"); goto done; }
+    killpoint("h5.append.extended");
     close_id(space);
     space = H5Dget_space(d);
     for (int i = 0; i < nd; i++) cnt[i] = (hsize_t)t->shape[i];
@@ -693,12 +762,37 @@ int fl_h5_append_rows(fl_h5 *f, const char *path, const fl_tensor *t, int64_t *t
       hfail(f, op, path, "writing rows failed");
       goto done;
     }
+    killpoint("h5.append.written");
   }
   if (total) *total = (int64_t)dims[0];
   r = 0;
 done:
   fl_tensor_free(&h);
   close_id(mspace); close_id(mt); close_id(type); close_id(space); close_id(d);
+  return r;
+}
+
+int fl_h5_truncate_rows(fl_h5 *f, const char *path, int64_t rows) {
+  path = norm(path);
+  const char *op = "truncate_rows";
+  if (!f->writable) return efail(f, op, path, "file is open read-only");
+  hid_t d = open_dataset(f, op, path), space = -1;
+  if (d < 0) return -1;
+  int r = -1, nd;
+  hsize_t dims[H5S_MAX_RANK], maxd[H5S_MAX_RANK];
+  space = H5Dget_space(d);
+  if (space < 0) { hfail(f, op, path, "cannot read the dataspace"); goto done; }
+  if (space_dims(f, op, path, space, &nd, dims, maxd) < 0) goto done;
+  if (nd < 1 || maxd[0] != H5S_UNLIMITED) { efail(f, op, path, "dataset is not extendible (not created by append_rows)"); goto done; }
+  if (rows < 0 || (hsize_t)rows > dims[0]) {
+    efail(f, op, path, "cannot keep %lld rows of %lld", (long long)rows, (long long)dims[0]);
+    goto done;
+  }
+  dims[0] = (hsize_t)rows;
+  if (H5Dset_extent(d, dims) < 0) { hfail(f, op, path, "cannot shrink the dataset"); goto done; }
+  r = 0;
+done:
+  close_id(space); close_id(d);
   return r;
 }
 
@@ -757,6 +851,7 @@ int fl_h5_read_strings(fl_h5 *f, const char *path, char ***out, int64_t *n) {
   path = norm(path);
   *out = NULL;
   *n = 0;
+  if (f->sb) return fl_h5sb_strings(f->sb, FL_H5SB_STRINGS, "read", path, "", out, n);
   hid_t d = open_dataset(f, "read", path), type = -1, space = -1;
   if (d < 0) return -1;
   int r = -1;
@@ -789,6 +884,7 @@ int fl_h5_write_strings(fl_h5 *f, const char *path, const char *const *s, int64_
     hfail(f, "write", path, "writing strings failed");
     goto done;
   }
+  killpoint("h5.write.done");
   r = 0;
 done:
   close_id(d); close_id(space); close_id(t);
@@ -821,6 +917,7 @@ static void attr_label(char *buf, size_t n, const char *path, const char *name) 
 int fl_h5_attr_get(fl_h5 *f, const char *path, const char *name, fl_h5_attr *a) {
   path = norm(path);
   memset(a, 0, sizeof *a);
+  if (f->sb) return fl_h5sb_attr_get(f->sb, path, name, a);
   if (need_object(f, "attr", path) < 0) return -1;
   char lab[320];
   attr_label(lab, sizeof lab, path, name);
@@ -932,6 +1029,7 @@ int fl_h5_attr_set(fl_h5 *f, const char *path, const char *name, const fl_h5_att
     hid_t mt = type == H5T_STD_I64LE ? H5T_NATIVE_INT64 : type == H5T_IEEE_F64LE ? H5T_NATIVE_DOUBLE : type;
     if (H5Awrite(at, mt, buf) < 0) { hfail(f, "set_attr", lab, "writing failed"); goto done; }
   }
+  killpoint("h5.attr.set");
   r = 0;
 done:
   close_id(at); close_id(space);
@@ -950,6 +1048,7 @@ int fl_h5_attr_names(fl_h5 *f, const char *path, char ***names, int64_t *n) {
   path = norm(path);
   *names = NULL;
   *n = 0;
+  if (f->sb) return fl_h5sb_strings(f->sb, FL_H5SB_ATTRS, "attrs", path, "", names, n);
   if (need_object(f, "attrs", path) < 0) return -1;
   hid_t o = H5Oopen(f->fid, path, H5P_DEFAULT);
   if (o < 0) return hfail(f, "attrs", path, "cannot open the object");
