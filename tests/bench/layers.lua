@@ -30,16 +30,10 @@ if args[1] == '--rss-child' then
   local x = flower.randn(batch, 224, 224, 3)
   local t0 = C.now()
   if mode == 'train' then
-    local optim = require 'flower.optim'
-    local opt = optim.SGD{lr = 0.01, momentum = 0.9}
-    local loss = nn.CategoricalCrossentropy{}
-    local lab = flower.ones(batch):type('int64')
+    local optim, train = require 'flower.optim', require 'flower.train'
     m:training()
-    m:zero_grad()
-    local out = m:forward(x)
-    loss:forward(out, lab)
-    m:backward(x, loss:backward(out, lab))
-    opt:step(m)
+    train.step(m, {x = x, y = flower.ones(batch):type('int64')}, train.make_loss('categorical_crossentropy'),
+      optim.SGD{lr = 0.01, momentum = 0.9})
   else
     m:evaluate()
     m:forward(x)

@@ -37,18 +37,12 @@ if args[1] == '--child' then
     m:evaluate()
     step = function() m:forward(x) end
   else
-    local optim = require 'flower.optim'
+    local optim, train = require 'flower.optim', require 'flower.train'
     local opt = optim.SGD{lr = 0.01, momentum = 0.9}
-    local loss = nn.CategoricalCrossentropy{}
-    local labels = flower.randint(1, 1000, batch):type('int64')
+    local loss = train.make_loss('categorical_crossentropy')
+    local batch_xy = {x = x, y = flower.randint(1, 1000, batch):type('int64')}
     m:training()
-    step = function()
-      m:zero_grad()
-      local out = m:forward(x)
-      loss:forward(out, labels)
-      m:backward(x, loss:backward(out, labels))
-      opt:step(m)
-    end
+    step = function() train.step(m, batch_xy, loss, opt) end
   end
   step()
   local best, total = math.huge, 0
