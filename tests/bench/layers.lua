@@ -15,12 +15,7 @@ local args = arg or {}
 
 -------------------------------------------------------------------------------- rss children
 
-local function peak_rss_mb()
-  local f = io.open('/proc/self/status')
-  local s = f:read('a')
-  f:close()
-  return tonumber(s:match('VmHWM:%s*(%d+)')) / 1024
-end
+local function peak_rss_mb() return require('flower.memory').peak() / 2^20 end
 
 if args[1] == '--rss-child' then
   local mode, batch = args[2], tonumber(args[3])

@@ -12,12 +12,7 @@ local flower = require 'flower'
 local args = arg or {}
 local PY = os.getenv('PYTHON') or '.venv/bin/python'
 
-local function peak_rss_mb()
-  local f = io.open('/proc/self/status')
-  local s = f:read('a')
-  f:close()
-  return tonumber(s:match('VmHWM:%s*(%d+)')) / 1024
-end
+local function peak_rss_mb() return require('flower.memory').peak() / 2^20 end
 
 -------------------------------------------------------------------------------- one measurement (child)
 

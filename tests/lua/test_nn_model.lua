@@ -1,7 +1,6 @@
 -- Graphs and training: shape inference and its errors, freezing (no backward into a frozen prefix,
 -- frozen weights bit-identical), nested models, Sequential, output_of, fused inference, Dropout,
 -- and small networks that learn.
-package.path = 'tests/lua/?.lua;' .. package.path
 local flower = require 'flower'
 local nn = require 'flower.nn'
 local optim = require 'flower.optim'
