@@ -68,14 +68,6 @@ local function best(fn)
   return t
 end
 
-local function loadavg0()
-  local f = io.open('/proc/loadavg')
-  if not f then return '?' end
-  local s = f:read('l')
-  f:close()
-  return s:match('^(%S+ %S+ %S+)')
-end
-local load_before = loadavg0()
 local inputs = {}
 local function measure_ours(into, engine)
   C.conv_engine(engine)
