@@ -82,6 +82,15 @@ function T.sh(cmd)
   return ok == true or ok == 0
 end
 
+-- Runs a shell command: its output (stdout and stderr, then a last line "rc=<exit status>") and
+-- the exit status as a number.
+function T.capture(cmd)
+  local p = io.popen(cmd .. ' 2>&1; echo "rc=$?"')
+  local out = p:read('a')
+  p:close()
+  return out, tonumber(out:match('rc=(%d+)%s*$'))
+end
+
 function T.slurp(path)
   local f = assert(io.open(path, 'rb'))
   local s = f:read('a')

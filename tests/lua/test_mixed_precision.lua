@@ -563,12 +563,7 @@ end)
 T.test('recipes take --mixed-precision: the quickstart fine-tunes in bfloat16 and exports float32', function()
   local FLOWERLUA = os.getenv('FLOWERLUA') or './flowerlua'
   local runs = files.join(TMP, 'runs')
-  local function sh(args)
-    local p = io.popen(FLOWERLUA .. ' experiments/quickstart.lua ' .. args .. ' 2>&1; echo "rc=$?"')
-    local out = p:read('a')
-    p:close()
-    return out
-  end
+  local function sh(args) return (T.capture(FLOWERLUA .. ' experiments/quickstart.lua ' .. args)) end
   local out = sh('--tiny --mixed-precision bfloat16 --run-name mp --runs ' .. runs)
   T.check(out:find('rc=0', 1, true), out)
   local dir = files.join(runs, 'mp')
@@ -636,9 +631,7 @@ end
 
 T.test('the GPU benchmark runs its fp32 and bf16 model steps (--dry: on the CPU, tiny)', function()
   local FLOWERLUA = os.getenv('FLOWERLUA') or './flowerlua'
-  local p = io.popen(FLOWERLUA .. ' tests/bench/gpu.lua --dry 2>&1; echo "rc=$?"')
-  local out = p:read('a')
-  p:close()
+  local out = T.capture(FLOWERLUA .. ' tests/bench/gpu.lua --dry')
   T.check(out:find('rc=0', 1, true), out)
   for _, key in ipairs({'train_fp32_img_s', 'infer_fp32_img_s', 'train_bf16_img_s', 'infer_bf16_img_s'}) do
     T.check(out:find('RESULT ' .. key .. ' ', 1, true), key .. ' missing:\n' .. out)

@@ -245,9 +245,7 @@ T.test('the recipes in experiments/ take --device', function()
     T.check(out:find('--device', 1, true), r .. ' --help lists --device')
   end
   if not cuda.available() then
-    local p = io.popen(FLOWERLUA .. ' experiments/quickstart.lua --tiny --device cuda --runs ' .. tmp('qs') .. ' 2>&1; echo "rc=$?"')
-    local out = p:read('a')
-    p:close()
+    local out = T.capture(FLOWERLUA .. ' experiments/quickstart.lua --tiny --device cuda --runs ' .. tmp('qs'))
     -- (the subprocess may be another build than this one: its reason may differ)
     T.check(out:find("quickstart: --device: device 'cuda': ", 1, true), out)
     T.check(out:find('rc=2', 1, true), 'exit status 2: ' .. out)
