@@ -123,6 +123,30 @@ function T.leaning_classes(...)
   return table.unpack(out)
 end
 
+-- Loaders over leaning_classes data: the training set shuffled (seed 7) in batches of bs (default 32),
+-- the validation set in order in batches of 48.
+--   local tl, vl = T.leaning_loaders(XT, YT, XV, YV)
+function T.leaning_loaders(xt, yt, xv, yv, bs)
+  local data = require 'flower.data'
+  return data.FeatureLoader { x = xt, y = yt, batch_size = bs or 32, shuffle = true, seed = 7 },
+         data.FeatureLoader { x = xv, y = yv, batch_size = 48 }
+end
+
+-- The classifier the training tests fit to leaning_classes: Dense(16) 'fc1' -> BatchNormalization
+-- 'bn1' -> ReLU 'relu1' -> Dropout(rate, seed 5) 'drop' -> Dense(4) 'head' (logits), model 'mlp',
+-- its weights drawn with seed 123.
+function T.leaning_mlp(rate)
+  local flower, nn = require 'flower', require 'flower.nn'
+  nn.reset_names()
+  flower.manual_seed(123)
+  local x = nn.Input { 10 }
+  local h = nn.Dense { units = 16, name = 'fc1' }(x)
+  h = nn.BatchNormalization { name = 'bn1' }(h)
+  h = nn.Activation { activation = 'relu', name = 'relu1' }(h)
+  h = nn.Dropout { rate = rate, seed = 5, name = 'drop' }(h)
+  return nn.Model(x, nn.Dense { units = 4, name = 'head' }(h), { name = 'mlp' })
+end
+
 -- Gives every BatchNormalization layer of model m the statistics and parameters of a trained one
 -- (moving means near 0, variances in [0.5, 2], gamma in [0.5, 1.5]), drawn from the global
 -- generator: fresh layers (mean 0, variance 1, gamma 1, beta 0) would hide mistakes in their use.

@@ -283,20 +283,11 @@ end)
 
 -- the synthetic 4-class problem of flower.test
 local XT, YT, XV, YV = T.leaning_classes(256, 48)
-local function mlp()
-  nn.reset_names()
-  flower.manual_seed(123)
-  local x = nn.Input{10}
-  local h = nn.Dense{units = 16, name = 'fc1'}(x)
-  h = nn.BatchNormalization{name = 'bn1'}(h)
-  h = nn.Activation{activation = 'relu', name = 'relu1'}(h)
-  h = nn.Dropout{rate = 0.2, seed = 5, name = 'drop'}(h)
-  return nn.Model(x, nn.Dense{units = 4, name = 'head'}(h), {name = 'mlp'})
-end
+local function mlp() return T.leaning_mlp(0.2) end
 
 local function fit(model, opts)
-  local o = {train = data.FeatureLoader{x = XT, y = YT, batch_size = 32, shuffle = true, seed = 7},
-             valid = data.FeatureLoader{x = XV, y = YV, batch_size = 48},
+  local tl, vl = T.leaning_loaders(XT, YT, XV, YV)
+  local o = {train = tl, valid = vl,
              optimizer = optim.Adam{lr = 1e-2}, epochs = 4, progress = false, log = quiet}
   for k, v in pairs(opts or {}) do o[k] = v end
   flower.manual_seed(99)
