@@ -5,7 +5,6 @@
 -- (training on the GPU against the CPU, async copies of pinned batches) is in test_cuda.lua.
 local T = require 'flower.test'
 local flower = require 'flower'
-local nn = require 'flower.nn'
 local optim = require 'flower.optim'
 local data = require 'flower.data'
 local train = require 'flower.train'
