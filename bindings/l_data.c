@@ -20,7 +20,6 @@
 #include <errno.h>
 #include <stdio.h>
 #include <sys/stat.h>
-#include <time.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -862,14 +861,6 @@ static int l_gather_rows(lua_State *L) {
   return 1;
 }
 
-/* now() -> seconds from a monotonic clock (benchmarks time the loaders' threads with it) */
-static int l_now(lua_State *L) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  lua_pushnumber(L, (lua_Number)ts.tv_sec + (lua_Number)ts.tv_nsec * 1e-9);
-  return 1;
-}
-
 /* epoch_seed(seed, epoch) -> the 32-bit permutation seed of that epoch (as the loader uses) */
 static int l_epoch_seed(lua_State *L) {
   lua_pushinteger(L, fl_epoch_seed((uint64_t)luaL_checkinteger(L, 1), luaL_checkinteger(L, 2)));
@@ -887,7 +878,7 @@ static const luaL_Reg data_funcs[] = {
   {"listdir", l_listdir},
   {"gather_rows", l_gather_rows},
   {"epoch_seed", l_epoch_seed},
-  {"now", l_now},
+  {"now", fl_lua_now},   /* benchmarks time the loaders' threads with it */
   {"sample_seed", l_sample_seed},
   {"image_load", l_image_load},
   {"image_decode", l_image_decode},

@@ -31,7 +31,6 @@
 #include "nn.h"
 
 #include <string.h>
-#include <time.h>
 
 static const fl_tensor *opt_tensor(lua_State *L, int idx) {
   return lua_isnoneornil(L, idx) ? NULL : fl_lua_checktensor(L, idx);
@@ -355,14 +354,6 @@ static int l_adam_step(lua_State *L) {
   return 0;
 }
 
-/* now() -> seconds of a monotonic wall clock (the executor's per-layer profile, benchmarks) */
-static int l_now(lua_State *L) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  lua_pushnumber(L, (lua_Number)ts.tv_sec + (lua_Number)ts.tv_nsec * 1e-9);
-  return 1;
-}
-
 /* conv_engine('auto'|'own'|'onednn') */
 static int l_conv_engine(lua_State *L) {
   static const char *const names[] = {"auto", "own", "onednn", NULL};
@@ -372,7 +363,7 @@ static int l_conv_engine(lua_State *L) {
 }
 
 static const luaL_Reg nn_funcs[] = {
-  {"now", l_now},
+  {"now", fl_lua_now},   /* the executor's per-layer profile, benchmarks */
   {"conv_engine", l_conv_engine},
   {"axpby", l_axpby},
   {"sumsq", l_sumsq},

@@ -17,8 +17,9 @@
 #include <unistd.h>
 
 
-/* Seconds from a monotonic clock (for durations, ETAs and images/s), as a float. */
-static int l_now(lua_State *L) {
+/* now() -> seconds from a monotonic clock, as a float (durations, ETAs, images/s, profiles); also
+ * registered as flower.core._nn.now and _data.now. */
+int fl_lua_now(lua_State *L) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   lua_pushnumber(L, (lua_Number)ts.tv_sec + (lua_Number)ts.tv_nsec * 1e-9);
@@ -105,7 +106,7 @@ static int l_getpid(lua_State *L) {
 }
 
 static const luaL_Reg util_funcs[] = {
-  {"now", l_now},
+  {"now", fl_lua_now},
   {"isatty", l_isatty},
   {"catch_signals", l_catch_signals},
   {"interrupted", l_interrupted},

@@ -48,6 +48,9 @@ void fl_lua_open_h5(lua_State *L);
 void fl_lua_open_device(lua_State *L);
 void fl_lua_open_cuda(lua_State *L);
 void fl_lua_open_util(lua_State *L);
+
+/* l_util.c: now() -> seconds from a monotonic clock (the one clock of _util, _nn and _data). */
+int fl_lua_now(lua_State *L);
 void fl_lua_open_dist(lua_State *L);
 
 #endif

@@ -36,6 +36,14 @@ static double now(void) {
   return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+/* Adds one collective to fl_dist_stats (its time since t0 and the bytes it moved); passes rc on. */
+static int counted(double t0, double bytes, int rc) {
+  st_seconds += now() - t0;
+  st_bytes += bytes;
+  st_calls++;
+  return rc;
+}
+
 int fl_dist_has_mpi(void) {
 #ifdef FLOWER_MPI
   return 1;
@@ -381,9 +389,7 @@ int fl_dist_barrier(void) {
   desc d;
   desc_of(&d, D_BARRIER, 0, NULL);
   int rc = exchange(op, &d);      /* an all-gather of every rank's descriptor is a barrier */
-  st_seconds += now() - t0;
-  st_calls++;
-  return rc;
+  return counted(t0, 0, rc);
 #else
   return 0;
 #endif
@@ -442,10 +448,7 @@ int fl_dist_allreduce(fl_tensor *t, fl_dist_op rop) {
   if (rc == 0) rc = reduce_contiguous(op, &c, rop);
   if (rc == 0 && c.storage != t->storage) rc = fl_copy_into(t, &c);
   fl_tensor_free(&c);
-  st_seconds += now() - t0;
-  st_bytes += (double)fl_tensor_numel(t) * (double)fl_dtype_size(t->dtype);
-  st_calls++;
-  return rc;
+  return counted(t0, (double)fl_tensor_numel(t) * (double)fl_dtype_size(t->dtype), rc);
 }
 
 int fl_dist_broadcast(fl_tensor *t, int root) {
@@ -479,10 +482,7 @@ int fl_dist_broadcast(fl_tensor *t, int root) {
   }
   if (rc == 0 && c.storage != t->storage) rc = fl_copy_into(t, &c);
   fl_tensor_free(&c);
-  st_seconds += now() - t0;
-  st_bytes += (double)fl_tensor_numel(t) * (double)fl_dtype_size(t->dtype);
-  st_calls++;
-  return rc;
+  return counted(t0, (double)fl_tensor_numel(t) * (double)fl_dtype_size(t->dtype), rc);
 #else
   return 0;
 #endif
@@ -534,9 +534,7 @@ int fl_dist_all_gather(fl_tensor *out, const fl_tensor *t) {
   }
   fl_tensor_free(&c);
   if (rc < 0) fl_tensor_free(out);
-  st_seconds += now() - t0;
-  st_calls++;
-  return rc;
+  return counted(t0, 0, rc);
 #else
   return 0;
 #endif
@@ -557,9 +555,7 @@ int fl_dist_allreduce_doubles(double *v, int n, fl_dist_op rop) {
   if (MPI_Allreduce(MPI_IN_PLACE, v, n, MPI_DOUBLE, mpi_op(rop), MPI_COMM_WORLD) != MPI_SUCCESS)
     return fl_fail("%s: MPI_Allreduce failed on rank %d", op, g_rank);
   if (rop == FL_DIST_MEAN) for (int i = 0; i < n; i++) v[i] /= g_size;
-  st_seconds += now() - t0;
-  st_calls++;
-  return 0;
+  return counted(t0, 0, 0);
 #else
   (void)v;
   return 0;
@@ -655,8 +651,5 @@ int fl_dist_allreduce_many(int n, fl_tensor *const *ts, double scale, size_t buc
     first = last;
   }
   fl_tensor_free(&flat);
-  st_seconds += now() - t0;
-  st_bytes += (double)total * (double)es;
-  st_calls++;
-  return rc;
+  return counted(t0, (double)total * (double)es, rc);
 }

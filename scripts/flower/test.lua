@@ -82,6 +82,15 @@ function T.sh(cmd)
   return ok == true or ok == 0
 end
 
+-- Runs a shell command: its output (stdout and stderr, then a last line "rc=<exit status>") and
+-- the exit status as a number.
+function T.capture(cmd)
+  local p = io.popen(cmd .. ' 2>&1; echo "rc=$?"')
+  local out = p:read('a')
+  p:close()
+  return out, tonumber(out:match('rc=(%d+)%s*$'))
+end
+
 function T.slurp(path)
   local f = assert(io.open(path, 'rb'))
   local s = f:read('a')
@@ -112,6 +121,30 @@ function T.leaning_classes(...)
     out[#out + 1] = x:matmul(W):argmax(2):view(-1)
   end
   return table.unpack(out)
+end
+
+-- Loaders over leaning_classes data: the training set shuffled (seed 7) in batches of bs (default 32),
+-- the validation set in order in batches of 48.
+--   local tl, vl = T.leaning_loaders(XT, YT, XV, YV)
+function T.leaning_loaders(xt, yt, xv, yv, bs)
+  local data = require 'flower.data'
+  return data.FeatureLoader { x = xt, y = yt, batch_size = bs or 32, shuffle = true, seed = 7 },
+         data.FeatureLoader { x = xv, y = yv, batch_size = 48 }
+end
+
+-- The classifier the training tests fit to leaning_classes: Dense(16) 'fc1' -> BatchNormalization
+-- 'bn1' -> ReLU 'relu1' -> Dropout(rate, seed 5) 'drop' -> Dense(4) 'head' (logits), model 'mlp',
+-- its weights drawn with seed 123.
+function T.leaning_mlp(rate)
+  local flower, nn = require 'flower', require 'flower.nn'
+  nn.reset_names()
+  flower.manual_seed(123)
+  local x = nn.Input { 10 }
+  local h = nn.Dense { units = 16, name = 'fc1' }(x)
+  h = nn.BatchNormalization { name = 'bn1' }(h)
+  h = nn.Activation { activation = 'relu', name = 'relu1' }(h)
+  h = nn.Dropout { rate = rate, seed = 5, name = 'drop' }(h)
+  return nn.Model(x, nn.Dense { units = 4, name = 'head' }(h), { name = 'mlp' })
 end
 
 -- Gives every BatchNormalization layer of model m the statistics and parameters of a trained one

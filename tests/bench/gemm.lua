@@ -21,27 +21,8 @@ if steer and not os.getenv('FLOWER_GEMM_CHILD') then
   os.exit(ok and 0 or 1)
 end
 
--- wall clock: flower.core._util.now (bindings/l_util.c) when the host registers it, else `date`
--- (a fork costs about a millisecond: each timing then covers enough products to make that small)
-local core = require 'flower.core'
-local now = type(core._util) == 'table' and core._util.now
-local clock_note = 'flower.core._util.now'
-if not now then
-  clock_note = 'date +%s.%N'
-  now = function()
-    local p = io.popen('date +%s.%N')
-    local v = tonumber(p:read('*l'))
-    p:close()
-    return v
-  end
-end
-
--- products per timing: 1 with a fine clock; with `date`, enough for about 0.1 s. The peers use the
--- same count, so both sides are timed the same way.
-local function inner_for(n)
-  if clock_note == 'flower.core._util.now' then return 1 end
-  return math.max(1, math.floor(0.1 / (2 * n ^ 3 / 100e9)))
-end
+-- wall clock: flower.core._util.now (bindings/l_util.c), monotonic and fine: one product per timing
+local now = require('flower.core')._util.now
 
 -- One timing of n x n sgemm (seconds per product); inputs made once per size.
 local inputs = {}
@@ -51,10 +32,9 @@ local function time_ours(n)
     flower.matmul(inputs[n][1], inputs[n][2]):free()   -- warm up: threads, pages
   end
   local a, b = inputs[n][1], inputs[n][2]
-  local inner = inner_for(n)
   local t0 = now()
-  for _ = 1, inner do flower.matmul(a, b):free() end
-  return (now() - t0) / inner
+  flower.matmul(a, b):free()
+  return now() - t0
 end
 
 -- numpy peers: Debian's python3-numpy (linked to the same system libopenblas as flowerlua: the
@@ -64,7 +44,7 @@ import sys, time
 import numpy as np
 reps = int(sys.argv[1])
 for arg in sys.argv[2:]:
-    n, inner = map(int, arg.split(":"))
+    n = int(arg)
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
@@ -72,10 +52,9 @@ for arg in sys.argv[2:]:
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
-        for _ in range(inner):
-            c = a @ b
-            del c
-        best = min(best, (time.perf_counter() - t0) / inner)
+        c = a @ b
+        del c
+        best = min(best, time.perf_counter() - t0)
     print(n, best, flush=True)
 ]]
 
@@ -85,10 +64,8 @@ local function run_peer(py, nreps)
   local f = assert(io.open(tmp, 'w'))
   f:write(script)
   f:close()
-  local args = {}
-  for _, n in ipairs(sizes) do args[#args + 1] = n .. ':' .. inner_for(n) end
   local p = io.popen(string.format('env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE %s %s %d %s 2>/dev/null', py, tmp,
-    nreps, table.concat(args, ' ')))
+    nreps, table.concat(sizes, ' ')))
   local res = {}
   for line in p:lines() do
     local n, g = line:match('^(%d+)%s+(%S+)')
@@ -117,8 +94,7 @@ if not next(best.A) and not next(best.B) then
 end
 
 local function gflops(n, t) return t and 2 * n ^ 3 / t / 1e9 end
-print(string.format('sgemm float32 n x n, best of %d rounds, %d threads, clock: %s', reps, flower.getnumthreads(),
-  clock_note))
+print(string.format('sgemm float32 n x n, best of %d rounds, %d threads', reps, flower.getnumthreads()))
 print('numpy A: /usr/bin/python3 (Debian numpy, same libopenblas); numpy B: .venv/bin/python (pip numpy, bundled OpenBLAS)')
 print(string.format('%6s %10s %10s %8s %10s %8s', 'n', 'flower', 'numpy A', 'ratio A', 'numpy B', 'ratio B'))
 local function cell(v) return v and string.format('%.1f', v) or 'n/a' end

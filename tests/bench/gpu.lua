@@ -22,17 +22,8 @@ local core = require 'flower.core'
 
 local function result(key, value) print(string.format('RESULT %s %.6g', key, value)); io.stdout:flush() end
 
--- wall clock: flower.core._util.now (bindings/l_util.c) when registered, else `date` (a fork per
--- read, about a millisecond: each timing covers several steps or kernels, and syncs the GPU first)
-local now = core._util and core._util.now
-if not now then
-  now = function()
-    local p = io.popen('date +%s.%N')
-    local v = tonumber(p:read('*l'))
-    p:close()
-    return v
-  end
-end
+-- wall clock: flower.core._util.now (bindings/l_util.c); each timing syncs the GPU first
+local now = core._util.now
 
 -- drains the device (nothing to drain in --dry mode, on the CPU)
 local sync = function() cuda.synchronize() end

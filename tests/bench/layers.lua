@@ -15,12 +15,7 @@ local args = arg or {}
 
 -------------------------------------------------------------------------------- rss children
 
-local function peak_rss_mb()
-  local f = io.open('/proc/self/status')
-  local s = f:read('a')
-  f:close()
-  return tonumber(s:match('VmHWM:%s*(%d+)')) / 1024
-end
+local function peak_rss_mb() return require('flower.memory').peak() / 2^20 end
 
 if args[1] == '--rss-child' then
   local mode, batch = args[2], tonumber(args[3])
@@ -30,16 +25,10 @@ if args[1] == '--rss-child' then
   local x = flower.randn(batch, 224, 224, 3)
   local t0 = C.now()
   if mode == 'train' then
-    local optim = require 'flower.optim'
-    local opt = optim.SGD{lr = 0.01, momentum = 0.9}
-    local loss = nn.CategoricalCrossentropy{}
-    local lab = flower.ones(batch):type('int64')
+    local optim, train = require 'flower.optim', require 'flower.train'
     m:training()
-    m:zero_grad()
-    local out = m:forward(x)
-    loss:forward(out, lab)
-    m:backward(x, loss:backward(out, lab))
-    opt:step(m)
+    train.step(m, {x = x, y = flower.ones(batch):type('int64')}, train.make_loss('categorical_crossentropy'),
+      optim.SGD{lr = 0.01, momentum = 0.9})
   else
     m:evaluate()
     m:forward(x)
@@ -79,14 +68,6 @@ local function best(fn)
   return t
 end
 
-local function loadavg0()
-  local f = io.open('/proc/loadavg')
-  if not f then return '?' end
-  local s = f:read('l')
-  f:close()
-  return s:match('^(%S+ %S+ %S+)')
-end
-local load_before = loadavg0()
 local inputs = {}
 local function measure_ours(into, engine)
   C.conv_engine(engine)

@@ -12,12 +12,7 @@ local flower = require 'flower'
 local args = arg or {}
 local PY = os.getenv('PYTHON') or '.venv/bin/python'
 
-local function peak_rss_mb()
-  local f = io.open('/proc/self/status')
-  local s = f:read('a')
-  f:close()
-  return tonumber(s:match('VmHWM:%s*(%d+)')) / 1024
-end
+local function peak_rss_mb() return require('flower.memory').peak() / 2^20 end
 
 -------------------------------------------------------------------------------- one measurement (child)
 
@@ -37,18 +32,12 @@ if args[1] == '--child' then
     m:evaluate()
     step = function() m:forward(x) end
   else
-    local optim = require 'flower.optim'
+    local optim, train = require 'flower.optim', require 'flower.train'
     local opt = optim.SGD{lr = 0.01, momentum = 0.9}
-    local loss = nn.CategoricalCrossentropy{}
-    local labels = flower.randint(1, 1000, batch):type('int64')
+    local loss = train.make_loss('categorical_crossentropy')
+    local batch_xy = {x = x, y = flower.randint(1, 1000, batch):type('int64')}
     m:training()
-    step = function()
-      m:zero_grad()
-      local out = m:forward(x)
-      loss:forward(out, labels)
-      m:backward(x, loss:backward(out, labels))
-      opt:step(m)
-    end
+    step = function() train.step(m, batch_xy, loss, opt) end
   end
   step()
   local best, total = math.huge, 0

@@ -65,6 +65,23 @@ end
 
 local quiet = function() end
 
+-- The BatchNorm modes: m2 (this job's ranks), m1 (one process, from rank 0's initial weights, ref)
+-- and the loader of the first 2B samples in batches of B (rank r trains on batch r + 1).
+local function bn_models()
+  local m2 = make_model(true)
+  local m1 = make_model(true)
+  local ref = make_model(true, 1)
+  copy_weights(ref, m1)
+  return m2, m1, ref, data.FeatureLoader { x = X:narrow(1, 1, 2 * B), y = Y:narrow(1, 1, 2 * B), batch_size = B }
+end
+
+-- one epoch of SGD (lr 0.1), quietly; extra options from opts
+local function fit_epoch(m, loader, opts)
+  local o = { train = loader, optimizer = optim.SGD { lr = 0.1 }, epochs = 1, progress = false, log = quiet }
+  for k, v in pairs(opts or {}) do o[k] = v end
+  return train.fit(m, o)
+end
+
 if mode == 'equal' then
   local m2 = make_model(false)
   local m1 = make_model(false)
@@ -103,16 +120,11 @@ if mode == 'equal' then
     T.check(maxdiff(a, b) < 1e-5, 'max diff ' .. maxdiff(a, b))
   end)
 elseif mode == 'bn' then
-  local m2 = make_model(true)
-  local m1 = make_model(true)
-  local ref = make_model(true, 1)
-  local two = data.FeatureLoader { x = X:narrow(1, 1, 2 * B), y = Y:narrow(1, 1, 2 * B), batch_size = B }
-  train.fit(m2, { train = two, optimizer = optim.SGD { lr = 0.1 }, epochs = 1, progress = false, log = quiet })
+  local m2, m1, _, two = bn_models()
+  fit_epoch(m2, two)
   -- one process on this rank's half only: batch r + 1 of `two`
   local half = data.FeatureLoader { x = X:narrow(1, r * B + 1, B), y = Y:narrow(1, r * B + 1, B), batch_size = B }
-  copy_weights(ref, m1)
-  train.fit(m1, { train = half, optimizer = optim.SGD { lr = 0.1 }, epochs = 1, progress = false, log = quiet,
-    distributed = false })
+  fit_epoch(m1, half, { distributed = false })
   test('BatchNorm per rank: moving statistics = one process on the rank\'s half-batch', function()
     local a, b = m2:layer('bn'), m1:layer('bn')
     T.check((a.moving_mean - b.moving_mean):abs():max():item() < 1e-6, 'moving_mean')
@@ -126,16 +138,10 @@ elseif mode == 'bn' then
   end)
 elseif mode == 'syncbn' then
   -- synchronised BatchNorm over 2 ranks at batch 8 = plain BatchNorm in one process at 16
-  local m2 = make_model(true)
-  local m1 = make_model(true)
-  local ref = make_model(true, 1)
-  local two = data.FeatureLoader { x = X:narrow(1, 1, 2 * B), y = Y:narrow(1, 1, 2 * B), batch_size = B }
+  local m2, m1, ref, two = bn_models()
   local one = data.FeatureLoader { x = X:narrow(1, 1, 2 * B), y = Y:narrow(1, 1, 2 * B), batch_size = 2 * B }
-  train.fit(m2, { train = two, optimizer = optim.SGD { lr = 0.1 }, epochs = 1, progress = false, log = quiet,
-    sync_batchnorm = true })
-  copy_weights(ref, m1)
-  train.fit(m1, { train = one, optimizer = optim.SGD { lr = 0.1 }, epochs = 1, progress = false, log = quiet,
-    distributed = false })
+  fit_epoch(m2, two, { sync_batchnorm = true })
+  fit_epoch(m1, one, { distributed = false })
   test('synchronised BatchNorm: statistics and weights = one process on the full batch', function()
     local a, b = m2:layer('bn'), m1:layer('bn')
     T.check((a.moving_mean - b.moving_mean):abs():max():item() < 1e-6, 'moving_mean')

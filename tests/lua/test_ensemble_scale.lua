@@ -34,10 +34,8 @@ local function child(mode, out, limit_kb)
   local cmd = string.format('%s tests/lua/ensemble_scale_child.lua %s %s', FLOWERLUA, mode, files.shell_quote(out))
   for _, p in ipairs(paths) do cmd = cmd .. ' ' .. files.shell_quote(p) end
   if limit_kb then cmd = string.format('ulimit -v %d && %s', limit_kb, cmd) end
-  local p = io.popen('bash -c ' .. files.shell_quote(cmd .. ' 2>&1; echo "rc=$?"'))
-  local text = p:read('a')
-  p:close()
-  return tonumber(text:match('rc=(%d+)%s*$')), text
+  local text, rc = T.capture('bash -c ' .. files.shell_quote(cmd))
+  return rc, text
 end
 
 local function read_all(path)

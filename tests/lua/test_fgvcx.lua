@@ -48,12 +48,7 @@ T.test('fgvcx_flowers with ResNet50 notop weights from --weights', function()
 end)
 
 local FL = os.getenv('FLOWERLUA') or './flowerlua'
-local function sh(cmd)
-  local p = io.popen(cmd .. ' 2>&1; echo "rc=$?"')
-  local out = p:read('a')
-  p:close()
-  return out, tonumber(out:match('rc=(%d+)%s*$'))
-end
+local sh = T.capture
 local function entries(dir)
   local p = io.popen('ls -A ' .. files.shell_quote(dir) .. ' 2>/dev/null')
   local out = p:read('a')

@@ -283,20 +283,11 @@ end)
 
 -- the synthetic 4-class problem of flower.test
 local XT, YT, XV, YV = T.leaning_classes(256, 48)
-local function mlp()
-  nn.reset_names()
-  flower.manual_seed(123)
-  local x = nn.Input{10}
-  local h = nn.Dense{units = 16, name = 'fc1'}(x)
-  h = nn.BatchNormalization{name = 'bn1'}(h)
-  h = nn.Activation{activation = 'relu', name = 'relu1'}(h)
-  h = nn.Dropout{rate = 0.2, seed = 5, name = 'drop'}(h)
-  return nn.Model(x, nn.Dense{units = 4, name = 'head'}(h), {name = 'mlp'})
-end
+local function mlp() return T.leaning_mlp(0.2) end
 
 local function fit(model, opts)
-  local o = {train = data.FeatureLoader{x = XT, y = YT, batch_size = 32, shuffle = true, seed = 7},
-             valid = data.FeatureLoader{x = XV, y = YV, batch_size = 48},
+  local tl, vl = T.leaning_loaders(XT, YT, XV, YV)
+  local o = {train = tl, valid = vl,
              optimizer = optim.Adam{lr = 1e-2}, epochs = 4, progress = false, log = quiet}
   for k, v in pairs(opts or {}) do o[k] = v end
   flower.manual_seed(99)
@@ -563,12 +554,7 @@ end)
 T.test('recipes take --mixed-precision: the quickstart fine-tunes in bfloat16 and exports float32', function()
   local FLOWERLUA = os.getenv('FLOWERLUA') or './flowerlua'
   local runs = files.join(TMP, 'runs')
-  local function sh(args)
-    local p = io.popen(FLOWERLUA .. ' experiments/quickstart.lua ' .. args .. ' 2>&1; echo "rc=$?"')
-    local out = p:read('a')
-    p:close()
-    return out
-  end
+  local function sh(args) return (T.capture(FLOWERLUA .. ' experiments/quickstart.lua ' .. args)) end
   local out = sh('--tiny --mixed-precision bfloat16 --run-name mp --runs ' .. runs)
   T.check(out:find('rc=0', 1, true), out)
   local dir = files.join(runs, 'mp')
@@ -636,9 +622,7 @@ end
 
 T.test('the GPU benchmark runs its fp32 and bf16 model steps (--dry: on the CPU, tiny)', function()
   local FLOWERLUA = os.getenv('FLOWERLUA') or './flowerlua'
-  local p = io.popen(FLOWERLUA .. ' tests/bench/gpu.lua --dry 2>&1; echo "rc=$?"')
-  local out = p:read('a')
-  p:close()
+  local out = T.capture(FLOWERLUA .. ' tests/bench/gpu.lua --dry')
   T.check(out:find('rc=0', 1, true), out)
   for _, key in ipairs({'train_fp32_img_s', 'infer_fp32_img_s', 'train_bf16_img_s', 'infer_bf16_img_s'}) do
     T.check(out:find('RESULT ' .. key .. ' ', 1, true), key .. ' missing:\n' .. out)

@@ -5,6 +5,7 @@
 local flower = require 'flower'
 local nn = require 'flower.nn'
 local optim = require 'flower.optim'
+local train = require 'flower.train'
 local T = require 'flower.test'
 
 local dir = os.getenv('TMPDIR') or '/tmp'
@@ -22,18 +23,12 @@ local function make(width)
   return nn.Model(x, y, {name = 'net'})
 end
 
-local function train(m, opt, steps, seed)
-  local loss = nn.CategoricalCrossentropy{from_logits = true}
+local function train_steps(m, opt, steps, seed)
+  local loss = train.make_loss(nn.CategoricalCrossentropy{from_logits = true})
   m:training()
   for s = 1, steps do
     flower.manual_seed(seed + s)
-    local x = flower.randn(4, 6, 6, 2)
-    local lab = flower.tensor({1, 2, 3, 1}, 'int64')
-    m:zero_grad()
-    local out = m:forward(x)
-    loss:forward(out, lab)
-    m:backward(x, loss:backward(out, lab))
-    opt:step(m)
+    train.step(m, {x = flower.randn(4, 6, 6, 2), y = flower.tensor({1, 2, 3, 1}, 'int64')}, loss, opt)
   end
 end
 
@@ -43,7 +38,7 @@ T.test('save and load: weights, BN statistics, optimizer state and meta round-tr
   flower.manual_seed(1)
   local a = make()
   local opt = optim.Adam{lr = 0.01}
-  train(a, opt, 2, 100)
+  train_steps(a, opt, 2, 100)
   local p = tmp('roundtrip')
   local third, big = 1 / 3, 2 ^ 53 + 1
   nn.save_checkpoint(p, a, {optimizer = opt, meta = {epoch = 2, note = 'x', hist = {0.5, 0.25},
@@ -60,8 +55,8 @@ T.test('save and load: weights, BN statistics, optimizer state and meta round-tr
   T.eq(nn.load_checkpoint(p, make()).epoch, 2, 'the meta without an optimizer')
   T.eq(opt2.iterations, 2)
   -- resumed training equals uninterrupted training, bit for bit
-  train(a, opt, 3, 200)
-  train(b, opt2, 3, 200)
+  train_steps(a, opt, 3, 200)
+  train_steps(b, opt2, 3, 200)
   same_weights(a, b)
   os.remove(p)
 end)
@@ -145,7 +140,6 @@ T.test('a checkpoint of the format before (train.save_checkpoint) loads: weights
 end)
 
 T.test('train.fit resumes from a checkpoint of the format before', function()
-  local train = require 'flower.train'
   local data = require 'flower.data'
   local dir = base .. '_legacy_resume'
   os.execute('mkdir -p ' .. dir .. ' && cp ' .. LEGACY .. ' ' .. dir .. '/last.h5')

@@ -1,10 +1,10 @@
 -- Graphs and training: shape inference and its errors, freezing (no backward into a frozen prefix,
 -- frozen weights bit-identical), nested models, Sequential, output_of, fused inference, Dropout,
 -- and small networks that learn.
-package.path = 'tests/lua/?.lua;' .. package.path
 local flower = require 'flower'
 local nn = require 'flower.nn'
 local optim = require 'flower.optim'
+local train = require 'flower.train'
 local T = require 'flower.test'
 
 -- counts calls of a layer method
@@ -299,13 +299,7 @@ T.test('frozen prefix: no backward into it, fused forward, weights and BN statis
   local loss = nn.CategoricalCrossentropy{from_logits = true}
   local xin, lab = flower.randn(4, 8, 8, 2), flower.tensor({1, 2, 2, 1}, 'int64')
   local head0 = m:layer('head_dense').kernel:clone()
-  for _ = 1, 3 do
-    m:zero_grad()
-    local out = m:forward(xin)
-    loss:forward(out, lab)
-    m:backward(xin, loss:backward(out, lab))
-    opt:step(m)
-  end
+  for _ = 1, 3 do train.step(m, {x = xin, y = lab}, train.make_loss(loss), opt) end
   T.eq(cb.count, 0, 'backward calls into the frozen conv')
   T.eq(bb.count, 0, 'backward calls into the frozen BN')
   T.eq(cf.count, 0, 'the frozen conv ran unfused')
@@ -415,16 +409,11 @@ T.test('a tiny CNN learns a separable problem to > 95% (fixed seed)', function()
     nn.Dense{units = 3},
   }
   local opt = optim.Adam{lr = 0.01}
-  local loss = nn.CategoricalCrossentropy{from_logits = true}
+  local loss = train.make_loss(nn.CategoricalCrossentropy{from_logits = true})
   m:training()
   for _ = 1, 12 do
     for s = 1, 240, 24 do
-      local xb, yb = xtr:narrow(1, s, 24), ytr:narrow(1, s, 24)
-      m:zero_grad()
-      local out = m:forward(xb)
-      loss:forward(out, yb)
-      m:backward(xb, loss:backward(out, yb))
-      opt:step(m)
+      train.step(m, {x = xtr:narrow(1, s, 24), y = ytr:narrow(1, s, 24)}, loss, opt)
     end
   end
   local acc = nn.accuracy(m:predict(xte, 40), yte)

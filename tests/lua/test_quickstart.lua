@@ -10,12 +10,7 @@ local F = dofile('tests/lua/exp_fixture.lua')
 local TMP = F.tmpdir()
 local FL = os.getenv('FLOWERLUA') or './flowerlua'
 
-local function sh(cmd)
-  local p = io.popen(cmd .. ' 2>&1; echo "rc=$?"')
-  local out = p:read('a')
-  p:close()
-  return out, tonumber(out:match('rc=(%d+)%s*$'))
-end
+local sh = T.capture
 
 local quickstart = recipe.load('experiments/quickstart.lua')
 local DATA = files.join(TMP, 'data')

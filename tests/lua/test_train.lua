@@ -13,10 +13,7 @@ local function tmp(...) return files.join(TMP, ...) end
 
 local XT, YT, XV, YV = T.leaning_classes(256, 96)
 
-local function loaders(bs)
-  return data.FeatureLoader { x = XT, y = YT, batch_size = bs or 32, shuffle = true, seed = 7 },
-         data.FeatureLoader { x = XV, y = YV, batch_size = 48 }
-end
+local function loaders(bs) return T.leaning_loaders(XT, YT, XV, YV, bs) end
 
 -- Dense -> BatchNorm -> ReLU -> Dropout (seeded and unseeded) -> Dense(logits)
 local function make_model()

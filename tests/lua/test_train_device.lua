@@ -5,7 +5,6 @@
 -- (training on the GPU against the CPU, async copies of pinned batches) is in test_cuda.lua.
 local T = require 'flower.test'
 local flower = require 'flower'
-local nn = require 'flower.nn'
 local optim = require 'flower.optim'
 local data = require 'flower.data'
 local train = require 'flower.train'
@@ -19,21 +18,8 @@ local quiet = function() end
 
 local XT, YT, XV, YV = T.leaning_classes(128, 48)
 
-local function loaders()
-  return data.FeatureLoader { x = XT, y = YT, batch_size = 32, shuffle = true, seed = 7 },
-         data.FeatureLoader { x = XV, y = YV, batch_size = 48 }
-end
-
-local function make_model()
-  nn.reset_names()
-  flower.manual_seed(123)
-  local x = nn.Input { 10 }
-  local h = nn.Dense { units = 16, name = 'fc1' }(x)
-  h = nn.BatchNormalization { name = 'bn1' }(h)
-  h = nn.Activation { activation = 'relu', name = 'relu1' }(h)
-  h = nn.Dropout { rate = 0.3, seed = 5, name = 'drop' }(h)
-  return nn.Model(x, nn.Dense { units = 4, name = 'head' }(h), { name = 'mlp' })
-end
+local function loaders() return T.leaning_loaders(XT, YT, XV, YV) end
+local function make_model() return T.leaning_mlp(0.3) end
 
 -- the message a missing device gives (CPU build: "built without CUDA"; CUDA build: the driver's reason)
 local REASON = cuda.unavailable_reason()
@@ -245,9 +231,7 @@ T.test('the recipes in experiments/ take --device', function()
     T.check(out:find('--device', 1, true), r .. ' --help lists --device')
   end
   if not cuda.available() then
-    local p = io.popen(FLOWERLUA .. ' experiments/quickstart.lua --tiny --device cuda --runs ' .. tmp('qs') .. ' 2>&1; echo "rc=$?"')
-    local out = p:read('a')
-    p:close()
+    local out = T.capture(FLOWERLUA .. ' experiments/quickstart.lua --tiny --device cuda --runs ' .. tmp('qs'))
     -- (the subprocess may be another build than this one: its reason may differ)
     T.check(out:find("quickstart: --device: device 'cuda': ", 1, true), out)
     T.check(out:find('rc=2', 1, true), 'exit status 2: ' .. out)
