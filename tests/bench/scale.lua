@@ -13,6 +13,8 @@
 --                 there, read by nothing); rows/s and memory do not depend on it, the epoch's time
 --                 is extrapolated from it
 --     --keep      keep the generated files (default: delete them at the end)
+--     --pipeline  then the pipeline's own ensemble stage (pipeline.ensemble: every join checked, one
+--                 epoch over all the rows, streamed) to predict.csv in <dir>/run, its rows checked
 local flower = require 'flower'
 local files = require 'flower.files'
 local memory = require 'flower.memory'
@@ -20,12 +22,12 @@ local data = require 'flower.data'
 local ensemble = require 'flower.ensemble'
 local FF = dofile('tests/lua/features_fixture.lua')
 
-local opt = { dir = '/work/scale-bench', files = 1, rows = 0.05, keep = false }
+local opt = { dir = '/work/scale-bench', files = 1, rows = 0.05, keep = false, pipeline = false }
 do
   local i = 1
   while i <= #arg do
     local k = arg[i]:match('^%-%-(.+)$')
-    if k == 'keep' then opt.keep = true
+    if k == 'keep' or k == 'pipeline' then opt[k] = true
     elseif k and opt[k] ~= nil then opt[k] = tonumber(arg[i + 1]) or arg[i + 1]; i = i + 1
     else error('scale.lua: unknown argument ' .. arg[i]) end
     i = i + 1
@@ -144,6 +146,29 @@ row('keras: model.fit 1 epoch', n_tr, k.epoch_s, k.peak_rss, '(peak of the whole
 row('keras: predict test', feats.n.test, k.predict_s, nil)
 print(string.format('ratios (ours / keras): training rows/s %.2f, predict rows/s %.2f',
   train_rate / k.epoch_rows_per_s, (feats.n.test / t_pred) / k.predict_rows_per_s))
+
+-- the seed's job end to end: the pipeline's ensemble stage on the whole files, to predict.csv
+if opt.pipeline then
+  local pipeline = require 'flower.pipeline'
+  local run_dir = files.join(opt.dir, 'run')
+  sh('rm -rf ' .. files.shell_quote(run_dir))
+  local run = require('flower.recipe').open_run { dir = run_dir }
+  local cfg = { data = root, ensemble_epochs = 1, ensemble_lr = 1e-3, ensemble_dropout = 0.5, seed = 1 }
+  local ds = timed('pipeline.datasets (train.json, test.json)', n_images + n_test,
+    function() return pipeline.datasets(cfg) end)
+  local ens = timed('pipeline.ensemble: 1 epoch to predict.csv', #ds.train, function()
+    return pipeline.ensemble(cfg, run, ds, paths, {})
+  end, '(check, statistics, training, validation, prediction)')
+  local lines = 0
+  for _ in io.lines(ens.predict) do lines = lines + 1 end
+  if lines ~= #ds.test + 1 then error(string.format('scale.lua: %s has %d rows, expected %d', ens.predict, lines - 1, #ds.test)) end
+  print(string.format('%s: %d rows; features %s (%d columns); validation accuracy %.4f', ens.predict, lines - 1,
+    ens.resident and 'read whole' or 'streamed', ens.D, ens.classifier.val_acc))
+  for _, t in ipairs(run.timing) do
+    row('  ' .. t.stage, t.images, t.seconds, nil)
+  end
+  for _, m in ipairs(run.memory or {}) do print(string.format('  peak RSS %-30s %s', m.stage, memory.format(m.peak))) end
+end
 
 if not opt.keep then
   sh('rm -rf ' .. files.shell_quote(opt.dir))
