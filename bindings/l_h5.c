@@ -147,6 +147,16 @@ static int l_read_slice(lua_State *L) {
   return 1;
 }
 
+/* f:prefetch(path, start, count): starts reading rows start..start+count-1 in the background */
+static int l_prefetch(lua_State *L) {
+  lh5 *u = checkfile(L, "prefetch");
+  const char *path = luaL_checkstring(L, 2);
+  lua_Integer start = luaL_checkinteger(L, 3), count = luaL_checkinteger(L, 4);
+  luaL_argcheck(L, start >= 1, 3, "start row must be >= 1");
+  if (fl_h5_prefetch(u->f, path, start - 1, count) < 0) return raise(L);
+  return 0;
+}
+
 /* A Lua list of strings at `idx` as a C array borrowing Lua's strings (valid while they stay on
  * the stack: they are referenced by the table at idx). */
 static const char **check_string_list(lua_State *L, int idx, const char *op, int64_t *n) {
@@ -414,7 +424,7 @@ static int l_getpid(lua_State *L) {
 }
 
 static const luaL_Reg file_methods[] = {
-  {"read", l_read}, {"read_slice", l_read_slice}, {"write", l_write},
+  {"read", l_read}, {"read_slice", l_read_slice}, {"prefetch", l_prefetch}, {"write", l_write},
   {"append_rows", l_append_rows}, {"truncate_rows", l_truncate_rows}, {"exists", l_exists}, {"kind", l_kind}, {"list", l_list},
   {"remove", l_remove}, {"create_group", l_create_group}, {"shape", l_shape}, {"dtype", l_dtype}, {"attr", l_attr},
   {"set_attr", l_set_attr}, {"attrs", l_attrs}, {"flush", l_flush}, {"close", l_close},

@@ -600,6 +600,70 @@ int fl_h5_read_slice(fl_h5 *f, const char *path, int64_t start, int64_t count, f
   return read_rows(f, "read_slice", path, start, count, out);
 }
 
+/* ---------------------------------------------------------------- prefetch */
+
+/* The byte ranges holding rows [start, start+count) of d, passed to posix_fadvise(WILLNEED): the
+ * contiguous range, or each allocated chunk that the rows touch (every column chunk). */
+static int advise_rows(int fd, hid_t d, hid_t space, int64_t start, int64_t count) {
+  int ndim = H5Sget_simple_extent_ndims(space);
+  hsize_t dims[H5S_MAX_RANK];
+  if (ndim < 1 || H5Sget_simple_extent_dims(space, dims, NULL) < 0) return -1;
+  hid_t type = H5Dget_type(d), dcpl = H5Dget_create_plist(d);
+  size_t row = type >= 0 ? H5Tget_size(type) : 0;
+  for (int i = 1; i < ndim; i++) row *= (size_t)dims[i];
+  int r = -1;
+  if (dcpl < 0 || row == 0) goto done;
+  if (H5Pget_layout(dcpl) == H5D_CONTIGUOUS) {
+    haddr_t off = H5Dget_offset(d);
+    if (off != HADDR_UNDEF)
+      posix_fadvise(fd, (off_t)(off + (haddr_t)start * row), (off_t)((size_t)count * row), POSIX_FADV_WILLNEED);
+    r = 0;
+  } else if (H5Pget_layout(dcpl) == H5D_CHUNKED) {
+    hsize_t chunk[H5S_MAX_RANK], coord[H5S_MAX_RANK] = {0};
+    if (H5Pget_chunk(dcpl, ndim, chunk) != ndim) goto done;
+    /* the chunks' first rows from the one holding `start`, and every chunk across the columns */
+    for (hsize_t r0 = (hsize_t)start / chunk[0] * chunk[0]; r0 < (hsize_t)(start + count); r0 += chunk[0]) {
+      coord[0] = r0;
+      for (int i = 1; i < ndim; i++) coord[i] = 0;
+      for (;;) {
+        haddr_t addr;
+        hsize_t size;
+        if (H5Dget_chunk_info_by_coord(d, coord, NULL, &addr, &size) >= 0 && addr != HADDR_UNDEF)
+          posix_fadvise(fd, (off_t)addr, (off_t)size, POSIX_FADV_WILLNEED);
+        int i = ndim - 1;   /* the next chunk across the other dimensions, last fastest */
+        while (i >= 1 && (coord[i] += chunk[i]) >= dims[i]) coord[i--] = 0;
+        if (i < 1) break;
+      }
+    }
+    r = 0;
+  }
+done:
+  close_id(dcpl);
+  close_id(type);
+  H5Eclear2(H5E_DEFAULT);
+  return r;
+}
+
+int fl_h5_prefetch(fl_h5 *f, const char *path, int64_t start, int64_t count) {
+  if (f->sb || f->fid < 0 || count <= 0) return 0;   /* untrusted files: the reader process reads */
+  path = norm(path);
+  hid_t d = open_dataset(f, "prefetch", path), fapl = -1, space = -1;
+  if (d < 0) return -1;
+  int r = -1;
+  void *handle = NULL;
+  space = H5Dget_space(d);
+  fapl = H5Fget_access_plist(f->fid);
+  /* the descriptor is the sec2 driver's (the default here); another driver: nothing to advise */
+  if (space < 0 || fapl < 0 || H5Pget_driver(fapl) != H5FD_SEC2) { r = 0; goto done; }
+  if (H5Fget_vfd_handle(f->fid, fapl, &handle) < 0 || !handle) { r = 0; goto done; }
+  advise_rows(*(int *)handle, d, space, start, count);
+  r = 0;
+done:
+  H5Eclear2(H5E_DEFAULT);
+  close_id(fapl); close_id(space); close_id(d);
+  return r;
+}
+
 /* ---------------------------------------------------------------- writing datasets */
 
 /* A contiguous CPU tensor with t's contents: a view of t when it already is one. */

@@ -61,6 +61,12 @@ int fl_h5_info(fl_h5 *f, const char *op, const char *path, int *ndim, int64_t *s
 int fl_h5_read(fl_h5 *f, const char *path, fl_tensor *out);
 /* Rows [start, start+count) along dimension 0 (0-based). */
 int fl_h5_read_slice(fl_h5 *f, const char *path, int64_t start, int64_t count, fl_tensor *out);
+/* Starts reading rows [start, start+count) in the background (posix_fadvise WILLNEED on the bytes
+ * that hold them), so a later fl_h5_read_slice finds them in the page cache: streamed passes
+ * overlap their reads with compute without a reader thread (libhdf5 here is not thread-safe). A
+ * hint: rows past the end are ignored, and files it cannot advise (untrusted ones, other drivers)
+ * are left alone. -1 only when the dataset is not there. */
+int fl_h5_prefetch(fl_h5 *f, const char *path, int64_t start, int64_t count);
 
 typedef struct fl_h5_write_opts {
   int nchunk;                 /* 0: contiguous (unless compress or extendible); else rank of chunk[] */

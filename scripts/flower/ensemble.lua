@@ -86,6 +86,18 @@ function Features:rows(split, first, count, columns)
   return x
 end
 
+-- Starts reading rows first..first+count-1 of the streamed parts in the background (the kernel
+-- reads them while the current block is computed on; resident parts need nothing). probs: the
+-- models' probabilities instead of their features.
+function Features:prefetch(split, first, count, probs)
+  if not first or self.resident then return end
+  for _, p in ipairs(self.parts) do
+    if p.reader then
+      if probs then p.reader:prefetch_probs(split, first, count) else p.reader:prefetch(split, first, count) end
+    end
+  end
+end
+
 -- the models' own probabilities for rows first..first+count-1: a list (per part, nil without)
 function Features:probs_rows(split, first, count)
   local out = {}
@@ -255,6 +267,7 @@ function ensemble.statistics(feats, split, columns)
   for first = 1, n, feats.block_rows do
     local count = math.min(feats.block_rows, n - first + 1)
     local block = feats:rows(split, first, count, columns)
+    feats:prefetch(split, first + count, feats.block_rows)
     for f = 1, count, step do
       local c = math.min(step, count - f + 1)
       local rows = block:narrow(1, f, c)
@@ -334,6 +347,7 @@ function Loader:epoch(e)
     first = (order[bi] - 1) * B + 1
     local count = math.min(B, self.n - first + 1)
     block = feats:rows(split, first, count, self.columns)
+    feats:prefetch(split, order[bi + 1] and (order[bi + 1] - 1) * B + 1, B)   -- read while this block is used
     perm = rows_order(self, e, order[bi], count)
     pos = 1
     return true
@@ -386,6 +400,7 @@ local function each_prob_block(feats, split, which, fn)
   for first = 1, n, feats.block_rows do
     local count = math.min(feats.block_rows, n - first + 1)
     local ps = feats:probs_rows(split, first, count)
+    feats:prefetch(split, first + count, feats.block_rows, true)
     local sum, k = nil, 0
     for i, p in pairs(ps) do
       if which == nil or which[i] then

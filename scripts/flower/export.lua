@@ -8,6 +8,10 @@
 --     layer = 'avg_pool',          -- default model.feature_layer
 --     attrs = {model = 'resnet_tiny', weights = 'path/to/weights.h5', image_size = 64, preprocessing = 'tf'},
 --     resume = true,               -- continue an interrupted export of the same image lists
+--     tta = 'flip',                -- test-time augmentation for valid and test (flower.tta's modes;
+--                                  -- default 'none'): their features and probabilities are each the
+--                                  -- mean over the views; the loader is called as loader(ds, split)
+--                                  -- and must decode valid/test at tta.load_size(image_size, spec)
 --     device = 'cuda',             -- as train.fit's (default: where the model is); rows come back to the host
 --     distributed = true,          -- split the batches across the job's ranks (flower.dist; nil: on
 --                                  -- with several ranks); rank 0 alone writes, the same file as one process
@@ -28,7 +32,8 @@
 -- Labels are 0-based class indices (numpy's and Keras's convention; root attribute label_base = 0);
 -- root attribute `categories` maps index -> the data set's category id.
 -- Root attributes: model, feature_layer, feature_dim, classes, image_size, preprocessing, weights
--- (file name) and weights_sha256, created, flowerlua version, label_base, categories, and per split
+-- (file name) and weights_sha256, created, flowerlua version, label_base, categories, tta (the
+-- test-time augmentation of valid and test: none, flip, crops or crops+flip), and per split
 -- `<split>_rows` (the row count expected) and `<split>_complete` (1 once every row is written).
 --
 -- Order: rows are the data set's images in order, those that could be decoded: the loader runs
@@ -41,7 +46,8 @@
 -- image list, through h5.write_atomic); after each batch's appends and a flush, the rows and skipped
 -- positions are counted in <split>_committed / <split>_committed_skipped (flushed again), and a
 -- resume drops whatever lies past those counts. A file a kill left unreadable or inconsistent
--- (checked in the untrusted reader, so a damaged file cannot crash this process) is exported again.
+-- (checked in the untrusted reader, so a damaged file cannot crash this process) is exported again,
+-- and so is one written with another test-time augmentation.
 local flower = require 'flower'
 local files = require 'flower.files'
 local progress = require 'flower.progress'
@@ -135,6 +141,26 @@ end
 
 -- Exports one split into the open file f. Returns rows written now and the images skipped now
 -- ({{path, reason}}), or nil + reason if interrupted.
+-- The features and probabilities (nil without a probability head) of one batch; with test-time
+-- augmentation (o.tta, valid and test only) each is the mean over the views, the probabilities
+-- averaged after the softmax as flower.tta averages them.
+local function forward(fmodel, x, o, split)
+  local views = (o.tta and split ~= 'train') and require('flower.tta').views(x, o.size, o.tta) or { x }
+  local fsum, psum
+  for _, v in ipairs(views) do
+    local out = fmodel:forward(v)
+    local feats, probs = out, nil
+    if type(out) == 'table' and not flower.is_tensor(out) then
+      feats, probs = out[1], o._softmax and out[2]:softmax(2) or out[2]
+    end
+    if #views == 1 then return feats, probs end
+    -- the sums are copies: the model may reuse its output buffers in the next forward
+    if fsum then fsum:add_(feats) else fsum = feats:clone() end
+    if probs then if psum then psum:add_(probs) else psum = probs:clone() end end
+  end
+  return fsum:div_(#views), psum and psum:div_(#views)
+end
+
 local function export_split(f, name, ds, o, fmodel, with_probs)
   local xname = '/' .. (name == 'test' and 'test' or (name .. '_x'))
   local pre = '/' .. name
@@ -167,7 +193,7 @@ local function export_split(f, name, ds, o, fmodel, with_probs)
   for i = start + 1, n do rest[#rest + 1] = i end
   local written, skipped_now = 0, {}
   if #rest > 0 then
-    local loader = o.loader(ds:subset(rest, (ds.name or name) .. ':export'))
+    local loader = o.loader(ds:subset(rest, (ds.name or name) .. ':export'), name)
     local bar = progress.new { total = D and D:steps(loader) or #loader,
                                label = string.format('export %s %s', o.attrs.model or '', name),
                                silent = o.progress == false or (D and not D.main) }
@@ -204,11 +230,7 @@ local function export_split(f, name, ds, o, fmodel, with_probs)
      local feats, probs, idx
      if hbatch.n ~= 0 then     -- dist: a rank may have no batch at the last step
       local batch = train.batch_to_device(hbatch, o._device)
-      local out = fmodel:forward(batch.x)
-      feats = out
-      if type(out) == 'table' and not flower.is_tensor(out) then
-        feats, probs = out[1], o._softmax and out[2]:softmax(2) or out[2]
-      end
+      feats, probs = forward(fmodel, batch.x, o, name)
       if o._device ~= nil then
         feats = feats:cpu()
         probs = probs and probs:cpu()
@@ -285,6 +307,7 @@ local function write_header(f, o, model, layer)
   f:set_attr('/', 'created', os.date('!%Y-%m-%dT%H:%M:%SZ'))
   f:set_attr('/', 'flowerlua', flower.version or '')
   f:set_attr('/', 'label_base', 0)
+  f:set_attr('/', 'tta', o.tta and o.tta.name or 'none')
   f:set_attr('/', 'classes', ds1.num_classes or 0)
   local cats = {}
   for i, c in ipairs(ds1.categories or {}) do cats[i] = tostring(c) end
@@ -305,10 +328,12 @@ end
 -- Raises unless the file at `path` is an export a resume can continue: a kill during an HDF5 flush
 -- can leave a file libhdf5 cannot open, or opens with damaged structures. It is read in the
 -- untrusted reader process (flower.h5.open_untrusted), so a damaged file cannot crash this one.
-function check_resumable(path, splits)
+local function check_resumable(path, splits, tta)
   local h5 = require 'flower.h5'
   local f <close> = h5.open_untrusted(path)
   if f:attr('/', 'feature_layer') == nil then error('no feature_layer attribute', 0) end
+  local was = f:attr('/', 'tta') or 'none'
+  if was ~= tta then error(string.format("it was written with test-time augmentation '%s', this export asks for '%s'", was, tta), 0) end
   for _, sp in ipairs(splits) do
     local pre = '/' .. sp[1]
     local xname = sp[1] == 'test' and '/test' or (pre .. '_x')
@@ -340,6 +365,14 @@ function export.features(model, o)
   local layer = o.layer or model.feature_layer
   if not layer then fail('no feature layer: pass layer = <name> or set model.feature_layer') end
   o.attrs = o.attrs or {}
+  if o.tta ~= nil then
+    local ok, spec = true, o.tta
+    if type(spec) ~= 'table' then ok, spec = pcall(require('flower.tta').parse, spec) end
+    if not ok then fail('%s', spec) end
+    o.tta = spec.views > 1 and spec or nil
+    o.size = o.size or o.attrs.image_size
+    if o.tta and math.type(o.size) ~= 'integer' then fail('tta needs the model input size: size = <pixels> (or attrs.image_size)') end
+  end
   -- the device first: a missing GPU fails before the file is touched
   o._device = require('flower.train').run_device(model, o.device, 'export.features')
   local h5 = require 'flower.h5'
@@ -350,7 +383,7 @@ function export.features(model, o)
   local exists = writes and files.exists(o.path)
   if exists and not o.resume then os.remove(o.path); exists = false end
   if exists then
-    local okr, why = pcall(check_resumable, o.path, o.splits)
+    local okr, why = pcall(check_resumable, o.path, o.splits, o.tta and o.tta.name or 'none')
     if not okr then
       io.stderr:write(string.format('export.features: %s cannot be resumed (%s); exporting it again\n', o.path, why))
       os.remove(o.path)
@@ -404,6 +437,7 @@ end
 --   local r <close> = export.open(path)
 --   r.splits = {'train', 'valid', 'test'}, r.rows = {split = n}, r.dim (feature columns), r.attrs
 --   r:x(split) / r:x_rows(split, first, count)     -- (n, dim) float32, whole or rows first..first+count-1
+--   r:prefetch(split, first, count), r:prefetch_probs(...)   -- start reading those rows in the background
 --   r:probs(split) / r:probs_rows(split, first, count)   -- (n, K) or nil (the model's own probabilities)
 --   r:labels(split) (1-based int64 or nil), r:ids(split), r:images(split), r:skipped(split) (paths),
 --   r:index(split) (each row's 1-based position in the data set exported, or nil in older files)
@@ -474,6 +508,15 @@ end
 
 function Reader:x(split) return self.file:read(dataset(self, split)) end
 function Reader:x_rows(split, first, count) return self.file:read_slice(dataset(self, split), first, count) end
+-- start reading rows first..first+count-1 of the features (or the probabilities) in the background
+local function prefetch(self, name, split, first, count)
+  count = math.min(count, (self.rows[split] or 0) - first + 1)
+  if count > 0 then self.file:prefetch(name, first, count) end
+end
+function Reader:prefetch(split, first, count) prefetch(self, dataset(self, split), split, first, count) end
+function Reader:prefetch_probs(split, first, count)
+  if self:has_probs(split) then prefetch(self, dataset(self, split, '_probs'), split, first, count) end
+end
 function Reader:has_probs(split) return self.file:exists(dataset(self, split, '_probs')) end
 function Reader:probs(split)
   return self:has_probs(split) and self.file:read(dataset(self, split, '_probs')) or nil

@@ -164,7 +164,7 @@ local function write_submission(cfg, ds, path, row_ids, probs, k)
   if writes() then predict.write_csv(path, { ids = all_ids, predicted = all_pred, sample = sample }) end
   if k and k > 1 then
     local topk = {}
-    for i, t in ipairs(predict.topk_rows(probs:totable(), k)) do
+    for i, t in ipairs(predict.topk_rows(probs, k)) do
       local r = {}
       for j, l in ipairs(t) do r[j] = categories[l] end
       topk[i] = r
@@ -400,8 +400,13 @@ function pipeline.export(cfg, run, ds, spec, m)
   local splits = { { 'train', ds.train }, { 'valid', ds.valid } }
   if ds.test then splits[#splits + 1] = { 'test', ds.test } end
   local path = run:path('features', m.name .. '.h5')
+  -- --tta: valid and test features (and probabilities) are the mean over the views, so the
+  -- ensemble's validation, averaged probabilities and predict.csv are test-time augmented too
+  local tta = require 'flower.tta'
+  local spec = tta.parse(cfg.tta)
   local r = export.features(m.model, { path = path, splits = splits, resume = cfg.resume ~= nil, distributed = dist_opt(cfg),
-    loader = function(d) return eval_loader(cfg, d, m.size) end,
+    tta = spec, size = m.size,
+    loader = function(d, split) return eval_loader(cfg, d, split == 'train' and m.size or tta.load_size(m.size, spec)) end,
     attrs = { model = m.name, image_size = m.size, preprocessing = desc.preprocessing or '',
               weights = desc.weights or run:path('models', m.name, 'model.h5') } })
   for _, sp in ipairs(splits) do record_skipped(run, m.name .. ' export ' .. sp[1], r.skipped[sp[1]]) end
@@ -483,11 +488,13 @@ function pipeline.ensemble(cfg, run, ds, paths, finetuned)
   local avg_acc, _, avg_top5 = ensemble.average_accuracy(feats, 'valid')
   local conf = report.confusion(feats.label.valid:totable(), clf.valid_pred, ds.classes)
   local out = { classifier = clf, confusion = conf, dims = feats.dims, D = feats.D, resident = feats.resident }
+  local views = (cfg.tta or 'none') ~= 'none' and string.format('; valid and test %s averaged over the %s views',
+    '%s', cfg.tta) or ''
   local concat = { name = 'ensemble: concatenated features', val_acc = clf.val_acc, val_topk = clf.val_top5,
     note = string.format('Dropout(%g) + Dense(%d) on %d features, %d epochs', cfg.ensemble_dropout, ds.classes,
-      feats.D, #clf.history.rows) }
+      feats.D, #clf.history.rows) .. views:format('features') }
   local averaged = { name = 'ensemble: averaged probabilities', val_acc = avg_acc, val_topk = avg_top5,
-    note = 'mean of the models\' probabilities' }
+    note = 'mean of the models\' probabilities' .. views:format('probabilities') }
   if ds.test and feats.n.test then
     local t1 = files.now()
     local probs = clf:predict(feats, 'test')

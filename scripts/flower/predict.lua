@@ -138,20 +138,36 @@ function predict.write_topk(path, opts)
   return files.csv_write(path, header, rows)
 end
 
--- Top-k class indices (1-based) of each row of a probability (or logit) matrix given as a Lua list
--- of rows; ties keep the lower index first (a stable, deterministic order).
+-- The k best indices of one row (a Lua list), best first, ties in index order: one pass keeping a
+-- sorted list of k (O(K k), where sorting the row is O(K log K) and slow in Lua for K = 997).
+local function topk_of_row(row, k)
+  local top, n = {}, 0
+  for j = 1, #row do
+    local v = row[j]
+    if n < k or v > row[top[n]] then
+      local p = n < k and n + 1 or n            -- the slot freed at the end
+      while p > 1 and row[top[p - 1]] < v do top[p] = top[p - 1]; p = p - 1 end
+      top[p] = j
+      if n < k then n = n + 1 end
+    end
+  end
+  return top
+end
+
+-- Top-k class indices (1-based) of each row of a probability (or logit) matrix, given as a tensor
+-- (N, K) (read 1024 rows at a time, so the whole matrix never becomes Lua numbers) or a Lua list of
+-- rows; ties keep the lower index first (a stable, deterministic order).
 function predict.topk_rows(probs, k)
   local out = {}
-  for i, row in ipairs(probs) do
-    local idx = {}
-    for j = 1, #row do idx[j] = j end
-    table.sort(idx, function(a, b)
-      if row[a] ~= row[b] then return row[a] > row[b] end
-      return a < b
-    end)
-    local t = {}
-    for j = 1, math.min(k, #idx) do t[j] = idx[j] end
-    out[i] = t
+  if type(probs) ~= 'userdata' then
+    for i, row in ipairs(probs) do out[i] = topk_of_row(row, k) end
+    return out
+  end
+  local n = probs:size(1)
+  for first = 1, n, 1024 do
+    for i, row in ipairs(probs:narrow(1, first, math.min(1024, n - first + 1)):totable()) do
+      out[first + i - 1] = topk_of_row(row, k)
+    end
   end
   return out
 end

@@ -98,7 +98,7 @@ local PIPELINE = {
       .. 'or most-frequent (predict the most frequent training category; the log and report say how many)' },
   { name = 'tta', type = 'string', default = 'none', choices = { 'none', 'flip', 'crops', 'crops+flip' },
     help = 'test-time augmentation of each fine-tuned model\'s validation and test predictions (the report shows '
-      .. 'validation accuracy with and without it)' },
+      .. 'validation accuracy with and without it) and of the exported valid and test features the ensembles use' },
   { name = 'tensorboard', type = 'string', default = '',
     help = 'write TensorBoard event files under this directory (one run per model), as training goes' },
 }

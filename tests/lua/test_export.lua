@@ -270,5 +270,61 @@ T.test('valid_probs/test_probs hold the model\'s probabilities, whether it ends 
   end
 end)
 
+T.test('--tta: valid and test rows are the mean over the views (features and probabilities), train rows one view', function()
+  local tta = require 'flower.tta'
+  local spec = tta.parse('crops+flip')
+  local L = tta.load_size(32, spec)
+  local function tta_loader(ds, split)
+    return data.Loader { ds, batch_size = 5, transform = 'eval', size = split == 'train' and 32 or L, workers = 2, warn = false }
+  end
+  local path = files.join(TMP, 'tta.h5')
+  local r = export.features(model, { path = path, splits = splits(), loader = tta_loader, tta = 'crops+flip',
+    attrs = { model = 'vgg_tiny', image_size = 32 }, progress = false })
+  T.eq(r.rows.valid, #va)
+  local f <close> = h5.open(path, 'r')
+  T.eq(f:attr('/', 'tta'), 'crops+flip')
+  local plain <close> = h5.open(full, 'r')
+  T.allclose(f:read('/train_x'), plain:read('/train_x'), 1e-5, 1e-6, 'train: one view')
+  -- by hand: the ten views of each image, one image at a time
+  model:evaluate()
+  fmodel:evaluate()
+  for _, sp in ipairs({ { 'valid', va, '/valid_x' }, { 'test', te, '/test' } }) do
+    local x, p = f:read(sp[3]), f:read('/' .. sp[1] .. '_probs')
+    for i = 1, #sp[2] do
+      local b = tta_loader(sp[2]:subset({ i }), sp[1]):epoch(1)()
+      local fs = flower.zeros(1, x:size(2))
+      for _, v in ipairs(tta.views(b.x, 32, spec)) do fs:add_(fmodel:forward(v)) end
+      T.allclose(x:narrow(1, i, 1), fs:div_(spec.views), 1e-5, 1e-6, sp[1] .. ' features of row ' .. i)
+      T.allclose(p:narrow(1, i, 1), tta.predict(model, b.x, 32, spec), 1e-5, 1e-6, sp[1] .. ' probabilities of row ' .. i)
+    end
+    local plain <close> = h5.open(full, 'r')
+    T.check((x - plain:read(sp[3])):abs():max():item() > 1e-3, sp[1] .. ': the augmented rows differ from the plain ones')
+  end
+end)
+
+T.test('--tta: a file written with another augmentation is exported again on resume, never mixed', function()
+  local path = files.join(TMP, 'tta-resume.h5')
+  T.sh('cp ' .. files.shell_quote(full) .. ' ' .. files.shell_quote(path))
+  local tta = require 'flower.tta'
+  local function tta_loader(ds, split)
+    return data.Loader { ds, batch_size = 5, transform = 'eval', size = 32, workers = 2, warn = false }
+  end
+  local said, stderr = {}, io.stderr
+  io.stderr = { write = function(_, ...) for _, v in ipairs({ ... }) do said[#said + 1] = v end end }
+  local ok, err = pcall(export.features, model, { path = path, splits = splits(), loader = tta_loader, tta = tta.parse('flip'),
+    resume = true, attrs = { model = 'vgg_tiny', image_size = 32 }, progress = false })
+  io.stderr = stderr
+  T.check(ok, err)
+  T.check(table.concat(said):find("written with test-time augmentation 'none', this export asks for 'flip'", 1, true),
+    table.concat(said))
+  local f <close> = h5.open(path, 'r')
+  T.eq(f:attr('/', 'tta'), 'flip')
+  T.eq(f:shape('/valid_x')[1], #va)
+  T.raises(function() export.features(model, { path = path, splits = splits(), loader = loader, tta = 'rotate' }) end,
+    "unknown mode 'rotate'")
+  T.raises(function() export.features(model, { path = path, splits = splits(), loader = loader, tta = 'flip' }) end,
+    'tta needs the model input size')
+end)
+
 F.rmdir(TMP)
 T.done()

@@ -123,6 +123,42 @@ T.test('h5 read_slice reads row ranges (1-based) of plain, chunked and gzip data
   T.raises(function() f:read_slice('/storage/gzip', 0, 1) end, 'start row must be >= 1')
 end)
 
+T.test('h5 prefetch brings the rows asked for into the page cache (contiguous and chunked), ahead of the read', function()
+  local p = TMP .. '/prefetch.h5'
+  do
+    local f <close> = h5.open(p, 'w')
+    f:write('/plain', flower.rand(2048, 1024))                                   -- 8 MiB, contiguous
+    for _ = 1, 16 do f:append_rows('/chunked', flower.rand(128, 1024)) end        -- 8 MiB, 1 MiB chunks
+  end
+  -- resident bytes of the file (util-linux fincore), after dropping its pages (they are clean once synced)
+  local function resident() return tonumber(T.capture('fincore --bytes --noheadings --output RES ' .. p):match('^%s*(%d+)')) end
+  local function evict()
+    T.sh(string.format([[%s -c "import os; fd = os.open('%s', os.O_RDONLY); os.fsync(fd); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)"]], PY, p))
+    return resident()
+  end
+  -- the kernel reads in the background: wait for it (a bounded poll, not a timing)
+  local function settles_above(bytes)
+    for _ = 1, 50 do
+      if resident() >= bytes then return true end
+      os.execute('sleep 0.1')
+    end
+    return false
+  end
+  local f <close> = h5.open(p, 'r')
+  local before = evict()
+  T.check(before < 2 * 2^20, 'the pages were dropped: ' .. before .. ' bytes resident')
+  f:prefetch('/plain', 1025, 1024)                 -- the second half of /plain: 4 MiB
+  T.check(settles_above(before + 4 * 2^20 - 65536), 'contiguous rows resident: ' .. resident())
+  T.check(resident() < before + 7 * 2^20, 'only the rows asked for (not the whole file): ' .. resident())
+  before = evict()
+  f:prefetch('/chunked', 1, 2048)
+  T.check(settles_above(before + 8 * 2^20 - 65536), 'chunked rows resident: ' .. resident())
+  f:prefetch('/chunked', 2000, 500)                -- past the end: a hint, no error
+  T.raises(function() f:prefetch('/nope', 1, 1) end, 'no such dataset')
+  T.raises(function() f:prefetch('/plain', 0, 1) end, 'start row must be >= 1')
+  T.allclose(f:read_slice('/plain', 1025, 2), f:read('/plain'):narrow(1, 1025, 2), 0, 0)
+end)
+
 T.test('h5 files we write read back identically in h5py', function()
   local p = TMP .. '/ours.h5'
   flower.manual_seed(3)

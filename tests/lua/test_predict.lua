@@ -1,5 +1,6 @@
 -- flower.predict: predict.csv in the competition's format, checked against a sample submission.
 local T = require 'flower.test'
+local flower = require 'flower'
 local predict = require 'flower.predict'
 local files = require 'flower.files'
 
@@ -69,6 +70,21 @@ end)
 T.test('top-k indices, ties in index order', function()
   local t = predict.topk_rows({ { 0.1, 0.7, 0.2 }, { 0.5, 0.5, 0.0 } }, 2)
   T.eq(table.concat(t[1], ','), '2,3'); T.eq(table.concat(t[2], ','), '1,2')
+  T.eq(table.concat(predict.topk_rows({ { 3, 1, 3, 2, 3 } }, 4)[1], ','), '1,3,5,4')
+  T.eq(#predict.topk_rows({ { 0.2, 0.8 } }, 5)[1], 2)
+end)
+
+T.test('top-k of a tensor equals a full sort of each row (ties included), across chunks', function()
+  flower.manual_seed(3)
+  local p = flower.randint(0, 20, { 2500, 97 }):float()   -- many ties
+  local got = predict.topk_rows(p, 5)
+  T.eq(#got, 2500)
+  for i, row in ipairs(p:totable()) do
+    local idx = {}
+    for j = 1, #row do idx[j] = j end
+    table.sort(idx, function(a, b) if row[a] ~= row[b] then return row[a] > row[b] end return a < b end)
+    T.eq(table.concat(got[i], ','), table.concat(idx, ',', 1, 5), 'row ' .. i)
+  end
 end)
 
 os.execute('rm -rf ' .. files.shell_quote(dir))
