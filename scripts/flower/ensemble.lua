@@ -90,7 +90,7 @@ end
 -- reads them while the current block is computed on; resident parts need nothing). probs: the
 -- models' probabilities instead of their features.
 function Features:prefetch(split, first, count, probs)
-  if not first or self.resident then return end
+  if not first or self.resident or not self.prefetching then return end
   for _, p in ipairs(self.parts) do
     if p.reader then
       if probs then p.reader:prefetch_probs(split, first, count) else p.reader:prefetch(split, first, count) end
@@ -132,7 +132,8 @@ end
 -- the same order), labels and classes; each mismatch is an error naming the files and the first
 -- row that differs. o: memory_budget (bytes or '8G'; default half of RAM), resident (true / false:
 -- force whole-file reads or streaming; default: resident when the features fit the budget),
--- block_rows. Returns a feature set {paths, names, dims, D, n = {split = rows}, splits, label =
+-- block_rows, prefetch (default true: a streamed pass asks the kernel for the next block while it
+-- uses this one; false for measuring, or for file systems where read-ahead advice costs). Returns a feature set {paths, names, dims, D, n = {split = rows}, splits, label =
 -- {split = (N) int64 1-based}, ids = {split = list}, index = {split = (N) int64: each row's 1-based
 -- position in the data set exported, where the files record it}, requested = {split = images asked
 -- for}, classes, categories, resident, budget, bytes}.
@@ -207,6 +208,7 @@ function ensemble.load(paths, o)
   self.budget = memory.budget(o.memory_budget, 'ensemble: memory_budget')
   if o.resident ~= nil then self.resident = o.resident else self.resident = self.bytes <= self.budget end
   self.block_rows = o.block_rows or ensemble.BLOCK_ROWS
+  self.prefetching = o.prefetch ~= false
   for i, r in ipairs(readers) do
     local part = { dim = r.dim, path = paths[i], reader = r }
     if self.resident then

@@ -123,6 +123,25 @@ local n_tr, n_va = math.floor(#tr * opt.rows), math.floor(#va * opt.rows)
 local view = setmetatable({ n = { train = n_tr, valid = n_va, test = feats.n.test } }, { __index = feats })
 local mean, std = timed('statistics pass (train)', n_tr, function() return ensemble.statistics(view, 'train') end)
 mean:free(); std:free()
+-- the same pass from the disk (the files' pages dropped first): without and with read-ahead advice
+local function drop_pages()
+  sh(string.format([[%s -c "import os, sys
+for p in sys.argv[1:]:
+    fd = os.open(p, os.O_RDONLY); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED); os.close(fd)" %s]], PY,
+    table.concat((function() local q = {} for i, p in ipairs(paths) do q[i] = files.shell_quote(p) end return q end)(), ' ')))
+end
+-- (2 GiB of rows or the split, twice each alternating: one short pass is mostly noise)
+local disk_rows = math.min(65536, #tr)
+local disk_view = setmetatable({ n = { train = disk_rows } }, { __index = feats })
+for rep = 1, 2 do
+  for _, pf in ipairs({ false, true }) do
+    drop_pages()
+    feats.prefetching = pf
+    mean, std = timed(string.format('statistics pass, from disk, %s (%d)', pf and 'prefetch' or 'no prefetch', rep),
+      disk_rows, function() return ensemble.statistics(disk_view, 'train') end)
+    mean:free(); std:free()
+  end
+end
 local clf
 timed('ensemble.fit: 1 epoch + validation', n_tr, function()
   clf = ensemble.fit(view, { epochs = 1, batch_size = 64, seed = 1, progress = false })
@@ -138,11 +157,11 @@ print(string.format('full-size epoch extrapolated: %.0f s of training (%d rows a
 feats:close()
 
 -- the Keras peer, same files, same rows
-local out = sh(string.format('%s tests/bench/scale_peers.py keras %d 64 4096 1 %s', PY, n_tr,
+local out = sh(string.format('%s tests/bench/scale_peers.py keras %d %d 64 4096 1 %s', PY, n_tr, n_va,
   table.concat((function() local q = {} for i, p in ipairs(paths) do q[i] = files.shell_quote(p) end return q end)(), ' ')))
 local k = files.json_decode(out:match('{.*}'), 'scale_peers.py keras')
 row('keras: statistics pass', n_tr, k.stats_s, nil)
-row('keras: model.fit 1 epoch', n_tr, k.epoch_s, k.peak_rss, '(peak of the whole process)')
+row('keras: model.fit 1 epoch', n_tr, k.epoch_s, k.peak_rss, string.format('val acc %.4f (peak of the whole process)', k.val_acc))
 row('keras: predict test', feats.n.test, k.predict_s, nil)
 print(string.format('ratios (ours / keras): training rows/s %.2f, predict rows/s %.2f',
   train_rate / k.epoch_rows_per_s, (feats.n.test / t_pred) / k.predict_rows_per_s))

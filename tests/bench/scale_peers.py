@@ -3,12 +3,13 @@
   scale_peers.py tree OUT SRC_DIR TRAIN TEST CLASSES
       the Kaggle layout at the seed's size: train/category_<c+1>/<id>.jpg and test/<id>.jpg as hard
       links to the few JPEGs under SRC_DIR, train.json (annotations, categories), test.json
-  scale_peers.py keras ROWS BATCH BLOCK SEED FILE.h5...
+  scale_peers.py keras ROWS VROWS BATCH BLOCK SEED FILE.h5...
       the Keras peer of the ensemble: Dropout(0.5) + Dense(K, softmax) trained one epoch with
       model.fit on a keras.utils.PyDataset that reads the HDF5 files with h5py in blocks of rows (in
       a shuffled block order, rows shuffled within blocks) and concatenates the files' columns per
-      batch, over the first ROWS training rows; statistics from one streaming pass; then predicts
-      the test split. Prints one JSON line: seconds and rows/s per stage, peak RSS.
+      batch, over the first ROWS training rows; statistics from one streaming pass; its accuracy on
+      the first VROWS validation rows; then predicts the test split. Prints one JSON line: seconds
+      and rows/s per stage, validation accuracy, peak RSS.
 """
 import json
 import os
@@ -45,7 +46,7 @@ def rss_peak():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def keras_peer(rows, batch, block, seed, paths):
+def keras_peer(rows, vrows, batch, block, seed, paths):
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
     import h5py
     import numpy as np
@@ -120,6 +121,13 @@ def keras_peer(rows, batch, block, seed, paths):
     model.fit(Blocks(), epochs=1, verbose=0, shuffle=False)
     out['epoch_s'] = time.time() - t0
     out['epoch_rows_per_s'] = rows / out['epoch_s']
+    valid = [f['valid_x'] for f in files]
+    vlabels = files[0]['valid_label'][:vrows]
+    right = 0
+    for first in range(0, vrows, block):
+        x = (read(valid, first, min(block, vrows - first)) - mean) / std
+        right += int((model.predict_on_batch(x).argmax(1) == vlabels[first:first + x.shape[0]]).sum())
+    out['val_acc'] = right / vrows if vrows else None
 
     t0 = time.time()
     test = [f['test'] for f in files]
@@ -138,6 +146,6 @@ if __name__ == '__main__':
     if sys.argv[1] == 'tree':
         tree(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))
     elif sys.argv[1] == 'keras':
-        keras_peer(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6:])
+        keras_peer(*(int(a) for a in sys.argv[2:7]), sys.argv[7:])
     else:
         sys.exit('usage: scale_peers.py tree|keras ...')

@@ -128,6 +128,8 @@ T.test('--tta and --tensorboard: accuracy with and without TTA, TensorBoard runs
   T.check(files.read(files.join(d, 'report.html')):find('<th>with test-time augmentation</th>', 1, true), 'report column')
   local results = files.json_read(files.join(d, 'results.json'))
   for _, m in ipairs({ 'vgg_tiny', 'inception_tiny' }) do
+    local f <close> = require('flower.h5').open(files.join(d, 'features', m .. '.h5'), 'r')
+    T.eq(f:attr('/', 'tta'), 'crops+flip', 'the exported valid/test features are augmented too')
     T.check(files.isdir(files.join(tb, m, 'train')) and files.isdir(files.join(tb, m, 'validation')), 'tensorboard ' .. m)
     local model = require('flower.keras').load_model(files.join(d, 'models', m, 'model.h5'))
     T.eq(#model.metadata.classes, 4, 'class ids in the model file')
