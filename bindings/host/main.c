@@ -194,18 +194,23 @@ static int run_stdin(lua_State *L) {
   return host_report(L, host_docall(L, 0, 0), 1);
 }
 
-/* libgomp reads OMP_WAIT_POLICY when it loads, before main. Its default lets idle threads spin,
- * stealing the other core from OpenBLAS and the loader's workers (measured: +7% on a ResNet50
- * training step on a quiet 2-core machine, up to 2x under load), so unless the user chose a policy
- * we run ourselves again once with the passive one. If exec fails we simply go on. */
-static void prefer_passive_omp(char **argv) {
-  if (getenv("OMP_WAIT_POLICY") != NULL) return;
-  if (setenv("OMP_WAIT_POLICY", "passive", 1) != 0) return;
-  execv("/proc/self/exe", argv);
+/* libgomp reads OMP_WAIT_POLICY and OpenBLAS OPENBLAS_THREAD_TIMEOUT when they load, before main.
+ * Their defaults let idle threads spin (libgomp's for a while, OpenBLAS's for about 2^28 cycles
+ * after each call), and the two pools then take turns stealing each other's cores: libgomp's cost
+ * 7% of a ResNet50 training step on a quiet 2-core machine (up to 2x under load); OpenBLAS's, a
+ * fifth of the ensemble's training time (1,223 -> 1,521 rows/s, Dense 8192 -> 997 with Adam and
+ * dropout, three runs each), while ResNet50 and a small CNN stayed within their run-to-run noise.
+ * So unless the user chose them, we run ourselves again once with the passive policy and a short
+ * OpenBLAS spin (2^4 rounds). If exec fails we simply go on. */
+static void prefer_passive_threads(char **argv) {
+  int changed = 0;
+  if (getenv("OMP_WAIT_POLICY") == NULL && setenv("OMP_WAIT_POLICY", "passive", 1) == 0) changed = 1;
+  if (getenv("OPENBLAS_THREAD_TIMEOUT") == NULL && setenv("OPENBLAS_THREAD_TIMEOUT", "4", 1) == 0) changed = 1;
+  if (changed) execv("/proc/self/exe", argv);
 }
 
 int main(int argc, char **argv) {
-  prefer_passive_omp(argv);
+  prefer_passive_threads(argv);
   if (argv[0] && argv[0][0]) {
     const char *slash = strrchr(argv[0], '/');
     host_progname = slash ? slash + 1 : argv[0];

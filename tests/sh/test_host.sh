@@ -38,6 +38,11 @@ run "$FL" -e 'print(1 + 2, arg[0] ~= nil, arg[1])'
 verdict "-e runs code (arg holds the options like lua.c)" '[ $rc = 0 ] && [ "$out" = "3	true	-e" ]'
 run "$FL" -e 'x = 40' -e 'print(x + 2)'
 verdict "several -e run in order" '[ $rc = 0 ] && [ "$out" = 42 ]'
+echo 'print(os.getenv("OMP_WAIT_POLICY"), os.getenv("OPENBLAS_THREAD_TIMEOUT"), #arg, arg[2])' > "$tmp/threads.lua"
+run env -u OMP_WAIT_POLICY -u OPENBLAS_THREAD_TIMEOUT "$FL" "$tmp/threads.lua" a b
+verdict "the thread pools wait passively unless the user chose (set before the libraries load), arguments kept" '[ $rc = 0 ] && [ "$out" = "passive	4	2	b" ]'
+run env OMP_WAIT_POLICY=active OPENBLAS_THREAD_TIMEOUT=28 "$FL" "$tmp/threads.lua" a b
+verdict "the user's thread settings are kept" '[ $rc = 0 ] && [ "$out" = "active	28	2	b" ]'
 
 cat >"$tmp/args.lua" <<'EOF'
 local n = select('#', ...)
