@@ -142,23 +142,18 @@ end
 -- Exports one split into the open file f. Returns rows written now and the images skipped now
 -- ({{path, reason}}), or nil + reason if interrupted.
 -- The features and probabilities (nil without a probability head) of one batch; with test-time
--- augmentation (o.tta, valid and test only) each is the mean over the views, the probabilities
--- averaged after the softmax as flower.tta averages them.
+-- augmentation (o.tta, valid and test only) each is the mean over the views (flower.tta.mean), the
+-- probabilities averaged after the softmax as flower.tta averages them.
 local function forward(fmodel, x, o, split)
-  local views = (o.tta and split ~= 'train') and require('flower.tta').views(x, o.size, o.tta) or { x }
-  local fsum, psum
-  for _, v in ipairs(views) do
+  local function heads(v)
     local out = fmodel:forward(v)
-    local feats, probs = out, nil
     if type(out) == 'table' and not flower.is_tensor(out) then
-      feats, probs = out[1], o._softmax and out[2]:softmax(2) or out[2]
+      return out[1], o._softmax and out[2]:softmax(2) or out[2]
     end
-    if #views == 1 then return feats, probs end
-    -- the sums are copies: the model may reuse its output buffers in the next forward
-    if fsum then fsum:add_(feats) else fsum = feats:clone() end
-    if probs then if psum then psum:add_(probs) else psum = probs:clone() end end
+    return out
   end
-  return fsum:div_(#views), psum and psum:div_(#views)
+  if not o.tta or split == 'train' then return heads(x) end
+  return require('flower.tta').mean(x, o.size, o.tta, heads)
 end
 
 local function export_split(f, name, ds, o, fmodel, with_probs)

@@ -74,18 +74,24 @@ function tta.probabilities(model, x)
   return out:softmax(2)
 end
 
+-- The mean over the views of x of what fn(view) returns: one tensor, or two (the second may be
+-- nil). The results are new tensors: a model may reuse its output buffers in its next forward.
+function tta.mean(x, size, spec, fn)
+  local views = tta.views(x, size, spec)
+  local a, b
+  for _, v in ipairs(views) do
+    local va, vb = fn(v)
+    if a then a:add_(va) else a = va:clone() end
+    if vb then if b then b:add_(vb) else b = vb:clone() end end
+  end
+  return a:div_(#views), b and b:div_(#views)
+end
+
 -- averaged probabilities (N, K) over the views of x, in inference mode whatever the model's mode
 function tta.predict(model, x, size, spec)
   local was_training = model.train
   model:evaluate()
-  local ok, res = pcall(function()
-    local sum
-    for _, v in ipairs(tta.views(x, size, spec)) do
-      local p = tta.probabilities(model, v)
-      if sum then sum:add_(p) else sum = p:clone() end
-    end
-    return spec.views == 1 and sum or sum:div_(spec.views)
-  end)
+  local ok, res = pcall(tta.mean, x, size, spec, function(v) return tta.probabilities(model, v) end)
   if was_training then model:training() end
   if not ok then error(res, 0) end
   return res
