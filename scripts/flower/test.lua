@@ -147,6 +147,35 @@ function T.leaning_mlp(rate)
   return nn.Model(x, nn.Dense { units = 4, name = 'head' }(h), { name = 'mlp' })
 end
 
+-- Fits one small model (Dense(8, relu) -> BatchNormalization -> Dense(3)) twice on the same `rows`
+-- random rows, with distributed and sync_batchnorm on and off, and checks that every weight agrees
+-- within `tol`; `fit` holds train.fit options both runs share (device = 'cuda', ...), valid = true
+-- validates on the training rows. Returns the two histories (distributed first).
+function T.fit_distributed_and_plain(rows, tol, fit)
+  local flower, nn, optim, data, train = require 'flower', require 'flower.nn', require 'flower.optim',
+    require 'flower.data', require 'flower.train'
+  flower.manual_seed(0)
+  local X = flower.randn(rows, 6)
+  local Y = X:matmul(flower.randn(6, 3)):argmax(2):view(-1)
+  local ms, hs = {}, {}
+  for k, d in ipairs({ true, false }) do
+    nn.reset_names()
+    flower.manual_seed(5)
+    local i = nn.Input { 6 }
+    ms[k] = nn.Model(i, nn.Dense { units = 3 }(nn.BatchNormalization {}(nn.Dense { units = 8, activation = 'relu' }(i))))
+    local o = { train = data.FeatureLoader { x = X, y = Y, batch_size = 8, shuffle = true, seed = 1 },
+      valid = fit.valid and data.FeatureLoader { x = X, y = Y, batch_size = 16 } or nil, optimizer = optim.Adam { lr = 0.01 },
+      epochs = 2, progress = false, log = function() end, distributed = d, sync_batchnorm = d }
+    for key, v in pairs(fit) do if key ~= 'valid' then o[key] = v end end
+    hs[k] = train.fit(ms[k], o)
+  end
+  local wb = ms[2]:weights()
+  for i, w in ipairs(ms[1]:weights()) do
+    T.check((w.tensor:cpu() - wb[i].tensor:cpu()):abs():max():item() < tol, w.path)
+  end
+  return hs[1], hs[2]
+end
+
 -- Gives every BatchNormalization layer of model m the statistics and parameters of a trained one
 -- (moving means near 0, variances in [0.5, 2], gamma in [0.5, 1.5]), drawn from the global
 -- generator: fresh layers (mean 0, variance 1, gamma 1, beta 0) would hide mistakes in their use.

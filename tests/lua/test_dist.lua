@@ -33,29 +33,8 @@ T.test('wrong use is refused with a message', function()
 end)
 
 T.test('distributed = true on one rank is the ordinary loop (same weights, same history)', function()
-  local nn, optim, data, train = require 'flower.nn', require 'flower.optim', require 'flower.data', require 'flower.train'
-  flower.manual_seed(0)
-  local X = flower.randn(40, 6)
-  local Y = X:matmul(flower.randn(6, 3)):argmax(2):view(-1)
-  local function model()
-    nn.reset_names()
-    flower.manual_seed(5)
-    local i = nn.Input { 6 }
-    return nn.Model(i, nn.Dense { units = 3 }(nn.BatchNormalization {}(nn.Dense { units = 8, activation = 'relu' }(i))))
-  end
-  local runs = {}
-  for k, d in ipairs({ true, false }) do
-    local m = model()
-    local h = train.fit(m, { train = data.FeatureLoader { x = X, y = Y, batch_size = 8, shuffle = true, seed = 1 },
-      valid = data.FeatureLoader { x = X, y = Y, batch_size = 16 }, optimizer = optim.Adam { lr = 0.01 }, epochs = 2,
-      progress = false, log = function() end, distributed = d, sync_batchnorm = d })
-    runs[k] = { m = m, h = h }
-  end
-  local wb = runs[2].m:weights()
-  for i, w in ipairs(runs[1].m:weights()) do
-    T.check((w.tensor - wb[i].tensor):abs():max():item() < 1e-6, w.path)
-  end
-  T.near(runs[1].h.rows[2].val_loss, runs[2].h.rows[2].val_loss, 1e-6)
+  local hd, hp = T.fit_distributed_and_plain(40, 1e-6, { valid = true })
+  T.near(hd.rows[2].val_loss, hp.rows[2].val_loss, 1e-6)
 end)
 
 T.test('dist.resume_step converts a mid-epoch step between rank counts', function()

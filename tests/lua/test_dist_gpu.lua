@@ -25,28 +25,8 @@ T.test('collectives on a CUDA tensor through NCCL (one rank)', function()
 end)
 
 T.test('train.fit on the GPU: distributed (NCCL, sync BatchNorm) = the ordinary GPU run', function()
-  local nn, optim, data, train = require 'flower.nn', require 'flower.optim', require 'flower.data', require 'flower.train'
   flower.cuda.allow_tf32(false)
-  flower.manual_seed(0)
-  local X = flower.randn(64, 6)
-  local Y = X:matmul(flower.randn(6, 3)):argmax(2):view(-1)
-  local function model()
-    nn.reset_names()
-    flower.manual_seed(5)
-    local i = nn.Input { 6 }
-    return nn.Model(i, nn.Dense { units = 3 }(nn.BatchNormalization {}(nn.Dense { units = 8, activation = 'relu' }(i))))
-  end
-  local ms = {}
-  for k, d in ipairs({ true, false }) do
-    ms[k] = model()
-    train.fit(ms[k], { train = data.FeatureLoader { x = X, y = Y, batch_size = 8, shuffle = true, seed = 1 },
-      optimizer = optim.Adam { lr = 0.01 }, epochs = 2, progress = false, log = function() end, device = 'cuda',
-      distributed = d, sync_batchnorm = d })
-  end
-  local wb = ms[2]:weights()
-  for i, w in ipairs(ms[1]:weights()) do
-    T.check((w.tensor:cpu() - wb[i].tensor:cpu()):abs():max():item() < 1e-5, w.path)
-  end
+  T.fit_distributed_and_plain(64, 1e-5, { device = 'cuda' })
 end)
 
 T.done()
