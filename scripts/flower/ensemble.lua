@@ -133,7 +133,8 @@ end
 -- row that differs. o: memory_budget (bytes or '8G'; default half of RAM), resident (true / false:
 -- force whole-file reads or streaming; default: resident when the features fit the budget),
 -- block_rows, prefetch (default true: a streamed pass asks the kernel for the next block while it
--- uses this one; false for measuring, or for file systems where read-ahead advice costs). Returns a feature set {paths, names, dims, D, n = {split = rows}, splits, label =
+-- uses this one; false for measuring, or for file systems where read-ahead advice costs). Returns
+-- a feature set {paths, names, dims, D, n = {split = rows}, splits, label =
 -- {split = (N) int64 1-based}, ids = {split = list}, index = {split = (N) int64: each row's 1-based
 -- position in the data set exported, where the files record it}, requested = {split = images asked
 -- for}, classes, categories, resident, budget, bytes}.

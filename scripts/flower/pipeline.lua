@@ -488,13 +488,15 @@ function pipeline.ensemble(cfg, run, ds, paths, finetuned)
   local avg_acc, _, avg_top5 = ensemble.average_accuracy(feats, 'valid')
   local conf = report.confusion(feats.label.valid:totable(), clf.valid_pred, ds.classes)
   local out = { classifier = clf, confusion = conf, dims = feats.dims, D = feats.D, resident = feats.resident }
-  local views = (cfg.tta or 'none') ~= 'none' and string.format('; valid and test %s averaged over the %s views',
-    '%s', cfg.tta) or ''
+  local function views(what)
+    if (cfg.tta or 'none') == 'none' then return '' end
+    return string.format('; valid and test %s averaged over the %s views', what, cfg.tta)
+  end
   local concat = { name = 'ensemble: concatenated features', val_acc = clf.val_acc, val_topk = clf.val_top5,
     note = string.format('Dropout(%g) + Dense(%d) on %d features, %d epochs', cfg.ensemble_dropout, ds.classes,
-      feats.D, #clf.history.rows) .. views:format('features') }
+      feats.D, #clf.history.rows) .. views('features') }
   local averaged = { name = 'ensemble: averaged probabilities', val_acc = avg_acc, val_topk = avg_top5,
-    note = 'mean of the models\' probabilities' .. views:format('probabilities') }
+    note = 'mean of the models\' probabilities' .. views('probabilities') }
   if ds.test and feats.n.test then
     local t1 = files.now()
     local probs = clf:predict(feats, 'test')
